@@ -1,0 +1,1 @@
+"""The ``landmarks`` command line."""

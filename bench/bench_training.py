@@ -1,0 +1,153 @@
+"""Training throughput: LandmarkModule under a Lightning Trainer vs a plain PyTorch loop.
+
+Both train the same network (timm backbone → GeM → FC+BN → L2 norm), the same ArcFace loss, the
+same AdamW, on the same in-memory batches, so the ratio measures what the framework costs.
+Runs alternate (plain, lightning, plain, ...) to spread machine noise evenly; medians and the
+median ratio are reported.
+
+    python bench/bench_training.py --backbone resnet18 --image-size 96 --batch 64
+    python bench/bench_training.py --device cuda --precision bf16 --channels-last \
+        --backbone wide_resnet50_2 --image-size 224 --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_modules import LandmarkModule
+from losses import ArcFaceLoss
+
+
+class FixedBatches(Dataset):
+    """``steps`` ready-made batches (dicts as the data module yields them), served in order."""
+
+    def __init__(self, steps: int, batch: int, image_size: int, num_classes: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(steps, batch, 3, image_size, image_size, generator=g)
+        self.labels = torch.randint(0, num_classes, (steps, batch), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        n = self.images.shape[1]
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.arange(n),
+                "valid": torch.ones(n, dtype=torch.bool)}
+
+
+def _loader(data: FixedBatches) -> DataLoader:
+    # batch_size=None: each dataset item already is a batch; no worker processes on either side.
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
+
+
+def _module(args) -> LandmarkModule:
+    torch.manual_seed(0)
+    return LandmarkModule(
+        num_classes=args.classes, backbone=args.backbone, embedding_size=512,
+        loss=lambda c, d: ArcFaceLoss(c, d, scale=30.0), channels_last=args.channels_last,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(args, data: FixedBatches) -> float:
+    module = _module(args).to(args.device)
+    if args.channels_last:
+        module.net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    module.train()
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    start = None
+    for step, batch in enumerate(_loader(data)):
+        if step == args.warmup:
+            _sync(args.device)
+            start = time.perf_counter()
+        images = batch["image"].to(args.device, non_blocking=True)
+        labels = batch["label"].to(args.device, non_blocking=True)
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
+            loss = module.loss(module(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(args.device)
+    return (len(data) - args.warmup) * args.batch / (time.perf_counter() - start)
+
+
+class _Timer(pl.Callback):
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device = warmup, device
+        self.start = self.end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            _sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        _sync(self.device)
+        self.end = time.perf_counter()
+
+
+def lightning_loop(args, data: FixedBatches) -> float:
+    module = _module(args)
+    timer = _Timer(args.warmup, args.device)
+    precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=precision,
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], log_every_n_steps=50,
+    )
+    trainer.fit(module, train_dataloaders=_loader(data))
+    return (len(data) - args.warmup) * args.batch / (timer.end - timer.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    data = FixedBatches(args.steps + args.warmup, args.batch, args.image_size, args.classes)
+    plain, lightning = [], []
+    for _ in range(args.repeats):
+        plain.append(plain_loop(args, data))
+        lightning.append(lightning_loop(args, data))
+        print(f"plain {plain[-1]:8.1f} img/s   lightning {lightning[-1]:8.1f} img/s", flush=True)
+    ratios = [l / p for l, p in zip(lightning, plain)]
+    result = {
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "plain_img_s": plain, "lightning_img_s": lightning,
+        "plain_median": statistics.median(plain), "lightning_median": statistics.median(lightning),
+        "ratio_median": statistics.median(ratios),
+    }
+    print(json.dumps({k: result[k] for k in ("plain_median", "lightning_median", "ratio_median")}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

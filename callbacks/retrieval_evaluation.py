@@ -1,0 +1,181 @@
+"""Evaluation callback: FAISS index over the gallery, recognition at fixed false-positive rates.
+
+Whenever Lightning validates or tests (``trainer.check_val_every_n_epoch`` sets how often during
+fit), the model embeds the three evaluation sets of the data module — gallery, landmark queries,
+distractor queries — in its ``validation_step``/``test_step``. This callback collects those
+embeddings with their dataset indices, gathers them across DDP ranks and removes the padding
+duplicates (:class:`retrieval.accumulator.EmbeddingAccumulator`, which fails loudly if any
+sample is missing), then computes the metrics of :mod:`retrieval.metrics` once, on rank 0, and
+logs the same numbers from every rank.
+
+Logged names are ``<stage>/<metric>`` with ``<stage>`` = ``val`` or ``test`` and ``<metric>`` as
+documented in :mod:`retrieval.metrics` (e.g. ``val/recall@fpr=1e-03``), plus
+``<stage>/unreadable`` (evaluation images skipped because they could not be decoded).
+Plots — the precision–FPR curve and the top-1 score histograms — go to wandb as images when a
+WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+
+from retrieval.accumulator import EmbeddingAccumulator
+from retrieval.metrics import evaluate_recognition
+from retrieval.plots import plot_precision_fpr, plot_score_histograms
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalEvaluation(Callback):
+    """Recall and precision at fixed FPRs, GAP, P@1 and mAP@k, from a FAISS index.
+
+    Args:
+        alphas: target false-positive rates; only those the distractor count can resolve are reported.
+        top_k: neighbours retrieved per query (for mAP@k).
+        user_prior: share of landmark photos in a user's collection, for precision at that prior.
+        index: ``flat`` (exact), ``ivf`` or ``hnsw`` (approximate, for large galleries).
+        memory_budget_mb: bound on FAISS search buffers; queries are searched in chunks.
+        plots: write the precision–FPR curve and score histograms.
+    """
+
+    def __init__(
+        self,
+        alphas: list[float] = [1e-2, 1e-3, 1e-4],
+        top_k: int = 10,
+        user_prior: float | None = 0.01,
+        index: Literal["flat", "ivf", "hnsw"] = "flat",
+        memory_budget_mb: float = 256.0,
+        plots: bool = True,
+    ):
+        super().__init__()
+        self.alphas = tuple(alphas)
+        self.top_k = top_k
+        self.user_prior = user_prior
+        self.index = index
+        self.memory_budget_mb = memory_budget_mb
+        self.plots = plots
+        self._accumulators: dict[int, EmbeddingAccumulator] = {}
+        self._names: tuple[str, ...] = ()
+        # Every evaluation's metrics, for summaries: {"stage", "epoch", "step", **metrics}.
+        self.history: list[dict] = []
+
+    # ---- collecting ------------------------------------------------------------------------
+
+    def _start(self, trainer: pl.Trainer, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "eval_set_names"):
+            raise RuntimeError("RetrievalEvaluation needs a data module with eval_set_names (LandmarkDataModule)")
+        self._names = datamodule.eval_set_names
+        limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+        # fast_dev_run / limit_*_batches look at part of each set on purpose: then the "every
+        # sample exactly once" check cannot hold, and the metrics are only a smoke test.
+        partial = bool(trainer.fast_dev_run) or limit != 1.0
+        if partial:
+            log.warning("RetrievalEvaluation: %s sees only part of the evaluation sets; metrics are partial", stage)
+        self._accumulators = {
+            i: EmbeddingAccumulator(expected_size=None if partial else len(datamodule.eval_dataset(name)))
+            for i, name in enumerate(self._names)
+        }
+
+    def _collect(self, outputs: dict, dataloader_idx: int) -> None:
+        self._accumulators[dataloader_idx].update(
+            outputs["embeddings"].detach(),
+            outputs["index"],
+            label=outputs["label"],
+            valid=outputs["valid"].to(torch.int64),
+        )
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, "val")
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, "test")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        # The sanity check sees only a few batches: a partial gallery would fail the count check.
+        if not trainer.sanity_checking:
+            self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    # ---- computing -------------------------------------------------------------------------
+
+    def _gather(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        """Per set: (embeddings, labels) of readable samples in dataset order, and the unreadable count."""
+        gathered = {}
+        for i, name in enumerate(self._names):
+            embeddings, extras = self._accumulators[i].compute()  # collective: every rank calls it
+            valid = extras["valid"].bool()
+            gathered[name] = (
+                embeddings[valid].numpy().astype(np.float32, copy=False),
+                extras["label"][valid].numpy(),
+                int((~valid).sum()),
+            )
+        return gathered
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        gathered = self._gather()
+        self._accumulators = {}
+        result = None
+        if trainer.is_global_zero:
+            missing = [name for name in ("gallery", "queries") if name not in gathered]
+            if missing:
+                raise RuntimeError(f"RetrievalEvaluation needs evaluation sets {missing}")
+            empty = np.zeros((0, gathered["gallery"][0].shape[1]), np.float32)
+            distractors = gathered.get("distractors", (empty, None, 0))[0]
+            result = evaluate_recognition(
+                gallery_emb=gathered["gallery"][0],
+                gallery_labels=gathered["gallery"][1],
+                query_emb=gathered["queries"][0],
+                query_labels=gathered["queries"][1],
+                distractor_emb=distractors,
+                alphas=self.alphas,
+                k=self.top_k,
+                user_prior=self.user_prior,
+                index_kind=self.index,
+                memory_budget_mb=self.memory_budget_mb,
+            )
+            result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
+            if self.plots:
+                self._plot(trainer, result, stage)
+        metrics = trainer.strategy.broadcast(result.metrics if result is not None else None, src=0)
+        logged = {f"{stage}/{k}": float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        pl_module.log_dict(logged, sync_dist=False, add_dataloader_idx=False)
+        self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+
+    def _plot(self, trainer: pl.Trainer, result, stage: str) -> None:
+        import matplotlib.pyplot as plt
+
+        figures = {"precision_fpr": plot_precision_fpr(result), "score_histograms": plot_score_histograms(result)}
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        plot_dir = run_dir / "plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for name, figure in figures.items():
+            target = plot_dir / f"{stage}_epoch{trainer.current_epoch:03d}_{name}.png"
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
+            figure.savefig(tmp, dpi=100)
+            os.replace(tmp, target)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"{stage}/{name}", images=[str(target)], step=trainer.global_step)
+            plt.close(figure)
+
+    @property
+    def last_metrics(self) -> dict | None:
+        return self.history[-1] if self.history else None

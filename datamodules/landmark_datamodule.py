@@ -1,0 +1,265 @@
+"""LightningDataModule: landmark DB + non-landmark pool for training, three evaluation sets.
+
+Training batches are P landmarks × K images plus a share of non-landmark images labelled
+``NONLANDMARK`` (:mod:`datamodules.sampler`). Evaluation uses three loaders, in this order:
+
+    0. ``gallery``     — the landmark database (what the recogniser indexes),
+    1. ``queries``     — held-out landmark photos,
+    2. ``distractors`` — non-landmark photos, the false-positive test.
+
+Every sample carries its dataset index, so the evaluation callback can gather embeddings across
+DDP ranks and drop the duplicates that ``DistributedSampler`` pads with.
+
+Skip policy for bad images (``on_bad_image``):
+    * ``"skip"`` (default): files that are missing or empty are dropped from the manifests when
+      the data module is built, with one warning giving the count and the first paths; files that
+      exist but cannot be decoded (truncated, corrupt, not an image) are replaced at load time by
+      a placeholder flagged ``valid=False`` that the loss and the metrics exclude; the evaluation
+      callback logs their count as ``<stage>/unreadable``.
+    * ``"error"``: any missing or empty file is an error naming it.
+Labels are never guessed: a malformed manifest is always an error (:mod:`datamodules.manifest`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+
+from datamodules.datasets import ImageDataset
+from datamodules.labels import NONLANDMARK
+from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest
+from datamodules.sampler import LandmarkBatchSampler
+from datamodules.synth import SynthConfig, generate_world
+from datamodules.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+EVAL_SETS = ("gallery", "queries", "distractors")
+
+
+def _drop_missing_files(manifest: Manifest, policy: str) -> Manifest:
+    bad = np.array([not os.path.isfile(p) or os.path.getsize(p) == 0 for p in manifest.paths], dtype=bool)
+    if not bad.any():
+        return manifest
+    examples = [p for p, b in zip(manifest.paths, bad) if b][:3]
+    if policy == "error":
+        first = int(np.flatnonzero(bad)[0])
+        raise ManifestError(
+            f"{manifest.source}: line {first + 2}: image missing or empty: {manifest.paths[first]} "
+            f"({int(bad.sum())} such rows; on_bad_image='skip' drops them)"
+        )
+    log.warning(
+        "%s: skipping %d of %d rows whose image is missing or empty, e.g. %s",
+        manifest.source, int(bad.sum()), len(bad), examples,
+    )
+    return manifest.subset(~bad)
+
+
+class LandmarkDataModule(pl.LightningDataModule):
+    """Cleaned landmark + non-landmark data for metric learning.
+
+    Args:
+        data_dir: folder the manifest names below are relative to.
+        db_manifest: landmark database (``path,landmark_id``): training set and gallery. A CSV or
+            an ImageFolder directory (``<landmark_id>/<image>``). Rows whose ``decision`` column
+            says ``remove`` (output of ``landmarks clean``) are left out.
+        nonlandmark_manifest: non-landmark training pool (``path``), or null for none.
+        query_manifest: held-out landmark queries (``path,landmark_id``).
+        distractor_manifest: non-landmark distractor queries (``path``).
+        synthetic: when ``data_dir`` does not exist, generate this synthetic world there first.
+        image_size: training and evaluation resolution (square).
+        classes_per_batch: P, landmarks per batch on each rank.
+        samples_per_class: K, images per landmark in a batch.
+        nonlandmark_share: fraction of each training batch that is non-landmark images.
+        batches_per_epoch: optimisation steps per epoch; default: one pass over the DB.
+        eval_batch_size: batch size of the evaluation loaders.
+        num_workers: loader worker processes.
+        augment_strength: scales the training augmentations (0 = crops and flips only... 1 = default).
+        on_bad_image: ``skip`` or ``error``; see the module docstring.
+        extra_columns: ``error`` or ``ignore`` unknown manifest columns.
+        check_files: stat every file when the data module is built (disable for millions of
+            files on a slow file system; unreadable files are still skipped at load time).
+        seed: sampler seed (combined with the epoch).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/synthetic",
+        db_manifest: str = "db.csv",
+        nonlandmark_manifest: str | None = "nonlandmarks.csv",
+        query_manifest: str | None = "queries.csv",
+        distractor_manifest: str | None = "distractors.csv",
+        synthetic: SynthConfig | None = None,
+        image_size: int = 96,
+        classes_per_batch: int = 16,
+        samples_per_class: int = 4,
+        nonlandmark_share: float = 0.2,
+        batches_per_epoch: int | None = None,
+        eval_batch_size: int = 128,
+        num_workers: int = 2,
+        augment_strength: float = 1.0,
+        on_bad_image: Literal["skip", "error"] = "skip",
+        extra_columns: Literal["error", "ignore"] = "error",
+        check_files: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= nonlandmark_share < 1.0:
+            raise ValueError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        if not self.data_dir.exists():
+            if synthetic is None:
+                raise FileNotFoundError(
+                    f"data_dir {self.data_dir} does not exist; point data.data_dir at your data, or set "
+                    "data.synthetic to generate the synthetic landmark world there"
+                )
+            log.info("%s is missing: generating the synthetic landmark world there", self.data_dir)
+            generate_world(self.data_dir, synthetic)
+        # The DB is read here, not in setup(): the class count must be known when LightningCLI
+        # links it into the model (link_arguments apply_on="instantiate").
+        self.db = self._load("db_manifest", "landmark")
+        if "decision" in self.db.table.columns:
+            keep = self.db.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
+            log.info("%s: using %d of %d rows (decision != remove)", self.db.source, int(keep.sum()), len(keep))
+            self.db = self.db.subset(keep)
+        if len(self.db) == 0:
+            raise ManifestError(f"{self.db.source}: no usable landmark images")
+        self.class_map = ClassMap.from_ids(self.db.landmark_ids)
+        self.db_labels = self.class_map.encode(self.db.landmark_ids, self.db.source)
+        counts = np.bincount(self.db_labels, minlength=len(self.class_map))
+        if (counts == 1).any():
+            # Kept on purpose: the sampler repeats the image with different augmentations, so the
+            # class still gets positives; it is also a valid gallery entry.
+            log.warning("%d landmark(s) have a single image; they are sampled with replacement", int((counts == 1).sum()))
+        self._datasets: dict[str, ImageDataset] = {}
+
+    # ---- what the model and callbacks read -------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_map)
+
+    def state_dict(self) -> dict:
+        # Saved by Lightning in every checkpoint: resuming on a different DB must fail loudly.
+        return {"landmark_ids": self.class_map.to_list()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("landmark_ids")
+        if saved is not None and list(saved) != self.class_map.to_list():
+            raise ManifestError(
+                f"checkpoint was trained on {len(saved)} landmarks that differ from the {self.num_classes} "
+                f"landmarks of {self.db.source}; resume with the same database"
+            )
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def _load(self, name: str, kind: str) -> Manifest | None:
+        location = self.hparams[name]
+        if location is None:
+            return None
+        manifest = load_manifest(self.data_dir / location, kind, extra_columns=self.hparams.extra_columns)
+        if self.hparams.check_files:
+            manifest = _drop_missing_files(manifest, self.hparams.on_bad_image)
+        return manifest
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        size = self.hparams.image_size
+        train_tf, eval_tf = train_transform(size, self.hparams.augment_strength), eval_transform(size)
+        pool = self._load("nonlandmark_manifest", "nonlandmark")
+        queries = self._load("query_manifest", "landmark")
+        distractors = self._load("distractor_manifest", "nonlandmark")
+        if self.hparams.nonlandmark_share > 0 and (pool is None or len(pool) == 0):
+            raise ManifestError(
+                f"nonlandmark_share={self.hparams.nonlandmark_share} but the non-landmark pool "
+                f"({pool.source if pool is not None else 'nonlandmark_manifest: null'}) is empty; "
+                "add non-landmark images or set data.nonlandmark_share: 0"
+            )
+        self._datasets["train_landmarks"] = ImageDataset(self.db.paths, self.db_labels, train_tf, size)
+        pool_paths = pool.paths if pool is not None else []
+        self._datasets["train_nonlandmarks"] = ImageDataset(
+            pool_paths, np.full(len(pool_paths), NONLANDMARK), train_tf, size
+        )
+        self._datasets["gallery"] = ImageDataset(self.db.paths, self.db_labels, eval_tf, size)
+        if queries is not None:
+            query_labels = self.class_map.encode(queries.landmark_ids, queries.source)
+            self._datasets["queries"] = ImageDataset(queries.paths, query_labels, eval_tf, size)
+        if distractors is not None:
+            self._datasets["distractors"] = ImageDataset(
+                distractors.paths, np.full(len(distractors), NONLANDMARK), eval_tf, size
+            )
+
+    def eval_dataset(self, name: str) -> ImageDataset:
+        self.setup()
+        return self._datasets[name]
+
+    @property
+    def eval_set_names(self) -> tuple[str, ...]:
+        """The evaluation sets present, in loader order (the callback maps loader index → name)."""
+        self.setup()
+        return tuple(name for name in EVAL_SETS if name in self._datasets)
+
+    # ---- loaders ---------------------------------------------------------------------------
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def nonlandmarks_per_batch(self) -> int:
+        share = self.hparams.nonlandmark_share
+        landmark_images = self.hparams.classes_per_batch * self.hparams.samples_per_class
+        return int(round(landmark_images * share / (1.0 - share)))
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = self._rank_and_world()
+        landmarks, nonlandmarks = self._datasets["train_landmarks"], self._datasets["train_nonlandmarks"]
+        sampler = LandmarkBatchSampler(
+            class_of_image=landmarks.labels,
+            num_nonlandmarks=len(nonlandmarks),
+            classes_per_batch=self.hparams.classes_per_batch,
+            samples_per_class=self.hparams.samples_per_class,
+            nonlandmarks_per_batch=self.nonlandmarks_per_batch(),
+            num_batches=self.hparams.batches_per_epoch,
+            seed=self.hparams.seed,
+            rank=rank,
+            world_size=world,
+        )
+        return DataLoader(
+            ConcatDataset([landmarks, nonlandmarks]),
+            batch_sampler=sampler,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=False,
+            pin_memory=False,
+        )
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        dataset = self._datasets[name]
+        rank, world = self._rank_and_world()
+        # DistributedSampler pads the last shard with repeated indices; the evaluation callback
+        # deduplicates by the index every sample carries.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.eval_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(name) for name in self.eval_set_names]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

@@ -1,0 +1,239 @@
+"""CSV manifests and ImageFolder layouts → validated lists of image paths and landmark ids.
+
+A landmark manifest is a CSV with at least ``path,landmark_id``; a non-landmark manifest needs
+only ``path``. Relative paths are resolved against the CSV's folder, so a data folder can be moved
+as a whole. Optional columns that this project knows (``lat``, ``lon``, the synthetic world's
+ground truth, the cleaning decisions, ...) are kept in :attr:`Manifest.table`; any other column is
+an error by default, because a typo in a column name (``landmarkid``) must not silently turn into
+"column missing, use a default". Pass ``extra_columns="ignore"`` to accept foreign columns.
+
+Landmark ids are kept as strings (GLDv2 uses integers, an ImageFolder uses folder names);
+:class:`ClassMap` turns them into the contiguous class indices that models and losses use.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+LANDMARK_COLUMNS = ("path", "landmark_id")
+NONLANDMARK_COLUMNS = ("path",)
+# Columns written by this project's tools (synthetic world, cleaning) or common in public data.
+OPTIONAL_COLUMNS = frozenset(
+    {
+        "lat",
+        "lon",
+        "name",
+        "city",
+        "kind",
+        "view",
+        "is_noise",
+        "true_landmark_id",
+        "decision",
+        "reason",
+        "id",
+        "url",
+    }
+)
+
+ManifestKind = Literal["landmark", "nonlandmark"]
+
+
+class ManifestError(ValueError):
+    """A manifest cannot be used as given; the message names the file, row or column."""
+
+
+@dataclass
+class Manifest:
+    """Validated manifest: absolute image paths, their landmark ids, and the original table."""
+
+    source: str
+    paths: list[str]
+    landmark_ids: list[str] | None
+    table: pd.DataFrame = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, keep: np.ndarray) -> "Manifest":
+        keep = np.asarray(keep, dtype=bool)
+        ids = None if self.landmark_ids is None else [i for i, k in zip(self.landmark_ids, keep) if k]
+        return Manifest(
+            source=self.source,
+            paths=[p for p, k in zip(self.paths, keep) if k],
+            landmark_ids=ids,
+            table=self.table[keep].reset_index(drop=True),
+        )
+
+
+def read_manifest(
+    csv_path: str | os.PathLike,
+    kind: ManifestKind = "landmark",
+    extra_columns: Literal["error", "ignore"] = "error",
+    column_map: dict[str, str] | None = None,
+) -> Manifest:
+    """Read and validate one CSV manifest.
+
+    Args:
+        csv_path: the CSV file. Relative image paths are resolved against its folder.
+        kind: ``"landmark"`` (needs ``path,landmark_id``) or ``"nonlandmark"`` (needs ``path``).
+        extra_columns: what to do with a column this project does not know.
+        column_map: rename columns of a foreign CSV first, ``{"our_name": "their_name"}``,
+            e.g. ``{"path": "relpath", "landmark_id": "label"}``.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ManifestError(f"manifest not found: {csv_path}")
+    try:
+        # Everything as text: ids like "0123" must survive, and empty cells stay empty strings.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{csv_path}: not a readable CSV ({err})") from err
+    if column_map:
+        missing_src = [src for src in column_map.values() if src not in table.columns]
+        if missing_src:
+            raise ManifestError(f"{csv_path}: column_map names columns that are not in the file: {missing_src}")
+        table = table.rename(columns={src: ours for ours, src in column_map.items()})
+
+    required = LANDMARK_COLUMNS if kind == "landmark" else NONLANDMARK_COLUMNS
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"{csv_path}: missing required column(s) {missing}; found {list(table.columns)}; "
+            f"a {kind} manifest needs {list(required)}"
+        )
+    known = set(required) | OPTIONAL_COLUMNS | (set(LANDMARK_COLUMNS) if kind == "nonlandmark" else set())
+    unknown = [c for c in table.columns if c not in known]
+    if unknown:
+        if extra_columns == "error":
+            raise ManifestError(
+                f"{csv_path}: unknown column(s) {unknown}; known columns are {sorted(known)}. "
+                "Rename them (column_map) or pass extra_columns='ignore' to keep them unread."
+            )
+        log.warning("%s: ignoring unknown column(s) %s", csv_path, unknown)
+
+    # Row numbers in messages are file line numbers (header is line 1) so users can jump there.
+    empty_path = np.flatnonzero(table["path"].str.strip().eq("").to_numpy())
+    if len(empty_path):
+        raise ManifestError(f"{csv_path}: line {empty_path[0] + 2}: empty 'path'")
+    landmark_ids = None
+    if kind == "landmark":
+        ids = table["landmark_id"].str.strip()
+        empty_id = np.flatnonzero(ids.eq("").to_numpy())
+        if len(empty_id):
+            raise ManifestError(
+                f"{csv_path}: line {empty_id[0] + 2}: empty 'landmark_id' for {table['path'].iloc[empty_id[0]]!r} "
+                "(non-landmark images belong in the non-landmark manifest, not in the landmark DB)"
+            )
+        landmark_ids = ids.tolist()
+    root = csv_path.parent
+    paths = [p if os.path.isabs(p) else str(root / p) for p in table["path"].str.strip()]
+    return Manifest(source=str(csv_path), paths=paths, landmark_ids=landmark_ids, table=table)
+
+
+def read_image_folder(root: str | os.PathLike, kind: ManifestKind = "landmark") -> Manifest:
+    """An ImageFolder layout as a manifest.
+
+    Landmarks: ``root/<landmark_id>/<image>``; non-landmarks: every image below ``root``.
+    Sorted, so the result does not depend on the file system's listing order.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"image folder not found: {root}")
+    rows: list[tuple[str, str]] = []
+    if kind == "landmark":
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for image in sorted(class_dir.rglob("*")):
+                if image.suffix.lower() in IMAGE_SUFFIXES:
+                    rows.append((str(image), class_dir.name))
+    else:
+        rows = [(str(p), "") for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not rows:
+        raise ManifestError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    table = pd.DataFrame(rows, columns=["path", "landmark_id"])
+    ids = table["landmark_id"].tolist() if kind == "landmark" else None
+    if kind == "nonlandmark":
+        table = table[["path"]]
+    return Manifest(source=str(root), paths=table["path"].tolist(), landmark_ids=ids, table=table)
+
+
+def load_manifest(
+    location: str | os.PathLike,
+    kind: ManifestKind = "landmark",
+    extra_columns: Literal["error", "ignore"] = "error",
+    column_map: dict[str, str] | None = None,
+) -> Manifest:
+    """A CSV file or an ImageFolder directory, whichever ``location`` is."""
+    if Path(location).is_dir():
+        return read_image_folder(location, kind)
+    return read_manifest(location, kind, extra_columns=extra_columns, column_map=column_map)
+
+
+def write_manifest(table: pd.DataFrame, csv_path: str | os.PathLike) -> None:
+    """Write a manifest atomically (temporary file + rename), so a crash never leaves half a CSV."""
+    csv_path = Path(csv_path)
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    table.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
+    os.replace(tmp, csv_path)
+
+
+def _id_sort_key(landmark_id: str) -> tuple[int, int | str]:
+    # Numeric ids sort numerically (GLDv2), names alphabetically; numbers first if mixed.
+    return (0, int(landmark_id)) if landmark_id.lstrip("-").isdigit() else (1, landmark_id)
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Landmark id ↔ contiguous class index, in a deterministic order.
+
+    Saved in checkpoints as a plain list of strings (loadable with ``weights_only=True``).
+    """
+
+    landmark_ids: tuple[str, ...]
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[str]) -> "ClassMap":
+        return cls(tuple(sorted(set(ids), key=_id_sort_key)))
+
+    def __len__(self) -> int:
+        return len(self.landmark_ids)
+
+    @property
+    def _index(self) -> dict[str, int]:
+        # Built lazily and cached on the instance; frozen dataclass, so via object.__setattr__.
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {lid: i for i, lid in enumerate(self.landmark_ids)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    def encode(self, ids: Sequence[str], source: str = "manifest") -> np.ndarray:
+        """Landmark ids → class indices; an id outside the map is an error naming it."""
+        index = self._index
+        out = np.empty(len(ids), dtype=np.int64)
+        for row, lid in enumerate(ids):
+            try:
+                out[row] = index[lid]
+            except KeyError:
+                raise ManifestError(
+                    f"{source}: line {row + 2}: landmark_id {lid!r} is not among the "
+                    f"{len(self)} landmarks of the training database"
+                ) from None
+        return out
+
+    def decode(self, indices: Sequence[int]) -> list[str]:
+        return [self.landmark_ids[i] for i in indices]
+
+    def to_list(self) -> list[str]:
+        return list(self.landmark_ids)

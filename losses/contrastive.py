@@ -1,0 +1,84 @@
+"""Contrastive loss with pair mining, via pytorch-metric-learning."""
+
+from typing import Literal
+
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from torch import Tensor
+
+from losses.base import MetricLoss, is_landmark
+
+
+class ContrastiveLoss(MetricLoss):
+    """Contrastive loss (Hadsell et al. 2006) over mined pairs of the batch.
+
+    Wraps PML's ``ContrastiveLoss``: positive pairs pay ``relu(dist - pos_margin)``, negative
+    pairs ``relu(neg_margin - dist)``, each averaged over its non-zero terms. Loss and miners use
+    PML's default ``LpDistance`` (Euclidean, re-normalising its inputs): for unit vectors
+    ``dist = sqrt(2 - 2 cos)``, a monotone function of cosine similarity in ``[0, 2]``, so all
+    margins below are Euclidean distances on the unit sphere (0.5 ~ 29 degrees, 0.8 ~ 47 degrees).
+
+    Non-landmark images are relabelled so that each has a label of its own
+    (``num_classes + its position in the batch``, see :meth:`pair_labels`): they never form a
+    positive pair -- not even with each other -- and act only as negatives for every other image.
+
+    The loss has no per-class weights: :meth:`class_weight_matrix` is ``None`` and :meth:`imprint`
+    does nothing.
+
+    Args:
+        num_classes: Number of landmark classes.
+        embedding_size: Dimension of the embeddings.
+        pos_margin: Positive pairs closer than this distance cost nothing.
+        neg_margin: Negative pairs farther than this distance cost nothing.
+        miner: Which pairs enter the loss. ``"none"``: all pairs of the batch.
+            ``"pair_margin"``: positives farther than ``miner_pos_margin`` and negatives closer
+            than ``miner_neg_margin`` (PML ``PairMarginMiner``). ``"batch_hard"``: per anchor, its
+            farthest positive and closest negative (PML ``BatchHardMiner``).
+        miner_pos_margin: ``pair_margin`` miner: keep positive pairs with distance above this.
+        miner_neg_margin: ``pair_margin`` miner: keep negative pairs with distance below this.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        pos_margin: float = 0.0,
+        neg_margin: float = 0.5,
+        miner: Literal["none", "pair_margin", "batch_hard"] = "pair_margin",
+        miner_pos_margin: float = 0.2,
+        miner_neg_margin: float = 0.8,
+    ) -> None:
+        super().__init__(num_classes, embedding_size)
+        self.contrastive = pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin)
+        if miner == "none":
+            self.miner = None
+        elif miner == "pair_margin":
+            self.miner = pml_miners.PairMarginMiner(pos_margin=miner_pos_margin, neg_margin=miner_neg_margin)
+        elif miner == "batch_hard":
+            self.miner = pml_miners.BatchHardMiner()
+        else:
+            raise ValueError(f"miner must be 'none', 'pair_margin' or 'batch_hard', got {miner!r}")
+
+    def pair_labels(self, labels: Tensor) -> Tensor:
+        """Labels as given to PML: landmarks keep theirs, each non-landmark gets a unique one."""
+        nonlandmark = ~is_landmark(labels)
+        unique = self.num_classes + torch.cumsum(nonlandmark.long(), dim=0) - 1
+        return torch.where(nonlandmark, unique, labels)
+
+    def _compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        # Half precision distances are too coarse for margins of a few tenths.
+        embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+        if labels.numel() < 2:
+            return self._connected_zero(embeddings)
+        labels = self.pair_labels(labels)
+        indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
+        # With no pair left PML returns `sum(embeddings * 0)`, still connected to the graph.
+        return self.contrastive(embeddings, labels, indices_tuple)
+
+    def class_weight_matrix(self) -> None:
+        return None
+
+    def imprint(self, class_indices: Tensor, vectors: Tensor) -> None:
+        """Validate the arguments; there are no class weights to set."""
+        self._imprint_args(class_indices, vectors)

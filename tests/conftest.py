@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny synthetic world, generated once per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")  # tests never talk to a server
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    from datamodules.synth import SynthConfig, generate_world
+
+    out = tmp_path_factory.mktemp("worlds") / "tiny"
+    generate_world(out, SynthConfig.tiny(seed=0), workers=1, progress=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,122 @@
+"""LandmarkDataModule on hand-made folders: skip policy, clear errors, loaders, class map."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import NONLANDMARK, LandmarkDataModule
+from datamodules.manifest import ManifestError
+
+
+def _world(root: Path, images_per_class=(3, 3, 3, 1), pool=6, distractors=5, queries=True) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["path,landmark_id"]
+    for c, n in enumerate(images_per_class):
+        for i in range(n):
+            path = root / "db" / f"{c}_{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+            lines.append(f"db/{c}_{i}.jpg,{100 + c}")
+    (root / "db.csv").write_text("\n".join(lines) + "\n")
+    for name, count in (("nonlandmarks", pool), ("distractors", distractors)):
+        rows = ["path"]
+        for i in range(count):
+            path = root / name / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(path)
+            rows.append(f"{name}/{i}.jpg")
+        (root / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    if queries:
+        (root / "queries.csv").write_text("path,landmark_id\ndb/0_0.jpg,100\ndb/1_0.jpg,101\n")
+    return root
+
+
+def _dm(root, **kw):
+    args = dict(data_dir=str(root), image_size=32, classes_per_batch=2, samples_per_class=2,
+                nonlandmark_share=0.2, num_workers=0, eval_batch_size=4)
+    args.update(kw)
+    return LandmarkDataModule(**args)
+
+
+def test_loaders_compose_batches_and_carry_indices(tmp_path):
+    dm = _dm(_world(tmp_path))
+    assert dm.num_classes == 4 and dm.class_map.landmark_ids == ("100", "101", "102", "103")
+    assert dm.nonlandmarks_per_batch() == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (5, 3, 32, 32)
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0  # model normalises
+    labels = batch["label"].tolist()
+    assert labels.count(NONLANDMARK) == 1 and set(Counter(l for l in labels if l >= 0).values()) == {2}
+    names = dm.eval_set_names
+    assert names == ("gallery", "queries", "distractors")
+    loaders = dm.val_dataloader()
+    gallery = torch.cat([b["index"] for b in loaders[0]])
+    assert gallery.tolist() == list(range(10))
+    assert torch.cat([b["label"] for b in loaders[2]]).eq(NONLANDMARK).all()
+
+
+def test_missing_and_empty_files_skipped_with_a_logged_count(tmp_path, caplog):
+    root = _world(tmp_path)
+    (root / "db" / "0_1.jpg").unlink()
+    (root / "db" / "1_1.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(root)
+    assert len(dm.db) == 8
+    assert any("skipping 2 of 10 rows" in r.message for r in caplog.records)
+    with pytest.raises(ManifestError, match=r"db\.csv: line 3: image missing or empty: .*0_1\.jpg"):
+        _dm(root, on_bad_image="error")
+
+
+def test_corrupt_image_becomes_a_masked_placeholder(tmp_path):
+    root = _world(tmp_path)
+    data = (root / "db" / "2_0.jpg").read_bytes()
+    (root / "db" / "2_0.jpg").write_bytes(data[:200])  # truncated JPEG
+    dm = _dm(root)
+    gallery = dm.eval_dataset("gallery")
+    bad = gallery[6]
+    assert bad["valid"] is False and bad["label"] == 2 and bad["image"].abs().sum() == 0
+    assert gallery[0]["valid"] is True
+
+
+def test_empty_nonlandmark_pool_is_an_error_when_batches_need_it(tmp_path):
+    root = _world(tmp_path, pool=0)
+    with pytest.raises(ManifestError, match="non-landmark pool .*nonlandmarks.csv.* is empty"):
+        _dm(root).setup()
+    _dm(root, nonlandmark_share=0.0).setup()  # fine without non-landmarks
+
+
+def test_query_of_unknown_landmark_names_the_row(tmp_path):
+    root = _world(tmp_path)
+    (root / "queries.csv").write_text("path,landmark_id\ndb/0_0.jpg,100\ndb/0_1.jpg,999\n")
+    with pytest.raises(ManifestError, match=r"queries\.csv: line 3: landmark_id '999'"):
+        _dm(root).setup()
+
+
+def test_cleaning_decisions_are_respected(tmp_path):
+    root = _world(tmp_path)
+    text = (root / "db.csv").read_text().splitlines()
+    rows = [text[0] + ",decision,reason"] + [f"{line},keep," for line in text[1:]]
+    rows[-1] = rows[-1].replace("keep,", "remove,singleton")
+    (root / "clean.csv").write_text("\n".join(rows) + "\n")
+    dm = _dm(root, db_manifest="clean.csv")
+    assert len(dm.db) == 9 and dm.num_classes == 3  # landmark 103's only image was removed
+
+
+def test_missing_data_dir_without_synthetic_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.synthetic"):
+        _dm(tmp_path / "nowhere")
+
+
+def test_class_map_mismatch_on_resume_fails(tmp_path):
+    dm = _dm(_world(tmp_path))
+    state = dm.state_dict()
+    dm.load_state_dict(state)
+    with pytest.raises(ManifestError, match="differ"):
+        dm.load_state_dict({"landmark_ids": ["1", "2"]})

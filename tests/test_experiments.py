@@ -1,0 +1,111 @@
+"""Every experiment file runs (fast_dev_run), composes, and a 2-process CPU DDP fit works.
+
+Like lightning-hydra-template's sweep tests: the YAML files users start from are executed, not
+just parsed. Overrides only shrink the data and move GPU settings to the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+LOSS_FILES = ["arcface.yaml", "center.yaml", "contrastive.yaml"]
+LANDMARKS = str(Path(sys.executable).parent / "landmarks")
+
+
+def _small(world: Path) -> list[str]:
+    return [
+        f"--data.data_dir={world}",
+        "--data.image_size=32",
+        "--data.classes_per_batch=4",
+        "--data.samples_per_class=2",
+        "--data.eval_batch_size=16",
+        "--data.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def _experiment_args():
+    cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"]]
+    return [pytest.param(c, id="+".join(c)) for c in cases]
+
+
+def test_every_experiment_file_is_covered():
+    files = {p.name for p in EXPERIMENTS.glob("*.yaml")}
+    covered = {f for case in _experiment_args() for f in case.values[0]}
+    assert files == covered, f"experiment files without a fast_dev_run test: {files - covered}"
+
+
+@pytest.mark.parametrize("configs", _experiment_args())
+def test_fast_dev_run(configs, tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit"] + [a for c in configs for a in ("--config", str(EXPERIMENTS / c))] + _small(tiny_world)
+    args += ["--trainer.fast_dev_run=true", "--model.pretrained=false"]
+    assert main(args) == 0
+
+
+def test_print_config_composes_files_and_links_num_classes(tiny_world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(EXPERIMENTS / "demo.yaml"), "--config", str(EXPERIMENTS / "center.yaml"),
+            f"--data.data_dir={tiny_world}", "--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["loss"]["class_path"] == "losses.CenterSoftmaxLoss"
+    assert config["trainer"]["logger"][0]["init_args"]["name"] == "center"
+    # The class count is linked from the data module, never part of the config.
+    assert "num_classes" not in config["model"]
+    # omegaconf+ interpolation resolved after merging: the scheduler follows max_epochs.
+    assert config["model"]["lr_scheduler"]["init_args"]["T_max"] == config["trainer"]["max_epochs"]
+
+
+def _metrics(run_dir: Path) -> dict[str, float]:
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    merged = {}
+    for row in rows:
+        merged.update({k: float(v) for k, v in row.items() if v not in ("", None) and k.startswith("val/")})
+    return merged
+
+
+@pytest.mark.slow
+def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tiny_world, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    common = ["--config", str(EXPERIMENTS / "demo.yaml"), *_small(tiny_world)]
+
+    def csv_logger(name):
+        return ["--trainer.logger=pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir=runs",
+                f"--trainer.logger.name={name}"]
+
+    def run(*args):
+        done = subprocess.run([LANDMARKS, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        return done
+
+    run("fit", *common, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2",
+        *csv_logger("ddp"))
+    checkpoint = next((tmp_path / "runs" / "ddp").rglob("last.ckpt"))
+    ddp_fit = _metrics(next((tmp_path / "runs" / "ddp").glob("version_*")))
+    assert "val/recall@fpr=1e-02" in ddp_fit and "val/p@1" in ddp_fit
+
+    for devices in (1, 2):
+        run("validate", *common, f"--trainer.devices={devices}", "--trainer.strategy=ddp" if devices == 2 else "--trainer.strategy=auto",
+            *csv_logger(f"validate{devices}"), f"--ckpt_path={checkpoint}")
+    single = _metrics(next((tmp_path / "runs" / "validate1").glob("version_*")))
+    double = _metrics(next((tmp_path / "runs" / "validate2").glob("version_*")))
+    assert single.keys() == double.keys() and "val/n_gallery" in single
+    for key in single:
+        assert single[key] == pytest.approx(double[key], abs=1e-6), key

@@ -1,0 +1,93 @@
+"""LandmarkModule: every loss trains the whole network; checkpoints round-trip safely."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from datamodules import NONLANDMARK, LandmarkDataModule
+from lightning_modules import LandmarkModule
+from losses import ArcFaceLoss, CenterSoftmaxLoss, ContrastiveLoss
+
+LOSSES = {
+    "arcface": lambda c, d: ArcFaceLoss(c, d, scale=16.0),
+    "subcenter_arcface": lambda c, d: ArcFaceLoss(c, d, sub_centers=3),
+    "center": lambda c, d: CenterSoftmaxLoss(c, d, nonlandmark_margin=0.5),
+    "contrastive": lambda c, d: ContrastiveLoss(c, d, miner="none"),
+}
+
+
+def _batch(num_classes=4, per_class=3, nonlandmarks=2, size=64):  # 2x2 final map: GeM is not the identity
+    labels = torch.tensor([c for c in range(num_classes) for _ in range(per_class)] + [NONLANDMARK] * nonlandmarks)
+    return {
+        "image": torch.rand(len(labels), 3, size, size),
+        "label": labels,
+        "index": torch.arange(len(labels)),
+        "valid": torch.ones(len(labels), dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradients_reach_backbone_head_pooling_and_loss(name):
+    torch.manual_seed(0)
+    module = LandmarkModule(num_classes=4, backbone="resnet10t", embedding_size=32, loss=LOSSES[name])
+    module.train()
+    batch = _batch()
+    loss = module.loss(module(batch["image"]), batch["label"])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.net.backbone.conv1[0].weight.grad.abs().sum() > 0
+    assert module.net.fc.weight.grad.abs().sum() > 0
+    assert module.net.pool.p.grad is not None and module.net.pool.p.grad != 0
+    own = [p for p in module.loss.parameters()]
+    if name != "contrastive":
+        assert own and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
+
+
+class _RecordingLoss(torch.nn.Module):
+    def forward(self, embeddings, labels):
+        self.labels = labels.clone()
+        return embeddings.sum() * 0
+
+
+def test_unreadable_samples_are_masked_out_of_the_loss():
+    module = LandmarkModule(num_classes=4, backbone="resnet10t", embedding_size=32)
+    module.loss = _RecordingLoss()
+    module.log = lambda *args, **kwargs: None  # logging needs a trainer; not under test here
+    batch = _batch()
+    batch["valid"][[0, 5, 13]] = False
+    module.training_step(batch, 0)
+    keep = torch.ones(len(batch["label"]), dtype=torch.bool)
+    keep[[0, 5, 13]] = False
+    assert torch.equal(module.loss.labels, batch["label"][keep])
+
+
+def test_embeddings_are_unit_norm_and_input_is_normalised_inside():
+    module = LandmarkModule(num_classes=3, backbone="resnet10t", embedding_size=16).eval()
+    with torch.no_grad():
+        emb = module(torch.rand(5, 3, 48, 48))
+    assert emb.shape == (5, 16)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(5))
+    assert module.net.mean.shape == (1, 3, 1, 1)
+
+
+def test_checkpoint_round_trip_with_weights_only(tiny_world, tmp_path):
+    datamodule = LandmarkDataModule(data_dir=str(tiny_world), image_size=32, classes_per_batch=4,
+                                    samples_per_class=2, num_workers=0, eval_batch_size=16)
+    module = LandmarkModule(num_classes=datamodule.num_classes, backbone="resnet10t", embedding_size=32,
+                            loss=lambda c, d: CenterSoftmaxLoss(c, d))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, use_distributed_sampler=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True, map_location="cpu")  # no pickle needed to read it
+    info = raw["landmark_recognition"]
+    assert info["landmark_ids"] == datamodule.class_map.to_list()
+    assert raw["LandmarkDataModule"]["landmark_ids"] == datamodule.class_map.to_list()
+    restored = LandmarkModule.load_from_checkpoint(path, loss=lambda c, d: CenterSoftmaxLoss(c, d), weights_only=True)
+    torch.testing.assert_close(restored.loss.centers, module.loss.centers, rtol=0, atol=0)
+    assert restored.landmark_ids == datamodule.class_map.to_list()
+    assert restored.hparams.num_classes == datamodule.num_classes
