@@ -123,7 +123,7 @@ class RetrievalEvaluation(Callback):
             embeddings, extras = self._accumulators[i].compute()  # collective: every rank calls it
             valid = extras["valid"].bool()
             gathered[name] = (
-                embeddings[valid].numpy().astype(np.float32, copy=False),
+                embeddings[valid].float().numpy(),
                 extras["label"][valid].numpy(),
                 int((~valid).sum()),
             )
@@ -132,6 +132,8 @@ class RetrievalEvaluation(Callback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         gathered = self._gather()
         self._accumulators = {}
+        # trainer.log_dir is a collective under DDP (Lightning broadcasts it): every rank asks.
+        plot_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
         result = None
         if trainer.is_global_zero:
             missing = [name for name in ("gallery", "queries") if name not in gathered]
@@ -153,18 +155,14 @@ class RetrievalEvaluation(Callback):
             )
             result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
             if self.plots:
-                self._plot(trainer, result, stage)
+                self._plot(trainer, result, stage, plot_dir)
         metrics = trainer.strategy.broadcast(result.metrics if result is not None else None, src=0)
         logged = {f"{stage}/{k}": float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         pl_module.log_dict(logged, sync_dist=False, add_dataloader_idx=False)
         self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
-    def _plot(self, trainer: pl.Trainer, result, stage: str) -> None:
-        import matplotlib.pyplot as plt
-
+    def _plot(self, trainer: pl.Trainer, result, stage: str, plot_dir: Path) -> None:
         figures = {"precision_fpr": plot_precision_fpr(result), "score_histograms": plot_score_histograms(result)}
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        plot_dir = run_dir / "plots"
         plot_dir.mkdir(parents=True, exist_ok=True)
         for name, figure in figures.items():
             target = plot_dir / f"{stage}_epoch{trainer.current_epoch:03d}_{name}.png"
@@ -174,7 +172,6 @@ class RetrievalEvaluation(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{stage}/{name}", images=[str(target)], step=trainer.global_step)
-            plt.close(figure)
 
     @property
     def last_metrics(self) -> dict | None:

@@ -11,7 +11,10 @@ import argparse
 import json
 import os
 import time
+import warnings
 from pathlib import Path
+
+from callbacks import RetrievalEvaluation
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -38,7 +41,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     # Any further arguments (e.g. --trainer.max_epochs=2) are passed on to LightningCLI.
 
 
-def format_summary(before: dict, after: dict, run_dir: str, checkpoint: str | None, elapsed_s: float) -> str:
+def format_summary(
+    before: dict, after: dict, run_dir: str, checkpoint: str | None, elapsed_s: float, phases: dict[str, float]
+) -> str:
     lines = ["", "=" * 72, "Landmark recognition demo: summary", "=" * 72]
     lines.append(f"{'metric':<48}{'untrained':>11}{'trained':>11}")
     for key, label in SUMMARY_ROWS:
@@ -51,40 +56,66 @@ def format_summary(before: dict, after: dict, run_dir: str, checkpoint: str | No
         f"evaluation sets: {counts}",
         f"run folder:      {run_dir}  (metrics.csv, config.yaml, plots/, summary.json)",
         f"checkpoint:      {checkpoint}",
-        f"wall time:       {elapsed_s / 60:.1f} min",
-        f"wandb:           mode {os.environ.get('WANDB_MODE', 'offline')}; offline runs are in "
-        f"{Path(run_dir).parent.parent / 'wandb'}; upload with `wandb sync <that folder>/offline-run-*` "
-        "after `wandb login`",
+        f"wall time:       {elapsed_s / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in phases.items())})",
+        _wandb_line(run_dir),
         "=" * 72,
     ]
     return "\n".join(lines)
 
 
+def _wandb_line(run_dir: str) -> str:
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return "wandb:           disabled (WANDB_MODE=disabled)"
+    if mode == "offline":
+        folder = Path(run_dir).parent.parent / "wandb"
+        return (f"wandb:           offline run in {folder}/; to upload: `wandb login`, then "
+                f"`wandb sync {folder}/offline-run-*`")
+    return "wandb:           online; the run's URL is printed above by wandb"
+
+
 def run_demo(config_files: list[str], overrides: list[str] = ()) -> dict:
     from cli.lightning_cli import LandmarkCLI
 
+    # sys.argv still holds `landmarks demo ...`; Lightning warns about that next to `args`, but a
+    # DDP launcher re-runs sys.argv, so it must stay as it is.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     start = time.time()
     args = [arg for config in config_files for arg in ("--config", config)] + list(overrides)
     cli = LandmarkCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    evaluation = next(cb for cb in trainer.callbacks if type(cb).__name__ == "RetrievalEvaluation")
+    evaluation = next((cb for cb in trainer.callbacks if isinstance(cb, RetrievalEvaluation)), None)
+    if evaluation is None:
+        raise SystemExit("the demo needs a callbacks.RetrievalEvaluation callback in the configuration")
+    phases = {"setup": time.time() - start}
 
+    mark = time.time()
     trainer.validate(model, datamodule=datamodule, verbose=False)
     before = dict(evaluation.last_metrics)
+    phases["untrained evaluation"] = time.time() - mark
+    mark = time.time()
+    evaluations_before_fit = len(evaluation.history)
     trainer.fit(model, datamodule=datamodule)
-    trainer.validate(model, datamodule=datamodule, verbose=False)
+    phases["fit"] = time.time() - mark
+    last = evaluation.history[-1]
+    if len(evaluation.history) == evaluations_before_fit or last["epoch"] != trainer.current_epoch - 1:
+        # The fit's last epoch did not evaluate (check_val_every_n_epoch): evaluate now.
+        mark = time.time()
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        phases["final evaluation"] = time.time() - mark
     after = dict(evaluation.last_metrics)
 
     run_dir = trainer.log_dir
     checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
     summary = {"untrained": before, "trained": after, "run_dir": run_dir, "checkpoint": checkpoint,
-               "configs": list(config_files), "overrides": list(overrides), "seconds": time.time() - start}
+               "configs": list(config_files), "overrides": list(overrides), "seconds": time.time() - start,
+               "phases_seconds": phases}
     if trainer.is_global_zero:
         target = Path(run_dir) / "summary.json"
         tmp = target.with_name(f".summary.json.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         os.replace(tmp, target)
-        print(format_summary(before, after, run_dir, checkpoint, summary["seconds"]))
+        print(format_summary(before, after, run_dir, checkpoint, summary["seconds"], phases))
     return summary
 
 

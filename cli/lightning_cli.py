@@ -10,6 +10,7 @@ from __future__ import annotations
 import netrc
 import os
 
+from jsonargparse import set_parsing_settings
 from pytorch_lightning.cli import LightningCLI
 
 from datamodules import LandmarkDataModule
@@ -31,6 +32,11 @@ def choose_wandb_mode() -> str:
     if "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "online" if wandb_is_configured() else "offline"
     return os.environ["WANDB_MODE"]
+
+
+# Under subcommands the config root is `fit.`/`validate.`; this keeps `${trainer.max_epochs}` in
+# experiment files meaning what it says, whichever subcommand loads them.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
 class LandmarkCLI(LightningCLI):

@@ -73,6 +73,9 @@ class LandmarkDataModule(pl.LightningDataModule):
         query_manifest: held-out landmark queries (``path,landmark_id``).
         distractor_manifest: non-landmark distractor queries (``path``).
         synthetic: when ``data_dir`` does not exist, generate this synthetic world there first.
+        oracle_clean: drop DB rows whose ground truth says they are noise (``is_noise == 1``; the
+            synthetic world records it). An upper bound for ``landmarks clean``, for experiments
+            only: real data has no such column, and asking for it there is an error.
         image_size: training and evaluation resolution (square).
         classes_per_batch: P, landmarks per batch on each rank.
         samples_per_class: K, images per landmark in a batch.
@@ -96,6 +99,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         query_manifest: str | None = "queries.csv",
         distractor_manifest: str | None = "distractors.csv",
         synthetic: SynthConfig | None = None,
+        oracle_clean: bool = False,
         image_size: int = 96,
         classes_per_batch: int = 16,
         samples_per_class: int = 4,
@@ -128,6 +132,12 @@ class LandmarkDataModule(pl.LightningDataModule):
         if "decision" in self.db.table.columns:
             keep = self.db.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
             log.info("%s: using %d of %d rows (decision != remove)", self.db.source, int(keep.sum()), len(keep))
+            self.db = self.db.subset(keep)
+        if oracle_clean:
+            if "is_noise" not in self.db.table.columns:
+                raise ManifestError(f"{self.db.source}: oracle_clean needs an 'is_noise' column (synthetic worlds have one)")
+            keep = self.db.table["is_noise"].str.strip().ne("1").to_numpy()
+            log.info("%s: oracle_clean keeps %d of %d rows (ground-truth noise removed)", self.db.source, int(keep.sum()), len(keep))
             self.db = self.db.subset(keep)
         if len(self.db) == 0:
             raise ManifestError(f"{self.db.source}: no usable landmark images")

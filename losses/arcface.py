@@ -38,7 +38,7 @@ class ArcFaceLoss(MetricLoss):
         margin: float = 28.6,
         scale: float = 64.0,
         sub_centers: int = 1,
-        nonlandmarks: Literal["ignore", "class"] = "class",
+        nonlandmarks: Literal["ignore", "class"] = "ignore",
     ) -> None:
         super().__init__(num_classes, embedding_size)
         if sub_centers < 1:

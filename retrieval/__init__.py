@@ -1,0 +1,1 @@
+"""Retrieval: FAISS index and chunked search, pure recognition metrics, the DDP embedding accumulator, plots."""

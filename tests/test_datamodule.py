@@ -45,8 +45,11 @@ def _dm(root, **kw):
     return LandmarkDataModule(**args)
 
 
-def test_loaders_compose_batches_and_carry_indices(tmp_path):
-    dm = _dm(_world(tmp_path))
+def test_loaders_compose_batches_and_carry_indices(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(_world(tmp_path))
+    # Landmark 103 has one image: kept, and said so (the sampler repeats it with new augmentations).
+    assert any("1 landmark(s) have a single image" in r.message for r in caplog.records)
     assert dm.num_classes == 4 and dm.class_map.landmark_ids == ("100", "101", "102", "103")
     assert dm.nonlandmarks_per_batch() == 1
     batch = next(iter(dm.train_dataloader()))
@@ -120,3 +123,14 @@ def test_class_map_mismatch_on_resume_fails(tmp_path):
     dm.load_state_dict(state)
     with pytest.raises(ManifestError, match="differ"):
         dm.load_state_dict({"landmark_ids": ["1", "2"]})
+
+
+def test_oracle_clean_uses_ground_truth_and_refuses_real_data(tmp_path):
+    root = _world(tmp_path)
+    lines = (root / "db.csv").read_text().splitlines()
+    noisy = [lines[0] + ",is_noise"] + [f"{l},{1 if i in (0, 4) else 0}" for i, l in enumerate(lines[1:])]
+    (root / "noisy.csv").write_text("\n".join(noisy) + "\n")
+    dm = _dm(root, db_manifest="noisy.csv", oracle_clean=True)
+    assert len(dm.db) == 8 and not any(p.endswith(("0_0.jpg", "1_1.jpg")) for p in dm.db.paths)
+    with pytest.raises(ManifestError, match="oracle_clean needs an 'is_noise' column"):
+        _dm(root, oracle_clean=True)

@@ -7,6 +7,7 @@ just parsed. Overrides only shrink the data and move GPU settings to the CPU.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from cli.main import main
+from datamodules.synth import SynthConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -82,9 +84,12 @@ def _metrics(run_dir: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tiny_world, tmp_path):
+def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path):
+    # 200 distractors, so that FPR 1e-2 is resolvable and its threshold is compared too.
+    world = tmp_path / "world"
+    generate_world(world, dataclasses.replace(SynthConfig.tiny(seed=1), distractors=200), workers=1, progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    common = ["--config", str(EXPERIMENTS / "demo.yaml"), *_small(tiny_world)]
+    common = ["--config", str(EXPERIMENTS / "demo.yaml"), *_small(world)]
 
     def csv_logger(name):
         return ["--trainer.logger=pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir=runs",
@@ -98,8 +103,11 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tiny_worl
     run("fit", *common, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2",
         *csv_logger("ddp"))
     checkpoint = next((tmp_path / "runs" / "ddp").rglob("last.ckpt"))
-    ddp_fit = _metrics(next((tmp_path / "runs" / "ddp").glob("version_*")))
+    ddp_run = next((tmp_path / "runs" / "ddp").glob("version_*"))
+    ddp_fit = _metrics(ddp_run)
     assert "val/recall@fpr=1e-02" in ddp_fit and "val/p@1" in ddp_fit
+    assert {p.name for p in (ddp_run / "plots").glob("*.png")} == {
+        "val_epoch001_precision_fpr.png", "val_epoch001_score_histograms.png"}
 
     for devices in (1, 2):
         run("validate", *common, f"--trainer.devices={devices}", "--trainer.strategy=ddp" if devices == 2 else "--trainer.strategy=auto",

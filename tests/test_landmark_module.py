@@ -91,3 +91,16 @@ def test_checkpoint_round_trip_with_weights_only(tiny_world, tmp_path):
     torch.testing.assert_close(restored.loss.centers, module.loss.centers, rtol=0, atol=0)
     assert restored.landmark_ids == datamodule.class_map.to_list()
     assert restored.hparams.num_classes == datamodule.num_classes
+
+
+def test_pretrained_without_network_says_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet, but immediate
+    with pytest.raises(RuntimeError, match=r"pretrained: offline.*mobilenetv2_100.*pretrained_path"):
+        LandmarkModule(num_classes=3, backbone="resnet18", pretrained=True)
+
+
+def test_offline_weights_give_the_backbone_imagenet_statistics():
+    module = LandmarkModule(num_classes=3, backbone="mobilenetv2_100", pretrained="offline", embedding_size=16)
+    torch.testing.assert_close(module.net.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    lite = LandmarkModule(num_classes=3, backbone="tf_efficientnet_lite0", pretrained="offline", embedding_size=16)
+    torch.testing.assert_close(lite.net.std.flatten(), torch.tensor([0.5, 0.5, 0.5]))
