@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from retrieval.accumulator import EmbeddingAccumulator
 from retrieval.metrics import evaluate_recognition
@@ -68,6 +69,23 @@ class RetrievalEvaluation(Callback):
         # Every evaluation's metrics, for summaries: {"stage", "epoch", "step", **metrics}.
         self.history: list[dict] = []
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Fail now, not after an epoch, if a callback monitors an FPR the distractors cannot resolve."""
+        if trainer.fast_dev_run:  # a smoke run: nothing is checkpointed or stopped on metrics
+            return
+        names = trainer.datamodule.eval_set_names
+        n_distractors = len(trainer.datamodule.eval_dataset("distractors")) if "distractors" in names else 0
+        for callback in trainer.callbacks:
+            monitor = getattr(callback, "monitor", None) or ""
+            if "@fpr=" not in monitor:
+                continue
+            alpha = float(monitor.split("@fpr=")[1].split(",")[0])
+            if n_distractors * alpha < 1 - 1e-9:
+                raise ValueError(
+                    f"{type(callback).__name__} monitors {monitor!r}, but {n_distractors} distractors cannot "
+                    f"resolve FPR {alpha:g} (needs ≥ {int(round(1 / alpha))}); monitor a coarser FPR or val/gap"
+                )
+
     # ---- collecting ------------------------------------------------------------------------
 
     def _start(self, trainer: pl.Trainer, stage: str) -> None:
@@ -75,14 +93,25 @@ class RetrievalEvaluation(Callback):
         if datamodule is None or not hasattr(datamodule, "eval_set_names"):
             raise RuntimeError("RetrievalEvaluation needs a data module with eval_set_names (LandmarkDataModule)")
         self._names = datamodule.eval_set_names
+        # Checked here, on every rank: failing later on rank 0 alone would leave the others
+        # waiting in a collective.
+        missing = [name for name in ("gallery", "queries") if name not in self._names]
+        if missing:
+            raise RuntimeError(f"RetrievalEvaluation needs non-empty evaluation sets {missing} (data module manifests)")
         limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
-        # fast_dev_run / limit_*_batches look at part of each set on purpose: then the "every
-        # sample exactly once" check cannot hold, and the metrics are only a smoke test.
-        partial = bool(trainer.fast_dev_run) or limit != 1.0
+        # fast_dev_run / limit_*_batches look at part of each set on purpose (an int is a batch
+        # count, a float < 1 a share): then "every sample exactly once" cannot hold, and the
+        # metrics are only a smoke test.
+        partial = bool(trainer.fast_dev_run) or isinstance(limit, int) or limit < 1.0
         if partial:
             log.warning("RetrievalEvaluation: %s sees only part of the evaluation sets; metrics are partial", stage)
+        # Padding duplicates are recomputed in other batches; under reduced precision they agree
+        # only to ~1e-2 per component, which is still far from an indexing bug's mismatch.
+        atol = 1e-3 if str(trainer.precision).startswith(("32", "64")) else 5e-2
         self._accumulators = {
-            i: EmbeddingAccumulator(expected_size=None if partial else len(datamodule.eval_dataset(name)))
+            i: EmbeddingAccumulator(
+                expected_size=None if partial else len(datamodule.eval_dataset(name)), duplicate_atol=atol
+            )
             for i, name in enumerate(self._names)
         }
 
@@ -134,38 +163,49 @@ class RetrievalEvaluation(Callback):
         self._accumulators = {}
         # trainer.log_dir is a collective under DDP (Lightning broadcasts it): every rank asks.
         plot_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
-        result = None
+        # Standalone `validate` (e.g. the demo's untrained evaluation) must not overwrite the plots
+        # of the fit's epoch 0.
+        tag = stage if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+        outcome: dict = {}
         if trainer.is_global_zero:
-            missing = [name for name in ("gallery", "queries") if name not in gathered]
-            if missing:
-                raise RuntimeError(f"RetrievalEvaluation needs evaluation sets {missing}")
-            empty = np.zeros((0, gathered["gallery"][0].shape[1]), np.float32)
-            distractors = gathered.get("distractors", (empty, None, 0))[0]
-            result = evaluate_recognition(
-                gallery_emb=gathered["gallery"][0],
-                gallery_labels=gathered["gallery"][1],
-                query_emb=gathered["queries"][0],
-                query_labels=gathered["queries"][1],
-                distractor_emb=distractors,
-                alphas=self.alphas,
-                k=self.top_k,
-                user_prior=self.user_prior,
-                index_kind=self.index,
-                memory_budget_mb=self.memory_budget_mb,
-            )
-            result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
-            if self.plots:
-                self._plot(trainer, result, stage, plot_dir)
-        metrics = trainer.strategy.broadcast(result.metrics if result is not None else None, src=0)
+            try:
+                outcome["metrics"] = self._compute(trainer, gathered, stage, plot_dir, tag)
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                outcome["error"] = f"{type(err).__name__}: {err}"
+                log.exception("RetrievalEvaluation failed on rank 0")
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if "error" in outcome:
+            raise RuntimeError(f"RetrievalEvaluation failed on rank 0: {outcome['error']}")
+        metrics = outcome["metrics"]
         logged = {f"{stage}/{k}": float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         pl_module.log_dict(logged, sync_dist=False, add_dataloader_idx=False)
         self.history.append({"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
-    def _plot(self, trainer: pl.Trainer, result, stage: str, plot_dir: Path) -> None:
+    def _compute(self, trainer, gathered, stage: str, plot_dir: Path, tag: str) -> dict:
+        empty = np.zeros((0, gathered["gallery"][0].shape[1]), np.float32)
+        distractors = gathered.get("distractors", (empty, None, 0))[0]
+        result = evaluate_recognition(
+            gallery_emb=gathered["gallery"][0],
+            gallery_labels=gathered["gallery"][1],
+            query_emb=gathered["queries"][0],
+            query_labels=gathered["queries"][1],
+            distractor_emb=distractors,
+            alphas=self.alphas,
+            k=self.top_k,
+            user_prior=self.user_prior,
+            index_kind=self.index,
+            memory_budget_mb=self.memory_budget_mb,
+        )
+        result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
+        if self.plots:
+            self._plot(trainer, result, stage, plot_dir, tag)
+        return result.metrics
+
+    def _plot(self, trainer: pl.Trainer, result, stage: str, plot_dir: Path, tag: str) -> None:
         figures = {"precision_fpr": plot_precision_fpr(result), "score_histograms": plot_score_histograms(result)}
         plot_dir.mkdir(parents=True, exist_ok=True)
         for name, figure in figures.items():
-            target = plot_dir / f"{stage}_epoch{trainer.current_epoch:03d}_{name}.png"
+            target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_{name}.png"
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
             figure.savefig(tmp, dpi=100)
             os.replace(tmp, target)

@@ -20,8 +20,8 @@ USAGE = """usage: landmarks COMMAND [options]
 Training and evaluation (LightningCLI; `landmarks fit --help` for every option):
   fit        train:     landmarks fit --config experiments/demo.yaml [--config experiments/center.yaml]
   validate   evaluate:  landmarks validate --config CONFIG --ckpt_path CKPT
-  test       evaluate on the test loaders
-  predict    embed the evaluation sets
+  test       the same evaluation as validate (the evaluation sets of the data module), logged as test/
+  predict    embed the evaluation sets (returned to Python; no writer is configured yet)
 
 Tools:
 {tools}

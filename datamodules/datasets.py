@@ -14,6 +14,23 @@ from datamodules.images import UnreadableImage, load_rgb
 log = logging.getLogger(__name__)
 
 
+def seed_worker_transforms(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's albumentations pipelines their own seed.
+
+    albumentations 2 keeps a private RNG per pipeline, created in the main process; forked
+    workers would all copy it and replay the same augmentations, in every epoch. torch seeds each
+    worker with ``base_seed + worker_id`` and draws a new base seed per epoch, so deriving the
+    pipeline's seed from it gives distinct, reproducible augmentations per worker and epoch.
+    """
+    info = torch.utils.data.get_worker_info()
+    seed = torch.initial_seed() % 2**32
+    datasets = getattr(info.dataset, "datasets", [info.dataset])  # ConcatDataset or a single one
+    for dataset in datasets:
+        transform = getattr(dataset, "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(seed)
+
+
 class ImageDataset(Dataset):
     """Images with integer labels; each sample also carries its dataset index.
 

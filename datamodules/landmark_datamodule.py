@@ -16,7 +16,8 @@ Skip policy for bad images (``on_bad_image``):
       exist but cannot be decoded (truncated, corrupt, not an image) are replaced at load time by
       a placeholder flagged ``valid=False`` that the loss and the metrics exclude; the evaluation
       callback logs their count as ``<stage>/unreadable``.
-    * ``"error"``: any missing or empty file is an error naming it.
+    * ``"error"``: any missing or empty file is an error naming it (checked when
+      ``check_files`` is on; files that exist but fail to decode are always placeholders).
 Labels are never guessed: a malformed manifest is always an error (:mod:`datamodules.manifest`).
 """
 
@@ -31,7 +32,7 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-from datamodules.datasets import ImageDataset
+from datamodules.datasets import ImageDataset, seed_worker_transforms
 from datamodules.labels import NONLANDMARK
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest
 from datamodules.sampler import LandmarkBatchSampler
@@ -51,7 +52,7 @@ def _drop_missing_files(manifest: Manifest, policy: str) -> Manifest:
     if policy == "error":
         first = int(np.flatnonzero(bad)[0])
         raise ManifestError(
-            f"{manifest.source}: line {first + 2}: image missing or empty: {manifest.paths[first]} "
+            f"{manifest.source}: line {manifest.lines[first]}: image missing or empty: {manifest.paths[first]} "
             f"({int(bad.sum())} such rows; on_bad_image='skip' drops them)"
         )
     log.warning(
@@ -142,7 +143,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         if len(self.db) == 0:
             raise ManifestError(f"{self.db.source}: no usable landmark images")
         self.class_map = ClassMap.from_ids(self.db.landmark_ids)
-        self.db_labels = self.class_map.encode(self.db.landmark_ids, self.db.source)
+        self.db_labels = self.class_map.encode(self.db.landmark_ids, self.db.source, self.db.lines)
         counts = np.bincount(self.db_labels, minlength=len(self.class_map))
         if (counts == 1).any():
             # Kept on purpose: the sampler repeats the image with different augmentations, so the
@@ -200,7 +201,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         )
         self._datasets["gallery"] = ImageDataset(self.db.paths, self.db_labels, eval_tf, size)
         if queries is not None:
-            query_labels = self.class_map.encode(queries.landmark_ids, queries.source)
+            query_labels = self.class_map.encode(queries.landmark_ids, queries.source, queries.lines)
             self._datasets["queries"] = ImageDataset(queries.paths, query_labels, eval_tf, size)
         if distractors is not None:
             self._datasets["distractors"] = ImageDataset(
@@ -213,9 +214,9 @@ class LandmarkDataModule(pl.LightningDataModule):
 
     @property
     def eval_set_names(self) -> tuple[str, ...]:
-        """The evaluation sets present, in loader order (the callback maps loader index → name)."""
+        """The non-empty evaluation sets, in loader order (the callback maps loader index → name)."""
         self.setup()
-        return tuple(name for name in EVAL_SETS if name in self._datasets)
+        return tuple(name for name in EVAL_SETS if len(self._datasets.get(name, ())) > 0)
 
     # ---- loaders ---------------------------------------------------------------------------
 
@@ -247,6 +248,7 @@ class LandmarkDataModule(pl.LightningDataModule):
             ConcatDataset([landmarks, nonlandmarks]),
             batch_sampler=sampler,
             num_workers=self.hparams.num_workers,
+            worker_init_fn=seed_worker_transforms,
             persistent_workers=False,
             pin_memory=False,
         )

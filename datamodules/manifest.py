@@ -16,12 +16,15 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
+
+from datamodules.labels import NONLANDMARK
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,13 @@ class Manifest:
     paths: list[str]
     landmark_ids: list[str] | None
     table: pd.DataFrame = field(repr=False)
+    # Line of each row in the source file (header = line 1), kept through subset() so that
+    # messages still point at the right line after rows were dropped.
+    lines: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.lines is None:
+            self.lines = np.arange(2, len(self.paths) + 2)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,6 +84,7 @@ class Manifest:
             paths=[p for p, k in zip(self.paths, keep) if k],
             landmark_ids=ids,
             table=self.table[keep].reset_index(drop=True),
+            lines=self.lines[keep],
         )
 
 
@@ -136,6 +147,12 @@ def read_manifest(
                 f"{csv_path}: line {empty_id[0] + 2}: empty 'landmark_id' for {table['path'].iloc[empty_id[0]]!r} "
                 "(non-landmark images belong in the non-landmark manifest, not in the landmark DB)"
             )
+        reserved = np.flatnonzero(ids.isin([str(NONLANDMARK), "nan", "NaN", "None"]).to_numpy())
+        if len(reserved):
+            raise ManifestError(
+                f"{csv_path}: line {reserved[0] + 2}: landmark_id {ids.iloc[reserved[0]]!r} is not a landmark id "
+                f"({str(NONLANDMARK)} is the non-landmark label); non-landmark images belong in the non-landmark manifest"
+            )
         landmark_ids = ids.tolist()
     root = csv_path.parent
     paths = [p if os.path.isabs(p) else str(root / p) for p in table["path"].str.strip()]
@@ -188,9 +205,16 @@ def write_manifest(table: pd.DataFrame, csv_path: str | os.PathLike) -> None:
     os.replace(tmp, csv_path)
 
 
-def _id_sort_key(landmark_id: str) -> tuple[int, int | str]:
-    # Numeric ids sort numerically (GLDv2), names alphabetically; numbers first if mixed.
-    return (0, int(landmark_id)) if landmark_id.lstrip("-").isdigit() else (1, landmark_id)
+_INTEGER = re.compile(r"-?\d+")
+
+
+def _id_sort_key(landmark_id: str) -> tuple:
+    # Numeric ids sort numerically (GLDv2), names alphabetically; numbers first if mixed. The id
+    # itself breaks ties ("7" vs "07"), so the order never depends on set iteration (hash seed),
+    # which would give DDP ranks different class indices.
+    if _INTEGER.fullmatch(landmark_id):
+        return (0, int(landmark_id), landmark_id)
+    return (1, 0, landmark_id)
 
 
 @dataclass(frozen=True)
@@ -218,16 +242,17 @@ class ClassMap:
             object.__setattr__(self, "_index_cache", cached)
         return cached
 
-    def encode(self, ids: Sequence[str], source: str = "manifest") -> np.ndarray:
-        """Landmark ids → class indices; an id outside the map is an error naming it."""
+    def encode(self, ids: Sequence[str], source: str = "manifest", lines: Sequence[int] | None = None) -> np.ndarray:
+        """Landmark ids → class indices; an id outside the map is an error naming it and its line."""
         index = self._index
         out = np.empty(len(ids), dtype=np.int64)
         for row, lid in enumerate(ids):
             try:
                 out[row] = index[lid]
             except KeyError:
+                line = lines[row] if lines is not None else row + 2
                 raise ManifestError(
-                    f"{source}: line {row + 2}: landmark_id {lid!r} is not among the "
+                    f"{source}: line {line}: landmark_id {lid!r} is not among the "
                     f"{len(self)} landmarks of the training database"
                 ) from None
         return out

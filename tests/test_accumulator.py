@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -209,13 +208,8 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_ddp_two_processes_match_single_process():
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+def test_ddp_two_processes_match_single_process(free_port):
+    mp.spawn(_ddp_worker, args=(2, free_port), nprocs=2, join=True)

@@ -134,3 +134,23 @@ def test_oracle_clean_uses_ground_truth_and_refuses_real_data(tmp_path):
     assert len(dm.db) == 8 and not any(p.endswith(("0_0.jpg", "1_1.jpg")) for p in dm.db.paths)
     with pytest.raises(ManifestError, match="oracle_clean needs an 'is_noise' column"):
         _dm(root, oracle_clean=True)
+
+
+def test_each_worker_and_epoch_draws_different_augmentations(tmp_path):
+    root = _world(tmp_path, images_per_class=(4, 4, 4, 4))
+    dm = _dm(root, num_workers=2, classes_per_batch=2, samples_per_class=2, nonlandmark_share=0.0,
+             batches_per_epoch=2)
+    dm.train_dataloader()  # builds datasets
+    landmarks = dm._datasets["train_landmarks"]
+    # Same image in every batch: only the augmentation can differ.
+    from torch.utils.data import DataLoader
+    from datamodules.datasets import seed_worker_transforms
+
+    def epoch():
+        loader = DataLoader(landmarks, batch_size=None, sampler=[0, 0, 0, 0], num_workers=2,
+                            worker_init_fn=seed_worker_transforms)
+        return [float(sample["image"].sum()) for sample in loader]
+
+    first, second = epoch(), epoch()
+    assert len(set(first)) == 4, first  # workers 0 and 1 (2 samples each) all differ
+    assert set(first).isdisjoint(second)  # and the next epoch differs again

@@ -117,3 +117,18 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
     assert single.keys() == double.keys() and "val/n_gallery" in single
     for key in single:
         assert single[key] == pytest.approx(double[key], abs=1e-6), key
+
+
+def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(EXPERIMENTS / "paper.yaml"), *_small(tiny_world), "--model.pretrained=false",
+            "--model.backbone=resnet10t", "--trainer.max_epochs=1"]
+    with pytest.raises(ValueError, match=r"monitors 'val/recall@fpr=1e-03', but 60 distractors cannot resolve"):
+        main(args)
+
+
+def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", str(EXPERIMENTS / "demo.yaml"), *_small(tiny_world),
+            "--trainer.limit_val_batches=1", "--trainer.logger=false"]
+    assert main(args) == 0

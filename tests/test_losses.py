@@ -3,7 +3,6 @@ checkpoint round trips, weight imprinting and construction through jsonargparse.
 
 import math
 import os
-import socket
 from collections.abc import Callable
 
 import jsonargparse
@@ -381,16 +380,11 @@ def _ddp_center_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_ddp_center_update_matches_single_process(tmp_path):
-    mp.spawn(_ddp_center_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_ddp_center_update_matches_single_process(tmp_path, free_port):
+    mp.spawn(_ddp_center_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     reference = CenterSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, nonlandmark_margin=1.0).train()
     initial = reference.centers.clone()

@@ -145,3 +145,23 @@ def test_real_photos_load_through_the_same_readers():
     for path in landmarks.paths[::25] + nonlandmarks.paths[::25]:
         image = load_rgb(path, max_side=192)
         assert image.ndim == 3 and image.shape[2] == 3 and max(image.shape[:2]) <= 192
+
+
+def test_class_order_does_not_depend_on_hash_seed():
+    ids = ["07", "7", "007", "b", "a", "10"]
+    assert ClassMap.from_ids(ids).landmark_ids == ("007", "07", "7", "10", "a", "b")
+    assert ClassMap.from_ids(list(reversed(ids))).landmark_ids == ClassMap.from_ids(ids).landmark_ids
+    assert ClassMap.from_ids(["--5", "3"]).landmark_ids == ("3", "--5")  # not an integer: no crash
+
+
+def test_nonlandmark_label_is_not_a_landmark_id(tmp_path):
+    (tmp_path / "db.csv").write_text("path,landmark_id\na.jpg,4\nb.jpg,-1\n")
+    with pytest.raises(ManifestError, match=r"line 3: landmark_id '-1' is not a landmark id"):
+        read_manifest(tmp_path / "db.csv")
+
+
+def test_line_numbers_survive_dropped_rows(tmp_path):
+    (tmp_path / "q.csv").write_text("path,landmark_id\na.jpg,1\nb.jpg,1\nc.jpg,99\n")
+    manifest = read_manifest(tmp_path / "q.csv").subset(np.array([False, True, True]))
+    with pytest.raises(ManifestError, match=r"q\.csv: line 4: landmark_id '99'"):
+        ClassMap.from_ids(["1"]).encode(manifest.landmark_ids, manifest.source, manifest.lines)
