@@ -7,6 +7,7 @@ just parsed. Overrides only shrink the data and move GPU settings to the CPU.
 from __future__ import annotations
 
 import csv
+import json
 import dataclasses
 import os
 import subprocess
@@ -132,3 +133,27 @@ def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path,
     args = ["validate", "--config", str(EXPERIMENTS / "demo.yaml"), *_small(tiny_world),
             "--trainer.limit_val_batches=1", "--trainer.logger=false"]
     assert main(args) == 0
+
+
+def test_demo_main_job_prints_summary_and_writes_it(tiny_world, tmp_path, monkeypatch, capsys):
+    """README command 1 (`landmarks demo`), shrunk to the tiny world: untrained eval → fit → eval."""
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", *_small(tiny_world), "--trainer.max_epochs=2", "--model.pretrained=false",
+            "--model.backbone=resnet10t", "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+            "--trainer.logger.save_dir=runs", "--trainer.logger.name=demo"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Landmark recognition demo: summary" in out and "P@1 (landmark queries)" in out
+    summary = json.loads(next((tmp_path / "runs" / "demo").rglob("summary.json")).read_text())
+    assert summary["untrained"]["epoch"] == 0 and summary["trained"]["epoch"] == 1  # fit's last epoch evaluated
+    assert summary["trained"]["n_queries"] == summary["untrained"]["n_queries"] > 0
+    assert Path(summary["checkpoint"]).is_file()
+    plots = {p.name for p in (tmp_path / summary["run_dir"] / "plots").glob("*.png")}
+    assert {"validate_epoch000_precision_fpr.png", "val_epoch001_precision_fpr.png"} <= plots
+
+
+def test_console_script_help_lists_every_command():
+    done = subprocess.run([LANDMARKS, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for command in ("fit", "validate", "test", "predict", "synth", "demo"):
+        assert f"  {command} " in done.stdout
