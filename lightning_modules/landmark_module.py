@@ -92,9 +92,15 @@ class LandmarkModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         valid = batch["valid"]
-        embeddings = self(batch["image"])
-        loss = self.loss(embeddings[valid], batch["label"][valid])
         batch_size = int(valid.sum())
+        if batch_size >= 2:
+            # Placeholders of unreadable images must not enter BatchNorm's batch statistics.
+            embeddings = self(batch["image"][valid])
+        else:
+            # Train-mode BatchNorm needs ≥ 2 samples, and every DDP rank must still run forward
+            # and the loss (collectives): embed the whole batch and mask, a rare fallback.
+            embeddings = self(batch["image"])[valid]
+        loss = self.loss(embeddings, batch["label"][valid])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if isinstance(self.net.pool, GeM):
             self.log("train/gem_p", self.net.pool.p.detach(), batch_size=batch_size)

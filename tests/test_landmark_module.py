@@ -55,12 +55,19 @@ def test_unreadable_samples_are_masked_out_of_the_loss():
     module = LandmarkModule(num_classes=4, backbone="resnet10t", embedding_size=32)
     module.loss = _RecordingLoss()
     module.log = lambda *args, **kwargs: None  # logging needs a trainer; not under test here
+    seen = []
+    module.net.register_forward_pre_hook(lambda net, args: seen.append(args[0].shape[0]))
     batch = _batch()
     batch["valid"][[0, 5, 13]] = False
     module.training_step(batch, 0)
     keep = torch.ones(len(batch["label"]), dtype=torch.bool)
     keep[[0, 5, 13]] = False
     assert torch.equal(module.loss.labels, batch["label"][keep])
+    assert seen == [len(keep) - 3]  # placeholders never reach the network (BatchNorm statistics)
+    batch["valid"][:] = False
+    batch["valid"][2] = True
+    module.training_step(batch, 0)  # one readable image: whole batch through, loss on that one
+    assert seen[-1] == len(keep) and torch.equal(module.loss.labels, batch["label"][2:3])
 
 
 def test_embeddings_are_unit_norm_and_input_is_normalised_inside():
