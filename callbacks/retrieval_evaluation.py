@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -50,7 +50,7 @@ class RetrievalEvaluation(Callback):
 
     def __init__(
         self,
-        alphas: list[float] = [1e-2, 1e-3, 1e-4],
+        alphas: Sequence[float] = (1e-2, 1e-3, 1e-4),
         top_k: int = 10,
         user_prior: float | None = 0.01,
         index: Literal["flat", "ivf", "hnsw"] = "flat",

@@ -7,7 +7,6 @@ need to know which backbone is inside.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import timm

@@ -333,7 +333,7 @@ def test_precision_fpr_curve_matches_recognition_at_fpr():
     score = np.round(np.r_[rng.normal(0.7, 0.1, n_l), rng.normal(0.4, 0.1, n_d)], 3)  # ties
     curve = precision_fpr_curve(pred, score, true)
     res = recognition_at_fpr(pred, score, true, alphas=(1e-2, 1e-3, 5e-3))
-    for alpha, row in res.items():
+    for row in res.values():
         # smallest curve threshold >= the FPR threshold has the same acceptances
         j = np.flatnonzero(curve.thresholds >= row["threshold"])[-1]
         assert curve.fpr[j] == pytest.approx(row["fpr"])
