@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -10,10 +11,16 @@ import sys
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-TOOL_COMMANDS = {
-    "synth": "generate the synthetic landmark world (JPEG files + CSV manifests)",
-    "demo": "the main job: synthetic world → untrained evaluation → fit → evaluation → summary",
+# name -> (help, module, add-arguments function, run function). Modules are imported only when
+# their command runs, so `landmarks --help` stays fast and one tool's imports never slow another.
+TOOL_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "synth": ("generate the synthetic landmark world (JPEG files + CSV manifests)",
+              "datamodules.synth", "add_synth_arguments", "run_synth_command"),
+    "demo": ("the main job: synthetic world → untrained evaluation → fit → evaluation → summary",
+             "cli.demo", "add_demo_arguments", "run_demo_command"),
 }
+# Tools that pass unknown arguments on (to LightningCLI) instead of rejecting them.
+PASS_THROUGH = {"demo"}
 
 USAGE = """usage: landmarks COMMAND [options]
 
@@ -29,18 +36,21 @@ Tools:
 
 
 def _usage() -> str:
-    return USAGE.format(tools="\n".join(f"  {name:<10} {text}" for name, text in TOOL_COMMANDS.items()))
+    return USAGE.format(tools="\n".join(f"  {name:<10} {spec[0]}" for name, spec in TOOL_COMMANDS.items()))
 
 
-def _tool_parser() -> argparse.ArgumentParser:
-    from cli import demo
-    from datamodules import synth
-
-    parser = argparse.ArgumentParser(prog="landmarks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    synth.add_synth_arguments(sub.add_parser("synth", help=TOOL_COMMANDS["synth"]))
-    demo.add_demo_arguments(sub.add_parser("demo", help=TOOL_COMMANDS["demo"]))
-    return parser
+def _run_tool(argv: list[str]) -> int:
+    name = argv[0]
+    help_text, module_name, add_name, run_name = TOOL_COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"landmarks {name}", description=help_text)
+    getattr(module, add_name)(parser)
+    args, unknown = parser.parse_known_args(argv[1:])
+    if unknown and name not in PASS_THROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.command = name
+    args.overrides = unknown  # demo passes them on to LightningCLI
+    return int(getattr(module, run_name)(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,16 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in TOOL_COMMANDS:
-        from cli import demo
-        from datamodules import synth
-
-        parser = _tool_parser()
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command != "demo":
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.overrides = unknown  # demo passes them on to LightningCLI
-        runner = {"synth": synth.run_synth_command, "demo": demo.run_demo_command}[args.command]
-        return int(runner(args) or 0)
+        return _run_tool(argv)
     if argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("-"):
         from cli.lightning_cli import LandmarkCLI
 

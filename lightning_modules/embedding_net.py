@@ -70,7 +70,8 @@ class EmbeddingNet(nn.Module):
         pretrained_path: a local state-dict file for the backbone (overrides ``pretrained``).
         pooling: ``"gem"`` (learnable p) or ``"avg"``.
         gem_p: initial GeM exponent.
-        embedding_size: output dimension.
+        embedding_size: output dimension; ``None`` for no head (the pooled backbone features,
+            L2-normalised: the usual off-the-shelf descriptor of an ImageNet network).
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class EmbeddingNet(nn.Module):
         pretrained_path: str | None = None,
         pooling: Literal["gem", "avg"] = "gem",
         gem_p: float = 3.0,
-        embedding_size: int = 512,
+        embedding_size: int | None = 512,
     ):
         super().__init__()
         # global_pool="" keeps the spatial feature map; we pool ourselves (GeM).
@@ -105,9 +106,14 @@ class EmbeddingNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.pool = GeM(gem_p) if pooling == "gem" else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.fc = nn.Linear(_feature_channels(self.backbone, backbone), embedding_size, bias=False)
-        self.bn = nn.BatchNorm1d(embedding_size)
-        self.embedding_size = embedding_size
+        channels = _feature_channels(self.backbone, backbone)
+        if embedding_size is None:
+            self.fc, self.bn = nn.Identity(), nn.Identity()
+            self.embedding_size = channels
+        else:
+            self.fc = nn.Linear(channels, embedding_size, bias=False)
+            self.bn = nn.BatchNorm1d(embedding_size)
+            self.embedding_size = embedding_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)

