@@ -1,5 +1,6 @@
-"""Lightning callbacks: retrieval evaluation (and, later, curriculum)."""
+"""Lightning callbacks: retrieval evaluation, curriculum."""
 
+from callbacks.curriculum import Curriculum, Stage
 from callbacks.retrieval_evaluation import RetrievalEvaluation
 
-__all__ = ["RetrievalEvaluation"]
+__all__ = ["Curriculum", "RetrievalEvaluation", "Stage"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -35,7 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from datamodules.datasets import ImageDataset, seed_worker_transforms
 from datamodules.labels import NONLANDMARK
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest
-from datamodules.sampler import LandmarkBatchSampler
+from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from datamodules.synth import SynthConfig, generate_world
 from datamodules.transforms import eval_transform, train_transform
 
@@ -150,6 +150,11 @@ class LandmarkDataModule(pl.LightningDataModule):
             # class still gets positives; it is also a valid gallery entry.
             log.warning("%d landmark(s) have a single image; they are sampled with replacement", int((counts == 1).sum()))
         self._datasets: dict[str, ImageDataset] = {}
+        # What a curriculum callback asks the training batches to hold (None: all classes, and
+        # the configured non-landmark share); applied to the live sampler and to any new one.
+        self._active_classes: list[int] | None = None
+        self._nonlandmark_share: float | None = None
+        self._train_sampler: LandmarkBatchSampler | None = None
 
     # ---- what the model and callbacks read -------------------------------------------------
 
@@ -224,8 +229,23 @@ class LandmarkDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def set_training_classes(self, active_classes: Sequence[int] | None, nonlandmark_share: float | None = None) -> None:
+        """Restrict training batches to ``active_classes`` with ``nonlandmark_share`` non-landmarks.
+
+        Takes effect at the next epoch's batches (a curriculum switches on epoch boundaries);
+        ``None`` restores all classes / the configured share.
+        """
+        if nonlandmark_share is not None and not 0.0 <= nonlandmark_share < 1.0:
+            raise ValueError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
+        self._active_classes = None if active_classes is None else sorted(int(c) for c in active_classes)
+        self._nonlandmark_share = nonlandmark_share
+        if self._train_sampler is not None:
+            self._train_sampler.set_classes(self._active_classes, self.nonlandmarks_per_batch())
+
     def nonlandmarks_per_batch(self) -> int:
-        share = self.hparams.nonlandmark_share
+        share = self.hparams.nonlandmark_share if self._nonlandmark_share is None else self._nonlandmark_share
+        if share > 0 and len(self._datasets.get("train_nonlandmarks", ())) == 0 and self._datasets:
+            raise ManifestError(f"a non-landmark share of {share} was asked for, but the non-landmark pool is empty")
         landmark_images = self.hparams.classes_per_batch * self.hparams.samples_per_class
         return int(round(landmark_images * share / (1.0 - share)))
 
@@ -243,8 +263,10 @@ class LandmarkDataModule(pl.LightningDataModule):
             seed=self.hparams.seed,
             rank=rank,
             world_size=world,
+            active_classes=self._active_classes,
         )
-        return DataLoader(
+        self._train_sampler = sampler
+        return ResumableLoader(
             ConcatDataset([landmarks, nonlandmarks]),
             batch_sampler=sampler,
             num_workers=self.hparams.num_workers,

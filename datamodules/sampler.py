@@ -8,6 +8,13 @@ whole global batch, and no communication is needed.
 
 Indices refer to a combined dataset: ``[0, n_landmark_images)`` are landmark images,
 ``[n_landmark_images, n_landmark_images + n_nonlandmarks)`` the non-landmark pool.
+
+The sampler is *resumable*: its state (epoch, batches already delivered, active classes,
+non-landmarks per batch) round-trips through :meth:`state_dict`, and an epoch resumed after
+``skip`` batches yields exactly the batches the uninterrupted epoch would have yielded next.
+A curriculum changes the active classes and the non-landmark count between epochs through
+:meth:`set_classes`; the number of batches per epoch never changes, so a run with and without a
+curriculum takes the same number of optimisation steps.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 from typing import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class LandmarkBatchSampler(Sampler[list[int]]):
@@ -62,31 +69,65 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         classes, starts = np.unique(class_of_image[order], return_index=True)
         bounds = np.append(starts, len(order))
         self._images_of_class = {int(c): order[bounds[i] : bounds[i + 1]] for i, c in enumerate(classes)}
-        self.active_classes = np.array(sorted(self._images_of_class) if active_classes is None else sorted(active_classes))
-        unknown = set(self.active_classes.tolist()) - set(self._images_of_class)
-        if unknown:
-            raise ValueError(f"active classes without images: {sorted(unknown)[:10]}")
-        global_classes = classes_per_batch * world_size
-        if global_classes > len(self.active_classes):
-            raise ValueError(
-                f"a global batch needs {global_classes} distinct classes (P={classes_per_batch} × "
-                f"{world_size} ranks) but only {len(self.active_classes)} are available"
-            )
         self.num_nonlandmarks = num_nonlandmarks
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
-        self.nonlandmarks_per_batch = nonlandmarks_per_batch
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip = 0  # batches of the current epoch already delivered before a resume
+        self.set_classes(active_classes, nonlandmarks_per_batch)
         # Lightning calls set_epoch on `batch_sampler.sampler` (not on the batch sampler) at every
         # epoch start, also when resuming; this proxy forwards that call here.
         self.sampler = _EpochForwarder(self)
         if num_batches is None:
-            active_images = sum(len(self._images_of_class[c]) for c in self.active_classes.tolist())
-            num_batches = max(1, math.ceil(active_images / (global_classes * samples_per_class)))
+            # One pass over all landmark images, whatever a curriculum activates: the epoch length
+            # (and so the step count of a run) must not depend on the stage.
+            num_batches = max(1, math.ceil(len(class_of_image) / (classes_per_batch * world_size * samples_per_class)))
         self.num_batches = num_batches
+
+    def set_classes(self, active_classes: Sequence[int] | None, nonlandmarks_per_batch: int | None = None) -> None:
+        """Draw only ``active_classes`` (None: all) and ``nonlandmarks_per_batch`` from the next epoch on."""
+        active = np.array(sorted(self._images_of_class) if active_classes is None else sorted(set(map(int, active_classes))))
+        unknown = set(active.tolist()) - set(self._images_of_class)
+        if unknown:
+            raise ValueError(f"active classes without images: {sorted(unknown)[:10]}")
+        global_classes = self.classes_per_batch * self.world_size
+        if global_classes > len(active):
+            raise ValueError(
+                f"a global batch needs {global_classes} distinct classes (P={self.classes_per_batch} × "
+                f"{self.world_size} ranks) but only {len(active)} are active"
+            )
+        if nonlandmarks_per_batch is not None:
+            if nonlandmarks_per_batch and self.num_nonlandmarks == 0:
+                raise ValueError(
+                    f"{nonlandmarks_per_batch} non-landmark images per batch requested, but the non-landmark pool is empty"
+                )
+            self.nonlandmarks_per_batch = int(nonlandmarks_per_batch)
+        self.active_classes = active
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "skip": self.skip,
+            "active_classes": self.active_classes.tolist(),
+            "nonlandmarks_per_batch": self.nonlandmarks_per_batch,
+            "num_batches": self.num_batches,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_batches"] != self.num_batches or state["seed"] != self.seed:
+            raise ValueError(
+                f"sampler state is for {state['num_batches']} batches per epoch with seed {state['seed']}, "
+                f"this run has {self.num_batches} with seed {self.seed}; resume with the same data settings"
+            )
+        self.set_classes(state["active_classes"], state["nonlandmarks_per_batch"])
+        self.epoch, self.skip = int(state["epoch"]), int(state["skip"])
+        if self.skip >= self.num_batches:
+            # Saved after the epoch's last batch: the resumed run starts the next epoch.
+            self.epoch, self.skip = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -99,7 +140,8 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         p, k, n, w = self.classes_per_batch, self.samples_per_class, self.nonlandmarks_per_batch, self.world_size
         class_stream = _Cycle(self.active_classes, rng)
         nonlandmark_stream = _Cycle(np.arange(self.num_nonlandmarks), rng) if n else None
-        for _ in range(self.num_batches):
+        skip, self.skip = self.skip, 0  # a resume skips once; the next epoch starts from its beginning
+        for step in range(self.num_batches):
             # The global plan is drawn in full on every rank (same RNG), then sliced: this keeps
             # the RNG streams of all ranks in lockstep.
             step_classes = class_stream.take(p * w)
@@ -108,9 +150,39 @@ class LandmarkBatchSampler(Sampler[list[int]]):
                 images = self._images_of_class[c]
                 picks.append(rng.choice(images, size=k, replace=len(images) < k))
             step_nonlandmarks = nonlandmark_stream.take(n * w) if nonlandmark_stream is not None else np.empty(0, int)
+            if step < skip:
+                continue  # drawn all the same, so the RNG stream matches the uninterrupted epoch
             mine = np.concatenate(picks[self.rank * p : (self.rank + 1) * p])
             mine_nl = step_nonlandmarks[self.rank * n : (self.rank + 1) * n] + self.num_landmark_images
             yield np.concatenate([mine, mine_nl]).astype(np.int64).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`LandmarkBatchSampler` whose position survives a checkpoint.
+
+    Lightning saves the ``state_dict`` of a stateful train loader in every checkpoint and loads it
+    into the new loader before the first ``iter()`` of a resumed fit, so a run killed mid-epoch
+    continues with the batches it had not yet trained on (instead of replaying the epoch's first
+    batches). Batches are counted as they are handed to the training loop, not as workers fetch
+    them, so prefetching does not shift the count.
+    """
+
+    def __init__(self, dataset, batch_sampler: LandmarkBatchSampler, **kwargs):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self._delivered = 0
+
+    def __iter__(self):
+        self._delivered = self.batch_sampler.skip
+        for batch in super().__iter__():
+            self._delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {**self.batch_sampler.state_dict(), "skip": self._delivered}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+        self._delivered = self.batch_sampler.skip
 
 
 class _EpochForwarder:

@@ -10,6 +10,26 @@ from datamodules.labels import NONLANDMARK
 from losses.base import MetricLoss, is_landmark
 
 
+class _MaskedArcFace(pml_losses.ArcFaceLoss):
+    """PML's ArcFace with the cosines of curriculum-inactive classes masked out of the softmax."""
+
+    def __init__(self, *args, mask_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mask_fn = mask_fn
+
+    def get_cosine(self, embeddings):
+        return self._mask_fn(super().get_cosine(embeddings))
+
+
+class _MaskedSubCenterArcFace(pml_losses.SubCenterArcFaceLoss):
+    def __init__(self, *args, mask_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mask_fn = mask_fn
+
+    def get_cosine(self, embeddings):
+        return self._mask_fn(super().get_cosine(embeddings))
+
+
 class ArcFaceLoss(MetricLoss):
     """ArcFace (Deng et al. 2019) or, with ``sub_centers > 1``, sub-center ArcFace (Deng et al. 2020).
 
@@ -49,10 +69,13 @@ class ArcFaceLoss(MetricLoss):
         self.nonlandmarks = nonlandmarks
         self.num_outputs = num_classes + (nonlandmarks == "class")
         if sub_centers == 1:
-            self.arcface = pml_losses.ArcFaceLoss(self.num_outputs, embedding_size, margin=margin, scale=scale)
+            self.arcface = _MaskedArcFace(
+                self.num_outputs, embedding_size, margin=margin, scale=scale, mask_fn=self._mask_inactive
+            )
         else:
             # SubCenterArcFaceLoss reads num_classes/embedding_size from kwargs only.
-            self.arcface = pml_losses.SubCenterArcFaceLoss(
+            self.arcface = _MaskedSubCenterArcFace(
+                mask_fn=self._mask_inactive,
                 num_classes=self.num_outputs,
                 embedding_size=embedding_size,
                 margin=margin,

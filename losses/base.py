@@ -41,6 +41,30 @@ class MetricLoss(torch.nn.Module, ABC):
             raise ValueError(f"need num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
+        # Landmark classes a curriculum has activated. Inactive classes take no part in any
+        # softmax (they are neither targets nor negatives), so their weights stay as they were
+        # until imprinted. Not persistent: the curriculum callback owns and restores this state.
+        self.register_buffer("class_active", torch.ones(num_classes, dtype=torch.bool), persistent=False)
+
+    def set_active_classes(self, class_indices: Tensor | None) -> None:
+        """Restrict classifier-style losses to ``class_indices`` (``None``: every class)."""
+        active = torch.ones(self.num_classes, dtype=torch.bool, device=self.class_active.device)
+        if class_indices is not None:
+            class_indices = torch.as_tensor(class_indices, dtype=torch.long).flatten()
+            if class_indices.numel() and (class_indices.min() < 0 or class_indices.max() >= self.num_classes):
+                raise ValueError(f"active class indices must lie in [0, {self.num_classes})")
+            active.zero_()
+            active[class_indices.to(active.device)] = True
+        self.class_active.copy_(active)
+
+    def _mask_inactive(self, logits: Tensor) -> Tensor:
+        """Exclude inactive landmark columns (the first ``num_classes``) from a softmax."""
+        if bool(self.class_active.all()):
+            return logits
+        keep = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        keep[: self.num_classes] = self.class_active
+        # A large finite value, not -inf: exp() underflows to exactly 0 and no inf-inf NaN can arise.
+        return logits.masked_fill(~keep, -1e4)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Return the scalar loss for ``embeddings: [b, d]`` and ``labels: [b]``.

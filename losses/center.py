@@ -87,6 +87,7 @@ class CenterSoftmaxLoss(MetricLoss):
         loss = self._connected_zero(embeddings)
 
         logits = self.softmax_scale * F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
+        logits = self._mask_inactive(logits)
         if self.nonlandmark_class:
             targets = torch.where(landmark, labels, self.num_classes)
         else:
@@ -103,6 +104,7 @@ class CenterSoftmaxLoss(MetricLoss):
         if self.nonlandmark_margin is not None and not landmark.all():
             # cdist saves its inputs for backward; a snapshot keeps the in-place update legal.
             centers = self.centers.clone() if self.training and self.center_lr > 0 else self.centers
+            centers = centers[self.class_active]  # not yet activated centers have not been placed
             dist_to_centers = torch.cdist(embeddings[~landmark], centers)
             push = F.relu(self.nonlandmark_margin - dist_to_centers).pow(2).mean()
             loss = loss + self.nonlandmark_push_weight * push

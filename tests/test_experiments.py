@@ -36,13 +36,16 @@ def _small(world: Path) -> list[str]:
         "--data.num_workers=0",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
+        "--trainer.strategy=auto",
         "--trainer.precision=32-true",
         "--trainer.enable_progress_bar=false",
     ]
 
 
 def _experiment_args():
-    cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"]]
+    cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"],
+             ["demo.yaml", "curriculum.yaml"], ["demo.yaml", "arcface.yaml", "curriculum.yaml"],
+             ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"]]
     return [pytest.param(c, id="+".join(c)) for c in cases]
 
 

@@ -1,0 +1,449 @@
+"""Curriculum learning: landmark classes enter training easy → hard, non-landmarks later.
+
+The paper trains its landmark CNN on a growing set of classes. This callback holds a list of
+:class:`Stage` s; at each stage start (always an epoch boundary, decided from the epoch and step
+counters every rank shares) it
+
+1. ranks the classes by difficulty (class size, the current model's per-class accuracy, or an
+   explicit file) and activates the easiest ones not yet active — the active set only grows;
+2. initialises the classifier/proxy weights and center-loss centers of the newly activated classes
+   from the mean embedding of their images (weight imprinting, via ``MetricLoss.imprint``) instead
+   of leaving them at their random initialisation;
+3. tells the data module which classes and what share of non-landmark images the batches hold,
+   and the loss which classes take part in its softmax (inactive ones are neither targets nor
+   negatives);
+4. applies the stage's learning-rate rule (keep, or re-warm to a factor of the base rate).
+
+The optimizer is never rebuilt, so it keeps its state (momentum, Adam moments) for every parameter.
+The stage, the difficulty order and the active classes are saved in checkpoints; together with the
+resumable train loader (:class:`datamodules.sampler.ResumableLoader`) a run killed mid-stage and
+resumed with ``--ckpt_path`` continues the same stage with the same classes and batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch.utils.data import DataLoader, Subset
+
+from retrieval.accumulator import EmbeddingAccumulator
+
+log = logging.getLogger(__name__)
+
+Difficulty = Literal["size", "accuracy", "file"]
+
+
+@dataclass
+class Stage:
+    """One curriculum stage.
+
+    Args:
+        epochs: length in epochs; or
+        steps: length in optimisation steps — the stage then ends at the first epoch boundary
+            at or after that many steps (stages switch on epoch boundaries only).
+            The last stage runs to the end of training; its length may be left out.
+        class_share: share of all classes active in this stage (easiest first), in (0, 1].
+        class_count: number of active classes; overrides ``class_share``.
+        nonlandmark_share: share of non-landmark images in each batch; ``None`` keeps the data
+            module's ``nonlandmark_share``.
+        lr: ``"keep"`` the current learning rate, or a factor: re-warm every parameter group to
+            ``lr × base_lr`` at the stage start (chainable schedulers such as cosine or step
+            continue from there).
+        warmup_steps: with a factor, ramp linearly from ``lr × base_lr / warmup_steps`` to it over
+            the stage's first steps (0: jump).
+    """
+
+    epochs: int | None = None
+    steps: int | None = None
+    class_share: float = 1.0
+    class_count: int | None = None
+    nonlandmark_share: float | None = None
+    lr: Literal["keep"] | float = "keep"
+    warmup_steps: int = 0
+
+
+def class_accuracy_scores(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out 1-NN accuracy and centroid compactness of each class.
+
+    Returns ``(accuracy, compactness)``, each ``[num_classes]``: the share of a class's images whose
+    nearest other image (cosine) has the same class, and the mean cosine of its images to their
+    class centroid. Classes without images get NaN. Pure function; the callback ranks by it.
+    """
+    x = np.asarray(embeddings, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    accuracy = np.full(num_classes, np.nan)
+    compactness = np.full(num_classes, np.nan)
+    if len(x) < 2:
+        return accuracy, compactness
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, neighbours = index.search(x, 2)
+    # The first hit is the image itself unless an exact duplicate ties with it; either way the
+    # nearest *other* image is the first hit that is not the query row.
+    rows = np.arange(len(x))
+    nearest = np.where(neighbours[:, 0] == rows, neighbours[:, 1], neighbours[:, 0])
+    correct = (y[nearest] == y).astype(np.float64)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    sums = np.zeros((num_classes, x.shape[1]))
+    np.add.at(sums, y, x)
+    centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    present = counts > 0
+    accuracy[present] = (np.bincount(y, weights=correct, minlength=num_classes) / np.maximum(counts, 1))[present]
+    compactness[present] = (
+        np.bincount(y, weights=(x * centroids[y]).sum(axis=1), minlength=num_classes) / np.maximum(counts, 1)
+    )[present]
+    return accuracy, compactness
+
+
+def order_by_scores(primary: np.ndarray, secondary: np.ndarray | None = None) -> list[int]:
+    """Class indices easiest first: higher ``primary``, then higher ``secondary``, then lower index.
+
+    NaN scores (no evidence) rank last.
+    """
+    primary = np.nan_to_num(np.asarray(primary, dtype=np.float64), nan=-np.inf)
+    secondary = np.zeros_like(primary) if secondary is None else np.nan_to_num(np.asarray(secondary, dtype=np.float64), nan=-np.inf)
+    index = np.arange(len(primary))
+    return np.lexsort((index, -secondary, -primary)).tolist()
+
+
+def read_difficulty_file(path: str | Path, landmark_ids: list[str]) -> np.ndarray:
+    """Difficulty per class from a CSV ``landmark_id,difficulty`` (lower = easier), in class order.
+
+    Every class must be listed exactly once (a geography grouping, say, gives a group number per
+    landmark); rows of landmarks not in the training data are an error, because a mistyped id
+    would otherwise silently leave its class unranked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"curriculum difficulty file not found: {path}")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing_cols = {"landmark_id", "difficulty"} - set(table.columns)
+    if missing_cols:
+        raise ValueError(f"{path}: needs columns landmark_id,difficulty; missing {sorted(missing_cols)}")
+    position = {lid: i for i, lid in enumerate(landmark_ids)}
+    scores = np.full(len(landmark_ids), np.nan)
+    for row, (lid, value) in enumerate(zip(table["landmark_id"].str.strip(), table["difficulty"]), start=2):
+        if lid not in position:
+            raise ValueError(f"{path}, line {row}: landmark_id {lid!r} is not a class of the training data")
+        try:
+            score = float(value)
+        except ValueError:
+            raise ValueError(f"{path}, line {row}: difficulty {value!r} is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{path}, line {row}: difficulty {value!r} is not finite")
+        if not np.isnan(scores[position[lid]]):
+            raise ValueError(f"{path}, line {row}: landmark_id {lid!r} is listed twice")
+        scores[position[lid]] = score
+    unlisted = [landmark_ids[i] for i in np.flatnonzero(np.isnan(scores))]
+    if unlisted:
+        raise ValueError(f"{path}: {len(unlisted)} classes have no difficulty, e.g. {unlisted[:5]}")
+    return scores
+
+
+class Curriculum(Callback):
+    """Stage-wise class curriculum with weight imprinting; resumable. See the module docstring.
+
+    Args:
+        stages: the stages, in order.
+        difficulty: how classes are ranked: ``size`` (more images = easier), ``accuracy``
+            (leave-one-out 1-NN accuracy of the current model on a sample of each class,
+            re-ranked at every stage start, so the model at the end of a stage picks the next
+            classes), or ``file`` (``difficulty_file``).
+        difficulty_file: CSV ``landmark_id,difficulty``, lower = easier.
+        imprint: initialise newly activated classes' weights/centers at their mean embedding.
+        images_per_class: images per class embedded for accuracy ranking and imprinting
+            (a fixed, seeded sample; bounds the cost on classes with thousands of images).
+        batch_size: batch size of those embedding passes.
+        seed: seed of that sample.
+    """
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        difficulty: Difficulty = "size",
+        difficulty_file: str | None = None,
+        imprint: bool = True,
+        images_per_class: int = 8,
+        batch_size: int = 128,
+        seed: int = 0,
+    ):
+        if not stages:
+            raise ValueError("a curriculum needs at least one stage")
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            if stage.epochs is not None and stage.steps is not None:
+                raise ValueError(f"stage {i}: give epochs or steps, not both")
+            if not last and stage.epochs is None and stage.steps is None:
+                raise ValueError(f"stage {i}: only the last stage may leave its length open")
+            if (stage.epochs is not None and stage.epochs < 1) or (stage.steps is not None and stage.steps < 1):
+                raise ValueError(f"stage {i}: length must be ≥ 1")
+            if stage.class_count is None and not 0.0 < stage.class_share <= 1.0:
+                raise ValueError(f"stage {i}: class_share must be in (0, 1], got {stage.class_share}")
+            if stage.class_count is not None and stage.class_count < 1:
+                raise ValueError(f"stage {i}: class_count must be ≥ 1")
+            if stage.nonlandmark_share is not None and not 0.0 <= stage.nonlandmark_share < 1.0:
+                raise ValueError(f"stage {i}: nonlandmark_share must be in [0, 1)")
+            if stage.lr != "keep" and not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
+                raise ValueError(f"stage {i}: lr must be 'keep' or a positive factor, got {stage.lr!r}")
+        if difficulty not in ("size", "accuracy", "file"):
+            raise ValueError(f"difficulty must be size, accuracy or file, got {difficulty!r}")
+        if (difficulty == "file") != (difficulty_file is not None):
+            raise ValueError("difficulty_file is needed with difficulty: file, and only then")
+        self.difficulty = difficulty
+        self.difficulty_file = difficulty_file
+        self.imprint = imprint
+        self.images_per_class = images_per_class
+        self.batch_size = batch_size
+        self.seed = seed
+        # State saved in checkpoints.
+        self.stage_index = -1
+        self.stage_start_epoch = 0
+        self.stage_start_step = 0
+        self.order: list[int] = []
+        self.active: list[int] = []
+        self.base_lrs: list[float] | None = None
+        self.history: list[dict] = []
+        self._restored = False
+
+    # ---- checkpointing ---------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return "Curriculum"
+
+    def state_dict(self) -> dict:
+        # Plain lists and numbers only: checkpoints load with weights_only=True.
+        return {
+            "stage_index": self.stage_index,
+            "stage_start_epoch": self.stage_start_epoch,
+            "stage_start_step": self.stage_start_step,
+            "order": list(self.order),
+            "active": list(self.active),
+            "base_lrs": None if self.base_lrs is None else list(self.base_lrs),
+            "history": list(self.history),
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = [Stage(**s) for s in state["stages"]]
+        if saved != self.stages:
+            raise ValueError(
+                "the checkpoint was trained with other curriculum stages; resume with the same curriculum "
+                f"(saved: {state['stages']})"
+            )
+        self.stage_index = int(state["stage_index"])
+        self.stage_start_epoch = int(state["stage_start_epoch"])
+        self.stage_start_step = int(state["stage_start_step"])
+        self.order = [int(c) for c in state["order"]]
+        self.active = [int(c) for c in state["active"]]
+        self.base_lrs = state["base_lrs"]
+        self.history = list(state["history"])
+        self._restored = self.stage_index >= 0
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "set_training_classes"):
+            raise TypeError("Curriculum needs a data module with set_training_classes (LandmarkDataModule)")
+        needed = datamodule.hparams.classes_per_batch * trainer.world_size
+        for i, s in enumerate(self.stages):
+            count = self._class_count(s, datamodule.num_classes)
+            if count < needed:
+                raise ValueError(
+                    f"curriculum stage {i} activates {count} classes, but a global batch needs {needed} distinct "
+                    f"classes (classes_per_batch × devices); raise its class_share/class_count"
+                )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored:
+            # Weights, centers and optimizer state come from the checkpoint; only the switches
+            # that are not saved there (loss mask, data module's class set) are set again.
+            self._apply(trainer, pl_module, self.stages[self.stage_index])
+            log.info("curriculum resumed in stage %d with %d active classes", self.stage_index, len(self.active))
+        else:
+            self._enter_stage(0, trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        while self.stage_index + 1 < len(self.stages) and self._stage_over(trainer):
+            self._enter_stage(self.stage_index + 1, trainer, pl_module)
+        stage = self.stages[self.stage_index]
+        pl_module.log_dict(
+            {
+                "curriculum/stage": float(self.stage_index),
+                "curriculum/active_classes": float(len(self.active)),
+                "curriculum/nonlandmark_share": float(self._nonlandmark_share(trainer, stage)),
+            },
+            on_step=False,
+            on_epoch=True,
+        )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        stage = self.stages[self.stage_index]
+        if stage.lr == "keep" or stage.warmup_steps <= 0 or self.base_lrs is None:
+            return
+        done = trainer.global_step - self.stage_start_step
+        if done < stage.warmup_steps:
+            self._set_lr(trainer, float(stage.lr) * (done + 1) / stage.warmup_steps)
+
+    # ---- stage logic -----------------------------------------------------------------------
+
+    def _stage_over(self, trainer: pl.Trainer) -> bool:
+        stage = self.stages[self.stage_index]
+        if stage.epochs is not None:
+            return trainer.current_epoch >= self.stage_start_epoch + stage.epochs
+        if stage.steps is not None:
+            return trainer.global_step >= self.stage_start_step + stage.steps
+        return False
+
+    @staticmethod
+    def _class_count(stage: Stage, num_classes: int) -> int:
+        if stage.class_count is not None:
+            return min(stage.class_count, num_classes)
+        return max(1, min(num_classes, math.ceil(stage.class_share * num_classes - 1e-9)))
+
+    @staticmethod
+    def _nonlandmark_share(trainer: pl.Trainer, stage: Stage) -> float:
+        if stage.nonlandmark_share is not None:
+            return stage.nonlandmark_share
+        return float(trainer.datamodule.hparams.nonlandmark_share)
+
+    def _enter_stage(self, index: int, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self.stages[index]
+        datamodule = trainer.datamodule
+        num_classes = datamodule.num_classes
+        if self.base_lrs is None and trainer.optimizers:
+            self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in trainer.optimizers[0].param_groups]
+
+        sample = None
+        if self.difficulty == "accuracy":
+            # The current model (the one at the end of the previous stage) ranks every class.
+            sample = self._embed_sample(trainer, pl_module)
+        if self.difficulty == "accuracy" or not self.order:
+            self.order = self._rank(trainer, sample, num_classes)
+
+        target = self._class_count(stage, num_classes)
+        active = set(self.active)
+        if target < len(active):
+            log.warning("curriculum stage %d asks for %d classes but %d are active already; the set never shrinks", index, target, len(active))
+        for c in self.order:
+            if len(active) >= target:
+                break
+            active.add(c)
+        new = sorted(active - set(self.active))
+        self.active = sorted(active)
+
+        loss = pl_module.loss
+        if self.imprint and new and loss.class_weight_matrix() is not None:
+            if sample is None:
+                sample = self._embed_sample(trainer, pl_module, classes=new)
+            loss.imprint(torch.tensor(new), self._class_means(trainer, sample, new, loss.embedding_size))
+        if stage.lr != "keep" and self.base_lrs is not None and index > 0:
+            start = float(stage.lr) / stage.warmup_steps if stage.warmup_steps > 0 else float(stage.lr)
+            self._set_lr(trainer, start)
+
+        self.stage_index = index
+        self.stage_start_epoch = trainer.current_epoch
+        self.stage_start_step = trainer.global_step
+        self._apply(trainer, pl_module, stage)
+        record = {
+            "stage": index, "epoch": trainer.current_epoch, "step": trainer.global_step,
+            "active_classes": len(self.active), "new_classes": len(new),
+            "nonlandmark_share": self._nonlandmark_share(trainer, stage),
+        }
+        self.history.append(record)
+        log.info("curriculum: %s", record)
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        pl_module.loss.set_active_classes(torch.tensor(self.active, dtype=torch.long))
+        trainer.datamodule.set_training_classes(self.active, self._nonlandmark_share(trainer, stage))
+
+    def _set_lr(self, trainer: pl.Trainer, factor: float) -> None:
+        for group, base in zip(trainer.optimizers[0].param_groups, self.base_lrs):
+            group["lr"] = factor * base
+
+    def _rank(self, trainer: pl.Trainer, sample, num_classes: int) -> list[int]:
+        datamodule = trainer.datamodule
+        if self.difficulty == "size":
+            sizes = np.bincount(datamodule.db_labels, minlength=num_classes).astype(np.float64)
+            order = order_by_scores(sizes)
+        elif self.difficulty == "file":
+            scores = read_difficulty_file(self.difficulty_file, datamodule.class_map.to_list())
+            order = order_by_scores(-scores, np.bincount(datamodule.db_labels, minlength=num_classes))
+        else:
+            embeddings, labels = sample
+            accuracy, compactness = class_accuracy_scores(embeddings.numpy(), labels.numpy(), num_classes)
+            order = order_by_scores(accuracy, compactness)
+        # Every rank computed the same order from the same data; rank 0's copy is the one used,
+        # so a last-bit difference in a gathered float can never split the ranks.
+        return [int(c) for c in trainer.strategy.broadcast(order, src=0)]
+
+    def _sample_indices(self, labels: np.ndarray, classes: list[int] | None = None) -> np.ndarray:
+        """A fixed, seeded sample of at most ``images_per_class`` gallery images per class."""
+        rng = np.random.default_rng(self.seed)
+        order = rng.permutation(len(labels))
+        if classes is not None:
+            order = order[np.isin(labels[order], classes)]
+        by_class = order[np.argsort(labels[order], kind="stable")]
+        starts = np.searchsorted(labels[by_class], np.unique(labels[by_class]))
+        ends = np.append(starts[1:], len(by_class))
+        picks = [by_class[s : min(e, s + self.images_per_class)] for s, e in zip(starts, ends)]
+        return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+    @torch.no_grad()
+    def _embed_sample(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, classes: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (eval transform, eval mode) of the class sample, gathered over all ranks."""
+        dataset = trainer.datamodule.eval_dataset("gallery")
+        positions = self._sample_indices(dataset.labels, classes)
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = positions[rank::world]
+        loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.batch_size, shuffle=False,
+                            num_workers=trainer.datamodule.hparams.num_workers)
+        accumulator = EmbeddingAccumulator(expected_size=len(positions))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            offset = 0
+            for batch in loader:
+                images = batch["image"].to(pl_module.device)
+                with trainer.precision_plugin.forward_context():
+                    embeddings = pl_module(images).float()
+                n = len(images)
+                # Subset renumbers items; the accumulator needs positions in the *sample*.
+                sample_pos = torch.as_tensor(np.searchsorted(positions, mine[offset : offset + n]))
+                accumulator.update(embeddings, sample_pos, label=batch["label"], valid=batch["valid"])
+                offset += n
+            embeddings, extras = accumulator.compute()
+        finally:
+            pl_module.train(was_training)
+        valid = extras["valid"].bool()
+        return embeddings[valid], extras["label"][valid]
+
+    def _class_means(self, trainer: pl.Trainer, sample, classes: list[int], dim: int) -> torch.Tensor:
+        embeddings, labels = sample
+        means = torch.zeros(len(classes), dim)
+        for row, c in enumerate(classes):
+            rows = embeddings[labels == c]
+            if len(rows):
+                means[row] = torch.nn.functional.normalize(rows.mean(dim=0), dim=0)
+        missing = [c for row, c in enumerate(classes) if not means[row].any()]
+        if missing:
+            raise RuntimeError(f"cannot imprint classes {missing[:5]}: none of their sampled images could be read")
+        return trainer.strategy.broadcast(means, src=0)
