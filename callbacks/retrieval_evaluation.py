@@ -12,11 +12,13 @@ Logged names are ``<stage>/<metric>`` with ``<stage>`` = ``val`` or ``test`` and
 documented in :mod:`retrieval.metrics` (e.g. ``val/recall@fpr=1e-03``), plus
 ``<stage>/unreadable`` (evaluation images skipped because they could not be decoded).
 Plots — the precision–FPR curve and the top-1 score histograms — go to wandb as images when a
-WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files.
+WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files, with the curve's
+points in ``<tag>_epoch<NNN>_precision_fpr.csv`` (threshold, fpr, precision, recall).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from pathlib import Path
@@ -212,6 +214,15 @@ class RetrievalEvaluation(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{stage}/{name}", images=[str(target)], step=trainer.global_step)
+        # The curve as numbers too, so `landmarks compare` can overlay runs without wandb.
+        curve = result.curve()
+        target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_precision_fpr.csv"
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["threshold", "fpr", "precision", "recall"])
+            writer.writerows(zip(*(np.asarray(a).tolist() for a in (curve.thresholds, curve.fpr, curve.precision, curve.recall))))
+        os.replace(tmp, target)
 
     @property
     def last_metrics(self) -> dict | None:

@@ -3,18 +3,41 @@
 The number of classes is linked from the data module into the model (``link_arguments`` at
 instantiation), so no YAML file ever hard-codes it. YAML files may use OmegaConf interpolation
 (``${data.image_size}``).
+
+Sweeps (``landmarks sweep``, ``wandb agent``) pass every parameter as ``--key=value``, so a
+parameter that selects configuration files is passed as ``--config.<slot>=FILE`` (or a list of
+files): :func:`expand_config_arguments` turns these into ``--config=FILE`` arguments placed
+right after the leading ``--config`` files, in slot-name order, before any other override —
+whatever order the sweep agent used. wandb conventions (group, tags, logged config and summary)
+come from :mod:`callbacks.wandb_conventions`.
 """
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import re
+import sys
 
+import yaml
 from jsonargparse import set_parsing_settings
 from pytorch_lightning.cli import LightningCLI
 
+from callbacks.wandb_conventions import (
+    WandbConventions,
+    apply_wandb_conventions,
+    is_wandb_logger,
+    run_dir_from_env,
+    run_identity,
+    wandb_available,
+)
 from datamodules import LandmarkDataModule
 from lightning_modules import LandmarkModule
+
+log = logging.getLogger(__name__)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_CONFIG_SLOT = re.compile(r"^--config\.([A-Za-z0-9_-]+)(?:=(.*))?$", re.DOTALL)
 
 
 def wandb_is_configured() -> bool:
@@ -32,6 +55,72 @@ def choose_wandb_mode() -> str:
     if "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "online" if wandb_is_configured() else "offline"
     return os.environ["WANDB_MODE"]
+
+
+def _config_files(value: str, where: str) -> list[str]:
+    """One path, a YAML/Python list of paths (how wandb prints a list), or none (``None``/``null``/empty)."""
+    text = value.strip()
+    if text in ("", "None", "null", "~"):
+        return []
+    if text.startswith("["):
+        try:
+            files = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{where}: cannot read the list of config files {value!r}: {err}") from None
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise ValueError(f"{where}: expected a list of config file paths, got {value!r}")
+        return files
+    return [text]
+
+
+def expand_config_arguments(args: list[str]) -> list[str]:
+    """Turn sweep-style config arguments into LightningCLI ``--config`` arguments.
+
+    * ``--config.<slot>=FILE`` or ``--config.<slot>=[A, B]`` → ``--config=FILE`` / ``--config=A
+      --config=B``, moved to just after the subcommand and the leading ``--config`` arguments,
+      sorted by slot name (a sweep agent may pass parameters in any order; files must load
+      before overrides such as ``--trainer.max_epochs=2``, which they would otherwise reset).
+    * ``--config=[A, B]`` (a list-valued ``config`` parameter) → ``--config=A --config=B`` in place.
+    """
+    rest: list[str] = []
+    slots: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        match = _CONFIG_SLOT.match(token) if isinstance(token, str) else None
+        if match:
+            slot, value = match.group(1), match.group(2)
+            if value is None:
+                if i + 1 >= len(args):
+                    raise ValueError(f"{token} needs a value (a config file or a list of them)")
+                i += 1
+                value = args[i]
+            if slot in slots:
+                raise ValueError(f"--config.{slot} is given twice")
+            slots[slot] = _config_files(value, f"--config.{slot}")
+        elif isinstance(token, str) and token.startswith("--config=") and token[len("--config="):].lstrip().startswith("["):
+            rest += [f"--config={f}" for f in _config_files(token[len("--config="):], "--config")]
+        else:
+            rest.append(token)
+        i += 1
+    if not slots:
+        return rest
+    at = 1 if rest and rest[0] in SUBCOMMANDS else 0
+    while at < len(rest):
+        if rest[at] in ("--config", "-c"):
+            at += 2
+        elif rest[at].startswith("--config="):
+            at += 1
+        else:
+            break
+    files = [f"--config={f}" for slot in sorted(slots) for f in slots[slot]]
+    return rest[:at] + files + rest[at:]
+
+
+def _logger_entries(logger_config) -> list:
+    if logger_config is None or isinstance(logger_config, bool):
+        return []
+    return list(logger_config) if isinstance(logger_config, (list, tuple)) else [logger_config]
 
 
 # Under subcommands the config root is `fit.`/`validate.`; this keeps `${trainer.max_epochs}` in
@@ -54,5 +143,42 @@ class LandmarkCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        if args is None:
+            expanded = expand_config_arguments(sys.argv[1:])
+            args = expanded if expanded != sys.argv[1:] else None
+        elif isinstance(args, (list, tuple)):
+            args = expand_config_arguments(list(args))
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         choose_wandb_mode()
+        config = self.config.get(str(self.subcommand), self.config)
+        trainer = config.trainer
+        run_dir = run_dir_from_env()
+        if run_dir is not None:
+            # One folder per sweep run: every logger and the default root go there.
+            trainer.default_root_dir = str(run_dir)
+            for entry in _logger_entries(trainer.logger):
+                if hasattr(entry.init_args, "save_dir"):
+                    entry.init_args.save_dir = str(run_dir)
+        entries = _logger_entries(trainer.logger)
+        wandb_entries = [e for e in entries if is_wandb_logger(e)]
+        if wandb_entries and not wandb_available():
+            log.warning("wandb is not installed: the WandbLogger is left out (the other loggers still log)")
+            kept = [e for e in entries if not is_wandb_logger(e)]
+            trainer.logger = kept if kept else False
+            wandb_entries = []
+        self._wandb_identity = None
+        if wandb_entries:
+            self._wandb_identity = run_identity(config)
+            for entry in wandb_entries:
+                apply_wandb_conventions(entry, self._wandb_identity, sweep=os.environ.get("LANDMARKS_SWEEP"))
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if getattr(self, "_wandb_identity", None) is not None:
+            config = self.config.get(str(self.subcommand), self.config)
+            resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+            trainer.callbacks.append(WandbConventions(resolved, self._wandb_identity))
+        return trainer

@@ -51,6 +51,9 @@ class CenterSoftmaxLoss(MetricLoss):
             non-landmark embeddings are pushed out of around every landmark center; ``None``
             disables the push term.
         nonlandmark_push_weight: Weight of the push term.
+        nonlandmark_center: The *unmodified* center loss, for ablations: non-landmarks are an
+            ordinary class with a center of their own (buffer ``nonlandmark_centroid``) that the
+            center term pulls them towards. The paper's modification is to leave this off.
     """
 
     centers: Tensor
@@ -65,8 +68,11 @@ class CenterSoftmaxLoss(MetricLoss):
         nonlandmark_class: bool = True,
         nonlandmark_margin: float | None = None,
         nonlandmark_push_weight: float = 0.1,
+        nonlandmark_center: bool = False,
     ) -> None:
         super().__init__(num_classes, embedding_size)
+        if nonlandmark_center and not nonlandmark_class:
+            raise ValueError("nonlandmark_center needs nonlandmark_class: true (a center belongs to a class)")
         if not 0.0 <= center_lr <= 1.0:
             raise ValueError(f"center_lr must lie in [0, 1], got {center_lr}")
         self.center_weight = center_weight
@@ -78,6 +84,9 @@ class CenterSoftmaxLoss(MetricLoss):
         num_outputs = num_classes + nonlandmark_class
         self.weight = torch.nn.Parameter(F.normalize(torch.randn(num_outputs, embedding_size), dim=1))
         self.register_buffer("centers", F.normalize(torch.randn(num_classes, embedding_size), dim=1))
+        self.nonlandmark_center = nonlandmark_center
+        if nonlandmark_center:
+            self.register_buffer("nonlandmark_centroid", F.normalize(torch.randn(1, embedding_size), dim=1))
 
     def _compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         embeddings = embeddings.to(self.weight.dtype)
@@ -95,7 +104,12 @@ class CenterSoftmaxLoss(MetricLoss):
         if targets.numel():
             loss = loss + F.cross_entropy(logits, targets)
 
-        if y_lm.numel():
+        if self.nonlandmark_center:
+            # Unmodified center loss: every image, non-landmarks included, is pulled to its center.
+            table = torch.cat([self.centers, self.nonlandmark_centroid])
+            diff = embeddings - table[torch.where(landmark, labels, self.num_classes)]
+            loss = loss + self.center_weight * 0.5 * diff.pow(2).sum(dim=1).mean()
+        elif y_lm.numel():
             # Indexing copies the centers' rows, so the in-place update below cannot invalidate
             # what autograd saved.
             diff = x_lm - self.centers[y_lm]
@@ -110,7 +124,10 @@ class CenterSoftmaxLoss(MetricLoss):
             loss = loss + self.nonlandmark_push_weight * push
 
         if self.training and self.center_lr > 0:
-            self._update_centers(x_lm.detach(), y_lm)
+            if self.nonlandmark_center:
+                self._update_centers(embeddings.detach(), torch.where(landmark, labels, self.num_classes))
+            else:
+                self._update_centers(x_lm.detach(), y_lm)
         return loss
 
     @torch.no_grad()
@@ -118,6 +135,8 @@ class CenterSoftmaxLoss(MetricLoss):
         """Wen et al.'s center update from this step's landmark embeddings (all ranks' under DDP)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             x, y = _all_gather_rows(x, y)
+        y_valid = y >= 0  # gathering pads with NONLANDMARK rows
+        x, y = x[y_valid], y[y_valid]
         if not y.numel():
             return
         present, inverse = torch.unique(y, return_inverse=True)
@@ -125,9 +144,13 @@ class CenterSoftmaxLoss(MetricLoss):
         # bit-identical centers from the identical gathered batch.
         onehot = F.one_hot(inverse, present.numel()).t().to(self.centers.dtype)
         sums, counts = onehot @ x.to(self.centers.dtype), onehot.sum(dim=1, keepdim=True)
-        old = self.centers[present]
+        table = torch.cat([self.centers, self.nonlandmark_centroid]) if self.nonlandmark_center else self.centers
+        old = table[present]
         # Σ_i (c_j - x_i) = n_j c_j - Σ_i x_i
-        self.centers[present] = old - self.center_lr * (counts * old - sums) / (1 + counts)
+        table[present] = old - self.center_lr * (counts * old - sums) / (1 + counts)
+        if self.nonlandmark_center:
+            self.centers.copy_(table[: self.num_classes])
+            self.nonlandmark_centroid.copy_(table[self.num_classes :])
 
     def class_weight_matrix(self) -> Tensor:
         """The landmark rows ``[num_classes, d]`` of the cosine classifier (centers: ``.centers``)."""

@@ -22,7 +22,7 @@ from datamodules.synth import SynthConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-LOSS_FILES = ["arcface.yaml", "center.yaml", "contrastive.yaml"]
+LOSS_FILES = ["arcface.yaml", "center.yaml", "center_plain.yaml", "contrastive.yaml"]
 LANDMARKS = str(Path(sys.executable).parent / "landmarks")
 
 

@@ -155,6 +155,27 @@ def test_center_update_follows_wen_et_al_rule():
     assert torch.equal(loss_fn.centers[[1, 3]], c[[1, 3]])
 
 
+def test_unmodified_center_loss_pulls_nonlandmarks_to_a_center_of_their_own():
+    # The ablation baseline: non-landmarks are an ordinary class with a center (no modification).
+    alpha, lam = 0.5, 0.3
+    loss_fn = CenterSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, center_lr=alpha, center_weight=lam,
+                                nonlandmark_center=True, nonlandmark_margin=None).train()
+    c, z = loss_fn.centers.clone(), loss_fn.nonlandmark_centroid.clone()
+    x = random_unit(4).requires_grad_()
+    labels = torch.tensor([2, NONLANDMARK, NONLANDMARK, 0])
+    value = loss_fn(x, labels)
+    xd = x.detach()
+    logits = 16.0 * xd @ torch.nn.functional.normalize(loss_fn.weight.detach(), dim=1).t()
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([2, NUM_CLASSES, NUM_CLASSES, 0]))
+    pull = torch.stack([xd[0] - c[2], xd[1] - z[0], xd[2] - z[0], xd[3] - c[0]]).pow(2).sum(1).mean()
+    assert value.item() == pytest.approx((ce + lam * 0.5 * pull).item(), rel=1e-5)
+    expected_z = z[0] - alpha * ((z[0] - xd[1]) + (z[0] - xd[2])) / (1 + 2)
+    torch.testing.assert_close(loss_fn.nonlandmark_centroid[0], expected_z, rtol=0, atol=1e-7)
+    torch.testing.assert_close(loss_fn.centers[2], c[2] - alpha * (c[2] - xd[0]) / 2, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="needs nonlandmark_class"):
+        CenterSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, nonlandmark_class=False, nonlandmark_center=True)
+
+
 def test_centers_do_not_move_in_eval_mode():
     loss_fn = CenterSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE).eval()
     before = loss_fn.centers.clone()

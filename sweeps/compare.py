@@ -1,0 +1,485 @@
+"""``landmarks compare``: mean ± 95 % confidence interval over seeds, from the runs' CSV logs.
+
+Reads each run's Lightning ``metrics.csv`` (no wandb needed): the last logged value of every
+``<stage>/<metric>`` column is the run's final evaluation. Runs are grouped into configurations
+by their parameters minus the seed parameters (``seed_everything`` and any ``*.seed``); for a
+``landmarks sweep`` run the parameters come from its ``run.json``, for any other LightningCLI run
+folder from its ``config.yaml`` (grouped by the wandb group of :mod:`callbacks.wandb_conventions`).
+
+Per configuration and metric: the mean over its runs and the half-width of the two-sided 95 %
+Student-t interval, ``t(0.975, n-1) · s / √n`` with ``s`` the sample standard deviation; one
+run gives the mean and no interval. Written to the output folder:
+
+* ``summary.md`` — the table, the runs, what was excluded and why;
+* ``summary.csv`` — one row per configuration (``<metric> mean``, ``<metric> ci95``, ``<metric> std``);
+* ``runs.csv`` — one row per run;
+* ``summary.png`` — the chosen metric per configuration (mean, 95 % CI, each run), and, where
+  the evaluation callback saved the curve (``plots/*_precision_fpr.csv``), recall and precision
+  against the distractor FPR, averaged over each configuration's runs.
+
+Skip policy: runs whose ``run.json`` status is not ``ok`` (failed, interrupted, not run yet) are
+left out, counted in the log and listed in ``summary.md``. A run folder without a metrics file,
+or without a requested metric, is an error naming the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from sweeps.runner import PREVIOUS_ATTEMPTS, read_run_json
+from sweeps.spec import _short, is_seed_key, short_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = (
+    "recall@fpr=1e-03", "recall@fpr=1e-02", "precision@fpr=1e-03", "precision@fpr=1e-03,prior=0.01",
+    "p@1", "map@10", "gap",
+)
+_CURVE = re.compile(r"^(?P<tag>[a-z]+)_epoch(?P<epoch>\d+)_precision_fpr\.csv$")
+
+
+class CompareError(ValueError):
+    """Run folders that cannot be compared; the message names the folder or file."""
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: Path
+    parameters: dict[str, Any]
+    metrics: dict[str, float]
+    metrics_file: Path
+    epoch: int | None
+    curve_file: Path | None = None
+    status: str | None = None
+
+    @property
+    def seed_parameters(self) -> dict[str, Any]:
+        return {k: v for k, v in self.parameters.items() if is_seed_key(k)}
+
+    @property
+    def config_parameters(self) -> dict[str, Any]:
+        return {k: v for k, v in self.parameters.items() if not is_seed_key(k)}
+
+    @property
+    def config_key(self) -> str:
+        return json.dumps(self.config_parameters, sort_keys=True)
+
+
+@dataclass
+class Configuration:
+    label: str
+    parameters: dict[str, Any]
+    runs: list[RunRecord] = field(default_factory=list)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def find_metrics_file(run_dir: Path) -> Path:
+    if (run_dir / "metrics.csv").is_file():
+        return run_dir / "metrics.csv"
+    found = sorted(p for p in run_dir.rglob("metrics.csv")
+                   if not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
+    if not found:
+        raise CompareError(f"{run_dir}: no metrics.csv below this folder (is a pytorch_lightning.loggers.CSVLogger "
+                           "configured, and did the run evaluate?)")
+    if len(found) > 1:
+        listing = ", ".join(str(p.relative_to(run_dir)) for p in found)
+        raise CompareError(f"{run_dir}: several metrics.csv files ({listing}); pass the version folder you mean")
+    return found[0]
+
+
+def read_final_metrics(metrics_file: Path, stage: str = "val") -> tuple[dict[str, float], int | None]:
+    """The last logged value of every ``<stage>/...`` column, and the epoch of the last such row."""
+    prefix = f"{stage}/"
+    final: dict[str, float] = {}
+    epoch = None
+    with open(metrics_file, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in (reader.fieldnames or []) if c.startswith(prefix)]
+        for line, row in enumerate(reader, start=2):
+            seen = False
+            for column in columns:
+                text = (row.get(column) or "").strip()
+                if not text:
+                    continue
+                try:
+                    final[column[len(prefix):]] = float(text)
+                except ValueError:
+                    raise CompareError(f"{metrics_file}: line {line}, column {column}: {text!r} is not a number") from None
+                seen = True
+            if seen and (row.get("epoch") or "").strip():
+                epoch = int(float(row["epoch"]))
+    return final, epoch
+
+
+def _parameters_from_config(config_file: Path) -> dict[str, Any]:
+    from callbacks.wandb_conventions import run_identity
+
+    config = yaml.safe_load(config_file.read_text())
+    identity = run_identity(config)
+    return {"group": identity.group, "seed_everything": identity.seed}
+
+
+def find_curve_file(log_dir: Path, stage: str) -> Path | None:
+    """The precision–FPR curve of the run's last evaluation at this stage, if the callback saved one."""
+    tags = {stage: 1} if stage != "val" else {"val": 1, "validate": 0}  # the fit's own evaluation first
+    best, best_key = None, None
+    for path in (log_dir / "plots").glob("*_precision_fpr.csv"):
+        m = _CURVE.match(path.name)
+        if m and m["tag"] in tags:
+            key = (int(m["epoch"]), tags[m["tag"]])
+            if best_key is None or key > best_key:
+                best, best_key = path, key
+    return best
+
+
+def load_run(run_dir: str | Path, stage: str = "val") -> RunRecord:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CompareError(f"{run_dir}: not a folder")
+    record = read_run_json(run_dir)
+    metrics_file = find_metrics_file(run_dir)
+    if record is not None:
+        parameters = dict(record.get("parameters") or {})
+    elif (metrics_file.parent / "config.yaml").is_file():
+        parameters = _parameters_from_config(metrics_file.parent / "config.yaml")
+    else:
+        raise CompareError(f"{run_dir}: no run.json (from landmarks sweep) and no config.yaml next to "
+                           f"{metrics_file.name}: the run's parameters are unknown")
+    metrics, epoch = read_final_metrics(metrics_file, stage)
+    if not metrics:
+        raise CompareError(f"{metrics_file}: no '{stage}/' metrics logged (did the run reach an evaluation?)")
+    return RunRecord(name=run_dir.name, path=run_dir, parameters=parameters, metrics=metrics,
+                     metrics_file=metrics_file, epoch=epoch, curve_file=find_curve_file(metrics_file.parent, stage),
+                     status=(record or {}).get("status"))
+
+
+def sweep_run_dirs(sweep_dir: Path) -> tuple[list[Path], list[str]]:
+    """The run folders of a sweep (from sweep.json when present) and the names of runs never started."""
+    manifest = sweep_dir / "sweep.json"
+    if manifest.is_file():
+        names = [r["name"] for r in json.loads(manifest.read_text())["runs"]]
+    else:
+        names = sorted(p.name for p in sweep_dir.iterdir()
+                       if p.is_dir() and not p.name.startswith(".") and (p / "run.json").is_file())
+    if not names:
+        raise CompareError(f"{sweep_dir}: no runs (no sweep.json, and no subfolder with a run.json)")
+    present = [sweep_dir / n for n in names if (sweep_dir / n).is_dir()]
+    missing = [n for n in names if not (sweep_dir / n).is_dir()]
+    return present, missing
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, half-width of the two-sided Student-t interval, sample std); no interval for n = 1."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values")
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, None, None
+    std = float(x.std(ddof=1))
+    t = float(stats.t.ppf(0.5 + confidence / 2, df=x.size - 1))
+    return mean, t * std / math.sqrt(x.size), std
+
+
+# ---- grouping -----------------------------------------------------------------------------------
+
+
+def group_runs(runs: list[RunRecord]) -> tuple[list[Configuration], list[str], dict[str, Any]]:
+    """Configurations in first-seen order, the parameters that vary, and those common to all runs."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.config_parameters))
+    varying = [k for k in keys if len({json.dumps(r.config_parameters.get(k), sort_keys=True) for r in runs}) > 1]
+    common = {k: runs[0].config_parameters.get(k) for k in keys if k not in varying}
+    configs: dict[str, Configuration] = {}
+    for run in runs:
+        if run.config_key not in configs:
+            label = ", ".join(f"{short_key(k)}={_short(run.config_parameters.get(k))}" for k in varying) or "all runs"
+            configs[run.config_key] = Configuration(label=label, parameters=run.config_parameters)
+        configs[run.config_key].runs.append(run)
+    labels = [c.label for c in configs.values()]
+    if len(set(labels)) != len(labels):  # short forms collided: fall back to the full values
+        for c in configs.values():
+            c.label = ", ".join(f"{k}={json.dumps(c.parameters.get(k))}" for k in varying)
+    return list(configs.values()), varying, common
+
+
+def choose_metrics(runs: list[RunRecord], requested: Sequence[str] | None) -> list[str]:
+    if requested:
+        for metric in requested:
+            lacking = [r for r in runs if metric not in r.metrics]
+            if lacking:
+                raise CompareError(
+                    f"metric {metric!r} is missing in {len(lacking)} run(s), e.g. {lacking[0].metrics_file} "
+                    f"(it has: {', '.join(sorted(lacking[0].metrics))})")
+        return list(requested)
+    chosen = []
+    for metric in DEFAULT_METRICS:
+        have = [r for r in runs if metric in r.metrics]
+        if len(have) == len(runs):
+            chosen.append(metric)
+        elif have:
+            lacking = [r for r in runs if metric not in r.metrics]
+            raise CompareError(f"metric {metric!r} is logged by some runs but not by {lacking[0].metrics_file} "
+                               f"(and {len(lacking) - 1} more); these runs did not evaluate alike")
+        else:
+            log.info("compare: %s is logged by no run; left out", metric)
+    if not chosen:
+        raise CompareError(f"none of the default metrics ({', '.join(DEFAULT_METRICS)}) is logged by these runs; "
+                           "name some with --metric")
+    return chosen
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(mean: float, half: float | None, n: int) -> str:
+    return f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (n={n}, no CI)"
+
+
+def _seed_text(run: RunRecord) -> str:
+    return ", ".join(f"{short_key(k)}={v}" for k, v in run.seed_parameters.items()) or "-"
+
+
+@dataclass
+class Comparison:
+    configurations: list[Configuration]
+    metrics: list[str]
+    varying: list[str]
+    common: dict[str, Any]
+    excluded: list[tuple[str, str]]
+    stage: str
+
+    def stats(self, config: Configuration, metric: str) -> tuple[float, float | None, float | None]:
+        return mean_ci([r.metrics[metric] for r in config.runs])
+
+
+def summary_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["configuration", *comparison.varying, "n", "seeds"]
+    for metric in comparison.metrics:
+        header += [f"{metric} mean", f"{metric} ci95", f"{metric} std"]
+    writer.writerow(header)
+    for config in comparison.configurations:
+        row: list[Any] = [config.label, *[json.dumps(config.parameters.get(k)) if not isinstance(config.parameters.get(k), str)
+                                         else config.parameters.get(k) for k in comparison.varying],
+                          len(config.runs), "; ".join(_seed_text(r) for r in config.runs)]
+        for metric in comparison.metrics:
+            mean, half, std = comparison.stats(config, metric)
+            row += [repr(mean), "" if half is None else repr(half), "" if std is None else repr(std)]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def runs_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", "configuration", "seeds", "epoch", *comparison.metrics, "metrics_file"])
+    for config in comparison.configurations:
+        for run in config.runs:
+            writer.writerow([run.name, config.label, _seed_text(run), run.epoch,
+                             *[repr(run.metrics[m]) for m in comparison.metrics], str(run.metrics_file)])
+    return buffer.getvalue()
+
+
+def summary_markdown(comparison: Comparison, source: str, plot_name: str | None) -> str:
+    n_runs = sum(len(c.runs) for c in comparison.configurations)
+    lines = [f"# Comparison of {source}", ""]
+    lines.append(f"{n_runs} runs in {len(comparison.configurations)} configurations; the last `{comparison.stage}/` "
+                 "evaluation of each run. Cells: mean ± half-width of the two-sided 95 % confidence interval over "
+                 "the configuration's runs (seeds), Student t with n − 1 degrees of freedom; with n = 1 only the "
+                 "mean is given (no interval can be computed from one run).")
+    lines.append("")
+    if comparison.common:
+        lines.append("Common to all runs: " + ", ".join(f"`{k}={_short(v)}`" for k, v in comparison.common.items()) + ".")
+    seed_keys = sorted({k for c in comparison.configurations for r in c.runs for k in r.seed_parameters})
+    lines.append(f"Averaged over: {', '.join(f'`{k}`' for k in seed_keys) or 'nothing (no seed parameter)'}.")
+    lines.append("")
+    lines.append("| configuration | n | " + " | ".join(comparison.metrics) + " |")
+    lines.append("| --- | ---: | " + " | ".join("---:" for _ in comparison.metrics) + " |")
+    for config in comparison.configurations:
+        cells = [_fmt(*comparison.stats(config, m)[:2], len(config.runs)) for m in comparison.metrics]
+        lines.append(f"| {config.label} | {len(config.runs)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if plot_name:
+        lines += [f"![{plot_name}]({plot_name})", ""]
+    lines += ["## Runs", "", "| run | configuration | seeds | epoch | " + " | ".join(comparison.metrics) + " |",
+              "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in comparison.metrics) + " |"]
+    for config in comparison.configurations:
+        for run in config.runs:
+            lines.append(f"| {run.name} | {config.label} | {_seed_text(run)} | {run.epoch} | "
+                         + " | ".join(f"{run.metrics[m]:.3f}" for m in comparison.metrics) + " |")
+    lines.append("")
+    if comparison.excluded:
+        lines += [f"Excluded ({len(comparison.excluded)}):", ""]
+        lines += [f"- {name}: {why}" for name, why in comparison.excluded]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _curve_on_grid(path: Path, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and precision at each FPR of ``grid``: the operating point with the largest FPR ≤ it."""
+    data = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
+    data = np.atleast_1d(data)
+    fpr, recall, precision = data["fpr"], data["recall"], data["precision"]
+    ok = np.isfinite(fpr)
+    fpr, recall, precision = fpr[ok], recall[ok], precision[ok]
+    idx = np.searchsorted(fpr, grid, side="right") - 1
+    r = np.where(idx >= 0, recall[np.clip(idx, 0, None)], 0.0) if fpr.size else np.zeros_like(grid)
+    p = np.where(idx >= 0, precision[np.clip(idx, 0, None)], np.nan) if fpr.size else np.full_like(grid, np.nan)
+    return r, p
+
+
+def plot_comparison(comparison: Comparison, metric: str, target: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    configs = comparison.configurations
+    have_curves = all(r.curve_file is not None for c in configs for r in c.runs)
+    fig = Figure(figsize=(15 if have_curves else 7, max(3.0, 0.45 * len(configs) + 1.6)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3 if have_curves else 1, squeeze=False)[0]
+    ax = axes[0]
+    y = np.arange(len(configs))[::-1]
+    for yi, (i, config) in zip(y, enumerate(configs)):
+        values = [r.metrics[metric] for r in config.runs]
+        mean, half, _ = mean_ci(values)
+        color = f"C{i % 10}"
+        jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.plot(values, yi + jitter, "o", color=color, alpha=0.35, ms=4)
+        ax.errorbar([mean], [yi], xerr=None if half is None else [[half], [half]], fmt="D", color=color, capsize=4, ms=6)
+    ax.set_yticks(y, [c.label for c in configs], fontsize=8)
+    ax.set_xlabel(f"{comparison.stage}/{metric}")
+    ax.set_title("mean, 95 % CI (Student t) and each run", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    if have_curves:
+        n_d = min(r.metrics.get("n_distractors", np.nan) for c in configs for r in c.runs)
+        lo = 1.0 / n_d if np.isfinite(n_d) and n_d > 0 else 1e-4
+        grid = np.logspace(np.log10(lo), 0, 200)
+        for i, config in enumerate(configs):
+            curves = [_curve_on_grid(r.curve_file, grid) for r in config.runs]
+            recall = np.mean([c[0] for c in curves], axis=0)
+            with np.errstate(invalid="ignore"):
+                precision = np.nanmean(np.array([c[1] for c in curves]), axis=0) if curves else None
+            axes[1].step(grid, recall, where="post", color=f"C{i % 10}", label=config.label)
+            axes[2].step(grid, precision, where="post", color=f"C{i % 10}", label=config.label)
+        for a, name in ((axes[1], "recall"), (axes[2], "precision")):
+            a.set_xscale("log")
+            a.set_xlim(lo, 1.0)
+            a.set_ylim(-0.02, 1.02)
+            a.set_xlabel("false-positive rate on distractors")
+            a.set_ylabel(name)
+            a.set_title(f"{name} vs FPR (mean over each configuration's runs)", fontsize=10)
+            a.grid(True, which="both", alpha=0.3)
+        axes[1].legend(fontsize=7, loc="upper left")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, target)
+
+
+def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None, out: str | Path | None = None,
+            metrics: Sequence[str] | None = None, stage: str = "val", plot_metric: str | None = None,
+            plot: bool = True) -> Comparison:
+    """Read, group, summarise and write; returns the comparison (see the module docstring)."""
+    excluded: list[tuple[str, str]] = []
+    dirs = [Path(d) for d in run_dirs]
+    if sweep is not None:
+        sweep = Path(sweep)
+        if not sweep.is_dir():
+            raise CompareError(f"{sweep}: no such sweep folder")
+        present, missing = sweep_run_dirs(sweep)
+        dirs += present
+        excluded += [(name, "not run yet (no folder)") for name in missing]
+    if not dirs:
+        raise CompareError("nothing to compare: give run folders or --sweep DIR")
+    if out is None:
+        if sweep is None:
+            raise CompareError("give --out DIR when comparing run folders (with --sweep the summary goes into the sweep)")
+        out = sweep
+    out = Path(out)
+
+    runs: list[RunRecord] = []
+    for d in dirs:
+        if d.name == PREVIOUS_ATTEMPTS:
+            continue
+        record = read_run_json(d) if d.is_dir() else None
+        if record is not None and record.get("status") != "ok":
+            excluded.append((d.name, f"status {record.get('status')!r}, exit code {record.get('exit_code')}"))
+            continue
+        runs.append(load_run(d, stage))
+    if excluded:
+        log.warning("compare: %d run(s) left out (not finished ok): %s", len(excluded), ", ".join(n for n, _ in excluded))
+    if not runs:
+        raise CompareError(f"no finished run to compare ({len(excluded)} left out: "
+                           + "; ".join(f"{n}: {w}" for n, w in excluded) + ")")
+    chosen = choose_metrics(runs, metrics)
+    configurations, varying, common = group_runs(runs)
+    comparison = Comparison(configurations, chosen, varying, common, excluded, stage)
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_name = None
+    if plot:
+        plot_metric = plot_metric or chosen[0]
+        if plot_metric not in chosen:
+            choose_metrics(runs, [plot_metric])  # a clear error if a run lacks it
+            comparison.metrics = chosen + [plot_metric]
+        plot_name = "summary.png"
+        plot_comparison(comparison, plot_metric, out / plot_name)
+    source = str(sweep) if sweep is not None else f"{len(dirs)} run folders"
+    _write_atomic(out / "summary.csv", summary_csv(comparison))
+    _write_atomic(out / "runs.csv", runs_csv(comparison))
+    _write_atomic(out / "summary.md", summary_markdown(comparison, source, plot_name))
+    return comparison
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="*", help="run folders (a sweep's run folders or LightningCLI log folders)")
+    parser.add_argument("--sweep", default=None, help="a `landmarks sweep` output folder: compare all its runs")
+    parser.add_argument("--out", default=None, help="where summary.md/.csv/.png go (default: the sweep folder)")
+    parser.add_argument("--metric", action="append", default=None,
+                        help=f"metric to tabulate, repeatable (default: those of {', '.join(DEFAULT_METRICS)} logged)")
+    parser.add_argument("--plot-metric", default=None, help="metric of the plot (default: the first metric)")
+    parser.add_argument("--stage", default="val", choices=("val", "test"), help="which evaluation (default val)")
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    try:
+        compare(args.run_dirs, sweep=args.sweep, out=args.out, metrics=args.metric,
+                             stage=args.stage, plot_metric=args.plot_metric)
+    except CompareError as err:
+        print(f"landmarks compare: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or args.sweep)
+    print((out / "summary.md").read_text())
+    print(f"written: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'runs.csv'}, {out / 'summary.png'}")
+    return 0

@@ -1,0 +1,396 @@
+"""Sweep files, the local runner (end to end, resume, parallel threads) and `landmarks compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cli.lightning_cli import expand_config_arguments
+from sweeps.compare import CompareError, compare, mean_ci
+from sweeps.runner import SweepRunner, available_cores
+from sweeps.spec import SweepError, load_sweep, parse_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two-sided 95 % Student-t quantiles t(0.975, df), from a t table.
+T975 = {1: 12.706204736174698, 2: 4.302652729749464}
+
+
+# ---- sweep files --------------------------------------------------------------------------------
+
+
+def test_grid_is_the_product_in_file_order_and_count_caps_it():
+    spec = parse_sweep({"method": "grid", "command": ["prog", "${args}"], "parameters": {
+        "a": {"values": [1, 2]}, "b": {"value": "x"}, "c": {"values": [True, False]}}})
+    runs = spec.expand()
+    assert [r.parameters for r in runs] == [
+        {"a": 1, "b": "x", "c": True}, {"a": 1, "b": "x", "c": False},
+        {"a": 2, "b": "x", "c": True}, {"a": 2, "b": "x", "c": False}]
+    assert len({r.name for r in runs}) == 4 and runs[0].name.startswith("a=1-c=True-")
+    assert [r.parameters for r in spec.expand(count=3)] == [r.parameters for r in runs[:3]]
+
+
+def test_random_search_is_deterministic_for_a_seed_and_respects_the_distributions():
+    raw = {"method": "random", "count": 50, "command": ["prog", "${args}"], "parameters": {
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
+        "epochs": {"min": 2, "max": 5},  # inferred int_uniform
+        "drop": {"min": 0.0, "max": 0.5},  # inferred uniform
+        "width": {"distribution": "q_uniform", "min": 0, "max": 100, "q": 10},
+        "loss": {"values": ["a", "b"], "probabilities": [0.9, 0.1]},
+        "seed_everything": {"value": 7}}}
+    spec = parse_sweep(raw)
+    first, again, other = spec.expand(sample_seed=0), spec.expand(sample_seed=0), spec.expand(sample_seed=1)
+    assert [r.parameters for r in first] == [r.parameters for r in again]
+    assert [r.name for r in first] == [r.name for r in again]
+    assert [r.parameters for r in first] != [r.parameters for r in other]
+    for run in first:
+        p = run.parameters
+        assert 1e-4 <= p["lr"] <= 1e-1 and isinstance(p["epochs"], int) and 2 <= p["epochs"] <= 5
+        assert 0.0 <= p["drop"] <= 0.5 and p["width"] % 10 == 0 and isinstance(p["width"], int)
+        assert p["seed_everything"] == 7
+    assert 35 <= sum(r.parameters["loss"] == "a" for r in first) <= 50  # 0.9 of 50 draws
+    assert len(spec.expand(count=5)) == 5
+    with pytest.raises(SweepError, match="method random needs a run count"):
+        parse_sweep({k: v for k, v in raw.items() if k != "count"}).expand()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"method": "bayes", "parameters": {"a": {"values": [1]}}}, r"method must be grid or random, got 'bayes' \(bayes needs the wandb server"),
+    ({"method": "grid", "parameters": {"lr": {"min": 0.1, "max": 1.0}}}, r"grid search needs 'values' or 'value'.*parameters.lr \(uniform\)"),
+    ({"method": "grid", "parameters": {"a": {"vaules": [1, 2]}}}, r"parameters.a: needs 'value', 'values', 'min'\+'max'"),
+    ({"method": "grid", "parameters": {"a": {"values": [1], "step": 2}}}, r"parameters.a: unknown or unused key\(s\) step"),
+    ({"method": "grid", "parameters": {"a": {"values": []}}}, r"parameters.a: 'values' must be a non-empty list"),
+    ({"method": "grid", "parameters": {"a": {"distribution": "beta", "min": 0, "max": 1}}}, r"parameters.a: distribution 'beta' is not supported"),
+    ({"method": "random", "parameters": {"a": {"values": [1, 2], "probabilities": [0.5, 0.6]}}}, r"parameters.a: 'probabilities' must be 2 non-negative numbers summing to 1"),
+    ({"method": "grid", "parameters": {"a": {"parameters": {"b": {"value": 1}}}}}, r"parameters.a: nested parameters are not supported"),
+    ({"method": "grid", "paramters": {"a": {"value": 1}}}, r"unknown top-level key\(s\) paramters"),
+    ({"method": "grid", "parameters": {"a": {"value": 1}}}, r"command uses \$\{program\} \(the wandb default command does\) but 'program' is missing"),
+    ({"method": "grid", "command": ["x", "${argz}"], "parameters": {"a": {"value": 1}}}, r"command: unknown macro \$\{argz\}"),
+    ({"method": "grid", "command": ["x"], "count": 2, "run_cap": 3, "parameters": {"a": {"value": 1}}}, r"count \(2\) and run_cap \(3\) disagree"),
+    ({"method": "grid", "command": ["x"], "parameters": {"a b": {"value": 1}}}, r"parameter name 'a b' must be an option name"),
+    (["method", "grid"], r"a sweep file is a YAML mapping"),
+])
+def test_bad_sweep_files_get_clear_errors(raw, message, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepError, match=message) as info:
+        load_sweep(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_unreadable_sweep_file_is_named(tmp_path):
+    (tmp_path / "broken.yaml").write_text("method: grid\nparameters: [\n")
+    with pytest.raises(SweepError, match=r"broken.yaml: not valid YAML"):
+        load_sweep(tmp_path / "broken.yaml")
+    with pytest.raises(SweepError, match=r"missing.yaml: cannot read the sweep file"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_command_macros_match_the_wandb_agent():
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    params = {"config.loss": ["experiments/a.yaml", "experiments/b.yaml"], "seed_everything": 3,
+              "model.lr": 0.001, "flag": False, "other": True, "none": None}
+    spec = parse_sweep({"method": "grid", "program": "train.py", "command": [
+        "${env}", "${interpreter}", "${program}", "--x=${y}", "${args}", "${args_no_hyphens}",
+        "${args_no_boolean_flags}", "${args_json}", "${args_no_equals}"],
+        "parameters": {k: {"value": v} for k, v in params.items()}})
+    run = spec.expand()[0]
+    agent = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    expected = (["/usr/bin/env", sys.executable, "train.py", "--x=${y}"] + agent["args"] + agent["args_no_hyphens"]
+                + agent["args_no_boolean_flags"] + agent["args_json"] + agent["args_no_equals"])
+    assert spec.command_for(run) == expected
+    assert "--config.loss=['experiments/a.yaml', 'experiments/b.yaml']" in expected
+
+
+def test_config_slots_become_config_files_before_the_overrides():
+    args = ["fit", "--config=base.yaml", "--trainer.max_epochs=2", "--config.zz_loss=loss.yaml",
+            "--config.curriculum=['cur.yaml', 'extra.yaml']", "--config.none=None", "--seed_everything=1"]
+    assert expand_config_arguments(args) == [
+        "fit", "--config=base.yaml", "--config=cur.yaml", "--config=extra.yaml", "--config=loss.yaml",
+        "--trainer.max_epochs=2", "--seed_everything=1"]
+    # A list-valued plain `config` is expanded in place; slots follow all leading config files.
+    assert expand_config_arguments(["fit", "-c", "a.yaml", "--config.x", "b.yaml", "--config=[c.yaml, d.yaml]"]) == [
+        "fit", "-c", "a.yaml", "--config=c.yaml", "--config=d.yaml", "--config=b.yaml"]
+    assert expand_config_arguments(["fit", "--config", "a.yaml"]) == ["fit", "--config", "a.yaml"]
+    with pytest.raises(ValueError, match=r"--config.x is given twice"):
+        expand_config_arguments(["--config.x=a.yaml", "--config.x=b.yaml"])
+    with pytest.raises(ValueError, match=r"--config.x: expected a list of config file paths"):
+        expand_config_arguments(["--config.x=[1, 2]"])
+
+
+# ---- the runner, with a stand-in program ---------------------------------------------------------
+
+# A real program, tiny and fast: writes a Lightning-format metrics.csv (two evaluations; the last
+# counts) and a curve, from its arguments; fails on purpose while FAIL_RUN matches its arguments.
+FAKE_PROGRAM = textwrap.dedent('''
+    import csv, json, os, sys
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    run_dir = os.environ["LANDMARKS_RUN_DIR"]
+    with open(os.path.join(os.environ["INVOCATIONS"], "calls.log"), "a") as f:
+        f.write(os.path.basename(run_dir) + "\\n")
+    with open(os.path.join(run_dir, "env.json"), "w") as f:
+        json.dump({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LANDMARKS_SWEEP")}, f)
+    print("fake run", args)
+    if os.environ.get("FAIL_RUN") and os.environ["FAIL_RUN"] in " ".join(sys.argv):
+        sys.exit(3)
+    loss = {"a.yaml": 0.50, "b.yaml": 0.30}[os.path.basename(args["config.loss"])]
+    recall = loss + 0.02 * int(args["seed_everything"])
+    log_dir = os.path.join(run_dir, "csv", "version_0")
+    os.makedirs(os.path.join(log_dir, "plots"))
+    with open(os.path.join(log_dir, "metrics.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "step", "train/loss", "val/recall@fpr=1e-03", "val/p@1", "val/n_distractors"])
+        w.writerow([0, 9, 1.5, "", "", ""])
+        w.writerow([0, 9, "", 0.01, 0.1, 1000])
+        w.writerow([1, 19, "", recall, 0.9, 1000])
+    with open(os.path.join(log_dir, "plots", "val_epoch001_precision_fpr.csv"), "w") as f:
+        f.write("threshold,fpr,precision,recall\\n0.9,0.0,1.0,0.1\\n0.5,0.001,0.9,%r\\n0.1,1.0,0.4,0.9\\n" % recall)
+''')
+
+
+def _fake_sweep(tmp_path: Path) -> Path:
+    (tmp_path / "fake.py").write_text(FAKE_PROGRAM)
+    sweep = {"name": "fake", "method": "grid", "program": str(tmp_path / "fake.py"),
+             "command": ["${interpreter}", "${program}", "${args}"],
+             "parameters": {"config.loss": {"values": ["cfg/a.yaml", "cfg/b.yaml"]},
+                            "seed_everything": {"values": [0, 1]}}}
+    path = tmp_path / "fake_sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    log = tmp_path / "calls.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def _summary_rows(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["configuration"]: row for row in csv.DictReader(f)}
+
+
+def test_sweep_runs_end_to_end_resumes_and_reruns_failures(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVOCATIONS", str(tmp_path))
+    monkeypatch.setenv("FAIL_RUN", "b.yaml --seed_everything=1")
+    spec = load_sweep(_fake_sweep(tmp_path))
+    out = tmp_path / "sweep"
+    outcomes = SweepRunner(spec, out, progress=False).run()
+    assert [o.status for o in outcomes] == ["ok", "ok", "ok", "failed"]
+    failed = out / outcomes[3].run.name
+    record = json.loads((failed / "run.json").read_text())
+    assert record["status"] == "failed" and record["exit_code"] == 3 and record["parameters"] == {
+        "config.loss": "cfg/b.yaml", "seed_everything": 1}
+    assert "fake run" in (failed / "output.log").read_text()
+    ok = json.loads((out / outcomes[0].run.name / "run.json").read_text())
+    assert ok["status"] == "ok" and ok["exit_code"] == 0 and ok["duration_s"] >= 0
+    assert ok["command"][0] == sys.executable and ok["command"][2:] == ["--config.loss=cfg/a.yaml", "--seed_everything=0"]
+    assert json.loads((out / "sweep.json").read_text())["runs"][3]["name"] == outcomes[3].run.name
+    assert len(_calls(tmp_path)) == 4
+
+    # Rerun: the three good runs are skipped, the failed one is set aside and runs again.
+    monkeypatch.delenv("FAIL_RUN")
+    before = {o.run.name: (out / o.run.name / "run.json").read_text() for o in outcomes[:3]}
+    again = SweepRunner(spec, out, progress=False).run()
+    assert [o.status for o in again] == ["skipped", "skipped", "skipped", "ok"]
+    assert _calls(tmp_path)[4:] == [outcomes[3].run.name]
+    assert {n: (out / n / "run.json").read_text() for n in before} == before
+    kept = out / ".previous-attempts" / f"{outcomes[3].run.name}.1"
+    assert json.loads((kept / "run.json").read_text())["status"] == "failed"
+
+    # A deleted run folder (and an interrupted one) run again; nothing else does.
+    import shutil
+
+    shutil.rmtree(out / outcomes[1].run.name)
+    interrupted = out / outcomes[2].run.name / "run.json"
+    interrupted.write_text(interrupted.read_text().replace('"status": "ok"', '"status": "running"'))
+    third = SweepRunner(spec, out, progress=False).run()
+    assert [o.status for o in third] == ["skipped", "ok", "ok", "skipped"]
+    assert sorted(_calls(tmp_path)[5:]) == sorted([outcomes[1].run.name, outcomes[2].run.name])
+
+    # compare: recall a = 0.50, 0.52; b = 0.30, 0.32 (the last evaluation counts, not the first).
+    comparison = compare(sweep=out)
+    rows = _summary_rows(out / "summary.csv")
+    assert set(rows) == {"loss=a", "loss=b"}
+    half = T975[1] * np.std([0.50, 0.52], ddof=1) / np.sqrt(2)  # = 12.706 · 0.01414 / 1.414 = 0.12706
+    assert float(rows["loss=a"]["recall@fpr=1e-03 mean"]) == pytest.approx(0.51)
+    assert float(rows["loss=a"]["recall@fpr=1e-03 ci95"]) == pytest.approx(half) == pytest.approx(0.127062, abs=1e-6)
+    assert float(rows["loss=b"]["recall@fpr=1e-03 mean"]) == pytest.approx(0.31)
+    assert float(rows["loss=a"]["p@1 mean"]) == pytest.approx(0.9) and rows["loss=a"]["p@1 ci95"] == "0.0"
+    assert rows["loss=a"]["n"] == "2" and rows["loss=a"]["seeds"] == "seed_everything=0; seed_everything=1"
+    assert comparison.metrics == ["recall@fpr=1e-03", "p@1"]
+    assert (out / "summary.png").stat().st_size > 10_000
+    assert "| loss=a | 2 | 0.510 ± 0.127 | 0.900 ± 0.000 |" in (out / "summary.md").read_text()
+
+
+def test_parallel_runs_share_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVOCATIONS", str(tmp_path))
+    spec = load_sweep(_fake_sweep(tmp_path))
+    outcomes = SweepRunner(spec, tmp_path / "sweep", parallel=2, progress=False).run()
+    assert [o.status for o in outcomes] == ["ok"] * 4
+    threads = str(max(1, available_cores() // 2))
+    for o in outcomes:
+        env = json.loads((tmp_path / "sweep" / o.run.name / "env.json").read_text())
+        assert env == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "LANDMARKS_SWEEP": "fake"}
+
+
+def test_sweep_command_line_dry_run_runs_nothing(tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.setenv("INVOCATIONS", str(tmp_path))
+    path = _fake_sweep(tmp_path)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "sweep"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs" in out and out.count("(to run)") == 4 and "--config.loss=cfg/b.yaml --seed_everything=1" in out
+    assert not (tmp_path / "sweep").exists() and _calls(tmp_path) == []
+    assert main(["sweep", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "nope.yaml: cannot read the sweep file" in capsys.readouterr().err
+
+
+# ---- compare, from hand-written CSV logs -------------------------------------------------------
+
+
+def _hand_run(root: Path, name: str, params: dict, recall: float | None, status: str = "ok",
+              extra_rows: list | None = None) -> Path:
+    run = root / name
+    log_dir = run / "csv" / "version_0"
+    log_dir.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"name": name, "parameters": params, "status": status,
+                                              "exit_code": 0 if status == "ok" else 1}))
+    with open(log_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "step", "train/loss", "val/recall@fpr=1e-03", "val/gap", "val/precision@fpr=1e-03,prior=0.01"])
+        w.writerow([0, 10, 2.0, "", "", ""])
+        w.writerow([0, 10, "", 0.05, 0.1, 0.2])  # an earlier evaluation: must not count
+        for row in extra_rows or []:
+            w.writerow(row)
+        if recall is not None:
+            w.writerow([2, 30, "", recall, recall / 2, 0.5])
+    return run
+
+
+def test_compare_hand_written_logs_mean_and_t_interval(tmp_path):
+    a = {"config.loss": "experiments/arcface.yaml", "data.image_size": 64}
+    b = {"config.loss": "experiments/center.yaml", "data.image_size": 64}
+    runs = [_hand_run(tmp_path, "a0", {**a, "seed_everything": 0}, 0.30),
+            _hand_run(tmp_path, "a1", {**a, "seed_everything": 1}, 0.40),
+            _hand_run(tmp_path, "a2", {**a, "seed_everything": 2}, 0.50),
+            _hand_run(tmp_path, "b0", {**b, "seed_everything": 0}, 0.20),
+            _hand_run(tmp_path, "b1", {**b, "seed_everything": 1}, None, status="failed")]
+    out = tmp_path / "summary"
+    comparison = compare(runs, out=out)
+    assert comparison.metrics == ["recall@fpr=1e-03", "precision@fpr=1e-03,prior=0.01", "gap"]
+    rows = _summary_rows(out / "summary.csv")
+    # a: mean 0.4, s = 0.1, half-width t(0.975, 2) · 0.1 / √3 = 4.3027 · 0.057735 = 0.248414
+    assert float(rows["loss=arcface"]["recall@fpr=1e-03 mean"]) == pytest.approx(0.4)
+    assert float(rows["loss=arcface"]["recall@fpr=1e-03 std"]) == pytest.approx(0.1)
+    assert float(rows["loss=arcface"]["recall@fpr=1e-03 ci95"]) == pytest.approx(T975[2] * 0.1 / np.sqrt(3))
+    assert float(rows["loss=arcface"]["recall@fpr=1e-03 ci95"]) == pytest.approx(0.248414, abs=1e-6)
+    assert float(rows["loss=arcface"]["gap mean"]) == pytest.approx(0.2)
+    # b: one finished run → the mean and no interval.
+    assert rows["loss=center"]["n"] == "1" and float(rows["loss=center"]["recall@fpr=1e-03 mean"]) == pytest.approx(0.2)
+    assert rows["loss=center"]["recall@fpr=1e-03 ci95"] == "" and rows["loss=center"]["recall@fpr=1e-03 std"] == ""
+    md = (out / "summary.md").read_text()
+    assert "| loss=arcface | 3 | 0.400 ± 0.248 | 0.500 ± 0.000 | 0.200 ± 0.124 |" in md
+    assert "| loss=center | 1 | 0.200 (n=1, no CI) |" in md
+    assert "Common to all runs: `data.image_size=64`" in md
+    assert "- b1: status 'failed', exit code 1" in md
+    with open(out / "runs.csv", newline="") as f:
+        per_run = list(csv.DictReader(f))
+    assert [r["run"] for r in per_run] == ["a0", "a1", "a2", "b0"] and per_run[0]["epoch"] == "2"
+    assert (out / "summary.png").is_file()  # no curve files: the metric panel only
+
+
+def test_mean_ci_matches_hand_values():
+    assert mean_ci([0.3, 0.4, 0.5]) == (pytest.approx(0.4), pytest.approx(0.2484138), pytest.approx(0.1))
+    assert mean_ci([0.7]) == (0.7, None, None)
+
+
+def test_compare_errors_name_the_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps({"parameters": {}, "status": "ok"}))
+    with pytest.raises(CompareError, match=r"empty: no metrics.csv below this folder"):
+        compare([empty], out=tmp_path / "o")
+    run = _hand_run(tmp_path, "r0", {"seed_everything": 0}, 0.3)
+    with pytest.raises(CompareError, match=r"metric 'p@1' is missing in 1 run\(s\), e.g. .*r0/csv/version_0/metrics.csv"):
+        compare([run], out=tmp_path / "o", metrics=["p@1"])
+    bad = _hand_run(tmp_path, "r1", {"seed_everything": 1}, 0.3, extra_rows=[[1, 20, "", "oops", "", ""]])
+    with pytest.raises(CompareError, match=r"r1/csv/version_0/metrics.csv: line 4, column val/recall@fpr=1e-03: 'oops'"):
+        compare([bad], out=tmp_path / "o")
+    with pytest.raises(CompareError, match=r"give --out DIR"):
+        compare([run])
+    only_failed = tmp_path / "sweep"
+    _hand_run(only_failed, "f", {"seed_everything": 0}, None, status="failed")
+    with pytest.raises(CompareError, match=r"no finished run to compare \(1 left out: f: status 'failed'"):
+        compare(sweep=only_failed)
+
+
+# ---- one real run: `landmarks fit` through the runner ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
+    """experiments/sweeps/smoke.yaml, cut to one run on the tiny world: config slot, run folder, compare."""
+    raw = yaml.safe_load((ROOT / "experiments" / "sweeps" / "smoke.yaml").read_text())
+    raw["parameters"]["data.data_dir"] = {"value": str(tiny_world)}
+    raw["parameters"]["config.loss"] = {"values": ["experiments/contrastive.yaml"]}
+    raw["parameters"]["seed_everything"] = {"values": [3]}
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "sweep"
+    outcomes = SweepRunner(load_sweep(path), out, progress=False, cwd=ROOT).run()
+    run_dir = out / outcomes[0].run.name
+    assert outcomes[0].status == "ok", (run_dir / "output.log").read_text()[-3000:]
+    config = yaml.safe_load(next(run_dir.rglob("config.yaml")).read_text())
+    assert config["model"]["loss"]["class_path"] == "losses.ContrastiveLoss"  # from the config slot
+    assert config["seed_everything"] == 3 and config["data"]["seed"] == 3  # ${..seed_everything}
+    assert config["trainer"]["default_root_dir"] == str(run_dir.resolve())
+    wandb_logger = config["trainer"]["logger"][1]["init_args"]
+    assert wandb_logger["save_dir"] == str(run_dir.resolve())
+    assert wandb_logger["group"] == "contrastive_no-curriculum_oracle-clean" and "sweep-smoke" in wandb_logger["tags"]
+    assert (run_dir / "contrastive" / "version_0" / "metrics.csv").is_file()
+    comparison = compare(sweep=out)
+    record = comparison.configurations[0].runs[0]
+    assert record.curve_file.name == "val_epoch000_precision_fpr.csv"
+    with open(record.curve_file, newline="") as f:
+        curve = list(csv.DictReader(f))
+    # Accepting every query (the lowest threshold): recall = share of correct top-1 = P@1.
+    assert float(curve[-1]["recall"]) == pytest.approx(record.metrics["p@1"], abs=1e-6)
+    assert [float(r["fpr"]) for r in curve] == sorted(float(r["fpr"]) for r in curve)
+    assert "(n=1, no CI)" in (out / "summary.md").read_text()
+
+
+def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
+    """Every configuration of the ablation resolves under LightningCLI to the loss and curriculum it names."""
+    from callbacks.wandb_conventions import run_identity
+    from cli.main import main
+
+    spec = load_sweep(ROOT / "experiments" / "sweeps" / "paper_ablation.yaml")
+    runs = spec.expand()
+    losses, curricula = spec.parameters["config.loss"].values, spec.parameters["config.curriculum"].values
+    assert len(runs) == 3 * len(losses) * len(curricula) and len({r.name for r in runs}) == len(runs)
+    for path in (*losses, *curricula):
+        assert (ROOT / path).is_file(), path
+    monkeypatch.chdir(ROOT)
+    groups = set()
+    for run in runs[: len(losses) * len(curricula)]:  # seed 0: each configuration once
+        command = spec.command_for(run)
+        assert command[:4] == ["/usr/bin/env", "landmarks", "fit", "--config=experiments/demo.yaml"]
+        with pytest.raises(SystemExit) as info:
+            main(command[2:] + ["--print_config"])
+        assert info.value.code in (0, None)
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["data"]["seed"] == config["seed_everything"] == 0
+        identity = run_identity(config)
+        assert identity.loss == Path(run.parameters["config.loss"]).stem
+        assert identity.curriculum == (Path(run.parameters["config.curriculum"]).stem == "curriculum")
+        groups.add(identity.group)
+    assert len(groups) == len(losses) * len(curricula)
