@@ -10,6 +10,7 @@ turns that into its documented skip policy.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -50,7 +51,10 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray
         with Image.open(path) as image:
             if max_side is not None and image.format == "JPEG":
                 # Decode straight at a reduced scale (≥ the requested size): far faster for big files.
-                image.draft("RGB", (max_side, max_side))
+                # The request keeps the aspect ratio: draft() only reduces while *both* sides stay
+                # at least as requested, so a square request never shrinks a landscape photo.
+                scale = max_side / max(image.size)
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
             image.load()
             image = ImageOps.exif_transpose(image)
             image = _to_rgb(image)
