@@ -1,0 +1,392 @@
+"""The recognition index artifact: a versioned directory, written atomically, with no pickle.
+
+Layout of an index directory (format version :data:`FORMAT_VERSION`)::
+
+    index.json            header: format + version, model identity and how to reload the model,
+                          calibrated threshold, build parameters, counts, file list
+    vectors.faiss         the FAISS index over the vectors (faiss.write_index)
+    vectors.npy           float32 [m, d] the indexed vectors themselves (exact; allow_pickle=False),
+                          so an approximate index can be rebuilt and a round trip checked
+    vector_landmark.npy   int64 [m] row of landmarks.json each vector stands for
+    vector_size.npy       int64 [m] gallery images summarised by each vector
+    landmarks.json        per landmark: landmark_id, name, city, lat, lon, n_images, n_centroids
+
+A directory is built under a temporary name next to the target and renamed into place, so a
+reader never sees half an index and a failed build leaves the previous index untouched.
+Loading checks the format name, the version and that every part agrees on the vector count and
+the embedding size; :meth:`LandmarkIndex.check_model` refuses embeddings from another model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import faiss
+import numpy as np
+
+from recognition.calibration import Calibration
+from recognition.centroids import CentroidSet
+from retrieval.index import build_index, search, validate_embeddings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "INDEX_KINDS", "IndexFormatError", "LandmarkIndex", "ModelMismatchError",
+    "landmark_metadata",
+]
+
+FORMAT = "landmark-recognition-index"
+FORMAT_VERSION = 1
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+HEADER = "index.json"
+_FILES = ("vectors.faiss", "vectors.npy", "vector_landmark.npy", "vector_size.npy", "landmarks.json")
+# Top-k landmarks need k * (vectors per landmark) neighbours to be exact; for a full-gallery
+# representation that can be thousands, so the search depth is capped.
+_MAX_SEARCH_DEPTH = 1024
+
+
+class IndexFormatError(ValueError):
+    """A directory is not a recognition index this code can read."""
+
+
+class ModelMismatchError(ValueError):
+    """Embeddings come from a model other than the one the index was built with."""
+
+
+def _faiss_index(vectors: np.ndarray, kind: str, params: dict) -> faiss.Index:
+    if kind in ("flat", "ivf", "hnsw"):
+        return build_index(vectors, kind=kind, **params)
+    if kind != "ivfpq":
+        raise ValueError(f"unknown index kind {kind!r}; expected one of {INDEX_KINDS}")
+    x = validate_embeddings(vectors, "index vectors")
+    n, d = x.shape
+    nlist = int(params.get("nlist") or max(1, min(int(round(4 * math.sqrt(n))), n // 39)))
+    pq_m = int(params.get("pq_m") or max(1, d // 16))
+    nbits = int(params.get("pq_bits", 8))
+    if d % pq_m:
+        raise ValueError(f"ivfpq: pq_m={pq_m} must divide the embedding size {d}")
+    if n < max(nlist, 2**nbits):
+        raise ValueError(
+            f"ivfpq needs at least max(nlist={nlist}, 2^pq_bits={2**nbits}) vectors to train, got {n}; "
+            "use the exact 'flat' index for an index this small"
+        )
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = int(params.get("seed", 1234))
+    index.train(x)
+    index.add(x)
+    index.nprobe = max(1, min(int(params.get("nprobe", 16)), nlist))
+    return index
+
+
+def _apply_search_params(index: faiss.Index, params: dict) -> None:
+    """Query-time settings that faiss.write_index does not keep (IVF nprobe, HNSW efSearch)."""
+    ivf = faiss.try_extract_index_ivf(index) if not isinstance(index, faiss.IndexFlat) else None
+    if ivf is not None:
+        ivf.nprobe = max(1, min(int(params.get("nprobe", 16)), ivf.nlist))
+    elif hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(params.get("ef_search", 128))
+
+
+def _write_json(path: pathlib.Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+@dataclass
+class LandmarkIndex:
+    """Landmark vectors with their FAISS index, metadata, model identity and threshold.
+
+    Attributes:
+        vectors: float32 ``[m, d]`` unit-norm rows (centroids, means or gallery embeddings).
+        vector_landmark: int64 ``[m]`` row of :attr:`landmarks` each vector belongs to.
+        vector_size: int64 ``[m]`` gallery images behind each vector.
+        landmarks: one dict per landmark: ``landmark_id, name, city, lat, lon, n_images, n_centroids``.
+        model: ``{"identity": ..., "key": ..., "source": ...}`` (``source`` says how to reload it).
+        calibration: the threshold and what it was calibrated for, or None (uncalibrated).
+        build: how the index was built (representation, clustering, index kind, inputs).
+        faiss_index: built from :attr:`vectors` with ``build["index_kind"]`` when not given.
+    """
+
+    vectors: np.ndarray
+    vector_landmark: np.ndarray
+    vector_size: np.ndarray
+    landmarks: list[dict]
+    model: dict
+    calibration: Calibration | None = None
+    build: dict = field(default_factory=dict)
+    faiss_index: faiss.Index | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.vectors = validate_embeddings(self.vectors, "index vectors")
+        self.vector_landmark = np.asarray(self.vector_landmark, dtype=np.int64)
+        self.vector_size = np.asarray(self.vector_size, dtype=np.int64)
+        m = len(self.vectors)
+        if m == 0:
+            raise ValueError("an index needs at least one vector")
+        if self.vector_landmark.shape != (m,) or self.vector_size.shape != (m,):
+            raise ValueError(
+                f"{m} vectors but {self.vector_landmark.shape} landmark rows and {self.vector_size.shape} sizes"
+            )
+        if self.vector_landmark.min() < 0 or self.vector_landmark.max() >= len(self.landmarks):
+            raise ValueError(f"vector_landmark must index the {len(self.landmarks)} landmarks")
+        size = int(self.model.get("identity", {}).get("embedding_size", self.vectors.shape[1]))
+        if size != self.vectors.shape[1]:
+            raise ValueError(f"model embedding size {size} != vector dimension {self.vectors.shape[1]}")
+        self.build.setdefault("index_kind", "flat")
+        self.build.setdefault("index_params", {})
+        if self.faiss_index is None:
+            self.faiss_index = _faiss_index(self.vectors, self.build["index_kind"], self.build["index_params"])
+        else:
+            _apply_search_params(self.faiss_index, self.build["index_params"])
+        if self.faiss_index.ntotal != m or self.faiss_index.d != self.vectors.shape[1]:
+            raise ValueError(
+                f"faiss index holds {self.faiss_index.ntotal} x {self.faiss_index.d} but there are "
+                f"{m} x {self.vectors.shape[1]} vectors"
+            )
+        self._max_per_landmark = int(np.bincount(self.vector_landmark).max())
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_centroids(
+        cls,
+        centroids: CentroidSet,
+        model: dict,
+        metadata: dict[str, dict] | None = None,
+        index_kind: str = "flat",
+        index_params: dict | None = None,
+        build: dict | None = None,
+    ) -> "LandmarkIndex":
+        """An (uncalibrated) index over ``centroids``.
+
+        ``metadata`` maps landmark id -> ``{name, city, lat, lon}`` (any subset; missing = None).
+        """
+        metadata = metadata or {}
+        per_landmark = centroids.centroids_per_landmark
+        landmarks = []
+        for row, landmark_id in enumerate(centroids.landmark_ids):
+            meta = metadata.get(landmark_id, {})
+            landmarks.append({
+                "landmark_id": landmark_id,
+                "name": meta.get("name") or None,
+                "city": meta.get("city") or None,
+                "lat": _json_number(meta.get("lat")),
+                "lon": _json_number(meta.get("lon")),
+                "n_images": int(centroids.images_per_landmark[row]),
+                "n_centroids": int(per_landmark[row]),
+            })
+        info = dict(build or {})
+        info.update(index_kind=index_kind, index_params=dict(index_params or {}),
+                    dropped_images=int(centroids.dropped_images))
+        return cls(centroids.vectors, centroids.landmark, centroids.sizes, landmarks, model, None, info)
+
+    # ---- properties --------------------------------------------------------------------------
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.calibration is None else self.calibration.threshold
+
+    @property
+    def landmark_ids(self) -> list[str]:
+        return [lm["landmark_id"] for lm in self.landmarks]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    # ---- model check -------------------------------------------------------------------------
+
+    def check_model(self, identity: dict, embedding_size: int | None = None, what: str = "the model") -> None:
+        """Raise :class:`ModelMismatchError` unless ``identity`` is the model this index was built with."""
+        size = int(embedding_size if embedding_size is not None else identity.get("embedding_size", -1))
+        if size != self.embedding_size:
+            raise ModelMismatchError(
+                f"{what} makes {size}-d embeddings but this index holds {self.embedding_size}-d vectors "
+                f"(built with {_describe(self.model.get('identity', {}))}); rebuild the index with this model"
+            )
+        mine = self.model.get("identity", {})
+        if identity != mine:
+            raise ModelMismatchError(
+                f"{what} ({_describe(identity)}) is not the model this index was built with "
+                f"({_describe(mine)}); its embeddings are not comparable, so rebuild the index with it "
+                "or recognise with the index's own model"
+            )
+
+    # ---- search ------------------------------------------------------------------------------
+
+    def search(self, embeddings: np.ndarray, k: int = 5, memory_budget_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` distinct landmarks per query: ``(scores float32 [n, k], landmark rows int64 [n, k])``.
+
+        A landmark's score is the cosine similarity to its best vector. Slots without a landmark
+        (fewer than ``k`` found) hold row ``-1`` and score ``-inf``.
+        """
+        q = validate_embeddings(embeddings, "query embeddings")
+        if q.shape[1] != self.embedding_size:
+            raise ModelMismatchError(f"query embeddings are {q.shape[1]}-d, the index is {self.embedding_size}-d")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        n = len(q)
+        depth = min(len(self), max(k, min(k * self._max_per_landmark, _MAX_SEARCH_DEPTH)))
+        scores, ids = search(self.faiss_index, q, depth, memory_budget_mb=memory_budget_mb)
+        lm = np.where(ids >= 0, self.vector_landmark[np.maximum(ids, 0)], -1)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        if self._max_per_landmark == 1:
+            first = lm >= 0
+        else:
+            # First occurrence of each landmark in every row (rows are sorted by score).
+            order = np.argsort(lm, axis=1, kind="stable")
+            sorted_lm = np.take_along_axis(lm, order, axis=1)
+            first_sorted = np.ones_like(sorted_lm, dtype=bool)
+            first_sorted[:, 1:] = sorted_lm[:, 1:] != sorted_lm[:, :-1]
+            first = np.zeros_like(first_sorted)
+            np.put_along_axis(first, order, first_sorted, axis=1)
+            first &= lm >= 0
+        rank = np.cumsum(first, axis=1) - 1
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        out_lm = np.full((n, k), -1, dtype=np.int64)
+        sel = first & (rank < k)
+        rows, cols = np.nonzero(sel)
+        out_scores[rows, rank[rows, cols]] = scores[rows, cols]
+        out_lm[rows, rank[rows, cols]] = lm[rows, cols]
+        return out_scores, out_lm
+
+    def top1(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
+        """``(score float32 [n], landmark row int64 [n])`` of the best landmark per query."""
+        scores, ids = search(self.faiss_index, validate_embeddings(embeddings, "query embeddings"), 1,
+                             memory_budget_mb=memory_budget_mb)
+        lm = np.where(ids[:, 0] >= 0, self.vector_landmark[np.maximum(ids[:, 0], 0)], -1)
+        return np.where(ids[:, 0] >= 0, scores[:, 0], -np.inf).astype(np.float32), lm
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def header(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "embedding_size": self.embedding_size,
+            "n_vectors": len(self),
+            "n_landmarks": len(self.landmarks),
+            "model": self.model,
+            "calibration": None if self.calibration is None else self.calibration.to_json(),
+            "build": self.build,
+            "files": list(_FILES),
+        }
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = True) -> pathlib.Path:
+        """Write the index directory atomically (see the module docstring); returns its path.
+
+        An existing directory is replaced only if it is itself an index (has ``index.json``), so
+        a mistyped ``--out`` never wipes someone's photo folder.
+        """
+        target = pathlib.Path(directory).absolute()
+        if target.exists():
+            if not (target / HEADER).is_file():
+                raise FileExistsError(f"{target} exists and is not a landmark index; choose another --out")
+            if not overwrite:
+                raise FileExistsError(f"{target} exists")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            faiss.write_index(self.faiss_index, str(tmp / "vectors.faiss"))
+            np.save(tmp / "vectors.npy", self.vectors, allow_pickle=False)
+            np.save(tmp / "vector_landmark.npy", self.vector_landmark, allow_pickle=False)
+            np.save(tmp / "vector_size.npy", self.vector_size, allow_pickle=False)
+            _write_json(tmp / "landmarks.json", self.landmarks)
+            _write_json(tmp / HEADER, self.header())  # last: its presence marks a complete index
+            os.chmod(tmp, 0o755)
+            if target.exists():
+                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "index")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "LandmarkIndex":
+        """Read an index directory, checking format, version and internal consistency."""
+        root = pathlib.Path(directory)
+        if not root.is_dir():
+            raise IndexFormatError(f"index directory not found: {root}")
+        head_path = root / HEADER
+        if not head_path.is_file():
+            raise IndexFormatError(f"{root}: no {HEADER}; not a landmark index (build one with `landmarks index`)")
+        try:
+            head = json.loads(head_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise IndexFormatError(f"{head_path}: not valid JSON ({err})") from err
+        if not isinstance(head, dict) or head.get("format") != FORMAT:
+            raise IndexFormatError(f"{head_path}: format {head.get('format') if isinstance(head, dict) else None!r} "
+                                   f"is not {FORMAT!r}")
+        version = head.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{root}: index format version {version!r}, but this code reads version {FORMAT_VERSION}; "
+                "rebuild the index with `landmarks index` (or use the code version that wrote it)"
+            )
+        missing = [name for name in _FILES if not (root / name).is_file()]
+        if missing:
+            raise IndexFormatError(f"{root}: missing file(s) {missing}")
+        try:
+            vectors = np.load(root / "vectors.npy", allow_pickle=False)
+            vector_landmark = np.load(root / "vector_landmark.npy", allow_pickle=False)
+            vector_size = np.load(root / "vector_size.npy", allow_pickle=False)
+            landmarks = json.loads((root / "landmarks.json").read_text())
+            index = faiss.read_index(str(root / "vectors.faiss"))
+        except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as err:
+            raise IndexFormatError(f"{root}: a file is unreadable or corrupt ({err})") from err
+        d = head.get("embedding_size")
+        if vectors.ndim != 2 or vectors.shape != (head.get("n_vectors"), d) or index.d != d:
+            raise IndexFormatError(
+                f"{root}: header says {head.get('n_vectors')} x {d} vectors, vectors.npy has {vectors.shape}, "
+                f"vectors.faiss is {index.ntotal} x {index.d}"
+            )
+        if len(landmarks) != head.get("n_landmarks"):
+            raise IndexFormatError(f"{root}: header says {head.get('n_landmarks')} landmarks, landmarks.json has {len(landmarks)}")
+        calibration = head.get("calibration")
+        try:
+            return cls(vectors, vector_landmark, vector_size, landmarks, head["model"],
+                       None if calibration is None else Calibration.from_json(calibration), head.get("build", {}), index)
+        except (KeyError, ValueError) as err:
+            raise IndexFormatError(f"{root}: inconsistent index ({err})") from err
+
+
+def _describe(identity: dict) -> str:
+    if not identity:
+        return "unknown model"
+    parts = [f"{identity.get('source', '?')} {identity.get('backbone', '?')}"]
+    if identity.get("checkpoint_sha256"):
+        parts.append(f"checkpoint sha256 {identity['checkpoint_sha256'][:12]}")
+    parts.append(f"{identity.get('embedding_size', '?')}-d, {identity.get('image_size', '?')} px")
+    return ", ".join(parts)
+
+
+def landmark_metadata(rows: Iterable[dict]) -> dict[str, dict]:
+    """``{landmark_id: {name, city, lat, lon}}`` from rows, first non-empty value per field winning."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        entry = out.setdefault(str(row["landmark_id"]), {})
+        for key in ("name", "city", "lat", "lon"):
+            value = row.get(key)
+            if entry.get(key) is None and value is not None and value != "":
+                entry[key] = value
+    return out

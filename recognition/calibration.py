@@ -1,0 +1,113 @@
+"""The acceptance threshold, calibrated on photos that show no landmark.
+
+A recogniser is judged by how often it names a landmark in an ordinary photo. The threshold is
+therefore set on a calibration set of non-landmark photos: their top-1 scores against the index
+are exactly the scores that must be rejected, and the threshold is the score above which only a
+fraction ``target_fpr`` of them lie (:func:`retrieval.metrics.threshold_at_fpr`, accept iff
+``score >= threshold``). Calibration must use the same index and the same model as recognition.
+
+A calibration set of ``n`` photos cannot resolve a rate below ``1/n``: with 500 photos, "at most
+0.1 % false positives" is indistinguishable from "none of these 500". Such a request is refused
+unless explicitly allowed, and then the threshold admits none of the calibration photos and the
+record says it is unresolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from retrieval.metrics import threshold_at_fpr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Calibration", "CalibrationError", "calibrate_threshold"]
+
+
+class CalibrationError(ValueError):
+    """The calibration set cannot support the requested false-positive rate."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated threshold and what it was calibrated for.
+
+    Attributes:
+        threshold: accept iff top-1 score >= threshold.
+        target_fpr: the false-positive rate asked for (None for a fixed, uncalibrated threshold).
+        achieved_fpr: fraction of calibration photos whose top-1 score reaches the threshold
+            (None when there was no calibration set).
+        n_calibration: calibration photos (readable ones).
+        n_false_positives: calibration photos at or above the threshold.
+        resolved: False when ``n_calibration < 1 / target_fpr`` (see the module docstring).
+    """
+
+    threshold: float
+    target_fpr: float | None
+    achieved_fpr: float | None
+    n_calibration: int
+    n_false_positives: int
+    resolved: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def fixed(cls, threshold: float) -> "Calibration":
+        """A threshold chosen by hand: no calibration set, no known false-positive rate."""
+        return cls(float(threshold), None, None, 0, 0, resolved=False)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        def opt(key):
+            return None if data[key] is None else float(data[key])
+
+        return cls(
+            threshold=float(data["threshold"]), target_fpr=opt("target_fpr"),
+            achieved_fpr=opt("achieved_fpr"), n_calibration=int(data["n_calibration"]),
+            n_false_positives=int(data["n_false_positives"]), resolved=bool(data["resolved"]),
+        )
+
+
+def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool = False) -> Calibration:
+    """Threshold at which at most ``target_fpr`` of the non-landmark ``scores`` are accepted.
+
+    Args:
+        scores: top-1 scores of the calibration (non-landmark) photos against the index.
+        target_fpr: in (0, 1).
+        allow_unresolved: with fewer than ``1 / target_fpr`` scores, warn and return the threshold
+            that admits none of them (``resolved=False``) instead of raising.
+
+    Raises:
+        CalibrationError: too few scores for ``target_fpr`` (and not allowed), or no scores.
+    """
+    target_fpr = float(target_fpr)
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    s = np.asarray(scores, dtype=np.float32).ravel()
+    if not np.isfinite(s).all():
+        raise ValueError("calibration scores contain NaN or inf")
+    n = int(s.size)
+    if n == 0:
+        raise CalibrationError("no readable calibration images: cannot calibrate a threshold")
+    needed = math.ceil(1.0 / target_fpr - 1e-9)
+    threshold = threshold_at_fpr(s, target_fpr)
+    resolved = threshold is not None
+    if not resolved:
+        message = (
+            f"{n} calibration images cannot resolve a false-positive rate of {target_fpr:g}: that needs at "
+            f"least {needed} non-landmark images (1/FPR)"
+        )
+        if not allow_unresolved:
+            raise CalibrationError(message + "; add calibration images, raise the target FPR, or allow an "
+                                   "unresolved calibration explicitly")
+        threshold = float(np.nextafter(s.max(), np.float32(np.inf)))
+        log.warning("!" * 72)
+        log.warning("%s. Using the threshold that admits none of them (%.6f); the real false-positive "
+                    "rate is unknown.", message, threshold)
+        log.warning("!" * 72)
+    n_fp = int((s >= threshold).sum())
+    return Calibration(threshold, target_fpr, n_fp / n, n, n_fp, resolved)

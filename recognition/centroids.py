@@ -1,0 +1,160 @@
+"""Per-landmark representations for the recognition index: shooting-angle centroids, or baselines.
+
+A landmark is photographed from a few typical shooting angles (front, side, interior, a detail,
+the skyline) that look nothing alike, so one mean vector sits between them and matches none of
+them well, while keeping every gallery photo costs memory and lets one mislabelled photo fire on
+its own. The paper's middle road: cluster each landmark's embeddings hierarchically (one cluster
+per angle), drop clusters too small to be a real angle (mostly label noise), and index the
+normalised cluster means.
+
+Representations (``kind``):
+
+* ``"centroids"`` -- the above (:func:`retrieval.clustering.agglomerative_clusters` per landmark).
+* ``"mean"``      -- one normalised mean per landmark (baseline).
+* ``"all"``       -- every gallery embedding (full-gallery kNN, baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from retrieval.clustering import Linkage, agglomerative_clusters, cluster_centroids, unit_rows
+
+__all__ = ["REPRESENTATIONS", "CentroidSet", "CentroidParams", "build_representation", "landmark_centroids"]
+
+Representation = Literal["centroids", "mean", "all"]
+REPRESENTATIONS: tuple[str, ...] = ("centroids", "mean", "all")
+
+
+@dataclass(frozen=True)
+class CentroidParams:
+    """How landmarks are split into shooting-angle clusters.
+
+    Attributes:
+        distance_threshold: cosine distance at which the dendrogram is cut (see
+            :func:`retrieval.clustering.agglomerative_clusters`).
+        linkage: linkage method.
+        max_centroids: most centroids a landmark keeps (its largest clusters).
+        min_cluster_size: clusters with fewer images are dropped as label noise. A landmark whose
+            largest cluster is smaller than this uses that size instead (a landmark with a
+            handful of photos must stay recognisable; with 2 + 2 + 1 photos it keeps the pairs).
+
+    The defaults come from the sweep in EXPERIMENTS.md ("Inference"): on the synthetic world with
+    10 % label noise, cut 0.3 with clusters of >= 3 photos matched full-gallery kNN on the clean
+    database and kept that recall on the noisy one, where kNN lost three quarters of it.
+    """
+
+    distance_threshold: float = 0.3
+    linkage: Linkage = "average"
+    max_centroids: int = 5
+    min_cluster_size: int = 3
+
+    def __post_init__(self):
+        if self.max_centroids < 1:
+            raise ValueError(f"max_centroids must be >= 1, got {self.max_centroids}")
+        if self.min_cluster_size < 1:
+            raise ValueError(f"min_cluster_size must be >= 1, got {self.min_cluster_size}")
+        if not 0.0 <= self.distance_threshold <= 2.0:
+            raise ValueError(f"distance_threshold is a cosine distance in [0, 2], got {self.distance_threshold}")
+
+
+@dataclass
+class CentroidSet:
+    """Vectors to index and the landmark each one stands for.
+
+    Attributes:
+        vectors: float32 ``[m, d]`` unit-norm rows.
+        landmark: int64 ``[m]``, row of :attr:`landmark_ids` each vector belongs to.
+        sizes: int64 ``[m]``, gallery images summarised by each vector.
+        landmark_ids: the landmarks, in first-appearance order of the input.
+        images_per_landmark: int64 ``[len(landmark_ids)]`` gallery images of each landmark.
+        dropped_images: images in clusters that were dropped as too small (not represented).
+    """
+
+    vectors: np.ndarray
+    landmark: np.ndarray
+    sizes: np.ndarray
+    landmark_ids: list[str]
+    images_per_landmark: np.ndarray
+    dropped_images: int = 0
+
+    @property
+    def centroids_per_landmark(self) -> np.ndarray:
+        return np.bincount(self.landmark, minlength=len(self.landmark_ids)).astype(np.int64)
+
+
+def landmark_centroids(
+    embeddings: np.ndarray, params: CentroidParams = CentroidParams()
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shooting-angle centroids of ONE landmark's embeddings.
+
+    Returns ``(centroids float32 [c, d], sizes int64 [c], dropped_images)`` with clusters ordered
+    by decreasing size, ``1 <= c <= params.max_centroids``.
+    """
+    x = unit_rows(embeddings)
+    if len(x) == 0:
+        raise ValueError("a landmark without embeddings has no centroid")
+    labels = agglomerative_clusters(x, params.distance_threshold, params.linkage)
+    sizes = np.bincount(labels)  # labels are numbered by decreasing size
+    keep = np.flatnonzero(sizes >= min(params.min_cluster_size, sizes[0]))[: params.max_centroids]
+    kept_labels = np.where(np.isin(labels, keep), labels, -1)
+    # keep is a prefix 0..c-1 of the size order, so the surviving labels are already contiguous.
+    centroids = cluster_centroids(x, kept_labels)
+    return centroids, sizes[keep].astype(np.int64), int((kept_labels < 0).sum())
+
+
+def build_representation(
+    embeddings: np.ndarray,
+    landmark_ids: Sequence[str],
+    kind: Representation = "centroids",
+    params: CentroidParams = CentroidParams(),
+    progress: bool = False,
+) -> CentroidSet:
+    """Vectors that stand for each landmark of a gallery (see the module docstring for ``kind``).
+
+    Args:
+        embeddings: ``[n, d]`` gallery embeddings (rows are re-normalised; NaN/zero rows refused).
+        landmark_ids: ``n`` landmark ids (text).
+        kind: ``"centroids"``, ``"mean"`` or ``"all"``.
+        params: clustering parameters (``"centroids"`` only).
+        progress: a tqdm bar over landmarks.
+    """
+    if kind not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {kind!r}; expected one of {REPRESENTATIONS}")
+    x = unit_rows(embeddings, "gallery embeddings")
+    ids = [str(i) for i in landmark_ids]
+    if len(ids) != len(x):
+        raise ValueError(f"{len(x)} embeddings but {len(ids)} landmark ids")
+    if len(x) == 0:
+        raise ValueError("cannot build an index from an empty gallery")
+    # Landmarks in order of first appearance, so the index does not depend on how ids sort.
+    position: dict[str, int] = {}
+    per_row = np.fromiter((position.setdefault(i, len(position)) for i in ids), np.int64, len(ids))
+    unique_ids = list(position)
+    counts = np.bincount(per_row, minlength=len(unique_ids)).astype(np.int64)
+
+    if kind == "all":
+        return CentroidSet(x.astype(np.float32), per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts)
+    if kind == "mean":
+        return CentroidSet(cluster_centroids(x, per_row), np.arange(len(unique_ids), dtype=np.int64), counts.copy(),
+                           unique_ids, counts)
+
+    members = np.argsort(per_row, kind="stable")
+    bounds = np.r_[0, np.cumsum(counts)]
+    groups = range(len(unique_ids))
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc="shooting-angle clusters", unit="landmark")
+    vectors, owners, sizes, dropped = [], [], [], 0
+    for g in groups:
+        rows = members[bounds[g]:bounds[g + 1]]
+        c, s, d = landmark_centroids(x[rows], params)
+        vectors.append(c)
+        owners.append(np.full(len(c), g, np.int64))
+        sizes.append(s)
+        dropped += d
+    return CentroidSet(np.concatenate(vectors), np.concatenate(owners), np.concatenate(sizes), unique_ids, counts, dropped)

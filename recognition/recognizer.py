@@ -1,0 +1,281 @@
+"""``Recognizer``: photos in, landmark decisions out, in-process (the engine of ``landmarks recognize``).
+
+One forward pass per image, in batches: decode (threads, overlapping the network) → the
+evaluation transform the index's gallery was embedded with → the embedding network → top-k
+distinct landmarks from the index → optional GPS filter → accept iff the best remaining score
+reaches the calibrated threshold. A photo that cannot be read becomes a result with ``error``
+set; the run goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import pathlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from datamodules.images import UnreadableImage, load_rgb
+from datamodules.manifest import IMAGE_SUFFIXES
+from datamodules.transforms import eval_transform
+from recognition.artifact import LandmarkIndex, ModelMismatchError
+from recognition.gps import read_exif_gps, within_radius
+from retrieval.embedding_model import EmbeddingModel, load_embedding_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Recognition", "Recognizer", "expand_paths", "load_index_model"]
+
+
+@dataclass
+class Recognition:
+    """The decision for one photo.
+
+    ``landmark_id``/``name``/``score`` describe the best candidate (after the GPS filter) even
+    when it is not accepted, so that near misses can be inspected; only ``accepted`` says the
+    photo shows that landmark. ``error`` is set (and everything else empty) for unreadable photos.
+    """
+
+    path: str
+    landmark_id: str | None = None
+    name: str | None = None
+    score: float | None = None
+    accepted: bool = False
+    city: str | None = None
+    candidates: list[dict] = field(default_factory=list)
+    gps: list[float] | None = None
+    gps_rejected: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def expand_paths(items: Iterable[str | os.PathLike]) -> list[str]:
+    """Files, folders (images below them, sorted) and list files (``.txt``/``.lst``: one path per line).
+
+    A list file's relative paths are resolved against its folder. A path that does not exist is
+    kept, so that it is reported as an error entry rather than silently skipped.
+    """
+    out: list[str] = []
+    for item in items:
+        p = pathlib.Path(item)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.suffix.lower() in (".txt", ".lst") and p.is_file():
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.append(line if os.path.isabs(line) else str(p.parent / line))
+        else:
+            out.append(str(p))
+    return out
+
+
+def load_index_model(
+    index: LandmarkIndex,
+    checkpoint: str | os.PathLike | None = None,
+    backbone: str | None = None,
+) -> EmbeddingModel:
+    """The embedding model for ``index``: the one given (checked against the index) or the index's own.
+
+    With neither argument, the model recorded in the index is reloaded (a checkpoint from its
+    recorded path, whose content hash must still match; a backbone from its name and settings).
+    """
+    identity = index.model.get("identity", {})
+    image_size = int(identity.get("image_size", 224))
+    if checkpoint is not None or backbone is not None:
+        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size,
+                                     **_backbone_options(identity) if backbone is not None else {})
+        index.check_model(model.identity, model.embedding_size, what=f"model {checkpoint or backbone}")
+        return model
+    source = index.model.get("source", {})
+    if "checkpoint" in source:
+        path = pathlib.Path(source["checkpoint"])
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the index was built with checkpoint {path}, which is gone; pass the checkpoint explicitly"
+            )
+        model = load_embedding_model(checkpoint=path, image_size=image_size)
+    elif "backbone" in source:
+        model = load_embedding_model(backbone=source["backbone"], image_size=image_size, **_backbone_options(identity))
+    else:
+        raise ModelMismatchError("the index does not record its model; pass a checkpoint or backbone explicitly")
+    index.check_model(model.identity, model.embedding_size, what=f"the index's model ({source})")
+    return model
+
+
+def _backbone_options(identity: dict) -> dict:
+    options = {k: identity[k] for k in ("pooling", "gem_p") if k in identity}
+    if identity.get("pretrained") in ("True", "offline"):
+        options["pretrained"] = True if identity["pretrained"] == "True" else "offline"
+    return options
+
+
+class Recognizer:
+    """Recognise landmarks in photos with a saved index.
+
+    Args:
+        index: a :class:`LandmarkIndex` or its directory.
+        model: an :class:`EmbeddingModel` (checked against the index); else ``checkpoint`` /
+            ``backbone`` (loaded and checked); else the index's own model.
+        threshold: overrides the index's calibrated threshold (needed if it has none).
+        top_k: candidates reported per photo (and searched by the GPS filter).
+        gps_radius_km: enable the GPS filter with this radius.
+        gps: ``{absolute path: (lat, lon)}`` (e.g. :func:`recognition.gps.read_gps_csv`); photos
+            not in it fall back to their EXIF GPS when ``use_exif_gps``.
+        batch_size: images per forward pass.
+        workers: decoding threads (they overlap with the forward pass).
+        device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
+    """
+
+    def __init__(
+        self,
+        index: LandmarkIndex | str | os.PathLike,
+        model: EmbeddingModel | None = None,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        backbone: str | None = None,
+        threshold: float | None = None,
+        top_k: int = 5,
+        gps_radius_km: float | None = None,
+        gps: dict[str, tuple[float, float]] | None = None,
+        use_exif_gps: bool = True,
+        batch_size: int = 32,
+        workers: int = 2,
+        device: str = "cpu",
+    ):
+        self.index = index if isinstance(index, LandmarkIndex) else LandmarkIndex.load(index)
+        if model is not None:
+            self.index.check_model(model.identity, model.embedding_size)
+        else:
+            model = load_index_model(self.index, checkpoint=checkpoint, backbone=backbone)
+        self.model = model
+        self.threshold = float(threshold) if threshold is not None else self.index.threshold
+        if self.threshold is None or math.isnan(self.threshold):
+            raise ValueError("the index has no calibrated threshold (built without --nonlandmarks); pass a threshold")
+        if top_k < 1 or batch_size < 1:
+            raise ValueError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
+        if gps_radius_km is not None and not gps_radius_km > 0:
+            raise ValueError(f"gps_radius_km must be > 0, got {gps_radius_km}")
+        self.top_k = int(top_k)
+        self.gps_radius_km = gps_radius_km
+        self.gps = {os.path.abspath(k): v for k, v in (gps or {}).items()}
+        self.use_exif_gps = use_exif_gps
+        self.batch_size = int(batch_size)
+        self.workers = max(1, int(workers))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.net = model.net.to(self.device).eval()
+        self.transform = eval_transform(model.image_size)
+        lms = self.index.landmarks
+        self._lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in lms], dtype=np.float64)
+        self._lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in lms], dtype=np.float64)
+
+    # ---- pieces --------------------------------------------------------------------------------
+
+    def _load(self, path: str) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            # Same decode hint and transform as the gallery's embedding (ImageDataset).
+            image = load_rgb(path, max_side=2 * self.model.image_size)
+            return self.transform(image=image)["image"], None
+        except UnreadableImage as err:
+            return None, str(err)
+        except (OSError, ValueError) as err:  # e.g. a directory or a device file given as a photo
+            return None, f"{path}: {err}"
+
+    def _decoded_batches(self, paths: Sequence[str]) -> Iterator[tuple[list[str], list]]:
+        """Batches of decoded images, decoded by threads up to two batches ahead of the network."""
+        starts = range(0, len(paths), self.batch_size)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            pending: collections.deque = collections.deque()
+            it = iter(starts)
+            for start in it:
+                pending.append((start, [pool.submit(self._load, p) for p in paths[start:start + self.batch_size]]))
+                if len(pending) >= 2:
+                    break
+            while pending:
+                start, futures = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, [pool.submit(self._load, p) for p in paths[nxt:nxt + self.batch_size]]))
+                yield list(paths[start:start + self.batch_size]), [f.result() for f in futures]
+
+    @torch.inference_mode()
+    def embed_tensors(self, images: torch.Tensor) -> np.ndarray:
+        """Unit-norm float32 embeddings of a ``[B, 3, S, S]`` batch in [0, 1]."""
+        return self.net(images.to(self.device)).float().cpu().numpy()
+
+    def _photo_gps(self, path: str) -> tuple[float, float] | None:
+        found = self.gps.get(os.path.abspath(path))
+        if found is None and self.use_exif_gps:
+            found = read_exif_gps(path)
+        return found
+
+    def decide(self, path: str, scores: np.ndarray, rows: np.ndarray) -> Recognition:
+        """The decision for one photo from its top-k ``scores`` and landmark ``rows``."""
+        lms = self.index.landmarks
+        valid = rows >= 0
+        result = Recognition(path=path)
+        result.candidates = [
+            {"landmark_id": lms[r]["landmark_id"], "name": lms[r]["name"], "score": float(s)}
+            for s, r in zip(scores[valid], rows[valid])
+        ]
+        allowed = valid.copy()
+        if self.gps_radius_km is not None:
+            where = self._photo_gps(path)
+            if where is not None:
+                result.gps = [float(where[0]), float(where[1])]
+                near = within_radius(where[0], where[1], self._lat[np.maximum(rows, 0)], self._lon[np.maximum(rows, 0)],
+                                     self.gps_radius_km)
+                allowed &= near
+                result.gps_rejected = [lms[r]["landmark_id"] for r in rows[valid & ~near]]
+        best = np.flatnonzero(allowed)
+        if best.size:
+            r, s = int(rows[best[0]]), float(scores[best[0]])
+            result.landmark_id, result.name, result.city = lms[r]["landmark_id"], lms[r]["name"], lms[r]["city"]
+            result.score = s
+            result.accepted = bool(s >= self.threshold)
+        return result
+
+    # ---- API ---------------------------------------------------------------------------------
+
+    def iter_recognize(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> Iterator[Recognition]:
+        """Results in input order, a batch at a time (for streaming output)."""
+        paths = [str(p) for p in paths]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(paths), desc="recognise", unit="img")
+        try:
+            for batch_paths, loaded in self._decoded_batches(paths):
+                ok = [i for i, (tensor, _) in enumerate(loaded) if tensor is not None]
+                decided: dict[int, Recognition] = {}
+                if ok:
+                    emb = self.embed_tensors(torch.stack([loaded[i][0] for i in ok]))
+                    scores, rows = self.index.search(emb, self.top_k)
+                    for j, i in enumerate(ok):
+                        decided[i] = self.decide(batch_paths[i], scores[j], rows[j])
+                for i, path in enumerate(batch_paths):
+                    if i in decided:
+                        yield decided[i]
+                    else:
+                        log.warning("unreadable image: %s", loaded[i][1])
+                        yield Recognition(path=path, error=loaded[i][1])
+                if bar is not None:
+                    bar.update(len(batch_paths))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def recognize(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> list[Recognition]:
+        """One :class:`Recognition` per path, in order (unreadable photos get ``error`` set)."""
+        return list(self.iter_recognize(paths, progress=progress))

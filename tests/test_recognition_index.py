@@ -1,0 +1,371 @@
+"""Recognition index on hand-built arrays: centroids, search, artifact round trip, calibration, GPS, albums."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from PIL import ExifTags, Image
+
+from recognition.albums import group_albums, write_albums
+from recognition.artifact import FORMAT_VERSION, IndexFormatError, LandmarkIndex, ModelMismatchError
+from recognition.calibration import CalibrationError, calibrate_threshold
+from recognition.centroids import CentroidParams, build_representation, landmark_centroids
+from recognition.gps import GpsError, haversine_km, read_exif_gps, read_gps_csv, within_radius
+from recognition.recognizer import Recognition, Recognizer, expand_paths
+
+D = 8
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def axis(i, d=D):
+    e = np.zeros(d)
+    e[i] = 1.0
+    return e
+
+
+def jitter(center, n, rng, scale=0.05):
+    return unit(center + scale * rng.standard_normal((n, len(center))))
+
+
+@pytest.fixture
+def gallery():
+    """Landmark A: two shooting angles (axes 0 and 1, 6 + 4 photos) and one stray photo (axis 7);
+    landmark B: one angle (axis 2); landmark C: a single photo (axis 3)."""
+    rng = np.random.default_rng(0)
+    emb = np.concatenate([jitter(axis(0), 6, rng), jitter(axis(1), 4, rng), unit(axis(7))[None],
+                          jitter(axis(2), 5, rng), unit(axis(3))[None]])
+    ids = ["A"] * 11 + ["B"] * 5 + ["C"]
+    return emb.astype(np.float32), ids
+
+
+MODEL = {"identity": {"source": "backbone", "backbone": "toy", "embedding_size": D, "image_size": 32}, "key": "k",
+         "source": {"backbone": "toy"}}
+
+
+# ---- centroids -------------------------------------------------------------------------------
+
+
+def test_landmark_centroids_one_per_angle_and_stray_photo_dropped(gallery):
+    emb, _ = gallery
+    centroids, sizes, dropped = landmark_centroids(emb[:11], CentroidParams(distance_threshold=0.3))
+    assert sizes.tolist() == [6, 4] and dropped == 1
+    np.testing.assert_allclose(centroids[0], unit(emb[:6].astype(np.float64).sum(0)), atol=1e-6)
+    np.testing.assert_allclose(centroids[1], unit(emb[6:10].astype(np.float64).sum(0)), atol=1e-6)
+    # the bound keeps the biggest cluster only
+    centroids, sizes, dropped = landmark_centroids(emb[:11], CentroidParams(distance_threshold=0.3, max_centroids=1))
+    assert sizes.tolist() == [6] and dropped == 5
+    # a huge cut merges everything into one mean
+    centroids, sizes, _ = landmark_centroids(emb[:11], CentroidParams(distance_threshold=2.0))
+    assert sizes.tolist() == [11]
+
+
+def test_landmark_with_only_tiny_clusters_is_kept(gallery):
+    emb, _ = gallery
+    two_angles = emb[[0, 6]]  # one photo per angle: every cluster is below min_cluster_size
+    centroids, sizes, dropped = landmark_centroids(two_angles, CentroidParams(distance_threshold=0.3, min_cluster_size=3))
+    assert sizes.tolist() == [1, 1] and dropped == 0
+    np.testing.assert_allclose(centroids, two_angles, atol=1e-6)
+    # 2 + 2 + 1 photos with min size 3: the two pairs stay, the stray photo goes
+    centroids, sizes, dropped = landmark_centroids(emb[[0, 1, 6, 7, 10]], CentroidParams(0.3, min_cluster_size=3))
+    assert sizes.tolist() == [2, 2] and dropped == 1
+
+
+def test_representations(gallery):
+    emb, ids = gallery
+    params = CentroidParams(distance_threshold=0.3)
+    cent = build_representation(emb, ids, "centroids", params)
+    assert cent.landmark_ids == ["A", "B", "C"]
+    assert cent.landmark.tolist() == [0, 0, 1, 2] and cent.sizes.tolist() == [6, 4, 5, 1]
+    assert cent.images_per_landmark.tolist() == [11, 5, 1] and cent.dropped_images == 1
+    mean = build_representation(emb, ids, "mean")
+    assert mean.landmark.tolist() == [0, 1, 2] and mean.sizes.tolist() == [11, 5, 1]
+    np.testing.assert_allclose(mean.vectors[0], unit(emb[:11].astype(np.float64).sum(0)), atol=1e-6)
+    full = build_representation(emb, ids, "all")
+    assert len(full.vectors) == 17 and full.landmark.tolist() == [0] * 11 + [1] * 5 + [2]
+    with pytest.raises(ValueError, match="embeddings but"):
+        build_representation(emb, ids[:-1])
+    with pytest.raises(ValueError, match="unknown representation"):
+        build_representation(emb, ids, "medoids")
+
+
+def test_centroids_recognise_a_side_view_that_one_mean_misses(gallery):
+    emb, ids = gallery
+    side_view = unit(axis(1) + 0.02 * axis(4))[None].astype(np.float32)
+    cent = LandmarkIndex.from_centroids(build_representation(emb, ids, "centroids", CentroidParams(0.3)), MODEL)
+    mean = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL)
+    s_cent, lm_cent = cent.top1(side_view)
+    s_mean, lm_mean = mean.top1(side_view)
+    assert lm_cent[0] == lm_mean[0] == 0
+    assert s_cent[0] > 0.99 and s_mean[0] < 0.75  # the mean of two orthogonal angles is ~45° off both
+
+
+# ---- search ----------------------------------------------------------------------------------
+
+
+def test_search_returns_distinct_landmarks_with_their_best_score():
+    vectors = unit(np.array([axis(0), axis(0) + 0.1 * axis(1), axis(1), axis(2)])).astype(np.float32)
+    landmarks = [{"landmark_id": x, "name": None, "city": None, "lat": None, "lon": None} for x in "AB"]
+    index = LandmarkIndex(vectors, [0, 0, 1, 1], [1, 1, 1, 1], landmarks, MODEL)
+    q = unit(axis(0) + 0.05 * axis(1))[None].astype(np.float32)
+    scores, rows = index.search(q, k=3)
+    assert rows.tolist() == [[0, 1, -1]]
+    sims = vectors @ q[0]
+    np.testing.assert_allclose(scores[0, :2], [sims[:2].max(), sims[2:].max()], rtol=1e-6)
+    assert scores[0, 2] == -np.inf
+
+
+# ---- artifact --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,params", [("flat", {}), ("hnsw", {"hnsw_m": 8, "ef_search": 16}), ("ivf", {"nlist": 2})])
+def test_artifact_round_trip_gives_identical_search(tmp_path, gallery, kind, params):
+    emb, ids = gallery
+    meta = {"A": {"name": "Alpha", "city": "X", "lat": 1.5, "lon": 2.5}}
+    index = LandmarkIndex.from_centroids(build_representation(emb, ids, "all"), MODEL, meta,
+                                         index_kind=kind, index_params=params)
+    index.calibration = calibrate_threshold(np.linspace(0, 1, 100, dtype=np.float32), 0.05)
+    out = index.save(tmp_path / "idx")
+    loaded = LandmarkIndex.load(out)
+    rng = np.random.default_rng(1)
+    queries = unit(rng.standard_normal((20, D))).astype(np.float32)
+    for a, b in zip(index.search(queries, 3), loaded.search(queries, 3)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.calibration == index.calibration
+    assert loaded.landmarks[0] == {"landmark_id": "A", "name": "Alpha", "city": "X", "lat": 1.5, "lon": 2.5,
+                                   "n_images": 11, "n_centroids": 11}
+    assert loaded.landmarks[1]["name"] is None
+    assert loaded.build["index_kind"] == kind
+    # no pickle anywhere: every .npy loads with allow_pickle=False and the metadata is JSON
+    for f in out.glob("*.npy"):
+        np.load(f, allow_pickle=False)
+    json.loads((out / "index.json").read_text())
+
+
+def test_ivfpq_index_round_trip_and_small_input_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    emb = unit(rng.standard_normal((300, D))).astype(np.float32)
+    ids = [str(i % 30) for i in range(300)]
+    params = {"nlist": 4, "pq_m": 2, "nprobe": 4}
+    index = LandmarkIndex.from_centroids(build_representation(emb, ids, "all"), MODEL, index_kind="ivfpq",
+                                         index_params=params)
+    loaded = LandmarkIndex.load(index.save(tmp_path / "pq"))
+    for a, b in zip(index.search(emb[:20], 3), loaded.search(emb[:20], 3)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="ivfpq needs at least .* use the exact 'flat' index"):
+        LandmarkIndex.from_centroids(build_representation(emb[:100], ids[:100], "all"), MODEL, index_kind="ivfpq",
+                                     index_params=params)
+
+
+def test_artifact_save_replaces_an_index_but_never_another_folder(tmp_path, gallery):
+    emb, ids = gallery
+    index = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL)
+    target = tmp_path / "idx"
+    index.save(target)
+    bigger = LandmarkIndex.from_centroids(build_representation(emb, ids, "all"), MODEL)
+    bigger.save(target)
+    assert len(LandmarkIndex.load(target)) == 17
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp or backup folder left
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not a landmark index"):
+        index.save(photos)
+    assert (photos / "a.jpg").read_bytes() == b"x"
+
+
+def test_artifact_version_and_corruption_errors(tmp_path, gallery):
+    emb, ids = gallery
+    out = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL).save(tmp_path / "idx")
+    header = json.loads((out / "index.json").read_text())
+    header["format_version"] = FORMAT_VERSION + 1
+    (out / "index.json").write_text(json.dumps(header))
+    with pytest.raises(IndexFormatError, match=rf"format version {FORMAT_VERSION + 1}.*reads version {FORMAT_VERSION}"):
+        LandmarkIndex.load(out)
+    header["format_version"] = FORMAT_VERSION
+    header["embedding_size"] = D + 1
+    (out / "index.json").write_text(json.dumps(header))
+    with pytest.raises(IndexFormatError, match="vectors"):
+        LandmarkIndex.load(out)
+    header["embedding_size"] = D
+    (out / "index.json").write_text(json.dumps(header))
+    (out / "vector_size.npy").unlink()
+    with pytest.raises(IndexFormatError, match="missing file"):
+        LandmarkIndex.load(out)
+    with pytest.raises(IndexFormatError, match="no index.json"):
+        LandmarkIndex.load(tmp_path)
+
+
+def test_model_mismatch_is_refused(gallery):
+    emb, ids = gallery
+    index = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL)
+    index.check_model(dict(MODEL["identity"]))  # the same model passes
+    with pytest.raises(ModelMismatchError, match=f"makes 16-d embeddings but this index holds {D}-d"):
+        index.check_model({**MODEL["identity"], "embedding_size": 16})
+    with pytest.raises(ModelMismatchError, match="not the model this index was built with"):
+        index.check_model({**MODEL["identity"], "backbone": "other"})
+    with pytest.raises(ModelMismatchError, match="16-d"):
+        index.search(np.ones((1, 16), np.float32) / 4.0)
+
+
+# ---- calibration -----------------------------------------------------------------------------
+
+
+def test_calibration_hits_the_target_fpr_on_the_calibration_set():
+    rng = np.random.default_rng(0)
+    scores = rng.permutation(np.arange(2000, dtype=np.float32) / 2000)  # distinct scores 0 .. 0.9995
+    cal = calibrate_threshold(scores, 1e-3)
+    # 2 of 2000 may pass: the two highest (0.9995, 0.999); the third (0.9985) must not
+    assert cal.n_false_positives == 2 and cal.achieved_fpr == 1e-3 and cal.n_calibration == 2000
+    assert np.float32(0.9985) < cal.threshold <= np.float32(0.999) and cal.resolved
+    assert int((scores >= cal.threshold).sum()) == 2
+    cal = calibrate_threshold(scores, 1e-2)
+    assert cal.n_false_positives == 20 and int((scores >= cal.threshold).sum()) == 20
+
+
+def test_calibration_with_ties_is_conservative():
+    scores = np.array([0.1] * 95 + [0.9] * 5, dtype=np.float32)
+    cal = calibrate_threshold(scores, 0.03)  # 3 allowed, but 5 tie at the top: none pass
+    assert cal.n_false_positives == 0 and cal.threshold > 0.9
+
+
+def test_calibration_refuses_a_set_too_small_for_the_fpr(caplog):
+    scores = np.linspace(0, 1, 999, dtype=np.float32)
+    with pytest.raises(CalibrationError, match="999 calibration images cannot resolve .* at least 1000"):
+        calibrate_threshold(scores, 1e-3)
+    with caplog.at_level(logging.WARNING):
+        cal = calibrate_threshold(scores, 1e-3, allow_unresolved=True)
+    assert "cannot resolve" in caplog.text
+    assert not cal.resolved and cal.n_false_positives == 0 and cal.threshold > scores.max()
+    with pytest.raises(CalibrationError, match="no readable calibration images"):
+        calibrate_threshold([], 1e-2)
+
+
+# ---- GPS -------------------------------------------------------------------------------------
+
+
+def test_haversine_and_radius():
+    paris, london = (48.8566, 2.3522), (51.5074, -0.1278)
+    assert haversine_km(*paris, *london) == pytest.approx(343.5, abs=1.0)
+    assert haversine_km(0, 0, 0, 180) == pytest.approx(math.pi * 6371.0088, rel=1e-9)
+    mask = within_radius(*paris, [51.5074, 48.86, np.nan], [-0.1278, 2.35, np.nan], 100)
+    assert mask.tolist() == [False, True, True]  # no coordinates: cannot judge, kept
+
+
+def _jpeg_with_gps(path, lat, lon):
+    exif = Image.Exif()
+    exif[ExifTags.IFD.GPSInfo] = {
+        ExifTags.GPS.GPSLatitudeRef: "S" if lat < 0 else "N",
+        ExifTags.GPS.GPSLatitude: _dms(abs(lat)),
+        ExifTags.GPS.GPSLongitudeRef: "W" if lon < 0 else "E",
+        ExifTags.GPS.GPSLongitude: _dms(abs(lon)),
+    }
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(path, exif=exif)
+
+
+def _dms(x):
+    d = int(x)
+    m = int((x - d) * 60)
+    return (float(d), float(m), round((x - d - m / 60) * 3600, 4))
+
+
+def test_exif_gps_round_trip(tmp_path):
+    _jpeg_with_gps(tmp_path / "a.jpg", -33.8568, 151.2153)
+    lat, lon = read_exif_gps(tmp_path / "a.jpg")
+    assert lat == pytest.approx(-33.8568, abs=1e-5) and lon == pytest.approx(151.2153, abs=1e-5)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    assert read_exif_gps(tmp_path / "b.jpg") is None
+    (tmp_path / "c.jpg").write_bytes(b"not a jpeg")
+    assert read_exif_gps(tmp_path / "c.jpg") is None
+
+
+def test_gps_csv(tmp_path):
+    (tmp_path / "gps.csv").write_text("path,lat,lon\nphotos/a.jpg,10.5,-20\n/abs/b.jpg,,\n")
+    gps = read_gps_csv(tmp_path / "gps.csv")
+    assert gps == {str(tmp_path / "photos" / "a.jpg"): (10.5, -20.0)}
+    (tmp_path / "bad.csv").write_text("path,lat,lon\na.jpg,10,\n")
+    with pytest.raises(GpsError, match="line 2"):
+        read_gps_csv(tmp_path / "bad.csv")
+    (tmp_path / "far.csv").write_text("path,lat,lon\na.jpg,91,0\n")
+    with pytest.raises(GpsError, match="line 2: coordinates .* out of range"):
+        read_gps_csv(tmp_path / "far.csv")
+
+
+def _decider(index, **kw):
+    """A Recognizer without a network: only decide() is exercised."""
+    r = Recognizer.__new__(Recognizer)
+    r.index, r.threshold, r.gps_radius_km, r.use_exif_gps = index, kw.get("threshold", 0.5), kw.get("radius"), True
+    r.gps = kw.get("gps", {})
+    r._lat = np.array([np.nan if lm["lat"] is None else lm["lat"] for lm in index.landmarks])
+    r._lon = np.array([np.nan if lm["lon"] is None else lm["lon"] for lm in index.landmarks])
+    return r
+
+
+def test_gps_filter_rejects_far_landmarks_and_falls_back_to_a_near_one(tmp_path, gallery):
+    emb, ids = gallery
+    meta = {"A": {"name": "Alpha", "lat": 48.8584, "lon": 2.2945}, "B": {"name": "Beta", "lat": 51.5007, "lon": -0.1246}}
+    index = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL, meta)
+    photo = str(tmp_path / "london.jpg")
+    scores, rows = np.array([0.9, 0.7, 0.2], np.float32), np.array([0, 1, 2])
+    plain = _decider(index).decide(photo, scores, rows)
+    assert (plain.landmark_id, plain.accepted) == ("A", True)
+    london = _decider(index, radius=50, gps={photo: (51.51, -0.12)}).decide(photo, scores, rows)
+    assert (london.landmark_id, london.score, london.accepted) == ("B", pytest.approx(0.7), True)
+    assert london.gps_rejected == ["A"] and london.gps == [51.51, -0.12]
+    assert [c["landmark_id"] for c in london.candidates] == ["A", "B", "C"]  # candidates are unfiltered
+    # EXIF GPS in the photo itself (Sydney): A and B are rejected, C has no coordinates and stays
+    _jpeg_with_gps(photo, -33.86, 151.21)
+    sydney = _decider(index, radius=50).decide(photo, scores, rows)
+    assert (sydney.landmark_id, sydney.accepted, sydney.gps_rejected) == ("C", False, ["A", "B"])
+    # nothing left within the radius: no landmark at all
+    nowhere = _decider(index, radius=50).decide(photo, scores[:2], rows[:2])
+    assert nowhere.landmark_id is None and not nowhere.accepted and nowhere.score is None
+
+
+# ---- inputs and albums ---------------------------------------------------------------------
+
+
+def test_expand_paths(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/b.jpg", "d/sub/a.PNG", "d/notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("# photos\nd/b.jpg\n\n/abs/missing.jpg\n")
+    got = expand_paths([tmp_path / "d", tmp_path / "list.txt", tmp_path / "gone.jpg"])
+    assert got == [str(tmp_path / "d/b.jpg"), str(tmp_path / "d/sub/a.PNG"), str(tmp_path / "d/b.jpg"),
+                   "/abs/missing.jpg", str(tmp_path / "gone.jpg")]
+
+
+def test_albums_group_and_write(tmp_path):
+    for name, colour in (("p1.jpg", (200, 0, 0)), ("p2.jpg", (0, 200, 0)), ("p3.jpg", (0, 0, 200))):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / name)
+    results = [
+        Recognition(str(tmp_path / "p1.jpg"), "7", "Tower", 0.8, True, "Paris"),
+        Recognition(str(tmp_path / "p2.jpg"), "7", "Tower", 0.9, True, "Paris"),
+        Recognition(str(tmp_path / "p3.jpg"), "9", "Bridge <b>", 0.95, True, None),
+        Recognition(str(tmp_path / "p4.jpg"), "9", "Bridge <b>", 0.3, False, None),
+        Recognition(str(tmp_path / "bad.jpg"), error="bad.jpg: not an image"),
+    ]
+    albums = group_albums(results)
+    assert [a["landmark_id"] for a in albums["albums"]] == ["7", "9"]
+    assert [p["score"] for p in albums["albums"][0]["photos"]] == [0.9, 0.8]
+    assert [(c["city"], c["landmarks"], c["n_photos"]) for c in albums["cities"]] == [
+        ("Paris", ["7"], 2), ("Other places", ["9"], 1)]
+    assert albums["unrecognised"] == [str(tmp_path / "p4.jpg")]
+    assert albums["counts"] == {"photos": 5, "recognised": 3, "unrecognised": 1, "unreadable": 1, "albums": 2}
+    out = tmp_path / "out"
+    written = write_albums(albums, out, thumb_size=32)
+    data = json.loads((out / "albums.json").read_text())
+    thumbs = [p["thumbnail"] for a in data["albums"] for p in a["photos"]]
+    assert len(thumbs) == 3 and all((out / t).is_file() for t in thumbs)
+    assert max(Image.open(out / thumbs[0]).size) == 32
+    page = (out / "index.html").read_text()
+    assert page.count("<figure>") == 3 and "Bridge &lt;b&gt;" in page and "Bridge <b>" not in page
+    assert all(f'src="{t}"' in page for t in thumbs) and "bad.jpg: not an image" in page
+    assert written["html"] == str(out / "index.html")
