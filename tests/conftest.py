@@ -27,3 +27,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """In-process fits leave their wandb run open, and a later WandbLogger would silently reuse it
+    (Lightning attaches to ``wandb.run`` when one exists): close it after every test."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

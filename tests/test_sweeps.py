@@ -390,7 +390,7 @@ def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
         config = yaml.safe_load(capsys.readouterr().out)
         assert config["data"]["seed"] == config["seed_everything"] == 0
         identity = run_identity(config)
-        assert identity.loss == Path(run.parameters["config.loss"]).stem
+        assert identity.loss == Path(run.parameters["config.loss"]).stem.replace("_", "-")
         assert identity.curriculum == (Path(run.parameters["config.curriculum"]).stem == "curriculum")
         groups.add(identity.group)
     assert len(groups) == len(losses) * len(curricula)
