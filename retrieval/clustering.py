@@ -19,7 +19,7 @@ Linkage = Literal["average", "complete", "single", "weighted", "ward", "centroid
 # is 2 x cosine distance, and the threshold is converted so it still reads as cosine distance.
 _EUCLIDEAN_LINKAGES = ("ward", "centroid", "median")
 
-__all__ = ["Linkage", "agglomerative_clusters", "cluster_centroids", "unit_rows"]
+__all__ = ["Linkage", "agglomerative_clusters", "cluster_centroids", "condensed_cosine_distances", "unit_rows"]
 
 
 def unit_rows(embeddings: np.ndarray, what: str = "embeddings") -> np.ndarray:
@@ -34,6 +34,26 @@ def unit_rows(embeddings: np.ndarray, what: str = "embeddings") -> np.ndarray:
     if (norms == 0).any():
         raise ValueError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros")
     return x / norms
+
+
+def condensed_cosine_distances(unit: np.ndarray, block_rows: int = 256) -> np.ndarray:
+    """Cosine distances of unit rows in scipy's condensed order (float64, ``n(n-1)/2``).
+
+    Computed with BLAS in row blocks: several times faster than fastcluster's own cosine
+    ``pdist``, and never holds the full ``n x n`` matrix (peak: the condensed vector + one block).
+    """
+    n = len(unit)
+    out = np.empty(n * (n - 1) // 2, dtype=np.float64)
+    start = 0
+    for a in range(0, n, block_rows):
+        b = min(n, a + block_rows)
+        block = 1.0 - unit[a:b] @ unit[a:].T  # rows a..b-1 against columns a..n-1
+        np.clip(block, 0.0, 2.0, out=block)
+        for i in range(a, b):
+            row = block[i - a, i - a + 1:]
+            out[start:start + len(row)] = row
+            start += len(row)
+    return out
 
 
 def agglomerative_clusters(
@@ -59,7 +79,7 @@ def agglomerative_clusters(
         tree = fastcluster.linkage_vector(x, method=linkage, metric="euclidean")
         cut = float(np.sqrt(2.0 * max(distance_threshold, 0.0)))
     else:
-        tree = fastcluster.linkage(x, method=linkage, metric="cosine")
+        tree = fastcluster.linkage(condensed_cosine_distances(x), method=linkage)
         cut = float(distance_threshold)
     raw = fcluster(tree, t=cut, criterion="distance")
     _, first, inverse, counts = np.unique(raw, return_index=True, return_inverse=True, return_counts=True)

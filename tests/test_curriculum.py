@@ -323,3 +323,22 @@ def test_ddp_ranks_agree_on_stage_classes_and_imprinted_weights(tiny_world, tmp_
             assert a[key] == b[key], (key, a["step"])
     first_switch = next(r for r in rank0 if r["stage"] == 1)
     assert len(first_switch["active"]) == 8 and first_switch["lr"] == pytest.approx(0.5e-3)
+
+
+def test_step_lengths_switch_at_the_first_epoch_boundary_after_them_and_warmup_ramps_lr():
+    from types import SimpleNamespace
+
+    curriculum = Curriculum([Stage(steps=5), Stage(lr=0.5, warmup_steps=4)])
+    curriculum.stage_index, curriculum.base_lrs = 0, [0.1]
+    group = {"lr": 0.1}
+    trainer = SimpleNamespace(current_epoch=1, global_step=3, optimizers=[SimpleNamespace(param_groups=[group])])
+    assert not curriculum._stage_over(trainer)  # 3 steps done: the next epoch is still stage 0
+    trainer.global_step = 6
+    assert curriculum._stage_over(trainer)
+    curriculum.stage_index, curriculum.stage_start_step = 1, 6
+    lrs = []
+    for step in range(6, 12):
+        trainer.global_step = step
+        curriculum.on_train_batch_start(trainer, None, None, 0)
+        lrs.append(group["lr"])
+    assert lrs == pytest.approx([0.0125, 0.025, 0.0375, 0.05, 0.05, 0.05])

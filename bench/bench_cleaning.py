@@ -1,0 +1,222 @@
+"""Benchmark: ``landmarks clean`` on 1M embeddings of 50k long-tailed landmarks vs naive clustering.
+
+Data (generated in chunks straight into a memory-mapped .npy, never held whole in memory):
+``--landmarks`` landmarks whose sizes follow a power law ``max(--min-size, round(--largest x
+(rank+1)^-a))`` with ``a`` chosen so that they sum to ``--rows``; each landmark has 1-3 shooting
+angles (view centre = normalise(landmark centre + N(0, 1.5/d I)); an image = normalise(view centre
++ N(0, (1/3)/d I)), so images of one angle are ~0.25 apart in cosine distance, of two angles ~0.7,
+of two landmarks ~1.0). ``--noise`` of the rows are wrong labels: half another landmark's image,
+half a random direction (no landmark). ``--duplicates`` landmarks repeat another one's angles.
+Rows are shuffled, as in a real database. Ground truth goes into the manifest (``is_noise``,
+``true_landmark_id``), so the run also reports precision/recall.
+
+Method
+------
+* ``clean``: a fresh subprocess runs :func:`cleaning.command.clean_manifest` (the code behind
+  ``landmarks clean --embeddings``) on the generated manifest + .npy with ``--jobs`` worker
+  processes, no HTML report (the images do not exist), and writes ``clean.csv`` and
+  ``summary.json``. Wall time covers the whole call (reading the manifest, the algorithm, the
+  FAISS steps, writing the outputs), not interpreter start-up.
+* ``naive``: a fresh subprocess per size runs one agglomerative clustering (average linkage,
+  cosine, :func:`retrieval.clustering.agglomerative_clusters`: BLAS distances + fastcluster) over
+  the first ``n`` rows of the database, ignoring landmarks — what "cluster the whole database"
+  costs. Its O(n²) time and memory are extrapolated to ``--rows``.
+* Peak memory = ``ru_maxrss`` of the subprocess and of its children (the clustering workers). It
+  includes pages of the memory-mapped embeddings file that the process touched (file-backed, the
+  kernel can drop them under pressure); the input alone is ``rows x dim x 4`` bytes.
+
+Usage::
+
+    python bench/bench_cleaning.py                 # the BENCHMARKS.md setting (~10 min on 2 cores)
+    python bench/bench_cleaning.py --small         # 50k rows, 2.5k landmarks: a ~1 minute check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def landmark_sizes(rows: int, landmarks: int, largest: int, min_size: int) -> np.ndarray:
+    """Power-law sizes summing to ~``rows`` with the largest class ``largest`` (bisection on the exponent)."""
+    rank = np.arange(1, landmarks + 1, dtype=np.float64)
+
+    def sizes(a: float) -> np.ndarray:
+        return np.maximum(min_size, np.round(largest * rank ** -a)).astype(np.int64)
+
+    lo, hi = 0.01, 5.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if sizes(mid).sum() < rows else (mid, hi)
+    return sizes(hi)
+
+
+def generate(folder: Path, args) -> dict:
+    """Write ``emb.npy`` + ``db.csv`` (with ground truth) into ``folder``; return what was made."""
+    import pandas as pd
+
+    rng = np.random.default_rng(args.seed)
+    d = args.dim
+    sizes = landmark_sizes(args.rows, args.landmarks, args.largest, args.min_size)
+    n = int(sizes.sum())
+    ids = np.arange(args.landmarks) + 100000
+    structure = np.arange(args.landmarks)  # duplicates show another landmark's structure
+    dup = rng.choice(np.arange(1, args.landmarks), size=args.duplicates, replace=False)
+    originals = np.setdiff1d(np.arange(args.landmarks), dup)
+    structure[dup] = rng.choice(originals, size=args.duplicates, replace=False)
+    num_views = rng.integers(1, 4, size=args.landmarks)
+
+    def views_of(k: int) -> np.ndarray:
+        # Deterministic per structure, so a duplicate sees the very same angles.
+        g = np.random.default_rng([args.seed, int(k)])
+        centre = g.standard_normal(d)
+        centre /= np.linalg.norm(centre)
+        v = centre + np.sqrt(1.5 / d) * g.standard_normal((int(num_views[k]), d))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    emb = np.lib.format.open_memmap(folder / "emb.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    position = rng.permutation(n)  # row order of the database: shuffled
+    label = np.repeat(np.arange(args.landmarks), sizes)
+    noisy = rng.random(n) < args.noise
+    no_landmark = noisy & (rng.random(n) < 0.5)
+    shown = structure[label].copy()  # the structure each image really shows (-1: none)
+    wrong = noisy & ~no_landmark
+    other = rng.choice(originals, size=int(wrong.sum()))
+    clash = other == structure[label[wrong]]
+    other[clash] = originals[(np.searchsorted(originals, other[clash]) + 1) % len(originals)]
+    shown[wrong] = other
+    shown[no_landmark] = -1
+    start = 0
+    chunk_rows = 1 << 16
+    order = np.argsort(shown, kind="stable")  # generate structure by structure, in chunks
+    for s in range(0, n, chunk_rows):
+        rows = order[s:s + chunk_rows]
+        block = np.empty((len(rows), d), dtype=np.float32)
+        for k in np.unique(shown[rows]):
+            mask = shown[rows] == k
+            m = int(mask.sum())
+            if k < 0:
+                x = rng.standard_normal((m, d))
+            else:
+                v = views_of(int(k))
+                x = v[rng.integers(0, len(v), size=m)] + np.sqrt((1 / 3) / d) * rng.standard_normal((m, d))
+            block[mask] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        emb[position[rows]] = block
+        start += len(rows)
+    emb.flush()
+    del emb
+    true_id = np.where(shown >= 0, ids[np.maximum(shown, 0)], -1)
+    table = pd.DataFrame({
+        "path": [f"img/{i}.jpg" for i in range(n)],
+        "landmark_id": np.empty(n, dtype=object),
+        "is_noise": np.empty(n, dtype=object),
+        "true_landmark_id": np.empty(n, dtype=object),
+    })
+    table.loc[position, "landmark_id"] = ids[label].astype(str)
+    table.loc[position, "is_noise"] = noisy.astype(int).astype(str)
+    table.loc[position, "true_landmark_id"] = np.where(true_id >= 0, true_id.astype(str), "")
+    table.to_csv(folder / "db.csv", index=False)
+    return {"rows": n, "landmarks": args.landmarks, "largest": int(sizes.max()), "smallest": int(sizes.min()),
+            "median_size": float(np.median(sizes)), "noise_rows": int(noisy.sum()), "duplicates": args.duplicates,
+            "sum_of_squared_sizes": int((sizes.astype(np.float64) ** 2).sum())}
+
+
+def _peak_mib() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mib": round(own, 1), "peak_child_rss_mib": round(children, 1)}
+
+
+def run_clean(folder: Path, jobs: int) -> dict:
+    from cleaning.algorithm import CleaningParams
+    from cleaning.command import clean_manifest
+
+    start = time.perf_counter()
+    result = clean_manifest(folder / "db.csv", folder / "out", embeddings=str(folder / "emb.npy"),
+                            params=CleaningParams(), jobs=jobs, report=False, progress=False)
+    seconds = time.perf_counter() - start
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    return {"seconds": round(seconds, 2), **_peak_mib(), "counts": result.counts(),
+            "ground_truth": {k: summary["ground_truth"][k] for k in ("removal", "duplicates")}}
+
+
+def run_naive(folder: Path, n: int) -> dict:
+    from retrieval.clustering import agglomerative_clusters
+
+    x = np.load(folder / "emb.npy", mmap_mode="r", allow_pickle=False)
+    sample = np.ascontiguousarray(x[:n])
+    start = time.perf_counter()
+    labels = agglomerative_clusters(sample, 0.5, "average")
+    seconds = time.perf_counter() - start
+    return {"n": n, "seconds": round(seconds, 2), **_peak_mib(), "clusters": int(labels.max() + 1),
+            "condensed_matrix_mib": round(n * (n - 1) / 2 * 8 / 2**20, 1)}
+
+
+def _subprocess(*argv: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--landmarks", type=int, default=50_000)
+    parser.add_argument("--largest", type=int, default=5000)
+    parser.add_argument("--min-size", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--duplicates", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--naive-sizes", default="10000,20000", help="comma-separated n for the naive clustering")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="50k rows, 2.5k landmarks (largest 250), naive n=5000")
+    parser.add_argument("--keep", default=None, help="folder to generate into and keep (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", nargs=3, metavar=("WHAT", "FOLDER", "ARG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        what, folder, arg = args.child
+        out = run_clean(Path(folder), int(arg)) if what == "clean" else run_naive(Path(folder), int(arg))
+        print(json.dumps(out))
+        return
+    if args.small:
+        args.rows, args.landmarks, args.largest, args.duplicates, args.naive_sizes = 50_000, 2500, 250, 10, "5000"
+
+    with tempfile.TemporaryDirectory(prefix="bench-cleaning-") as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        data = generate(folder, args)
+        data["generate_seconds"] = round(time.perf_counter() - start, 1)
+        print(f"data: {json.dumps(data)}", flush=True)
+        results = {"data": data, "jobs": args.jobs, "cpus": os.cpu_count(), "naive": []}
+        results["clean"] = _subprocess("--child", "clean", str(folder), str(args.jobs))
+        print(f"clean: {json.dumps(results['clean'])}", flush=True)
+        for n in [int(s) for s in args.naive_sizes.split(",") if s]:
+            naive = _subprocess("--child", "naive", str(folder), str(n))
+            scale = (data["rows"] / n) ** 2
+            naive["extrapolated_to_rows"] = {"hours": round(naive["seconds"] * scale / 3600, 1),
+                                             "condensed_matrix_gib": round(naive["condensed_matrix_mib"] * scale / 1024, 1)}
+            results["naive"].append(naive)
+            print(f"naive: {json.dumps(naive)}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

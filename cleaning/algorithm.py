@@ -1,0 +1,641 @@
+"""The cleaning decisions, on embedding arrays (no images, no files): Boiarov & Tyantov, §3.1.
+
+1. **Per landmark** (in parallel, one landmark at a time per worker, so memory follows the largest
+   class and never the database): agglomerative clustering of the landmark's embeddings
+   (:func:`retrieval.clustering.agglomerative_clusters`, cosine distance, dendrogram cut at
+   ``distance_threshold``). A cluster is *valid* if it holds at least ``min_cluster_size``
+   images and at least ``min_cluster_fraction`` of the landmark's readable images. An image
+   outside the valid clusters is noise (``small_cluster``) unless it lies within
+   ``attach_distance`` of a valid cluster's centroid (then it is attached to that cluster: an
+   unusual photo of a known angle that the cut split off). A landmark without a valid cluster is
+   dropped (``landmark_dropped``). Several valid clusters are normal: one per typical shooting angle.
+2. **Duplicates.** The centroids of all valid clusters go into a FAISS inner-product index. Two
+   landmarks are the same structure under two ids when, for *each* of them, at least
+   ``duplicate_min_share`` of its clustered images lie in clusters whose centroid is within cosine
+   distance ``duplicate_distance`` of a valid cluster of the other. Connected pairs form groups;
+   ``duplicates="merge"`` relabels a group to its largest member, ``"flag"`` only records it.
+3. **Images closer to another landmark.** A kept image whose best similarity to another
+   landmark's (another group's) valid centroids exceeds its best similarity to its own by more
+   than ``reassign_margin`` is removed (``other_landmark``).
+4. **Non-landmark pool (optional).** With non-landmark embeddings given, a kept image within
+   cosine distance ``nonlandmark_distance`` of a non-landmark image, or (``nonlandmark_margin``)
+   more similar to a non-landmark image than to its landmark's nearest centroid by more than the
+   margin, is removed (``near_nonlandmark``).
+
+Rows marked invalid (unreadable images) are removed first (``unreadable``). Every decision has a
+reason string starting with its code; the codes are :data:`REASONS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from retrieval.clustering import Linkage, agglomerative_clusters
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REASONS", "CleaningParams", "CleaningResult", "LandmarkClusters", "clean_embeddings", "cluster_landmark"]
+
+#: Reason codes, in order of precedence (the first that applies is reported).
+REASONS = ("unreadable", "landmark_dropped", "small_cluster", "other_landmark", "near_nonlandmark")
+
+# Rows whose norm is below this are "no embedding" (embed_paths writes all-zero rows for them).
+_ZERO_NORM = 1e-12
+# Landmarks are handed to worker processes in batches of at least this many rows (fewer IPC
+# round trips for the long tail of tiny classes).
+_TASK_ROWS = 4096
+# Rows per FAISS query chunk (bounds the float32 copy of the queries).
+_QUERY_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class CleaningParams:
+    """Every constant of the algorithm. The defaults were tuned on the synthetic demo world with a
+    model trained on its noisy DB (EXPERIMENTS.md, "Database cleaning"); a model trained on clean
+    data separates noise better and prefers a looser cut without steps 3-4 (see there).
+
+    Attributes:
+        distance_threshold: cosine distance at which each landmark's dendrogram is cut.
+        linkage: ``average`` (default), ``complete``, ``single``, ``weighted``, ``ward``, ...
+        min_cluster_size: a valid cluster has at least this many images ...
+        min_cluster_fraction: ... and at least this share of its landmark's readable images.
+        attach_distance: an image outside the valid clusters whose cosine distance to the nearest
+            valid centroid of its landmark is at most this is kept, attached to that cluster (an
+            unusual photo of a known angle, split off by the dendrogram cut); ``None`` keeps only
+            members of valid clusters.
+        duplicate_distance: cosine distance under which two clusters' centroids coincide.
+        duplicate_min_share: share of each landmark's clustered images that must lie in coinciding
+            clusters for the pair to count as duplicates.
+        duplicates: ``merge`` (relabel to the group's largest id) or ``flag`` (record only).
+        reassign_margin: remove an image when another landmark's best centroid similarity exceeds
+            its own landmark's by more than this (0 = any image closer to another landmark);
+            ``None`` disables step 3 (duplicates are still found).
+        nonlandmark_distance: with a non-landmark pool, remove images within this cosine
+            distance of a non-landmark image; ``None`` disables this test.
+        nonlandmark_margin: with a non-landmark pool, also remove images whose similarity to the
+            nearest non-landmark image exceeds their similarity to their landmark's nearest valid
+            centroid by more than this (closer to the non-landmarks than to their own landmark);
+            ``None`` disables this test.
+        neighbours: FAISS neighbours retrieved per query (centroids are few per landmark).
+        index: FAISS index over centroids/pool: ``flat`` (exact), ``ivf``, ``hnsw`` or ``auto``
+            (exact up to ``exact_index_limit`` vectors, IVF beyond).
+        exact_index_limit: the ``auto`` switch point.
+    """
+
+    distance_threshold: float = 0.4
+    linkage: Linkage = "average"
+    min_cluster_size: int = 3
+    min_cluster_fraction: float = 0.05
+    attach_distance: float | None = 0.7
+    duplicate_distance: float = 0.06
+    duplicate_min_share: float = 0.5
+    duplicates: Literal["merge", "flag"] = "merge"
+    reassign_margin: float | None = 0.2
+    nonlandmark_distance: float | None = None
+    nonlandmark_margin: float | None = 0.3
+    neighbours: int = 10
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    exact_index_limit: int = 20000
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.distance_threshold <= 2.0:
+            problems.append(f"distance_threshold must be in [0, 2], got {self.distance_threshold}")
+        if self.linkage not in ("average", "complete", "single", "weighted", "ward", "centroid", "median"):
+            problems.append(f"unknown linkage {self.linkage!r}")
+        if self.min_cluster_size < 1:
+            problems.append(f"min_cluster_size must be >= 1, got {self.min_cluster_size}")
+        if not 0.0 <= self.min_cluster_fraction <= 1.0:
+            problems.append(f"min_cluster_fraction must be in [0, 1], got {self.min_cluster_fraction}")
+        if not 0.0 <= self.duplicate_distance <= 2.0:
+            problems.append(f"duplicate_distance must be in [0, 2], got {self.duplicate_distance}")
+        if not 0.0 < self.duplicate_min_share <= 1.0:
+            problems.append(f"duplicate_min_share must be in (0, 1], got {self.duplicate_min_share}")
+        if self.duplicates not in ("merge", "flag"):
+            problems.append(f"duplicates must be 'merge' or 'flag', got {self.duplicates!r}")
+        if self.reassign_margin is not None and not -2.0 <= self.reassign_margin <= 2.0:
+            problems.append(f"reassign_margin must be in [-2, 2] or None, got {self.reassign_margin}")
+        if self.attach_distance is not None and not 0.0 <= self.attach_distance <= 2.0:
+            problems.append(f"attach_distance must be in [0, 2] or None, got {self.attach_distance}")
+        if self.nonlandmark_margin is not None and not -2.0 <= self.nonlandmark_margin <= 2.0:
+            problems.append(f"nonlandmark_margin must be in [-2, 2] or None, got {self.nonlandmark_margin}")
+        if self.nonlandmark_distance is not None and not 0.0 <= self.nonlandmark_distance <= 2.0:
+            problems.append(f"nonlandmark_distance must be in [0, 2] or None, got {self.nonlandmark_distance}")
+        if self.neighbours < 1:
+            problems.append(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.index not in ("auto", "flat", "ivf", "hnsw"):
+            problems.append(f"index must be auto, flat, ivf or hnsw, got {self.index!r}")
+        if problems:
+            raise ValueError("invalid cleaning parameters: " + "; ".join(problems))
+
+    def min_size(self, n: int) -> int:
+        """Smallest valid cluster of a landmark with ``n`` readable images."""
+        return max(self.min_cluster_size, math.ceil(self.min_cluster_fraction * n - 1e-9))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LandmarkClusters:
+    """One landmark's clustering.
+
+    Attributes:
+        labels: per row, its cluster ``0..K-1`` among *all* clusters found, numbered by
+            decreasing size; the first ``num_valid`` clusters are the valid ones.
+        sizes: sizes of all clusters, decreasing.
+        min_size: the size a cluster needed to be valid.
+        centroids: float32 ``[num_valid, d]`` unit-norm means of the valid clusters.
+        own_similarity: per row, the best cosine similarity to a valid centroid (NaN if none).
+        assignment: per row, the valid cluster it is kept in (its own, or the nearest one it was
+            attached to), or -1.
+    """
+
+    labels: np.ndarray
+    sizes: np.ndarray
+    min_size: int
+    centroids: np.ndarray
+    own_similarity: np.ndarray
+    assignment: np.ndarray
+
+    @property
+    def num_valid(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def attached(self) -> np.ndarray:
+        """Rows kept by ``attach_distance`` although their own cluster is too small."""
+        return (self.assignment >= 0) & (self.labels >= self.num_valid)
+
+
+def cluster_landmark(embeddings: np.ndarray, params: CleaningParams) -> LandmarkClusters:
+    """Step 1 for one landmark: its rows (finite, non-zero) → valid clusters and their centroids."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("cluster_landmark: a landmark with no rows")
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    labels = agglomerative_clusters(unit, params.distance_threshold, params.linkage).astype(np.int32)
+    sizes = np.bincount(labels)
+    min_size = params.min_size(n)
+    k = int((sizes >= min_size).sum())  # clusters are numbered by decreasing size: valid ones first
+    if k == 0:
+        return LandmarkClusters(labels, sizes, min_size, np.zeros((0, d), np.float32),
+                                np.full(n, np.nan, np.float32), np.full(n, -1, np.int32))
+    sums = np.zeros((k, d))
+    inside = labels < k
+    np.add.at(sums, labels[inside], unit[inside])
+    centroids = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    similarity = unit @ centroids.T
+    own = similarity.max(axis=1)
+    assignment = np.where(inside, labels, -1).astype(np.int32)
+    if params.attach_distance is not None:
+        attach = ~inside & (1.0 - own <= params.attach_distance)
+        assignment[attach] = similarity[attach].argmax(axis=1)
+    return LandmarkClusters(labels, sizes, min_size, centroids.astype(np.float32), own.astype(np.float32), assignment)
+
+
+# ---- parallel step 1 ----------------------------------------------------------------------------
+
+_WORKER_ROWS: np.ndarray | None = None
+
+
+def _init_worker(path: str) -> None:
+    global _WORKER_ROWS
+    _WORKER_ROWS = np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _cluster_spans(spans: list[tuple[int, int]], params: CleaningParams) -> list[LandmarkClusters]:
+    return [cluster_landmark(np.asarray(_WORKER_ROWS[a:b]), params) for a, b in spans]
+
+
+def _cluster_all(embeddings: np.ndarray, groups: list[np.ndarray], params: CleaningParams, n_jobs: int,
+                 progress: bool) -> list[LandmarkClusters]:
+    """Step 1 for every landmark; ``groups[j]`` are landmark j's row numbers (non-empty)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(g) for g in groups), desc="clustering landmarks", unit="img", disable=not progress)
+    if n_jobs <= 1 or len(groups) <= 1:
+        out = []
+        for rows in groups:
+            out.append(cluster_landmark(embeddings[rows], params))
+            bar.update(len(rows))
+        bar.close()
+        return out
+
+    # Workers read the rows from a memory-mapped file, landmark by landmark in one contiguous
+    # span each: nothing database-sized is pickled or held per worker, and a worker's memory is
+    # that of the landmarks it is clustering.
+    with tempfile.TemporaryDirectory(prefix="landmark-cleaning-") as tmp:
+        path = os.path.join(tmp, "rows.npy")
+        total = sum(len(g) for g in groups)
+        rows_file = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, embeddings.shape[1]))
+        spans, start = [], 0
+        for rows in groups:
+            rows_file[start:start + len(rows)] = embeddings[rows]
+            spans.append((start, start + len(rows)))
+            start += len(rows)
+        rows_file.flush()
+        del rows_file
+        # Biggest landmarks first (their quadratic cost dominates; started late they would leave
+        # one core busy alone at the end), then the tail batched into tasks of >= _TASK_ROWS rows.
+        order = sorted(range(len(groups)), key=lambda j: -len(groups[j]))
+        tasks: list[list[int]] = []
+        current: list[int] = []
+        size = 0
+        for j in order:
+            current.append(j)
+            size += len(groups[j])
+            if size >= _TASK_ROWS:
+                tasks.append(current)
+                current, size = [], 0
+        if current:
+            tasks.append(current)
+        out: list[LandmarkClusters | None] = [None] * len(groups)
+        # spawn, not fork: the caller may hold threads (torch, faiss/OpenMP) that fork would break.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(path,)) as pool:
+            futures = [(task, pool.submit(_cluster_spans, [spans[j] for j in task], params)) for task in tasks]
+            for task, future in futures:
+                for j, result in zip(task, future.result()):
+                    out[j] = result
+                bar.update(sum(len(groups[j]) for j in task))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+
+# ---- FAISS helpers ------------------------------------------------------------------------------
+
+
+def _index(vectors: np.ndarray, params: CleaningParams):
+    from retrieval.index import build_index
+
+    kind = params.index
+    if kind == "auto":
+        kind = "flat" if len(vectors) <= params.exact_index_limit else "ivf"
+    return build_index(np.ascontiguousarray(vectors, dtype=np.float32), kind=kind)
+
+
+def _unit32(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _search_rows(index, embeddings: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` search for ``embeddings[rows]``, chunked so no database-sized copy is made."""
+    from retrieval.index import search
+
+    k = min(k, index.ntotal)
+    scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(rows), k), -1, dtype=np.int64)
+    for s in range(0, len(rows), _QUERY_CHUNK):
+        chunk = _unit32(embeddings[rows[s:s + _QUERY_CHUNK]])
+        scores[s:s + len(chunk)], ids[s:s + len(chunk)] = search(index, chunk, k)
+    return scores, ids
+
+
+def _find_duplicates(index, centroids: np.ndarray, owner: np.ndarray, csize: np.ndarray, uniques: np.ndarray,
+                     params: CleaningParams) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Step 2: each landmark's group (its canonical landmark's code) and the groups found.
+
+    The returned groups carry their evidence: every pair of landmarks with at least one pair of
+    coinciding clusters, with the shares of images involved, whether or not it was accepted.
+    """
+    from retrieval.index import search
+
+    num_landmarks = len(uniques)
+    k = min(params.neighbours + 1, index.ntotal)
+    scores, hits = search(index, centroids, k)
+    src = np.repeat(np.arange(len(centroids)), k)
+    dst, sim = hits.ravel(), scores.ravel()
+    ok = (dst >= 0) & (1.0 - sim <= params.duplicate_distance)
+    src, dst, sim = src[ok], dst[ok], sim[ok]
+    ok = owner[src] != owner[dst]
+    src, dst, sim = src[ok], dst[ok], sim[ok]
+    pairs: dict[tuple[int, int], list] = {}
+    for c, h, s in zip(src.tolist(), dst.tolist(), sim.tolist()):
+        a, b = owner[c], owner[h]
+        if a > b:
+            a, b, c, h = b, a, h, c
+        entry = pairs.setdefault((int(a), int(b)), [set(), set(), 2.0])
+        entry[0].add(c)
+        entry[1].add(h)
+        entry[2] = min(entry[2], 1.0 - s)
+    clustered = np.bincount(owner, weights=csize, minlength=num_landmarks)
+    parent = list(range(num_landmarks))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    evidence: list[dict] = []
+    grouped_codes: set[int] = set()
+    for (a, b), (ca, cb, dist) in sorted(pairs.items()):
+        share_a = float(csize[sorted(ca)].sum() / clustered[a])
+        share_b = float(csize[sorted(cb)].sum() / clustered[b])
+        accepted = min(share_a, share_b) >= params.duplicate_min_share
+        evidence.append({"landmarks": [str(uniques[a]), str(uniques[b])], "distance": round(float(dist), 4),
+                         "shares": [round(share_a, 4), round(share_b, 4)], "duplicate": bool(accepted)})
+        if accepted:
+            parent[root(a)] = root(b)
+            grouped_codes.update((a, b))
+    components: dict[int, list[int]] = {}
+    for j in sorted(grouped_codes):
+        components.setdefault(root(j), []).append(j)
+    group = np.arange(num_landmarks)
+    groups: list[dict] = []
+    for member_codes in components.values():
+        order = {lid: i for i, lid in enumerate(_id_order([str(uniques[j]) for j in member_codes]))}
+        # The group's id: its member with the most clustered images (ties: the first id).
+        canonical = max(member_codes, key=lambda j: (clustered[j], -order[str(uniques[j])]))
+        group[member_codes] = canonical
+        names = {str(uniques[j]) for j in member_codes}
+        groups.append({
+            "landmark_id": str(uniques[canonical]),
+            "members": sorted(names, key=order.get),
+            "evidence": [e for e in evidence if e["duplicate"] and set(e["landmarks"]) <= names],
+        })
+    groups.sort(key=lambda g: g["landmark_id"])
+    return group, groups, evidence
+
+
+# ---- the whole algorithm ------------------------------------------------------------------------
+
+
+@dataclass
+class CleaningResult:
+    """Decisions for every input row, and what led to them.
+
+    Row arrays have one entry per input row: ``keep``, ``reason`` (empty for kept rows; otherwise
+    starts with a code of :data:`REASONS`), ``reason_code``, ``cluster`` (the row's valid cluster
+    within its landmark, -1 if none), ``input_landmark_id`` (as given), ``landmark_id`` (the merged id when duplicates are merged),
+    ``duplicate_of`` (the id of the group a duplicate landmark belongs to, else ''),
+    ``other_landmark`` / ``other_similarity`` (the nearest other landmark's id and score, for
+    images of valid clusters), ``own_similarity``, ``nonlandmark_neighbour`` / ``nonlandmark_similarity``
+    (row of the nearest non-landmark image, -1 if the step did not run).
+    ``landmarks`` holds one dict per input landmark id; ``duplicate_groups`` the groups found;
+    ``duplicate_pairs`` every pair of landmarks with coinciding clusters (accepted or not).
+    """
+
+    params: CleaningParams
+    keep: np.ndarray
+    reason: np.ndarray
+    reason_code: np.ndarray
+    cluster: np.ndarray
+    input_landmark_id: np.ndarray
+    landmark_id: np.ndarray
+    duplicate_of: np.ndarray
+    own_similarity: np.ndarray
+    other_landmark: np.ndarray
+    other_similarity: np.ndarray
+    nonlandmark_neighbour: np.ndarray
+    nonlandmark_similarity: np.ndarray
+    landmarks: dict[str, dict] = field(default_factory=dict)
+    duplicate_groups: list[dict] = field(default_factory=list)
+    duplicate_pairs: list[dict] = field(default_factory=list)
+    clusters: dict[str, LandmarkClusters] = field(default_factory=dict, repr=False)
+
+    def counts(self) -> dict:
+        codes, n = np.unique(self.reason_code[~self.keep], return_counts=True)
+        return {
+            "rows": int(len(self.keep)),
+            "kept": int(self.keep.sum()),
+            "removed": int((~self.keep).sum()),
+            "removed_by_reason": {str(c): int(k) for c, k in zip(codes, n)},
+            "landmarks": len(self.landmarks),
+            "landmarks_kept": sum(1 for v in self.landmarks.values() if not v["dropped"]),
+            "landmarks_dropped": sum(1 for v in self.landmarks.values() if v["dropped"]),
+            "landmarks_after_merge": len({self.landmark_id[i] for i in np.flatnonzero(self.keep)}),
+            "duplicate_groups": len(self.duplicate_groups),
+            "valid_clusters": int(sum(v["valid_clusters"] for v in self.landmarks.values())),
+        }
+
+
+def _check_inputs(embeddings: np.ndarray, landmark_ids: Sequence[str], valid: np.ndarray | None,
+                  what: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
+    if embeddings.ndim != 2 or embeddings.shape[1] == 0:
+        raise ValueError(f"{what}: expected a 2-D array [rows, dim], got shape {embeddings.shape}")
+    if not np.issubdtype(embeddings.dtype, np.floating):
+        raise ValueError(f"{what}: expected floating point values, got dtype {embeddings.dtype}")
+    n = len(embeddings)
+    if len(landmark_ids) != n:
+        raise ValueError(f"{what} has {n} rows but there are {len(landmark_ids)} landmark ids; they must match row for row")
+    if n == 0:
+        raise ValueError(f"{what}: no rows to clean")
+    ids = np.asarray([str(i) for i in landmark_ids], dtype=object)
+    empty = np.flatnonzero([not i.strip() for i in ids])
+    if len(empty):
+        raise ValueError(f"row {empty[0]}: empty landmark id ({len(empty)} rows); every row needs its landmark's id")
+    if valid is None:
+        valid = np.ones(n, dtype=bool)
+    else:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (n,):
+            raise ValueError(f"valid has shape {valid.shape}, expected ({n},)")
+    valid = valid.copy()
+    for s in range(0, n, _QUERY_CHUNK):  # chunked: no database-sized temporaries
+        block = np.asarray(embeddings[s:s + _QUERY_CHUNK], dtype=np.float64)
+        sq = np.einsum("ij,ij->i", block, block)
+        bad = ~np.isfinite(sq) & valid[s:s + len(block)]
+        if bad.any():
+            rows = s + np.flatnonzero(bad)
+            raise ValueError(f"{what}: row {rows[0]} has NaN or inf values ({len(rows)} such rows from row {s} on); "
+                             "unreadable images must have valid=False (or an all-zero row), never NaN")
+        valid[s:s + len(block)] &= sq > _ZERO_NORM
+    return ids, valid
+
+
+def _id_order(ids: Sequence[str]) -> list[str]:
+    from datamodules.manifest import ClassMap
+
+    return list(ClassMap.from_ids(ids).landmark_ids)
+
+
+def clean_embeddings(
+    embeddings: np.ndarray,
+    landmark_ids: Sequence[str],
+    params: CleaningParams | None = None,
+    *,
+    valid: np.ndarray | None = None,
+    nonlandmark_embeddings: np.ndarray | None = None,
+    n_jobs: int = 1,
+    progress: bool = False,
+) -> CleaningResult:
+    """Decide keep/remove for every row of a landmark database.
+
+    Args:
+        embeddings: ``[n, d]`` float rows (any norm; they are L2-normalised here). May be a
+            read-only memory map: it is read in chunks and per landmark, never copied whole.
+        landmark_ids: the landmark id of each row (text).
+        params: the algorithm's constants (:class:`CleaningParams`).
+        valid: False for rows without an embedding (unreadable images); all-zero rows count as
+            invalid too. Invalid rows are removed with reason ``unreadable``.
+        nonlandmark_embeddings: ``[m, d]`` embeddings of a non-landmark pool (all-zero rows are
+            skipped) for step 4.
+        n_jobs: worker processes for the per-landmark clustering (1 = in this process).
+        progress: tqdm bars.
+
+    Raises:
+        ValueError: shapes or counts that do not match, empty ids, NaN/inf in a valid row,
+            bad parameters; the message names the row.
+    """
+    params = params or CleaningParams()
+    ids, valid = _check_inputs(embeddings, landmark_ids, valid)
+    n, d = embeddings.shape
+    uniques, codes = np.unique(ids.astype(str), return_inverse=True)
+    uniques = uniques.astype(object)
+    num_landmarks = len(uniques)
+
+    keep = valid.copy()
+    reason_code = np.full(n, "", dtype=object)
+    reason = np.full(n, "", dtype=object)
+    reason_code[~valid] = "unreadable"
+    reason[~valid] = "unreadable: the image could not be decoded (no embedding)"
+    cluster = np.full(n, -1, dtype=np.int32)
+    own_sim = np.full(n, np.nan, dtype=np.float32)
+
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(num_landmarks + 1))
+    members = [order[bounds[j]:bounds[j + 1]] for j in range(num_landmarks)]
+    readable = [rows[valid[rows]] for rows in members]
+    todo = [j for j in range(num_landmarks) if len(readable[j])]
+    log.info("cleaning %d rows of %d landmarks (%d unreadable)", n, num_landmarks, int((~valid).sum()))
+    results = _cluster_all(embeddings, [readable[j] for j in todo], params, n_jobs, progress)
+    per_landmark: dict[int, LandmarkClusters] = dict(zip(todo, results))
+
+    # Step 1 decisions, and the table of valid centroids for steps 2 and 3.
+    centroid_blocks, centroid_owner, centroid_size = [], [], []
+    landmarks: dict[str, dict] = {}
+    for j in range(num_landmarks):
+        rows = readable[j]
+        lid = str(uniques[j])
+        res = per_landmark.get(j)
+        info = {"images": int(len(members[j])), "readable": int(len(rows)), "valid_clusters": 0,
+                "cluster_sizes": [], "small_clusters": [], "min_cluster_size": None, "dropped": True}
+        landmarks[lid] = info
+        if res is None:  # nothing readable: its rows are already removed as unreadable
+            continue
+        info.update(cluster_sizes=[int(s) for s in res.sizes[:res.num_valid]],
+                    small_clusters=[int(s) for s in res.sizes[res.num_valid:]],
+                    min_cluster_size=int(res.min_size), valid_clusters=res.num_valid, dropped=res.num_valid == 0)
+        cluster[rows] = res.assignment
+        own_sim[rows] = res.own_similarity
+        if res.num_valid == 0:
+            keep[rows] = False
+            reason_code[rows] = "landmark_dropped"
+            reason[rows] = (f"landmark_dropped: no cluster of >= {res.min_size} images "
+                            f"(largest {int(res.sizes.max())} of {len(rows)})")
+            continue
+        is_small = res.assignment < 0
+        small = rows[is_small]
+        if len(small):
+            sizes_of = res.sizes[res.labels[is_small]]
+            keep[small] = False
+            reason_code[small] = "small_cluster"
+            reason[small] = [f"small_cluster: in a cluster of {int(s)} < {res.min_size} images"
+                             + ("" if params.attach_distance is None else
+                                f", {1.0 - o:.3f} from the nearest kept cluster's centre (> {params.attach_distance})")
+                             for s, o in zip(sizes_of, res.own_similarity[is_small])]
+        centroid_blocks.append(res.centroids)
+        centroid_owner.extend([j] * res.num_valid)
+        centroid_size.extend(int(s) for s in res.sizes[:res.num_valid])
+
+    group = np.arange(num_landmarks)  # each landmark's duplicate group (its canonical landmark)
+    duplicate_groups: list[dict] = []
+    duplicate_pairs: list[dict] = []
+    other_landmark = np.full(n, "", dtype=object)
+    other_sim = np.full(n, np.nan, dtype=np.float32)
+    if centroid_blocks:
+        centroids = np.concatenate(centroid_blocks)
+        owner = np.asarray(centroid_owner, dtype=np.int64)
+        csize = np.asarray(centroid_size, dtype=np.int64)
+        index = _index(centroids, params)
+
+        # Step 2: duplicates.
+        group, duplicate_groups, duplicate_pairs = _find_duplicates(index, centroids, owner, csize, uniques, params)
+
+        # Step 3: images of valid clusters closer to another landmark (another group). Skipped
+        # when disabled: it is one FAISS query per kept image, the costliest step at scale.
+        if params.reassign_margin is not None:
+            rows = np.flatnonzero(keep)
+            scores, hits = _search_rows(index, embeddings, rows, params.neighbours)
+            hit_group = np.where(hits >= 0, group[owner[np.maximum(hits, 0)]], -1)
+            own_group = group[codes[rows]][:, None]
+            same = hit_group == own_group
+            other = (hit_group >= 0) & ~same
+            best_same = np.where(same, scores, -np.inf).max(axis=1)
+            own_best = np.fmax(own_sim[rows], best_same)
+            first_other = np.argmax(other, axis=1)
+            has_other = other.any(axis=1)
+            best_other = np.where(has_other, scores[np.arange(len(rows)), first_other], -np.inf)
+            other_owner = owner[np.maximum(hits[np.arange(len(rows)), first_other], 0)]
+            other_landmark[rows[has_other]] = uniques[other_owner[has_other]]
+            other_sim[rows[has_other]] = best_other[has_other]
+            own_sim[rows] = own_best
+            moved = has_other & (best_other > own_best + params.reassign_margin)
+            for r, o, s_other, s_own in zip(rows[moved], other_owner[moved], best_other[moved], own_best[moved]):
+                keep[r] = False
+                reason_code[r] = "other_landmark"
+                reason[r] = (f"other_landmark: closer to landmark {uniques[o]} ({s_other:.3f}) "
+                             f"than to its own clusters ({s_own:.3f})")
+
+    # Step 4: near the non-landmark pool.
+    nl_neighbour = np.full(n, -1, dtype=np.int64)
+    nl_sim = np.full(n, np.nan, dtype=np.float32)
+    if nonlandmark_embeddings is not None and (params.nonlandmark_distance is not None
+                                               or params.nonlandmark_margin is not None):
+        pool = np.asarray(nonlandmark_embeddings)
+        if pool.ndim != 2 or pool.shape[1] != d:
+            raise ValueError(f"non-landmark embeddings have shape {pool.shape}; expected [m, {d}] like the database")
+        _, pool_valid = _check_inputs(pool, ["-"] * len(pool), None, what="non-landmark embeddings")
+        pool_rows = np.flatnonzero(pool_valid)
+        if len(pool_rows):
+            index = _index(_unit32(pool[pool_rows]), params)
+            rows = np.flatnonzero(keep)
+            scores, hits = _search_rows(index, embeddings, rows, 1)
+            nl_sim[rows] = scores[:, 0]
+            nl_neighbour[rows] = np.where(hits[:, 0] >= 0, pool_rows[np.maximum(hits[:, 0], 0)], -1)
+            found = hits[:, 0] >= 0
+            near = np.zeros(len(rows), dtype=bool)
+            if params.nonlandmark_distance is not None:
+                near |= found & (1.0 - scores[:, 0] <= params.nonlandmark_distance)
+            if params.nonlandmark_margin is not None:
+                near |= found & (scores[:, 0] > own_sim[rows] + params.nonlandmark_margin)
+            for r in rows[near]:
+                keep[r] = False
+                reason_code[r] = "near_nonlandmark"
+                reason[r] = (f"near_nonlandmark: cosine distance {1.0 - nl_sim[r]:.3f} to non-landmark image "
+                             f"{nl_neighbour[r]}, {1.0 - own_sim[r]:.3f} to its landmark's nearest kept cluster")
+        else:
+            log.warning("non-landmark pool has no usable embedding; step 4 skipped")
+
+    new_ids = uniques[group][codes].astype(object)
+    duplicate_of = np.full(n, "", dtype=object)
+    grouped = group != np.arange(num_landmarks)
+    members_of_groups = grouped[codes] | np.isin(codes, group[grouped])
+    duplicate_of[members_of_groups] = new_ids[members_of_groups]
+    final_ids = new_ids if params.duplicates == "merge" else ids.copy()
+    in_group = grouped | np.isin(np.arange(num_landmarks), group[grouped])
+    for j in range(num_landmarks):
+        lid = str(uniques[j])
+        landmarks[lid]["kept"] = int(keep[members[j]].sum())
+        landmarks[lid]["duplicate_of"] = str(uniques[group[j]]) if in_group[j] else ""
+    return CleaningResult(
+        params=params, keep=keep, reason=reason, reason_code=reason_code, cluster=cluster,
+        input_landmark_id=ids, landmark_id=final_ids, duplicate_of=duplicate_of, own_similarity=own_sim, other_landmark=other_landmark,
+        other_similarity=other_sim, nonlandmark_neighbour=nl_neighbour, nonlandmark_similarity=nl_sim,
+        landmarks=landmarks, duplicate_groups=duplicate_groups, duplicate_pairs=duplicate_pairs,
+        clusters={str(uniques[j]): r for j, r in per_landmark.items()},
+    )

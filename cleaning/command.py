@@ -1,0 +1,363 @@
+"""``landmarks clean``: a landmark manifest in, ``clean.csv`` + ``summary.json`` + ``report.html`` out.
+
+Embeddings come from a model (a LandmarkModule checkpoint or a timm backbone with its offline
+ImageNet weights), computed with :func:`retrieval.embed.embed_paths` (cached, resumable,
+multi-GPU), or from a precomputed ``.npy``. The decisions are :mod:`cleaning.algorithm`'s.
+
+``clean.csv`` holds every input row, in input order, with the input's columns (``path`` rewritten
+relative to the output folder so the file works from there) plus:
+
+* ``decision`` — ``keep`` or ``remove`` (``LandmarkDataModule`` drops ``remove`` rows);
+* ``reason`` — empty for kept rows, else ``<code>: <details>`` (codes: unreadable,
+  landmark_dropped, small_cluster, other_landmark, near_nonlandmark);
+* ``cluster`` — the row's kept cluster within its landmark (0 = largest), -1 if none;
+* ``duplicate_of`` — for landmarks found to be duplicates, the id of their group (else empty);
+* ``original_landmark_id`` — the input's ``landmark_id``. With ``--duplicates merge`` (default)
+  ``landmark_id`` is rewritten to the group's id, so training sees one class per structure; with
+  ``--duplicates flag`` it is unchanged.
+
+The input manifest is never modified; outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from cleaning.algorithm import CleaningParams, CleaningResult, clean_embeddings
+from cleaning.truth import score_against_truth
+from datamodules.manifest import Manifest, ManifestError, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OUTPUT_COLUMNS", "add_clean_arguments", "clean_manifest", "run_clean_command"]
+
+OUTPUT_COLUMNS = ("decision", "reason", "cluster", "duplicate_of", "original_landmark_id")
+SUMMARY_FORMAT = "landmark-cleaning-summary/1"
+
+PARAM_HELP = {
+    "distance_threshold": "cosine distance at which each landmark's dendrogram is cut",
+    "linkage": "agglomerative linkage: average, complete, single, weighted, ward, centroid, median",
+    "min_cluster_size": "a kept cluster has at least this many images",
+    "min_cluster_fraction": "... and at least this share of its landmark's readable images",
+    "attach_distance": "keep an image outside the kept clusters if it is within this cosine distance of its "
+                       "landmark's nearest kept cluster centre ('none': keep cluster members only)",
+    "duplicate_distance": "cosine distance under which two landmarks' cluster centroids coincide",
+    "duplicate_min_share": "share of each landmark's clustered images in coinciding clusters for a duplicate pair",
+    "duplicates": "merge duplicate landmarks (rewrite landmark_id) or only flag them",
+    "reassign_margin": "remove an image closer to another landmark's clusters than to its own by more than this "
+                       "('none' disables)",
+    "nonlandmark_distance": "with --nonlandmarks: remove images within this cosine distance of a non-landmark "
+                            "image ('none' disables)",
+    "nonlandmark_margin": "with --nonlandmarks: remove images more similar to a non-landmark image than to their "
+                          "landmark's nearest kept cluster centre by more than this ('none' disables)",
+    "neighbours": "FAISS neighbours retrieved per query",
+    "index": "FAISS index over cluster centroids / the non-landmark pool: auto, flat, ivf, hnsw",
+    "exact_index_limit": "index=auto uses an exact index up to this many vectors, IVF beyond",
+}
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_json(obj, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, target)
+
+
+def _load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{what} {path}: not a readable .npy array without pickle ({err})") from err
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} {path}: expected a 2-D float array [rows, dim], got {array.dtype} {array.shape}")
+    return array
+
+
+def _align_embeddings(manifest: Manifest, embeddings: np.ndarray, source: str, paths_csv: str | None) -> np.ndarray:
+    """Rows of ``embeddings`` in manifest order: by ``paths_csv`` (one path per embedding row) or
+    row for row. Manifest images without an embedding row are an error naming their lines."""
+    if paths_csv is None:
+        if len(embeddings) != len(manifest):
+            raise ValueError(
+                f"{source} has {len(embeddings)} rows but {manifest.source} has {len(manifest)}; without "
+                "--embedding-paths the rows must match the manifest row for row"
+            )
+        return embeddings
+    listed = read_manifest(paths_csv, kind="nonlandmark", extra_columns="ignore")
+    if len(listed) != len(embeddings):
+        raise ValueError(f"{paths_csv} lists {len(listed)} paths but {source} has {len(embeddings)} rows")
+    row_of: dict[str, int] = {}
+    for row, path in enumerate(listed.paths):
+        key = os.path.abspath(path)
+        if key in row_of:
+            raise ValueError(f"{paths_csv}: line {row + 2}: {path} is listed twice (first on line {row_of[key] + 2})")
+        row_of[key] = row
+    wanted = [row_of.get(os.path.abspath(p), -1) for p in manifest.paths]
+    unknown = [i for i, r in enumerate(wanted) if r < 0]
+    if unknown:
+        i = unknown[0]
+        raise ValueError(
+            f"{manifest.source}: line {manifest.lines[i]}: {manifest.table['path'].iloc[i]!r} has no embedding in "
+            f"{paths_csv} ({len(unknown)} of {len(manifest)} manifest paths are unknown there)"
+        )
+    return embeddings[np.asarray(wanted)] if wanted != list(range(len(embeddings))) else embeddings
+
+
+def clean_manifest(
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    embeddings: str | None = None,
+    embedding_paths: str | None = None,
+    nonlandmarks: str | None = None,
+    nonlandmark_embeddings: str | None = None,
+    params: CleaningParams | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    jobs: int | None = None,
+    extra_columns: Literal["error", "ignore"] = "error",
+    report: bool = True,
+    report_landmarks: int = 300,
+    progress: bool = True,
+) -> CleaningResult | None:
+    """Clean ``manifest`` into ``out_dir`` (``clean.csv``, ``summary.json``, ``report.html``).
+
+    Exactly one of ``checkpoint``, ``backbone`` or ``embeddings`` (a ``.npy`` ``[rows, dim]``; rows
+    in manifest order, or in the order of ``embedding_paths``, a CSV with a ``path`` column).
+    ``nonlandmarks`` (a CSV with ``path``) enables step 4; with precomputed embeddings it needs
+    ``nonlandmark_embeddings`` (rows in its order). ``cache_dir`` defaults to
+    ``out_dir/embedding-cache``; ``jobs`` (worker processes for the clustering) defaults to the
+    CPU count for databases of 20,000 rows or more, else 1. Under DDP every rank embeds its part
+    and rank 0 alone cleans and writes (other ranks return None).
+    """
+    started = time.perf_counter()
+    params = params or CleaningParams()
+    sources = [x is not None for x in (checkpoint, backbone, embeddings)]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of checkpoint, backbone or embeddings")
+    if embeddings is None and (embedding_paths is not None or nonlandmark_embeddings is not None):
+        raise ValueError("embedding_paths / nonlandmark_embeddings only go with precomputed embeddings")
+    if embeddings is not None and nonlandmarks is not None and nonlandmark_embeddings is None:
+        raise ValueError("with precomputed embeddings, --nonlandmarks needs --nonlandmark-embeddings (rows in its order)")
+    manifest_path = Path(manifest)
+    out_dir = Path(out_dir)
+    data = read_manifest(manifest_path, kind="landmark", extra_columns=extra_columns)
+    taken = [c for c in OUTPUT_COLUMNS if c in data.table.columns]
+    if taken:
+        raise ManifestError(
+            f"{manifest_path}: already has the cleaning column(s) {taken}; clean the original manifest "
+            "(cleaning a cleaned file would mix two runs' decisions)"
+        )
+    if (out_dir / "clean.csv").resolve() == manifest_path.resolve():
+        raise ValueError(f"--out {out_dir} would overwrite the input {manifest_path}; choose another folder")
+    pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
+    input_sha = _sha256(manifest_path)
+
+    model_info: dict
+    if embeddings is not None:
+        emb = _align_embeddings(data, _load_npy(embeddings, "embeddings"), str(embeddings), embedding_paths)
+        valid = None
+        pool_emb = None
+        if pool is not None:
+            pool_emb = _load_npy(nonlandmark_embeddings, "non-landmark embeddings")
+            if len(pool_emb) != len(pool):
+                raise ValueError(f"{nonlandmark_embeddings} has {len(pool_emb)} rows but {pool.source} has {len(pool)}")
+        model_info = {"source": "embeddings", "path": str(embeddings), "sha256": _sha256(embeddings)}
+    else:
+        from retrieval.embed import embed_paths
+        from retrieval.embedding_model import load_embedding_model
+
+        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
+        every_path = data.paths + (pool.paths if pool is not None else [])
+        result = embed_paths(
+            model, every_path, batch_size=batch_size, num_workers=num_workers, accelerator=accelerator,
+            devices=devices, strategy=strategy, cache_dir=cache_dir or out_dir / "embedding-cache", progress=progress,
+        )
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return None  # rank 0 writes the outputs
+        emb, valid = result.embeddings[: len(data)], result.valid[: len(data)]
+        pool_emb = None
+        if pool is not None:
+            pool_emb = result.embeddings[len(data):]  # unreadable: all-zero rows, skipped by the algorithm
+        model_info = {"source": "model", "key": model.key, **model.identity}
+
+    if jobs is None:
+        jobs = (os.cpu_count() or 1) if len(data) >= 20000 else 1
+    try:
+        result = clean_embeddings(emb, data.landmark_ids, params, valid=valid, nonlandmark_embeddings=pool_emb,
+                                  n_jobs=jobs, progress=progress)
+    except ValueError as err:
+        # The algorithm names rows; users need the manifest's lines and files.
+        message = str(err)
+        if message.startswith("embeddings: row "):
+            row = int(message.split()[2])
+            message = f"{data.source}: line {data.lines[row]} ({data.paths[row]}): {message}"
+        raise ValueError(message) from err
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = data.table.copy()
+    # Relative paths are re-rooted at the output folder (one relpath for the whole file: a
+    # per-row relpath costs seconds on a million rows); absolute paths stay as they are.
+    prefix = os.path.relpath(manifest_path.resolve().parent, out_dir.resolve())
+    table["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(prefix, p))
+                     for p in data.table["path"].str.strip()]
+    table["landmark_id"] = result.landmark_id.astype(str)
+    table["decision"] = np.where(result.keep, "keep", "remove")
+    table["reason"] = result.reason.astype(str)
+    table["cluster"] = result.cluster
+    table["duplicate_of"] = result.duplicate_of.astype(str)
+    table["original_landmark_id"] = result.input_landmark_id.astype(str)
+    write_manifest(table, out_dir / "clean.csv")
+    if _sha256(manifest_path) != input_sha:
+        raise RuntimeError(f"{manifest_path} changed while it was being cleaned")
+
+    counts = result.counts()
+    truth = score_against_truth(data.table, result)
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "input": {"manifest": str(manifest_path.resolve()), "sha256": input_sha, "rows": len(data),
+                  "nonlandmarks": str(Path(nonlandmarks).resolve()) if nonlandmarks else None},
+        "embeddings": model_info,
+        "params": params.to_dict(),
+        "counts": counts,
+        "ground_truth": truth,
+        "duplicate_groups": result.duplicate_groups,
+        "duplicate_pairs": result.duplicate_pairs,
+        "landmarks": result.landmarks,
+        "outputs": {"manifest": "clean.csv", "report": "report.html" if report else None},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    _atomic_json(summary, out_dir / "summary.json")
+    if report:
+        from cleaning.report import write_report
+
+        rows = [
+            ("input", f"{manifest_path} ({len(data)} rows, sha256 {input_sha[:12]}…)"),
+            ("embeddings", ", ".join(f"{k}={v}" for k, v in model_info.items() if k in ("source", "backbone", "path",
+                                                                                      "checkpoint_sha256", "key"))),
+            ("kept / removed", f"{counts['kept']} / {counts['removed']} "
+                               f"({', '.join(f'{k}: {v}' for k, v in counts['removed_by_reason'].items()) or 'none'})"),
+            ("landmarks", f"{counts['landmarks']} in, {counts['landmarks_dropped']} dropped, "
+                          f"{counts['duplicate_groups']} duplicate groups, {counts['landmarks_after_merge']} after merging"),
+            ("parameters", ", ".join(f"{k}={v}" for k, v in params.to_dict().items())),
+        ]
+        if truth is not None:
+            r = truth["removal"]
+            rows.append(("against the known noise", f"removal precision {r['precision']}, recall {r['recall']}"
+                         + (f"; duplicates precision {truth['duplicates']['precision']}, recall "
+                            f"{truth['duplicates']['recall']}" if "duplicates" in truth else "")))
+        write_report(out_dir, [os.path.abspath(p) for p in data.paths], result, title=f"Cleaning of {manifest_path.name}",
+                     summary_rows=rows, nonlandmark_paths=None if pool is None else pool.paths,
+                     max_landmarks=report_landmarks, progress=progress)
+    return result
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.strip().lower() in ("none", "off", "") else float(text)
+
+
+def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("input")
+    source.add_argument("--manifest", required=True, help="landmark manifest CSV (path,landmark_id,...)")
+    source.add_argument("--out", required=True, help="output folder: clean.csv, summary.json, report.html, thumbs/")
+    which = source.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a LandmarkModule checkpoint to embed with")
+    which.add_argument("--backbone", help="a timm backbone with offline ImageNet weights (mobilenetv2_100, tf_efficientnet_lite0)")
+    which.add_argument("--embeddings", help="precomputed embeddings .npy [rows, dim] (rows in manifest order, "
+                                            "or in --embedding-paths order); all-zero rows = unreadable images")
+    source.add_argument("--embedding-paths", help="CSV with a 'path' column naming each --embeddings row")
+    source.add_argument("--nonlandmarks", help="non-landmark pool CSV (path): removes DB images very close to it")
+    source.add_argument("--nonlandmark-embeddings", help="precomputed embeddings of --nonlandmarks, rows in its order")
+    source.add_argument("--extra-columns", choices=("error", "ignore"), default="error",
+                        help="unknown manifest columns: error (default) or keep them unread")
+
+    embed = parser.add_argument_group("embedding (with --checkpoint / --backbone)")
+    embed.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (224 for a backbone)")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    embed.add_argument("--accelerator", default="auto")
+    embed.add_argument("--devices", default="1", help="e.g. 4 (with --strategy ddp) or auto")
+    embed.add_argument("--strategy", default="auto")
+    embed.add_argument("--cache-dir", default=None, help="embedding cache (default OUT/embedding-cache)")
+
+    algo = parser.add_argument_group("algorithm (defaults in cleaning.algorithm.CleaningParams)")
+    defaults = CleaningParams()
+    for f in fields(CleaningParams):
+        default = getattr(defaults, f.name)
+        optional = f.name in ("nonlandmark_distance", "nonlandmark_margin", "attach_distance", "reassign_margin")
+        kind = _float_or_none if optional else type(default)
+        algo.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                          help=f"{PARAM_HELP[f.name]} (default {default})")
+    algo.add_argument("--jobs", type=int, default=None,
+                      help="processes for the per-landmark clustering (default: CPUs for >= 20k rows, else 1)")
+
+    out = parser.add_argument_group("report")
+    out.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
+    out.add_argument("--report-landmarks", type=int, default=300, help="landmarks shown in the report (default 300)")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run_clean_command(args: argparse.Namespace) -> int:
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    try:
+        params = CleaningParams(**{f.name: getattr(args, f.name) for f in fields(CleaningParams)})
+        result = clean_manifest(
+            args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, embeddings=args.embeddings,
+            embedding_paths=args.embedding_paths, nonlandmarks=args.nonlandmarks,
+            nonlandmark_embeddings=args.nonlandmark_embeddings, params=params, image_size=args.image_size,
+            batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator, devices=devices,
+            strategy=args.strategy, cache_dir=args.cache_dir, jobs=args.jobs, extra_columns=args.extra_columns,
+            report=args.report, report_landmarks=args.report_landmarks, progress=args.progress,
+        )
+    except (ManifestError, ValueError, FileNotFoundError) as err:
+        print(f"landmarks clean: error: {err}", file=sys.stderr)
+        return 1
+    if result is None:
+        return 0
+    counts = result.counts()
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    line = (f"landmarks clean: {counts['kept']} of {counts['rows']} rows kept, {counts['removed']} removed "
+            f"({', '.join(f'{k} {v}' for k, v in counts['removed_by_reason'].items()) or 'none'}); "
+            f"{counts['landmarks_dropped']} of {counts['landmarks']} landmarks dropped; "
+            f"{counts['duplicate_groups']} duplicate group(s) ({params.duplicates}).")
+    truth = summary.get("ground_truth")
+    if truth:
+        line += f" Against the known noise: precision {truth['removal']['precision']}, recall {truth['removal']['recall']}"
+        if "duplicates" in truth:
+            line += f"; duplicates precision {truth['duplicates']['precision']}, recall {truth['duplicates']['recall']}"
+        line += "."
+    print(line)
+    print(f"Written: {Path(args.out) / 'clean.csv'}, summary.json, report.html" if args.report
+          else f"Written: {Path(args.out) / 'clean.csv'}, summary.json")
+    return 0

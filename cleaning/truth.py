@@ -1,0 +1,83 @@
+"""Score cleaning decisions against known noise (the synthetic world records it in ``db.csv``).
+
+* Noise removal: a row is truly noise when ``is_noise`` is 1; precision and recall of the rows
+  marked ``remove``, also per removal reason and per kind of noise (``true_landmark_id`` empty:
+  no landmark at all; otherwise a photo of another landmark).
+* Duplicate landmarks: a landmark id whose correctly labelled rows (``is_noise`` 0) mostly show
+  another id's structure (``true_landmark_id``) is a duplicate of that id. Scored as unordered
+  pairs of ids found in one duplicate group vs the true pairs.
+
+Ratios with an empty denominator are ``None`` (JSON null), never a made-up 0 or 1.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+from cleaning.algorithm import CleaningResult
+
+__all__ = ["score_against_truth", "true_duplicate_pairs"]
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _flags(column: pd.Series) -> np.ndarray:
+    text = column.astype(str).str.strip().str.lower()
+    bad = ~text.isin(["0", "1", "true", "false"])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(f"is_noise must be 0/1, got {column.iloc[row]!r} in row {row}")
+    return text.isin(["1", "true"]).to_numpy()
+
+
+def true_duplicate_pairs(table: pd.DataFrame) -> set[frozenset[str]]:
+    """Pairs {duplicate id, original id} from ``landmark_id``, ``is_noise``, ``true_landmark_id``."""
+    clean = table.loc[~_flags(table["is_noise"]), ["landmark_id", "true_landmark_id"]].astype(str)
+    clean["true_landmark_id"] = clean["true_landmark_id"].str.strip()
+    counts = clean.groupby(["landmark_id", "true_landmark_id"]).size().reset_index(name="n")
+    # Each id's most frequent truth (ties: the smaller truth id, so the answer is deterministic).
+    majority = counts.sort_values(["landmark_id", "n", "true_landmark_id"], ascending=[True, False, True])
+    majority = majority.drop_duplicates("landmark_id")
+    return {frozenset((lid, truth)) for lid, truth in zip(majority["landmark_id"], majority["true_landmark_id"])
+            if truth and truth != lid}
+
+
+def score_against_truth(table: pd.DataFrame, result: CleaningResult) -> dict | None:
+    """Precision/recall of removal (and of duplicate detection, when the truth allows); ``None``
+    when ``table`` has no ``is_noise`` column."""
+    if "is_noise" not in table.columns:
+        return None
+    noise = _flags(table["is_noise"])
+    removed = ~result.keep
+    tp, fp, fn = int((removed & noise).sum()), int((removed & ~noise).sum()), int((~removed & noise).sum())
+    scores: dict = {
+        "removal": {
+            "noise_rows": int(noise.sum()), "removed": int(removed.sum()), "true_positives": tp,
+            "false_positives": fp, "false_negatives": fn, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+        },
+        "by_reason": {},
+    }
+    for code in sorted(set(result.reason_code[removed])):
+        rows = removed & (result.reason_code == code)
+        scores["by_reason"][str(code)] = {"removed": int(rows.sum()), "noise": int((rows & noise).sum()),
+                                          "precision": _ratio(int((rows & noise).sum()), int(rows.sum()))}
+    if "true_landmark_id" in table.columns:
+        no_landmark = noise & table["true_landmark_id"].astype(str).str.strip().eq("").to_numpy()
+        wrong_landmark = noise & ~no_landmark
+        scores["recall_by_noise_kind"] = {
+            "no_landmark": _ratio(int((removed & no_landmark).sum()), int(no_landmark.sum())),
+            "other_landmark": _ratio(int((removed & wrong_landmark).sum()), int(wrong_landmark.sum())),
+        }
+        truth = true_duplicate_pairs(table)
+        found = {frozenset(p) for g in result.duplicate_groups for p in combinations(g["members"], 2)}
+        hits = len(truth & found)
+        scores["duplicates"] = {
+            "true_pairs": sorted(sorted(p) for p in truth), "found_pairs": sorted(sorted(p) for p in found),
+            "precision": _ratio(hits, len(found)), "recall": _ratio(hits, len(truth)),
+        }
+    return scores

@@ -1,0 +1,306 @@
+"""Embed a list of image files with Lightning ``Trainer.predict``, cached on disk.
+
+Database cleaning and index building embed the same hundreds of thousands of photos again and
+again (another threshold, another run after a crash). :func:`embed_paths` therefore keeps every
+embedding it computes in a cache folder and only ever computes what is missing:
+
+* **Key.** One sub-folder per model (``embeddings-<model.key>``; the key hashes the model's
+  identity, so a retrained checkpoint never reuses another model's vectors). Inside it, a row is
+  keyed by the image's absolute path (``os.path.abspath``; symbolic links are not resolved) plus
+  its size and modification time, so a file replaced under the same name is embedded again.
+* **Chunks.** Rows are written in completed chunks (``chunk-<uuid>.npy`` float32 ``[n, D]`` and
+  ``chunk-<uuid>.json`` with paths, sizes, mtimes and decode status). Each file is written to a
+  temporary name and renamed (atomic on POSIX), the JSON last, so a reader sees whole chunks or
+  nothing; a run killed half-way leaves its finished chunks, and the rerun computes the rest.
+* **Reads** are memory-mapped (``np.load(mmap_mode="r", allow_pickle=False)``); no pickle anywhere.
+
+Multi-GPU: with ``devices > 1`` (``strategy="ddp"`` or ``"ddp_spawn"``) each rank embeds a
+disjoint part (Lightning's unrepeated distributed sampler for predict) and writes its own chunks;
+after a barrier every rank (and, for ``ddp_spawn``, the launching process) reads the full result
+from the cache. Without ``cache_dir`` a temporary cache is used, rank 0's folder broadcast to all
+ranks; for multi-node runs give a ``cache_dir`` that every node can read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.datasets import ImageDataset
+from datamodules.transforms import eval_transform
+from retrieval.embedding_model import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CACHE_FORMAT", "EmbeddingResult", "cache_folder", "embed_paths"]
+
+CACHE_FORMAT = "landmark-embedding-cache/1"
+# Rows per cache chunk: the work a crash can lose, and the granularity of resuming.
+DEFAULT_CHUNK_ROWS = 4096
+
+
+@dataclass
+class EmbeddingResult:
+    """``embeddings[i]`` is the unit-norm float32 embedding of ``paths[i]``; all-zero where
+    ``valid[i]`` is False (the file is missing, empty or could not be decoded)."""
+
+    embeddings: np.ndarray
+    valid: np.ndarray
+
+
+def cache_folder(cache_dir: str | os.PathLike, model: EmbeddingModel) -> Path:
+    """The folder holding ``model``'s cached embeddings under ``cache_dir``."""
+    return Path(cache_dir) / f"embeddings-{model.key}"
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a file, or (-1, -1) if it does not exist, to detect replaced files."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
+    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex}.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, target)
+
+
+def _atomic_write_json(obj, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, target)
+
+
+def _write_chunk(folder: Path, paths: list[str], stamps: list[tuple[int, int]], valid: np.ndarray,
+                 embeddings: np.ndarray) -> None:
+    name = f"chunk-{uuid.uuid4().hex}"
+    _atomic_save_npy(np.ascontiguousarray(embeddings, dtype=np.float32), folder / f"{name}.npy")
+    # The JSON is the commit marker: written last, so a chunk without it is never read.
+    _atomic_write_json(
+        {
+            "format": CACHE_FORMAT,
+            "rows": len(paths),
+            "dim": int(embeddings.shape[1]),
+            "paths": paths,
+            "sizes": [s for s, _ in stamps],
+            "mtimes_ns": [m for _, m in stamps],
+            "valid": [bool(v) for v in valid],
+        },
+        folder / f"{name}.json",
+    )
+
+
+def _lookup(folder: Path, paths: list[str], stamps: list[tuple[int, int]], dim: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Where each wanted path lives in the cache: ``(chunk number, row)`` or -1, plus the chunks.
+
+    A cached row counts only if the file's size and mtime still match. Chunks that cannot be
+    read (a foreign file, another dimension) are skipped with a warning, never trusted.
+    """
+    n = len(paths)
+    chunk_of = np.full(n, -1, dtype=np.int64)
+    row_of = np.full(n, -1, dtype=np.int64)
+    chunks: list[tuple[Path, np.ndarray]] = []  # (npy path, valid flags)
+    if not folder.is_dir() or n == 0:
+        return chunk_of, row_of, chunks
+    wanted: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        wanted.setdefault(p, i)
+    duplicates = n != len(wanted)
+    for meta_path in sorted(folder.glob("chunk-*.json")):
+        npy = meta_path.with_suffix(".npy")
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format") != CACHE_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}")
+            if int(meta["dim"]) != dim:
+                raise ValueError(f"dimension {meta['dim']} != model's {dim}")
+            header = np.load(npy, mmap_mode="r", allow_pickle=False)
+            if header.shape != (int(meta["rows"]), dim) or len(meta["paths"]) != header.shape[0]:
+                raise ValueError(f"array shape {header.shape} does not match its {meta['rows']} rows")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("embedding cache: skipping unreadable chunk %s (%s)", meta_path, err)
+            continue
+        number = len(chunks)
+        chunks.append((npy, np.asarray(meta["valid"], dtype=bool)))
+        for row, (p, size, mtime) in enumerate(zip(meta["paths"], meta["sizes"], meta["mtimes_ns"])):
+            i = wanted.get(p)
+            if i is not None and stamps[i] == (size, mtime):
+                chunk_of[i], row_of[i] = number, row
+    if duplicates:  # a path listed twice gets the row found for its first occurrence
+        for i, p in enumerate(paths):
+            first = wanted[p]
+            if first != i:
+                chunk_of[i], row_of[i] = chunk_of[first], row_of[first]
+    return chunk_of, row_of, chunks
+
+
+def _assemble(chunk_of: np.ndarray, row_of: np.ndarray, chunks: list, dim: int) -> EmbeddingResult:
+    n = len(chunk_of)
+    embeddings = np.zeros((n, dim), dtype=np.float32)
+    valid = np.zeros(n, dtype=bool)
+    for number, (npy, chunk_valid) in enumerate(chunks):
+        dst = np.flatnonzero(chunk_of == number)
+        if len(dst) == 0:
+            continue
+        src = row_of[dst]
+        array = np.load(npy, mmap_mode="r", allow_pickle=False)
+        order = np.argsort(src, kind="stable")  # read the memory map front to back
+        embeddings[dst[order]] = array[src[order]]
+        valid[dst] = chunk_valid[src]
+    embeddings[~valid] = 0.0
+    return EmbeddingResult(embeddings=embeddings, valid=valid)
+
+
+class _PredictEmbeddings(pl.LightningModule):
+    """Wraps ``model.net`` for ``Trainer.predict``; writes finished chunks to the cache folder.
+
+    It owns its data loader (``predict_dataloader``) so that the list of images to embed can be
+    taken from rank 0 in :meth:`setup`, after the process group exists: every rank then shards
+    the very same list, even if the ranks looked at the cache at slightly different times.
+    """
+
+    def __init__(self, model: EmbeddingModel, paths: list[str], stamps: list[tuple[int, int]], todo: np.ndarray,
+                 folder: Path, batch_size: int, num_workers: int, chunk_rows: int):
+        super().__init__()
+        self.net = model.net
+        self.image_size = int(model.image_size)
+        self.identity = dict(model.identity)
+        self.paths, self.stamps = paths, stamps
+        self.todo, self.folder = todo, folder
+        self.batch_size, self.num_workers, self.chunk_rows = batch_size, num_workers, chunk_rows
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+
+    def setup(self, stage: str) -> None:
+        self.folder, self.todo = self.trainer.strategy.broadcast((self.folder, self.todo), src=0)
+        if self.trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            model_json = self.folder / "model.json"
+            if not model_json.exists():
+                _atomic_write_json({"format": CACHE_FORMAT, "identity": self.identity}, model_json)
+        self.trainer.strategy.barrier("embedding-cache-folder")
+
+    def predict_dataloader(self) -> DataLoader:
+        todo_paths = [self.paths[i] for i in self.todo]
+        dataset = ImageDataset(todo_paths, np.zeros(len(todo_paths), dtype=np.int64),
+                               eval_transform(self.image_size), self.image_size)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        embeddings = self.net(batch["image"]).float()
+        valid = batch["valid"].bool()
+        embeddings = torch.where(valid[:, None], embeddings, torch.zeros_like(embeddings))
+        self._buffer.append((batch["index"].cpu().numpy(), embeddings.cpu().numpy(), valid.cpu().numpy()))
+        self._buffered += len(valid)
+        if self._buffered >= self.chunk_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        index = np.concatenate([b[0] for b in self._buffer])
+        embeddings = np.concatenate([b[1] for b in self._buffer])
+        valid = np.concatenate([b[2] for b in self._buffer])
+        self._buffer, self._buffered = [], 0
+        rows = self.todo[index]
+        _write_chunk(self.folder, [self.paths[i] for i in rows], [self.stamps[i] for i in rows], valid, embeddings)
+
+    def on_predict_epoch_end(self) -> None:
+        self._flush()
+        self.trainer.strategy.barrier("embedding-chunks-written")
+
+
+def embed_paths(
+    model: EmbeddingModel,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> EmbeddingResult:
+    """Embed ``paths`` (in order) with ``model``; reuse and extend the cache in ``cache_dir``.
+
+    Args:
+        model: from :func:`retrieval.embedding_model.load_embedding_model`.
+        paths: image files; relative paths are taken relative to the working directory.
+        batch_size, num_workers: of the predict data loader.
+        accelerator, devices, strategy: passed to ``pl.Trainer`` (``devices=4, strategy="ddp"``).
+        cache_dir: where embeddings are kept between runs (see the module docstring); ``None``
+            computes everything (in a temporary cache removed afterwards).
+        progress: Lightning's progress bar while embedding.
+        chunk_rows: rows per cache chunk, the most a crash can lose.
+
+    Returns:
+        :class:`EmbeddingResult` with ``len(paths)`` rows, identical on every DDP rank.
+    """
+    if batch_size < 1 or chunk_rows < 1:
+        raise ValueError(f"batch_size and chunk_rows must be >= 1, got {batch_size}, {chunk_rows}")
+    abs_paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    stamps = [_file_stamp(p) for p in abs_paths]
+    dim = int(model.embedding_size)
+    temporary = None
+    if cache_dir is None:
+        temporary = tempfile.TemporaryDirectory(prefix="landmark-embeddings-")
+        cache_dir = temporary.name
+    folder = cache_folder(cache_dir, model)
+    try:
+        chunk_of, row_of, chunks = _lookup(folder, abs_paths, stamps, dim)
+        # Each distinct missing path once (a path listed twice is embedded once).
+        missing = np.flatnonzero(chunk_of < 0)
+        seen: set[str] = set()
+        todo = np.asarray([i for i in missing if not (abs_paths[i] in seen or seen.add(abs_paths[i]))], dtype=np.int64)
+        log.info("embeddings: %d images, %d cached in %s, %d to compute",
+                 len(abs_paths), len(abs_paths) - len(missing), folder if temporary is None else "(no cache)",
+                 len(todo))
+        if len(todo):
+            trainer = pl.Trainer(
+                accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                precision="32-true",
+            )
+            module = _PredictEmbeddings(model, abs_paths, stamps, todo, folder, batch_size, num_workers, chunk_rows)
+            parameter = next(iter(model.net.parameters()), None)
+            trainer.predict(module, return_predictions=False)
+            if parameter is not None:
+                model.net.to(parameter.device)  # Lightning leaves it on the accelerator
+            folder = module.folder  # rank 0's folder (differs from ours only for a temporary cache)
+            chunk_of, row_of, chunks = _lookup(folder, abs_paths, stamps, dim)
+            left = np.flatnonzero(chunk_of < 0)
+            if len(left):
+                raise RuntimeError(
+                    f"embedding: {len(left)} of {len(abs_paths)} images are still missing from {folder} after "
+                    f"predict (e.g. {abs_paths[left[0]]}); was a file changed while it was being embedded?"
+                )
+        result = _assemble(chunk_of, row_of, chunks, dim)
+        if len(todo):
+            # Keep rank 0's temporary folder until every rank has read it.
+            trainer.strategy.barrier("embedding-cache-read")
+        bad = int((~result.valid).sum())
+        if bad:
+            log.warning("embeddings: %d of %d images could not be decoded (all-zero rows, valid=False)",
+                        bad, len(abs_paths))
+        return result
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary.name, ignore_errors=True)

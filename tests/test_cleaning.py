@@ -1,0 +1,327 @@
+"""Database cleaning: hand-built embedding sets with known right answers, bad input, the CLI end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cleaning.algorithm import CleaningParams, clean_embeddings, cluster_landmark
+from cleaning.truth import score_against_truth
+from datamodules.manifest import ManifestError, read_manifest, write_manifest
+
+D = 16
+
+
+def _axis(i: int, d: int = D) -> np.ndarray:
+    v = np.zeros(d)
+    v[i] = 1.0
+    return v
+
+
+def _blob(center: np.ndarray, n: int, rng: np.random.Generator, spread: float = 0.03) -> np.ndarray:
+    x = center + spread * rng.standard_normal((n, len(center)))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _rotated(angle_deg: float, a: int = 0, b: int = 1) -> np.ndarray:
+    """Unit vector in the plane of axes a, b at ``angle_deg`` from axis a."""
+    t = np.deg2rad(angle_deg)
+    return np.cos(t) * _axis(a) + np.sin(t) * _axis(b)
+
+
+def _world(rng):
+    """A: two shooting angles (axes 0 and 1) + one stray (axis 2). B: axis 3. C: axis 4.
+    D: the same structure as C under another id (axis 4 too), fewer images."""
+    parts = [
+        ("A", _blob(_axis(0), 9, rng)), ("A", _blob(_axis(1), 6, rng)), ("A", _blob(_axis(2), 1, rng)),
+        ("B", _blob(_axis(3), 10, rng)),
+        ("C", _blob(_axis(4), 12, rng)),
+        ("D", _blob(_axis(4), 7, rng)),
+    ]
+    ids = [lid for lid, block in parts for _ in range(len(block))]
+    return np.concatenate([block for _, block in parts]).astype(np.float32), ids
+
+
+def test_two_shooting_angles_are_both_kept_and_a_stray_is_removed_with_its_reason():
+    emb, ids = _world(np.random.default_rng(0))
+    result = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"))
+    a = np.flatnonzero(np.asarray(ids) == "A")
+    assert result.landmarks["A"]["cluster_sizes"] == [9, 6]  # both angles are valid clusters
+    assert result.cluster[a].tolist() == [0] * 9 + [1] * 6 + [-1]
+    assert result.keep[a].tolist() == [True] * 15 + [False]
+    stray = a[-1]
+    assert result.reason_code[stray] == "small_cluster"
+    clusters = result.clusters["A"]
+    gap = 1.0 - float((clusters.centroids @ emb[stray]).max())
+    assert result.reason[stray] == f"small_cluster: in a cluster of 1 < 3 images, {gap:.3f} from the nearest kept cluster's centre (> 0.7)"
+    assert gap > 0.9  # orthogonal to both angles
+    assert result.keep[np.asarray(ids) != "A"].all()
+    assert result.reason[result.keep].tolist() == [""] * int(result.keep.sum())
+    # Centroids are the unit means of the clusters.
+    expected = emb[a[:9]].astype(np.float64).sum(0)
+    np.testing.assert_allclose(clusters.centroids[0], expected / np.linalg.norm(expected), atol=1e-6)
+
+
+def test_an_unusual_photo_near_a_kept_cluster_is_attached_to_it():
+    rng = np.random.default_rng(9)
+    # A tight cut (0.1) splits off the photo at 30° (cosine distance 0.134 from the angle's centre).
+    emb = np.concatenate([_blob(_rotated(0), 10, rng, spread=0.005), _rotated(30)[None, :]]).astype(np.float32)
+    ids = ["A"] * 11
+    attached = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.1, attach_distance=0.2))
+    assert attached.clusters["A"].labels[10] == 1 and attached.clusters["A"].attached.tolist() == [False] * 10 + [True]
+    assert attached.keep.all() and attached.cluster.tolist() == [0] * 11
+    strict = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.1, attach_distance=None))
+    assert strict.keep.tolist() == [True] * 10 + [False]
+    assert strict.reason[10] == "small_cluster: in a cluster of 1 < 3 images"
+    too_far = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.1, attach_distance=0.12))
+    assert not too_far.keep[10] and "0.13" in too_far.reason[10]
+
+
+def test_two_ids_of_one_structure_are_flagged_or_merged():
+    emb, ids = _world(np.random.default_rng(1))
+    flagged = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"))
+    assert [g["members"] for g in flagged.duplicate_groups] == [["C", "D"]]
+    assert flagged.duplicate_groups[0]["landmark_id"] == "C"  # the one with more clustered images
+    rows_d = np.flatnonzero(np.asarray(ids) == "D")
+    assert flagged.landmark_id[rows_d].tolist() == ["D"] * 7  # flag: ids unchanged
+    assert flagged.duplicate_of[rows_d].tolist() == ["C"] * 7
+    assert flagged.keep[rows_d].all()  # a duplicate's images are not "closer to another landmark"
+    assert flagged.landmarks["D"]["duplicate_of"] == "C" and flagged.landmarks["A"]["duplicate_of"] == ""
+    merged = clean_embeddings(emb, ids, CleaningParams(duplicates="merge"))
+    assert merged.landmark_id[rows_d].tolist() == ["C"] * 7
+    assert merged.input_landmark_id[rows_d].tolist() == ["D"] * 7
+    assert merged.counts()["landmarks_after_merge"] == 3
+    # Different structures are never paired: A's angles, B and C are all orthogonal.
+    assert all(set(p["landmarks"]) == {"C", "D"} for p in merged.duplicate_pairs)
+    # A stricter share requirement than D's overlap (100 %) cannot be met... but 1.0 still is.
+    assert len(clean_embeddings(emb, ids, CleaningParams(duplicate_min_share=1.0)).duplicate_groups) == 1
+    # Coinciding clusters beyond the distance threshold are not duplicates.
+    assert clean_embeddings(emb, ids, CleaningParams(duplicate_distance=0.0)).duplicate_groups == []
+
+
+def test_image_closer_to_another_landmark_is_removed():
+    rng = np.random.default_rng(2)
+    # A around 0°, B around 60° (cosine distance 0.5: distinct landmarks); one image of A at 35°
+    # joins A's cluster (average distance ~0.18 < 0.5) but is closer to B's centroid (25° away).
+    a = _blob(_rotated(0), 10, rng, spread=0.01)
+    b = _blob(_rotated(60), 10, rng, spread=0.01)
+    x = _rotated(35)[None, :]
+    emb = np.concatenate([a, x, b]).astype(np.float32)
+    ids = ["A"] * 11 + ["B"] * 10
+    result = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.4, reassign_margin=0.0))
+    assert result.cluster[10] == 0  # it is inside A's valid cluster ...
+    assert not result.keep[10] and result.reason_code[10] == "other_landmark"  # ... and still removed
+    assert result.reason[10].startswith("other_landmark: closer to landmark B (0.9")
+    assert result.other_landmark[10] == "B"
+    assert result.keep[:10].all() and result.keep[11:].all()
+    # A margin larger than the gap keeps it.
+    lenient = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.4, reassign_margin=0.2))
+    assert lenient.keep.all()
+    assert clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.4, reassign_margin=None)).keep.all()
+
+
+def test_images_near_the_nonlandmark_pool_are_removed_only_when_asked():
+    rng = np.random.default_rng(3)
+    emb = np.concatenate([_blob(_axis(0), 8, rng), _blob(_axis(1), 8, rng)]).astype(np.float32)
+    ids = ["A"] * 8 + ["B"] * 8
+    pool = np.stack([_axis(5), emb[3] + 0.001, np.zeros(D)]).astype(np.float32)  # the zero row is skipped
+    result = clean_embeddings(emb, ids, CleaningParams(nonlandmark_distance=0.001), nonlandmark_embeddings=pool)
+    assert np.flatnonzero(~result.keep).tolist() == [3]
+    assert result.reason_code[3] == "near_nonlandmark" and result.nonlandmark_neighbour[3] == 1
+    assert result.reason[3].startswith("near_nonlandmark: cosine distance 0.000 to non-landmark image 1, ")
+    off = clean_embeddings(emb, ids, CleaningParams(nonlandmark_distance=None), nonlandmark_embeddings=pool)
+    assert off.keep.all()
+
+
+def test_images_closer_to_the_nonlandmarks_than_to_their_landmark_are_removed_by_margin():
+    rng = np.random.default_rng(10)
+    # Image 8 of A lies 50° from A's angle towards a non-landmark photo at 90°: it joins A's
+    # cluster (distance 0.36 < 0.5) but is closer to the non-landmark (cos 40° = 0.77 vs cos 50° = 0.64).
+    emb = np.concatenate([_blob(_rotated(0, 0, 5), 8, rng, spread=0.005), _rotated(50, 0, 5)[None, :]]).astype(np.float32)
+    pool = _axis(5)[None, :].astype(np.float32)
+    ids = ["A"] * 9
+    params = dict(nonlandmark_distance=0.1)  # the absolute test alone does not fire (distance 0.23)
+    assert clean_embeddings(emb, ids, CleaningParams(**params), nonlandmark_embeddings=pool).keep.all()
+    result = clean_embeddings(emb, ids, CleaningParams(**params, nonlandmark_margin=0.05), nonlandmark_embeddings=pool)
+    assert result.cluster[8] == 0 and np.flatnonzero(~result.keep).tolist() == [8]
+    assert result.reason_code[8] == "near_nonlandmark"
+    assert abs(result.nonlandmark_similarity[8] - np.cos(np.deg2rad(40))) < 1e-6
+    assert clean_embeddings(emb, ids, CleaningParams(**params, nonlandmark_margin=0.2), nonlandmark_embeddings=pool).keep.all()
+
+
+def test_unreadable_rows_and_dropped_landmarks_follow_the_policy():
+    rng = np.random.default_rng(4)
+    emb = np.concatenate([_blob(_axis(0), 6, rng), np.zeros((2, D)), _blob(_axis(1), 2, rng)]).astype(np.float32)
+    ids = ["A"] * 6 + ["E"] * 2 + ["F"] * 2  # E: nothing readable; F: 2 images < min_cluster_size 3
+    valid = np.ones(10, dtype=bool)
+    valid[0] = False
+    result = clean_embeddings(emb, ids, CleaningParams(), valid=valid)
+    assert result.reason_code.tolist() == ["unreadable"] + [""] * 5 + ["unreadable"] * 2 + ["landmark_dropped"] * 2
+    assert result.landmarks["E"]["dropped"] and result.landmarks["F"]["dropped"] and not result.landmarks["A"]["dropped"]
+    assert result.reason[8] == "landmark_dropped: no cluster of >= 3 images (largest 2 of 2)"
+    # min_cluster_fraction: 30 % of A's 5 readable images -> a cluster needs 2 (ceil 1.5), so 3 >= max(3, 2).
+    assert CleaningParams(min_cluster_fraction=0.3).min_size(5) == 3
+    assert CleaningParams(min_cluster_size=1, min_cluster_fraction=0.3).min_size(5) == 2
+
+
+def test_parallel_clustering_equals_in_process():
+    emb, ids = _world(np.random.default_rng(5))
+    one = clean_embeddings(emb, ids, CleaningParams())
+    two = clean_embeddings(emb, ids, CleaningParams(), n_jobs=2)
+    for name in ("keep", "cluster", "reason", "landmark_id"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+
+
+def test_bad_input_gets_clear_errors():
+    emb, ids = _world(np.random.default_rng(6))
+    broken = emb.copy()
+    broken[7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"row 7 has NaN or inf"):
+        clean_embeddings(broken, ids)
+    with pytest.raises(ValueError, match=r"has 45 rows but there are 44 landmark ids"):
+        clean_embeddings(emb, ids[:-1])
+    with pytest.raises(ValueError, match=r"row 2: empty landmark id"):
+        clean_embeddings(emb, ids[:2] + [" "] + ids[3:])
+    with pytest.raises(ValueError, match="no rows to clean"):
+        clean_embeddings(np.zeros((0, D), np.float32), [])
+    with pytest.raises(ValueError, match=r"min_cluster_size must be >= 1.*duplicates must be"):
+        CleaningParams(min_cluster_size=0, duplicates="drop")
+    with pytest.raises(ValueError, match="a landmark with no rows"):
+        cluster_landmark(np.zeros((0, D)), CleaningParams())
+
+
+def test_truth_scores_are_hand_computed():
+    emb, ids = _world(np.random.default_rng(7))
+    result = clean_embeddings(emb, ids, CleaningParams())
+    n = len(ids)
+    table = pd.DataFrame({"landmark_id": ids, "is_noise": ["0"] * n, "true_landmark_id": ids})
+    table.loc[15, "is_noise"], table.loc[15, "true_landmark_id"] = "1", ""  # A's stray: really no landmark
+    table.loc[0, "is_noise"] = "1"  # pretend one kept image of A were noise too
+    table.loc[table.landmark_id == "D", "true_landmark_id"] = "C"
+    scores = score_against_truth(table, result)
+    assert scores["removal"] == {"noise_rows": 2, "removed": 1, "true_positives": 1, "false_positives": 0,
+                                 "false_negatives": 1, "precision": 1.0, "recall": 0.5}
+    assert scores["recall_by_noise_kind"] == {"no_landmark": 1.0, "other_landmark": 0.0}
+    assert scores["duplicates"]["true_pairs"] == [["C", "D"]] and scores["duplicates"]["recall"] == 1.0
+    assert score_against_truth(table.drop(columns="is_noise"), result) is None
+
+
+# ---- the command, end to end, on the tiny synthetic world ------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_report(out: Path) -> None:
+    page = out / "report.html"
+    root = ET.fromstring(page.read_text(encoding="utf-8"))  # well-formed, or this raises
+    ns = {"h": "http://www.w3.org/1999/xhtml"}
+    images = root.findall(".//h:img", ns)
+    assert images, "the report shows thumbnails"
+    for img in images:
+        src = img.get("src")
+        assert not src.startswith(("http:", "https:", "/")), src  # offline, relative
+        assert (out / src).is_file(), src
+    assert root.findall(".//h:section", ns), "one section per landmark"
+
+
+def test_clean_command_end_to_end_with_an_offline_backbone(tiny_world, tmp_path, capsys):
+    from cli.main import main
+
+    db = tiny_world / "db.csv"
+    before = _digest(db)
+    out = tmp_path / "clean"
+    code = main(["clean", "--manifest", str(db), "--out", str(out), "--backbone", "mobilenetv2_100",
+                 "--image-size", "32", "--nonlandmarks", str(tiny_world / "nonlandmarks.csv"), "--no-progress",
+                 "--batch-size", "32", "--min-cluster-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert _digest(db) == before  # the input is never modified
+    assert "rows kept" in capsys.readouterr().out
+    source = pd.read_csv(db, dtype=str, keep_default_na=False)
+    clean = pd.read_csv(out / "clean.csv", dtype=str, keep_default_na=False)
+    assert len(clean) == len(source)
+    assert clean["original_landmark_id"].tolist() == source["landmark_id"].tolist()
+    assert set(clean["decision"]) <= {"keep", "remove"}
+    assert (clean["reason"].eq("") == clean["decision"].eq("keep")).all()
+    for column in source.columns:
+        if column not in ("path", "landmark_id"):
+            assert clean[column].tolist() == source[column].tolist(), column
+    # Paths are rewritten relative to the output folder and name the same files.
+    assert [os.path.realpath(out / p) for p in clean["path"]] == [os.path.realpath(tiny_world / p) for p in source["path"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["rows"] == len(source)
+    assert summary["counts"]["kept"] == int(clean["decision"].eq("keep").sum())
+    assert summary["input"]["sha256"] == before
+    assert summary["ground_truth"]["removal"]["noise_rows"] == int(source["is_noise"].eq("1").sum())
+    assert summary["embeddings"]["backbone"] == "mobilenetv2_100"
+    _check_report(out)
+    assert list((out / "embedding-cache").glob("embeddings-*/chunk-*.npy"))
+
+    # The data module trains on clean.csv directly: removed rows are left out.
+    from datamodules.landmark_datamodule import LandmarkDataModule
+
+    dm = LandmarkDataModule(data_dir=str(tiny_world), db_manifest=str(out / "clean.csv"), image_size=64)
+    assert len(dm.db) == int(clean["decision"].eq("keep").sum())
+    assert set(dm.class_map.landmark_ids) == set(clean.loc[clean["decision"] == "keep", "landmark_id"])
+
+
+def test_clean_command_with_precomputed_embeddings_and_bad_inputs(tiny_world, tmp_path, capsys):
+    from cleaning.command import clean_manifest
+    from cli.main import main
+
+    db = read_manifest(tiny_world / "db.csv")
+    rng = np.random.default_rng(8)
+    codes = {lid: i for i, lid in enumerate(sorted(set(db.landmark_ids)))}
+    emb = np.stack([_blob(_axis(codes[lid] % D), 1, rng)[0] for lid in db.landmark_ids]).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    # Rows listed in another order than the manifest, through --embedding-paths.
+    order = rng.permutation(len(db))
+    np.save(tmp_path / "shuffled.npy", emb[order])
+    write_manifest(pd.DataFrame({"path": [db.paths[i] for i in order]}), tmp_path / "paths.csv")
+    straight = clean_manifest(tiny_world / "db.csv", tmp_path / "a", embeddings=str(tmp_path / "emb.npy"),
+                              report=False, progress=False)
+    shuffled = clean_manifest(tiny_world / "db.csv", tmp_path / "b", embeddings=str(tmp_path / "shuffled.npy"),
+                              embedding_paths=str(tmp_path / "paths.csv"), report=False, progress=False)
+    np.testing.assert_array_equal(straight.keep, shuffled.keep)
+    assert straight.keep.all()  # one tight blob per landmark id; the duplicate id has its own axis
+    assert (tmp_path / "a" / "summary.json").is_file() and not (tmp_path / "a" / "report.html").exists()
+
+    def fails(*extra: str) -> str:
+        assert main(["clean", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "bad"),
+                     "--no-progress", *extra]) == 1
+        return capsys.readouterr().err
+
+    # Unknown paths: a manifest image the embeddings do not cover.
+    write_manifest(pd.DataFrame({"path": [db.paths[i] for i in order[1:]]}), tmp_path / "short.csv")
+    np.save(tmp_path / "short.npy", emb[order[1:]])
+    err = fails("--embeddings", str(tmp_path / "short.npy"), "--embedding-paths", str(tmp_path / "short.csv"))
+    missing = int(order[0])
+    assert f"line {missing + 2}: {db.table['path'].iloc[missing]!r} has no embedding" in err
+    assert "1 of 48 manifest paths are unknown" in err
+    # Row count mismatch without a paths file.
+    assert "has 47 rows but" in fails("--embeddings", str(tmp_path / "short.npy"))
+    # NaN embeddings: the error names the manifest line and file.
+    broken = emb.copy()
+    broken[5, 0] = np.nan
+    np.save(tmp_path / "nan.npy", broken)
+    err = fails("--embeddings", str(tmp_path / "nan.npy"))
+    assert "db.csv: line 7" in err and db.table["path"].iloc[5].split("/")[-1] in err and "NaN" in err
+    # An empty class (a row without a landmark id) is a manifest error naming its line.
+    table = db.table.copy()
+    table.loc[3, "landmark_id"] = ""
+    write_manifest(table, tmp_path / "empty_id.csv")
+    err = main(["clean", "--manifest", str(tmp_path / "empty_id.csv"), "--out", str(tmp_path / "bad"),
+                "--embeddings", str(tmp_path / "emb.npy")])
+    assert err == 1 and "line 5: empty 'landmark_id'" in capsys.readouterr().err
+    # A cleaned manifest is not cleaned again (its decisions would be mixed with the new ones).
+    err = main(["clean", "--manifest", str(tmp_path / "a" / "clean.csv"), "--out", str(tmp_path / "bad"),
+                "--embeddings", str(tmp_path / "emb.npy")])
+    assert err == 1 and "already has the cleaning column(s) ['decision', 'reason'" in capsys.readouterr().err
