@@ -10,8 +10,8 @@ from datamodules.labels import NONLANDMARK
 from losses.base import MetricLoss, is_landmark
 
 
-class _MaskedArcFace(pml_losses.ArcFaceLoss):
-    """PML's ArcFace with the cosines of curriculum-inactive classes masked out of the softmax."""
+class _MaskedCosine:
+    """Mixin for PML's ArcFace losses: curriculum-inactive classes' cosines are masked out of the softmax."""
 
     def __init__(self, *args, mask_fn, **kwargs):
         super().__init__(*args, **kwargs)
@@ -21,13 +21,12 @@ class _MaskedArcFace(pml_losses.ArcFaceLoss):
         return self._mask_fn(super().get_cosine(embeddings))
 
 
-class _MaskedSubCenterArcFace(pml_losses.SubCenterArcFaceLoss):
-    def __init__(self, *args, mask_fn, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._mask_fn = mask_fn
+class _MaskedArcFace(_MaskedCosine, pml_losses.ArcFaceLoss):
+    pass
 
-    def get_cosine(self, embeddings):
-        return self._mask_fn(super().get_cosine(embeddings))
+
+class _MaskedSubCenterArcFace(_MaskedCosine, pml_losses.SubCenterArcFaceLoss):
+    pass
 
 
 class ArcFaceLoss(MetricLoss):

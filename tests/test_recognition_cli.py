@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cli.main import main
 from recognition.artifact import LandmarkIndex, ModelMismatchError
@@ -17,14 +16,7 @@ from recognition.recognizer import Recognizer
 FIELDS = {"path", "landmark_id", "name", "score", "accepted", "city", "candidates", "gps", "gps_rejected", "error"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On a busy 2-core CI machine, torch's spinning OpenMP threads make a 4-image forward pass take
-    # seconds instead of ~50 ms (measured); one intra-op thread is the fastest there.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from retrieval.embedding_model import EmbeddingModel
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # see tests/test_recognition_cli.py: spinning OpenMP threads on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
