@@ -33,6 +33,7 @@ import math
 import multiprocessing
 import os
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Sequence
@@ -512,7 +513,9 @@ def clean_embeddings(
     readable = [rows[valid[rows]] for rows in members]
     todo = [j for j in range(num_landmarks) if len(readable[j])]
     log.info("cleaning %d rows of %d landmarks (%d unreadable)", n, num_landmarks, int((~valid).sum()))
+    tick = time.perf_counter()
     results = _cluster_all(embeddings, [readable[j] for j in todo], params, n_jobs, progress)
+    log.info("step 1 (per-landmark clustering, %d jobs): %.1f s", n_jobs, time.perf_counter() - tick)
     per_landmark: dict[int, LandmarkClusters] = dict(zip(todo, results))
 
     # Step 1 decisions, and the table of valid centroids for steps 2 and 3.
@@ -561,15 +564,21 @@ def clean_embeddings(
         centroids = np.concatenate(centroid_blocks)
         owner = np.asarray(centroid_owner, dtype=np.int64)
         csize = np.asarray(centroid_size, dtype=np.int64)
+        tick = time.perf_counter()
         index = _index(centroids, params)
 
         # Step 2: duplicates.
         group, duplicate_groups, duplicate_pairs = _find_duplicates(index, centroids, owner, csize, uniques, params)
+        log.info("step 2 (index of %d centroids, duplicates): %.1f s", len(centroids), time.perf_counter() - tick)
+        tick = time.perf_counter()
 
         # Step 3: images of valid clusters closer to another landmark (another group). Skipped
         # when disabled: it is one FAISS query per kept image, the costliest step at scale.
         if params.reassign_margin is not None:
-            rows = np.flatnonzero(keep)
+            # Similarities are <= 1, so an image already within ``reassign_margin`` of 1 of its own
+            # centroid can never be closer to another landmark by the margin: only the others are
+            # searched (exact pruning; their other_landmark columns stay empty).
+            rows = np.flatnonzero(keep & ~(own_sim >= 1.0 - params.reassign_margin))
             scores, hits = _search_rows(index, embeddings, rows, params.neighbours)
             hit_group = np.where(hits >= 0, group[owner[np.maximum(hits, 0)]], -1)
             own_group = group[codes[rows]][:, None]
@@ -590,6 +599,7 @@ def clean_embeddings(
                 reason_code[r] = "other_landmark"
                 reason[r] = (f"other_landmark: closer to landmark {uniques[o]} ({s_other:.3f}) "
                              f"than to its own clusters ({s_own:.3f})")
+            log.info("step 3 (images closer to another landmark): %.1f s", time.perf_counter() - tick)
 
     # Step 4: near the non-landmark pool.
     nl_neighbour = np.full(n, -1, dtype=np.int64)
@@ -604,6 +614,8 @@ def clean_embeddings(
         if len(pool_rows):
             index = _index(_unit32(pool[pool_rows]), params)
             rows = np.flatnonzero(keep)
+            if params.nonlandmark_distance is None:  # the margin test alone: prune as in step 3
+                rows = rows[~(own_sim[rows] >= 1.0 - params.nonlandmark_margin)]
             scores, hits = _search_rows(index, embeddings, rows, 1)
             nl_sim[rows] = scores[:, 0]
             nl_neighbour[rows] = np.where(hits[:, 0] >= 0, pool_rows[np.maximum(hits[:, 0], 0)], -1)
