@@ -21,9 +21,14 @@ Method
   cosine, :func:`retrieval.clustering.agglomerative_clusters`: BLAS distances + fastcluster) over
   the first ``n`` rows of the database, ignoring landmarks — what "cluster the whole database"
   costs. Its O(n²) time and memory are extrapolated to ``--rows``.
-* Peak memory = ``ru_maxrss`` of the subprocess and of its children (the clustering workers). It
-  includes pages of the memory-mapped embeddings file that the process touched (file-backed, the
-  kernel can drop them under pressure); the input alone is ``rows x dim x 4`` bytes.
+* Peak memory of ``clean``: sampled every 0.2 s from ``/proc``: the main process's anonymous
+  (heap) and file-backed resident pages (the memory-mapped embeddings and the workers' row file:
+  page cache the kernel can drop under pressure; the input alone is ``rows x dim x 4`` bytes),
+  and the largest single worker (all pages, and anonymous only). ``peak_rss_mib`` is the main
+  process's ``VmHWM`` (both kinds; ``ru_maxrss`` would include the parent's mark, see _peak_mib).
+* ``largest``: step 1 on the largest landmark alone in a fresh process (``VmHWM`` after
+  resetting it): what one worker needs at most, whatever the database size.
+* ``naive`` peak memory: ``VmHWM`` of its subprocess.
 
 Usage::
 
@@ -36,10 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -134,22 +139,102 @@ def generate(folder: Path, args) -> dict:
 
 
 def _peak_mib() -> dict:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_mib": round(own, 1), "peak_child_rss_mib": round(children, 1)}
+    # VmHWM, not ru_maxrss: a child started by fork+exec inherits its parent's ru_maxrss (Linux
+    # keeps the larger of the old and new address space's marks), VmHWM belongs to the new one.
+    return {"peak_rss_mib": round(_status_kib("self", ("VmHWM",))["VmHWM"] / 1024, 1)}
+
+
+def _status_kib(pid: str | int, fields: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in fields:
+                    out[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Peak resident memory of this process split into anonymous (heap) and file-backed (the
+    memory-mapped embeddings) pages, and the peak of each worker process, sampled every 0.2 s.
+
+    ``ru_maxrss`` cannot tell the two kinds apart, and a spawned worker inherits its parent's
+    high-water mark through fork+exec, so its own ``ru_maxrss`` says nothing about the worker.
+    """
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.peak = {"parent_anon": 0, "parent_file": 0, "parent_total": 0, "worker_max": 0, "worker_anon_max": 0,
+                     "workers_sum": 0}
+
+    def _children(self) -> list[str]:
+        pids = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/children") as f:
+                    pids += f.read().split()
+            except OSError:
+                pass
+        return pids
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            me = _status_kib("self", ("RssAnon", "RssFile", "VmRSS"))
+            status = [_status_kib(pid, ("VmRSS", "RssAnon")) for pid in self._children()]
+            workers = [w.get("VmRSS", 0) for w in status]
+            for key, value in (("parent_anon", me.get("RssAnon", 0)), ("parent_file", me.get("RssFile", 0)),
+                               ("parent_total", me.get("VmRSS", 0)), ("worker_max", max(workers, default=0)),
+                               ("worker_anon_max", max((w.get("RssAnon", 0) for w in status), default=0)),
+                               ("workers_sum", sum(workers))):
+                self.peak[key] = max(self.peak[key], value)
+
+    def result(self) -> dict:
+        return {f"peak_{k}_mib": round(v / 1024, 1) for k, v in self.peak.items()}
 
 
 def run_clean(folder: Path, jobs: int) -> dict:
     from cleaning.algorithm import CleaningParams
     from cleaning.command import clean_manifest
 
+    sampler = MemorySampler()
+    sampler.start()
     start = time.perf_counter()
     result = clean_manifest(folder / "db.csv", folder / "out", embeddings=str(folder / "emb.npy"),
                             params=CleaningParams(), jobs=jobs, report=False, progress=False)
     seconds = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
     summary = json.loads((folder / "out" / "summary.json").read_text())
-    return {"seconds": round(seconds, 2), **_peak_mib(), "counts": result.counts(),
+    return {"seconds": round(seconds, 2), **_peak_mib(), **sampler.result(), "counts": result.counts(),
             "ground_truth": {k: summary["ground_truth"][k] for k in ("removal", "duplicates")}}
+
+
+def run_largest_class(folder: Path) -> dict:
+    """Step 1 on the largest landmark alone, in a fresh process: the per-worker memory bound."""
+    import pandas as pd
+
+    from cleaning.algorithm import CleaningParams, cluster_landmark
+
+    ids = pd.read_csv(folder / "db.csv", usecols=["landmark_id"], dtype=str)["landmark_id"]
+    largest = ids.value_counts().index[0]
+    rows = np.flatnonzero(ids.to_numpy() == largest)
+    x = np.asarray(np.load(folder / "emb.npy", mmap_mode="r", allow_pickle=False)[rows])
+    before = _status_kib("self", ("VmRSS",))["VmRSS"]
+    try:  # reset the high-water mark (Linux >= 4.0), so VmHWM is this step's peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    start = time.perf_counter()
+    clusters = cluster_landmark(x, CleaningParams())
+    seconds = time.perf_counter() - start
+    peak = _status_kib("self", ("VmHWM",))["VmHWM"]
+    return {"rows": int(len(rows)), "seconds": round(seconds, 2), "valid_clusters": clusters.num_valid,
+            "peak_extra_mib": round((peak - before) / 1024, 1)}
 
 
 def run_naive(folder: Path, n: int) -> dict:
@@ -191,7 +276,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         what, folder, arg = args.child
-        out = run_clean(Path(folder), int(arg)) if what == "clean" else run_naive(Path(folder), int(arg))
+        runs = {"clean": lambda: run_clean(Path(folder), int(arg)), "naive": lambda: run_naive(Path(folder), int(arg)),
+                "largest": lambda: run_largest_class(Path(folder))}
+        out = runs[what]()
         print(json.dumps(out))
         return
     if args.small:
@@ -207,10 +294,12 @@ def main() -> None:
         results = {"data": data, "jobs": args.jobs, "cpus": os.cpu_count(), "naive": []}
         results["clean"] = _subprocess("--child", "clean", str(folder), str(args.jobs))
         print(f"clean: {json.dumps(results['clean'])}", flush=True)
+        results["largest_class"] = _subprocess("--child", "largest", str(folder), "0")
+        print(f"largest class alone: {json.dumps(results['largest_class'])}", flush=True)
         for n in [int(s) for s in args.naive_sizes.split(",") if s]:
             naive = _subprocess("--child", "naive", str(folder), str(n))
             scale = (data["rows"] / n) ** 2
-            naive["extrapolated_to_rows"] = {"hours": round(naive["seconds"] * scale / 3600, 1),
+            naive["extrapolated_to_rows"] = {"hours": round(naive["seconds"] * scale / 3600, 2),
                                              "condensed_matrix_gib": round(naive["condensed_matrix_mib"] * scale / 1024, 1)}
             results["naive"].append(naive)
             print(f"naive: {json.dumps(naive)}", flush=True)

@@ -1,6 +1,9 @@
-"""Landmark database cleaning (Boiarov & Tyantov §3.1): per-landmark clustering, duplicates,
-images closer to another landmark or to non-landmarks; a cleaned manifest and an HTML report.
+"""Landmark database cleaning (Boiarov & Tyantov §3.1): per-landmark clustering, duplicate landmarks,
+images closer to another landmark or to non-landmarks → a cleaned manifest and an HTML report.
 
-``cleaning.algorithm`` decides on embedding arrays (no torch); ``cleaning.command`` is
-``landmarks clean`` (embeddings, files, report). Import from those modules directly.
+Modules (import them directly; this package imports nothing, so worker processes stay light):
+``algorithm`` decides on embedding arrays (numpy, fastcluster, FAISS; no torch); ``command`` is
+``landmarks clean`` (embeddings, files); ``report`` writes ``report.html``; ``truth`` scores
+decisions against known noise; ``tune`` (``python -m cleaning.tune``) picks parameters on
+held-out landmarks.
 """

@@ -418,7 +418,9 @@ class CleaningResult:
             "landmarks": len(self.landmarks),
             "landmarks_kept": sum(1 for v in self.landmarks.values() if not v["dropped"]),
             "landmarks_dropped": sum(1 for v in self.landmarks.values() if v["dropped"]),
-            "landmarks_after_merge": len({self.landmark_id[i] for i in np.flatnonzero(self.keep)}),
+            # Kept landmarks counting each duplicate group once (whether merged or flagged).
+            "distinct_landmarks_kept": len({self.duplicate_of[i] or self.input_landmark_id[i]
+                                            for i in np.flatnonzero(self.keep)}),
             "duplicate_groups": len(self.duplicate_groups),
             "valid_clusters": int(sum(v["valid_clusters"] for v in self.landmarks.values())),
         }

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
@@ -33,13 +32,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 
 from cleaning.algorithm import CleaningParams, CleaningResult, clean_embeddings
 from cleaning.truth import score_against_truth
 from datamodules.manifest import Manifest, ManifestError, read_manifest, write_manifest
-
-log = logging.getLogger(__name__)
 
 __all__ = ["OUTPUT_COLUMNS", "add_clean_arguments", "clean_manifest", "run_clean_command"]
 
@@ -266,7 +262,7 @@ def clean_manifest(
             ("kept / removed", f"{counts['kept']} / {counts['removed']} "
                                f"({', '.join(f'{k}: {v}' for k, v in counts['removed_by_reason'].items()) or 'none'})"),
             ("landmarks", f"{counts['landmarks']} in, {counts['landmarks_dropped']} dropped, "
-                          f"{counts['duplicate_groups']} duplicate groups, {counts['landmarks_after_merge']} after merging"),
+                          f"{counts['duplicate_groups']} duplicate groups, {counts['distinct_landmarks_kept']} distinct landmarks kept"),
             ("parameters", ", ".join(f"{k}={v}" for k, v in params.to_dict().items())),
         ]
         if truth is not None:

@@ -180,7 +180,7 @@ def write_report(
                 page.figure(paths[r], str(result.reason[r]), paths[r])
                 other = str(result.other_landmark[r])
                 if result.reason_code[r] == "near_nonlandmark" and nonlandmark_paths is not None:
-                    page.figure(nonlandmark_paths[int(result.nonlandmark_neighbour[r])], "↑ its non-landmark neighbour")
+                    page.figure(nonlandmark_paths[int(result.nonlandmark_neighbour[r])], "← its nearest non-landmark photo")
                 elif result.reason_code[r] == "other_landmark" and other in shown_set:
                     page.add(f'<p class="note"><a href="#lm-{html.escape(other, quote=True)}">→ {html.escape(other)}</a></p>')
             if len(removed) > max_removed_per_landmark:

@@ -14,7 +14,7 @@ import pytest
 
 from cleaning.algorithm import CleaningParams, clean_embeddings, cluster_landmark
 from cleaning.truth import score_against_truth
-from datamodules.manifest import ManifestError, read_manifest, write_manifest
+from datamodules.manifest import read_manifest, write_manifest
 
 D = 16
 
@@ -97,7 +97,7 @@ def test_two_ids_of_one_structure_are_flagged_or_merged():
     merged = clean_embeddings(emb, ids, CleaningParams(duplicates="merge"))
     assert merged.landmark_id[rows_d].tolist() == ["C"] * 7
     assert merged.input_landmark_id[rows_d].tolist() == ["D"] * 7
-    assert merged.counts()["landmarks_after_merge"] == 3
+    assert merged.counts()["distinct_landmarks_kept"] == 3 == flagged.counts()["distinct_landmarks_kept"]
     # Different structures are never paired: A's angles, B and C are all orthogonal.
     assert all(set(p["landmarks"]) == {"C", "D"} for p in merged.duplicate_pairs)
     # A stricter share requirement than D's overlap (100 %) cannot be met... but 1.0 still is.
@@ -325,3 +325,39 @@ def test_clean_command_with_precomputed_embeddings_and_bad_inputs(tiny_world, tm
     err = main(["clean", "--manifest", str(tmp_path / "a" / "clean.csv"), "--out", str(tmp_path / "bad"),
                 "--embeddings", str(tmp_path / "emb.npy")])
     assert err == 1 and "already has the cleaning column(s) ['decision', 'reason'" in capsys.readouterr().err
+
+
+def test_blas_condensed_distances_equal_scipy():
+    from scipy.spatial.distance import pdist
+
+    from retrieval.clustering import condensed_cosine_distances
+
+    x = np.random.default_rng(11).standard_normal((37, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for block in (5, 36, 256):  # blocks that do and do not divide the rows
+        np.testing.assert_allclose(condensed_cosine_distances(x, block_rows=block), pdist(x, "cosine"), atol=1e-12)
+
+
+def test_tune_picks_on_one_half_and_scores_the_other(tmp_path, capsys):
+    from cleaning.tune import main as tune
+
+    rng = np.random.default_rng(12)
+    blocks, ids, noise = [], [], []
+    for k in range(6):  # 6 landmarks of 8 images on their own axis + 1 stray each (the noise)
+        blocks += [_blob(_axis(k), 8, rng), _blob(_axis(8 + k), 1, rng)]
+        ids += [f"L{k}"] * 9
+        noise += ["0"] * 8 + ["1"]
+    np.save(tmp_path / "emb.npy", np.concatenate(blocks).astype(np.float32))
+    write_manifest(pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(ids))], "landmark_id": ids,
+                                 "is_noise": noise, "true_landmark_id": ["" if n == "1" else i for n, i in zip(noise, ids)]}),
+                   tmp_path / "db.csv")
+    # min_cluster_size 10 drops every landmark (precision 6/54), 3 removes exactly the strays.
+    code = tune(["--manifest", str(tmp_path / "db.csv"), "--embeddings", str(tmp_path / "emb.npy"),
+                 "--grid", '{"min_cluster_size": [10, 3]}', "--out", str(tmp_path / "tune.json")])
+    assert code == 0
+    out = json.loads((tmp_path / "tune.json").read_text())
+    assert [h["params"] for h in out["held_out"]] == [{"min_cluster_size": 3}] * 2
+    assert out["held_out_pooled"] == {"precision": 1.0, "recall": 1.0}
+    assert out["whole_database"]["removal"]["precision"] == 1.0 and out["chosen"] == {"min_cluster_size": 3}
+    assert sum(sum(f[:2]) for f in out["combinations"][0]["per_fold_tp_fp_fn"]) == 54  # everything removed
+    assert "| all (pooled) | | **1.000** | **1.000** |" in capsys.readouterr().out
