@@ -13,7 +13,8 @@ relative to the output folder so the file works from there) plus:
 * ``cluster`` — the row's kept cluster within its landmark (0 = largest), -1 if none;
 * ``duplicate_of`` — for landmarks found to be duplicates, the id of their group (else empty);
 * ``original_landmark_id`` — the input's ``landmark_id``. With ``--duplicates merge`` (default)
-  ``landmark_id`` is rewritten to the group's id, so training sees one class per structure; with
+  ``landmark_id`` is rewritten to the group's id, so training sees one class per structure (and
+  ``LandmarkDataModule`` relabels queries that name a merged-away id through this column); with
   ``--duplicates flag`` it is unchanged.
 
 The input manifest is never modified; outputs are written atomically.

@@ -34,7 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from datamodules.datasets import ImageDataset, seed_worker_transforms
 from datamodules.labels import NONLANDMARK
-from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest
+from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from datamodules.synth import SynthConfig, generate_world
 from datamodules.transforms import eval_transform, train_transform
@@ -130,6 +130,11 @@ class LandmarkDataModule(pl.LightningDataModule):
         # The DB is read here, not in setup(): the class count must be known when LightningCLI
         # links it into the model (link_arguments apply_on="instantiate").
         self.db = self._load("db_manifest", "landmark")
+        # Ids that `landmarks clean --duplicates merge` renamed: queries naming them are relabelled.
+        self.id_aliases = merged_id_aliases(self.db)
+        if self.id_aliases:
+            log.info("%s: %d merged-away landmark id(s); queries naming them are relabelled to their group's id",
+                     self.db.source, len(self.id_aliases))
         if "decision" in self.db.table.columns:
             keep = self.db.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
             log.info("%s: using %d of %d rows (decision != remove)", self.db.source, int(keep.sum()), len(keep))
@@ -206,7 +211,8 @@ class LandmarkDataModule(pl.LightningDataModule):
         )
         self._datasets["gallery"] = ImageDataset(self.db.paths, self.db_labels, eval_tf, size)
         if queries is not None:
-            query_labels = self.class_map.encode(queries.landmark_ids, queries.source, queries.lines)
+            query_ids = [self.id_aliases.get(i, i) for i in queries.landmark_ids]
+            query_labels = self.class_map.encode(query_ids, queries.source, queries.lines)
             self._datasets["queries"] = ImageDataset(queries.paths, query_labels, eval_tf, size)
         if distractors is not None:
             self._datasets["distractors"] = ImageDataset(

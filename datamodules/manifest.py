@@ -200,6 +200,34 @@ def load_manifest(
     return read_manifest(location, kind, extra_columns=extra_columns, column_map=column_map)
 
 
+def merged_id_aliases(manifest: Manifest) -> dict[str, str]:
+    """``{original id: id}`` for the ids a cleaned manifest (``landmarks clean --duplicates merge``) renamed.
+
+    A cleaned DB names each duplicate group by one member's id and keeps the input's id in
+    ``original_landmark_id``; query manifests written against the original DB still name the
+    merged-away ids, and must be read through this map. Rows the cleaning removed count too: an id
+    can be merged away and all its rows removed, while its queries still exist. Empty when the
+    column is absent. An original id renamed to two different ids is an error (the file was edited
+    by hand or is not a cleaning output), naming the first line of each.
+    """
+    if manifest.landmark_ids is None or "original_landmark_id" not in manifest.table.columns:
+        return {}
+    aliases: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    originals = manifest.table["original_landmark_id"].astype(str).str.strip()
+    for original, lid, line in zip(originals, manifest.landmark_ids, manifest.lines):
+        if not original or original == "nan":
+            continue
+        seen = aliases.setdefault(original, lid)
+        first_line.setdefault(original, int(line))
+        if seen != lid:
+            raise ManifestError(
+                f"{manifest.source}, line {int(line)}: original_landmark_id {original!r} is renamed to {lid!r}, "
+                f"but to {seen!r} on line {first_line[original]}; a cleaned manifest renames each id one way"
+            )
+    return {o: i for o, i in aliases.items() if o != i}
+
+
 def write_manifest(table: pd.DataFrame, csv_path: str | os.PathLike) -> None:
     """Write a manifest atomically (temporary file + rename), so a crash never leaves half a CSV."""
     csv_path = Path(csv_path)

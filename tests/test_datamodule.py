@@ -112,6 +112,40 @@ def test_cleaning_decisions_are_respected(tmp_path):
     assert len(dm.db) == 9 and dm.num_classes == 3  # landmark 103's only image was removed
 
 
+def test_queries_of_a_merged_away_id_are_relabelled(tmp_path):
+    # `landmarks clean --duplicates merge` renamed 101 to 100 (one structure under two ids) and
+    # removed 103's only image; queries written against the input DB still say 101 — and 103.
+    root = _world(tmp_path)
+    text = (root / "db.csv").read_text().splitlines()
+    rows = [text[0] + ",decision,original_landmark_id"]
+    for line in text[1:]:
+        path, lid = line.split(",")
+        new = "100" if lid == "101" else lid
+        rows.append(f"{path},{new},{'remove' if lid == '103' else 'keep'},{lid}")
+    (root / "clean.csv").write_text("\n".join(rows) + "\n")
+    (root / "queries.csv").write_text("path,landmark_id\ndb/0_0.jpg,100\ndb/1_0.jpg,101\ndb/2_0.jpg,102\n")
+    dm = _dm(root, db_manifest="clean.csv")
+    dm.setup()
+    assert dm.id_aliases == {"101": "100"}
+    assert dm.class_map.to_list() == ["100", "102"]
+    labels = dm._datasets["queries"].labels.tolist()
+    assert labels == [dm.class_map.to_list().index(x) for x in ("100", "100", "102")]
+    # A query of an id whose rows were all removed (and not merged) is still an error.
+    (root / "queries.csv").write_text("path,landmark_id\ndb/3_0.jpg,103\n")
+    with pytest.raises(ManifestError, match=r"queries\.csv: line 2: landmark_id '103'"):
+        _dm(root, db_manifest="clean.csv").setup()
+
+
+def test_an_id_renamed_two_ways_is_a_clear_error(tmp_path):
+    root = _world(tmp_path)
+    (root / "clean.csv").write_text(
+        "path,landmark_id,original_landmark_id\ndb/0_0.jpg,100,100\ndb/1_0.jpg,100,101\ndb/1_1.jpg,102,101\n"
+    )
+    with pytest.raises(ManifestError, match=r"clean\.csv, line 4: original_landmark_id '101' is renamed to '102', "
+                                            r"but to '100' on line 3"):
+        _dm(root, db_manifest="clean.csv")
+
+
 def test_missing_data_dir_without_synthetic_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.synthetic"):
         _dm(tmp_path / "nowhere")
