@@ -57,9 +57,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def decode(self, index: int) -> np.ndarray:
+        """The RGB array of image ``index``; raises ``UnreadableImage``. Subclasses crop etc. here."""
+        return load_rgb(self.paths[index], max_side=2 * self.image_size)
+
     def __getitem__(self, index: int) -> dict:
         try:
-            image = load_rgb(self.paths[index], max_side=2 * self.image_size)
+            image = self.decode(index)
             tensor = self.transform(image=image)["image"]
             valid = True
         except UnreadableImage as err:

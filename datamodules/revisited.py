@@ -35,10 +35,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-
-from datamodules.images import UnreadableImage, load_rgb
+from datamodules.datasets import ImageDataset
+from datamodules.images import load_rgb
 from datamodules.manifest import ManifestError
 
 log = logging.getLogger(__name__)
@@ -262,8 +260,8 @@ def crop_box(width: int, height: int, box) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-class RevisitedImages(Dataset):
-    """Database images, or queries cropped to their boxes, as samples like :class:`ImageDataset`.
+class RevisitedImages(ImageDataset):
+    """Database images, or queries cropped to their boxes, as :class:`ImageDataset` samples.
 
     Each sample is ``{"image", "label" (= its index), "index", "valid"}``. Images are decoded at
     full size (the box is in full-size pixels), cropped, then transformed (e.g.
@@ -275,23 +273,13 @@ class RevisitedImages(Dataset):
     def __init__(self, data: RevisitedData, split: Literal["database", "queries"], transform, image_size: int):
         if split not in ("database", "queries"):
             raise ValueError(f"split must be 'database' or 'queries', got {split!r}")
-        self.paths = data.database_paths if split == "database" else data.query_paths
+        paths = data.database_paths if split == "database" else data.query_paths
+        super().__init__(paths, np.arange(len(paths)), transform, image_size)
         self.boxes = None if split == "database" else data.query_boxes
-        self.transform = transform
-        self.image_size = image_size
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            image = load_rgb(self.paths[index])
-            if self.boxes is not None:
-                x1, y1, x2, y2 = crop_box(image.shape[1], image.shape[0], self.boxes[index])
-                image = np.ascontiguousarray(image[y1:y2, x1:x2])
-            tensor = self.transform(image=image)["image"]
-            valid = True
-        except UnreadableImage as err:
-            log.warning("unreadable Revisited image: %s", err)
-            tensor, valid = torch.zeros(3, self.image_size, self.image_size), False
-        return {"image": tensor, "label": index, "index": index, "valid": valid}
+    def decode(self, index: int) -> np.ndarray:
+        image = load_rgb(self.paths[index])
+        if self.boxes is not None:
+            x1, y1, x2, y2 = crop_box(image.shape[1], image.shape[0], self.boxes[index])
+            image = np.ascontiguousarray(image[y1:y2, x1:x2])
+        return image

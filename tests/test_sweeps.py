@@ -394,3 +394,25 @@ def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
         assert identity.curriculum == (Path(run.parameters["config.curriculum"]).stem == "curriculum")
         groups.add(identity.group)
     assert len(groups) == len(losses) * len(curricula)
+
+
+def test_cleaning_sweep_trains_the_paper_recipe_on_raw_and_cleaned_db(monkeypatch, capsys):
+    """experiments/sweeps/cleaning.yaml: 2 databases × 3 seeds, each resolving to center loss +
+    curriculum on the noisy DB (oracle_clean off), the cleaned one read from landmarks clean's folder."""
+    from cli.main import main
+
+    spec = load_sweep(ROOT / "experiments" / "sweeps" / "cleaning.yaml")
+    runs = spec.expand()
+    assert len(runs) == 6 and len({r.name for r in runs}) == 6
+    monkeypatch.chdir(ROOT)
+    manifests = set()
+    for run in runs[:2]:
+        with pytest.raises(SystemExit) as info:
+            main(spec.command_for(run)[2:] + ["--print_config"])
+        assert info.value.code in (0, None)
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["data"]["oracle_clean"] is False and config["data"]["image_size"] == 64
+        assert config["model"]["loss"]["class_path"] == "losses.CenterSoftmaxLoss"
+        assert [c["class_path"] for c in config["trainer"]["callbacks"]].count("callbacks.Curriculum") == 1
+        manifests.add(str((ROOT / config["data"]["data_dir"] / config["data"]["db_manifest"]).resolve()))
+    assert manifests == {str(ROOT / "data" / "synthetic" / "db.csv"), str(ROOT / "runs" / "cleaning" / "clean" / "clean.csv")}
