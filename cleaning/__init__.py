@@ -5,5 +5,6 @@ Modules (import them directly; this package imports nothing, so worker processes
 ``algorithm`` decides on embedding arrays (numpy, fastcluster, FAISS; no torch); ``command`` is
 ``landmarks clean`` (embeddings, files); ``report`` writes ``report.html``; ``truth`` scores
 decisions against known noise; ``tune`` (``python -m cleaning.tune``) picks parameters on
-held-out landmarks.
+held-out landmarks; ``separability`` (``python -m cleaning.separability``) measures how well
+any threshold on per-image evidence could separate the noise in a model's embedding.
 """

@@ -19,14 +19,14 @@ import pandas as pd
 
 from cleaning.algorithm import CleaningResult
 
-__all__ = ["score_against_truth", "true_duplicate_pairs"]
+__all__ = ["noise_flags", "score_against_truth", "true_duplicate_pairs"]
 
 
 def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
 
-def _flags(column: pd.Series) -> np.ndarray:
+def noise_flags(column: pd.Series) -> np.ndarray:
     text = column.astype(str).str.strip().str.lower()
     bad = ~text.isin(["0", "1", "true", "false"])
     if bad.any():
@@ -37,7 +37,7 @@ def _flags(column: pd.Series) -> np.ndarray:
 
 def true_duplicate_pairs(table: pd.DataFrame) -> set[frozenset[str]]:
     """Pairs {duplicate id, original id} from ``landmark_id``, ``is_noise``, ``true_landmark_id``."""
-    clean = table.loc[~_flags(table["is_noise"]), ["landmark_id", "true_landmark_id"]].astype(str)
+    clean = table.loc[~noise_flags(table["is_noise"]), ["landmark_id", "true_landmark_id"]].astype(str)
     clean["true_landmark_id"] = clean["true_landmark_id"].str.strip()
     counts = clean.groupby(["landmark_id", "true_landmark_id"]).size().reset_index(name="n")
     # Each id's most frequent truth (ties: the smaller truth id, so the answer is deterministic).
@@ -52,7 +52,7 @@ def score_against_truth(table: pd.DataFrame, result: CleaningResult) -> dict | N
     when ``table`` has no ``is_noise`` column."""
     if "is_noise" not in table.columns:
         return None
-    noise = _flags(table["is_noise"])
+    noise = noise_flags(table["is_noise"])
     removed = ~result.keep
     tp, fp, fn = int((removed & noise).sum()), int((removed & ~noise).sum()), int((~removed & noise).sum())
     scores: dict = {

@@ -1,0 +1,180 @@
+"""How separable is the noise in an embedding at all? A ceiling for any per-image cleaning rule.
+
+``python -m cleaning.separability --manifest data/synthetic/db.csv --nonlandmarks data/synthetic/nonlandmarks.csv
+--model NAME=CKPT [--model NAME=CKPT ...] --out DIR``
+
+The cleaning algorithm's decisions rest on comparing an image's similarity to its own landmark
+with its similarity to other landmarks and to non-landmark photos. This tool scores every DB image
+by the plainest form of that evidence,
+
+    evidence = max(other3, pool1) - own3
+
+(``own3``/``other3``: mean cosine similarity to the 3 nearest images with the same/another label;
+``pool1``: to the nearest non-landmark photo; an image alone in its class has ``own3 = -1``), and
+reports, against the manifest's ground truth (``is_noise``), the precision of the best threshold
+on it at a required recall, plus the whole precision-recall curve. If no threshold reaches the
+goal, the embedding — not the clustering — is the limit. The curves of several models go into
+one PNG (``DIR/separability.png``) and ``DIR/separability.json``.
+
+Exact and O(n^2) in time (n×chunk blocks in memory): an analysis tool for the synthetic world and
+DBs up to ~1e5 images, not part of ``landmarks clean``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["evidence_scores", "precision_recall_curve", "precision_at_recall"]
+
+_CHUNK = 2048
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.all(np.isfinite(x)) or np.any(norms == 0):
+        raise ValueError("embeddings must be finite and non-zero")
+    return x / norms
+
+
+def _mean_top(sims: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise mean of the k largest finite entries (-inf = excluded); -1 where a row has none."""
+    k = min(k, sims.shape[1])
+    top = -np.sort(-sims, axis=1)[:, :k]
+    finite = np.isfinite(top)
+    total = np.where(finite, top, 0.0).sum(1)
+    count = finite.sum(1)
+    return np.where(count > 0, total / np.maximum(count, 1), -1.0).astype(np.float32)
+
+
+def evidence_scores(embeddings: np.ndarray, labels, pool: np.ndarray | None = None, k: int = 3) -> dict[str, np.ndarray]:
+    """``own``, ``other``, ``pool`` similarities and ``evidence`` (higher = more likely noise) per row."""
+    emb = _unit(embeddings)
+    labels = np.asarray(labels)
+    if len(labels) != len(emb):
+        raise ValueError(f"{len(emb)} embeddings but {len(labels)} labels")
+    n = len(emb)
+    own = np.empty(n, dtype=np.float32)
+    other = np.empty(n, dtype=np.float32)
+    for s in range(0, n, _CHUNK):
+        rows = np.arange(s, min(n, s + _CHUNK))
+        sims = emb[rows] @ emb.T
+        sims[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
+        same = labels[rows, None] == labels[None, :]
+        own[rows] = _mean_top(np.where(same, sims, -np.inf), k)
+        other[rows] = _mean_top(np.where(same, -np.inf, sims), k)
+    nearest_pool = np.full(n, -1.0, dtype=np.float32)
+    if pool is not None and len(pool):
+        pool = _unit(pool)
+        for s in range(0, n, _CHUNK):
+            nearest_pool[s:s + _CHUNK] = (emb[s:s + _CHUNK] @ pool.T).max(1)
+    return {"own": own, "other": other, "pool": nearest_pool, "evidence": np.maximum(other, nearest_pool) - own}
+
+
+def precision_recall_curve(scores: np.ndarray, is_noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall of "remove every row scoring >= t", for each distinct score t (descending).
+
+    Tied scores are one threshold: removing one of them removes all.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    is_noise = np.asarray(is_noise, dtype=bool)
+    if is_noise.sum() == 0:
+        raise ValueError("no noisy rows: precision/recall of removal are undefined")
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(is_noise[order])
+    removed = np.arange(1, len(order) + 1)
+    last_of_tie = np.r_[scores[order][1:] != scores[order][:-1], True]
+    tp, removed = tp[last_of_tie], removed[last_of_tie]
+    return tp / removed, tp / is_noise.sum()
+
+
+def precision_at_recall(scores: np.ndarray, is_noise: np.ndarray, recall: float) -> float:
+    """The highest precision of any threshold whose recall is at least ``recall``."""
+    precision, achieved = precision_recall_curve(scores, is_noise)
+    return float(precision[achieved >= recall - 1e-12].max())
+
+
+def _embed(manifest, pool, spec: str, cache_dir: str):
+    from retrieval.embed import embed_paths
+    from retrieval.embedding_model import load_embedding_model
+
+    name, _, location = spec.partition("=")
+    if not location:
+        raise ValueError(f"--model wants NAME=CHECKPOINT, got {spec!r}")
+    model = load_embedding_model(checkpoint=location)
+    result = embed_paths(model, manifest.paths + pool.paths, cache_dir=cache_dir, progress=False)
+    if not result.valid.all():
+        raise ValueError(f"{int((~result.valid).sum())} unreadable image(s); this analysis needs every row")
+    return name, result.embeddings[: len(manifest)], result.embeddings[len(manifest):]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", required=True, help="landmark DB with the ground truth (is_noise)")
+    parser.add_argument("--nonlandmarks", required=True, help="non-landmark pool CSV")
+    parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat)")
+    parser.add_argument("--recall", type=float, default=0.90, help="required recall for the reported precision")
+    parser.add_argument("--cache-dir", default="runs/cleaning/cache")
+    parser.add_argument("--out", required=True, help="folder for separability.json and separability.png")
+    args = parser.parse_args(argv)
+
+    from cleaning.truth import noise_flags
+    from datamodules.manifest import read_manifest
+
+    manifest = read_manifest(args.manifest)
+    if "is_noise" not in manifest.table.columns:
+        raise SystemExit(f"{args.manifest}: no is_noise column; this analysis needs the ground truth")
+    is_noise = noise_flags(manifest.table["is_noise"])
+    pool = read_manifest(args.nonlandmarks, kind="nonlandmark", extra_columns="ignore")
+    results, curves = {}, {}
+    for spec in args.model:
+        name, emb, pool_emb = _embed(manifest, pool, spec, args.cache_dir)
+        scores = evidence_scores(emb, manifest.landmark_ids, pool_emb)
+        precision, recall = precision_recall_curve(scores["evidence"], is_noise)
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        results[name] = {
+            "model": spec.partition("=")[2],
+            f"precision_at_recall_{args.recall:g}": round(precision_at_recall(scores["evidence"], is_noise, args.recall), 4),
+            "best_f1": round(float(f1.max()), 4),
+            "median_own_similarity": {"clean": round(float(np.median(scores["own"][~is_noise])), 4),
+                                      "noise": round(float(np.median(scores["own"][is_noise])), 4)},
+        }
+        curves[name] = (recall, precision)
+        print(f"{name}: precision {results[name][f'precision_at_recall_{args.recall:g}']} at recall >= {args.recall:g}, "
+              f"best F1 {results[name]['best_f1']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".separability.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"manifest": args.manifest, "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
+                               "score": "max(other3, pool1) - own3", "models": results}, indent=1))
+    os.replace(tmp, out / "separability.json")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.axhline(0.95, color="grey", ls=":", lw=1)
+    ax.axvline(0.90, color="grey", ls=":", lw=1)
+    ax.set(xlabel="removal recall", ylabel="removal precision", xlim=(0.5, 1.0), ylim=(0.5, 1.01),
+           title="noise removal by thresholding max(other3, pool1) - own3")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    tmp_png = out / f".separability.png.tmp-{os.getpid()}.png"
+    fig.savefig(tmp_png, dpi=120)
+    os.replace(tmp_png, out / "separability.png")
+    print(f"Written: {out / 'separability.json'}, {out / 'separability.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
