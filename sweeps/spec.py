@@ -213,6 +213,9 @@ def parse_parameter(name: Any, spec: Any, where: str) -> Parameter:
     return Parameter(name=name, distribution=distribution, **kwargs)
 
 
+_FILE_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".tsv", ".parquet", ".txt", ".npy", ".ckpt", ".pt", ".pth")
+
+
 def _short(value: Any) -> str:
     """A short readable form of a value for folder names and labels (paths → file stems)."""
     if isinstance(value, list):
@@ -220,7 +223,7 @@ def _short(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, str):
-        if value.endswith((".yaml", ".yml", ".json")):
+        if value.endswith(_FILE_SUFFIXES):  # a config or data file: its name says what it is
             return Path(value).stem
         if "." in value and "/" not in value and " " not in value and not _is_number(value):
             return value.rsplit(".", 1)[-1]  # a class path

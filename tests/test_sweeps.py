@@ -416,3 +416,13 @@ def test_cleaning_sweep_trains_the_paper_recipe_on_raw_and_cleaned_db(monkeypatc
         assert [c["class_path"] for c in config["trainer"]["callbacks"]].count("callbacks.Curriculum") == 1
         manifests.add(str((ROOT / config["data"]["data_dir"] / config["data"]["db_manifest"]).resolve()))
     assert manifests == {str(ROOT / "data" / "synthetic" / "db.csv"), str(ROOT / "runs" / "cleaning" / "clean" / "clean.csv")}
+
+
+def test_short_forms_of_values_in_run_names():
+    from sweeps.spec import _short
+
+    assert _short("experiments/center_plain.yaml") == "center_plain"
+    assert _short("db.csv") == "db"  # a file, not a class path ("csv")
+    assert _short("../../runs/cleaning/clean/clean.csv") == "clean"
+    assert _short("losses.ArcFaceLoss") == "ArcFaceLoss"
+    assert _short(0.001) == "0.001" and _short([1, 2]) == "1+2" and _short(None) == "none"
