@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = ["REASONS", "CleaningParams", "CleaningResult", "LandmarkClusters", "clean_embeddings", "cluster_landmark"]
 
 #: Reason codes, in order of precedence (the first that applies is reported).
-REASONS = ("unreadable", "landmark_dropped", "small_cluster", "other_landmark", "near_nonlandmark")
+REASONS = ("unreadable", "landmark_dropped", "small_cluster", "other_landmark", "near_nonlandmark", "neighbour_evidence")
 
 # Rows whose norm is below this are "no embedding" (embed_paths writes all-zero rows for them).
 _ZERO_NORM = 1e-12
@@ -86,6 +86,20 @@ class CleaningParams:
             nearest non-landmark image exceeds their similarity to their landmark's nearest valid
             centroid by more than this (closer to the non-landmarks than to their own landmark);
             ``None`` disables this test.
+        image_rule: how single images are judged once the landmarks are clustered. ``clusters``
+            (the paper's): an image outside the valid clusters is noise (``small_cluster``), and so
+            is one closer to another landmark or to the non-landmarks (steps 3-4). ``evidence``:
+            an image is noise when the evidence against it reaches ``evidence_threshold`` —
+            ``max(other_k, pool_1) - own_k``, its mean cosine similarity to its ``evidence_k``
+            nearest images of other landmarks (other duplicate groups), or to its nearest
+            non-landmark photo, minus that to its ``evidence_k`` nearest images of its own
+            landmark — whatever cluster it is in; steps 3-4 are then not run. Landmark-level
+            decisions (no valid cluster: dropped; duplicates) are the same under both rules.
+        evidence_k: neighbours averaged on each side of the evidence.
+        evidence_threshold: evidence at which an image is removed (``image_rule="evidence"``).
+        evidence_search: image neighbours retrieved per image to find its ``evidence_k`` nearest
+            images of other landmarks; if fewer are among them, the missing ones count with the
+            lowest similarity retrieved (an upper bound, so the evidence is never understated).
         neighbours: FAISS neighbours retrieved per query (centroids are few per landmark).
         index: FAISS index over centroids/pool: ``flat`` (exact), ``ivf``, ``hnsw`` or ``auto``
             (exact up to ``exact_index_limit`` vectors, IVF beyond).
@@ -103,6 +117,10 @@ class CleaningParams:
     reassign_margin: float | None = 0.2
     nonlandmark_distance: float | None = None
     nonlandmark_margin: float | None = 0.3
+    image_rule: Literal["clusters", "evidence"] = "clusters"
+    evidence_k: int = 3
+    evidence_threshold: float = 0.16
+    evidence_search: int = 64
     neighbours: int = 10
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_index_limit: int = 20000
@@ -131,6 +149,12 @@ class CleaningParams:
             problems.append(f"nonlandmark_margin must be in [-2, 2] or None, got {self.nonlandmark_margin}")
         if self.nonlandmark_distance is not None and not 0.0 <= self.nonlandmark_distance <= 2.0:
             problems.append(f"nonlandmark_distance must be in [0, 2] or None, got {self.nonlandmark_distance}")
+        if self.image_rule not in ("clusters", "evidence"):
+            problems.append(f"image_rule must be 'clusters' or 'evidence', got {self.image_rule!r}")
+        if self.evidence_k < 1 or self.evidence_search < self.evidence_k:
+            problems.append(f"need 1 <= evidence_k <= evidence_search, got {self.evidence_k}, {self.evidence_search}")
+        if not -2.0 <= self.evidence_threshold <= 2.0:
+            problems.append(f"evidence_threshold must be in [-2, 2], got {self.evidence_threshold}")
         if self.neighbours < 1:
             problems.append(f"neighbours must be >= 1, got {self.neighbours}")
         if self.index not in ("auto", "flat", "ivf", "hnsw"):
@@ -159,6 +183,9 @@ class LandmarkClusters:
         own_similarity: per row, the best cosine similarity to a valid centroid (NaN if none).
         assignment: per row, the valid cluster it is kept in (its own, or the nearest one it was
             attached to), or -1.
+        own_neighbours: with ``image_rule="evidence"``, per row the mean cosine similarity to its
+            ``evidence_k`` nearest other rows of the landmark (-1 for a landmark of one image);
+            else empty.
     """
 
     labels: np.ndarray
@@ -167,6 +194,7 @@ class LandmarkClusters:
     centroids: np.ndarray
     own_similarity: np.ndarray
     assignment: np.ndarray
+    own_neighbours: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @property
     def num_valid(self) -> int:
@@ -188,10 +216,11 @@ def cluster_landmark(embeddings: np.ndarray, params: CleaningParams) -> Landmark
     labels = agglomerative_clusters(unit, params.distance_threshold, params.linkage).astype(np.int32)
     sizes = np.bincount(labels)
     min_size = params.min_size(n)
+    own_neighbours = _own_neighbours(unit, params.evidence_k) if params.image_rule == "evidence" else np.zeros(0, np.float32)
     k = int((sizes >= min_size).sum())  # clusters are numbered by decreasing size: valid ones first
     if k == 0:
         return LandmarkClusters(labels, sizes, min_size, np.zeros((0, d), np.float32),
-                                np.full(n, np.nan, np.float32), np.full(n, -1, np.int32))
+                                np.full(n, np.nan, np.float32), np.full(n, -1, np.int32), own_neighbours)
     sums = np.zeros((k, d))
     inside = labels < k
     np.add.at(sums, labels[inside], unit[inside])
@@ -202,7 +231,30 @@ def cluster_landmark(embeddings: np.ndarray, params: CleaningParams) -> Landmark
     if params.attach_distance is not None:
         attach = ~inside & (1.0 - own <= params.attach_distance)
         assignment[attach] = similarity[attach].argmax(axis=1)
-    return LandmarkClusters(labels, sizes, min_size, centroids.astype(np.float32), own.astype(np.float32), assignment)
+    return LandmarkClusters(labels, sizes, min_size, centroids.astype(np.float32), own.astype(np.float32), assignment,
+                            own_neighbours)
+
+
+def _mean_top(sims: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise mean of the ``k`` largest entries (``-inf`` entries excluded); -1 where none is left."""
+    k = min(k, sims.shape[1])
+    top = -np.sort(-sims, axis=1)[:, :k]
+    finite = np.isfinite(top)
+    count = finite.sum(axis=1)
+    total = np.where(finite, top, 0.0).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), -1.0).astype(np.float32)
+
+
+def _own_neighbours(unit: np.ndarray, k: int) -> np.ndarray:
+    """Per row of one landmark, the mean similarity to its ``k`` nearest other rows (blocks of rows:
+    memory stays ``block × class size``)."""
+    n = len(unit)
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, 1024):
+        sims = unit[s:s + 1024] @ unit.T
+        sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf  # not its own neighbour
+        out[s:s + len(sims)] = _mean_top(sims, k)
+    return out
 
 
 # ---- parallel step 1 ----------------------------------------------------------------------------
@@ -426,6 +478,58 @@ class CleaningResult:
         }
 
 
+def _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmark_embeddings, params,
+                   keep, reason_code, reason, other_landmark, other_sim, nl_neighbour, nl_sim) -> None:
+    """``image_rule="evidence"``: remove kept images whose evidence reaches the threshold (in place)."""
+    d = embeddings.shape[1]
+    image_rows = np.flatnonzero(valid)
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        return
+    k = params.evidence_k
+    index = _index(_unit32(embeddings[image_rows]), params)
+    # +1: the image finds itself
+    scores, hits = _search_rows(index, embeddings, rows, params.evidence_search + 1)
+    hit_rows = np.where(hits >= 0, image_rows[np.maximum(hits, 0)], -1)
+    other = (hit_rows >= 0) & (group[codes[np.maximum(hit_rows, 0)]] != group[codes[rows]][:, None])
+    other_scores = np.where(other, scores, -np.inf)
+    top = -np.sort(-other_scores, axis=1)[:, :k]
+    # Fewer than k other-landmark images among those retrieved: the missing ones are at most as
+    # similar as the last one retrieved, which is what they count as (never understating the evidence).
+    floor = np.where(np.isfinite(scores), scores, np.inf).min(axis=1)
+    top = np.where(np.isfinite(top), top, floor[:, None])
+    other_k = top.mean(axis=1).astype(np.float32)
+    has_other = other.any(axis=1)
+    first_other = np.argmax(other, axis=1)
+    nearest_other = hit_rows[np.arange(len(rows)), first_other]
+    other_landmark[rows[has_other]] = uniques[codes[nearest_other[has_other]]]
+    other_sim[rows] = other_k
+
+    pool_1 = np.full(len(rows), -1.0, dtype=np.float32)
+    if nonlandmark_embeddings is not None:
+        pool = np.asarray(nonlandmark_embeddings)
+        if pool.ndim != 2 or pool.shape[1] != d:
+            raise ValueError(f"non-landmark embeddings have shape {pool.shape}; expected [m, {d}] like the database")
+        _, pool_valid = _check_inputs(pool, ["-"] * len(pool), None, what="non-landmark embeddings")
+        pool_rows = np.flatnonzero(pool_valid)
+        if len(pool_rows):
+            p_scores, p_hits = _search_rows(_index(_unit32(pool[pool_rows]), params), embeddings, rows, 1)
+            found = p_hits[:, 0] >= 0
+            pool_1[found] = p_scores[found, 0]
+            nl_sim[rows[found]] = p_scores[found, 0]
+            nl_neighbour[rows[found]] = pool_rows[p_hits[found, 0]]
+    own = own_knn[rows]
+    evidence = np.maximum(other_k, pool_1) - own
+    noise = evidence >= params.evidence_threshold
+    for r, e, o, s_other, s_pool in zip(rows[noise], evidence[noise], own[noise], other_k[noise], pool_1[noise]):
+        keep[r] = False
+        reason_code[r] = "neighbour_evidence"
+        closer = (f"its nearest images of landmark {other_landmark[r]} ({s_other:.3f})" if s_other >= s_pool
+                  else f"non-landmark image {nl_neighbour[r]} ({s_pool:.3f})")
+        reason[r] = (f"neighbour_evidence: {e:.3f} >= {params.evidence_threshold}: {closer} "
+                     f"vs its own landmark's nearest images ({o:.3f})")
+
+
 def _check_inputs(embeddings: np.ndarray, landmark_ids: Sequence[str], valid: np.ndarray | None,
                   what: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
     if embeddings.ndim != 2 or embeddings.shape[1] == 0:
@@ -508,6 +612,7 @@ def clean_embeddings(
     reason[~valid] = "unreadable: the image could not be decoded (no embedding)"
     cluster = np.full(n, -1, dtype=np.int32)
     own_sim = np.full(n, np.nan, dtype=np.float32)
+    own_knn = np.full(n, np.nan, dtype=np.float32)
 
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(num_landmarks + 1))
@@ -537,6 +642,8 @@ def clean_embeddings(
                     min_cluster_size=int(res.min_size), valid_clusters=res.num_valid, dropped=res.num_valid == 0)
         cluster[rows] = res.assignment
         own_sim[rows] = res.own_similarity
+        if params.image_rule == "evidence":
+            own_knn[rows] = res.own_neighbours
         if res.num_valid == 0:
             keep[rows] = False
             reason_code[rows] = "landmark_dropped"
@@ -545,7 +652,7 @@ def clean_embeddings(
             continue
         is_small = res.assignment < 0
         small = rows[is_small]
-        if len(small):
+        if len(small) and params.image_rule == "clusters":
             sizes_of = res.sizes[res.labels[is_small]]
             keep[small] = False
             reason_code[small] = "small_cluster"
@@ -576,7 +683,7 @@ def clean_embeddings(
 
         # Step 3: images of valid clusters closer to another landmark (another group). Skipped
         # when disabled: it is one FAISS query per kept image, the costliest step at scale.
-        if params.reassign_margin is not None:
+        if params.image_rule == "clusters" and params.reassign_margin is not None:
             # Similarities are <= 1, so an image already within ``reassign_margin`` of 1 of its own
             # centroid can never be closer to another landmark by the margin: only the others are
             # searched (exact pruning; their other_landmark columns stay empty).
@@ -606,8 +713,8 @@ def clean_embeddings(
     # Step 4: near the non-landmark pool.
     nl_neighbour = np.full(n, -1, dtype=np.int64)
     nl_sim = np.full(n, np.nan, dtype=np.float32)
-    if nonlandmark_embeddings is not None and (params.nonlandmark_distance is not None
-                                               or params.nonlandmark_margin is not None):
+    if nonlandmark_embeddings is not None and params.image_rule == "clusters" and (
+            params.nonlandmark_distance is not None or params.nonlandmark_margin is not None):
         pool = np.asarray(nonlandmark_embeddings)
         if pool.ndim != 2 or pool.shape[1] != d:
             raise ValueError(f"non-landmark embeddings have shape {pool.shape}; expected [m, {d}] like the database")
@@ -634,6 +741,12 @@ def clean_embeddings(
                              f"{nl_neighbour[r]}, {1.0 - own_sim[r]:.3f} to its landmark's nearest kept cluster")
         else:
             log.warning("non-landmark pool has no usable embedding; step 4 skipped")
+
+    if params.image_rule == "evidence":
+        tick = time.perf_counter()
+        _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmark_embeddings, params,
+                       keep, reason_code, reason, other_landmark, other_sim, nl_neighbour, nl_sim)
+        log.info("evidence rule (image neighbours): %.1f s", time.perf_counter() - tick)
 
     new_ids = uniques[group][codes].astype(object)
     duplicate_of = np.full(n, "", dtype=object)

@@ -9,7 +9,7 @@ relative to the output folder so the file works from there) plus:
 
 * ``decision`` — ``keep`` or ``remove`` (``LandmarkDataModule`` drops ``remove`` rows);
 * ``reason`` — empty for kept rows, else ``<code>: <details>`` (codes: unreadable,
-  landmark_dropped, small_cluster, other_landmark, near_nonlandmark);
+  landmark_dropped, small_cluster, other_landmark, near_nonlandmark, neighbour_evidence);
 * ``cluster`` — the row's kept cluster within its landmark (0 = largest), -1 if none;
 * ``duplicate_of`` — for landmarks found to be duplicates, the id of their group (else empty);
 * ``original_landmark_id`` — the input's ``landmark_id``. With ``--duplicates merge`` (default)
@@ -59,6 +59,12 @@ PARAM_HELP = {
                             "image ('none' disables)",
     "nonlandmark_margin": "with --nonlandmarks: remove images more similar to a non-landmark image than to their "
                           "landmark's nearest kept cluster centre by more than this ('none' disables)",
+    "image_rule": "clusters (the paper's: images outside the kept clusters, closer to another landmark or to "
+                  "the non-landmarks are noise) or evidence (an image is noise when max(other_k, pool_1) - own_k "
+                  ">= --evidence-threshold, over its nearest images; see CleaningParams)",
+    "evidence_k": "with --image-rule evidence: nearest images averaged on each side",
+    "evidence_threshold": "with --image-rule evidence: evidence at which an image is removed",
+    "evidence_search": "with --image-rule evidence: image neighbours retrieved per image",
     "neighbours": "FAISS neighbours retrieved per query",
     "index": "FAISS index over cluster centroids / the non-landmark pool: auto, flat, ivf, hnsw",
     "exact_index_limit": "index=auto uses an exact index up to this many vectors, IVF beyond",

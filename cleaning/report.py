@@ -179,9 +179,14 @@ def write_report(
             for r in removed[:max_removed_per_landmark]:
                 page.figure(paths[r], str(result.reason[r]), paths[r])
                 other = str(result.other_landmark[r])
-                if result.reason_code[r] == "near_nonlandmark" and nonlandmark_paths is not None:
+                code = result.reason_code[r]
+                # Under the evidence rule, show whichever side the evidence came from.
+                pool_side = code == "near_nonlandmark" or (
+                    code == "neighbour_evidence" and result.nonlandmark_neighbour[r] >= 0
+                    and result.nonlandmark_similarity[r] > result.other_similarity[r])
+                if pool_side and nonlandmark_paths is not None:
                     page.figure(nonlandmark_paths[int(result.nonlandmark_neighbour[r])], "← its nearest non-landmark photo")
-                elif result.reason_code[r] == "other_landmark" and other in shown_set:
+                elif code in ("other_landmark", "neighbour_evidence") and other in shown_set:
                     page.add(f'<p class="note"><a href="#lm-{html.escape(other, quote=True)}">→ {html.escape(other)}</a></p>')
             if len(removed) > max_removed_per_landmark:
                 page.add(f'<p class="note">+{len(removed) - max_removed_per_landmark} more (see clean.csv)</p>')

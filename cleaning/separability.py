@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="landmark DB with the ground truth (is_noise)")
     parser.add_argument("--nonlandmarks", required=True, help="non-landmark pool CSV")
-    parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat)")
+    parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat; NAME without '=')")
+    parser.add_argument("--decisions", action="append", default=[],
+                        help="NAME=clean.csv of a `landmarks clean` run on --manifest: its operating point is plotted")
     parser.add_argument("--recall", type=float, default=0.90, help="required recall for the reported precision")
     parser.add_argument("--cache-dir", default="runs/cleaning/cache")
     parser.add_argument("--out", required=True, help="folder for separability.json and separability.png")
@@ -148,11 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         curves[name] = (recall, precision)
         print(f"{name}: precision {results[name][f'precision_at_recall_{args.recall:g}']} at recall >= {args.recall:g}, "
               f"best F1 {results[name]['best_f1']}")
+    points, decisions = {}, {}
+    for spec in args.decisions:
+        name, _, location = spec.partition("=")
+        decided = read_manifest(location, extra_columns="ignore")
+        if len(decided) != len(manifest) or "decision" not in decided.table.columns:
+            raise SystemExit(f"{location}: not a `landmarks clean` output of {args.manifest} "
+                             f"({len(decided)} rows vs {len(manifest)}, or no decision column)")
+        removed = decided.table["decision"].str.strip().eq("remove").to_numpy()
+        tp = int((removed & is_noise).sum())
+        points[name] = (tp / max(int(removed.sum()), 1), tp / int(is_noise.sum()))
+        decisions[name] = {"precision": round(points[name][0], 4), "recall": round(points[name][1], 4)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".separability.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"manifest": args.manifest, "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
-                               "score": "max(other3, pool1) - own3", "models": results}, indent=1))
+                               "score": "max(other3, pool1) - own3", "models": results,
+                               "decisions": decisions}, indent=1))
     os.replace(tmp, out / "separability.json")
 
     import matplotlib
@@ -163,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, (recall, precision) in curves.items():
         ax.plot(recall, precision, label=name)
+    for (name, (precision, recall)), marker in zip(points.items(), "o^sDv"):
+        ax.plot([recall], [precision], marker=marker, color="black", ls="none", label=f"{name} (landmarks clean)")
     ax.axhline(0.95, color="grey", ls=":", lw=1)
     ax.axvline(0.90, color="grey", ls=":", lw=1)
     ax.set(xlabel="removal recall", ylabel="removal precision", xlim=(0.5, 1.0), ylim=(0.5, 1.01),

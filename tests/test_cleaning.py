@@ -361,3 +361,61 @@ def test_tune_picks_on_one_half_and_scores_the_other(tmp_path, capsys):
     assert out["whole_database"]["removal"]["precision"] == 1.0 and out["chosen"] == {"min_cluster_size": 3}
     assert sum(sum(f[:2]) for f in out["combinations"][0]["per_fold_tp_fp_fn"]) == 54  # everything removed
     assert "| all (pooled) | | **1.000** | **1.000** |" in capsys.readouterr().out
+
+
+def test_evidence_rule_removes_images_with_neighbours_elsewhere_and_keeps_a_rare_angle():
+    """image_rule="evidence": a mislabelled photo of B (inside B's images) and a non-landmark photo
+    labelled A are removed; a lone rare-angle photo of A, near nothing else, is kept — the cluster
+    rule removes it as a small cluster; C and its duplicate D keep all their images."""
+    rng = np.random.default_rng(5)
+    emb, ids = _world(rng)  # A: axes 0 (9) + 1 (6) + a lone image on axis 2; B: axis 3; C, D: axis 4
+    wrong = _blob(_axis(3), 1, rng)  # a photo of B labelled A
+    no_landmark = _blob(_axis(5), 1, rng)  # labelled A, next to the non-landmark pool
+    emb = np.concatenate([emb, wrong, no_landmark]).astype(np.float32)
+    ids = ids + ["A", "A"]
+    pool = _blob(_axis(5), 4, rng).astype(np.float32)
+    lone, wrong_row, nl_row = ids.index("B") - 1, len(ids) - 2, len(ids) - 1
+    params = CleaningParams(image_rule="evidence", evidence_k=3, evidence_threshold=0.3, duplicates="flag")
+    result = clean_embeddings(emb, ids, params, nonlandmark_embeddings=pool)
+    removed = set(np.flatnonzero(~result.keep).tolist())
+    assert removed == {wrong_row, nl_row}
+    assert result.reason_code[wrong_row] == result.reason_code[nl_row] == "neighbour_evidence"
+    assert "landmark B" in result.reason[wrong_row] and "non-landmark image" in result.reason[nl_row]
+    # The evidence, by hand: mean of the 3 nearest B images - mean of its 3 nearest A images.
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = unit @ unit[wrong_row]
+    rows_a = [r for r in np.flatnonzero(np.asarray(ids) == "A") if r != wrong_row]
+    expected = np.sort(sims[np.asarray(ids) == "B"])[-3:].mean() - np.sort(sims[rows_a])[-3:].mean()
+    assert result.reason[wrong_row].startswith(f"neighbour_evidence: {expected:.3f} >= 0.3")
+    assert result.other_similarity[wrong_row] == pytest.approx(np.sort(sims[np.asarray(ids) == "B"])[-3:].mean(), abs=1e-5)
+    # The lone image of A is orthogonal to everything: no evidence either way, kept (cluster -1) ...
+    assert result.keep[lone] and result.cluster[lone] == -1
+    # ... while the paper's cluster rule removes it as a small cluster.
+    clusters_rule = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"), nonlandmark_embeddings=pool)
+    assert not clusters_rule.keep[lone] and clusters_rule.reason_code[lone] == "small_cluster"
+    # C and D are one structure: each is the other's nearest images, which is no evidence (one group).
+    assert result.keep[np.isin(ids, ["C", "D"])].all() and [g["members"] for g in result.duplicate_groups] == [["C", "D"]]
+    # A higher threshold keeps everything; bad values are refused.
+    assert clean_embeddings(emb, ids, CleaningParams(image_rule="evidence", evidence_threshold=2.0),
+                            nonlandmark_embeddings=pool).keep.all()
+    with pytest.raises(ValueError, match="evidence_k <= evidence_search"):
+        CleaningParams(image_rule="evidence", evidence_k=5, evidence_search=4)
+    with pytest.raises(ValueError, match="image_rule"):
+        CleaningParams(image_rule="knn")
+
+
+def test_evidence_rule_with_few_images_retrieved_never_understates_the_evidence():
+    """With evidence_search smaller than a class, other landmarks' images may not be retrieved at
+    all; they then count as similar as the last image retrieved (an upper bound)."""
+    rng = np.random.default_rng(6)
+    a = _blob(_rotated(0), 12, rng, spread=0.01)
+    b = _blob(_rotated(60), 12, rng, spread=0.01)
+    emb = np.concatenate([a, b]).astype(np.float32)
+    ids = ["A"] * 12 + ["B"] * 12
+    exact = clean_embeddings(emb, ids, CleaningParams(image_rule="evidence", evidence_search=64, evidence_threshold=2.0))
+    bounded = clean_embeddings(emb, ids, CleaningParams(image_rule="evidence", evidence_search=4, evidence_threshold=2.0))
+    # Exact: B's images are 60° away from A's (similarity ~0.5); bounded: only A's images were
+    # retrieved for an image of A, so "other" is the lowest similarity retrieved (~1), never lower.
+    assert np.all(exact.other_similarity[:12] < 0.6)
+    assert np.all(bounded.other_similarity[:12] >= exact.other_similarity[:12])
+    assert np.all(bounded.other_similarity[:12] > 0.99)
