@@ -62,7 +62,8 @@ _QUERY_CHUNK = 65536
 class CleaningParams:
     """Every constant of the algorithm. The defaults were tuned on the synthetic demo world with a
     model trained on its noisy DB (EXPERIMENTS.md, "Database cleaning"); a model trained on clean
-    data separates noise better and prefers a looser cut without steps 3-4 (see there).
+    data separates noise better and prefers a looser cut without steps 3-4, and a model trained
+    longer on the noisy DB does best with ``image_rule="evidence"`` (see there).
 
     Attributes:
         distance_threshold: cosine distance at which each landmark's dendrogram is cut.
