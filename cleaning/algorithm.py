@@ -479,6 +479,18 @@ class CleaningResult:
         }
 
 
+def _pool_index(nonlandmark_embeddings: np.ndarray, d: int, params: CleaningParams):
+    """FAISS index over the usable rows of the non-landmark pool, and those rows (None if none)."""
+    pool = np.asarray(nonlandmark_embeddings)
+    if pool.ndim != 2 or pool.shape[1] != d:
+        raise ValueError(f"non-landmark embeddings have shape {pool.shape}; expected [m, {d}] like the database")
+    _, pool_valid = _check_inputs(pool, ["-"] * len(pool), None, what="non-landmark embeddings")
+    pool_rows = np.flatnonzero(pool_valid)
+    if len(pool_rows) == 0:
+        return None, pool_rows
+    return _index(_unit32(pool[pool_rows]), params), pool_rows
+
+
 def _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmark_embeddings, params,
                    keep, reason_code, reason, other_landmark, other_sim, nl_neighbour, nl_sim) -> None:
     """``image_rule="evidence"``: remove kept images whose evidence reaches the threshold (in place)."""
@@ -508,13 +520,9 @@ def _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmar
 
     pool_1 = np.full(len(rows), -1.0, dtype=np.float32)
     if nonlandmark_embeddings is not None:
-        pool = np.asarray(nonlandmark_embeddings)
-        if pool.ndim != 2 or pool.shape[1] != d:
-            raise ValueError(f"non-landmark embeddings have shape {pool.shape}; expected [m, {d}] like the database")
-        _, pool_valid = _check_inputs(pool, ["-"] * len(pool), None, what="non-landmark embeddings")
-        pool_rows = np.flatnonzero(pool_valid)
-        if len(pool_rows):
-            p_scores, p_hits = _search_rows(_index(_unit32(pool[pool_rows]), params), embeddings, rows, 1)
+        pool_index, pool_rows = _pool_index(nonlandmark_embeddings, d, params)
+        if pool_index is not None:
+            p_scores, p_hits = _search_rows(pool_index, embeddings, rows, 1)
             found = p_hits[:, 0] >= 0
             pool_1[found] = p_scores[found, 0]
             nl_sim[rows[found]] = p_scores[found, 0]
@@ -716,13 +724,8 @@ def clean_embeddings(
     nl_sim = np.full(n, np.nan, dtype=np.float32)
     if nonlandmark_embeddings is not None and params.image_rule == "clusters" and (
             params.nonlandmark_distance is not None or params.nonlandmark_margin is not None):
-        pool = np.asarray(nonlandmark_embeddings)
-        if pool.ndim != 2 or pool.shape[1] != d:
-            raise ValueError(f"non-landmark embeddings have shape {pool.shape}; expected [m, {d}] like the database")
-        _, pool_valid = _check_inputs(pool, ["-"] * len(pool), None, what="non-landmark embeddings")
-        pool_rows = np.flatnonzero(pool_valid)
-        if len(pool_rows):
-            index = _index(_unit32(pool[pool_rows]), params)
+        index, pool_rows = _pool_index(nonlandmark_embeddings, d, params)
+        if index is not None:
             rows = np.flatnonzero(keep)
             if params.nonlandmark_distance is None:  # the margin test alone: prune as in step 3
                 rows = rows[~(own_sim[rows] >= 1.0 - params.nonlandmark_margin)]
