@@ -196,7 +196,7 @@ class MemorySampler(threading.Thread):
         return {f"peak_{k}_mib": round(v / 1024, 1) for k, v in self.peak.items()}
 
 
-def run_clean(folder: Path, jobs: int) -> dict:
+def run_clean(folder: Path, jobs: int, image_rule: str = "clusters") -> dict:
     from cleaning.algorithm import CleaningParams
     from cleaning.command import clean_manifest
 
@@ -204,12 +204,12 @@ def run_clean(folder: Path, jobs: int) -> dict:
     sampler.start()
     start = time.perf_counter()
     result = clean_manifest(folder / "db.csv", folder / "out", embeddings=str(folder / "emb.npy"),
-                            params=CleaningParams(), jobs=jobs, report=False, progress=False)
+                            params=CleaningParams(image_rule=image_rule), jobs=jobs, report=False, progress=False)
     seconds = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
     summary = json.loads((folder / "out" / "summary.json").read_text())
-    return {"seconds": round(seconds, 2), **_peak_mib(), **sampler.result(), "counts": result.counts(),
+    return {"image_rule": image_rule, "seconds": round(seconds, 2), **_peak_mib(), **sampler.result(), "counts": result.counts(),
             "ground_truth": {k: summary["ground_truth"][k] for k in ("removal", "duplicates")}}
 
 
@@ -269,6 +269,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--naive-sizes", default="10000,20000", help="comma-separated n for the naive clustering")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-rule", default="clusters", choices=("clusters", "evidence"),
+                        help="CleaningParams.image_rule of the timed run")
     parser.add_argument("--small", action="store_true", help="50k rows, 2.5k landmarks (largest 250), naive n=5000")
     parser.add_argument("--keep", default=None, help="folder to generate into and keep (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -276,7 +278,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         what, folder, arg = args.child
-        runs = {"clean": lambda: run_clean(Path(folder), int(arg)), "naive": lambda: run_naive(Path(folder), int(arg)),
+        runs = {"clean": lambda: run_clean(Path(folder), int(arg.split(":")[0]), *arg.split(":")[1:]), "naive": lambda: run_naive(Path(folder), int(arg)),
                 "largest": lambda: run_largest_class(Path(folder))}
         out = runs[what]()
         print(json.dumps(out))
@@ -292,7 +294,7 @@ def main() -> None:
         data["generate_seconds"] = round(time.perf_counter() - start, 1)
         print(f"data: {json.dumps(data)}", flush=True)
         results = {"data": data, "jobs": args.jobs, "cpus": os.cpu_count(), "naive": []}
-        results["clean"] = _subprocess("--child", "clean", str(folder), str(args.jobs))
+        results["clean"] = _subprocess("--child", "clean", str(folder), f"{args.jobs}:{args.image_rule}")
         print(f"clean: {json.dumps(results['clean'])}", flush=True)
         results["largest_class"] = _subprocess("--child", "largest", str(folder), "0")
         print(f"largest class alone: {json.dumps(results['largest_class'])}", flush=True)
