@@ -437,7 +437,8 @@ class CleaningResult:
     within its landmark, -1 if none), ``input_landmark_id`` (as given), ``landmark_id`` (the merged id when duplicates are merged),
     ``duplicate_of`` (the id of the group a duplicate landmark belongs to, else ''),
     ``other_landmark`` / ``other_similarity`` (the nearest other landmark's id and score, for
-    images of valid clusters), ``own_similarity``, ``nonlandmark_neighbour`` / ``nonlandmark_similarity``
+    images of valid clusters; under ``image_rule="evidence"`` the first other landmark among its
+    nearest images and the mean similarity of its ``evidence_k`` nearest images of other landmarks), ``own_similarity``, ``nonlandmark_neighbour`` / ``nonlandmark_similarity``
     (row of the nearest non-landmark image, -1 if the step did not run).
     ``landmarks`` holds one dict per input landmark id; ``duplicate_groups`` the groups found;
     ``duplicate_pairs`` every pair of landmarks with coinciding clusters (accepted or not).
@@ -493,7 +494,13 @@ def _pool_index(nonlandmark_embeddings: np.ndarray, d: int, params: CleaningPara
 
 def _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmark_embeddings, params,
                    keep, reason_code, reason, other_landmark, other_sim, nl_neighbour, nl_sim) -> None:
-    """``image_rule="evidence"``: remove kept images whose evidence reaches the threshold (in place)."""
+    """``image_rule="evidence"``: remove kept images whose evidence reaches the threshold (in place).
+
+    The index over all readable images is database-sized (FAISS keeps its own float32 copy);
+    everything else is per chunk of ``_QUERY_CHUNK`` images. With an exact index the "other" side
+    is never understated; an approximate one (IVF/HNSW, ``index="auto"`` beyond
+    ``exact_index_limit`` images) may miss neighbours, like any approximate search.
+    """
     d = embeddings.shape[1]
     image_rows = np.flatnonzero(valid)
     rows = np.flatnonzero(keep)
@@ -501,42 +508,55 @@ def _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmar
         return
     k = params.evidence_k
     index = _index(_unit32(embeddings[image_rows]), params)
-    # +1: the image finds itself
-    scores, hits = _search_rows(index, embeddings, rows, params.evidence_search + 1)
-    hit_rows = np.where(hits >= 0, image_rows[np.maximum(hits, 0)], -1)
-    other = (hit_rows >= 0) & (group[codes[np.maximum(hit_rows, 0)]] != group[codes[rows]][:, None])
-    other_scores = np.where(other, scores, -np.inf)
-    top = -np.sort(-other_scores, axis=1)[:, :k]
-    # Fewer than k other-landmark images among those retrieved: the missing ones are at most as
-    # similar as the last one retrieved, which is what they count as (never understating the evidence).
-    floor = np.where(np.isfinite(scores), scores, np.inf).min(axis=1)
-    top = np.where(np.isfinite(top), top, floor[:, None])
-    other_k = top.mean(axis=1).astype(np.float32)
-    has_other = other.any(axis=1)
-    first_other = np.argmax(other, axis=1)
-    nearest_other = hit_rows[np.arange(len(rows)), first_other]
-    other_landmark[rows[has_other]] = uniques[codes[nearest_other[has_other]]]
-    other_sim[rows] = other_k
+    pool_index, pool_rows = (None, None) if nonlandmark_embeddings is None else _pool_index(nonlandmark_embeddings, d, params)
+    for s in range(0, len(rows), _QUERY_CHUNK):
+        chunk = rows[s:s + _QUERY_CHUNK]
+        # +1: the image finds itself (same group, so never on the "other" side)
+        scores, hits = _search_rows(index, embeddings, chunk, params.evidence_search + 1)
+        # FAISS pads missing results with id -1 and a finite score (-FLT_MAX): mask by id, not score.
+        found = hits >= 0
+        hit_rows = np.where(found, image_rows[np.maximum(hits, 0)], -1)
+        same_group = group[codes[np.maximum(hit_rows, 0)]] == group[codes[chunk]][:, None]
+        other = found & ~same_group
+        top = -np.sort(-np.where(other, scores, -np.inf), axis=1)[:, :k]
+        # Fewer than k other-landmark images among those retrieved: the missing ones are at most as
+        # similar as the last image retrieved, which is what they count as (an upper bound).
+        floor = np.where(found, scores, np.inf).min(axis=1)
+        floor = np.where(np.isfinite(floor), floor, -1.0)
+        other_k = np.where(np.isfinite(top), top, floor[:, None]).mean(axis=1).astype(np.float32)
+        # The own side covers the whole duplicate group: the images of a duplicate partner (same
+        # group, other id) count as its own. max(own landmark's top-k, partner's top-k when k of
+        # them were retrieved) never exceeds the top-k of the group as a whole, so this never
+        # overstates the own side; for landmarks without a duplicate it is exactly own_knn.
+        partner = found & same_group & (codes[np.maximum(hit_rows, 0)] != codes[chunk][:, None])
+        partner_k = np.where(partner.sum(axis=1) >= k, _mean_top(np.where(partner, scores, -np.inf), k), -1.0)
+        own = np.fmax(own_knn[chunk], partner_k).astype(np.float32)
+        has_other = other.any(axis=1)
+        nearest_other = hit_rows[np.arange(len(chunk)), np.argmax(other, axis=1)]
+        other_landmark[chunk[has_other]] = uniques[codes[nearest_other[has_other]]]
+        other_sim[chunk] = other_k
 
-    pool_1 = np.full(len(rows), -1.0, dtype=np.float32)
-    if nonlandmark_embeddings is not None:
-        pool_index, pool_rows = _pool_index(nonlandmark_embeddings, d, params)
+        pool_1 = np.full(len(chunk), -1.0, dtype=np.float32)
         if pool_index is not None:
-            p_scores, p_hits = _search_rows(pool_index, embeddings, rows, 1)
-            found = p_hits[:, 0] >= 0
-            pool_1[found] = p_scores[found, 0]
-            nl_sim[rows[found]] = p_scores[found, 0]
-            nl_neighbour[rows[found]] = pool_rows[p_hits[found, 0]]
-    own = own_knn[rows]
-    evidence = np.maximum(other_k, pool_1) - own
-    noise = evidence >= params.evidence_threshold
-    for r, e, o, s_other, s_pool in zip(rows[noise], evidence[noise], own[noise], other_k[noise], pool_1[noise]):
-        keep[r] = False
-        reason_code[r] = "neighbour_evidence"
-        closer = (f"its nearest images of landmark {other_landmark[r]} ({s_other:.3f})" if s_other >= s_pool
-                  else f"non-landmark image {nl_neighbour[r]} ({s_pool:.3f})")
-        reason[r] = (f"neighbour_evidence: {e:.3f} >= {params.evidence_threshold}: {closer} "
-                     f"vs its own landmark's nearest images ({o:.3f})")
+            p_scores, p_hits = _search_rows(pool_index, embeddings, chunk, 1)
+            hit = p_hits[:, 0] >= 0
+            pool_1[hit] = p_scores[hit, 0]
+            nl_sim[chunk[hit]] = p_scores[hit, 0]
+            nl_neighbour[chunk[hit]] = pool_rows[p_hits[hit, 0]]
+        evidence = np.maximum(other_k, pool_1) - own
+        noise = evidence >= params.evidence_threshold
+        for r, e, o, s_other, s_pool in zip(chunk[noise], evidence[noise], own[noise], other_k[noise], pool_1[noise]):
+            keep[r] = False
+            reason_code[r] = "neighbour_evidence"
+            if s_pool > s_other:
+                closer = f"non-landmark image {nl_neighbour[r]} ({s_pool:.3f})"
+            elif other_landmark[r]:
+                closer = f"its nearest images of other landmarks, first {other_landmark[r]} ({s_other:.3f})"
+            else:
+                closer = (f"other landmarks' images, none among its {params.evidence_search} nearest "
+                          f"(bound {s_other:.3f})")
+            reason[r] = (f"neighbour_evidence: {e:.3f} >= {params.evidence_threshold}: {closer} "
+                         f"vs its own landmark's nearest images ({o:.3f})")
 
 
 def _check_inputs(embeddings: np.ndarray, landmark_ids: Sequence[str], valid: np.ndarray | None,

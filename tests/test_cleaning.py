@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -380,7 +381,7 @@ def test_evidence_rule_removes_images_with_neighbours_elsewhere_and_keeps_a_rare
     removed = set(np.flatnonzero(~result.keep).tolist())
     assert removed == {wrong_row, nl_row}
     assert result.reason_code[wrong_row] == result.reason_code[nl_row] == "neighbour_evidence"
-    assert "landmark B" in result.reason[wrong_row] and "non-landmark image" in result.reason[nl_row]
+    assert "first B" in result.reason[wrong_row] and "non-landmark image" in result.reason[nl_row]
     # The evidence, by hand: mean of the 3 nearest B images - mean of its 3 nearest A images.
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     sims = unit @ unit[wrong_row]
@@ -419,3 +420,44 @@ def test_evidence_rule_with_few_images_retrieved_never_understates_the_evidence(
     assert np.all(exact.other_similarity[:12] < 0.6)
     assert np.all(bounded.other_similarity[:12] >= exact.other_similarity[:12])
     assert np.all(bounded.other_similarity[:12] > 0.99)
+
+
+def test_evidence_rule_does_not_count_a_merged_duplicate_as_evidence():
+    """A is B photographed again under another id: A's 5 images lie 25° around B's axis in
+    different directions (far from each other, close to B). Their nearest images are B's, which
+    is no evidence against them once A and B are one duplicate group."""
+    rng = np.random.default_rng(7)
+    b = _blob(_axis(4), 20, rng, spread=0.005)
+    t = np.deg2rad(25)
+    a = np.stack([np.cos(t) * _axis(4) + np.sin(t) * _axis(6 + i) for i in range(5)])
+    c = _blob(_axis(0), 10, rng, spread=0.01)
+    emb = np.concatenate([a, b, c]).astype(np.float32)
+    ids = ["A"] * 5 + ["B"] * 20 + ["C"] * 10
+    params = CleaningParams(image_rule="evidence", evidence_search=4, evidence_threshold=0.05)
+    result = clean_embeddings(emb, ids, params)
+    assert [g["members"] for g in result.duplicate_groups] == [["A", "B"]]
+    assert result.keep.all(), result.reason[~result.keep]
+    # Without the duplicate group, B's images ARE evidence against A's (they are another landmark).
+    apart = clean_embeddings(emb, ids, replace(params, duplicate_distance=0.0))
+    assert apart.duplicate_groups == [] and not apart.keep[:5].any()
+    assert all(r.startswith("neighbour_evidence") and "first B" in r for r in apart.reason[:5])
+
+
+def test_evidence_rule_ignores_faiss_padding_of_an_approximate_index():
+    """IVF probes few lists and pads missing neighbours with id -1 and score -FLT_MAX: those must
+    not enter the evidence (they would make every image look unlike other landmarks)."""
+    rng = np.random.default_rng(8)
+    blocks, ids = [], []
+    for j in range(2):
+        blocks.append(_blob(_axis(j), 1200, rng, spread=0.02))
+        ids += [f"L{j}"] * 1200
+    emb = np.concatenate(blocks).astype(np.float32)
+    # 1,000 neighbours asked of an IVF index whose 16 probed lists (all in the image's own
+    # landmark) hold fewer vectors: padding, and no other landmark among the hits.
+    params = CleaningParams(image_rule="evidence", evidence_search=1000, evidence_threshold=0.5)
+    exact = clean_embeddings(emb, ids, replace(params, index="flat"))
+    approx = clean_embeddings(emb, ids, replace(params, index="ivf"))
+    for result in (exact, approx):
+        assert np.all(np.isfinite(result.other_similarity)) and np.all(result.other_similarity >= -1.0 - 1e-6)
+        assert result.keep.all()
+
