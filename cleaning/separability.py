@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cleaning.algorithm import _mean_top
+
 __all__ = ["evidence_scores", "precision_recall_curve", "precision_at_recall"]
 
 _CHUNK = 2048
@@ -41,16 +43,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(x)) or np.any(norms == 0):
         raise ValueError("embeddings must be finite and non-zero")
     return x / norms
-
-
-def _mean_top(sims: np.ndarray, k: int) -> np.ndarray:
-    """Row-wise mean of the k largest finite entries (-inf = excluded); -1 where a row has none."""
-    k = min(k, sims.shape[1])
-    top = -np.sort(-sims, axis=1)[:, :k]
-    finite = np.isfinite(top)
-    total = np.where(finite, top, 0.0).sum(1)
-    count = finite.sum(1)
-    return np.where(count > 0, total / np.maximum(count, 1), -1.0).astype(np.float32)
 
 
 def evidence_scores(embeddings: np.ndarray, labels, pool: np.ndarray | None = None, k: int = 3) -> dict[str, np.ndarray]:
