@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from datamodules.manifest import Manifest, ManifestError, write_manifest
+from datamodules.manifest import Manifest, ManifestError, read_text_csv, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,7 @@ def gldv2_image_path(split_dir: str | os.PathLike, image_id: str) -> str:
 
 
 def _read_csv(path: Path, header: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise ManifestError(f"GLDv2 file not found: {path}")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: not a readable CSV ({err})") from err
+    table = read_text_csv(path, "GLDv2 file")
     if tuple(table.columns) != header:
         raise ManifestError(f"{path}: header is {list(table.columns)}, expected {list(header)} (GLDv2 v2.1 format)")
     return table

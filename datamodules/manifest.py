@@ -91,6 +91,18 @@ class Manifest:
         )
 
 
+def read_text_csv(path: str | os.PathLike, what: str = "CSV file") -> pd.DataFrame:
+    """A CSV with every cell as text, or a ManifestError naming the file ("<what> not found: ...")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{what} not found: {path}")
+    try:
+        # Everything as text: ids like "0123" must survive, and empty cells stay empty strings.
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not a readable CSV ({err})") from err
+
+
 def read_manifest(
     csv_path: str | os.PathLike,
     kind: ManifestKind = "landmark",
@@ -107,13 +119,7 @@ def read_manifest(
             e.g. ``{"path": "relpath", "landmark_id": "label"}``.
     """
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ManifestError(f"manifest not found: {csv_path}")
-    try:
-        # Everything as text: ids like "0123" must survive, and empty cells stay empty strings.
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{csv_path}: not a readable CSV ({err})") from err
+    table = read_text_csv(csv_path, "manifest")
     if column_map:
         missing_src = [src for src in column_map.values() if src not in table.columns]
         if missing_src:
