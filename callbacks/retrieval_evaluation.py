@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -31,6 +30,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
+from core.atomic import atomic_path
 from retrieval.accumulator import EmbeddingAccumulator
 from retrieval.metrics import evaluate_recognition
 from retrieval.plots import plot_precision_fpr, plot_score_histograms
@@ -208,21 +208,18 @@ class RetrievalEvaluation(Callback):
         plot_dir.mkdir(parents=True, exist_ok=True)
         for name, figure in figures.items():
             target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_{name}.png"
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
-            figure.savefig(tmp, dpi=100)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                figure.savefig(tmp, dpi=100)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{stage}/{name}", images=[str(target)], step=trainer.global_step)
         # The curve as numbers too, so `landmarks compare` can overlay runs without wandb.
         curve = result.curve()
         target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_precision_fpr.csv"
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["threshold", "fpr", "precision", "recall"])
             writer.writerows(zip(*(np.asarray(a).tolist() for a in (curve.thresholds, curve.fpr, curve.precision, curve.recall))))
-        os.replace(tmp, target)
 
     @property
     def last_metrics(self) -> dict | None:

@@ -36,7 +36,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from cli.provenance import git_info
+from core.provenance import git_info
 
 DEFAULT_PROJECT = "landmark-recognition"
 LOSS_NAMES = {"ArcFaceLoss": "arcface", "CenterSoftmaxLoss": "center", "ContrastiveLoss": "contrastive"}

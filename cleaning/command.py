@@ -34,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 
+from core.atomic import write_json_atomic
 from cleaning.algorithm import CleaningParams, CleaningResult, clean_embeddings
 from cleaning.truth import score_against_truth
 from datamodules.manifest import Manifest, ManifestError, read_manifest, write_manifest
@@ -77,12 +78,6 @@ def _sha256(path: str | os.PathLike) -> str:
         while block := handle.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_json(obj, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
-    os.replace(tmp, target)
 
 
 def _load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
@@ -258,7 +253,7 @@ def clean_manifest(
         "outputs": {"manifest": "clean.csv", "report": "report.html" if report else None},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _atomic_json(summary, out_dir / "summary.json")
+    write_json_atomic(out_dir / "summary.json", summary, newline=False, allow_nan=False)
     if report:
         from cleaning.report import write_report
 

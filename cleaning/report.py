@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from core.atomic import atomic_path, write_text_atomic
 from cleaning.algorithm import CleaningResult
 from datamodules.images import UnreadableImage, load_rgb
 
@@ -49,9 +50,8 @@ def _thumb(source: str, thumbs: Path, size: int) -> str | None:
             pixels = load_rgb(source, max_side=size)
         except UnreadableImage:
             return None
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        Image.fromarray(pixels).save(tmp, "JPEG", quality=80)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            Image.fromarray(pixels).save(tmp, "JPEG", quality=80)
     return f"{thumbs.name}/{target.name}"
 
 
@@ -195,8 +195,6 @@ def write_report(
     page.add("</body></html>\n")
 
     target = out_dir / "report.html"
-    tmp = target.with_name(f".report.html.tmp-{os.getpid()}")
-    tmp.write_text("".join(page.parts), encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, "".join(page.parts))
     return target
 

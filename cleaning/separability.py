@@ -23,13 +23,12 @@ DBs up to ~1e5 images, not part of ``landmarks clean``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from core.atomic import atomic_path, write_json_atomic
 from cleaning.algorithm import _mean_top
 
 __all__ = ["evidence_scores", "precision_recall_curve", "precision_at_recall"]
@@ -155,11 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         decisions[name] = {"precision": round(points[name][0], 4), "recall": round(points[name][1], 4)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".separability.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"manifest": args.manifest, "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
-                               "score": "max(other3, pool1) - own3", "models": results,
-                               "decisions": decisions}, indent=1))
-    os.replace(tmp, out / "separability.json")
+    write_json_atomic(out / "separability.json",
+                      {"manifest": args.manifest, "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
+                       "score": "max(other3, pool1) - own3", "models": results, "decisions": decisions},
+                      indent=1, newline=False)
 
     import matplotlib
 
@@ -177,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
            title="noise removal by thresholding max(other3, pool1) - own3")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp_png = out / f".separability.png.tmp-{os.getpid()}.png"
-    fig.savefig(tmp_png, dpi=120)
-    os.replace(tmp_png, out / "separability.png")
+    with atomic_path(out / "separability.png") as tmp_png:
+        fig.savefig(tmp_png, dpi=120)
     print(f"Written: {out / 'separability.json'}, {out / 'separability.png'}")
     return 0
 

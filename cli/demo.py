@@ -8,12 +8,12 @@ false-positive rates before and after. The synthetic world is generated on first
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
 from pathlib import Path
 
+from core.atomic import write_json_atomic
 from callbacks import RetrievalEvaluation
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -112,9 +112,7 @@ def run_demo(config_files: list[str], overrides: list[str] = ()) -> dict:
                "phases_seconds": phases}
     if trainer.is_global_zero:
         target = Path(run_dir) / "summary.json"
-        tmp = target.with_name(f".summary.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2, default=float))
-        os.replace(tmp, target)
+        write_json_atomic(target, summary, newline=False, default=float)
         print(format_summary(before, after, run_dir, checkpoint, summary["seconds"], phases))
     return summary
 

@@ -15,12 +15,11 @@ with ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+from core.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +75,7 @@ def _write_json(payload: dict, path: str | None) -> None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
-    os.replace(tmp, target)
+    write_json_atomic(target, payload, newline=False, allow_nan=True)
 
 
 def format_revisited(name: str, metrics: dict, kappas=(1, 5, 10)) -> str:

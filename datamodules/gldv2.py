@@ -48,7 +48,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from datamodules.manifest import Manifest, ManifestError, read_text_csv, write_manifest
+from core.tables import read_text_csv
+from datamodules.manifest import Manifest, ManifestError, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def gldv2_image_path(split_dir: str | os.PathLike, image_id: str) -> str:
 
 
 def _read_csv(path: Path, header: tuple[str, ...]) -> pd.DataFrame:
-    table = read_text_csv(path, "GLDv2 file")
+    table = read_text_csv(path, "GLDv2 file", ManifestError)
     if tuple(table.columns) != header:
         raise ManifestError(f"{path}: header is {list(table.columns)}, expected {list(header)} (GLDv2 v2.1 format)")
     return table

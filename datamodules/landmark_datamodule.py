@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from datamodules.datasets import ImageDataset, seed_worker_transforms
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from datamodules.synth import SynthConfig, generate_world

@@ -24,7 +24,10 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from datamodules.labels import NONLANDMARK
+from core.atomic import atomic_path
+from core.errors import UserError
+from core.labels import NONLANDMARK
+from core.tables import read_text_csv
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ OPTIONAL_COLUMNS = frozenset(
 ManifestKind = Literal["landmark", "nonlandmark"]
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest cannot be used as given; the message names the file, row or column."""
 
 
@@ -91,18 +94,6 @@ class Manifest:
         )
 
 
-def read_text_csv(path: str | os.PathLike, what: str = "CSV file") -> pd.DataFrame:
-    """A CSV with every cell as text, or a ManifestError naming the file ("<what> not found: ...")."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{what} not found: {path}")
-    try:
-        # Everything as text: ids like "0123" must survive, and empty cells stay empty strings.
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: not a readable CSV ({err})") from err
-
-
 def read_manifest(
     csv_path: str | os.PathLike,
     kind: ManifestKind = "landmark",
@@ -119,7 +110,7 @@ def read_manifest(
             e.g. ``{"path": "relpath", "landmark_id": "label"}``.
     """
     csv_path = Path(csv_path)
-    table = read_text_csv(csv_path, "manifest")
+    table = read_text_csv(csv_path, "manifest", ManifestError)
     if column_map:
         missing_src = [src for src in column_map.values() if src not in table.columns]
         if missing_src:
@@ -237,9 +228,8 @@ def merged_id_aliases(manifest: Manifest) -> dict[str, str]:
 def write_manifest(table: pd.DataFrame, csv_path: str | os.PathLike) -> None:
     """Write a manifest atomically (temporary file + rename), so a crash never leaves half a CSV."""
     csv_path = Path(csv_path)
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    table.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
-    os.replace(tmp, csv_path)
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
 
 
 _INTEGER = re.compile(r"-?\d+")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from core.atomic import write_json_atomic
 from datamodules.datasets import ImageDataset
 from datamodules.images import load_rgb
 from datamodules.manifest import ManifestError
@@ -246,9 +247,7 @@ def prepare_revisited(root: str | os.PathLike, out: str | os.PathLike, dataset: 
         "image_dir": os.path.relpath(data.image_dir, out),
         "imlist": data.imlist, "qimlist": data.qimlist, "gnd": data.gnd,
     }
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, target)
+    write_json_atomic(target, payload, indent=None, newline=False)
     return target
 
 

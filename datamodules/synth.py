@@ -62,6 +62,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+from core.atomic import replace_dir
 
 FORMAT = "synthetic-landmark-world/1"
 
@@ -1338,15 +1339,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
                 return
             raise FileExistsError(f"{out} appeared while generating and is not empty; "
                                   "pass overwrite=True to replace it")
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _remove(old)
-    elif out.exists():
-        os.rmdir(out)  # an empty folder: renaming over it is not portable
-        os.replace(tmp, out)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), workers: int | None = None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from core.atomic import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(std))
     results["wall_seconds"] = time.time() - started
     target = out / "results.json"
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, target)
+    write_json_atomic(target, results, newline=False)
     print(f"\nresults: {target}  ({results['wall_seconds'] / 60:.1f} min)")
     return 0
 

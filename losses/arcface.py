@@ -6,7 +6,7 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from losses.base import MetricLoss, is_landmark
 
 

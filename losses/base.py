@@ -11,14 +11,14 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 
 
 class MetricLoss(torch.nn.Module, ABC):
     """A loss over a batch of L2-normalised embeddings and their labels.
 
-    Labels follow :mod:`datamodules.labels`: landmark images carry a class index in
-    ``[0, num_classes)``, non-landmark images carry :data:`~datamodules.labels.NONLANDMARK`.
+    Labels follow :mod:`core.labels`: landmark images carry a class index in
+    ``[0, num_classes)``, non-landmark images carry :data:`~core.labels.NONLANDMARK`.
     Non-landmark images are *not* a landmark class: they have no shared identity, so no loss may
     pull two of them together. What a loss may do with them is subclass-specific and documented
     there: treat them as one extra classifier class (index ``num_classes``, so the classifier

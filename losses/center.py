@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from losses.base import MetricLoss, is_landmark
 
 

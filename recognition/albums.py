@@ -13,11 +13,11 @@ import html
 import json
 import os
 import pathlib
-import uuid
 from typing import Iterable
 
 from PIL import Image
 
+from core.atomic import atomic_path, write_text_atomic
 from datamodules.images import UnreadableImage, load_rgb
 from recognition.recognizer import Recognition
 
@@ -68,12 +68,6 @@ def group_albums(results: Iterable[Recognition]) -> dict:
     }
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _thumbnail(photo: str, out_dir: pathlib.Path, size: int) -> str | None:
     """Write a JPEG thumbnail of ``photo`` under ``out_dir``; its path relative to the album root."""
     name = hashlib.sha1(os.path.abspath(photo).encode()).hexdigest()[:20] + ".jpg"
@@ -83,9 +77,8 @@ def _thumbnail(photo: str, out_dir: pathlib.Path, size: int) -> str | None:
             image = Image.fromarray(load_rgb(photo, max_side=size))
         except UnreadableImage:
             return None
-        tmp = target.with_name(f".{name}.tmp-{uuid.uuid4().hex}.jpg")
-        image.save(tmp, format="JPEG", quality=85)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="JPEG", quality=85)
     return f"{out_dir.name}/{name}"
 
 
@@ -155,6 +148,6 @@ def write_albums(albums: dict, out: str | os.PathLike, thumb_size: int = 320, ti
     for album in albums["albums"]:
         for photo in album["photos"]:
             photo["thumbnail"] = _thumbnail(photo["path"], thumbs, thumb_size)
-    _atomic_write_text(out / "albums.json", json.dumps(albums, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(out / "index.html", _html_page(albums, title))
+    write_text_atomic(out / "albums.json", json.dumps(albums, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "index.html", _html_page(albums, title))
     return {"json": str(out / "albums.json"), "html": str(out / "index.html"), "thumbs": str(thumbs)}

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import faiss
 import numpy as np
 
+from core.atomic import replace_dir
 from recognition.calibration import Calibration
 from recognition.centroids import CentroidSet
 from retrieval.index import build_index, search, validate_embeddings
@@ -309,13 +310,7 @@ class LandmarkIndex:
             _write_json(tmp / "landmarks.json", self.landmarks)
             _write_json(tmp / HEADER, self.header())  # last: its presence marks a complete index
             os.chmod(tmp, 0o755)
-            if target.exists():
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / "index")
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -15,16 +15,15 @@ Every export is checked against the eager model on real-looking inputs before it
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
-import uuid
 import warnings
 
 import numpy as np
 import torch
 
+from core.atomic import atomic_path, write_json_atomic
 from retrieval.embedding_model import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -41,10 +40,6 @@ class ExportError(RuntimeError):
     """An export failed or does not reproduce the eager model."""
 
 
-def _tmp_name(target: pathlib.Path) -> pathlib.Path:
-    return target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex}{target.suffix}")
-
-
 def _example(model: EmbeddingModel, batch: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, model.image_size, model.image_size, generator=g)
@@ -59,9 +54,8 @@ def export_torchscript(model: EmbeddingModel, path: str | os.PathLike) -> pathli
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated.*")
         with torch.no_grad():
             traced = torch.jit.trace(net, _example(model, 2), check_trace=False)
-        tmp = _tmp_name(path)
-        traced.save(str(tmp))
-    os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            traced.save(str(tmp))
     return path
 
 
@@ -75,15 +69,11 @@ def export_onnx(model: EmbeddingModel, path: str | os.PathLike, opset: int | Non
     path = pathlib.Path(path)
     net = model.net.eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.onnx.export(
             net, (_example(model, 2),), str(tmp), dynamo=True, input_names=["images"], output_names=["embeddings"],
             dynamic_shapes=({0: batch},), external_data=False, opset_version=opset, verbose=False,
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -161,7 +151,5 @@ def export_model(
         "files": files,
         "torch": torch.__version__,
     }
-    tmp = _tmp_name(out / "export.json")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "export.json")
+    write_json_atomic(out / "export.json", meta)
     return meta

@@ -38,6 +38,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from core.atomic import save_npy_atomic, write_json_atomic
 from datamodules.datasets import ImageDataset
 from datamodules.transforms import eval_transform
 from retrieval.embedding_model import EmbeddingModel
@@ -74,24 +75,13 @@ def _file_stamp(path: str) -> tuple[int, int]:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
-    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex}.npy")
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, target)
-
-
-def _atomic_write_json(obj, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, target)
-
-
 def _write_chunk(folder: Path, paths: list[str], stamps: list[tuple[int, int]], valid: np.ndarray,
                  embeddings: np.ndarray) -> None:
     name = f"chunk-{uuid.uuid4().hex}"
-    _atomic_save_npy(np.ascontiguousarray(embeddings, dtype=np.float32), folder / f"{name}.npy")
+    save_npy_atomic(folder / f"{name}.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
     # The JSON is the commit marker: written last, so a chunk without it is never read.
-    _atomic_write_json(
+    write_json_atomic(
+        folder / f"{name}.json",
         {
             "format": CACHE_FORMAT,
             "rows": len(paths),
@@ -101,7 +91,7 @@ def _write_chunk(folder: Path, paths: list[str], stamps: list[tuple[int, int]], 
             "mtimes_ns": [m for _, m in stamps],
             "valid": [bool(v) for v in valid],
         },
-        folder / f"{name}.json",
+        indent=None, newline=False,
     )
 
 
@@ -192,7 +182,7 @@ class _PredictEmbeddings(pl.LightningModule):
             self.folder.mkdir(parents=True, exist_ok=True)
             model_json = self.folder / "model.json"
             if not model_json.exists():
-                _atomic_write_json({"format": CACHE_FORMAT, "identity": self.identity}, model_json)
+                write_json_atomic(model_json, {"format": CACHE_FORMAT, "identity": self.identity}, indent=None, newline=False)
         self.trainer.strategy.barrier("embedding-cache-folder")
 
     def predict_dataloader(self) -> DataLoader:

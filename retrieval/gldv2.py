@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from retrieval.metrics import gap
 
 __all__ = ["gldv2_gap", "top1_accuracy"]

@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 
 from .index import build_index, search
 

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
+from core.atomic import atomic_path, write_text_atomic
 from sweeps.runner import PREVIOUS_ATTEMPTS, read_run_json
 from sweeps.spec import _short, is_seed_key, short_key
 
@@ -253,12 +253,6 @@ def choose_metrics(runs: list[RunRecord], requested: Sequence[str] | None) -> li
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fmt(mean: float, half: float | None, n: int) -> str:
     return f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (n={n}, no CI)"
 
@@ -399,9 +393,8 @@ def plot_comparison(comparison: Comparison, metric: str, target: Path) -> None:
             a.set_title(f"{name} vs FPR (mean over each configuration's runs)", fontsize=10)
             a.grid(True, which="both", alpha=0.3)
         axes[1].legend(fontsize=7, loc="upper left")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None, out: str | Path | None = None,
@@ -453,9 +446,9 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
         plot_name = "summary.png"
         plot_comparison(comparison, plot_metric, out / plot_name)
     source = str(sweep) if sweep is not None else f"{len(dirs)} run folders"
-    _write_atomic(out / "summary.csv", summary_csv(comparison))
-    _write_atomic(out / "runs.csv", runs_csv(comparison))
-    _write_atomic(out / "summary.md", summary_markdown(comparison, source, plot_name))
+    write_text_atomic(out / "summary.csv", summary_csv(comparison))
+    write_text_atomic(out / "runs.csv", runs_csv(comparison))
+    write_text_atomic(out / "summary.md", summary_markdown(comparison, source, plot_name))
     return comparison
 
 

@@ -38,23 +38,17 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
-from cli.provenance import git_info
+from core.atomic import write_json_atomic
+from core.provenance import git_info
 from sweeps.spec import RunSpec, SweepError, SweepSpec, load_sweep
 
 log = logging.getLogger(__name__)
 
 PREVIOUS_ATTEMPTS = ".previous-attempts"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_run_json(run_dir: Path) -> dict | None:
@@ -148,14 +142,14 @@ class SweepRunner:
         run_dir.mkdir(parents=True, exist_ok=False)
         command = self.command(run)
         if self.spec.uses_macro("args_json_file"):
-            write_json_atomic(run_dir / "args.json", run.parameters)
+            write_json_atomic(run_dir / "args.json", run.parameters, default=str)
         record = {
             "name": run.name, "index": run.index, "parameters": run.parameters, "command": command,
             "cwd": str(self.cwd), "sweep_file": str(self.spec.path), "status": "running", "exit_code": None,
             "started": _now(), "finished": None, "duration_s": None, "threads": self.threads,
             "log": "output.log", "git": git_info(),
         }
-        write_json_atomic(run_dir / "run.json", record)
+        write_json_atomic(run_dir / "run.json", record, default=str)
         start = time.monotonic()
         exit_code: int | None = None
         with open(run_dir / "output.log", "wb") as output:
@@ -176,7 +170,7 @@ class SweepRunner:
         duration = time.monotonic() - start
         status = "interrupted" if self._stopping else ("ok" if exit_code == 0 else "failed")
         record.update(status=status, exit_code=exit_code, finished=_now(), duration_s=round(duration, 3))
-        write_json_atomic(run_dir / "run.json", record)
+        write_json_atomic(run_dir / "run.json", record, default=str)
         return RunOutcome(run, status, exit_code, duration)
 
     def _set_aside(self, run: RunSpec) -> None:
@@ -200,7 +194,7 @@ class SweepRunner:
             "sample_seed": self.sample_seed, "parallel": self.parallel, "threads": self.threads,
             "cwd": str(self.cwd), "sweep": self.spec.raw,
             "runs": [{"name": r.name, "index": r.index, "parameters": r.parameters} for r in self.runs],
-        })
+        }, default=str)
 
     def _stop_all(self) -> None:
         self._stopping = True

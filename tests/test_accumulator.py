@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from retrieval.accumulator import EmbeddingAccumulator
 from retrieval.metrics import evaluate_recognition
 

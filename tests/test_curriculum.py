@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from callbacks.curriculum import Curriculum, Stage, class_accuracy_scores, order_by_scores, read_difficulty_file
 from datamodules import LandmarkDataModule
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from lightning_modules import LandmarkModule
 from losses import ArcFaceLoss, CenterSoftmaxLoss

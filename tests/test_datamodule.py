@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import NONLANDMARK, LandmarkDataModule
+from core.labels import NONLANDMARK
+from datamodules import LandmarkDataModule
 from datamodules.manifest import ManifestError
 
 

@@ -6,7 +6,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from datamodules import NONLANDMARK, LandmarkDataModule
+from core.labels import NONLANDMARK
+from datamodules import LandmarkDataModule
 from lightning_modules import LandmarkModule
 from losses import ArcFaceLoss, CenterSoftmaxLoss, ContrastiveLoss
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from losses import ArcFaceLoss, CenterSoftmaxLoss, ContrastiveLoss, MetricLoss
 
 NUM_CLASSES = 4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.labels import NONLANDMARK
+from core.labels import NONLANDMARK
 from retrieval.index import build_index, search
 from retrieval.metrics import (
     PrecisionFprCurve,

@@ -1,4 +1,4 @@
-"""Label conventions shared by the data side and the losses.
+"""The label convention shared by the data side, the losses and the metrics.
 
 Landmark images carry a class index in ``[0, num_classes)``; the mapping between dataset
 landmark ids and class indices is :class:`datamodules.manifest.ClassMap`. Non-landmark images

@@ -1,0 +1,13 @@
+"""The bottom layer: small pieces every other package uses, importing no other project package.
+
+* :mod:`core.labels` — the non-landmark label convention;
+* :mod:`core.errors` — :class:`~core.errors.UserError`, a mistake in the user's input that the
+  command line reports in one line;
+* :mod:`core.atomic` — the one way this project writes an output file (temporary name + rename);
+* :mod:`core.provenance` — the git commit and dirty flag a result came from;
+* :mod:`core.tables` — the text-CSV reader (every cell a string) and the empty-ratio rule;
+* :mod:`core.embedding` — the one routine that embeds a set of images with a model.
+
+Nothing here imports Lightning's Trainer, the data modules or the losses: this layer must stay
+importable on its own (``tests/test_layers.py`` enforces it).
+"""
