@@ -15,8 +15,9 @@ Three parts (results: printed Markdown tables + JSON under ``--out``):
 
 ``realphotos``  ``../shared/realphotos`` with offline ImageNet weights (``mobilenetv2_100``,
     ``tf_efficientnet_lite0``; 224 px). Per split seed, gallery = a seeded half of each
-    landmark's photos (rounded up), queries = the rest + all 164 non-landmark photos: recall at
-    FPR 1e-2 (and 5e-2) and P@1 per representation, mean ± std over seeds.
+    landmark's photos (rounded up), queries = the rest + all 164 non-landmark photos (the
+    protocol of ``datamodules.realphotos.split_realphotos``, shared with ``landmarks
+    realphotos``): recall at FPR 1e-2 (and 5e-2) and P@1 per representation, mean ± std over seeds.
 
 ``latency``  Per-image time of ``Recognizer.recognize(paths)`` (decode in threads, transform,
     forward, search, decision) against the network's forward pass alone on the same images,
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,7 +50,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import numpy as np  # noqa: E402
 
-REALPHOTOS = ROOT.parent / "shared" / "realphotos"
+from datamodules.realphotos import DEFAULT_ROOT as REALPHOTOS  # noqa: E402
+from datamodules.realphotos import read_realphotos, split_realphotos  # noqa: E402
+
 CACHE = ROOT / "runs" / "embedding-cache"
 
 
@@ -232,28 +236,15 @@ def _print_synthetic(results):
 # ---------------------------------------------------------------------------------------------
 
 
-def realphotos_split(labels: np.ndarray, seed: int) -> np.ndarray:
-    """bool gallery mask: a seeded half (rounded up) of each landmark's photos."""
-    rng = np.random.default_rng(seed)
-    gallery = np.zeros(len(labels), bool)
-    for label in sorted(set(labels)):
-        rows = np.flatnonzero(labels == label)
-        gallery[rng.permutation(rows)[: (len(rows) + 1) // 2]] = True
-    return gallery
-
-
 def run_realphotos(args) -> dict:
-    from datamodules.manifest import read_manifest
     from retrieval.embedding_model import load_embedding_model
 
     if not (REALPHOTOS / "MANIFEST.csv").is_file():
         raise SystemExit(f"{REALPHOTOS} is absent: nothing to measure")
-    manifest = read_manifest(REALPHOTOS / "MANIFEST.csv", "landmark", extra_columns="ignore",
-                             column_map={"path": "relpath", "landmark_id": "label"})
-    kind = manifest.table["kind"].to_numpy()
-    paths = np.asarray(manifest.paths)
-    labels = np.asarray(manifest.landmark_ids)
-    is_landmark = kind == "landmark"
+    table = read_realphotos(REALPHOTOS)
+    paths = table["path"].to_numpy()
+    labels = table["label"].to_numpy()
+    is_landmark = table["kind"].to_numpy() == "landmark"
     results = {"machine": _machine(), "seeds": args.seeds, "n_landmark_photos": int(is_landmark.sum()),
                "n_nonlandmark_photos": int((~is_landmark).sum()), "rows": []}
     for backbone in args.backbones:
@@ -263,7 +254,8 @@ def run_realphotos(args) -> dict:
         for kind_, label, params in _representations(args.thresholds, args.min_sizes):
             per_seed = []
             for seed in args.seeds:
-                gallery = realphotos_split(lm_ids, seed)
+                # Gallery rows in file order (as this benchmark always indexed them).
+                gallery = np.isin(paths[is_landmark], split_realphotos(table, seed)["gallery"]["path"].to_numpy())
                 index = _index(lm_emb[gallery], lm_ids[gallery], kind_, params, model.identity)
                 metrics, _, _ = _score(index, lm_emb[~gallery], list(lm_ids[~gallery]), d_emb, (5e-2, 1e-2))
                 per_seed.append({**metrics, "vectors": len(index)})
@@ -307,11 +299,11 @@ def run_latency(args) -> dict:
         cases.append(("demo checkpoint (MobileNetV2, 96 px), synthetic 96 px JPEGs",
                       load_embedding_model(checkpoint=args.checkpoint), db, queries.paths))
     if (REALPHOTOS / "MANIFEST.csv").is_file():
-        real = read_manifest(REALPHOTOS / "MANIFEST.csv", "landmark", extra_columns="ignore",
-                             column_map={"path": "relpath", "landmark_id": "label"})
-        db = real.subset(real.table["kind"].to_numpy() == "landmark")
+        real = read_realphotos(REALPHOTOS)
+        landmarks = real[real["kind"] == "landmark"]
+        db = SimpleNamespace(paths=landmarks["path"].tolist(), landmark_ids=landmarks["label"].tolist())
         cases.append(("mobilenetv2_100 ImageNet (224 px), real photos ≤ 512 px",
-                      load_embedding_model(backbone="mobilenetv2_100", image_size=224), db, real.paths))
+                      load_embedding_model(backbone="mobilenetv2_100", image_size=224), db, real["path"].tolist()))
     results = {"machine": _machine(), "batch_size": args.batch_size, "workers": args.workers, "rows": []}
     for label, model, db, photos in cases:
         photos = list(photos)[: args.images]

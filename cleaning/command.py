@@ -22,13 +22,9 @@ The input manifest is never modified; outputs are written atomically.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +35,7 @@ from cleaning.algorithm import CleaningParams, CleaningResult, clean_embeddings
 from cleaning.truth import score_against_truth
 from datamodules.manifest import Manifest, ManifestError, read_manifest, write_manifest
 
-__all__ = ["OUTPUT_COLUMNS", "add_clean_arguments", "clean_manifest", "run_clean_command"]
+__all__ = ["OUTPUT_COLUMNS", "PARAM_HELP", "clean_manifest"]
 
 OUTPUT_COLUMNS = ("decision", "reason", "cluster", "duplicate_of", "original_landmark_id")
 SUMMARY_FORMAT = "landmark-cleaning-summary/1"
@@ -276,86 +272,3 @@ def clean_manifest(
                      summary_rows=rows, nonlandmark_paths=None if pool is None else pool.paths,
                      max_landmarks=report_landmarks, progress=progress)
     return result
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def _float_or_none(text: str) -> float | None:
-    return None if text.strip().lower() in ("none", "off", "") else float(text)
-
-
-def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_argument_group("input")
-    source.add_argument("--manifest", required=True, help="landmark manifest CSV (path,landmark_id,...)")
-    source.add_argument("--out", required=True, help="output folder: clean.csv, summary.json, report.html, thumbs/")
-    which = source.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a LandmarkModule checkpoint to embed with")
-    which.add_argument("--backbone", help="a timm backbone with offline ImageNet weights (mobilenetv2_100, tf_efficientnet_lite0)")
-    which.add_argument("--embeddings", help="precomputed embeddings .npy [rows, dim] (rows in manifest order, "
-                                            "or in --embedding-paths order); all-zero rows = unreadable images")
-    source.add_argument("--embedding-paths", help="CSV with a 'path' column naming each --embeddings row")
-    source.add_argument("--nonlandmarks", help="non-landmark pool CSV (path): removes DB images very close to it")
-    source.add_argument("--nonlandmark-embeddings", help="precomputed embeddings of --nonlandmarks, rows in its order")
-    source.add_argument("--extra-columns", choices=("error", "ignore"), default="error",
-                        help="unknown manifest columns: error (default) or keep them unread")
-
-    embed = parser.add_argument_group("embedding (with --checkpoint / --backbone)")
-    embed.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (224 for a backbone)")
-    embed.add_argument("--batch-size", type=int, default=64)
-    embed.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    embed.add_argument("--accelerator", default="auto")
-    embed.add_argument("--devices", default="1", help="e.g. 4 (with --strategy ddp) or auto")
-    embed.add_argument("--strategy", default="auto")
-    embed.add_argument("--cache-dir", default=None, help="embedding cache (default OUT/embedding-cache)")
-
-    algo = parser.add_argument_group("algorithm (defaults in cleaning.algorithm.CleaningParams)")
-    defaults = CleaningParams()
-    for f in fields(CleaningParams):
-        default = getattr(defaults, f.name)
-        optional = f.name in ("nonlandmark_distance", "nonlandmark_margin", "attach_distance", "reassign_margin")
-        kind = _float_or_none if optional else type(default)
-        algo.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
-                          help=f"{PARAM_HELP[f.name]} (default {default})")
-    algo.add_argument("--jobs", type=int, default=None,
-                      help="processes for the per-landmark clustering (default: CPUs for >= 20k rows, else 1)")
-
-    out = parser.add_argument_group("report")
-    out.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
-    out.add_argument("--report-landmarks", type=int, default=300, help="landmarks shown in the report (default 300)")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def run_clean_command(args: argparse.Namespace) -> int:
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    try:
-        params = CleaningParams(**{f.name: getattr(args, f.name) for f in fields(CleaningParams)})
-        result = clean_manifest(
-            args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, embeddings=args.embeddings,
-            embedding_paths=args.embedding_paths, nonlandmarks=args.nonlandmarks,
-            nonlandmark_embeddings=args.nonlandmark_embeddings, params=params, image_size=args.image_size,
-            batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator, devices=devices,
-            strategy=args.strategy, cache_dir=args.cache_dir, jobs=args.jobs, extra_columns=args.extra_columns,
-            report=args.report, report_landmarks=args.report_landmarks, progress=args.progress,
-        )
-    except (ManifestError, ValueError, FileNotFoundError) as err:
-        print(f"landmarks clean: error: {err}", file=sys.stderr)
-        return 1
-    if result is None:
-        return 0
-    counts = result.counts()
-    summary = json.loads((Path(args.out) / "summary.json").read_text())
-    line = (f"landmarks clean: {counts['kept']} of {counts['rows']} rows kept, {counts['removed']} removed "
-            f"({', '.join(f'{k} {v}' for k, v in counts['removed_by_reason'].items()) or 'none'}); "
-            f"{counts['landmarks_dropped']} of {counts['landmarks']} landmarks dropped; "
-            f"{counts['duplicate_groups']} duplicate group(s) ({params.duplicates}).")
-    truth = summary.get("ground_truth")
-    if truth:
-        line += f" Against the known noise: precision {truth['removal']['precision']}, recall {truth['removal']['recall']}"
-        if "duplicates" in truth:
-            line += f"; duplicates precision {truth['duplicates']['precision']}, recall {truth['duplicates']['recall']}"
-        line += "."
-    print(line)
-    print(f"Written: {Path(args.out) / 'clean.csv'}, summary.json, report.html" if args.report
-          else f"Written: {Path(args.out) / 'clean.csv'}, summary.json")
-    return 0

@@ -1,6 +1,6 @@
 """How separable is the noise in an embedding at all? A ceiling for any per-image cleaning rule.
 
-``python -m cleaning.separability --manifest data/synthetic/db.csv --nonlandmarks data/synthetic/nonlandmarks.csv
+``landmarks clean-separability --manifest data/synthetic/db.csv --nonlandmarks data/synthetic/nonlandmarks.csv
 --model NAME=CKPT [--model NAME=CKPT ...] --out DIR``
 
 The cleaning algorithm's decisions rest on comparing an image's similarity to its own landmark
@@ -22,16 +22,16 @@ DBs up to ~1e5 images, not part of ``landmarks clean``.
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
 
-from core.atomic import atomic_path, write_json_atomic
 from cleaning.algorithm import _mean_top
+from core.atomic import atomic_path, write_json_atomic
+from core.errors import UserError
 
-__all__ = ["evidence_scores", "precision_recall_curve", "precision_at_recall"]
+__all__ = ["evidence_scores", "precision_at_recall", "precision_recall_curve", "separability_analysis"]
 
 _CHUNK = 2048
 
@@ -91,73 +91,72 @@ def precision_at_recall(scores: np.ndarray, is_noise: np.ndarray, recall: float)
     return float(precision[achieved >= recall - 1e-12].max())
 
 
-def _embed(manifest, pool, spec: str, cache_dir: str):
+def _embed(manifest, pool, name: str, checkpoint: str, cache_dir):
     from retrieval.embed import embed_paths
     from retrieval.embedding_model import load_embedding_model
 
-    name, _, location = spec.partition("=")
-    if not location:
-        raise ValueError(f"--model wants NAME=CHECKPOINT, got {spec!r}")
-    model = load_embedding_model(checkpoint=location)
+    model = load_embedding_model(checkpoint=checkpoint)
     result = embed_paths(model, manifest.paths + pool.paths, cache_dir=cache_dir, progress=False)
     if not result.valid.all():
-        raise ValueError(f"{int((~result.valid).sum())} unreadable image(s); this analysis needs every row")
-    return name, result.embeddings[: len(manifest)], result.embeddings[len(manifest):]
+        raise UserError(f"{name}: {int((~result.valid).sum())} unreadable image(s); this analysis needs every row")
+    return result.embeddings[: len(manifest)], result.embeddings[len(manifest):]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--manifest", required=True, help="landmark DB with the ground truth (is_noise)")
-    parser.add_argument("--nonlandmarks", required=True, help="non-landmark pool CSV")
-    parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat; NAME without '=')")
-    parser.add_argument("--decisions", action="append", default=[],
-                        help="NAME=clean.csv of a `landmarks clean` run on --manifest: its operating point is plotted")
-    parser.add_argument("--recall", type=float, default=0.90, help="required recall for the reported precision")
-    parser.add_argument("--cache-dir", default="runs/cleaning/cache")
-    parser.add_argument("--out", required=True, help="folder for separability.json and separability.png")
-    args = parser.parse_args(argv)
+def separability_analysis(
+    manifest: str | os.PathLike,
+    nonlandmarks: str | os.PathLike,
+    models: dict[str, str],
+    out: str | os.PathLike,
+    *,
+    decisions: dict[str, str] | None = None,
+    recall: float = 0.90,
+    cache_dir: str | os.PathLike | None = "runs/cleaning/cache",
+) -> dict:
+    """Score every DB image of ``manifest`` by the evidence of each model (``{name: checkpoint}``).
 
+    ``decisions`` (``{name: clean.csv}`` of ``landmarks clean`` runs on ``manifest``) are plotted as
+    operating points. Writes ``out/separability.json`` and ``out/separability.png``; returns the
+    JSON's content.
+    """
     from cleaning.truth import noise_flags
     from datamodules.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest)
-    if "is_noise" not in manifest.table.columns:
-        raise SystemExit(f"{args.manifest}: no is_noise column; this analysis needs the ground truth")
-    is_noise = noise_flags(manifest.table["is_noise"])
-    pool = read_manifest(args.nonlandmarks, kind="nonlandmark", extra_columns="ignore")
+    if not models:
+        raise UserError("give at least one model (NAME=CHECKPOINT)")
+    data = read_manifest(manifest)
+    if "is_noise" not in data.table.columns:
+        raise UserError(f"{manifest}: no is_noise column; this analysis needs the ground truth")
+    is_noise = noise_flags(data.table["is_noise"])
+    pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore")
     results, curves = {}, {}
-    for spec in args.model:
-        name, emb, pool_emb = _embed(manifest, pool, spec, args.cache_dir)
-        scores = evidence_scores(emb, manifest.landmark_ids, pool_emb)
-        precision, recall = precision_recall_curve(scores["evidence"], is_noise)
-        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    for name, checkpoint in models.items():
+        emb, pool_emb = _embed(data, pool, name, checkpoint, cache_dir)
+        scores = evidence_scores(emb, data.landmark_ids, pool_emb)
+        precision, achieved = precision_recall_curve(scores["evidence"], is_noise)
+        f1 = 2 * precision * achieved / np.maximum(precision + achieved, 1e-12)
         results[name] = {
-            "model": spec.partition("=")[2],
-            f"precision_at_recall_{args.recall:g}": round(precision_at_recall(scores["evidence"], is_noise, args.recall), 4),
+            "model": checkpoint,
+            f"precision_at_recall_{recall:g}": round(precision_at_recall(scores["evidence"], is_noise, recall), 4),
             "best_f1": round(float(f1.max()), 4),
             "median_own_similarity": {"clean": round(float(np.median(scores["own"][~is_noise])), 4),
                                       "noise": round(float(np.median(scores["own"][is_noise])), 4)},
         }
-        curves[name] = (recall, precision)
-        print(f"{name}: precision {results[name][f'precision_at_recall_{args.recall:g}']} at recall >= {args.recall:g}, "
-              f"best F1 {results[name]['best_f1']}")
-    points, decisions = {}, {}
-    for spec in args.decisions:
-        name, _, location = spec.partition("=")
+        curves[name] = (achieved, precision)
+    points, decided_scores = {}, {}
+    for name, location in (decisions or {}).items():
         decided = read_manifest(location, extra_columns="ignore")
-        if len(decided) != len(manifest) or "decision" not in decided.table.columns:
-            raise SystemExit(f"{location}: not a `landmarks clean` output of {args.manifest} "
-                             f"({len(decided)} rows vs {len(manifest)}, or no decision column)")
+        if len(decided) != len(data) or "decision" not in decided.table.columns:
+            raise UserError(f"{location}: not a `landmarks clean` output of {manifest} "
+                            f"({len(decided)} rows vs {len(data)}, or no decision column)")
         removed = decided.table["decision"].str.strip().eq("remove").to_numpy()
         tp = int((removed & is_noise).sum())
         points[name] = (tp / max(int(removed.sum()), 1), tp / int(is_noise.sum()))
-        decisions[name] = {"precision": round(points[name][0], 4), "recall": round(points[name][1], 4)}
-    out = Path(args.out)
+        decided_scores[name] = {"precision": round(points[name][0], 4), "recall": round(points[name][1], 4)}
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "separability.json",
-                      {"manifest": args.manifest, "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
-                       "score": "max(other3, pool1) - own3", "models": results, "decisions": decisions},
-                      indent=1, newline=False)
+    payload = {"manifest": str(manifest), "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
+               "score": "max(other3, pool1) - own3", "models": results, "decisions": decided_scores}
+    write_json_atomic(out / "separability.json", payload, indent=1, newline=False)
 
     import matplotlib
 
@@ -165,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, (recall, precision) in curves.items():
-        ax.plot(recall, precision, label=name)
-    for (name, (precision, recall)), marker in zip(points.items(), "o^sDv"):
-        ax.plot([recall], [precision], marker=marker, color="black", ls="none", label=f"{name} (landmarks clean)")
+    for name, (achieved, precision) in curves.items():
+        ax.plot(achieved, precision, label=name)
+    for (name, (precision, achieved)), marker in zip(points.items(), "o^sDv"):
+        ax.plot([achieved], [precision], marker=marker, color="black", ls="none", label=f"{name} (landmarks clean)")
     ax.axhline(0.95, color="grey", ls=":", lw=1)
     ax.axvline(0.90, color="grey", ls=":", lw=1)
     ax.set(xlabel="removal recall", ylabel="removal precision", xlim=(0.5, 1.0), ylim=(0.5, 1.01),
@@ -177,9 +176,5 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     with atomic_path(out / "separability.png") as tmp_png:
         fig.savefig(tmp_png, dpi=120)
-    print(f"Written: {out / 'separability.json'}, {out / 'separability.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    plt.close(fig)
+    return payload

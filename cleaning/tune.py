@@ -1,6 +1,6 @@
 """Tune the cleaning parameters against known noise, with held-out landmarks.
 
-``python -m cleaning.tune --manifest data/synthetic/db.csv --checkpoint CKPT --nonlandmarks ...``
+``landmarks clean-tune --manifest data/synthetic/db.csv --checkpoint CKPT --nonlandmarks ...``
 
 The manifest must carry the ground truth (``is_noise``; the synthetic world's ``db.csv`` does).
 Every parameter combination of the grid is run once on the whole database (the decisions use no
@@ -12,22 +12,24 @@ picked on. The objective is the worst shortfall from the goal,
 the selection groups. Finally the combination chosen on *all* landmarks is run on the whole
 database (also scoring duplicate detection, which needs both ids of a pair).
 
-Prints a Markdown table and writes ``--out`` (JSON) with every combination's scores.
+:func:`tune_cleaning` returns (and writes to ``out``, JSON) every combination's scores and the
+held-out results as a Markdown table; ``landmarks clean-tune`` prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
+import os
 import sys
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import fields, replace
 
 import numpy as np
 
 from cleaning.algorithm import CleaningParams, clean_embeddings
 from cleaning.truth import noise_flags, score_against_truth
+from core.atomic import write_json_atomic
+from core.errors import UserError
 from datamodules.manifest import read_manifest
 
 DEFAULT_GRID = {
@@ -49,44 +51,69 @@ def _pr(tp: int, fp: int, fn: int) -> tuple[float, float]:
     return (tp / (tp + fp) if tp + fp else 1.0), (tp / (tp + fn) if tp + fn else 1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--manifest", required=True)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint")
-    which.add_argument("--backbone")
-    which.add_argument("--embeddings", help=".npy rows in manifest order")
-    parser.add_argument("--nonlandmarks", help="non-landmark pool CSV")
-    parser.add_argument("--nonlandmark-embeddings", help=".npy rows in --nonlandmarks order")
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--cache-dir", default="runs/cleaning/cache")
-    parser.add_argument("--grid", default=None, help="JSON {param: [values]} (default: DEFAULT_GRID)")
-    parser.add_argument("--folds", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-precision", type=float, default=0.95)
-    parser.add_argument("--target-recall", type=float, default=0.90)
-    parser.add_argument("--out", default=None, help="JSON file for every combination's scores")
-    args = parser.parse_args(argv)
+def tune_cleaning(
+    manifest: str | os.PathLike,
+    *,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    embeddings: str | os.PathLike | None = None,
+    nonlandmarks: str | os.PathLike | None = None,
+    nonlandmark_embeddings: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike | None = "runs/cleaning/cache",
+    grid: dict[str, list] | None = None,
+    folds: int = 2,
+    seed: int = 0,
+    target_precision: float = 0.95,
+    target_recall: float = 0.90,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every combination of ``grid`` (default :data:`DEFAULT_GRID`) and choose on held-out landmarks.
 
-    data = read_manifest(args.manifest)
-    pool = read_manifest(args.nonlandmarks, kind="nonlandmark", extra_columns="ignore") if args.nonlandmarks else None
-    if args.embeddings:
-        emb = np.load(args.embeddings, allow_pickle=False)
-        pool_emb = np.load(args.nonlandmark_embeddings, allow_pickle=False) if pool is not None else None
+    Exactly one of ``checkpoint``, ``backbone`` or ``embeddings`` (a ``.npy``, rows in manifest
+    order; ``nonlandmark_embeddings`` then holds the rows of ``nonlandmarks``). Returns what
+    ``out`` (JSON) receives — grid, folds, seed, ``held_out`` (per fold: the combination chosen on
+    the other folds and its precision/recall on this one), ``held_out_pooled``, ``chosen`` (on all
+    landmarks), ``whole_database`` (its scores) and every combination's per-fold counts — plus
+    ``table``, the held-out results as a Markdown table.
+    """
+    if sum(x is not None for x in (checkpoint, backbone, embeddings)) != 1:
+        raise UserError("give exactly one of --checkpoint, --backbone or --embeddings")
+    if embeddings is not None and nonlandmarks is not None and nonlandmark_embeddings is None:
+        raise UserError("with --embeddings, --nonlandmarks needs --nonlandmark-embeddings (rows in its order)")
+    if folds < 2:
+        raise UserError(f"--folds must be >= 2, got {folds}")
+    grid = dict(grid) if grid else dict(DEFAULT_GRID)
+    known = {f.name for f in fields(CleaningParams)}
+    unknown = [key for key in grid if key not in known]
+    if unknown:
+        raise UserError(f"--grid: unknown parameter(s) {unknown}; the parameters are {sorted(known)}")
+    bad = [key for key, values in grid.items() if not isinstance(values, list) or not values]
+    if bad:
+        raise UserError(f"--grid: {bad[0]!r} needs a non-empty list of values")
+    data = read_manifest(manifest)
+    if "is_noise" not in data.table.columns:
+        raise UserError(f"{manifest}: no is_noise column; tuning needs the ground truth")
+    pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
+    if embeddings is not None:
+        emb = np.load(embeddings, allow_pickle=False)
+        if len(emb) != len(data):
+            raise UserError(f"{embeddings} has {len(emb)} rows but {data.source} has {len(data)}")
+        pool_emb = np.load(nonlandmark_embeddings, allow_pickle=False) if pool is not None else None
     else:
         from retrieval.embed import embed_paths
         from retrieval.embedding_model import load_embedding_model
 
-        model = load_embedding_model(checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size)
-        result = embed_paths(model, data.paths + (pool.paths if pool is not None else []), cache_dir=args.cache_dir)
+        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
+        result = embed_paths(model, data.paths + (pool.paths if pool is not None else []), cache_dir=cache_dir)
         emb = result.embeddings[: len(data)]
         pool_emb = result.embeddings[len(data):] if pool is not None else None
 
-    grid = json.loads(args.grid) if args.grid else DEFAULT_GRID
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     ids = np.asarray(data.landmark_ids)
     landmarks = np.unique(ids)
-    fold_of = dict(zip(landmarks, np.random.default_rng(args.seed).permutation(len(landmarks)) % args.folds))
+    fold_of = dict(zip(landmarks, np.random.default_rng(seed).permutation(len(landmarks)) % folds))
     fold = np.asarray([fold_of[i] for i in ids])
     base = CleaningParams()
 
@@ -97,23 +124,25 @@ def main(argv: list[str] | None = None) -> int:
         # (each image keeps the cross-landmark evidence it has in real use); the ground truth is
         # split by landmark, so a combination is chosen on some landmarks' rows and scored on others'.
         result = clean_embeddings(emb, ids.tolist(), params, nonlandmark_embeddings=pool_emb)
-        per_fold = [_fold_counts(data.table, result, fold == f) for f in range(args.folds)]
+        per_fold = [_fold_counts(data.table, result, fold == f) for f in range(folds)]
         scores.append(per_fold)
-        print(f"\r{n + 1}/{len(combos)} combinations", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        if progress:
+            print(f"\r{n + 1}/{len(combos)} combinations", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
 
     def objective(counts) -> float:
         p, r = _pr(*np.sum(counts, axis=0))
-        return min(p - args.target_precision, r - args.target_recall)
+        return min(p - target_precision, r - target_recall)
 
     lines = ["| held-out fold | chosen on the other folds | precision | recall |", "|---|---|---|---|"]
     held_out = []
-    for f in range(args.folds):
-        best = max(range(len(combos)), key=lambda c: objective([scores[c][g] for g in range(args.folds) if g != f]))
+    for f in range(folds):
+        best = max(range(len(combos)), key=lambda c: objective([scores[c][g] for g in range(folds) if g != f]))
         p, r = _pr(*scores[best][f])
         held_out.append({"fold": f, "params": combos[best], "precision": round(p, 4), "recall": round(r, 4)})
         lines.append(f"| {f} | {json.dumps(combos[best])} | {p:.3f} | {r:.3f} |")
-    pooled = np.sum([scores[[combos.index(h["params"]) for h in held_out][f]][f] for f in range(args.folds)], axis=0)
+    pooled = np.sum([scores[[combos.index(h["params"]) for h in held_out][f]][f] for f in range(folds)], axis=0)
     p, r = _pr(*pooled)
     lines.append(f"| all (pooled) | | **{p:.3f}** | **{r:.3f}** |")
 
@@ -121,21 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     params = replace(base, **combos[best])
     full = clean_embeddings(emb, ids.tolist(), params, nonlandmark_embeddings=pool_emb)
     truth = score_against_truth(data.table, full)
-    print("\n".join(lines))
-    print(f"\nchosen on all landmarks: {json.dumps(combos[best])}")
-    print(f"whole database: removal precision {truth['removal']['precision']}, recall {truth['removal']['recall']} "
-          f"({truth['removal']['removed']} removed, {truth['removal']['noise_rows']} noise); recall by kind "
-          f"{truth['recall_by_noise_kind']}; duplicates precision {truth['duplicates']['precision']}, "
-          f"recall {truth['duplicates']['recall']}; by reason {json.dumps(truth['by_reason'])}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "grid": grid, "folds": args.folds, "seed": args.seed, "held_out": held_out,
-            "held_out_pooled": {"precision": round(p, 4), "recall": round(r, 4)},
-            "chosen": combos[best], "whole_database": truth,
-            "combinations": [{"params": c, "per_fold_tp_fp_fn": [list(map(int, x)) for x in s]} for c, s in zip(combos, scores)],
-        }, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    results = {
+        "grid": grid, "folds": folds, "seed": seed, "held_out": held_out,
+        "held_out_pooled": {"precision": round(p, 4), "recall": round(r, 4)},
+        "chosen": combos[best], "whole_database": truth,
+        "combinations": [{"params": c, "per_fold_tp_fp_fn": [list(map(int, x)) for x in s]}
+                         for c, s in zip(combos, scores)],
+    }
+    if out:
+        write_json_atomic(out, results, indent=1, newline=False)
+    return {**results, "table": "\n".join(lines)}

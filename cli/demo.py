@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from core.atomic import write_json_atomic
+from core.errors import UserError
 from callbacks import RetrievalEvaluation
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -86,7 +87,7 @@ def run_demo(config_files: list[str], overrides: list[str] = ()) -> dict:
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     evaluation = next((cb for cb in trainer.callbacks if isinstance(cb, RetrievalEvaluation)), None)
     if evaluation is None:
-        raise SystemExit("the demo needs a callbacks.RetrievalEvaluation callback in the configuration")
+        raise UserError("the demo needs a callbacks.RetrievalEvaluation callback in the configuration")
     phases = {"setup": time.time() - start}
 
     mark = time.time()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from core.atomic import write_json_atomic
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +129,14 @@ def _predict_gldv2(args, solution) -> dict[str, tuple[int, float]]:
     from retrieval.index import build_index, search
 
     if not (args.checkpoint or args.backbone) or (args.checkpoint and args.backbone):
-        raise SystemExit("landmarks evaluate gldv2: give --predictions, or --gallery with one of --checkpoint / --backbone")
+        raise UserError("give --predictions, or --gallery with one of --checkpoint / --backbone")
     model = _load_model(args)
     gallery = read_manifest(args.gallery, "landmark", extra_columns="ignore")
     if "decision" in gallery.table.columns:  # a cleaned DB: index what the data module trains on
         gallery = gallery.subset(gallery.table["decision"].str.strip().str.lower().ne("remove").to_numpy())
     non_integer = [lid for lid in gallery.landmark_ids if not lid.isdigit()]
     if non_integer:
-        raise SystemExit(f"{args.gallery}: landmark_id {non_integer[0]!r} is not a GLDv2 (integer) landmark id")
+        raise UserError(f"{args.gallery}: landmark_id {non_integer[0]!r} is not a GLDv2 (integer) landmark id")
     test_dir = Path(args.test_dir) if args.test_dir else Path(args.solution).parent / "test"
     ids = sorted(solution.landmarks)
     test_paths = [gldv2_image_path(test_dir, key) for key in ids]
@@ -162,7 +163,7 @@ def run_gldv2(args) -> dict:
     from retrieval.gldv2 import gldv2_gap, top1_accuracy
 
     if bool(args.predictions) == bool(args.gallery):
-        raise SystemExit("landmarks evaluate gldv2: give exactly one of --predictions or --gallery")
+        raise UserError("give exactly one of --predictions or --gallery")
     solution = read_recognition_solution(args.solution, ("Public", "Private"))
     if args.predictions:
         predictions = read_recognition_predictions(args.predictions, solution)

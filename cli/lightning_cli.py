@@ -32,8 +32,11 @@ from callbacks.wandb_conventions import (
     run_identity,
     wandb_available,
 )
+from cli import logs
+from core.errors import UserError
 from datamodules import LandmarkDataModule
 from lightning_modules import LandmarkModule
+from lightning_modules.embedding_net import check_backbone
 
 log = logging.getLogger(__name__)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -66,9 +69,9 @@ def _config_files(value: str, where: str) -> list[str]:
         try:
             files = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ValueError(f"{where}: cannot read the list of config files {value!r}: {err}") from None
+            raise UserError(f"{where}: cannot read the list of config files {value!r}: {err}") from None
         if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
-            raise ValueError(f"{where}: expected a list of config file paths, got {value!r}")
+            raise UserError(f"{where}: expected a list of config file paths, got {value!r}")
         return files
     return [text]
 
@@ -92,11 +95,11 @@ def expand_config_arguments(args: list[str]) -> list[str]:
             slot, value = match.group(1), match.group(2)
             if value is None:
                 if i + 1 >= len(args):
-                    raise ValueError(f"{token} needs a value (a config file or a list of them)")
+                    raise UserError(f"{token} needs a value (a config file or a list of them)")
                 i += 1
                 value = args[i]
             if slot in slots:
-                raise ValueError(f"--config.{slot} is given twice")
+                raise UserError(f"--config.{slot} is given twice")
             slots[slot] = _config_files(value, f"--config.{slot}")
         elif isinstance(token, str) and token.startswith("--config=") and token[len("--config="):].lstrip().startswith("["):
             rest += [f"--config={f}" for f in _config_files(token[len("--config="):], "--config")]
@@ -134,7 +137,10 @@ class LandmarkCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", LandmarkDataModule)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # omegaconf+: interpolations resolve after all --config files and overrides are merged.
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        # exit_on_error=False: a parse error is raised (jsonargparse's ArgumentError) rather than
+        # printed with the whole usage, so `landmarks` reports it in one line (cli.main).
+        parser_kwargs = {"parser_mode": "omegaconf+", "exit_on_error": False}
+        kwargs.setdefault("parser_kwargs", {**parser_kwargs, **{name: dict(parser_kwargs) for name in SUBCOMMANDS}})
         # The data module shards batches per rank itself (P×K plan, DistributedSampler for
         # evaluation); Lightning must not replace its batch sampler.
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
@@ -152,8 +158,19 @@ class LandmarkCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        choose_wandb_mode()
+        if choose_wandb_mode() != "online" and not logs.VERBOSE:
+            # An offline run's wandb lines (paths, sync hints, its deprecation warnings) are
+            # chatter; online, wandb prints the run's URL, which the user wants.
+            os.environ.setdefault("WANDB_SILENT", "true")
         config = self.config.get(str(self.subcommand), self.config)
+        # timm's own error for a misspelt backbone is a bare RuntimeError, raised after the data
+        # module is set up; check the key first, so the message names it.
+        backbone = config.get("model", {}).get("backbone") if hasattr(config.get("model", {}), "get") else None
+        if backbone is not None:
+            try:
+                check_backbone(backbone)
+            except UserError as err:
+                raise UserError(f"model.backbone: {err}") from None
         trainer = config.trainer
         run_dir = run_dir_from_env()
         if run_dir is not None:
@@ -177,6 +194,12 @@ class LandmarkCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            # Lightning's WandbLogger always passes anonymous=None, which wandb >= 0.19 answers
+            # with a deprecation line on every run; leaving the key out means the same.
+            init = getattr(logger, "_wandb_init", None)
+            if type(logger).__name__ == "WandbLogger" and isinstance(init, dict) and init.get("anonymous") is None:
+                init.pop("anonymous", None)
         if getattr(self, "_wandb_identity", None) is not None:
             config = self.config.get(str(self.subcommand), self.config)
             resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))

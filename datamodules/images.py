@@ -16,12 +16,14 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.errors import UserError
+
 # Pillow refuses images over 2x this many pixels as "decompression bombs"; 100 MP originals exist.
 Image.MAX_IMAGE_PIXELS = 400_000_000
 
 
-class UnreadableImage(Exception):
-    """The file is missing, empty, truncated or not an image."""
+class UnreadableImage(UserError):
+    """The file is missing, empty, truncated or not an image (the user's file: a one-line error)."""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from datamodules.datasets import ImageDataset, seed_worker_transforms
+from core.errors import UserError
 from core.labels import NONLANDMARK
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
@@ -116,7 +117,7 @@ class LandmarkDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if not 0.0 <= nonlandmark_share < 1.0:
-            raise ValueError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
+            raise UserError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         if not self.data_dir.exists():
@@ -242,7 +243,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         ``None`` restores all classes / the configured share.
         """
         if nonlandmark_share is not None and not 0.0 <= nonlandmark_share < 1.0:
-            raise ValueError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
+            raise UserError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
         self._active_classes = None if active_classes is None else sorted(int(c) for c in active_classes)
         self._nonlandmark_share = nonlandmark_share
         if self._train_sampler is not None:

@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
+from core.errors import UserError
+
 
 class LandmarkBatchSampler(Sampler[list[int]]):
     """Yields lists of indices: P classes × K images, then N non-landmark images.
@@ -57,9 +59,9 @@ class LandmarkBatchSampler(Sampler[list[int]]):
     ):
         class_of_image = np.asarray(class_of_image, dtype=np.int64)
         if classes_per_batch < 1 or samples_per_class < 1:
-            raise ValueError("classes_per_batch and samples_per_class must be ≥ 1")
+            raise UserError("classes_per_batch and samples_per_class must be ≥ 1")
         if nonlandmarks_per_batch and num_nonlandmarks == 0:
-            raise ValueError(
+            raise UserError(
                 f"{nonlandmarks_per_batch} non-landmark images per batch requested, but the non-landmark pool is empty"
             )
         if not 0 <= rank < world_size:
@@ -95,13 +97,13 @@ class LandmarkBatchSampler(Sampler[list[int]]):
             raise ValueError(f"active classes without images: {sorted(unknown)[:10]}")
         global_classes = self.classes_per_batch * self.world_size
         if global_classes > len(active):
-            raise ValueError(
+            raise UserError(
                 f"a global batch needs {global_classes} distinct classes (P={self.classes_per_batch} × "
                 f"{self.world_size} ranks) but only {len(active)} are active"
             )
         if nonlandmarks_per_batch is not None:
             if nonlandmarks_per_batch and self.num_nonlandmarks == 0:
-                raise ValueError(
+                raise UserError(
                     f"{nonlandmarks_per_batch} non-landmark images per batch requested, but the non-landmark pool is empty"
                 )
             self.nonlandmarks_per_batch = int(nonlandmarks_per_batch)
@@ -119,7 +121,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_batches"] != self.num_batches or state["seed"] != self.seed:
-            raise ValueError(
+            raise UserError(
                 f"sampler state is for {state['num_batches']} batches per epoch with seed {state['seed']}, "
                 f"this run has {self.num_batches} with seed {self.seed}; resume with the same data settings"
             )

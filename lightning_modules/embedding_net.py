@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
 from lightning_modules import pretrained as offline
 
 
@@ -29,6 +30,23 @@ class GeM(nn.Module):
         # Pool in float32: x**p with p≈3 overflows/underflows easily in fp16/bf16.
         x = features.float().clamp(min=self.eps).pow(self.p)
         return F.adaptive_avg_pool2d(x, 1).pow(1.0 / self.p).flatten(1)
+
+
+def check_backbone(name: str) -> None:
+    """Raise a :class:`~core.errors.UserError` naming ``name`` unless timm has such a model.
+
+    timm's own error for a misspelt name is a bare ``RuntimeError``; this one suggests close names.
+    Hub names (``hf-hub:...``) are left to timm.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"backbone must be a timm model name, got {name!r}")
+    if ":" in name or timm.is_model(name):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+    raise UserError(f"unknown backbone {name!r}: not a timm model{hint}")
 
 
 def _no_network_hint(backbone: str) -> str:
@@ -84,6 +102,7 @@ class EmbeddingNet(nn.Module):
         embedding_size: int | None = 512,
     ):
         super().__init__()
+        check_backbone(backbone)
         # global_pool="" keeps the spatial feature map; we pool ourselves (GeM).
         create = dict(num_classes=0, global_pool="")
         if pretrained_path is not None:

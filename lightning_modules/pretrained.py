@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import timm
 import torch
 
+from core.errors import UserError
+
 __all__ = [
     "OFFLINE_WEIGHTS",
     "OfflineWeights",
@@ -210,7 +212,7 @@ def _spec(timm_name: str) -> OfflineWeights:
     try:
         return OFFLINE_WEIGHTS[timm_name]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"no offline ImageNet weights for timm model {timm_name!r}; "
             f"available: {', '.join(sorted(OFFLINE_WEIGHTS))} "
             "(or pass a local checkpoint as pretrained_path)"

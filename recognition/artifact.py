@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from core.atomic import replace_dir
+from core.errors import UserError
 from recognition.calibration import Calibration
 from recognition.centroids import CentroidSet
 from retrieval.index import build_index, search, validate_embeddings
@@ -54,11 +55,11 @@ _FILES = ("vectors.faiss", "vectors.npy", "vector_landmark.npy", "vector_size.np
 _MAX_SEARCH_DEPTH = 1024
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError):
     """A directory is not a recognition index this code can read."""
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(UserError):
     """Embeddings come from a model other than the one the index was built with."""
 
 

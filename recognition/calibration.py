@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from core.errors import UserError
 from retrieval.metrics import threshold_at_fpr
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Calibration", "CalibrationError", "calibrate_threshold"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """The calibration set cannot support the requested false-positive rate."""
 
 

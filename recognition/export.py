@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from core.atomic import atomic_path, write_json_atomic
+from core.errors import UserError
 from retrieval.embedding_model import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,12 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 DEFAULT_TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
-    """An export failed or does not reproduce the eager model."""
+class ExportError(UserError, RuntimeError):
+    """An export failed or does not reproduce the eager model (or its optional packages are missing).
+
+    A :class:`~core.errors.UserError` (the command line reports it in one line) and, as before, a
+    ``RuntimeError``.
+    """
 
 
 def _example(model: EmbeddingModel, batch: int, seed: int = 0) -> torch.Tensor:

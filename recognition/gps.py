@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["EARTH_RADIUS_KM", "GpsError", "haversine_km", "read_exif_gps", "read_gps_csv", "within_radius"]
@@ -25,7 +27,7 @@ __all__ = ["EARTH_RADIUS_KM", "GpsError", "haversine_km", "read_exif_gps", "read
 EARTH_RADIUS_KM = 6371.0088
 
 
-class GpsError(ValueError):
+class GpsError(UserError):
     """A GPS CSV cannot be used as given; the message names the file and line."""
 
 

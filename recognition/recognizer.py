@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from core.errors import UserError
 from datamodules.images import UnreadableImage, load_rgb
 from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
@@ -159,11 +160,11 @@ class Recognizer:
         self.model = model
         self.threshold = float(threshold) if threshold is not None else self.index.threshold
         if self.threshold is None or math.isnan(self.threshold):
-            raise ValueError("the index has no calibrated threshold (built without --nonlandmarks); pass a threshold")
+            raise UserError("the index has no calibrated threshold (built without --nonlandmarks); pass a threshold")
         if top_k < 1 or batch_size < 1:
-            raise ValueError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
+            raise UserError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
         if gps_radius_km is not None and not gps_radius_km > 0:
-            raise ValueError(f"gps_radius_km must be > 0, got {gps_radius_km}")
+            raise UserError(f"gps_radius_km must be > 0, got {gps_radius_km}")
         self.top_k = int(top_k)
         self.gps_radius_km = gps_radius_km
         self.gps = {os.path.abspath(k): v for k, v in (gps or {}).items()}

@@ -24,14 +24,12 @@ or without a requested metric, is an error naming the folder.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ import yaml
 from scipy import stats
 
 from core.atomic import atomic_path, write_text_atomic
+from core.errors import UserError
 from sweeps.runner import PREVIOUS_ATTEMPTS, read_run_json
 from sweeps.spec import _short, is_seed_key, short_key
 
@@ -54,7 +53,7 @@ DEFAULT_METRICS = (
 _CURVE = re.compile(r"^(?P<tag>[a-z]+)_epoch(?P<epoch>\d+)_precision_fpr\.csv$")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """Run folders that cannot be compared; the message names the folder or file."""
 
 
@@ -450,29 +449,3 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
     write_text_atomic(out / "runs.csv", runs_csv(comparison))
     write_text_atomic(out / "summary.md", summary_markdown(comparison, source, plot_name))
     return comparison
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="*", help="run folders (a sweep's run folders or LightningCLI log folders)")
-    parser.add_argument("--sweep", default=None, help="a `landmarks sweep` output folder: compare all its runs")
-    parser.add_argument("--out", default=None, help="where summary.md/.csv/.png go (default: the sweep folder)")
-    parser.add_argument("--metric", action="append", default=None,
-                        help=f"metric to tabulate, repeatable (default: those of {', '.join(DEFAULT_METRICS)} logged)")
-    parser.add_argument("--plot-metric", default=None, help="metric of the plot (default: the first metric)")
-    parser.add_argument("--stage", default="val", choices=("val", "test"), help="which evaluation (default val)")
-
-
-def run_compare_command(args: argparse.Namespace) -> int:
-    try:
-        compare(args.run_dirs, sweep=args.sweep, out=args.out, metrics=args.metric,
-                             stage=args.stage, plot_metric=args.plot_metric)
-    except CompareError as err:
-        print(f"landmarks compare: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out or args.sweep)
-    print((out / "summary.md").read_text())
-    print(f"written: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'runs.csv'}, {out / 'summary.png'}")
-    return 0

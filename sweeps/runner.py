@@ -21,7 +21,6 @@ cores // N so that they do not oversubscribe the CPU.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import fcntl
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 
 from core.atomic import write_json_atomic
 from core.provenance import git_info
-from sweeps.spec import RunSpec, SweepError, SweepSpec, load_sweep
+from sweeps.spec import RunSpec, SweepError, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -258,41 +257,3 @@ class SweepRunner:
             pool.shutdown(wait=True)
             bar.close()
         return sorted(outcomes, key=lambda o: o.run.index)
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep_file", help="a wandb sweep file (method grid|random, parameters, command)")
-    parser.add_argument("--out", required=True, help="sweep folder: one subfolder per run; rerunning resumes")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per run (OMP_NUM_THREADS etc.); default cores // parallel")
-    parser.add_argument("--count", type=int, default=None,
-                        help="random: runs to draw (overrides 'count' in the file); grid: cap on the runs")
-    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the random search's draws (default 0)")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; run nothing")
-
-
-def run_sweep_command(args: argparse.Namespace) -> int:
-    try:
-        runner = SweepRunner(load_sweep(args.sweep_file), args.out, parallel=args.parallel,
-                             sample_seed=args.sample_seed, count=args.count, threads=args.threads)
-        if args.dry_run:
-            print(runner.describe())
-            return 0
-        outcomes = runner.run()
-    except SweepError as err:
-        print(f"landmarks sweep: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    failed = [o for o in outcomes if o.status not in ("ok", "skipped")]
-    ran = [o for o in outcomes if o.status != "skipped"]
-    print(f"sweep done: {len(ran) - len(failed)} ok, {len(failed)} failed, "
-          f"{len(outcomes) - len(ran)} skipped (already done); compare with "
-          f"`landmarks compare --sweep {args.out}`")
-    for o in failed:
-        print(f"  failed: {o.run.name} (exit {o.exit_code}): {Path(args.out) / o.run.name / 'output.log'}")
-    return 1 if failed else 0

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from core.errors import UserError
+
 __all__ = ["Parameter", "RunSpec", "SweepError", "SweepSpec", "is_seed_key", "load_sweep", "parse_sweep"]
 
 WANDB_DEFAULT_COMMAND = ("${env}", "${interpreter}", "${program}", "${args}")
@@ -73,7 +75,7 @@ DISTRIBUTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@:-]*$")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot be run; the message names the file and the key."""
 
 

@@ -297,7 +297,7 @@ def test_clean_command_with_precomputed_embeddings_and_bad_inputs(tiny_world, tm
 
     def fails(*extra: str) -> str:
         assert main(["clean", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "bad"),
-                     "--no-progress", *extra]) == 1
+                     "--no-progress", *extra]) == 2
         return capsys.readouterr().err
 
     # Unknown paths: a manifest image the embeddings do not cover.
@@ -321,11 +321,11 @@ def test_clean_command_with_precomputed_embeddings_and_bad_inputs(tiny_world, tm
     write_manifest(table, tmp_path / "empty_id.csv")
     err = main(["clean", "--manifest", str(tmp_path / "empty_id.csv"), "--out", str(tmp_path / "bad"),
                 "--embeddings", str(tmp_path / "emb.npy")])
-    assert err == 1 and "line 5: empty 'landmark_id'" in capsys.readouterr().err
+    assert err == 2 and "line 5: empty 'landmark_id'" in capsys.readouterr().err
     # A cleaned manifest is not cleaned again (its decisions would be mixed with the new ones).
     err = main(["clean", "--manifest", str(tmp_path / "a" / "clean.csv"), "--out", str(tmp_path / "bad"),
                 "--embeddings", str(tmp_path / "emb.npy")])
-    assert err == 1 and "already has the cleaning column(s) ['decision', 'reason'" in capsys.readouterr().err
+    assert err == 2 and "already has the cleaning column(s) ['decision', 'reason'" in capsys.readouterr().err
 
 
 def test_blas_condensed_distances_equal_scipy():
@@ -340,7 +340,7 @@ def test_blas_condensed_distances_equal_scipy():
 
 
 def test_tune_picks_on_one_half_and_scores_the_other(tmp_path, capsys):
-    from cleaning.tune import main as tune
+    from cli.main import main
 
     rng = np.random.default_rng(12)
     blocks, ids, noise = [], [], []
@@ -353,7 +353,7 @@ def test_tune_picks_on_one_half_and_scores_the_other(tmp_path, capsys):
                                  "is_noise": noise, "true_landmark_id": ["" if n == "1" else i for n, i in zip(noise, ids)]}),
                    tmp_path / "db.csv")
     # min_cluster_size 10 drops every landmark (precision 6/54), 3 removes exactly the strays.
-    code = tune(["--manifest", str(tmp_path / "db.csv"), "--embeddings", str(tmp_path / "emb.npy"),
+    code = main(["clean-tune", "--manifest", str(tmp_path / "db.csv"), "--embeddings", str(tmp_path / "emb.npy"),
                  "--grid", '{"min_cluster_size": [10, 3]}', "--out", str(tmp_path / "tune.json")])
     assert code == 0
     out = json.loads((tmp_path / "tune.json").read_text())
@@ -362,6 +362,45 @@ def test_tune_picks_on_one_half_and_scores_the_other(tmp_path, capsys):
     assert out["whole_database"]["removal"]["precision"] == 1.0 and out["chosen"] == {"min_cluster_size": 3}
     assert sum(sum(f[:2]) for f in out["combinations"][0]["per_fold_tp_fp_fn"]) == 54  # everything removed
     assert "| all (pooled) | | **1.000** | **1.000** |" in capsys.readouterr().out
+
+
+def test_separability_command_scores_each_model_and_plots_a_clean_run(tmp_path, capsys, monkeypatch):
+    """`landmarks clean-separability`: per model, the precision at the required recall; a
+    `landmarks clean` decision file becomes an operating point. Embeddings are stubbed per model:
+    "good" puts the strays on other axes (perfectly separable), "bad" leaves them in their class."""
+    from cleaning import separability
+    from cli.main import main
+
+    rng = np.random.default_rng(13)
+    ids, noise, good, bad = [], [], [], []
+    for k in range(4):  # 4 landmarks of 6 images + 1 stray each
+        ids += [f"L{k}"] * 7
+        noise += ["0"] * 6 + ["1"]
+        good += [_blob(_axis(k), 6, rng), _blob(_axis(8 + k), 1, rng)]
+        bad += [_blob(_axis(k), 7, rng)]
+    write_manifest(pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(ids))], "landmark_id": ids,
+                                 "is_noise": noise, "true_landmark_id": ["" if n == "1" else i for n, i in zip(noise, ids)]}),
+                   tmp_path / "db.csv")
+    write_manifest(pd.DataFrame({"path": ["p0.jpg", "p1.jpg"]}), tmp_path / "pool.csv")
+    pool = _blob(_axis(15), 2, rng)
+    stub = {"good.ckpt": np.concatenate(good), "bad.ckpt": np.concatenate(bad)}
+    monkeypatch.setattr(separability, "_embed", lambda manifest, pool_, name, checkpoint, cache_dir:
+                        (stub[checkpoint], pool))
+    decided = pd.read_csv(tmp_path / "db.csv", dtype=str).assign(decision=["keep"] * 6 + ["remove"] + ["keep"] * 21)
+    write_manifest(decided, tmp_path / "clean.csv")
+    capsys.readouterr()
+    assert main(["clean-separability", "--manifest", str(tmp_path / "db.csv"), "--nonlandmarks",
+                 str(tmp_path / "pool.csv"), "--model", "good=good.ckpt", "--model", "bad=bad.ckpt",
+                 "--decisions", f"run={tmp_path / 'clean.csv'}", "--out", str(tmp_path / "sep")]) == 0
+    out = capsys.readouterr().out
+    assert "good: precision 1.0 at recall >= 0.9, best F1 1.0" in out
+    result = json.loads((tmp_path / "sep" / "separability.json").read_text())
+    assert result["models"]["bad"]["precision_at_recall_0.9"] < 1.0
+    assert result["decisions"] == {"run": {"precision": 1.0, "recall": 0.25}}
+    assert (tmp_path / "sep" / "separability.png").is_file()
+    assert main(["clean-separability", "--manifest", str(tmp_path / "db.csv"), "--nonlandmarks",
+                 str(tmp_path / "pool.csv"), "--model", "good.ckpt", "--out", str(tmp_path / "sep")]) == 2
+    assert capsys.readouterr().err == "landmarks clean-separability: error: --model wants NAME=CHECKPOINT, got 'good.ckpt'\n"
 
 
 def test_evidence_rule_removes_images_with_neighbours_elsewhere_and_keeps_a_rare_angle():

@@ -1,29 +1,20 @@
-"""The real-photos recipe (experiments/realphotos.py): class-disjoint split logic on a fake
-manifest, and a small smoke check on ../shared/realphotos (skipped when it is absent)."""
+"""The real-photo set (datamodules/realphotos.py) and the `landmarks realphotos` recipe
+(cli/realphotos.py): reader and split logic on a fake manifest, and a small smoke check on
+../shared/realphotos (skipped when it is absent)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from datamodules.manifest import ManifestError
+from datamodules.realphotos import class_disjoint_split, read_realphotos, split_realphotos
+
 ROOT = Path(__file__).resolve().parents[1]
 REALPHOTOS = ROOT.parent / "shared" / "realphotos"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("realphotos_recipe", ROOT / "experiments" / "realphotos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    return _recipe()
 
 
 def _fake_table() -> pd.DataFrame:
@@ -35,9 +26,9 @@ def _fake_table() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label", "kind", "source_repo"])
 
 
-def test_split_is_class_disjoint_complete_and_halved(recipe):
+def test_split_is_class_disjoint_complete_and_halved():
     table = _fake_table()
-    split = recipe.class_disjoint_split(table, seed=3, train_landmarks=2, train_nonlandmarks=6)
+    split = class_disjoint_split(table, seed=3, train_landmarks=2, train_nonlandmarks=6)
     train, evaluated = set(split["train_db"]["label"]), set(split["gallery"]["label"])
     assert len(train) == 2 and train.isdisjoint(evaluated) and train | evaluated == set("abcde")
     assert set(split["queries"]["label"]) <= evaluated
@@ -56,39 +47,57 @@ def test_split_is_class_disjoint_complete_and_halved(recipe):
     assert (split["distractors"]["kind"] == "nonlandmark").all()
 
 
-def test_split_is_deterministic_per_seed_and_varies_across_seeds(recipe):
+def test_split_is_deterministic_per_seed_and_varies_across_seeds():
     table = _fake_table()
-    a = recipe.class_disjoint_split(table, seed=0, train_landmarks=2, train_nonlandmarks=6)
-    b = recipe.class_disjoint_split(table, seed=0, train_landmarks=2, train_nonlandmarks=6)
+    a = class_disjoint_split(table, seed=0, train_landmarks=2, train_nonlandmarks=6)
+    b = class_disjoint_split(table, seed=0, train_landmarks=2, train_nonlandmarks=6)
     assert all(a[k].equals(b[k]) for k in a)
-    chosen = {frozenset(recipe.class_disjoint_split(table, seed=s, train_landmarks=2, train_nonlandmarks=6)["train_db"]["label"])
+    chosen = {frozenset(class_disjoint_split(table, seed=s, train_landmarks=2, train_nonlandmarks=6)["train_db"]["label"])
               for s in range(8)}
     assert len(chosen) > 1
     with pytest.raises(ValueError, match="train_landmarks"):
-        recipe.class_disjoint_split(table, seed=0, train_landmarks=5)
+        class_disjoint_split(table, seed=0, train_landmarks=5)
 
 
-def test_full_set_split_uses_every_landmark_and_all_nonlandmarks(recipe):
+def test_reader_resolves_paths_and_names_bad_lines(tmp_path):
+    header = "relpath,label,kind,source_repo,source_path,license_note\n"
+    good = "landmarks/a/1.jpg,a,landmark,repo/l,x,y\nnonlandmarks/2.jpg,nonlandmark,nonlandmark,repo/w,x,y\n"
+    (tmp_path / "MANIFEST.csv").write_text(header + good)
+    table = read_realphotos(tmp_path)
+    assert list(table.columns) == ["path", "label", "kind", "source_repo"]
+    assert table["path"].tolist() == [str(tmp_path / "landmarks/a/1.jpg"), str(tmp_path / "nonlandmarks/2.jpg")]
+    (tmp_path / "MANIFEST.csv").write_text(header + good + "x/3.jpg,b,nonlandmark,repo/w,x,y\n")
+    with pytest.raises(ManifestError, match=r"MANIFEST.csv: line 4: kind and label disagree"):
+        read_realphotos(tmp_path)
+    (tmp_path / "MANIFEST.csv").write_text("path,label,kind\n")
+    with pytest.raises(ManifestError, match=r"missing column\(s\) \['relpath', 'source_repo'\]"):
+        read_realphotos(tmp_path)
+    with pytest.raises(ManifestError, match="real-photo manifest not found: .*nowhere/MANIFEST.csv"):
+        read_realphotos(tmp_path / "nowhere")
+
+
+def test_full_set_split_uses_every_landmark_and_all_nonlandmarks():
     table = _fake_table()
-    split = recipe.full_set_split(table)
+    split = split_realphotos(table)
     assert set(split["gallery"]["label"]) == set("abcde") and len(split["distractors"]) == 18
     assert len(split["gallery"]) + len(split["queries"]) == 22
 
 
 @pytest.mark.skipif(not (REALPHOTOS / "MANIFEST.csv").is_file(),
                     reason=f"real photos not available at {REALPHOTOS} (they are never copied into the project)")
-def test_real_photos_smoke_imagenet_recognises_three_landmarks(recipe):
+def test_real_photos_smoke_imagenet_recognises_three_landmarks():
+    from cli.realphotos import evaluate
     from retrieval.embedding_model import load_embedding_model
 
-    table = recipe.load_realphotos(REALPHOTOS)
+    table = read_realphotos(REALPHOTOS)
     assert (table["kind"] == "landmark").sum() == 246 and (table["kind"] == "nonlandmark").sum() == 164
     assert table.loc[table["kind"] == "landmark", "label"].nunique() == 15
     # A small, quick subset: three very different landmarks, 6 photos each, 20 distractors.
     picked = table[table["label"].isin(["ha_long_bay", "brandenburg_gate", "ho_chi_minh_mausoleum"])]
     picked = picked.groupby("label", group_keys=False).head(6)
     small = pd.concat([picked, table[table["kind"] == "nonlandmark"].head(20)], ignore_index=True)
-    split = recipe.full_set_split(small)
-    metrics = recipe.evaluate(load_embedding_model(backbone="mobilenetv2_100", image_size=96), split)
+    split = split_realphotos(small)
+    metrics = evaluate(load_embedding_model(backbone="mobilenetv2_100", image_size=96), split)
     assert metrics["n_queries"] == 9 and metrics["n_gallery"] == 9 and metrics["n_distractors"] == 20
     # ImageNet features separate three such different landmarks far above chance (1/3).
     assert metrics["p@1"] >= 2 / 3

@@ -114,11 +114,16 @@ def test_recognizer_api_matches_the_cli_and_gps_csv_rejects(built_index, tiny_wo
         assert filtered["landmark_id"] is None and filtered["accepted"] is False
 
 
-def test_recognize_refuses_another_model(built_index, tiny_world):
+def test_recognize_refuses_another_model(built_index, tiny_world, capsys, monkeypatch):
     photo = tiny_world / pd.read_csv(tiny_world / "queries.csv").path[0]
+    argv = ["recognize", "--index", str(built_index), "--backbone", "tf_efficientnet_lite0", str(photo)]
     # same embedding size (1280), different network: the identity check must catch it
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "not the model this index was built with" in capsys.readouterr().err
+    monkeypatch.setenv("LANDMARKS_DEBUG", "1")  # the error itself, for code that catches it
     with pytest.raises(ModelMismatchError, match="not the model this index was built with"):
-        main(["recognize", "--index", str(built_index), "--backbone", "tf_efficientnet_lite0", str(photo)])
+        main(argv)
 
 
 def test_albums_from_the_cli(built_index, tiny_world, tmp_path, capsys):
@@ -145,20 +150,23 @@ def test_albums_from_the_cli(built_index, tiny_world, tmp_path, capsys):
     assert page.count("<figure>") == len(recognised) and "img_999.jpg" in page
 
 
-def test_index_input_errors(built_index, tiny_world, tmp_path):
+def test_index_input_errors(built_index, tiny_world, tmp_path, capsys):
     cache = built_index.parent / "cache"  # the fixture's embeddings: nothing is computed again
     base = ["index", "--manifest", str(tiny_world / "db.csv"), "--backbone", "mobilenetv2_100", "--image-size", "64",
             "--cache-dir", str(cache), "--num-workers", "0"]
     # 40 calibration photos cannot resolve FPR 1e-3: refused, and no index is written
-    with pytest.raises(SystemExit, match="40 calibration images cannot resolve a false-positive rate of 0.001"):
-        main([*base, "--out", str(tmp_path / "a"), "--nonlandmarks", str(tiny_world / "nonlandmarks.csv")])
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "a"), "--nonlandmarks", str(tiny_world / "nonlandmarks.csv")]) == 2
+    err = capsys.readouterr().err  # after the embedding's progress: the error, last, in one line
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("landmarks index: error: ")
+    assert "40 calibration images cannot resolve a false-positive rate of 0.001" in err.splitlines()[-1]
     assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
     # a bad coordinate in the metadata file names the file and line, before any embedding
     rows = (tiny_world / "landmarks.csv").read_text().splitlines()
     rows[3] = rows[3].replace(rows[3].split(",")[2], "north", 1)
     (tmp_path / "landmarks.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(SystemExit, match=r"landmarks.csv: line 4: lat='north' is not a number"):
-        main([*base, "--out", str(tmp_path / "b"), "--landmarks", str(tmp_path / "landmarks.csv")])
+    assert main([*base, "--out", str(tmp_path / "b"), "--landmarks", str(tmp_path / "landmarks.csv")]) == 2
+    assert "landmarks.csv: line 4: lat='north' is not a number" in capsys.readouterr().err
     # a fixed threshold instead of calibration is recorded as such
     main([*base, "--out", str(tmp_path / "c"), "--threshold", "0.7"])
     fixed = LandmarkIndex.load(tmp_path / "c").calibration

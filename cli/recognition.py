@@ -1,18 +1,18 @@
-"""``landmarks index | recognize | albums | export``: the command-line face of :mod:`recognition`."""
+"""``landmarks index | recognize | albums | export``: the command line of :mod:`recognition`.
+
+Parsing and printing only: the work is :func:`recognition.indexing.build_landmark_index`,
+:class:`recognition.recognizer.Recognizer`, :func:`recognition.albums.group_albums` and
+:func:`recognition.export.export_model`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import pathlib
 import sys
 
-import numpy as np
-import pandas as pd
-
-log = logging.getLogger("landmarks.recognition")
+from core.errors import UserError
 
 _DEFAULT_CACHE = "runs/embedding-cache"
 
@@ -27,91 +27,19 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> Non
     group.add_argument("--backbone", help="a timm backbone with offline ImageNet weights, e.g. mobilenetv2_100")
 
 
-def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` → ``{KEY: VALUE}`` (an option given repeatedly)."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"{what}: expected KEY=VALUE, got {item!r}")
+            raise UserError(f"{what}: expected KEY=VALUE, got {item!r}")
         out[key.strip()] = value.strip()
     return out
 
 
-def _filter_rows(manifest, where: dict[str, str]):
-    for column, value in where.items():
-        if column not in manifest.table.columns:
-            raise SystemExit(f"{manifest.source}: --where column {column!r} not in {list(manifest.table.columns)}")
-        keep = manifest.table[column].str.strip().eq(value).to_numpy()
-        log.info("%s: %s=%s keeps %d of %d rows", manifest.source, column, value, int(keep.sum()), len(keep))
-        manifest = manifest.subset(keep)
-    return manifest
-
-
-def _float_or_none(value, source: str, line: int, column: str) -> float | None:
-    text = str(value).strip()
-    if text == "":
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        raise SystemExit(f"{source}: line {line}: {column}={text!r} is not a number") from None
-    limit = 90 if column == "lat" else 180
-    if not (math.isfinite(number) and -limit <= number <= limit):
-        raise SystemExit(f"{source}: line {line}: {column}={number} is out of range [-{limit}, {limit}]")
-    return number
-
-
-def _metadata_rows(table: pd.DataFrame, source: str, lines) -> list[dict]:
-    present = [key for key in ("name", "city", "lat", "lon") if key in table.columns]
-    if not present:
-        return []
-    columns = {key: table[key].astype(str).tolist() for key in ["landmark_id", *present]}
-    rows = []
-    for i, line in enumerate(lines):
-        row = {"landmark_id": columns["landmark_id"][i].strip()}
-        for key in present:
-            value = columns[key][i]
-            row[key] = (_float_or_none(value, source, int(line), key) if key in ("lat", "lon")
-                        else value.strip() or None)
-        rows.append(row)
-    return rows
-
-
-def _landmark_metadata(manifest, landmarks_csv: str | None, known_ids: set[str]) -> dict[str, dict]:
-    from recognition.artifact import landmark_metadata
-
-    rows = []
-    if landmarks_csv:
-        path = pathlib.Path(landmarks_csv)
-        if not path.is_file():
-            raise SystemExit(f"--landmarks: file not found: {path}")
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        if "landmark_id" not in table.columns:
-            raise SystemExit(f"{path}: needs a landmark_id column; found {list(table.columns)}")
-        used = [c for c in ("name", "city", "lat", "lon") if c in table.columns]
-        log.info("%s: landmark metadata columns %s", path, used)
-        rows += _metadata_rows(table, str(path), range(2, len(table) + 2))
-        unknown = {r["landmark_id"] for r in rows} - known_ids
-        if unknown:
-            log.info("%s: %d landmark(s) are not in the database; ignored", path, len(unknown))
-    # Metadata file first: its values win over the per-photo columns of the manifest.
-    rows += _metadata_rows(manifest.table.assign(landmark_id=manifest.landmark_ids), manifest.source, manifest.lines)
-    return landmark_metadata(r for r in rows if r["landmark_id"] in known_ids)
-
-
-def _embed(model, paths, args, what: str):
-    from retrieval.embed import embed_paths
-
-    log.info("embedding %d %s images", len(paths), what)
-    result = embed_paths(
-        model, paths, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
-        devices=args.devices, strategy=args.strategy, cache_dir=args.cache_dir or None, progress=True,
-    )
-    bad = np.flatnonzero(~result.valid)
-    if len(bad):
-        log.warning("%d of %d %s images are unreadable and left out, e.g. %s", len(bad), len(paths), what,
-                    paths[bad[0]])
-    return result.embeddings, result.valid
+def _devices(value: str) -> int | str:
+    return int(value) if str(value).isdigit() else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,82 +108,31 @@ def _index_params(args) -> dict:
     return params
 
 
-def run_index_command(args) -> int:
-    from pytorch_lightning.utilities import rank_zero_only
+def run_index_command(args: argparse.Namespace) -> int:
+    from recognition.centroids import CentroidParams
+    from recognition.indexing import build_landmark_index
 
-    from datamodules.manifest import load_manifest
-    from recognition.artifact import LandmarkIndex
-    from recognition.calibration import CalibrationError, calibrate_threshold
-    from recognition.centroids import CentroidParams, build_representation
-    from retrieval.embedding_model import load_embedding_model
-
-    if args.threshold is not None and args.nonlandmarks:
-        raise SystemExit("give --nonlandmarks (calibration) or --threshold, not both")
-    if args.devices.isdigit():
-        args.devices = int(args.devices)
-    column_map = _parse_pairs(args.column_map, "--column-map") or None
-    manifest = load_manifest(args.manifest, "landmark", extra_columns=args.extra_columns, column_map=column_map)
-    manifest = _filter_rows(manifest, _parse_pairs(args.where, "--where"))
-    if "decision" in manifest.table.columns:
-        keep = manifest.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
-        log.info("%s: using %d of %d rows (decision != remove)", manifest.source, int(keep.sum()), len(keep))
-        manifest = manifest.subset(keep)
-    if len(manifest) == 0:
-        raise SystemExit(f"{manifest.source}: no landmark rows to index")
-    params = CentroidParams(args.distance_threshold, args.linkage, args.max_centroids, args.min_cluster_size)
-    # Metadata is read (and validated) before the long embedding pass, so a typo fails fast.
-    metadata = _landmark_metadata(manifest, args.landmarks, set(manifest.landmark_ids))
-    calibration_set = None
-    if args.nonlandmarks:
-        calibration_set = load_manifest(args.nonlandmarks, "nonlandmark", extra_columns=args.extra_columns,
-                                        column_map=column_map)
-        calibration_set = _filter_rows(calibration_set, _parse_pairs(args.nonlandmarks_where, "--nonlandmarks-where"))
-    elif args.threshold is None:
-        log.warning("no --nonlandmarks: the index gets no calibrated threshold; `landmarks recognize` will then "
-                    "need --threshold")
-
-    model = load_embedding_model(checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size)
-    emb, valid = _embed(model, manifest.paths, args, "database")
-    nl_emb = None
-    if calibration_set is not None:
-        nl_emb, nl_valid = _embed(model, calibration_set.paths, args, "calibration")
-        nl_emb = nl_emb[nl_valid]
-    if rank_zero_only.rank != 0:
-        return 0  # every DDP rank embedded its share; rank 0 alone builds and writes the index
-    if not valid.any():
-        raise SystemExit(f"{manifest.source}: none of the {len(valid)} database images could be read")
-    ids = [i for i, ok in zip(manifest.landmark_ids, valid) if ok]
-    reps = build_representation(emb[valid], ids, args.representation, params, progress=True)
-    source = ({"checkpoint": str(pathlib.Path(args.checkpoint).resolve())} if args.checkpoint
-              else {"backbone": args.backbone})
-    build = {
-        "representation": args.representation,
-        "clustering": {"distance_threshold": params.distance_threshold, "linkage": params.linkage,
-                       "max_centroids": params.max_centroids, "min_cluster_size": params.min_cluster_size},
-        "manifest": str(pathlib.Path(manifest.source).resolve()),
-        "n_images": int(valid.sum()), "n_unreadable": int((~valid).sum()),
-    }
-    index = LandmarkIndex.from_centroids(
-        reps, {"identity": model.identity, "key": model.key, "source": source}, metadata,
-        index_kind=args.index_kind, index_params=_index_params(args), build=build,
+    built = build_landmark_index(
+        args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
+        nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
+        threshold=args.threshold, representation=args.representation,
+        centroid_params=CentroidParams(args.distance_threshold, args.linkage, args.max_centroids,
+                                       args.min_cluster_size),
+        index_kind=args.index_kind, index_params=_index_params(args), landmarks_csv=args.landmarks,
+        column_map=parse_pairs(args.column_map, "--column-map"), where=parse_pairs(args.where, "--where"),
+        nonlandmarks_where=parse_pairs(args.nonlandmarks_where, "--nonlandmarks-where"),
+        extra_columns=args.extra_columns, batch_size=args.batch_size, num_workers=args.num_workers,
+        accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
+        cache_dir=args.cache_dir,
     )
-    if nl_emb is not None:
-        scores, _ = index.top1(nl_emb)
-        try:
-            index.calibration = calibrate_threshold(scores, args.target_fpr, allow_unresolved=args.allow_unresolved_fpr)
-        except CalibrationError as err:
-            raise SystemExit(f"{calibration_set.source}: {err} (--allow-unresolved-fpr)") from None
-        index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
-    elif args.threshold is not None:
-        from recognition.calibration import Calibration
-
-        index.calibration = Calibration.fixed(args.threshold)
-    out = index.save(args.out)
-    cal = index.calibration
+    if built is None:
+        return 0  # a DDP rank other than 0
+    index, out = built
+    build, cal = index.build, index.calibration
     print(f"index:      {out}")
     print(f"landmarks:  {len(index.landmarks)}  vectors: {len(index)} ({args.representation}, {args.index_kind}); "
           f"images: {build['n_images']} (+{build['n_unreadable']} unreadable, "
-          f"{index.build['dropped_images']} in dropped small clusters)")
+          f"{build['dropped_images']} in dropped small clusters)")
     if cal is None:
         print("threshold:  none (pass --nonlandmarks to calibrate)")
     elif cal.n_calibration:
@@ -294,6 +171,15 @@ def _recognizer(args):
     )
 
 
+def _photos(items: list[str]) -> list[str]:
+    from recognition.recognizer import expand_paths
+
+    paths = expand_paths(items)
+    if not paths:
+        raise UserError("no images found in " + " ".join(items))
+    return paths
+
+
 def add_recognize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", help="image files, folders, or list files (.txt: one path per line)")
     _add_recognizer_arguments(parser)
@@ -309,12 +195,8 @@ def _table_row(r) -> str:
     return f"{'yes' if r.accepted else 'no':<8} {label:<14} {score:>7}  {r.path}{name}"
 
 
-def run_recognize_command(args) -> int:
-    from recognition.recognizer import expand_paths
-
-    paths = expand_paths(args.paths)
-    if not paths:
-        raise SystemExit("no images found in " + " ".join(args.paths))
+def run_recognize_command(args: argparse.Namespace) -> int:
+    paths = _photos(args.paths)
     recognizer = _recognizer(args)
     counts = {"photos": 0, "accepted": 0, "unreadable": 0}
     if not args.json:
@@ -341,13 +223,10 @@ def add_albums_arguments(parser: argparse.ArgumentParser) -> None:
     _add_recognizer_arguments(parser)
 
 
-def run_albums_command(args) -> int:
+def run_albums_command(args: argparse.Namespace) -> int:
     from recognition.albums import group_albums, write_albums
-    from recognition.recognizer import expand_paths
 
-    paths = expand_paths(args.photos)
-    if not paths:
-        raise SystemExit("no images found in " + " ".join(args.photos))
+    paths = _photos(args.photos)
     recognizer = _recognizer(args)
     albums = group_albums(recognizer.iter_recognize(paths, progress=True))
     written = write_albums(albums, args.out, thumb_size=args.thumb_size, title=args.title)
@@ -376,7 +255,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the eager model")
 
 
-def run_export_command(args) -> int:
+def run_export_command(args: argparse.Namespace) -> int:
     from recognition.export import export_model
     from retrieval.embedding_model import load_embedding_model
 

@@ -1,0 +1,217 @@
+"""Build a landmark index from a model and a landmark DB: :func:`build_landmark_index`.
+
+The workflow behind ``landmarks index`` as a plain function: read and filter the DB manifest
+(rows with ``decision=remove`` — a ``landmarks clean`` output — are left out), read the optional
+per-landmark metadata, embed the DB (and the non-landmark calibration photos), build the
+per-landmark representation, calibrate the threshold and save the index atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pathlib
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from core.errors import UserError
+from core.tables import read_text_csv
+from lightning_modules.embedding_net import check_backbone
+
+log = logging.getLogger("landmarks.recognition")
+
+DEFAULT_CACHE = "runs/embedding-cache"
+
+
+def filter_rows(manifest, where: dict[str, str] | None):
+    """Keep the rows whose ``column`` (stripped) equals ``value``, for every pair of ``where``."""
+    for column, value in (where or {}).items():
+        if column not in manifest.table.columns:
+            raise UserError(f"{manifest.source}: --where column {column!r} not in {list(manifest.table.columns)}")
+        keep = manifest.table[column].str.strip().eq(value).to_numpy()
+        log.info("%s: %s=%s keeps %d of %d rows", manifest.source, column, value, int(keep.sum()), len(keep))
+        manifest = manifest.subset(keep)
+    return manifest
+
+
+def _float_or_none(value, source: str, line: int, column: str) -> float | None:
+    text = str(value).strip()
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise UserError(f"{source}: line {line}: {column}={text!r} is not a number") from None
+    limit = 90 if column == "lat" else 180
+    if not (math.isfinite(number) and -limit <= number <= limit):
+        raise UserError(f"{source}: line {line}: {column}={number} is out of range [-{limit}, {limit}]")
+    return number
+
+
+def _metadata_rows(table: pd.DataFrame, source: str, lines) -> list[dict]:
+    present = [key for key in ("name", "city", "lat", "lon") if key in table.columns]
+    if not present:
+        return []
+    columns = {key: table[key].astype(str).tolist() for key in ["landmark_id", *present]}
+    rows = []
+    for i, line in enumerate(lines):
+        row = {"landmark_id": columns["landmark_id"][i].strip()}
+        for key in present:
+            value = columns[key][i]
+            row[key] = (_float_or_none(value, source, int(line), key) if key in ("lat", "lon")
+                        else value.strip() or None)
+        rows.append(row)
+    return rows
+
+
+def landmark_metadata_of(manifest, landmarks_csv: str | os.PathLike | None, known_ids: set[str]) -> dict[str, dict]:
+    """Per-landmark name/city/lat/lon from ``landmarks_csv`` (its values win) and the manifest's columns."""
+    from recognition.artifact import landmark_metadata
+
+    rows = []
+    if landmarks_csv:
+        path = pathlib.Path(landmarks_csv)
+        if not path.is_file():
+            raise UserError(f"--landmarks: file not found: {path}")
+        table = read_text_csv(path, "landmark metadata file")
+        if "landmark_id" not in table.columns:
+            raise UserError(f"{path}: needs a landmark_id column; found {list(table.columns)}")
+        used = [c for c in ("name", "city", "lat", "lon") if c in table.columns]
+        log.info("%s: landmark metadata columns %s", path, used)
+        rows += _metadata_rows(table, str(path), range(2, len(table) + 2))
+        unknown = {r["landmark_id"] for r in rows} - known_ids
+        if unknown:
+            log.info("%s: %d landmark(s) are not in the database; ignored", path, len(unknown))
+    # Metadata file first: its values win over the per-photo columns of the manifest.
+    rows += _metadata_rows(manifest.table.assign(landmark_id=manifest.landmark_ids), manifest.source, manifest.lines)
+    return landmark_metadata(r for r in rows if r["landmark_id"] in known_ids)
+
+
+def embed_images(model, paths, what: str, *, batch_size: int = 64, num_workers: int = 2, accelerator: str = "auto",
+                 devices: int | str = 1, strategy: str = "auto", cache_dir=DEFAULT_CACHE, progress: bool = True):
+    """``(embeddings, valid)`` of ``paths``; unreadable images are logged and marked invalid."""
+    from retrieval.embed import embed_paths
+
+    log.info("embedding %d %s images", len(paths), what)
+    result = embed_paths(
+        model, paths, batch_size=batch_size, num_workers=num_workers, accelerator=accelerator,
+        devices=devices, strategy=strategy, cache_dir=cache_dir or None, progress=progress,
+    )
+    bad = np.flatnonzero(~result.valid)
+    if len(bad):
+        log.warning("%d of %d %s images are unreadable and left out, e.g. %s", len(bad), len(paths), what,
+                    paths[bad[0]])
+    return result.embeddings, result.valid
+
+
+def build_landmark_index(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    nonlandmarks: str | os.PathLike | None = None,
+    target_fpr: float = 1e-3,
+    allow_unresolved_fpr: bool = False,
+    threshold: float | None = None,
+    representation: Literal["centroids", "mean", "all"] = "centroids",
+    centroid_params=None,
+    index_kind: str = "flat",
+    index_params: dict | None = None,
+    landmarks_csv: str | os.PathLike | None = None,
+    column_map: dict[str, str] | None = None,
+    where: dict[str, str] | None = None,
+    nonlandmarks_where: dict[str, str] | None = None,
+    extra_columns: Literal["error", "ignore"] = "error",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
+    progress: bool = True,
+):
+    """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
+
+    Exactly one of ``checkpoint`` / ``backbone``. ``nonlandmarks`` (non-landmark photos, CSV or
+    folder) calibrate the threshold at ``target_fpr``; ``threshold`` fixes it instead; with neither
+    the index has no threshold. Under DDP every rank embeds its share and rank 0 alone builds and
+    writes the index (other ranks return None).
+    """
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from datamodules.manifest import load_manifest
+    from recognition.artifact import LandmarkIndex
+    from recognition.calibration import Calibration, CalibrationError, calibrate_threshold
+    from recognition.centroids import CentroidParams, build_representation
+    from retrieval.embedding_model import load_embedding_model
+
+    if threshold is not None and nonlandmarks:
+        raise UserError("give --nonlandmarks (calibration) or --threshold, not both")
+    if (checkpoint is None) == (backbone is None):
+        raise UserError("give exactly one of --checkpoint or --backbone")
+    # A misspelt model fails before anything is read or logged.
+    if backbone is not None:
+        check_backbone(backbone)
+    elif not pathlib.Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    params = centroid_params or CentroidParams()
+    data = load_manifest(manifest, "landmark", extra_columns=extra_columns, column_map=column_map or None)
+    data = filter_rows(data, where)
+    if "decision" in data.table.columns:
+        keep = data.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
+        log.info("%s: using %d of %d rows (decision != remove)", data.source, int(keep.sum()), len(keep))
+        data = data.subset(keep)
+    if len(data) == 0:
+        raise UserError(f"{data.source}: no landmark rows to index")
+    # Metadata is read (and validated) before the long embedding pass, so a typo fails fast.
+    metadata = landmark_metadata_of(data, landmarks_csv, set(data.landmark_ids))
+    calibration_set = None
+    if nonlandmarks:
+        calibration_set = load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,
+                                        column_map=column_map or None)
+        calibration_set = filter_rows(calibration_set, nonlandmarks_where)
+    elif threshold is None:
+        log.warning("no --nonlandmarks: the index gets no calibrated threshold; `landmarks recognize` will then "
+                    "need --threshold")
+
+    model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
+    embedding = dict(batch_size=batch_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
+                     strategy=strategy, cache_dir=cache_dir, progress=progress)
+    emb, valid = embed_images(model, data.paths, "database", **embedding)
+    nl_emb = None
+    if calibration_set is not None:
+        nl_emb, nl_valid = embed_images(model, calibration_set.paths, "calibration", **embedding)
+        nl_emb = nl_emb[nl_valid]
+    if rank_zero_only.rank != 0:
+        return None  # every DDP rank embedded its share; rank 0 alone builds and writes the index
+    if not valid.any():
+        raise UserError(f"{data.source}: none of the {len(valid)} database images could be read")
+    ids = [i for i, ok in zip(data.landmark_ids, valid) if ok]
+    reps = build_representation(emb[valid], ids, representation, params, progress=progress)
+    source = {"checkpoint": str(pathlib.Path(checkpoint).resolve())} if checkpoint else {"backbone": backbone}
+    build = {
+        "representation": representation,
+        "clustering": {"distance_threshold": params.distance_threshold, "linkage": params.linkage,
+                       "max_centroids": params.max_centroids, "min_cluster_size": params.min_cluster_size},
+        "manifest": str(pathlib.Path(data.source).resolve()),
+        "n_images": int(valid.sum()), "n_unreadable": int((~valid).sum()),
+    }
+    index = LandmarkIndex.from_centroids(
+        reps, {"identity": model.identity, "key": model.key, "source": source}, metadata,
+        index_kind=index_kind, index_params=index_params or {}, build=build,
+    )
+    if nl_emb is not None:
+        scores, _ = index.top1(nl_emb)
+        try:
+            index.calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved_fpr)
+        except CalibrationError as err:
+            raise CalibrationError(f"{calibration_set.source}: {err} (--allow-unresolved-fpr)") from None
+        index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
+    elif threshold is not None:
+        index.calibration = Calibration.fixed(threshold)
+    return index, index.save(out)

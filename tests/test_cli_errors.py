@@ -1,0 +1,194 @@
+"""The command line for people: every `landmarks` command turns a bad input into one line.
+
+For each command of ``cli.main.TOOL_COMMANDS`` and the LightningCLI commands ``fit`` and
+``validate``: exit status 2, stderr exactly one line ``landmarks <command>: error: ...`` naming the
+file, column or key, and no traceback. In-process (``cli.main.main(argv)``) for speed; a few
+subprocesses prove the real console: the one line, a normal run without FAISS / Lightning chatter,
+and ``--debug`` showing the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli.main import LIGHTNING_COMMANDS, TOOL_COMMANDS, error_line, main, one_line
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "experiments" / "demo.yaml")
+
+
+def _bad_manifest(folder: Path) -> Path:
+    """A DB manifest whose landmark column is misspelt (``landmark`` for ``landmark_id``)."""
+    path = folder / "misspelt.csv"
+    path.write_text("path,landmark\na.jpg,1\nb.jpg,2\n")
+    return path
+
+
+def _photo(world: Path) -> str:
+    return str(next((world / "images" / "queries").rglob("*.jpg")))
+
+
+def _cases(world: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """command -> (argv with a bad input, text the error line must contain)."""
+    np.save(tmp / "emb.npy", np.ones((2, 4), np.float32))
+    (tmp / "not-an-index").mkdir()
+    (tmp / "empty-run").mkdir()
+    bad = str(_bad_manifest(tmp))
+    tiny = [f"--data.data_dir={world}", "--data.synthetic=null", "--data.num_workers=0"]
+    return {
+        "synth": (["synth", "--out", str(tmp / "w"), "--image-size", "big"], "--image-size"),
+        "demo": (["demo", "--config", str(tmp / "missing.yaml")], "missing.yaml"),
+        "sweep": (["sweep", str(tmp / "nope.yaml"), "--out", str(tmp / "sweep")], "nope.yaml"),
+        "compare": (["compare", str(tmp / "empty-run"), "--out", str(tmp / "cmp")], "empty-run"),
+        "index": (["index", "--manifest", bad, "--out", str(tmp / "idx"), "--backbone", "mobilenetv2_100"],
+                  "missing required column(s) ['landmark_id']"),
+        "recognize": (["recognize", "--index", str(tmp / "no-index"), _photo(world)], "no-index"),
+        "albums": (["albums", "--index", str(tmp / "not-an-index"), str(world / "images" / "queries"),
+                    "--out", str(tmp / "albums")], "not-an-index: no index.json"),
+        "export": (["export", "--checkpoint", str(tmp / "gone.ckpt"), "--out", str(tmp / "exp")], "gone.ckpt"),
+        "prepare": (["prepare", "places365", "--root", str(tmp / "no-places"), "--out", str(tmp / "p")], "no-places"),
+        "evaluate": (["evaluate", "gldv2", "--solution", str(tmp / "no-solution.csv"), "--predictions",
+                      str(tmp / "p.csv")], "no-solution.csv"),
+        "clean": (["clean", "--manifest", bad, "--out", str(tmp / "clean"), "--embeddings", str(tmp / "emb.npy")],
+                  "missing required column(s) ['landmark_id']"),
+        "clean-tune": (["clean-tune", "--manifest", str(tmp / "no-db.csv"), "--embeddings", str(tmp / "emb.npy")],
+                       "no-db.csv"),
+        "clean-separability": (["clean-separability", "--manifest", str(world / "db.csv"), "--nonlandmarks",
+                                str(tmp / "no-pool.csv"), "--model", "a=x.ckpt", "--out", str(tmp / "sep")],
+                               "no-pool.csv"),
+        "realphotos": (["realphotos", "--root", str(tmp / "no-photos"), "--out", str(tmp / "rp")],
+                       "no-photos/MANIFEST.csv"),
+        "fit": (["fit", "--config", DEMO, *tiny, "--trainer.max_epochs=abc"], "trainer.max_epochs"),
+        "validate": (["validate", "--config", DEMO, *tiny, "--model.backbone=mobilenetv2_10"],
+                     "model.backbone: unknown backbone 'mobilenetv2_10'"),
+    }
+
+
+COMMANDS = [*TOOL_COMMANDS, "fit", "validate"]
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_world, tmp_path_factory):
+    return _cases(tiny_world, tmp_path_factory.mktemp("bad-inputs"))
+
+
+def _assert_one_line(command: str, code, out: str, err: str, named: str) -> None:
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(f"landmarks {command}: error: "), lines[0]
+    assert named in lines[0], (named, lines[0])
+
+
+def test_every_command_has_a_bad_input_case(cases):
+    assert set(cases) == set(COMMANDS)
+    assert {"fit", "validate"} <= set(LIGHTNING_COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_input_is_one_line_and_exit_status_2(command, cases, capsys, monkeypatch):
+    if command == "synth" and importlib.util.find_spec("cli.synth") is None:
+        pytest.skip("cli/synth.py (the synth parser's new home) is not on this branch yet")
+    monkeypatch.delenv("LANDMARKS_DEBUG", raising=False)
+    argv, named = cases[command]
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # a command must not leave by SystemExit, but report what it printed
+        code = exit_.code
+    out, err = capsys.readouterr()
+    _assert_one_line(command, code, out, err, named)
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--data.data_dir=/nonexistent/landmarks"], "data_dir /nonexistent/landmarks does not exist"),
+    (["--config", "/nonexistent/extra.yaml"], "/nonexistent/extra.yaml"),
+    (["--trainer.max_epochz=3"], "--trainer.max_epochz=3"),
+    (["--data.nonlandmark_share=1.5"], "nonlandmark_share"),
+])
+def test_lightning_config_errors_are_one_line(extra, named, tiny_world, capsys):
+    argv = ["fit", "--config", DEMO, f"--data.data_dir={tiny_world}", "--data.synthetic=null", *extra]
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    _assert_one_line("fit", code, out, err, named)
+
+
+def test_an_unknown_command_and_a_missing_option_are_one_line(capsys):
+    assert main(["nosuch"]) == 2
+    assert capsys.readouterr().err == "landmarks: error: unknown command 'nosuch' (`landmarks --help` lists the commands)\n"
+    assert main(["index", "--manifest", "db.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "landmarks index: error: the following arguments are required: --out (see `landmarks index --help`)"]
+
+
+def test_debug_flag_and_variable_reraise(tmp_path, monkeypatch, capsys):
+    from datamodules.manifest import ManifestError
+
+    argv = ["clean-tune", "--manifest", str(tmp_path / "nope.csv"), "--embeddings", str(tmp_path / "e.npy")]
+    with pytest.raises(ManifestError, match="nope.csv"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("LANDMARKS_DEBUG", "1")
+    with pytest.raises(ManifestError, match="nope.csv"):
+        main(argv)
+    monkeypatch.setenv("LANDMARKS_DEBUG", "0")
+    assert main(argv) == 2
+
+
+def test_error_lines_are_one_line():
+    worker = ("Caught UnreadableImage in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              '  File "x.py", line 1, in f\ndatamodules.images.UnreadableImage: /data/a.jpg: cannot decode (boom)\n')
+    assert one_line(worker) == "/data/a.jpg: cannot decode (boom)"
+    assert one_line("first\n  second\n  - a bullet\n") == "first second a bullet"
+    assert one_line("--model wants NAME=CHECKPOINT") == "--model wants NAME=CHECKPOINT"
+    assert error_line("fit", FileNotFoundError(2, "No such file or directory", "/x/y.ckpt")) == \
+        "landmarks fit: error: /x/y.ckpt: No such file or directory"
+
+
+# ---- the real console ---------------------------------------------------------------------------
+
+
+def _landmarks(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}
+    environ.pop("LANDMARKS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                          env=environ, cwd=cwd or ROOT, timeout=600)
+
+
+CHATTER = ("faiss.loader", "AVX512", "AVX2", "GPU available", "TPU available", "litlogger", "Tip:", "Warning",
+           "deprecated", "DeprecationWarning", "UserWarning", "LightningCLI's args")
+
+
+def test_console_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    bad = str(_bad_manifest(tmp_path))
+    argv = ["index", "--manifest", bad, "--out", str(tmp_path / "idx"), "--backbone", "mobilenetv2_100"]
+    done = _landmarks(*argv)
+    _assert_one_line("index", done.returncode, done.stdout, done.stderr, "misspelt.csv: missing required column")
+    debug = _landmarks(*argv, "--debug")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "datamodules.manifest.ManifestError: " in debug.stderr
+
+
+def test_console_run_has_no_library_chatter_and_verbose_brings_it_back(tiny_world, tmp_path):
+    argv = ["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "idx"), "--backbone",
+            "mobilenetv2_100", "--image-size", "64", "--threshold", "0.5", "--cache-dir", "", "--num-workers", "0",
+            "--accelerator", "cpu"]
+    done = _landmarks(*argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "index:" in done.stdout and "threshold:  0.500000 (fixed" in done.stdout  # the results
+    assert "INFO landmarks.recognition: embedding 48 database images" in done.stderr  # the project's progress
+    for noise in CHATTER:
+        assert noise not in done.stdout + done.stderr, (noise, done.stderr)
+    # -v brings the libraries back (FAISS's loader lines, logged at INFO when the index loads).
+    loud = _landmarks("-v", "recognize", "--index", str(tmp_path / "idx"), "--threshold", "0.5", _photo(tiny_world))
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "faiss.loader" in loud.stderr
