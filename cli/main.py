@@ -15,7 +15,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # their command runs, so `landmarks --help` stays fast and one tool's imports never slow another.
 TOOL_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "synth": ("generate the synthetic landmark world (JPEG files + CSV manifests)",
-              "datamodules.synth", "add_synth_arguments", "run_synth_command"),
+              "cli.synth", "add_synth_arguments", "run_synth_command"),
     "demo": ("the main job: synthetic world → untrained evaluation → fit → evaluation → summary",
              "cli.demo", "add_demo_arguments", "run_demo_command"),
     "sweep": ("run a wandb sweep file locally and offline: one process per run, resumable, --parallel N",
