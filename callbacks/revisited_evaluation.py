@@ -44,9 +44,9 @@ def embed_revisited(
     """``(query embeddings, database embeddings)`` in list order.
 
     ``embed`` maps a ``[B, 3, H, W]`` batch in [0, 1] to unit-norm rows (a LightningModule or an
-    :class:`~lightning_modules.embedding_net.EmbeddingNet`). Under DDP every rank must call this
-    (a collective: each rank embeds a shard, every rank gets all rows); see
-    :func:`core.embedding.embed_dataset`, which also takes ``forward_context``.
+    :class:`~lightning_modules.embedding_net.EmbeddingNet`); ``forward_context`` as for
+    :func:`core.embedding.embed_batch`. Under DDP every rank must call this (a collective: each
+    rank embeds a shard, every rank gets all rows; :func:`core.embedding.embed_dataset`).
     """
     transform = eval_transform(image_size)
     out = []

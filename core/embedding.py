@@ -16,8 +16,8 @@ both call :func:`embed_batch`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from core.accumulator import EmbeddingAccumulator, rank_and_world
 
 __all__ = ["embed_batch", "embed_dataset", "eval_mode"]
 
-ForwardContext = Callable[[], ContextManager]
+ForwardContext = Callable[[], AbstractContextManager]
 
 
 @contextmanager
@@ -116,12 +116,11 @@ def embed_dataset(
 
         loader = tqdm(loader, desc=desc, leave=False)
     offset = 0
-    with eval_mode(net):
-        for batch in loader:
-            rows = embed_batch(net, batch["image"], device=device, forward_context=forward_context)
-            # The loader's order is ``mine``'s: the accumulator gets places in ``items``, not the
-            # dataset's own indices (``positions`` may repeat an item).
-            where = torch.from_numpy(mine[offset : offset + len(rows)])
-            accumulator.update(rows, where, **{key: torch.as_tensor(batch[key]) for key in extras})
-            offset += len(rows)
+    for batch in loader:
+        rows = embed_batch(net, batch["image"], device=device, forward_context=forward_context)
+        # The loader's order is ``mine``'s: the accumulator gets places in ``items``, not the
+        # dataset's own indices (``positions`` may repeat an item).
+        where = torch.from_numpy(mine[offset : offset + len(rows)])
+        accumulator.update(rows, where, **{key: torch.as_tensor(batch[key]) for key in extras})
+        offset += len(rows)
     return accumulator.compute()
