@@ -4,7 +4,7 @@ Whenever Lightning validates or tests (``trainer.check_val_every_n_epoch`` sets 
 fit), the model embeds the three evaluation sets of the data module — gallery, landmark queries,
 distractor queries — in its ``validation_step``/``test_step``. This callback collects those
 embeddings with their dataset indices, gathers them across DDP ranks and removes the padding
-duplicates (:class:`retrieval.accumulator.EmbeddingAccumulator`, which fails loudly if any
+duplicates (:class:`core.accumulator.EmbeddingAccumulator`, which fails loudly if any
 sample is missing), then computes the metrics of :mod:`retrieval.metrics` once, on rank 0, and
 logs the same numbers from every rank.
 
@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from core.atomic import atomic_path
-from retrieval.accumulator import EmbeddingAccumulator
+from core.accumulator import EmbeddingAccumulator
 from retrieval.metrics import evaluate_recognition
 from retrieval.plots import plot_precision_fpr, plot_score_histograms
 

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from core.embedding import embed_batch
 from datamodules.images import UnreadableImage, load_rgb
 from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
@@ -208,10 +209,9 @@ class Recognizer:
                     pending.append((nxt, [pool.submit(self._load, p) for p in paths[nxt:nxt + self.batch_size]]))
                 yield list(paths[start:start + self.batch_size]), [f.result() for f in futures]
 
-    @torch.inference_mode()
     def embed_tensors(self, images: torch.Tensor) -> np.ndarray:
         """Unit-norm float32 embeddings of a ``[B, 3, S, S]`` batch in [0, 1]."""
-        return self.net(images.to(self.device)).float().cpu().numpy()
+        return embed_batch(self.net, images, device=self.device).cpu().numpy()
 
     def _photo_gps(self, path: str) -> tuple[float, float] | None:
         found = self.gps.get(os.path.abspath(path))
