@@ -10,11 +10,12 @@ differ. :func:`evaluate_centroid_index` reproduces the shipped path from embeddi
    :class:`~recognition.centroids.CentroidParams` defaults, exact flat index); gallery rows
    labelled ``NONLANDMARK`` are left out, as a landmark database has none;
 2. for each alpha, calibrate the threshold as ``landmarks index --nonlandmarks --target-fpr alpha``
-   does: top-1 scores of the non-landmark photos against the index
-   (:meth:`LandmarkIndex.top1`) → :func:`recognition.calibration.calibrate_threshold`. The
-   non-landmark photos are the evaluation's distractors (plus queries labelled ``NONLANDMARK``),
-   the same rows the kNN figures calibrate on; an alpha they cannot resolve is left out, as in
-   the kNN figures (``calibrate_threshold`` refuses it), and so is ``alpha = 1``;
+   does: the non-landmark photos' top-1 scores against the index (those of
+   :meth:`LandmarkIndex.top1`, read off the search of step 3) →
+   :func:`recognition.calibration.calibrate_threshold`. The non-landmark photos are the
+   evaluation's distractors (plus queries labelled ``NONLANDMARK``), the rows the kNN figures
+   calibrate on too. An alpha they cannot resolve is left out, as in the kNN figures
+   (``calibrate_threshold`` refuses it), and so is ``alpha = 1`` (the command refuses it);
 3. decide every query and distractor as :meth:`Recognizer.decide` does without a GPS filter:
    top ``top_k`` distinct landmarks (:meth:`LandmarkIndex.search`), empty slots disallowed,
    :func:`retrieval.decision.decide` at that threshold;
@@ -100,15 +101,15 @@ def evaluate_centroid_index(
     distractors = np.zeros((0, d), np.float32) if distractor_emb is None else np.asarray(distractor_emb)
     photos = np.concatenate([np.asarray(query_emb, dtype=np.float32), distractors.astype(np.float32, copy=False)])
     true = np.concatenate([ql, np.full(len(distractors), NONLANDMARK, np.int64)])
-    nonlandmarks = photos[true == NONLANDMARK]
 
     # What Recognizer.decide sees for each photo: top-k landmark rows and their scores.
     scores, rows = index.search(photos, top_k, memory_budget_mb=memory_budget_mb)
     labels = np.where(rows >= 0, index_labels[np.maximum(rows, 0)], NONLANDMARK)
     allowed = rows >= 0
 
-    # What `landmarks index --nonlandmarks` calibrates on.
-    calibration_scores = index.top1(nonlandmarks, memory_budget_mb=memory_budget_mb)[0] if len(nonlandmarks) else []
+    # What `landmarks index --nonlandmarks` calibrates on: the non-landmark photos' top-1 scores
+    # against the index (LandmarkIndex.top1), i.e. their first candidate's score, already searched.
+    calibration_scores = scores[true == NONLANDMARK, 0]
     out: dict[float, dict] = {}
     unresolved: list[float] = []
     for alpha in alphas:
