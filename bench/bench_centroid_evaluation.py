@@ -64,7 +64,8 @@ def make_data(landmarks: int, per_landmark: int, queries: int, distractors: int,
     q_labels = rng.integers(0, landmarks, queries)
     hard = int(0.3 * distractors)
     seen = np.array([angles[i][rng.integers(len(angles[i]))] for i in rng.integers(0, landmarks, hard)])
-    look_alikes = _unit(seen + spread * _unit(rng.standard_normal((hard, dim))) + noise * rng.standard_normal((hard, dim)))
+    look_alikes = _unit(seen + spread * _unit(rng.standard_normal((hard, dim)))
+                        + noise * rng.standard_normal((hard, dim)))
     d = np.concatenate([look_alikes, _unit(rng.standard_normal((distractors - hard, dim)))])
     return {
         "gallery": (photos(g_labels), g_labels, 0),
@@ -122,7 +123,8 @@ def main() -> None:
     print()
     print(f"| evaluation | wall time, median of {args.repeats} (runs) | ratio |")
     print("|---|---|---|")
-    for option, label in ((False, "kNN only (`centroid_index=False`)"), (True, "kNN + centroid index (`centroid_index=True`)")):
+    labels = {False: "kNN only (`centroid_index=False`)", True: "kNN + centroid index (`centroid_index=True`)"}
+    for option, label in labels.items():
         runs = ", ".join(f"{t:.3f}" for t in times[option])
         print(f"| {label} | {med[option]:.3f} s ({runs}) | {med[option] / med[False]:.2f}x |")
     pairs = statistics.median(b / a for a, b in zip(times[False], times[True]))

@@ -4,8 +4,8 @@ One forward pass per image, in batches: decode (threads, overlapping the network
 evaluation transform the index's gallery was embedded with → the embedding network → top-k
 distinct landmarks from the index → optional GPS filter → accept iff the best remaining score
 reaches the calibrated threshold (:func:`retrieval.decision.decide`, the rule the evaluation
-metrics use too). A photo that cannot be read becomes a result with ``error``
-set; the run goes on.
+metrics use too). A photo that cannot be read becomes a result with ``error`` set; the run
+goes on.
 """
 
 from __future__ import annotations

@@ -189,7 +189,8 @@ def recognition_at_fpr(
 
     Returns:
         :class:`FprMetrics` mapping each resolvable ``alpha`` to a dict with
-        ``threshold`` (accept iff score >= threshold, from :func:`threshold_at_fpr`),
+        ``threshold`` (from :func:`threshold_at_fpr`; each query's top-1 is then decided by
+        :func:`retrieval.decision.decide`: accepted iff a prediction and score >= threshold),
         ``fpr`` (actual distractor acceptance rate, <= alpha),
         ``recall`` (correctly-labelled accepted landmark queries / ALL landmark queries),
         ``wrong_rate`` (wrongly-labelled accepted landmark queries / all landmark queries),
