@@ -68,6 +68,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from core.tables import ratio
 from core.labels import NONLANDMARK
 
 from .decision import check_alpha as _check_alpha
@@ -144,10 +145,6 @@ def _predictions(pred_label, score, true_label) -> tuple[np.ndarray, np.ndarray,
 def _effective_scores(pred: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Scores with "no prediction" (pred == NONLANDMARK) mapped to -inf: never accepted."""
     return np.where(pred == NONLANDMARK, score.dtype.type(-np.inf), score)
-
-
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den else math.nan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,22 +250,22 @@ def score_decisions(pred_label, accepted, true_label, threshold: float, user_pri
     n_fp = int((acc & is_distractor).sum())
     n_c = int((acc & correct).sum())
     n_w = int((acc & wrong).sum())
-    f = _ratio(n_fp, n_distractor)
-    r_c = _ratio(n_c, n_landmark)
-    r_w = _ratio(n_w, n_landmark)
+    f = ratio(n_fp, n_distractor)
+    r_c = ratio(n_c, n_landmark)
+    r_w = ratio(n_w, n_landmark)
     row = {
         "threshold": float(threshold),
         "fpr": f,
         "recall": r_c,
         "wrong_rate": r_w,
-        "precision": _ratio(n_c, n_c + n_w + n_fp),
+        "precision": ratio(n_c, n_c + n_w + n_fp),
     }
     if user_prior is not None:
         pi = float(user_prior)
         if n_landmark == 0:
             row["precision_at_prior"] = math.nan
         else:
-            row["precision_at_prior"] = _ratio(pi * r_c, pi * (r_c + r_w) + (1.0 - pi) * f)
+            row["precision_at_prior"] = ratio(pi * r_c, pi * (r_c + r_w) + (1.0 - pi) * f)
     row.update(n_accepted=n_c + n_w + n_fp, n_correct=n_c, n_wrong=n_w, n_false_positives=n_fp)
     return row
 
