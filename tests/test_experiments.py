@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -131,11 +132,25 @@ def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_pa
         main(args)
 
 
-def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path, monkeypatch):
+def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    # 2, not 1: through LightningCLI "--trainer.limit_val_batches=1" arrives as the float 1.0 (the
+    # whole set), "2" stays the integer 2 (a batch count).
     args = ["validate", "--config", str(EXPERIMENTS / "demo.yaml"), *_small(tiny_world),
-            "--trainer.limit_val_batches=1", "--trainer.logger=false"]
-    assert main(args) == 0
+            "--trainer.limit_val_batches=2", "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+            "--trainer.logger.save_dir=runs", "--trainer.logger.name=partial"]
+    with caplog.at_level(logging.WARNING, logger="callbacks.retrieval_evaluation"):
+        assert main(args) == 0
+    warnings = [r for r in caplog.records
+                if r.name == "callbacks.retrieval_evaluation" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "RetrievalEvaluation: val sees only part of the evaluation sets; metrics are partial"
+    ]
+    # And it is partial: 2 batches of 16 per set. The tiny world has 43 gallery images (oracle-clean),
+    # 14 queries and 60 distractors → 32, 14 and 32 are evaluated, without the exact-count check failing.
+    rows = list(csv.DictReader(next((tmp_path / "runs" / "partial").rglob("metrics.csv")).open()))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+    assert (logged["val/n_gallery"], logged["val/n_queries"], logged["val/n_distractors"]) == (32, 14, 32)
 
 
 def test_demo_main_job_prints_summary_and_writes_it(tiny_world, tmp_path, monkeypatch, capsys):
