@@ -93,7 +93,9 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
     # 200 distractors, so that FPR 1e-2 is resolvable and its threshold is compared too.
     world = tmp_path / "world"
     generate_world(world, dataclasses.replace(SynthConfig.tiny(seed=1), distractors=200), workers=1, progress=False)
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    # tests/ on the path: the subprocesses load tests/eval_probes.py by class_path.
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     common = ["--config", str(EXPERIMENTS / "demo.yaml"), *_small(world)]
 
     def csv_logger(name):
@@ -116,12 +118,31 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
 
     for devices in (1, 2):
         run("validate", *common, f"--trainer.devices={devices}", "--trainer.strategy=ddp" if devices == 2 else "--trainer.strategy=auto",
-            *csv_logger(f"validate{devices}"), f"--ckpt_path={checkpoint}")
+            *csv_logger(f"validate{devices}"), f"--ckpt_path={checkpoint}",
+            "--trainer.callbacks+=eval_probes.EvalShardRecorder", f"--trainer.callbacks.out_dir={tmp_path / f'shards{devices}'}")
     single = _metrics(next((tmp_path / "runs" / "validate1").glob("version_*")))
     double = _metrics(next((tmp_path / "runs" / "validate2").glob("version_*")))
     assert single.keys() == double.keys() and "val/n_gallery" in single
     for key in single:
         assert single[key] == pytest.approx(double[key], abs=1e-6), key
+
+    # What each rank embedded (the rows validation_step handed to the evaluation callback).
+    one = json.loads((tmp_path / "shards1" / "validate_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "shards2" / f"validate_rank{r}.json").read_text()) for r in (0, 1)]
+    assert one["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
+    assert set(one["sets"]) == set(ranks[0]["sets"]) == set(ranks[1]["sets"]) == {"gallery", "queries", "distractors"}
+    assert one["sets"]["distractors"]["size"] == 200
+    for name, entry in one["sets"].items():
+        n = entry["size"]
+        assert sorted(entry["indices"]) == list(range(n)), name  # one process: the whole set, once
+        assert single[f"val/n_{name}"] == n
+        shares = [r["sets"][name]["indices"] for r in ranks]
+        half = -(-n // 2)  # DistributedSampler: ceil(n / 2) per rank, the shorter shard padded
+        assert [len(s) for s in shares] == [half, half], name  # each rank embeds about half, not all n
+        assert all(len(set(s)) == len(s) for s in shares), name
+        assert set(shares[0]) | set(shares[1]) == set(range(n)), name  # together: the whole set
+        # Disjoint but for the padding: n odd → exactly one index embedded on both ranks.
+        assert len(set(shares[0]) & set(shares[1])) == 2 * half - n, name
 
 
 def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_path, monkeypatch):
