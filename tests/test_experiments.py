@@ -47,7 +47,8 @@ def _experiment_args():
     cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"],
              ["demo.yaml", "curriculum.yaml"], ["demo.yaml", "arcface.yaml", "curriculum.yaml"],
              ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"]]
-    return [pytest.param(c, id="+".join(c)) for c in cases]
+    # The demo file alone stays in the fast tier; the compositions run in the full suite (CI).
+    return [pytest.param(c, id="+".join(c), marks=() if c == ["demo.yaml"] else pytest.mark.slow) for c in cases]
 
 
 def test_every_experiment_file_is_covered():
@@ -145,6 +146,7 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
         assert len(set(shares[0]) & set(shares[1])) == 2 * half - n, name
 
 
+@pytest.mark.slow
 def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(EXPERIMENTS / "paper.yaml"), *_small(tiny_world), "--model.pretrained=false",
@@ -153,6 +155,7 @@ def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_pa
         main(args)
 
 
+@pytest.mark.slow
 def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     # 2, not 1: through LightningCLI "--trainer.limit_val_batches=1" arrives as the float 1.0 (the
@@ -174,6 +177,7 @@ def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path,
     assert (logged["val/n_gallery"], logged["val/n_queries"], logged["val/n_distractors"]) == (32, 14, 32)
 
 
+@pytest.mark.slow
 def test_demo_main_job_prints_summary_and_writes_it(tiny_world, tmp_path, monkeypatch, capsys):
     """README command 1 (`landmarks demo`), shrunk to the tiny world: untrained eval → fit → eval."""
     monkeypatch.chdir(tmp_path)

@@ -293,6 +293,7 @@ def test_evaluate_cli_predicts_from_a_gallery(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gldv2_paper_recipe_fits_on_converted_gldv2_and_places365(tmp_path, monkeypatch):
     data = tmp_path / "data"
     prepare_gldv2(make_gldv2(tmp_path / "gldv2"), data, progress=False)

@@ -210,6 +210,7 @@ RENDERER_MODULES = ("datamodules.synth.render", "datamodules.synth.draw", "datam
                     "datamodules.synth.camera", "datamodules.synth.write")
 
 
+@pytest.mark.slow
 def test_data_module_import_does_not_load_the_renderer():
     """`import datamodules.landmark_datamodule` (and SynthConfig) leaves the renderer unloaded;
     `generate_world` loads it on first use."""
