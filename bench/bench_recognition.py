@@ -150,6 +150,7 @@ def run_synthetic(args) -> dict:
 
     from datamodules.manifest import read_manifest
     from recognition.calibration import calibrate_threshold
+    from retrieval.decision import accepts
     from retrieval.embedding_model import load_embedding_model
 
     faiss.omp_set_num_threads(1)  # search time per query on one core: stable on a shared machine
@@ -188,13 +189,13 @@ def run_synthetic(args) -> dict:
             held = []
             for cal_half in (halves, ~halves):
                 t = calibrate_threshold(d_score[cal_half], 1e-3).threshold
-                held.append(((d_score[~cal_half] >= t).mean(), ((q_score >= t) & correct).mean()))
+                held.append((accepts(d_score[~cal_half], t).mean(), (accepts(q_score, t) & correct).mean()))
             row = {
                 "setting": setting, "representation": label, "vectors": len(index),
                 **metrics,
                 "train_nonlandmark_threshold": train_cal.threshold,
-                "distractor_fpr_at_train_calibrated": float((d_score >= train_cal.threshold).mean()),
-                "recall_at_train_calibrated": float(((q_score >= train_cal.threshold) & correct).mean()),
+                "distractor_fpr_at_train_calibrated": float(accepts(d_score, train_cal.threshold).mean()),
+                "recall_at_train_calibrated": float((accepts(q_score, train_cal.threshold) & correct).mean()),
                 "heldout_fpr_at_half_calibrated": float(np.mean([h[0] for h in held])),
                 "recall_at_half_calibrated": float(np.mean([h[1] for h in held])),
                 "search_us_per_query": 1e6 * _search_time(index, q_and_d, args.repeats),

@@ -33,9 +33,8 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from torch.utils.data import DataLoader, Subset
 
-from retrieval.accumulator import EmbeddingAccumulator
+from core.embedding import embed_dataset
 
 log = logging.getLogger(__name__)
 
@@ -405,34 +404,16 @@ class Curriculum(Callback):
         picks = [by_class[s : min(e, s + self.images_per_class)] for s, e in zip(starts, ends)]
         return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
 
-    @torch.no_grad()
     def _embed_sample(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, classes: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (eval transform, eval mode) of the class sample, gathered over all ranks."""
         dataset = trainer.datamodule.eval_dataset("gallery")
-        positions = self._sample_indices(dataset.labels, classes)
-        rank, world = trainer.global_rank, trainer.world_size
-        mine = positions[rank::world]
-        loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.batch_size, shuffle=False,
-                            num_workers=trainer.datamodule.hparams.num_workers)
-        accumulator = EmbeddingAccumulator(expected_size=len(positions))
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            offset = 0
-            for batch in loader:
-                images = batch["image"].to(pl_module.device)
-                with trainer.precision_plugin.forward_context():
-                    embeddings = pl_module(images).float()
-                n = len(images)
-                # Subset renumbers items; the accumulator needs positions in the *sample*.
-                sample_pos = torch.as_tensor(np.searchsorted(positions, mine[offset : offset + n]))
-                accumulator.update(embeddings, sample_pos, label=batch["label"], valid=batch["valid"])
-                offset += n
-            embeddings, extras = accumulator.compute()
-        finally:
-            pl_module.train(was_training)
+        embeddings, extras = embed_dataset(
+            pl_module, dataset, positions=self._sample_indices(dataset.labels, classes), batch_size=self.batch_size,
+            num_workers=trainer.datamodule.hparams.num_workers, device=pl_module.device,
+            extras=("label", "valid"), forward_context=trainer.precision_plugin.forward_context,
+        )
         valid = extras["valid"].bool()
         return embeddings[valid], extras["label"][valid]
 

@@ -4,13 +4,21 @@ Whenever Lightning validates or tests (``trainer.check_val_every_n_epoch`` sets 
 fit), the model embeds the three evaluation sets of the data module — gallery, landmark queries,
 distractor queries — in its ``validation_step``/``test_step``. This callback collects those
 embeddings with their dataset indices, gathers them across DDP ranks and removes the padding
-duplicates (:class:`retrieval.accumulator.EmbeddingAccumulator`, which fails loudly if any
+duplicates (:class:`core.accumulator.EmbeddingAccumulator`, which fails loudly if any
 sample is missing), then computes the metrics of :mod:`retrieval.metrics` once, on rank 0, and
 logs the same numbers from every rank.
 
 Logged names are ``<stage>/<metric>`` with ``<stage>`` = ``val`` or ``test`` and ``<metric>`` as
 documented in :mod:`retrieval.metrics` (e.g. ``val/recall@fpr=1e-03``), plus
 ``<stage>/unreadable`` (evaluation images skipped because they could not be decoded).
+
+Those figures decide over every gallery image (kNN). With ``centroid_index=True`` the callback
+also scores the decision that ships: the centroid index ``landmarks index`` would build from the
+same gallery embeddings, its threshold calibrated on the distractors as ``landmarks index`` does,
+every query decided as :class:`recognition.Recognizer` decides
+(:func:`recognition.evaluation.evaluate_centroid_index`). Those figures are logged under
+``<stage>/centroid/<metric>`` (e.g. ``val/centroid/recall@fpr=1e-03``, ``val/centroid/gap``,
+``val/centroid/n_vectors``). Both paths make their decisions with :func:`retrieval.decision.decide`.
 Plots — the precision–FPR curve and the top-1 score histograms — go to wandb as images when a
 WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files, with the curve's
 points in ``<tag>_epoch<NNN>_precision_fpr.csv`` (threshold, fpr, precision, recall).
@@ -31,7 +39,8 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from core.atomic import atomic_path
-from retrieval.accumulator import EmbeddingAccumulator
+from core.accumulator import EmbeddingAccumulator
+from recognition.evaluation import evaluate_centroid_index
 from retrieval.metrics import evaluate_recognition
 from retrieval.plots import plot_precision_fpr, plot_score_histograms
 
@@ -48,6 +57,9 @@ class RetrievalEvaluation(Callback):
         index: ``flat`` (exact), ``ivf`` or ``hnsw`` (approximate, for large galleries).
         memory_budget_mb: bound on FAISS search buffers; queries are searched in chunks.
         plots: write the precision–FPR curve and score histograms.
+        centroid_index: also score the shipped decision (the centroid index of ``landmarks index``
+            with its defaults, calibrated on the distractors) under ``<stage>/centroid/``; see the
+            module docstring. Costs a clustering of the gallery per evaluation (BENCHMARKS.md).
     """
 
     def __init__(
@@ -58,6 +70,7 @@ class RetrievalEvaluation(Callback):
         index: Literal["flat", "ivf", "hnsw"] = "flat",
         memory_budget_mb: float = 256.0,
         plots: bool = True,
+        centroid_index: bool = False,
     ):
         super().__init__()
         self.alphas = tuple(alphas)
@@ -66,6 +79,7 @@ class RetrievalEvaluation(Callback):
         self.index = index
         self.memory_budget_mb = memory_budget_mb
         self.plots = plots
+        self.centroid_index = centroid_index
         self._accumulators: dict[int, EmbeddingAccumulator] = {}
         self._names: tuple[str, ...] = ()
         # Every evaluation's metrics, for summaries: {"stage", "epoch", "step", **metrics}.
@@ -199,6 +213,18 @@ class RetrievalEvaluation(Callback):
             memory_budget_mb=self.memory_budget_mb,
         )
         result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
+        if self.centroid_index:
+            shipped = evaluate_centroid_index(
+                gallery_emb=gathered["gallery"][0],
+                gallery_labels=gathered["gallery"][1],
+                query_emb=gathered["queries"][0],
+                query_labels=gathered["queries"][1],
+                distractor_emb=distractors,
+                alphas=self.alphas,
+                user_prior=self.user_prior,
+                memory_budget_mb=self.memory_budget_mb,
+            )
+            result.metrics.update({f"centroid/{name}": value for name, value in shipped.items()})
         if self.plots:
             self._plot(trainer, result, stage, plot_dir, tag)
         return result.metrics

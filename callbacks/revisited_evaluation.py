@@ -3,7 +3,7 @@
 At the end of ``trainer.test`` (and, with ``on_validation: true``, of each validation), the
 model embeds the database images and the cropped queries of each configured dataset
 (:mod:`datamodules.revisited`), every DDP rank a shard; the embeddings are gathered and
-deduplicated (:class:`retrieval.accumulator.EmbeddingAccumulator`), rank 0 ranks the database
+put in list order (:func:`core.embedding.embed_dataset`), rank 0 ranks the database
 for every query and computes the protocol (:func:`retrieval.revisited.revisited_metrics`), and
 every rank logs the same numbers as ``<stage>/<dataset>/map_medium``, ``.../mp@5_hard`` etc.
 
@@ -26,11 +26,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from torch.utils.data import DataLoader, DistributedSampler
 
+from core.embedding import embed_dataset
 from datamodules.revisited import RevisitedData, RevisitedImages, load_revisited
 from datamodules.transforms import eval_transform
-from retrieval.accumulator import EmbeddingAccumulator
 from retrieval.revisited import DEFAULT_KAPPAS, rank_database, revisited_metrics
 
 log = logging.getLogger(__name__)
@@ -38,34 +37,25 @@ log = logging.getLogger(__name__)
 __all__ = ["RevisitedEvaluation", "embed_revisited"]
 
 
-def _loader(dataset, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
-
-
-@torch.no_grad()
 def embed_revisited(
     embed, data: RevisitedData, image_size: int, device: torch.device, batch_size: int = 32, num_workers: int = 0,
-    rank: int = 0, world: int = 1, progress: bool = False,
+    progress: bool = False, forward_context=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(query embeddings, database embeddings)`` in list order, gathered over DDP ranks.
+    """``(query embeddings, database embeddings)`` in list order.
 
     ``embed`` maps a ``[B, 3, H, W]`` batch in [0, 1] to unit-norm rows (a LightningModule or an
-    :class:`~lightning_modules.embedding_net.EmbeddingNet`). Every rank must call this (collective).
+    :class:`~lightning_modules.embedding_net.EmbeddingNet`); ``forward_context`` as for
+    :func:`core.embedding.embed_batch`. Under DDP every rank must call this (a collective: each
+    rank embeds a shard, every rank gets all rows; :func:`core.embedding.embed_dataset`).
     """
-    from tqdm import tqdm
-
     transform = eval_transform(image_size)
     out = []
     for split in ("queries", "database"):
         dataset = RevisitedImages(data, split, transform, image_size)
-        accumulator = EmbeddingAccumulator(expected_size=len(dataset))
-        batches = _loader(dataset, batch_size, num_workers, rank, world)
-        for batch in tqdm(batches, desc=f"{data.name} {split}", disable=not progress, leave=False):
-            rows = embed(batch["image"].to(device, non_blocking=True)).float()
-            accumulator.update(rows, batch["index"], valid=batch["valid"].to(torch.int64))
-        embeddings, extras = accumulator.compute()
+        embeddings, extras = embed_dataset(
+            embed, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+            forward_context=forward_context, progress=progress, desc=f"{data.name} {split}",
+        )
         bad = int((extras["valid"] == 0).sum())
         if bad:
             raise RuntimeError(
@@ -132,28 +122,22 @@ class RevisitedEvaluation(Callback):
         return int(size)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        was_training = pl_module.training
-        pl_module.eval()
         metrics: dict[str, float] = {}
-        try:
-            with trainer.precision_plugin.forward_context():
-                for name, data in self._data.items():
-                    queries, database = embed_revisited(
-                        pl_module, data, self._size(trainer), pl_module.device, self.batch_size, self.num_workers,
-                        rank=trainer.global_rank, world=trainer.world_size,
-                    )
-                    outcome: dict = {}
-                    if trainer.is_global_zero:
-                        try:
-                            outcome["metrics"] = score_revisited(queries, database, data, self.kappas)
-                        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-                            outcome["error"] = f"{type(err).__name__}: {err}"
-                    outcome = trainer.strategy.broadcast(outcome, src=0)
-                    if "error" in outcome:
-                        raise RuntimeError(f"RevisitedEvaluation failed on rank 0: {outcome['error']}")
-                    metrics.update({f"{name}/{key}": value for key, value in outcome["metrics"].items()})
-        finally:
-            pl_module.train(was_training)
+        for name, data in self._data.items():
+            queries, database = embed_revisited(
+                pl_module, data, self._size(trainer), pl_module.device, self.batch_size, self.num_workers,
+                forward_context=trainer.precision_plugin.forward_context,
+            )
+            outcome: dict = {}
+            if trainer.is_global_zero:
+                try:
+                    outcome["metrics"] = score_revisited(queries, database, data, self.kappas)
+                except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                    outcome["error"] = f"{type(err).__name__}: {err}"
+            outcome = trainer.strategy.broadcast(outcome, src=0)
+            if "error" in outcome:
+                raise RuntimeError(f"RevisitedEvaluation failed on rank 0: {outcome['error']}")
+            metrics.update({f"{name}/{key}": value for key, value in outcome["metrics"].items()})
         logged = {f"{stage}/{key}": float(value) for key, value in metrics.items() if np.isfinite(value)}
         pl_module.log_dict(logged, sync_dist=False, add_dataloader_idx=False)
         self.history.append({"stage": stage, "epoch": trainer.current_epoch, **metrics})

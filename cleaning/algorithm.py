@@ -629,151 +629,239 @@ def clean_embeddings(
     """
     params = params or CleaningParams()
     ids, valid = _check_inputs(embeddings, landmark_ids, valid)
-    n, d = embeddings.shape
+    by = _group_by_landmark(ids, valid)
+    state = _RowState.start(valid)
+    log.info("cleaning %d rows of %d landmarks (%d unreadable)", len(ids), len(by.uniques), int((~valid).sum()))
+
+    per_landmark = _cluster_landmarks(embeddings, by, params, n_jobs, progress)  # step 1
+    landmarks, table = _apply_clusters(by, per_landmark, params, state)
+    group = np.arange(len(by.uniques))  # each landmark's duplicate group (its canonical landmark)
+    duplicate_groups: list[dict] = []
+    duplicate_pairs: list[dict] = []
+    if table is not None:
+        index, group, duplicate_groups, duplicate_pairs = _find_duplicate_landmarks(table, by, params)  # step 2
+        if params.image_rule == "clusters" and params.reassign_margin is not None:
+            _remove_closer_to_other_landmarks(index, embeddings, table, group, by, params, state)  # step 3
+    if nonlandmark_embeddings is not None and params.image_rule == "clusters" and (
+            params.nonlandmark_distance is not None or params.nonlandmark_margin is not None):
+        _remove_near_nonlandmarks(embeddings, nonlandmark_embeddings, params, state)  # step 4
+    if params.image_rule == "evidence":
+        tick = time.perf_counter()
+        _evidence_step(embeddings, valid, by.codes, group, by.uniques, state.own_knn, nonlandmark_embeddings, params,
+                       state.keep, state.reason_code, state.reason, state.other_landmark, state.other_sim,
+                       state.nl_neighbour, state.nl_sim)
+        log.info("evidence rule (image neighbours): %.1f s", time.perf_counter() - tick)
+    return _result(params, ids, by, group, state, landmarks, duplicate_groups, duplicate_pairs, per_landmark)
+
+
+# ---- the steps of clean_embeddings --------------------------------------------------------------
+
+
+@dataclass
+class _RowState:
+    """Every row's decision and evidence so far, filled in step by step (one entry per input row)."""
+
+    keep: np.ndarray
+    reason_code: np.ndarray
+    reason: np.ndarray
+    cluster: np.ndarray
+    own_sim: np.ndarray
+    own_knn: np.ndarray
+    other_landmark: np.ndarray
+    other_sim: np.ndarray
+    nl_neighbour: np.ndarray
+    nl_sim: np.ndarray
+
+    @classmethod
+    def start(cls, valid: np.ndarray) -> "_RowState":
+        """Readable rows kept, unreadable ones removed (``unreadable``), no evidence yet."""
+        n = len(valid)
+        state = cls(
+            keep=valid.copy(), reason_code=np.full(n, "", dtype=object), reason=np.full(n, "", dtype=object),
+            cluster=np.full(n, -1, dtype=np.int32), own_sim=np.full(n, np.nan, dtype=np.float32),
+            own_knn=np.full(n, np.nan, dtype=np.float32), other_landmark=np.full(n, "", dtype=object),
+            other_sim=np.full(n, np.nan, dtype=np.float32), nl_neighbour=np.full(n, -1, dtype=np.int64),
+            nl_sim=np.full(n, np.nan, dtype=np.float32),
+        )
+        state.reason_code[~valid] = "unreadable"
+        state.reason[~valid] = "unreadable: the image could not be decoded (no embedding)"
+        return state
+
+
+@dataclass
+class _ByLandmark:
+    """The rows grouped by landmark: landmark ``j`` has id ``uniques[j]``; row ``i`` is of landmark ``codes[i]``."""
+
+    uniques: np.ndarray
+    codes: np.ndarray
+    members: list[np.ndarray]  # landmark j's rows
+    readable: list[np.ndarray]  # ... those with an embedding
+
+
+@dataclass
+class _CentroidTable:
+    """The valid clusters of all landmarks, for steps 2 and 3: unit centroid, landmark, size."""
+
+    centroids: np.ndarray
+    owner: np.ndarray
+    size: np.ndarray
+
+
+def _group_by_landmark(ids: np.ndarray, valid: np.ndarray) -> _ByLandmark:
     uniques, codes = np.unique(ids.astype(str), return_inverse=True)
-    uniques = uniques.astype(object)
     num_landmarks = len(uniques)
-
-    keep = valid.copy()
-    reason_code = np.full(n, "", dtype=object)
-    reason = np.full(n, "", dtype=object)
-    reason_code[~valid] = "unreadable"
-    reason[~valid] = "unreadable: the image could not be decoded (no embedding)"
-    cluster = np.full(n, -1, dtype=np.int32)
-    own_sim = np.full(n, np.nan, dtype=np.float32)
-    own_knn = np.full(n, np.nan, dtype=np.float32)
-
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(num_landmarks + 1))
     members = [order[bounds[j]:bounds[j + 1]] for j in range(num_landmarks)]
     readable = [rows[valid[rows]] for rows in members]
-    todo = [j for j in range(num_landmarks) if len(readable[j])]
-    log.info("cleaning %d rows of %d landmarks (%d unreadable)", n, num_landmarks, int((~valid).sum()))
-    tick = time.perf_counter()
-    results = _cluster_all(embeddings, [readable[j] for j in todo], params, n_jobs, progress)
-    log.info("step 1 (per-landmark clustering, %d jobs): %.1f s", n_jobs, time.perf_counter() - tick)
-    per_landmark: dict[int, LandmarkClusters] = dict(zip(todo, results))
+    return _ByLandmark(uniques.astype(object), codes, members, readable)
 
-    # Step 1 decisions, and the table of valid centroids for steps 2 and 3.
+
+def _cluster_landmarks(embeddings: np.ndarray, by: _ByLandmark, params: CleaningParams, n_jobs: int,
+                       progress: bool) -> dict[int, LandmarkClusters]:
+    """Step 1 for every landmark with a readable row (landmark index → its clustering)."""
+    todo = [j for j in range(len(by.uniques)) if len(by.readable[j])]
+    tick = time.perf_counter()
+    results = _cluster_all(embeddings, [by.readable[j] for j in todo], params, n_jobs, progress)
+    log.info("step 1 (per-landmark clustering, %d jobs): %.1f s", n_jobs, time.perf_counter() - tick)
+    return dict(zip(todo, results))
+
+
+def _apply_clusters(by: _ByLandmark, per_landmark: dict[int, LandmarkClusters], params: CleaningParams,
+                    state: _RowState) -> tuple[dict[str, dict], _CentroidTable | None]:
+    """Step 1's decisions (dropped landmarks, small clusters), each landmark's summary, and the
+    table of valid centroids for steps 2 and 3 (None when no landmark has a valid cluster)."""
     centroid_blocks, centroid_owner, centroid_size = [], [], []
     landmarks: dict[str, dict] = {}
-    for j in range(num_landmarks):
-        rows = readable[j]
-        lid = str(uniques[j])
+    for j in range(len(by.uniques)):
+        rows = by.readable[j]
         res = per_landmark.get(j)
-        info = {"images": int(len(members[j])), "readable": int(len(rows)), "valid_clusters": 0,
+        info = {"images": int(len(by.members[j])), "readable": int(len(rows)), "valid_clusters": 0,
                 "cluster_sizes": [], "small_clusters": [], "min_cluster_size": None, "dropped": True}
-        landmarks[lid] = info
+        landmarks[str(by.uniques[j])] = info
         if res is None:  # nothing readable: its rows are already removed as unreadable
             continue
         info.update(cluster_sizes=[int(s) for s in res.sizes[:res.num_valid]],
                     small_clusters=[int(s) for s in res.sizes[res.num_valid:]],
                     min_cluster_size=int(res.min_size), valid_clusters=res.num_valid, dropped=res.num_valid == 0)
-        cluster[rows] = res.assignment
-        own_sim[rows] = res.own_similarity
+        state.cluster[rows] = res.assignment
+        state.own_sim[rows] = res.own_similarity
         if params.image_rule == "evidence":
-            own_knn[rows] = res.own_neighbours
+            state.own_knn[rows] = res.own_neighbours
         if res.num_valid == 0:
-            keep[rows] = False
-            reason_code[rows] = "landmark_dropped"
-            reason[rows] = (f"landmark_dropped: no cluster of >= {res.min_size} images "
-                            f"(largest {int(res.sizes.max())} of {len(rows)})")
+            state.keep[rows] = False
+            state.reason_code[rows] = "landmark_dropped"
+            state.reason[rows] = (f"landmark_dropped: no cluster of >= {res.min_size} images "
+                                  f"(largest {int(res.sizes.max())} of {len(rows)})")
             continue
-        is_small = res.assignment < 0
-        small = rows[is_small]
-        if len(small) and params.image_rule == "clusters":
-            sizes_of = res.sizes[res.labels[is_small]]
-            keep[small] = False
-            reason_code[small] = "small_cluster"
-            reason[small] = [f"small_cluster: in a cluster of {int(s)} < {res.min_size} images"
-                             + ("" if params.attach_distance is None else
-                                f", {1.0 - o:.3f} from the nearest kept cluster's centre (> {params.attach_distance})")
-                             for s, o in zip(sizes_of, res.own_similarity[is_small])]
+        if params.image_rule == "clusters":
+            _remove_small_clusters(rows, res, params, state)
         centroid_blocks.append(res.centroids)
         centroid_owner.extend([j] * res.num_valid)
         centroid_size.extend(int(s) for s in res.sizes[:res.num_valid])
+    if not centroid_blocks:
+        return landmarks, None
+    return landmarks, _CentroidTable(np.concatenate(centroid_blocks), np.asarray(centroid_owner, dtype=np.int64),
+                                     np.asarray(centroid_size, dtype=np.int64))
 
-    group = np.arange(num_landmarks)  # each landmark's duplicate group (its canonical landmark)
-    duplicate_groups: list[dict] = []
-    duplicate_pairs: list[dict] = []
-    other_landmark = np.full(n, "", dtype=object)
-    other_sim = np.full(n, np.nan, dtype=np.float32)
-    if centroid_blocks:
-        centroids = np.concatenate(centroid_blocks)
-        owner = np.asarray(centroid_owner, dtype=np.int64)
-        csize = np.asarray(centroid_size, dtype=np.int64)
-        tick = time.perf_counter()
-        index = _index(centroids, params)
 
-        # Step 2: duplicates.
-        group, duplicate_groups, duplicate_pairs = _find_duplicates(index, centroids, owner, csize, uniques, params)
-        log.info("step 2 (index of %d centroids, duplicates): %.1f s", len(centroids), time.perf_counter() - tick)
-        tick = time.perf_counter()
+def _remove_small_clusters(rows: np.ndarray, res: LandmarkClusters, params: CleaningParams, state: _RowState) -> None:
+    """``image_rule="clusters"``: a landmark's rows outside its valid clusters (not attached) are noise."""
+    is_small = res.assignment < 0
+    small = rows[is_small]
+    if not len(small):
+        return
+    sizes_of = res.sizes[res.labels[is_small]]
+    state.keep[small] = False
+    state.reason_code[small] = "small_cluster"
+    state.reason[small] = [f"small_cluster: in a cluster of {int(s)} < {res.min_size} images"
+                           + ("" if params.attach_distance is None else
+                              f", {1.0 - o:.3f} from the nearest kept cluster's centre (> {params.attach_distance})")
+                           for s, o in zip(sizes_of, res.own_similarity[is_small])]
 
-        # Step 3: images of valid clusters closer to another landmark (another group). Skipped
-        # when disabled: it is one FAISS query per kept image, the costliest step at scale.
-        if params.image_rule == "clusters" and params.reassign_margin is not None:
-            # Similarities are <= 1, so an image already within ``reassign_margin`` of 1 of its own
-            # centroid can never be closer to another landmark by the margin: only the others are
-            # searched (exact pruning; their other_landmark columns stay empty).
-            rows = np.flatnonzero(keep & ~(own_sim >= 1.0 - params.reassign_margin))
-            scores, hits = _search_rows(index, embeddings, rows, params.neighbours)
-            hit_group = np.where(hits >= 0, group[owner[np.maximum(hits, 0)]], -1)
-            own_group = group[codes[rows]][:, None]
-            same = hit_group == own_group
-            other = (hit_group >= 0) & ~same
-            best_same = np.where(same, scores, -np.inf).max(axis=1)
-            own_best = np.fmax(own_sim[rows], best_same)
-            first_other = np.argmax(other, axis=1)
-            has_other = other.any(axis=1)
-            best_other = np.where(has_other, scores[np.arange(len(rows)), first_other], -np.inf)
-            other_owner = owner[np.maximum(hits[np.arange(len(rows)), first_other], 0)]
-            other_landmark[rows[has_other]] = uniques[other_owner[has_other]]
-            other_sim[rows[has_other]] = best_other[has_other]
-            own_sim[rows] = own_best
-            moved = has_other & (best_other > own_best + params.reassign_margin)
-            for r, o, s_other, s_own in zip(rows[moved], other_owner[moved], best_other[moved], own_best[moved]):
-                keep[r] = False
-                reason_code[r] = "other_landmark"
-                reason[r] = (f"other_landmark: closer to landmark {uniques[o]} ({s_other:.3f}) "
-                             f"than to its own clusters ({s_own:.3f})")
-            log.info("step 3 (images closer to another landmark): %.1f s", time.perf_counter() - tick)
 
-    # Step 4: near the non-landmark pool.
-    nl_neighbour = np.full(n, -1, dtype=np.int64)
-    nl_sim = np.full(n, np.nan, dtype=np.float32)
-    if nonlandmark_embeddings is not None and params.image_rule == "clusters" and (
-            params.nonlandmark_distance is not None or params.nonlandmark_margin is not None):
-        index, pool_rows = _pool_index(nonlandmark_embeddings, d, params)
-        if index is not None:
-            rows = np.flatnonzero(keep)
-            if params.nonlandmark_distance is None:  # the margin test alone: prune as in step 3
-                rows = rows[~(own_sim[rows] >= 1.0 - params.nonlandmark_margin)]
-            scores, hits = _search_rows(index, embeddings, rows, 1)
-            nl_sim[rows] = scores[:, 0]
-            nl_neighbour[rows] = np.where(hits[:, 0] >= 0, pool_rows[np.maximum(hits[:, 0], 0)], -1)
-            found = hits[:, 0] >= 0
-            near = np.zeros(len(rows), dtype=bool)
-            if params.nonlandmark_distance is not None:
-                near |= found & (1.0 - scores[:, 0] <= params.nonlandmark_distance)
-            if params.nonlandmark_margin is not None:
-                near |= found & (scores[:, 0] > own_sim[rows] + params.nonlandmark_margin)
-            for r in rows[near]:
-                keep[r] = False
-                reason_code[r] = "near_nonlandmark"
-                reason[r] = (f"near_nonlandmark: cosine distance {1.0 - nl_sim[r]:.3f} to non-landmark image "
-                             f"{nl_neighbour[r]}, {1.0 - own_sim[r]:.3f} to its landmark's nearest kept cluster")
-        else:
-            log.warning("non-landmark pool has no usable embedding; step 4 skipped")
+def _find_duplicate_landmarks(table: _CentroidTable, by: _ByLandmark,
+                              params: CleaningParams) -> tuple[object, np.ndarray, list[dict], list[dict]]:
+    """Step 2: the FAISS index over the valid centroids, each landmark's group, the groups and pairs."""
+    tick = time.perf_counter()
+    index = _index(table.centroids, params)
+    group, duplicate_groups, duplicate_pairs = _find_duplicates(index, table.centroids, table.owner, table.size,
+                                                                by.uniques, params)
+    log.info("step 2 (index of %d centroids, duplicates): %.1f s", len(table.centroids), time.perf_counter() - tick)
+    return index, group, duplicate_groups, duplicate_pairs
 
-    if params.image_rule == "evidence":
-        tick = time.perf_counter()
-        _evidence_step(embeddings, valid, codes, group, uniques, own_knn, nonlandmark_embeddings, params,
-                       keep, reason_code, reason, other_landmark, other_sim, nl_neighbour, nl_sim)
-        log.info("evidence rule (image neighbours): %.1f s", time.perf_counter() - tick)
 
+def _remove_closer_to_other_landmarks(index, embeddings: np.ndarray, table: _CentroidTable, group: np.ndarray,
+                                      by: _ByLandmark, params: CleaningParams, state: _RowState) -> None:
+    """Step 3: kept images closer to another landmark (another group) than to their own, by the margin.
+
+    One FAISS query per kept image, the costliest step at scale, so it is skipped when disabled.
+    Similarities are <= 1, so an image already within ``reassign_margin`` of 1 of its own centroid
+    can never be closer to another landmark by the margin: only the others are searched (exact
+    pruning; their other_landmark columns stay empty).
+    """
+    tick = time.perf_counter()
+    owner, uniques = table.owner, by.uniques
+    rows = np.flatnonzero(state.keep & ~(state.own_sim >= 1.0 - params.reassign_margin))
+    scores, hits = _search_rows(index, embeddings, rows, params.neighbours)
+    hit_group = np.where(hits >= 0, group[owner[np.maximum(hits, 0)]], -1)
+    own_group = group[by.codes[rows]][:, None]
+    same = hit_group == own_group
+    other = (hit_group >= 0) & ~same
+    best_same = np.where(same, scores, -np.inf).max(axis=1)
+    own_best = np.fmax(state.own_sim[rows], best_same)
+    first_other = np.argmax(other, axis=1)
+    has_other = other.any(axis=1)
+    best_other = np.where(has_other, scores[np.arange(len(rows)), first_other], -np.inf)
+    other_owner = owner[np.maximum(hits[np.arange(len(rows)), first_other], 0)]
+    state.other_landmark[rows[has_other]] = uniques[other_owner[has_other]]
+    state.other_sim[rows[has_other]] = best_other[has_other]
+    state.own_sim[rows] = own_best
+    moved = has_other & (best_other > own_best + params.reassign_margin)
+    for r, o, s_other, s_own in zip(rows[moved], other_owner[moved], best_other[moved], own_best[moved]):
+        state.keep[r] = False
+        state.reason_code[r] = "other_landmark"
+        state.reason[r] = (f"other_landmark: closer to landmark {uniques[o]} ({s_other:.3f}) "
+                           f"than to its own clusters ({s_own:.3f})")
+    log.info("step 3 (images closer to another landmark): %.1f s", time.perf_counter() - tick)
+
+
+def _remove_near_nonlandmarks(embeddings: np.ndarray, nonlandmark_embeddings: np.ndarray, params: CleaningParams,
+                              state: _RowState) -> None:
+    """Step 4: kept images within ``nonlandmark_distance`` of a non-landmark image, or more similar
+    to it than to their landmark's nearest centroid by more than ``nonlandmark_margin``."""
+    index, pool_rows = _pool_index(nonlandmark_embeddings, embeddings.shape[1], params)
+    if index is None:
+        log.warning("non-landmark pool has no usable embedding; step 4 skipped")
+        return
+    own_sim, nl_sim, nl_neighbour = state.own_sim, state.nl_sim, state.nl_neighbour
+    rows = np.flatnonzero(state.keep)
+    if params.nonlandmark_distance is None:  # the margin test alone: prune as in step 3
+        rows = rows[~(own_sim[rows] >= 1.0 - params.nonlandmark_margin)]
+    scores, hits = _search_rows(index, embeddings, rows, 1)
+    nl_sim[rows] = scores[:, 0]
+    nl_neighbour[rows] = np.where(hits[:, 0] >= 0, pool_rows[np.maximum(hits[:, 0], 0)], -1)
+    found = hits[:, 0] >= 0
+    near = np.zeros(len(rows), dtype=bool)
+    if params.nonlandmark_distance is not None:
+        near |= found & (1.0 - scores[:, 0] <= params.nonlandmark_distance)
+    if params.nonlandmark_margin is not None:
+        near |= found & (scores[:, 0] > own_sim[rows] + params.nonlandmark_margin)
+    for r in rows[near]:
+        state.keep[r] = False
+        state.reason_code[r] = "near_nonlandmark"
+        state.reason[r] = (f"near_nonlandmark: cosine distance {1.0 - nl_sim[r]:.3f} to non-landmark image "
+                           f"{nl_neighbour[r]}, {1.0 - own_sim[r]:.3f} to its landmark's nearest kept cluster")
+
+
+def _result(params: CleaningParams, ids: np.ndarray, by: _ByLandmark, group: np.ndarray, state: _RowState,
+            landmarks: dict[str, dict], duplicate_groups: list[dict], duplicate_pairs: list[dict],
+            per_landmark: dict[int, LandmarkClusters]) -> CleaningResult:
+    """The final ids (merged or not), each row's duplicate group, and the kept count per landmark."""
+    uniques, codes = by.uniques, by.codes
+    num_landmarks = len(uniques)
     new_ids = uniques[group][codes].astype(object)
-    duplicate_of = np.full(n, "", dtype=object)
+    duplicate_of = np.full(len(ids), "", dtype=object)
     grouped = group != np.arange(num_landmarks)
     members_of_groups = grouped[codes] | np.isin(codes, group[grouped])
     duplicate_of[members_of_groups] = new_ids[members_of_groups]
@@ -781,12 +869,13 @@ def clean_embeddings(
     in_group = grouped | np.isin(np.arange(num_landmarks), group[grouped])
     for j in range(num_landmarks):
         lid = str(uniques[j])
-        landmarks[lid]["kept"] = int(keep[members[j]].sum())
+        landmarks[lid]["kept"] = int(state.keep[by.members[j]].sum())
         landmarks[lid]["duplicate_of"] = str(uniques[group[j]]) if in_group[j] else ""
     return CleaningResult(
-        params=params, keep=keep, reason=reason, reason_code=reason_code, cluster=cluster,
-        input_landmark_id=ids, landmark_id=final_ids, duplicate_of=duplicate_of, own_similarity=own_sim, other_landmark=other_landmark,
-        other_similarity=other_sim, nonlandmark_neighbour=nl_neighbour, nonlandmark_similarity=nl_sim,
+        params=params, keep=state.keep, reason=state.reason, reason_code=state.reason_code, cluster=state.cluster,
+        input_landmark_id=ids, landmark_id=final_ids, duplicate_of=duplicate_of, own_similarity=state.own_sim,
+        other_landmark=state.other_landmark, other_similarity=state.other_sim,
+        nonlandmark_neighbour=state.nl_neighbour, nonlandmark_similarity=state.nl_sim,
         landmarks=landmarks, duplicate_groups=duplicate_groups, duplicate_pairs=duplicate_pairs,
         clusters={str(uniques[j]): r for j, r in per_landmark.items()},
     )

@@ -116,6 +116,150 @@ def _align_embeddings(manifest: Manifest, embeddings: np.ndarray, source: str, p
     return embeddings[np.asarray(wanted)] if wanted != list(range(len(embeddings))) else embeddings
 
 
+def _check_embedding_sources(checkpoint: str | None, backbone: str | None, embeddings: str | None,
+                             embedding_paths: str | None, nonlandmarks: str | None,
+                             nonlandmark_embeddings: str | None) -> None:
+    sources = [x is not None for x in (checkpoint, backbone, embeddings)]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of checkpoint, backbone or embeddings")
+    if embeddings is None and (embedding_paths is not None or nonlandmark_embeddings is not None):
+        raise ValueError("embedding_paths / nonlandmark_embeddings only go with precomputed embeddings")
+    if embeddings is not None and nonlandmarks is not None and nonlandmark_embeddings is None:
+        raise ValueError("with precomputed embeddings, --nonlandmarks needs --nonlandmark-embeddings (rows in its order)")
+
+
+def _read_input_manifest(manifest_path: Path, out_dir: Path, extra_columns: Literal["error", "ignore"]) -> Manifest:
+    """The landmark manifest to clean; refuses a cleaned one and an output that would overwrite it."""
+    data = read_manifest(manifest_path, kind="landmark", extra_columns=extra_columns)
+    taken = [c for c in OUTPUT_COLUMNS if c in data.table.columns]
+    if taken:
+        raise ManifestError(
+            f"{manifest_path}: already has the cleaning column(s) {taken}; clean the original manifest "
+            "(cleaning a cleaned file would mix two runs' decisions)"
+        )
+    if (out_dir / "clean.csv").resolve() == manifest_path.resolve():
+        raise ValueError(f"--out {out_dir} would overwrite the input {manifest_path}; choose another folder")
+    return data
+
+
+def _precomputed_embeddings(data: Manifest, pool: Manifest | None, embeddings: str, embedding_paths: str | None,
+                            nonlandmark_embeddings: str | None) -> tuple[np.ndarray, None, np.ndarray | None, dict]:
+    """``(embeddings, valid, pool embeddings, model info)`` from ``.npy`` files, in manifest order."""
+    emb = _align_embeddings(data, _load_npy(embeddings, "embeddings"), str(embeddings), embedding_paths)
+    pool_emb = None
+    if pool is not None:
+        pool_emb = _load_npy(nonlandmark_embeddings, "non-landmark embeddings")
+        if len(pool_emb) != len(pool):
+            raise ValueError(f"{nonlandmark_embeddings} has {len(pool_emb)} rows but {pool.source} has {len(pool)}")
+    return emb, None, pool_emb, {"source": "embeddings", "path": str(embeddings), "sha256": _sha256(embeddings)}
+
+
+def _model_embeddings(data: Manifest, pool: Manifest | None, out_dir: Path, *, checkpoint: str | None,
+                      backbone: str | None, image_size: int | None, batch_size: int, num_workers: int,
+                      accelerator: str, devices: int | str, strategy: str, cache_dir: str | os.PathLike | None,
+                      progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict] | None:
+    """``(embeddings, valid, pool embeddings, model info)`` computed with a model (DB and pool in one
+    pass, cached); None on DDP ranks other than 0, which only embed their part."""
+    from retrieval.embed import embed_paths
+    from retrieval.embedding_model import load_embedding_model
+
+    model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
+    every_path = data.paths + (pool.paths if pool is not None else [])
+    result = embed_paths(
+        model, every_path, batch_size=batch_size, num_workers=num_workers, accelerator=accelerator,
+        devices=devices, strategy=strategy, cache_dir=cache_dir or out_dir / "embedding-cache", progress=progress,
+    )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None  # rank 0 writes the outputs
+    emb, valid = result.embeddings[: len(data)], result.valid[: len(data)]
+    pool_emb = None
+    if pool is not None:
+        pool_emb = result.embeddings[len(data):]  # unreadable: all-zero rows, skipped by the algorithm
+    return emb, valid, pool_emb, {"source": "model", "key": model.key, **model.identity}
+
+
+def _run_algorithm(data: Manifest, emb: np.ndarray, valid: np.ndarray | None, pool_emb: np.ndarray | None,
+                   params: CleaningParams, jobs: int | None, progress: bool) -> CleaningResult:
+    """:func:`clean_embeddings`, its errors naming the manifest's line and file instead of a row."""
+    if jobs is None:
+        jobs = (os.cpu_count() or 1) if len(data) >= 20000 else 1
+    try:
+        return clean_embeddings(emb, data.landmark_ids, params, valid=valid, nonlandmark_embeddings=pool_emb,
+                                n_jobs=jobs, progress=progress)
+    except ValueError as err:
+        # The algorithm names rows; users need the manifest's lines and files.
+        message = str(err)
+        if message.startswith("embeddings: row "):
+            row = int(message.split()[2])
+            message = f"{data.source}: line {data.lines[row]} ({data.paths[row]}): {message}"
+        raise ValueError(message) from err
+
+
+def _write_clean_csv(data: Manifest, result: CleaningResult, manifest_path: Path, out_dir: Path) -> None:
+    """``clean.csv``: the input's rows and columns, paths re-rooted at ``out_dir``, plus the decisions."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = data.table.copy()
+    # Relative paths are re-rooted at the output folder (one relpath for the whole file: a
+    # per-row relpath costs seconds on a million rows); absolute paths stay as they are.
+    prefix = os.path.relpath(manifest_path.resolve().parent, out_dir.resolve())
+    table["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(prefix, p))
+                     for p in data.table["path"].str.strip()]
+    table["landmark_id"] = result.landmark_id.astype(str)
+    table["decision"] = np.where(result.keep, "keep", "remove")
+    table["reason"] = result.reason.astype(str)
+    table["cluster"] = result.cluster
+    table["duplicate_of"] = result.duplicate_of.astype(str)
+    table["original_landmark_id"] = result.input_landmark_id.astype(str)
+    write_manifest(table, out_dir / "clean.csv")
+
+
+def _summary(manifest_path: Path, data: Manifest, input_sha: str, nonlandmarks: str | None, model_info: dict,
+             params: CleaningParams, result: CleaningResult, report: bool, started: float) -> dict:
+    """The content of ``summary.json`` (counts, scores against known noise when the manifest has them)."""
+    return {
+        "format": SUMMARY_FORMAT,
+        "input": {"manifest": str(manifest_path.resolve()), "sha256": input_sha, "rows": len(data),
+                  "nonlandmarks": str(Path(nonlandmarks).resolve()) if nonlandmarks else None},
+        "embeddings": model_info,
+        "params": params.to_dict(),
+        "counts": result.counts(),
+        "ground_truth": score_against_truth(data.table, result),
+        "duplicate_groups": result.duplicate_groups,
+        "duplicate_pairs": result.duplicate_pairs,
+        "landmarks": result.landmarks,
+        "outputs": {"manifest": "clean.csv", "report": "report.html" if report else None},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _write_report_page(out_dir: Path, manifest_path: Path, data: Manifest, pool: Manifest | None,
+                       result: CleaningResult, summary: dict, report_landmarks: int, progress: bool) -> None:
+    """``report.html``, headed by the summary's input, model, counts, parameters and scores."""
+    from cleaning.report import write_report
+
+    counts, truth = summary["counts"], summary["ground_truth"]
+    rows = [
+        ("input", f"{manifest_path} ({len(data)} rows, sha256 {summary['input']['sha256'][:12]}…)"),
+        ("embeddings", ", ".join(f"{k}={v}" for k, v in summary["embeddings"].items()
+                                 if k in ("source", "backbone", "path", "checkpoint_sha256", "key"))),
+        ("kept / removed", f"{counts['kept']} / {counts['removed']} "
+                           f"({', '.join(f'{k}: {v}' for k, v in counts['removed_by_reason'].items()) or 'none'})"),
+        ("landmarks", f"{counts['landmarks']} in, {counts['landmarks_dropped']} dropped, "
+                      f"{counts['duplicate_groups']} duplicate groups, {counts['distinct_landmarks_kept']} distinct landmarks kept"),
+        ("parameters", ", ".join(f"{k}={v}" for k, v in summary["params"].items())),
+    ]
+    if truth is not None:
+        r = truth["removal"]
+        rows.append(("against the known noise", f"removal precision {r['precision']}, recall {r['recall']}"
+                     + (f"; duplicates precision {truth['duplicates']['precision']}, recall "
+                        f"{truth['duplicates']['recall']}" if "duplicates" in truth else "")))
+    write_report(out_dir, [os.path.abspath(p) for p in data.paths], result, title=f"Cleaning of {manifest_path.name}",
+                 summary_rows=rows, nonlandmark_paths=None if pool is None else pool.paths,
+                 max_landmarks=report_landmarks, progress=progress)
+
+
 def clean_manifest(
     manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -152,123 +296,32 @@ def clean_manifest(
     """
     started = time.perf_counter()
     params = params or CleaningParams()
-    sources = [x is not None for x in (checkpoint, backbone, embeddings)]
-    if sum(sources) != 1:
-        raise ValueError("give exactly one of checkpoint, backbone or embeddings")
-    if embeddings is None and (embedding_paths is not None or nonlandmark_embeddings is not None):
-        raise ValueError("embedding_paths / nonlandmark_embeddings only go with precomputed embeddings")
-    if embeddings is not None and nonlandmarks is not None and nonlandmark_embeddings is None:
-        raise ValueError("with precomputed embeddings, --nonlandmarks needs --nonlandmark-embeddings (rows in its order)")
+    _check_embedding_sources(checkpoint, backbone, embeddings, embedding_paths, nonlandmarks, nonlandmark_embeddings)
     manifest_path = Path(manifest)
     out_dir = Path(out_dir)
-    data = read_manifest(manifest_path, kind="landmark", extra_columns=extra_columns)
-    taken = [c for c in OUTPUT_COLUMNS if c in data.table.columns]
-    if taken:
-        raise ManifestError(
-            f"{manifest_path}: already has the cleaning column(s) {taken}; clean the original manifest "
-            "(cleaning a cleaned file would mix two runs' decisions)"
-        )
-    if (out_dir / "clean.csv").resolve() == manifest_path.resolve():
-        raise ValueError(f"--out {out_dir} would overwrite the input {manifest_path}; choose another folder")
+    data = _read_input_manifest(manifest_path, out_dir, extra_columns)
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
     input_sha = _sha256(manifest_path)
 
-    model_info: dict
     if embeddings is not None:
-        emb = _align_embeddings(data, _load_npy(embeddings, "embeddings"), str(embeddings), embedding_paths)
-        valid = None
-        pool_emb = None
-        if pool is not None:
-            pool_emb = _load_npy(nonlandmark_embeddings, "non-landmark embeddings")
-            if len(pool_emb) != len(pool):
-                raise ValueError(f"{nonlandmark_embeddings} has {len(pool_emb)} rows but {pool.source} has {len(pool)}")
-        model_info = {"source": "embeddings", "path": str(embeddings), "sha256": _sha256(embeddings)}
+        emb, valid, pool_emb, model_info = _precomputed_embeddings(data, pool, embeddings, embedding_paths,
+                                                                   nonlandmark_embeddings)
     else:
-        from retrieval.embed import embed_paths
-        from retrieval.embedding_model import load_embedding_model
-
-        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
-        every_path = data.paths + (pool.paths if pool is not None else [])
-        result = embed_paths(
-            model, every_path, batch_size=batch_size, num_workers=num_workers, accelerator=accelerator,
-            devices=devices, strategy=strategy, cache_dir=cache_dir or out_dir / "embedding-cache", progress=progress,
+        embedded = _model_embeddings(
+            data, pool, out_dir, checkpoint=checkpoint, backbone=backbone, image_size=image_size,
+            batch_size=batch_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
+            strategy=strategy, cache_dir=cache_dir, progress=progress,
         )
-        import torch.distributed as dist
+        if embedded is None:
+            return None  # another DDP rank: rank 0 writes the outputs
+        emb, valid, pool_emb, model_info = embedded
 
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            return None  # rank 0 writes the outputs
-        emb, valid = result.embeddings[: len(data)], result.valid[: len(data)]
-        pool_emb = None
-        if pool is not None:
-            pool_emb = result.embeddings[len(data):]  # unreadable: all-zero rows, skipped by the algorithm
-        model_info = {"source": "model", "key": model.key, **model.identity}
-
-    if jobs is None:
-        jobs = (os.cpu_count() or 1) if len(data) >= 20000 else 1
-    try:
-        result = clean_embeddings(emb, data.landmark_ids, params, valid=valid, nonlandmark_embeddings=pool_emb,
-                                  n_jobs=jobs, progress=progress)
-    except ValueError as err:
-        # The algorithm names rows; users need the manifest's lines and files.
-        message = str(err)
-        if message.startswith("embeddings: row "):
-            row = int(message.split()[2])
-            message = f"{data.source}: line {data.lines[row]} ({data.paths[row]}): {message}"
-        raise ValueError(message) from err
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = data.table.copy()
-    # Relative paths are re-rooted at the output folder (one relpath for the whole file: a
-    # per-row relpath costs seconds on a million rows); absolute paths stay as they are.
-    prefix = os.path.relpath(manifest_path.resolve().parent, out_dir.resolve())
-    table["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(prefix, p))
-                     for p in data.table["path"].str.strip()]
-    table["landmark_id"] = result.landmark_id.astype(str)
-    table["decision"] = np.where(result.keep, "keep", "remove")
-    table["reason"] = result.reason.astype(str)
-    table["cluster"] = result.cluster
-    table["duplicate_of"] = result.duplicate_of.astype(str)
-    table["original_landmark_id"] = result.input_landmark_id.astype(str)
-    write_manifest(table, out_dir / "clean.csv")
+    result = _run_algorithm(data, emb, valid, pool_emb, params, jobs, progress)
+    _write_clean_csv(data, result, manifest_path, out_dir)
     if _sha256(manifest_path) != input_sha:
         raise RuntimeError(f"{manifest_path} changed while it was being cleaned")
-
-    counts = result.counts()
-    truth = score_against_truth(data.table, result)
-    summary = {
-        "format": SUMMARY_FORMAT,
-        "input": {"manifest": str(manifest_path.resolve()), "sha256": input_sha, "rows": len(data),
-                  "nonlandmarks": str(Path(nonlandmarks).resolve()) if nonlandmarks else None},
-        "embeddings": model_info,
-        "params": params.to_dict(),
-        "counts": counts,
-        "ground_truth": truth,
-        "duplicate_groups": result.duplicate_groups,
-        "duplicate_pairs": result.duplicate_pairs,
-        "landmarks": result.landmarks,
-        "outputs": {"manifest": "clean.csv", "report": "report.html" if report else None},
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    summary = _summary(manifest_path, data, input_sha, nonlandmarks, model_info, params, result, report, started)
     write_json_atomic(out_dir / "summary.json", summary, newline=False, allow_nan=False)
     if report:
-        from cleaning.report import write_report
-
-        rows = [
-            ("input", f"{manifest_path} ({len(data)} rows, sha256 {input_sha[:12]}…)"),
-            ("embeddings", ", ".join(f"{k}={v}" for k, v in model_info.items() if k in ("source", "backbone", "path",
-                                                                                      "checkpoint_sha256", "key"))),
-            ("kept / removed", f"{counts['kept']} / {counts['removed']} "
-                               f"({', '.join(f'{k}: {v}' for k, v in counts['removed_by_reason'].items()) or 'none'})"),
-            ("landmarks", f"{counts['landmarks']} in, {counts['landmarks_dropped']} dropped, "
-                          f"{counts['duplicate_groups']} duplicate groups, {counts['distinct_landmarks_kept']} distinct landmarks kept"),
-            ("parameters", ", ".join(f"{k}={v}" for k, v in params.to_dict().items())),
-        ]
-        if truth is not None:
-            r = truth["removal"]
-            rows.append(("against the known noise", f"removal precision {r['precision']}, recall {r['recall']}"
-                         + (f"; duplicates precision {truth['duplicates']['precision']}, recall "
-                            f"{truth['duplicates']['recall']}" if "duplicates" in truth else "")))
-        write_report(out_dir, [os.path.abspath(p) for p in data.paths], result, title=f"Cleaning of {manifest_path.name}",
-                     summary_rows=rows, nonlandmark_paths=None if pool is None else pool.paths,
-                     max_landmarks=report_landmarks, progress=progress)
+        _write_report_page(out_dir, manifest_path, data, pool, result, summary, report_landmarks, progress)
     return result

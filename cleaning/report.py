@@ -116,14 +116,38 @@ def write_report(
 
     out_dir = Path(out_dir)
     page = _Page(out_dir, thumb_size)
-    # Rows by the id they had in the input (merging rewrites landmark_id, not input_landmark_id).
-    by_id: dict[str, list[int]] = {lid: [] for lid in result.landmarks}
-    for i, lid in enumerate(result.input_landmark_id):
-        by_id[lid].append(i)
-    rows_of = {lid: np.asarray(rows, dtype=np.int64) for lid, rows in by_id.items()}
+    rows_of = _rows_by_input_id(result)
     shown, omitted = _landmark_order(result, max_landmarks)
     shown_set = set(shown)
 
+    _add_head(page, title, summary_rows)
+    _add_duplicate_groups(page, result, rows_of, paths)
+    page.add(f"<h2>Landmarks ({len(shown)} shown{f', {omitted} more not shown' if omitted else ''})</h2>")
+    page.add("<p class=\"note\">Green frames: kept clusters, images nearest the cluster centre first (the number is the "
+             "cosine similarity to the nearest kept centre). Red frames: removed images, with the reason. Hover a "
+             "thumbnail for its file.</p>")
+    for lid in tqdm(shown, desc="report", unit="landmark", disable=not progress):
+        rows = rows_of[lid]
+        _add_landmark_head(page, lid, result.landmarks[lid], rows, result)
+        _add_kept_clusters(page, result.landmarks[lid], rows, result, paths, thumbs_per_cluster)
+        _add_removed(page, rows, result, paths, nonlandmark_paths, shown_set, max_removed_per_landmark)
+        page.add("</section>")
+    page.add("</body></html>\n")
+
+    target = out_dir / "report.html"
+    write_text_atomic(target, "".join(page.parts))
+    return target
+
+
+def _rows_by_input_id(result: CleaningResult) -> dict[str, np.ndarray]:
+    """Rows by the id they had in the input (merging rewrites landmark_id, not input_landmark_id)."""
+    by_id: dict[str, list[int]] = {lid: [] for lid in result.landmarks}
+    for i, lid in enumerate(result.input_landmark_id):
+        by_id[lid].append(i)
+    return {lid: np.asarray(rows, dtype=np.int64) for lid, rows in by_id.items()}
+
+
+def _add_head(page: _Page, title: str, summary_rows: Sequence[tuple[str, str]]) -> None:
     page.add('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE html>\n<html xmlns="http://www.w3.org/1999/xhtml" lang="en">'
              f'<head><meta charset="utf-8"/><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>')
     page.add(f"<h1>{html.escape(title)}</h1><table>")
@@ -131,6 +155,10 @@ def write_report(
         page.add(f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>")
     page.add("</table>")
 
+
+def _add_duplicate_groups(page: _Page, result: CleaningResult, rows_of: dict[str, np.ndarray],
+                          paths: Sequence[str]) -> None:
+    """Each group with its evidence and a few kept images of every member."""
     page.add(f"<h2>Duplicate landmarks ({len(result.duplicate_groups)} groups)</h2>")
     if not result.duplicate_groups:
         page.add('<p class="note">None found.</p>')
@@ -148,53 +176,53 @@ def write_report(
                 page.figure(paths[r], f"{member}")
         page.add("</div></div>")
 
-    page.add(f"<h2>Landmarks ({len(shown)} shown{f', {omitted} more not shown' if omitted else ''})</h2>")
-    page.add("<p class=\"note\">Green frames: kept clusters, images nearest the cluster centre first (the number is the "
-             "cosine similarity to the nearest kept centre). Red frames: removed images, with the reason. Hover a "
-             "thumbnail for its file.</p>")
-    for lid in tqdm(shown, desc="report", unit="landmark", disable=not progress):
-        info = result.landmarks[lid]
-        rows = rows_of[lid]
-        removed = rows[~result.keep[rows]]
-        head = (f"{info['images']} images, {info['valid_clusters']} cluster(s) kept {info['cluster_sizes']}, "
-                f"{len(removed)} removed")
-        if info["dropped"]:
-            head += ", landmark dropped"
-        if info["duplicate_of"] and info["duplicate_of"] != lid:
-            head += f", duplicate of {info['duplicate_of']}"
-        page.add(f'<section id="lm-{html.escape(lid, quote=True)}"><h2>Landmark {html.escape(lid)}</h2>'
-                 f'<p class="note">{html.escape(head)}</p>')
-        for c in range(info["valid_clusters"]):
-            members = rows[(result.cluster[rows] == c) & result.keep[rows]]
-            total = int((result.cluster[rows] == c).sum())
-            members = members[np.argsort(-result.own_similarity[members], kind="stable")]
-            page.add(f"<h3>cluster {c}: {total} images ({len(members)} kept)</h3><div class=\"thumbs\">")
-            for r in members[:thumbs_per_cluster]:
-                page.figure(paths[r], f"{result.own_similarity[r]:.2f}", paths[r])
-            if len(members) > thumbs_per_cluster:
-                page.add(f'<p class="note">+{len(members) - thumbs_per_cluster} more</p>')
-            page.add("</div>")
-        if len(removed):
-            page.add(f'<div class="removed"><h3>removed ({len(removed)})</h3><div class="thumbs">')
-            for r in removed[:max_removed_per_landmark]:
-                page.figure(paths[r], str(result.reason[r]), paths[r])
-                other = str(result.other_landmark[r])
-                code = result.reason_code[r]
-                # Under the evidence rule, show whichever side the evidence came from.
-                pool_side = code == "near_nonlandmark" or (
-                    code == "neighbour_evidence" and result.nonlandmark_neighbour[r] >= 0
-                    and result.nonlandmark_similarity[r] > result.other_similarity[r])
-                if pool_side and nonlandmark_paths is not None:
-                    page.figure(nonlandmark_paths[int(result.nonlandmark_neighbour[r])], "← its nearest non-landmark photo")
-                elif code in ("other_landmark", "neighbour_evidence") and other in shown_set:
-                    page.add(f'<p class="note"><a href="#lm-{html.escape(other, quote=True)}">→ {html.escape(other)}</a></p>')
-            if len(removed) > max_removed_per_landmark:
-                page.add(f'<p class="note">+{len(removed) - max_removed_per_landmark} more (see clean.csv)</p>')
-            page.add("</div></div>")
-        page.add("</section>")
-    page.add("</body></html>\n")
 
-    target = out_dir / "report.html"
-    write_text_atomic(target, "".join(page.parts))
-    return target
+def _add_landmark_head(page: _Page, lid: str, info: dict, rows: np.ndarray, result: CleaningResult) -> None:
+    removed = rows[~result.keep[rows]]
+    head = (f"{info['images']} images, {info['valid_clusters']} cluster(s) kept {info['cluster_sizes']}, "
+            f"{len(removed)} removed")
+    if info["dropped"]:
+        head += ", landmark dropped"
+    if info["duplicate_of"] and info["duplicate_of"] != lid:
+        head += f", duplicate of {info['duplicate_of']}"
+    page.add(f'<section id="lm-{html.escape(lid, quote=True)}"><h2>Landmark {html.escape(lid)}</h2>'
+             f'<p class="note">{html.escape(head)}</p>')
 
+
+def _add_kept_clusters(page: _Page, info: dict, rows: np.ndarray, result: CleaningResult, paths: Sequence[str],
+                       thumbs_per_cluster: int) -> None:
+    """Each kept cluster of a landmark, the images nearest its centre first."""
+    for c in range(info["valid_clusters"]):
+        members = rows[(result.cluster[rows] == c) & result.keep[rows]]
+        total = int((result.cluster[rows] == c).sum())
+        members = members[np.argsort(-result.own_similarity[members], kind="stable")]
+        page.add(f"<h3>cluster {c}: {total} images ({len(members)} kept)</h3><div class=\"thumbs\">")
+        for r in members[:thumbs_per_cluster]:
+            page.figure(paths[r], f"{result.own_similarity[r]:.2f}", paths[r])
+        if len(members) > thumbs_per_cluster:
+            page.add(f'<p class="note">+{len(members) - thumbs_per_cluster} more</p>')
+        page.add("</div>")
+
+
+def _add_removed(page: _Page, rows: np.ndarray, result: CleaningResult, paths: Sequence[str],
+                 nonlandmark_paths: Sequence[str] | None, shown_set: set[str], max_removed_per_landmark: int) -> None:
+    """A landmark's removed images with their reasons, and where the evidence against each came from."""
+    removed = rows[~result.keep[rows]]
+    if not len(removed):
+        return
+    page.add(f'<div class="removed"><h3>removed ({len(removed)})</h3><div class="thumbs">')
+    for r in removed[:max_removed_per_landmark]:
+        page.figure(paths[r], str(result.reason[r]), paths[r])
+        other = str(result.other_landmark[r])
+        code = result.reason_code[r]
+        # Under the evidence rule, show whichever side the evidence came from.
+        pool_side = code == "near_nonlandmark" or (
+            code == "neighbour_evidence" and result.nonlandmark_neighbour[r] >= 0
+            and result.nonlandmark_similarity[r] > result.other_similarity[r])
+        if pool_side and nonlandmark_paths is not None:
+            page.figure(nonlandmark_paths[int(result.nonlandmark_neighbour[r])], "← its nearest non-landmark photo")
+        elif code in ("other_landmark", "neighbour_evidence") and other in shown_set:
+            page.add(f'<p class="note"><a href="#lm-{html.escape(other, quote=True)}">→ {html.escape(other)}</a></p>')
+    if len(removed) > max_removed_per_landmark:
+        page.add(f'<p class="note">+{len(removed) - max_removed_per_landmark} more (see clean.csv)</p>')
+    page.add("</div></div>")

@@ -7,7 +7,8 @@
   another id's structure (``true_landmark_id``) is a duplicate of that id. Scored as unordered
   pairs of ids found in one duplicate group vs the true pairs.
 
-Ratios with an empty denominator are ``None`` (JSON null), never a made-up 0 or 1.
+The scores are written to JSON: a ratio with an empty denominator is undefined (NaN by
+:func:`core.tables.ratio`) and appears as ``null``, never as a made-up 0 or 1.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from cleaning.algorithm import CleaningResult
+from core.tables import json_number, ratio
 
 __all__ = ["noise_flags", "score_against_truth", "true_duplicate_pairs"]
 
 
 def _ratio(num: int, den: int) -> float | None:
-    return round(num / den, 4) if den else None
+    return json_number(ratio(num, den), 4)
 
 
 def noise_flags(column: pd.Series) -> np.ndarray:

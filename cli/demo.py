@@ -13,9 +13,9 @@ import time
 import warnings
 from pathlib import Path
 
+from callbacks import RetrievalEvaluation
 from core.atomic import write_json_atomic
 from core.errors import UserError
-from callbacks import RetrievalEvaluation
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 

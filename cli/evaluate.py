@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
 from core.atomic import write_json_atomic
 from core.errors import UserError
 

@@ -89,7 +89,7 @@ Anywhere on the line, for every command:
 
 #: The project's top-level packages: their loggers print at INFO by default.
 PROJECT_PACKAGES = ("core", "datamodules", "losses", "lightning_modules", "retrieval", "recognition", "cleaning",
-                    "callbacks", "sweeps", "cli", "landmarks", "realphotos", "__main__")
+                    "callbacks", "sweeps", "cli", "landmarks", "__main__")
 #: Library loggers held at WARNING unless -v (their INFO lines are chatter, not results).
 LIBRARY_LOGGERS = ("faiss", "faiss.loader", "lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric",
                    "timm", "torch", "PIL", "matplotlib", "jsonargparse", "fsspec", "urllib3", "numexpr", "h5py")
@@ -108,7 +108,7 @@ class CommandLineError(UserError):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line: :meth:`error` raises instead of printing the usage."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):
         raise CommandLineError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -134,6 +134,12 @@ def _jsonargparse_message(text: str) -> str:
     if not match:
         return one_line(text)
     key, rest = match.group("key"), match.group("rest")
+    # A union type lists one error per alternative; "Expected a <class ...>" ones only say what
+    # the value is not, another one says what went wrong (e.g. an unknown class_path).
+    reasons = [re.sub(r"\. Got value: .*$", "", line.strip()[2:]) for line in rest.splitlines()
+               if line.strip().startswith("- ") and not line.strip().startswith("- Expected a <class")]
+    if reasons:
+        return f"{key}: {reasons[0]}"
     given = re.search(r"^\s*Given value: (.*)$", rest, re.MULTILINE)
     expected = re.findall(r"Expected a <class '([^']+)'>", rest)
     if given and expected:

@@ -6,6 +6,8 @@
 * :mod:`core.atomic` — the one way this project writes an output file (temporary name + rename);
 * :mod:`core.provenance` — the git commit and dirty flag a result came from;
 * :mod:`core.tables` — the text-CSV reader (every cell a string) and the empty-ratio rule;
+* :mod:`core.accumulator` — :class:`~core.accumulator.EmbeddingAccumulator`, rows gathered across
+  DDP ranks into dataset order;
 * :mod:`core.embedding` — the one routine that embeds a set of images with a model.
 
 Nothing here imports Lightning's Trainer, the data modules or the losses: this layer must stay

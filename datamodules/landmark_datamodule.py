@@ -37,7 +37,7 @@ from core.errors import UserError
 from core.labels import NONLANDMARK
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
-from datamodules.synth import SynthConfig, generate_world
+from datamodules.synth import SynthConfig
 from datamodules.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class LandmarkDataModule(pl.LightningDataModule):
                     f"data_dir {self.data_dir} does not exist; point data.data_dir at your data, or set "
                     "data.synthetic to generate the synthetic landmark world there"
                 )
+            from datamodules.synth import generate_world  # the renderer: loaded only to generate a world
+
             log.info("%s is missing: generating the synthetic landmark world there", self.data_dir)
             generate_world(self.data_dir, synthetic)
         # The DB is read here, not in setup(): the class count must be known when LightningCLI

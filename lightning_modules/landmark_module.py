@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
+from core.embedding import embed_batch
 from lightning_modules.embedding_net import EmbeddingNet, GeM
 from losses import ArcFaceLoss, MetricLoss
 
@@ -108,7 +109,7 @@ class LandmarkModule(pl.LightningModule):
 
     def _embed_step(self, batch: dict) -> dict:
         return {
-            "embeddings": self(batch["image"]).float(),
+            "embeddings": embed_batch(self, batch["image"]),
             "index": batch["index"],
             "label": batch["label"],
             "valid": batch["valid"],

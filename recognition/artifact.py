@@ -27,7 +27,7 @@ import pathlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -35,7 +35,7 @@ import numpy as np
 from core.atomic import replace_dir
 from core.errors import UserError
 from recognition.calibration import Calibration
-from recognition.centroids import CentroidSet
+from recognition.centroids import CentroidParams, CentroidSet, Representation, build_representation
 from retrieval.index import build_index, search, validate_embeddings
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,30 @@ class LandmarkIndex:
         info.update(index_kind=index_kind, index_params=dict(index_params or {}),
                     dropped_images=int(centroids.dropped_images))
         return cls(centroids.vectors, centroids.landmark, centroids.sizes, landmarks, model, None, info)
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: np.ndarray,
+        landmark_ids: Sequence[str],
+        model: dict | None = None,
+        representation: Representation = "centroids",
+        params: CentroidParams = CentroidParams(),
+        metadata: dict[str, dict] | None = None,
+        index_kind: str = "flat",
+        index_params: dict | None = None,
+        build: dict | None = None,
+        progress: bool = False,
+    ) -> "LandmarkIndex":
+        """The (uncalibrated) index that ``landmarks index`` builds from a database's embeddings.
+
+        :func:`recognition.centroids.build_representation` then :meth:`from_centroids`, with the
+        command's defaults (shooting-angle centroids, :class:`CentroidParams` defaults, an exact
+        flat index). ``model`` may be omitted for an index that is never saved (an evaluation).
+        """
+        reps = build_representation(embeddings, landmark_ids, representation, params, progress=progress)
+        return cls.from_centroids(reps, model or {}, metadata, index_kind=index_kind, index_params=index_params,
+                                  build=build)
 
     # ---- properties --------------------------------------------------------------------------
 

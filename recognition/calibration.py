@@ -3,8 +3,10 @@
 A recogniser is judged by how often it names a landmark in an ordinary photo. The threshold is
 therefore set on a calibration set of non-landmark photos: their top-1 scores against the index
 are exactly the scores that must be rejected, and the threshold is the score above which only a
-fraction ``target_fpr`` of them lie (:func:`retrieval.metrics.threshold_at_fpr`, accept iff
-``score >= threshold``). Calibration must use the same index and the same model as recognition.
+fraction ``target_fpr`` of them lie (:func:`retrieval.decision.threshold_at_fpr`, the same
+function the training-time metrics use), for the acceptance rule of :func:`retrieval.decision.decide`
+(accept iff ``score >= threshold``). Calibration must use the same index and the same model as
+recognition.
 
 A calibration set of ``n`` photos cannot resolve a rate below ``1/n``: with 500 photos, "at most
 0.1 % false positives" is indistinguishable from "none of these 500". Such a request is refused
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from core.errors import UserError
-from retrieval.metrics import threshold_at_fpr
+from retrieval.decision import accepts, threshold_admitting, threshold_at_fpr
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,10 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
         if not allow_unresolved:
             raise CalibrationError(message + "; add calibration images, raise the target FPR, or allow an "
                                    "unresolved calibration explicitly")
-        threshold = float(np.nextafter(s.max(), np.float32(np.inf)))
+        threshold = threshold_admitting(s, 0)
         log.warning("!" * 72)
         log.warning("%s. Using the threshold that admits none of them (%.6f); the real false-positive "
                     "rate is unknown.", message, threshold)
         log.warning("!" * 72)
-    n_fp = int((s >= threshold).sum())
+    n_fp = int(accepts(s, threshold).sum())
     return Calibration(threshold, target_fpr, n_fp / n, n, n_fp, resolved)

@@ -3,8 +3,9 @@
 One forward pass per image, in batches: decode (threads, overlapping the network) → the
 evaluation transform the index's gallery was embedded with → the embedding network → top-k
 distinct landmarks from the index → optional GPS filter → accept iff the best remaining score
-reaches the calibrated threshold. A photo that cannot be read becomes a result with ``error``
-set; the run goes on.
+reaches the calibrated threshold (:func:`retrieval.decision.decide`, the rule the evaluation
+metrics use too). A photo that cannot be read becomes a result with ``error`` set; the run
+goes on.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from core.embedding import embed_batch
 from core.errors import UserError
 from datamodules.images import UnreadableImage, load_rgb
 from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
 from recognition.artifact import LandmarkIndex, ModelMismatchError
 from recognition.gps import read_exif_gps, within_radius
+from retrieval.decision import decide
 from retrieval.embedding_model import EmbeddingModel, load_embedding_model
 
 log = logging.getLogger(__name__)
@@ -209,10 +212,9 @@ class Recognizer:
                     pending.append((nxt, [pool.submit(self._load, p) for p in paths[nxt:nxt + self.batch_size]]))
                 yield list(paths[start:start + self.batch_size]), [f.result() for f in futures]
 
-    @torch.inference_mode()
     def embed_tensors(self, images: torch.Tensor) -> np.ndarray:
         """Unit-norm float32 embeddings of a ``[B, 3, S, S]`` batch in [0, 1]."""
-        return self.net(images.to(self.device)).float().cpu().numpy()
+        return embed_batch(self.net, images, device=self.device).cpu().numpy()
 
     def _photo_gps(self, path: str) -> tuple[float, float] | None:
         found = self.gps.get(os.path.abspath(path))
@@ -238,12 +240,14 @@ class Recognizer:
                                      self.gps_radius_km)
                 allowed &= near
                 result.gps_rejected = [lms[r]["landmark_id"] for r in rows[valid & ~near]]
-        best = np.flatnonzero(allowed)
-        if best.size:
-            r, s = int(rows[best[0]]), float(scores[best[0]])
+        # The one acceptance rule (retrieval.decision), which the evaluation metrics apply too.
+        decision = decide(scores[None, :], rows[None, :], self.threshold, allowed[None, :])
+        best = int(decision.position[0])
+        if best >= 0:
+            r = int(rows[best])
             result.landmark_id, result.name, result.city = lms[r]["landmark_id"], lms[r]["name"], lms[r]["city"]
-            result.score = s
-            result.accepted = bool(s >= self.threshold)
+            result.score = float(decision.score[0])
+            result.accepted = bool(decision.accepted[0])
         return result
 
     # ---- API ---------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.atomic import save_npy_atomic, write_json_atomic
+from core.embedding import embed_batch
 from datamodules.datasets import ImageDataset
 from datamodules.transforms import eval_transform
 from retrieval.embedding_model import EmbeddingModel
@@ -193,7 +194,7 @@ class _PredictEmbeddings(pl.LightningModule):
                           persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        embeddings = self.net(batch["image"]).float()
+        embeddings = embed_batch(self.net, batch["image"])
         valid = batch["valid"].bool()
         embeddings = torch.where(valid[:, None], embeddings, torch.zeros_like(embeddings))
         self._buffer.append((batch["index"].cpu().numpy(), embeddings.cpu().numpy(), valid.cpu().numpy()))

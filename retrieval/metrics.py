@@ -9,7 +9,9 @@ Landmarks are rare in such collections, so the system accepts a prediction only 
 
 Conventions shared by every function here
 ----------------------------------------
-* Accept iff ``score >= threshold``.
+* Accept iff ``score >= threshold``: every acceptance is made by :func:`retrieval.decision.decide`,
+  the rule that :class:`recognition.Recognizer` applies too, with thresholds from
+  :func:`threshold_at_fpr` (defined there, re-exported here).
 * A prediction equal to ``NONLANDMARK`` (the nearest gallery item is itself a non-landmark, or an
   approximate index found no neighbour, see :func:`top1_predictions`) is "no prediction": it is
   never accepted and is left out of the GAP ranking.
@@ -66,8 +68,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from core.tables import ratio
 from core.labels import NONLANDMARK
 
+from .decision import check_alpha as _check_alpha
+from .decision import decide, select, threshold_at_fpr
 from .index import build_index, search
 
 __all__ = [
@@ -76,6 +81,7 @@ __all__ = [
     "PrecisionFprCurve",
     "RecognitionResult",
     "evaluate_recognition",
+    "fpr_metric_names",
     "format_alpha",
     "gap",
     "map_at_k",
@@ -83,6 +89,7 @@ __all__ = [
     "precision_fpr_curve",
     "recognition_at_fpr",
     "relevant_counts",
+    "score_decisions",
     "threshold_at_fpr",
     "top1_predictions",
 ]
@@ -140,48 +147,9 @@ def _effective_scores(pred: np.ndarray, score: np.ndarray) -> np.ndarray:
     return np.where(pred == NONLANDMARK, score.dtype.type(-np.inf), score)
 
 
-def _check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    return alpha
-
-
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den else math.nan
-
-
 # ----------------------------------------------------------------------------------------------
 # recognition at a false-positive rate
 # ----------------------------------------------------------------------------------------------
-
-
-def threshold_at_fpr(distractor_scores, alpha: float) -> float | None:
-    """Score threshold admitting at most a fraction ``alpha`` of distractors (accept iff s >= t).
-
-    Let ``n`` = number of distractors and ``k = floor(alpha * n + 1e-9)`` the number of false
-    positives allowed (the ``1e-9`` absorbs float error such as ``0.001 * 3000 = 2.9999...``).
-    Returns the smallest ``t`` with ``#(scores >= t) <= k``: the next representable value (in the
-    scores' own float dtype, so that it survives a cast back to it) above the (k+1)-th highest
-    score. If scores tie across the k-th / (k+1)-th position, the whole tied group is therefore
-    rejected and fewer than ``k`` distractors pass: ties are resolved conservatively.
-    Returns ``-inf`` when ``k >= n`` (alpha = 1: everything may pass).
-
-    Returns ``None`` when alpha is finer than the data resolves, ``k < 1``, i.e.
-    ``n < 1 / alpha`` (including ``n == 0``): a threshold admitting zero of too few distractors
-    says nothing about a rate of ``alpha``.
-    """
-    alpha = _check_alpha(alpha)
-    s = _scores(distractor_scores, "distractor_scores")
-    n = s.size
-    k = int(math.floor(alpha * n + 1e-9))
-    if n == 0 or k < 1:
-        return None
-    if k >= n:
-        return -math.inf
-    pos = n - k - 1  # ascending position of the (k+1)-th highest score
-    kth = np.partition(s, pos)[pos]
-    return float(np.nextafter(kth, s.dtype.type(np.inf)))
 
 
 class FprMetrics(dict):
@@ -218,7 +186,8 @@ def recognition_at_fpr(
 
     Returns:
         :class:`FprMetrics` mapping each resolvable ``alpha`` to a dict with
-        ``threshold`` (accept iff score >= threshold, from :func:`threshold_at_fpr`),
+        ``threshold`` (from :func:`threshold_at_fpr`; each query's top-1 is then decided by
+        :func:`retrieval.decision.decide`: accepted iff a prediction and score >= threshold),
         ``fpr`` (actual distractor acceptance rate, <= alpha),
         ``recall`` (correctly-labelled accepted landmark queries / ALL landmark queries),
         ``wrong_rate`` (wrongly-labelled accepted landmark queries / all landmark queries),
@@ -229,17 +198,11 @@ def recognition_at_fpr(
         Unresolvable alphas are listed in ``.unresolved``.
     """
     pred, s, true = _predictions(pred_label, score, true_label)
-    if user_prior is not None and not 0.0 < user_prior <= 1.0:
-        raise ValueError(f"user_prior must be in (0, 1] or None, got {user_prior}")
-    eff = _effective_scores(pred, s)
-    has_pred = pred != NONLANDMARK
-    is_distractor = true == NONLANDMARK
-    is_landmark = ~is_distractor
-    correct = is_landmark & (pred == true)
-    wrong = is_landmark & ~correct
-    n_landmark = int(is_landmark.sum())
-    n_distractor = int(is_distractor.sum())
-    distractor_scores = eff[is_distractor]
+    _check_prior(user_prior)
+    # The threshold is set on the scores at which a distractor's decision would be an acceptance;
+    # a distractor without a prediction is never accepted, so it counts as -inf.
+    distractor_scores = _effective_scores(pred, s)[true == NONLANDMARK]
+    candidates, labels = s[:, None], pred[:, None]  # each query's top-1 is its only candidate
 
     out: dict[float, dict[str, float]] = {}
     unresolved: list[float] = []
@@ -249,30 +212,62 @@ def recognition_at_fpr(
         if t is None:
             unresolved.append(alpha)
             continue
-        # has_pred matters only when t = -inf (alpha = 1): "no prediction" is never an acceptance.
-        accepted = has_pred & (eff >= t)
-        n_fp = int((accepted & is_distractor).sum())
-        n_c = int((accepted & correct).sum())
-        n_w = int((accepted & wrong).sum())
-        f = _ratio(n_fp, n_distractor)
-        r_c = _ratio(n_c, n_landmark)
-        r_w = _ratio(n_w, n_landmark)
-        row = {
-            "threshold": t,
-            "fpr": f,
-            "recall": r_c,
-            "wrong_rate": r_w,
-            "precision": _ratio(n_c, n_c + n_w + n_fp),
-        }
-        if user_prior is not None:
-            pi = float(user_prior)
-            if n_landmark == 0:
-                row["precision_at_prior"] = math.nan
-            else:
-                row["precision_at_prior"] = _ratio(pi * r_c, pi * (r_c + r_w) + (1.0 - pi) * f)
-        row.update(n_accepted=n_c + n_w + n_fp, n_correct=n_c, n_wrong=n_w, n_false_positives=n_fp)
-        out[alpha] = row
+        decision = decide(candidates, labels, t)
+        out[alpha] = score_decisions(decision.label, decision.accepted, true, t, user_prior)
     return FprMetrics(out, unresolved=tuple(unresolved))
+
+
+def _check_prior(user_prior: float | None) -> None:
+    if user_prior is not None and not 0.0 < user_prior <= 1.0:
+        raise ValueError(f"user_prior must be in (0, 1] or None, got {user_prior}")
+
+
+def score_decisions(pred_label, accepted, true_label, threshold: float, user_prior: float | None = 0.01) -> dict:
+    """Count the decisions of one operating point (one threshold) against the truth.
+
+    Args:
+        pred_label: [n] int, each query's prediction (:attr:`retrieval.decision.Decision.label`).
+        accepted: [n] bool, whether it was accepted (:attr:`retrieval.decision.Decision.accepted`).
+        true_label: [n] int, landmark label or NONLANDMARK for distractor queries.
+        threshold: the threshold the decisions were made at (reported as is).
+        user_prior: as in :func:`recognition_at_fpr`.
+
+    Returns:
+        The per-alpha row of :func:`recognition_at_fpr` (same keys, same definitions).
+    """
+    pred = _labels(pred_label, "pred_label")
+    true = _labels(true_label, "true_label")
+    acc = np.asarray(accepted, dtype=bool)
+    if not len(pred) == len(acc) == len(true):
+        raise ValueError(f"pred_label, accepted, true_label lengths differ: {len(pred)}, {len(acc)}, {len(true)}")
+    _check_prior(user_prior)
+    is_distractor = true == NONLANDMARK
+    is_landmark = ~is_distractor
+    correct = is_landmark & (pred == true)
+    wrong = is_landmark & ~correct
+    n_landmark = int(is_landmark.sum())
+    n_distractor = int(is_distractor.sum())
+    n_fp = int((acc & is_distractor).sum())
+    n_c = int((acc & correct).sum())
+    n_w = int((acc & wrong).sum())
+    f = ratio(n_fp, n_distractor)
+    r_c = ratio(n_c, n_landmark)
+    r_w = ratio(n_w, n_landmark)
+    row = {
+        "threshold": float(threshold),
+        "fpr": f,
+        "recall": r_c,
+        "wrong_rate": r_w,
+        "precision": ratio(n_c, n_c + n_w + n_fp),
+    }
+    if user_prior is not None:
+        pi = float(user_prior)
+        if n_landmark == 0:
+            row["precision_at_prior"] = math.nan
+        else:
+            row["precision_at_prior"] = ratio(pi * r_c, pi * (r_c + r_w) + (1.0 - pi) * f)
+    row.update(n_accepted=n_c + n_w + n_fp, n_correct=n_c, n_wrong=n_w, n_false_positives=n_fp)
+    return row
 
 
 def gap(pred_label, score, true_label) -> float:
@@ -350,8 +345,10 @@ def precision_fpr_curve(pred_label, score, true_label) -> PrecisionFprCurve:
 def top1_predictions(gallery_labels, scores, ids) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 landmark label and score of each query from a search result.
 
-    ``scores``/``ids`` are ``[n, k]`` from :func:`retrieval.index.search`. A query whose first id
-    is ``-1`` (an approximate index found nothing) gets ``(NONLANDMARK, -inf)``: no prediction.
+    ``scores``/``ids`` are ``[n, k]`` from :func:`retrieval.index.search`. The prediction is the
+    first candidate with an id (:func:`retrieval.decision.select`; faiss pads missing neighbours
+    with id ``-1`` at the end of a row, so that is column 0 whenever there is one). A query with
+    no id at all (an approximate index found nothing) gets ``(NONLANDMARK, -inf)``: no prediction.
     Returns ``(pred_label int64 [n], score float32 [n])``.
     """
     gl = _labels(gallery_labels, "gallery_labels")
@@ -359,16 +356,14 @@ def top1_predictions(gallery_labels, scores, ids) -> tuple[np.ndarray, np.ndarra
     ids = np.asarray(ids)
     if ids.ndim != 2 or scores.shape != ids.shape or ids.shape[1] < 1:
         raise ValueError(f"scores/ids must be [n, k>=1] of equal shape, got {scores.shape}, {ids.shape}")
-    first = ids[:, 0]
-    valid = first >= 0
+    valid = ids >= 0
     if gl.size == 0:
         valid = np.zeros_like(valid)
-    if valid.any() and first.max() >= gl.size:
-        raise ValueError(f"ids reference gallery row {first.max()} but gallery has {gl.size} labels")
-    pred = np.full(first.shape, NONLANDMARK, dtype=np.int64)
-    pred[valid] = gl[first[valid]]
-    score = np.where(valid, scores[:, 0], -np.inf).astype(np.float32)
-    return pred, score
+    if valid.any() and ids[valid].max() >= gl.size:
+        raise ValueError(f"ids reference gallery row {ids[valid].max()} but gallery has {gl.size} labels")
+    labels = gl[np.where(valid, ids, 0)] if gl.size else np.full(ids.shape, NONLANDMARK, np.int64)
+    chosen = select(scores, labels, allowed=valid)
+    return chosen.label, chosen.score.astype(np.float32)
 
 
 def relevant_counts(gallery_labels, query_labels) -> np.ndarray:
@@ -483,6 +478,20 @@ class RecognitionResult:
         return precision_fpr_curve(*self.as_predictions())
 
 
+def fpr_metric_names(fpr_metrics: FprMetrics, user_prior: float | None) -> dict[str, float]:
+    """The ``@fpr`` entries of the module docstring's table from :func:`recognition_at_fpr` rows."""
+    metrics: dict[str, float] = {}
+    for alpha, row in fpr_metrics.items():
+        a = format_alpha(alpha)
+        metrics[f"recall@fpr={a}"] = row["recall"]
+        metrics[f"precision@fpr={a}"] = row["precision"]
+        if user_prior is not None:
+            metrics[f"precision@fpr={a},prior={user_prior:g}"] = row["precision_at_prior"]
+        metrics[f"threshold@fpr={a}"] = row["threshold"]
+        metrics[f"actual_fpr@fpr={a}"] = row["fpr"]
+    return metrics
+
+
 def evaluate_recognition(
     gallery_emb: np.ndarray,
     gallery_labels,
@@ -542,16 +551,8 @@ def evaluate_recognition(
     is_landmark = true != NONLANDMARK
 
     n_rel = relevant_counts(gl, ql)
-    metrics: dict[str, float] = {}
     fpr_metrics = recognition_at_fpr(pred, score, true, alphas=alphas, user_prior=user_prior)
-    for alpha, row in fpr_metrics.items():
-        a = format_alpha(alpha)
-        metrics[f"recall@fpr={a}"] = row["recall"]
-        metrics[f"precision@fpr={a}"] = row["precision"]
-        if user_prior is not None:
-            metrics[f"precision@fpr={a},prior={user_prior:g}"] = row["precision_at_prior"]
-        metrics[f"threshold@fpr={a}"] = row["threshold"]
-        metrics[f"actual_fpr@fpr={a}"] = row["fpr"]
+    metrics: dict[str, float] = fpr_metric_names(fpr_metrics, user_prior)
     metrics["gap"] = gap(pred, score, true)
     metrics["p@1"] = precision_at_1(gl, q_ids, ql)
     metrics[f"map@{k}"] = map_at_k(gl, q_ids, ql, k)

@@ -1,4 +1,4 @@
-"""retrieval/accumulator.py: ordering, dedup, loud failures; a real 2-process gloo DDP run."""
+"""core/accumulator.py: ordering, dedup, loud failures; a real 2-process gloo DDP run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 from core.labels import NONLANDMARK
-from retrieval.accumulator import EmbeddingAccumulator
+from core.accumulator import EmbeddingAccumulator
 from retrieval.metrics import evaluate_recognition
 
 # ----------------------------------------------------------------------------------------------

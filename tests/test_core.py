@@ -73,7 +73,7 @@ def test_read_text_csv_keeps_text_and_names_the_file(tmp_path):
     class MyError(UserError):
         pass
 
-    with pytest.raises(MyError, match=f"manifest not found: .*missing.csv"):
+    with pytest.raises(MyError, match="manifest not found: .*missing.csv"):
         read_text_csv(tmp_path / "missing.csv", "manifest", MyError)
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"path\n\xff\xfe\x00bad")

@@ -209,6 +209,7 @@ class _ImprintProbe(pl.Callback):
         self.checked.append(new)
 
 
+@pytest.mark.slow
 def test_stage_switch_imprints_new_classes_at_their_mean_and_keeps_optimizer_state(tiny_world, tmp_path):
     pl.seed_everything(0)
     data = LandmarkDataModule(data_dir=str(tiny_world), image_size=32, classes_per_batch=2, samples_per_class=2,

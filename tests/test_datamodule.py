@@ -173,19 +173,22 @@ def test_oracle_clean_uses_ground_truth_and_refuses_real_data(tmp_path):
 
 def test_each_worker_and_epoch_draws_different_augmentations(tmp_path):
     root = _world(tmp_path, images_per_class=(4, 4, 4, 4))
+    # Every DB image gets the same pixels: two samples can then only differ by their augmentation.
+    same = (root / "db" / "0_0.jpg").read_bytes()
+    for path in (root / "db").glob("*.jpg"):
+        path.write_bytes(same)
     dm = _dm(root, num_workers=2, classes_per_batch=2, samples_per_class=2, nonlandmark_share=0.0,
              batches_per_epoch=2)
-    dm.train_dataloader()  # builds datasets
-    landmarks = dm._datasets["train_landmarks"]
-    # Same image in every batch: only the augmentation can differ.
-    from torch.utils.data import DataLoader
-    from datamodules.datasets import seed_worker_transforms
+    loader = dm.train_dataloader()  # the real training loader: its sampler, workers and worker_init_fn
+    assert loader.num_workers == 2 and len(loader) == 2  # batch 0 is built by worker 0, batch 1 by worker 1
 
     def epoch():
-        loader = DataLoader(landmarks, batch_size=None, sampler=[0, 0, 0, 0], num_workers=2,
-                            worker_init_fn=seed_worker_transforms)
-        return [float(sample["image"].sum()) for sample in loader]
+        batches = list(loader)
+        assert [len(b["image"]) for b in batches] == [4, 4]
+        return [b["image"][i].numpy().tobytes() for b in batches for i in range(4)]
 
     first, second = epoch(), epoch()
-    assert len(set(first)) == 4, first  # workers 0 and 1 (2 samples each) all differ
+    # Workers replaying one copied RNG would give batch 1 the same 4 augmentations as batch 0.
+    assert len(set(first)) == 8  # the 4 samples of worker 0 and the 4 of worker 1 all differ
+    assert len(set(second)) == 8
     assert set(first).isdisjoint(second)  # and the next epoch differs again

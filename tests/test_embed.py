@@ -186,6 +186,7 @@ json.dump(rows, open(f"{{out}}-rows{{rank}}.json", "w"))
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks_each_embed_a_part_and_all_get_everything(tmp_path):
     paths = _images(tmp_path / "img", 9)
     paths.insert(4, str(tmp_path / "img" / "missing.png"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def _experiment_args():
     cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"],
              ["demo.yaml", "curriculum.yaml"], ["demo.yaml", "arcface.yaml", "curriculum.yaml"],
              ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"]]
-    return [pytest.param(c, id="+".join(c)) for c in cases]
+    # The demo file alone stays in the fast tier; the compositions run in the full suite (CI).
+    return [pytest.param(c, id="+".join(c), marks=() if c == ["demo.yaml"] else pytest.mark.slow) for c in cases]
 
 
 def test_every_experiment_file_is_covered():
@@ -92,7 +94,9 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
     # 200 distractors, so that FPR 1e-2 is resolvable and its threshold is compared too.
     world = tmp_path / "world"
     generate_world(world, dataclasses.replace(SynthConfig.tiny(seed=1), distractors=200), workers=1, progress=False)
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    # tests/ on the path: the subprocesses load tests/eval_probes.py by class_path.
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     common = ["--config", str(EXPERIMENTS / "demo.yaml"), *_small(world)]
 
     def csv_logger(name):
@@ -115,14 +119,34 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
 
     for devices in (1, 2):
         run("validate", *common, f"--trainer.devices={devices}", "--trainer.strategy=ddp" if devices == 2 else "--trainer.strategy=auto",
-            *csv_logger(f"validate{devices}"), f"--ckpt_path={checkpoint}")
+            *csv_logger(f"validate{devices}"), f"--ckpt_path={checkpoint}",
+            "--trainer.callbacks+=eval_probes.EvalShardRecorder", f"--trainer.callbacks.out_dir={tmp_path / f'shards{devices}'}")
     single = _metrics(next((tmp_path / "runs" / "validate1").glob("version_*")))
     double = _metrics(next((tmp_path / "runs" / "validate2").glob("version_*")))
     assert single.keys() == double.keys() and "val/n_gallery" in single
     for key in single:
         assert single[key] == pytest.approx(double[key], abs=1e-6), key
 
+    # What each rank embedded (the rows validation_step handed to the evaluation callback).
+    one = json.loads((tmp_path / "shards1" / "validate_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "shards2" / f"validate_rank{r}.json").read_text()) for r in (0, 1)]
+    assert one["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
+    assert set(one["sets"]) == set(ranks[0]["sets"]) == set(ranks[1]["sets"]) == {"gallery", "queries", "distractors"}
+    assert one["sets"]["distractors"]["size"] == 200
+    for name, entry in one["sets"].items():
+        n = entry["size"]
+        assert sorted(entry["indices"]) == list(range(n)), name  # one process: the whole set, once
+        assert single[f"val/n_{name}"] == n
+        shares = [r["sets"][name]["indices"] for r in ranks]
+        half = -(-n // 2)  # DistributedSampler: ceil(n / 2) per rank, the shorter shard padded
+        assert [len(s) for s in shares] == [half, half], name  # each rank embeds about half, not all n
+        assert all(len(set(s)) == len(s) for s in shares), name
+        assert set(shares[0]) | set(shares[1]) == set(range(n)), name  # together: the whole set
+        # Disjoint but for the padding: n odd → exactly one index embedded on both ranks.
+        assert len(set(shares[0]) & set(shares[1])) == 2 * half - n, name
 
+
+@pytest.mark.slow
 def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(EXPERIMENTS / "paper.yaml"), *_small(tiny_world), "--model.pretrained=false",
@@ -131,13 +155,29 @@ def test_monitoring_an_unresolvable_fpr_fails_before_training(tiny_world, tmp_pa
         main(args)
 
 
-def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    # 2, not 1: through LightningCLI "--trainer.limit_val_batches=1" arrives as the float 1.0 (the
+    # whole set), "2" stays the integer 2 (a batch count).
     args = ["validate", "--config", str(EXPERIMENTS / "demo.yaml"), *_small(tiny_world),
-            "--trainer.limit_val_batches=1", "--trainer.logger=false"]
-    assert main(args) == 0
+            "--trainer.limit_val_batches=2", "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+            "--trainer.logger.save_dir=runs", "--trainer.logger.name=partial"]
+    with caplog.at_level(logging.WARNING, logger="callbacks.retrieval_evaluation"):
+        assert main(args) == 0
+    warnings = [r for r in caplog.records
+                if r.name == "callbacks.retrieval_evaluation" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "RetrievalEvaluation: val sees only part of the evaluation sets; metrics are partial"
+    ]
+    # And it is partial: 2 batches of 16 per set. The tiny world has 43 gallery images (oracle-clean),
+    # 14 queries and 60 distractors → 32, 14 and 32 are evaluated, without the exact-count check failing.
+    rows = list(csv.DictReader(next((tmp_path / "runs" / "partial").rglob("metrics.csv")).open()))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+    assert (logged["val/n_gallery"], logged["val/n_queries"], logged["val/n_distractors"]) == (32, 14, 32)
 
 
+@pytest.mark.slow
 def test_demo_main_job_prints_summary_and_writes_it(tiny_world, tmp_path, monkeypatch, capsys):
     """README command 1 (`landmarks demo`), shrunk to the tiny world: untrained eval → fit → eval."""
     monkeypatch.chdir(tmp_path)

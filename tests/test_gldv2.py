@@ -206,9 +206,61 @@ def test_malformed_predictions_are_errors(gldv2, tmp_path):
         read_recognition_predictions(bad, solution)
 
 
-def test_evaluate_cli_predicts_from_a_gallery(tmp_path):
-    # Test image 100 is a byte copy of train image 3 (landmark 17): its nearest gallery image.
-    root = make_gldv2(tmp_path / "gldv2", duplicate_of={100: 3})
+QUADRANTS = {"top_left": (slice(0, 16), slice(0, 16)), "top_right": (slice(0, 16), slice(16, 32)),
+             "bottom_left": (slice(16, 32), slice(0, 16)), "bottom_right": (slice(16, 32), slice(16, 32))}
+
+
+def _paint(path: Path, colour, quadrant: str | None = None) -> None:
+    """A 32 × 32 image: ``colour`` everywhere, or only in one quadrant (black elsewhere)."""
+    import numpy as np
+    from PIL import Image
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[QUADRANTS[quadrant] if quadrant else (slice(None), slice(None))] = colour
+    # Lossless content under the .jpg name (Pillow detects PNG by content): exact colours.
+    Image.fromarray(image).save(path, format="PNG")
+
+
+def test_evaluate_cli_predicts_from_a_gallery(tmp_path, monkeypatch):
+    import torch
+
+    from retrieval import embedding_model
+
+    class QuadrantColours(torch.nn.Module):
+        """Stub embedding worked out by hand: the mean colour of each quadrant, [TL, TR, BL, BR]
+        (12 numbers), L2-normalised. A solid colour c gives (c, c, c, c) / (2|c|); c in one quadrant
+        only gives c / |c| in that slot. So cos(solid d, solid c) = d·c / (|d||c|), and
+        cos(solid d, c in one quadrant) is half of that."""
+
+        embedding_size = 12
+
+        def forward(self, images):
+            quadrants = [images[:, :, rows, cols].float().mean(dim=(2, 3)) for rows, cols in QUADRANTS.values()]
+            return torch.nn.functional.normalize(torch.cat(quadrants, dim=1), dim=1)
+
+    monkeypatch.setattr(embedding_model, "load_embedding_model",
+                        lambda **kw: embedding_model.EmbeddingModel(QuadrantColours(), 32, {"source": "stub"}))
+    root = make_gldv2(tmp_path / "gldv2")
+    # Gallery (train_clean): per landmark one solid image and the others coloured in one quadrant:
+    # landmark 1 = 0 red, 1 red top-left, 2 red bottom-right; 17 = 3 green, 4 green top-right,
+    # 6 green bottom-left; 256 = 7 blue, 9 blue top-left.
+    gallery = {0: ((255, 0, 0), None), 1: ((255, 0, 0), "top_left"), 2: ((255, 0, 0), "bottom_right"),
+               3: ((0, 255, 0), None), 4: ((0, 255, 0), "top_right"), 6: ((0, 255, 0), "bottom_left"),
+               7: ((0, 0, 255), None), 9: ((0, 0, 255), "top_left")}
+    for n, (colour, quadrant) in gallery.items():
+        _paint(gldv2_path(root, "train", gldv2_id(n)), colour, quadrant)
+    # Solid test images: the top-1 neighbour is the solid gallery image of the largest channel (a
+    # one-quadrant image scores at most half of it), its cosine that channel / |colour|.
+    test_colours = {
+        100: (0, 240, 70),    # truth 17 (Public):       → 17,  240/250 = 0.96   correct
+        101: (150, 0, 200),   # truth 1 (Private):       → 256, 200/250 = 0.8    wrong
+        102: (0, 0, 250),     # truth 256 17 (Public):   → 256, 1.0              correct
+        103: (234, 88, 0),    # truth 9000 (Private):    → 1,   234/250 = 0.936  wrong (not in the gallery)
+        104: (0, 240, 54),    # no landmark (Public):    → 17,  240/246 = 0.9756 a false positive
+        105: (160, 120, 150), # no landmark (Private):   → 1,   160/250 = 0.64
+    }
+    for n, colour in test_colours.items():
+        _paint(gldv2_path(root, "test", gldv2_id(n)), colour)
     prepare_gldv2(root, tmp_path / "m", progress=False)
     out, submission = tmp_path / "gap.json", tmp_path / "predicted.csv"
     assert main(["evaluate", "gldv2", "--solution", str(root / "recognition_solution_v2.1.csv"),
@@ -216,11 +268,24 @@ def test_evaluate_cli_predicts_from_a_gallery(tmp_path):
                  "--workers", "0", "--write-predictions", str(submission), "--out", str(out)]) == 0
     solution = read_recognition_solution(root / "recognition_solution_v2.1.csv")
     predicted = read_recognition_predictions(submission, solution)
-    assert set(predicted) == set(solution.landmarks)  # every scored test image got a prediction
-    assert predicted[gldv2_id(100)][0] == 17 and predicted[gldv2_id(100)][1] == pytest.approx(1.0, abs=1e-4)
+    expected = {100: (17, 0.96), 101: (256, 0.8), 102: (256, 1.0), 103: (1, 0.936), 104: (17, 240 / 246), 105: (1, 0.64)}
+    assert set(predicted) == set(_ids(expected))  # every scored test image, none of the Ignored ones
+    for n, (landmark, score) in expected.items():
+        assert predicted[gldv2_id(n)][0] == landmark, n
+        assert predicted[gldv2_id(n)][1] == pytest.approx(score, abs=1e-5), n
     results = json.loads(out.read_text())
-    assert results["all"]["gap"] == pytest.approx(gldv2_gap(predicted, solution.landmarks), abs=1e-6)
-    assert results["all"]["n_predicted"] == 6
+    # All: M = 4 landmark images (100..103). Ranked by score: 102 ✓ (1.0, P = 1/1), 104 ✗ (0.976),
+    # 100 ✓ (0.96, P = 2/3), 103 ✗, 101 ✗, 105 ✗ → GAP (1 + 2/3)/4 = 5/12.
+    # Without the non-landmarks 104, 105: 102 ✓ 1/1, 100 ✓ 2/2 → (1 + 1)/4 = 1/2; top-1: 2 of 4.
+    assert results["all"]["gap"] == pytest.approx(5 / 12, abs=1e-6)
+    assert results["all"]["gap_without_nonlandmarks"] == pytest.approx(0.5, abs=1e-6)
+    assert results["all"]["top1_accuracy"] == pytest.approx(0.5)
+    assert (results["all"]["n_predicted"], results["all"]["n_landmark_images"]) == (6, 4)
+    # Public (100, 102, 104): M = 2; 102 ✓ 1/1, 104 ✗, 100 ✓ 2/3 → (1 + 2/3)/2 = 5/6; without 104: 1.
+    assert results["public"]["gap"] == pytest.approx(5 / 6, abs=1e-6)
+    assert results["public"]["gap_without_nonlandmarks"] == pytest.approx(1.0, abs=1e-6)
+    # Private (101, 103, 105): both landmark images predicted wrong → 0.
+    assert results["private"]["gap"] == 0.0 and results["private"]["top1_accuracy"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +293,7 @@ def test_evaluate_cli_predicts_from_a_gallery(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gldv2_paper_recipe_fits_on_converted_gldv2_and_places365(tmp_path, monkeypatch):
     data = tmp_path / "data"
     prepare_gldv2(make_gldv2(tmp_path / "gldv2"), data, progress=False)

@@ -102,7 +102,12 @@ def test_checkpoint_round_trip_with_weights_only(tiny_world, tmp_path):
 
 
 def test_pretrained_without_network_says_what_to_pass(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet, but immediate
+    # As on a machine without internet, but immediate. huggingface_hub reads the variable when it
+    # is imported (timm imports it at collection), so its constant is set too.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match=r"pretrained: offline.*mobilenetv2_100.*pretrained_path"):
         LandmarkModule(num_classes=3, backbone="resnet18", pretrained=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,21 @@ def test_cmyk_grey_rgba_16bit_all_become_rgb(tmp_path):
 
 
 def test_exif_rotation_is_applied(tmp_path):
-    image = Image.new("RGB", (40, 20), (10, 200, 10))
+    # Stored 40 wide x 20 high, blue with a red top-left quadrant (x < 20, y < 10).
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise when shown
-    image.save(tmp_path / "rot.jpg", exif=exif)
-    assert load_rgb(tmp_path / "rot.jpg").shape == (40, 20, 3)
+    image.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    shown = load_rgb(tmp_path / "rot.jpg").astype(int)
+    assert shown.shape == (40, 20, 3)  # width and height swap: 20 wide x 40 high
+    # Turning 90° clockwise moves the stored top-left corner to the top-right: the red quadrant is
+    # now x >= 10, y < 20. Look at each quadrant's centre (JPEG blurs the edges).
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    centres = {"top_left": (10, 5), "top_right": (10, 15), "bottom_left": (30, 5), "bottom_right": (30, 15)}
+    for name, (y, x) in centres.items():
+        expected = red if name == "top_right" else blue
+        assert np.abs(shown[y, x] - expected).max() < 40, (name, shown[y, x])
 
 
 def test_huge_image_is_downscaled_on_decode(tmp_path):
@@ -127,7 +138,7 @@ def test_unreadable_images_raise_naming_the_file(tmp_path, case):
         path.write_bytes(data[: len(data) // 3])
     elif case == "garbage":
         path.write_bytes(os.urandom(500))
-    with pytest.raises(UnreadableImage, match=case):
+    with pytest.raises(UnreadableImage, match=re.escape(str(path))):
         load_rgb(path)
 
 

@@ -19,7 +19,7 @@ REALPHOTOS = ROOT.parent / "shared" / "realphotos"
 
 def _fake_table() -> pd.DataFrame:
     rows = []
-    for i, (label, n) in enumerate([("a", 5), ("b", 4), ("c", 6), ("d", 3), ("e", 4)]):
+    for label, n in [("a", 5), ("b", 4), ("c", 6), ("d", 3), ("e", 4)]:
         rows += [(f"/x/{label}/{k}.jpg", label, "landmark", "repo/l") for k in range(n)]
     rows += [(f"/x/nl/web{k}.jpg", "nonlandmark", "nonlandmark", "repo/web") for k in range(12)]
     rows += [(f"/x/nl/sk{k}.jpg", "nonlandmark", "nonlandmark", "repo/sk") for k in range(6)]

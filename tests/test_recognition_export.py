@@ -57,6 +57,7 @@ def test_torchscript_export_agrees_with_eager(small_model, tiny_world, tmp_path)
 
 @pytest.mark.skipif(not HAVE_ONNX, reason="ONNX export needs the optional extra: pip install -e '.[export]' "
                     "(onnx, onnxscript, onnxruntime)")
+@pytest.mark.slow
 def test_onnx_export_agrees_with_eager(small_model, tiny_world, tmp_path):
     meta = export_model(small_model, tmp_path, formats=["onnx"])
     assert meta["files"]["onnx"]["checked"] and meta["files"]["onnx"]["max_abs_diff"] < 1e-4

@@ -75,10 +75,22 @@ def test_k_clipped_to_gallery_size(random_data):
 def test_progress_bar_and_empty_queries(random_data, capsys):
     gallery, queries = random_data
     index = build_index(gallery)
+    capsys.readouterr()
+    quiet_s, quiet_i = search(index, queries, 3, memory_budget_mb=0.1, progress=False)
+    assert capsys.readouterr() == ("", "")  # progress off: nothing written
+    # 0.1 MiB = 104857 B; one flat query costs 2*12*3 + 4*min(1000, 1024) = 4072 B -> 25 queries
+    # per chunk -> 300 / 25 = 12 chunks.
+    assert search_chunk_size(index, 3, 0.1) == 25
     s, i = search(index, queries, 3, memory_budget_mb=0.1, progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "faiss search" in err and "12/12" in err  # tqdm's bar, on stderr, ran to completion
     assert i.shape == (300, 3)
+    np.testing.assert_array_equal(i, quiet_i)
+    np.testing.assert_array_equal(s, quiet_s)
     s, i = search(index, queries[:0], 3)
-    assert s.shape == (0, 3)
+    assert s.shape == (0, 3) and s.dtype == np.float32
+    assert i.shape == (0, 3) and i.dtype == np.int64
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])

@@ -281,49 +281,101 @@ def test_prepare_writes_json_ground_truth_that_loads_identically(roxford, tmp_pa
     assert (root / "roxford5k" / "gnd_roxford5k.pkl").read_bytes() == before  # input untouched
 
 
+# A stub embedding whose output is worked out by hand: the direction of an image's mean colour,
+# (R, G, B) / |(R, G, B)|. The evaluation transform (area resize of a solid colour, black padding)
+# scales all three channel means alike, so the direction is exactly the painted colour's.
+# Query 0 is blue with a red box exactly on its crop (rows 7:30, columns 10:42): cropped, it is pure
+# red (1, 0, 0); uncropped it would be mostly blue. Query 1 is solid green (0, 1, 0).
+COLOUR_DATABASE = [(250, 150, 0), (200, 120, 100), (120, 60, 150), (0, 100, 200), (150, 0, 150), (60, 250, 60)]
+# cos(red, db)   = R/|c|: .857  .788  .596  0     .707  .227 → ranking [0, 1, 4, 2, 5, 3]
+# cos(green, db) = G/|c|: .514  .473  .298  .447  0     .947 → ranking [5, 0, 1, 3, 2, 4]
+# Ground truth: query 0 easy {0, 3}, hard {2}, junk {4}; query 1 easy {5}, hard {1}.
+# Query 0, ranking [0, 1, 4, 2, 5, 3]:
+#   Easy   (junk 4, 2):  kept [0, 1, 5, 3], positives at p = 0, 3:
+#          (1 + 1)/2 · 1/2 + (1/3 + 2/4)/2 · 1/2 = 1/2 + 5/24 = 17/24;   P@1 = 1/1, P@5 = P@10 = 2/min(k, 4) = 1/2
+#   Medium (junk 4):     kept [0, 1, 2, 5, 3], positives at p = 0, 2, 4:
+#          (1 + 1)/2 · 1/3 + (1/2 + 2/3)/2 · 1/3 + (2/4 + 3/5)/2 · 1/3 = 1/3 + 7/36 + 11/60 = 32/45;
+#          P@1 = 1, P@5 = P@10 = 3/5
+#   Hard   (junk 4, 0, 3): kept [1, 2, 5], positive at p = 1: (0 + 1/2)/2 = 1/4; P@1 = 0, P@5 = P@10 = 1/2
+# Query 1, ranking [5, 0, 1, 3, 2, 4]:
+#   Easy   (junk 1):     positive at p = 0: AP 1; P@k = 1
+#   Medium:              positives at p = 0, 2: 1/2 + (1/2 + 2/3)/2 · 1/2 = 19/24; P@1 = 1, P@5 = P@10 = 2/3
+#   Hard   (junk 5):     kept [0, 1, 3, 2, 4], positive at p = 1: AP 1/4; P@1 = 0, P@5 = P@10 = 1/2
+EXPECTED_COLOUR_METRICS = {
+    "map_easy": (17 / 24 + 1) / 2, "map_medium": (32 / 45 + 19 / 24) / 2, "map_hard": 0.25,  # 41/48, 541/720
+    "mp@1_easy": 1.0, "mp@5_easy": 0.75, "mp@10_easy": 0.75,
+    "mp@1_medium": 1.0, "mp@5_medium": (3 / 5 + 2 / 3) / 2, "mp@10_medium": (3 / 5 + 2 / 3) / 2,  # 19/30
+    "mp@1_hard": 0.0, "mp@5_hard": 0.5, "mp@10_hard": 0.5,
+    "n_evaluated_easy": 2, "n_evaluated_medium": 2, "n_evaluated_hard": 2,
+}
+
+
+def _mean_colour_direction(images: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(images.float().mean(dim=(2, 3)), dim=1)
+
+
+class _ColourNet(torch.nn.Module):
+    embedding_size = 3
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _mean_colour_direction(images)
+
+
+def _paint_colour_world(folder) -> None:
+    query0 = np.zeros((48, 64, 3), np.uint8)
+    query0[...] = (0, 0, 255)
+    query0[7:30, 10:42] = (255, 0, 0)  # exactly crop_box(64, 48, QUERY_BOX) = (10, 7, 42, 30)
+    _save_png_as_jpg_name(query0, folder / "jpg" / "all_souls_000013.jpg")
+    _save_png_as_jpg_name(np.full((48, 64, 3), (0, 255, 0), np.uint8), folder / "jpg" / "ashmolean_000058.jpg")
+    for i, colour in enumerate(COLOUR_DATABASE):
+        _save_png_as_jpg_name(np.full((48, 64, 3), colour, np.uint8), folder / "jpg" / f"all_souls_{i:06d}.jpg")
+
+
 def test_evaluate_cli_crops_queries_and_scores_the_protocol(roxford, tmp_path, monkeypatch):
-    from callbacks.revisited_evaluation import embed_revisited
     from retrieval import embedding_model
 
-    loaded = []  # the CLI's model, kept to recompute the metrics independently
-    real_loader = embedding_model.load_embedding_model
-    monkeypatch.setattr(embedding_model, "load_embedding_model", lambda **kw: loaded.append(real_loader(**kw)) or loaded[-1])
-    root, _, _ = roxford
+    root, folder, _ = roxford
+    _paint_colour_world(folder)
+    asked = []
+
+    def stub_loader(**kw):
+        asked.append(kw)
+        return embedding_model.EmbeddingModel(_ColourNet(), kw["image_size"] or 224, {"source": "stub"})
+
+    monkeypatch.setattr(embedding_model, "load_embedding_model", stub_loader)
     out = tmp_path / "revisited.json"
     assert main(["evaluate", "revisited", "--root", str(root), "--backbone", "mobilenetv2_100",
                  "--image-size", "64", "--workers", "0", "--out", str(out)]) == 0
-    metrics = json.loads(out.read_text())["roxford5k"]
-    model = loaded[0]
-    assert model.identity["backbone"] == "mobilenetv2_100" and model.image_size == 64
-    data = load_revisited(root, "roxford5k")
-    q, x = embed_revisited(model.net, data, 64, torch.device("cpu"))
-    # The cropped query 0 is pixel-identical to database image 0: same embedding, ranked first.
-    assert float(q[0] @ x[0]) == pytest.approx(1.0, abs=1e-5)
-    expected = revisited_metrics(rank_database(q, x), data.gnd, n_database=6)
-    assert metrics == pytest.approx(expected)
-    assert metrics["n_evaluated_hard"] == 2 and 0.0 <= metrics["map_medium"] <= 1.0
+    assert asked == [{"backbone": "mobilenetv2_100", "image_size": 64}]
+    results = json.loads(out.read_text())
+    assert results["model"] == {"source": "stub"} and results["image_size"] == 64
+    # Uncropped, query 0 would rank [2, 4, 3, 1, 5, 0] and every number would differ.
+    assert results["roxford5k"] == pytest.approx(EXPECTED_COLOUR_METRICS)
 
 
 def test_callback_logs_the_protocol_after_test(roxford, tiny_world, tmp_path):
     import pytorch_lightning as pl
 
-    from callbacks.revisited_evaluation import RevisitedEvaluation, embed_revisited
+    from callbacks.revisited_evaluation import RevisitedEvaluation
     from datamodules import LandmarkDataModule
-    from lightning_modules import LandmarkModule
 
-    root, _, _ = roxford
+    class ColourModule(pl.LightningModule):
+        def forward(self, images):
+            return _mean_colour_direction(images)
+
+        def test_step(self, batch, batch_idx, dataloader_idx=0):
+            return None
+
+    root, folder, _ = roxford
+    _paint_colour_world(folder)
     datamodule = LandmarkDataModule(data_dir=str(tiny_world), image_size=32, classes_per_batch=4, samples_per_class=2,
                                     num_workers=0, eval_batch_size=16)
-    torch.manual_seed(0)
-    module = LandmarkModule(num_classes=datamodule.num_classes, backbone="resnet10t", embedding_size=32)
     callback = RevisitedEvaluation(root=str(root), datasets=["roxford5k"], num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], default_root_dir=tmp_path)
-    logged = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    data = load_revisited(root, "roxford5k")
-    module.eval()
-    q, x = embed_revisited(module, data, 32, torch.device("cpu"))  # data module's image_size
-    expected = revisited_metrics(rank_database(q, x), data.gnd, n_database=6)
-    for key in ("map_easy", "map_medium", "map_hard", "mp@1_medium", "mp@5_hard"):
-        assert logged[f"test/roxford5k/{key}"] == pytest.approx(expected[key], abs=1e-6)
-    assert callback.last_metrics["roxford5k/n_evaluated_medium"] == 2
+    logged = trainer.test(ColourModule(), datamodule=datamodule, verbose=False)[0]
+    for key in ("map_easy", "map_medium", "map_hard", "mp@1_medium", "mp@5_medium", "mp@1_hard", "mp@5_hard"):
+        assert logged[f"test/roxford5k/{key}"] == pytest.approx(EXPECTED_COLOUR_METRICS[key], abs=1e-6), key
+    assert {k: v for k, v in callback.last_metrics.items() if k.startswith("roxford5k/")} == pytest.approx(
+        {f"roxford5k/{k}": v for k, v in EXPECTED_COLOUR_METRICS.items()}
+    )

@@ -32,12 +32,31 @@ def test_batch_is_p_classes_times_k_plus_nonlandmarks():
 
 
 def test_small_classes_sampled_with_replacement_large_without():
+    k = 4
+    small_seen, large_seen = set(), set()
+    small_images_drawn = {c: set() for c in range(3)}  # classes 0, 1, 2 have 1, 2, 3 < K images
     for batch in _sampler(num_batches=60):
         landmark = np.array([i for i in batch if i < N_LANDMARK])
-        for c in np.unique(CLASS_OF_IMAGE[landmark]):
-            picks = landmark[CLASS_OF_IMAGE[landmark] == c]
-            if (CLASS_OF_IMAGE == c).sum() >= 4:
-                assert len(set(picks.tolist())) == 4
+        for c in np.unique(CLASS_OF_IMAGE[landmark]).tolist():
+            picks = landmark[CLASS_OF_IMAGE[landmark] == c].tolist()
+            own = set(np.flatnonzero(CLASS_OF_IMAGE == c).tolist())
+            assert len(picks) == k and set(picks) <= own  # always K images, all of the class's own
+            if len(own) < k:
+                # With replacement: its few images repeat to fill the K slots.
+                small_seen.add(c)
+                small_images_drawn[c].update(picks)
+                assert len(set(picks)) < k and max(Counter(picks).values()) >= 2
+                if len(own) == 1:
+                    assert picks == [min(own)] * k
+            else:
+                # Without replacement: no image twice in a batch (class 3, exactly K images: all of them).
+                large_seen.add(c)
+                assert len(set(picks)) == k
+                if len(own) == k:
+                    assert set(picks) == own
+    assert small_seen == {0, 1, 2} and {3, 11} <= large_seen  # both cases were actually exercised
+    # Replacement draws from all of a small class's images, not the same one over and over.
+    assert all(drawn == set(np.flatnonzero(CLASS_OF_IMAGE == c).tolist()) for c, drawn in small_images_drawn.items())
 
 
 def test_every_class_is_visited_and_epochs_differ():

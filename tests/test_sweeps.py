@@ -368,6 +368,7 @@ def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
     assert "(n=1, no CI)" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
     """Every configuration of the ablation resolves under LightningCLI to the loss and curriculum it names."""
     from callbacks.wandb_conventions import run_identity

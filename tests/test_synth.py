@@ -7,6 +7,9 @@ import csv
 import hashlib
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -15,14 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.main import main
+from cli.synth import add_synth_arguments, run_synth_command
 from datamodules.synth import (
     FORMAT,
     HARD_NEGATIVE_KIND,
     NONLANDMARK_KINDS,
     SynthConfig,
-    add_synth_arguments,
     generate_world,
-    run_synth_command,
 )
 
 DB_COLUMNS = ["path", "landmark_id", "lat", "lon", "view", "is_noise", "true_landmark_id"]
@@ -193,15 +196,41 @@ def test_refuses_non_empty_out_and_leaves_no_temporary(tmp_path):
 
 
 def test_failed_generation_removes_its_temporary(tmp_path, monkeypatch):
-    import datamodules.synth as synth
+    from datamodules.synth.render import Renderer
 
     def broken(self, task):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synth._Renderer, "write", broken)
+    monkeypatch.setattr(Renderer, "write", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_world(tmp_path / "world", SynthConfig.tiny(), workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+RENDERER_MODULES = ("datamodules.synth.render", "datamodules.synth.draw", "datamodules.synth.scenes",
+                    "datamodules.synth.camera", "datamodules.synth.write")
+
+
+@pytest.mark.slow
+def test_data_module_import_does_not_load_the_renderer():
+    """`import datamodules.landmark_datamodule` (and SynthConfig) leaves the renderer unloaded;
+    `generate_world` loads it on first use."""
+    code = (
+        "import sys\n"
+        "import datamodules.landmark_datamodule\n"
+        "from datamodules.synth import SynthConfig\n"
+        f"modules = {RENDERER_MODULES!r}\n"
+        "print(sorted(m for m in modules if m in sys.modules))\n"
+        "from datamodules.synth import generate_world\n"
+        "print(sorted(m for m in modules if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.strip().splitlines()[-2:]
+    assert before == "[]"
+    assert after == repr(sorted(RENDERER_MODULES))
 
 
 def test_invalid_config_is_rejected():
@@ -227,5 +256,12 @@ def test_command_line(tmp_path, capsys):
     meta = json.loads((out / "world.json").read_text())
     assert meta["config"]["image_size"] == 48 and meta["seed"] == 9 and meta["counts"]["distractors"] == 7
 
-    assert run_synth_command(args) == 1
-    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_synth_command(args)
+    # Through `landmarks`: one line, exit status 2.
+    argv = ["synth", "--out", str(out), "--num-landmarks", "4", "--duplicate-landmarks", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landmarks synth: error: ") and "not empty" in err and len(err.splitlines()) == 1
+    assert main(["synth", "--out", str(tmp_path / "x"), "--num-landmarks", "4", "--duplicate-landmarks", "3"]) == 2
+    assert "duplicate_landmarks" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 from jsonargparse import Namespace
 
 from callbacks.wandb_conventions import (
@@ -75,6 +76,7 @@ def _small(world: Path) -> list[str]:
             "--model.pretrained=false", "--model.backbone=resnet10t", "--trainer.enable_model_summary=false"]
 
 
+@pytest.mark.slow
 def test_fit_with_wandb_disabled_logs_identity_config_and_final_summary(tiny_world, tmp_path, monkeypatch):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 

@@ -7,7 +7,7 @@ the raw concatenation would therefore double-count some images and depend on the
 index, sorts by index, and refuses to return anything but exactly ``{0, ..., expected_size-1}``:
 a silently missing or extra image would shift every metric without any visible symptom.
 
-Metric computation itself stays in :mod:`retrieval.metrics` (pure functions): this module only
+Metric computation itself stays in ``retrieval.metrics`` (pure functions): this module only
 moves tensors.
 """
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["EmbeddingAccumulator"]
+__all__ = ["EmbeddingAccumulator", "rank_and_world"]
 
 
-def _dist_world() -> int:
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised default process group, else ``(0, 1)``."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _comm_device() -> torch.device:
@@ -144,7 +145,7 @@ class EmbeddingAccumulator:
         }
 
     def _gather(self, emb, idx, extras):
-        world = _dist_world()
+        _, world = rank_and_world()
         meta = self._meta(emb, extras)
         metas: list[dict] = [None] * world  # type: ignore[list-item]
         # Metadata only (a few bytes per rank), so all_gather_object is fine here.
@@ -189,7 +190,7 @@ class EmbeddingAccumulator:
         if self._cache is not None:
             return self._cache
         emb, idx, extras = self._local()
-        world = _dist_world()
+        _, world = rank_and_world()
         if world > 1:
             emb, idx, extras = self._gather(emb, idx, extras)
         elif emb is None:

@@ -1,0 +1,48 @@
+"""``landmarks synth``: generate the synthetic landmark world (:mod:`datamodules.synth`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import fields
+
+from core.errors import UserError
+from datamodules.synth import CONFIG_HELP, HARD_NEGATIVE_KIND, SynthConfig, generate_world
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out`` plus one flag per :class:`SynthConfig` field (``--num-landmarks`` ...)."""
+    parser.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    defaults = SynthConfig()
+    for field in fields(SynthConfig):
+        default = getattr(defaults, field.name)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(default), default=default,
+                            help=f"{CONFIG_HELP[field.name]} (default {default})")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: number of CPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_synth_command(args: argparse.Namespace) -> int:
+    try:
+        config = SynthConfig(**{field.name: getattr(args, field.name) for field in fields(SynthConfig)})
+    except ValueError as err:  # a bad combination of options (SynthConfig names the fields)
+        raise UserError(str(err)) from err
+    start = time.perf_counter()
+    # A non-empty --out without --overwrite is a FileExistsError: cli.main reports it in one line.
+    world = generate_world(args.out, config, workers=args.workers, overwrite=args.overwrite,
+                           progress=getattr(args, "progress", True))
+    counts, noise = world["counts"], world["noise"]
+    hard = sum(world["kinds"][split].get(HARD_NEGATIVE_KIND, 0) for split in ("nonlandmarks", "distractors"))
+    print(
+        f"Synthetic landmark world written to {args.out} in {time.perf_counter() - start:.1f} s: "
+        f"{counts['landmarks']} landmark ids ({counts['distinct_structures']} distinct structures, "
+        f"{len(world['duplicates'])} duplicated under a second id), {counts['db']} DB images with "
+        f"{noise['total']} wrong labels ({noise['wrong_landmark']} another landmark, "
+        f"{noise['nonlandmark']} no landmark), "
+        f"{counts['queries']} landmark queries, {counts['nonlandmarks']} non-landmark training images and "
+        f"{counts['distractors']} distractors ({hard} of these non-landmarks are generic buildings); "
+        f"{config.image_size} px, difficulty {config.difficulty}, seed {config.seed}. Manifests: db.csv, "
+        f"queries.csv, nonlandmarks.csv, distractors.csv, landmarks.csv; ground truth in world.json."
+    )
+    return 0

@@ -1,0 +1,126 @@
+"""The one way this project embeds images with a model: a batch, or a whole (sub)set of a dataset.
+
+* :func:`embed_batch` is the forward pass every caller uses (validation/test/predict steps, the
+  cached ``Trainer.predict`` embedding, the recogniser, the loop below): no gradients, the network
+  in eval mode for the call (every submodule's own mode restored afterwards), an optional
+  precision context (``trainer.precision_plugin.forward_context``), float32 rows out.
+* :func:`embed_dataset` embeds a dataset, or the items at ``positions``, in batches. Under DDP
+  (a default process group is initialised) it is a collective: each rank embeds a disjoint part
+  and every rank gets the whole result, gathered by :class:`core.accumulator.EmbeddingAccumulator`
+  into the caller's order.
+
+What lives elsewhere: the on-disk cache and the multi-GPU ``Trainer.predict`` path
+(``retrieval.embed``), and threads that decode photos ahead of the network (``recognition``);
+both call :func:`embed_batch`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from core.accumulator import EmbeddingAccumulator, rank_and_world
+
+__all__ = ["embed_batch", "embed_dataset", "eval_mode"]
+
+ForwardContext = Callable[[], AbstractContextManager]
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode inside the block; afterwards every submodule has its own mode back.
+
+    (Restoring with ``net.train(was_training)`` would switch on training in submodules that were
+    deliberately in eval mode, such as frozen BatchNorm layers.)
+    """
+    modes = [(module, module.training) for module in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def embed_batch(
+    net: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+    forward_context: ForwardContext | None = None,
+) -> torch.Tensor:
+    """Float32 embeddings ``[B, D]`` of ``images`` (``[B, 3, H, W]``), on the network's device.
+
+    Args:
+        net: maps a batch of images to embedding rows (an ``EmbeddingNet``, a LightningModule).
+        images: the batch; moved to ``device`` first when one is given.
+        device: where the network is.
+        forward_context: a callable giving the context to run the forward pass in, e.g. a
+            Lightning trainer's ``precision_plugin.forward_context`` (autocast for mixed precision).
+    """
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    with torch.no_grad(), eval_mode(net), (forward_context or nullcontext)():
+        return net(images).float()
+
+
+def embed_dataset(
+    net: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    positions: Sequence[int] | np.ndarray | None = None,
+    extras: Sequence[str] = ("valid",),
+    forward_context: ForwardContext | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Embed ``dataset`` (or its items at ``positions``) with :func:`embed_batch`.
+
+    The dataset's items are dicts with an ``"image"`` tensor and the keys named in ``extras``
+    (``ImageDataset``'s ``label``, ``valid``, ...). When a default process group is initialised
+    this is a collective: every rank must call it with the same arguments; rank ``r`` of ``w``
+    embeds items ``r, r + w, r + 2w, ...`` and every rank returns the whole result.
+
+    Args:
+        net, device, forward_context: as for :func:`embed_batch`.
+        batch_size, num_workers: of the data loader (``pin_memory`` when ``device`` is CUDA).
+        positions: the dataset items to embed, in the order wanted (repeats allowed); default all.
+        extras: item keys collected next to the embeddings.
+        progress, desc: a tqdm bar over this rank's batches.
+
+    Returns:
+        ``(embeddings, extras)`` on the CPU: ``embeddings[i]`` (float32) belongs to item
+        ``positions[i]`` (item ``i`` without ``positions``), each requested extra is in the same
+        order, and ``extras["indices"]`` is ``0 .. n-1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = np.arange(len(dataset)) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
+    rank, world = rank_and_world()
+    mine = np.arange(len(items))[rank::world]  # places in ``items`` this rank embeds, in order
+    loader = DataLoader(
+        Subset(dataset, items[mine].tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device is not None and torch.device(device).type == "cuda",
+    )
+    accumulator = EmbeddingAccumulator(expected_size=len(items))
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=desc, leave=False)
+    offset = 0
+    for batch in loader:
+        rows = embed_batch(net, batch["image"], device=device, forward_context=forward_context)
+        # The loader's order is ``mine``'s: the accumulator gets places in ``items``, not the
+        # dataset's own indices (``positions`` may repeat an item).
+        where = torch.from_numpy(mine[offset : offset + len(rows)])
+        accumulator.update(rows, where, **{key: torch.as_tensor(batch[key]) for key in extras})
+        offset += len(rows)
+    return accumulator.compute()

@@ -1,0 +1,17 @@
+"""Randomness of a world: independent streams per purpose, so adding draws to one never shifts another.
+
+Every image's randomness comes from ``(seed, split stream, index)`` and every landmark's blueprint
+from ``(seed, blueprint stream, landmark index)``: the same config and seed give the same world
+whatever the number of worker processes or the order the images are rendered in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STREAM_DB, STREAM_QUERIES, STREAM_NONLANDMARKS, STREAM_DISTRACTORS = 1, 2, 3, 4
+STREAM_BLUEPRINT, STREAM_PLAN, STREAM_VIEW_MIX = 10, 11, 12
+
+
+def stream_rng(seed: int, stream: int, *index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, *index]))
