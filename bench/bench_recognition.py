@@ -315,12 +315,12 @@ def run_latency(args) -> dict:
         tensors = torch.stack([transform(image=load_rgb(p, max_side=2 * model.image_size))["image"] for p in photos])
         net = model.net.eval()
 
-        def forward_only():
+        def forward_only(net=net, tensors=tensors):
             with torch.inference_mode():
                 for s in range(0, len(tensors), args.batch_size):
                     net(tensors[s:s + args.batch_size])
 
-        def end_to_end():
+        def end_to_end(recognizer=recognizer, photos=photos):
             out = recognizer.recognize(photos)
             assert len(out) == len(photos) and not any(r.error for r in out)
 

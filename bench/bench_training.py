@@ -134,7 +134,7 @@ def main() -> None:
         plain.append(plain_loop(args, data))
         lightning.append(lightning_loop(args, data))
         print(f"plain {plain[-1]:8.1f} img/s   lightning {lightning[-1]:8.1f} img/s", flush=True)
-    ratios = [l / p for l, p in zip(lightning, plain)]
+    ratios = [lit / p for lit, p in zip(lightning, plain)]
     result = {
         "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),

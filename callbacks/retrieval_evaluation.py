@@ -38,8 +38,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from core.atomic import atomic_path
 from core.accumulator import EmbeddingAccumulator
+from core.atomic import atomic_path
+from core.errors import UserError
 from recognition.evaluation import evaluate_centroid_index
 from retrieval.metrics import evaluate_recognition
 from retrieval.plots import plot_precision_fpr, plot_score_histograms
@@ -97,7 +98,7 @@ class RetrievalEvaluation(Callback):
                 continue
             alpha = float(monitor.split("@fpr=")[1].split(",")[0])
             if n_distractors * alpha < 1 - 1e-9:
-                raise ValueError(
+                raise UserError(
                     f"{type(callback).__name__} monitors {monitor!r}, but {n_distractors} distractors cannot "
                     f"resolve FPR {alpha:g} (needs ≥ {int(round(1 / alpha))}); monitor a coarser FPR or val/gap"
                 )

@@ -30,9 +30,9 @@ from typing import Literal
 
 import numpy as np
 
-from core.atomic import write_json_atomic
 from cleaning.algorithm import CleaningParams, CleaningResult, clean_embeddings
 from cleaning.truth import score_against_truth
+from core.atomic import write_json_atomic
 from datamodules.manifest import Manifest, ManifestError, read_manifest, write_manifest
 
 __all__ = ["OUTPUT_COLUMNS", "PARAM_HELP", "clean_manifest"]

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from core.atomic import atomic_path, write_text_atomic
 from cleaning.algorithm import CleaningResult
+from core.atomic import atomic_path, write_text_atomic
 from datamodules.images import UnreadableImage, load_rgb
 
 __all__ = ["write_report"]

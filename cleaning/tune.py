@@ -30,6 +30,7 @@ from cleaning.algorithm import CleaningParams, clean_embeddings
 from cleaning.truth import noise_flags, score_against_truth
 from core.atomic import write_json_atomic
 from core.errors import UserError
+from core.tables import json_number, ratio
 from datamodules.manifest import read_manifest
 
 DEFAULT_GRID = {
@@ -48,7 +49,8 @@ def _fold_counts(table, result, rows: np.ndarray) -> tuple[int, int, int]:
 
 
 def _pr(tp: int, fp: int, fn: int) -> tuple[float, float]:
-    return (tp / (tp + fp) if tp + fp else 1.0), (tp / (tp + fn) if tp + fn else 1.0)
+    """Removal precision and recall; NaN where nothing was removed / there is no noise."""
+    return ratio(tp, tp + fp), ratio(tp, tp + fn)
 
 
 def tune_cleaning(
@@ -132,15 +134,17 @@ def tune_cleaning(
         print(file=sys.stderr)
 
     def objective(counts) -> float:
+        # An undefined ratio sets no constraint (fmin skips NaN); with neither defined, nothing to go on.
         p, r = _pr(*np.sum(counts, axis=0))
-        return min(p - target_precision, r - target_recall)
+        worst = float(np.fmin(p - target_precision, r - target_recall))
+        return -np.inf if np.isnan(worst) else worst
 
     lines = ["| held-out fold | chosen on the other folds | precision | recall |", "|---|---|---|---|"]
     held_out = []
     for f in range(folds):
         best = max(range(len(combos)), key=lambda c: objective([scores[c][g] for g in range(folds) if g != f]))
         p, r = _pr(*scores[best][f])
-        held_out.append({"fold": f, "params": combos[best], "precision": round(p, 4), "recall": round(r, 4)})
+        held_out.append({"fold": f, "params": combos[best], "precision": json_number(p, 4), "recall": json_number(r, 4)})
         lines.append(f"| {f} | {json.dumps(combos[best])} | {p:.3f} | {r:.3f} |")
     pooled = np.sum([scores[[combos.index(h["params"]) for h in held_out][f]][f] for f in range(folds)], axis=0)
     p, r = _pr(*pooled)
@@ -152,11 +156,11 @@ def tune_cleaning(
     truth = score_against_truth(data.table, full)
     results = {
         "grid": grid, "folds": folds, "seed": seed, "held_out": held_out,
-        "held_out_pooled": {"precision": round(p, 4), "recall": round(r, 4)},
+        "held_out_pooled": {"precision": json_number(p, 4), "recall": json_number(r, 4)},
         "chosen": combos[best], "whole_database": truth,
         "combinations": [{"params": c, "per_fold_tp_fp_fn": [list(map(int, x)) for x in s]}
                          for c, s in zip(combos, scores)],
     }
     if out:
-        write_json_atomic(out, results, indent=1, newline=False)
+        write_json_atomic(out, results, indent=1, newline=False, allow_nan=False)
     return {**results, "table": "\n".join(lines)}

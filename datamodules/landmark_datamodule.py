@@ -32,9 +32,9 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-from datamodules.datasets import ImageDataset, seed_worker_transforms
 from core.errors import UserError
 from core.labels import NONLANDMARK
+from datamodules.datasets import ImageDataset, seed_worker_transforms
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from datamodules.synth import SynthConfig

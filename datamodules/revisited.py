@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
 from core.atomic import write_json_atomic
 from datamodules.datasets import ImageDataset
 from datamodules.images import load_rgb

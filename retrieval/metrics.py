@@ -68,8 +68,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from core.tables import ratio
 from core.labels import NONLANDMARK
+from core.tables import ratio
 
 from .decision import check_alpha as _check_alpha
 from .decision import decide, select, threshold_at_fpr

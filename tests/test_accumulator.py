@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from core.labels import NONLANDMARK
 from core.accumulator import EmbeddingAccumulator
+from core.labels import NONLANDMARK
 from retrieval.metrics import evaluate_recognition
 
 # ----------------------------------------------------------------------------------------------

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 import json
 import os
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -500,3 +500,17 @@ def test_evidence_rule_ignores_faiss_padding_of_an_approximate_index():
         assert np.all(np.isfinite(result.other_similarity)) and np.all(result.other_similarity >= -1.0 - 1e-6)
         assert result.keep.all()
 
+
+
+def test_tune_ratios_follow_the_one_empty_ratio_rule():
+    import math
+
+    from cleaning.tune import _pr
+
+    # Nothing removed, 3 noise rows: precision undefined (NaN, not a made-up 1.0), recall 0.
+    p, r = _pr(0, 0, 3)
+    assert math.isnan(p) and r == 0.0
+    # No noise rows, 2 wrongly removed: precision 0, recall undefined.
+    p, r = _pr(0, 2, 0)
+    assert p == 0.0 and math.isnan(r)
+    assert _pr(3, 1, 1) == (0.75, 0.75)

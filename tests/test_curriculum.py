@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.curriculum import Curriculum, Stage, class_accuracy_scores, order_by_scores, read_difficulty_file
-from datamodules import LandmarkDataModule
 from core.labels import NONLANDMARK
+from datamodules import LandmarkDataModule
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from lightning_modules import LandmarkModule
 from losses import ArcFaceLoss, CenterSoftmaxLoss

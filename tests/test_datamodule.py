@@ -57,7 +57,7 @@ def test_loaders_compose_batches_and_carry_indices(tmp_path, caplog):
     assert batch["image"].shape == (5, 3, 32, 32)
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0  # model normalises
     labels = batch["label"].tolist()
-    assert labels.count(NONLANDMARK) == 1 and set(Counter(l for l in labels if l >= 0).values()) == {2}
+    assert labels.count(NONLANDMARK) == 1 and set(Counter(y for y in labels if y >= 0).values()) == {2}
     names = dm.eval_set_names
     assert names == ("gallery", "queries", "distractors")
     loaders = dm.val_dataloader()
@@ -163,7 +163,7 @@ def test_class_map_mismatch_on_resume_fails(tmp_path):
 def test_oracle_clean_uses_ground_truth_and_refuses_real_data(tmp_path):
     root = _world(tmp_path)
     lines = (root / "db.csv").read_text().splitlines()
-    noisy = [lines[0] + ",is_noise"] + [f"{l},{1 if i in (0, 4) else 0}" for i, l in enumerate(lines[1:])]
+    noisy = [lines[0] + ",is_noise"] + [f"{line},{1 if i in (0, 4) else 0}" for i, line in enumerate(lines[1:])]
     (root / "noisy.csv").write_text("\n".join(noisy) + "\n")
     dm = _dm(root, db_manifest="noisy.csv", oracle_clean=True)
     assert len(dm.db) == 8 and not any(p.endswith(("0_0.jpg", "1_1.jpg")) for p in dm.db.paths)

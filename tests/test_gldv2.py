@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from public_datasets import GLDV2_TRAIN, gldv2_id, gldv2_path, make_gldv2, make_places365
 
 from cli.main import main
 from datamodules.gldv2 import (
@@ -18,7 +19,6 @@ from datamodules.gldv2 import (
     read_recognition_solution,
 )
 from datamodules.manifest import ManifestError, read_manifest
-from public_datasets import GLDV2_TRAIN, gldv2_id, gldv2_path, make_gldv2, make_places365
 from retrieval.gldv2 import gldv2_gap, top1_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]

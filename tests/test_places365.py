@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from public_datasets import PLACES_CATEGORIES, make_places365
 
 from cli.main import main
 from datamodules.manifest import ManifestError, read_manifest
 from datamodules.places365 import prepare_places365, read_places365, read_places365_categories
-from public_datasets import PLACES_CATEGORIES, make_places365
 
 
 @pytest.fixture
