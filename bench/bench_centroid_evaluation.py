@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,9 @@ if str(REPO) not in sys.path:
 
 from callbacks.retrieval_evaluation import RetrievalEvaluation  # noqa: E402
 from core.labels import NONLANDMARK  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_metrics import lscpu_model  # noqa: E402
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -72,17 +74,6 @@ def make_data(landmarks: int, per_landmark: int, queries: int, distractors: int,
         "queries": (photos(q_labels), q_labels, 0),
         "distractors": (d, np.full(len(d), NONLANDMARK), 0),
     }
-
-
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return "unknown"
 
 
 def main() -> None:

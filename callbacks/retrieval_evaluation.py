@@ -201,30 +201,16 @@ class RetrievalEvaluation(Callback):
     def _compute(self, trainer, gathered, stage: str, plot_dir: Path, tag: str) -> dict:
         empty = np.zeros((0, gathered["gallery"][0].shape[1]), np.float32)
         distractors = gathered.get("distractors", (empty, None, 0))[0]
-        result = evaluate_recognition(
-            gallery_emb=gathered["gallery"][0],
-            gallery_labels=gathered["gallery"][1],
-            query_emb=gathered["queries"][0],
-            query_labels=gathered["queries"][1],
-            distractor_emb=distractors,
-            alphas=self.alphas,
-            k=self.top_k,
-            user_prior=self.user_prior,
-            index_kind=self.index,
-            memory_budget_mb=self.memory_budget_mb,
+        sets = dict(
+            gallery_emb=gathered["gallery"][0], gallery_labels=gathered["gallery"][1],
+            query_emb=gathered["queries"][0], query_labels=gathered["queries"][1], distractor_emb=distractors,
+            alphas=self.alphas, user_prior=self.user_prior, memory_budget_mb=self.memory_budget_mb,
         )
+        result = evaluate_recognition(**sets, k=self.top_k, index_kind=self.index)
         result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
         if self.centroid_index:
-            shipped = evaluate_centroid_index(
-                gallery_emb=gathered["gallery"][0],
-                gallery_labels=gathered["gallery"][1],
-                query_emb=gathered["queries"][0],
-                query_labels=gathered["queries"][1],
-                distractor_emb=distractors,
-                alphas=self.alphas,
-                user_prior=self.user_prior,
-                memory_budget_mb=self.memory_budget_mb,
-            )
+            # The same sets through the decision that ships (centroid index + calibrated threshold).
+            shipped = evaluate_centroid_index(**sets)
             result.metrics.update({f"centroid/{name}": value for name, value in shipped.items()})
         if self.plots:
             self._plot(trainer, result, stage, plot_dir, tag)

@@ -133,7 +133,8 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
-def _float_scores(x, name: str) -> np.ndarray:
+def float_scores(x, name: str) -> np.ndarray:
+    """``x`` as a 1-D float array, or a ValueError naming it (wrong shape, NaN)."""
     a = np.asarray(x)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
@@ -151,7 +152,7 @@ def threshold_admitting(scores, k: int) -> float:
     float dtype (so that it survives a cast back to it). Scores tied across the k-th / (k+1)-th
     position are rejected as a group: fewer than ``k`` may pass. ``-inf`` when ``k >= n``.
     """
-    s = _float_scores(scores, "scores")
+    s = float_scores(scores, "scores")
     n = s.size
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -179,7 +180,7 @@ def threshold_at_fpr(distractor_scores, alpha: float) -> float | None:
     says nothing about a rate of ``alpha``.
     """
     alpha = check_alpha(alpha)
-    s = _float_scores(distractor_scores, "distractor_scores")
+    s = float_scores(distractor_scores, "distractor_scores")
     n = s.size
     k = int(math.floor(alpha * n + 1e-9))
     if n == 0 or k < 1:

@@ -70,10 +70,9 @@ import numpy as np
 
 from core.labels import NONLANDMARK
 from core.tables import ratio
-
-from .decision import check_alpha as _check_alpha
-from .decision import decide, select, threshold_at_fpr
-from .index import build_index, search
+from retrieval.decision import check_alpha as _check_alpha
+from retrieval.decision import decide, float_scores, select, threshold_at_fpr
+from retrieval.index import build_index, search
 
 __all__ = [
     "NONLANDMARK",
@@ -120,21 +119,10 @@ def _labels(x, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _scores(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float64)
-    if np.isnan(a).any():
-        raise ValueError(f"{name} contains NaN")
-    return a
-
-
 def _predictions(pred_label, score, true_label) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pred = _labels(pred_label, "pred_label")
     true = _labels(true_label, "true_label")
-    s = _scores(score, "score")
+    s = float_scores(score, "score")
     if not len(pred) == len(s) == len(true):
         raise ValueError(
             f"pred_label, score, true_label lengths differ: {len(pred)}, {len(s)}, {len(true)}"

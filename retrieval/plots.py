@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .metrics import RecognitionResult, format_alpha, threshold_at_fpr
+from retrieval.metrics import RecognitionResult, format_alpha, threshold_at_fpr
 
 __all__ = ["plot_precision_fpr", "plot_score_histograms"]
 
