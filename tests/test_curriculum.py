@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from core.labels import NONLANDMARK
 from datamodules import LandmarkDataModule
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from lightning_modules import LandmarkModule
-from losses import ArcFaceLoss, CenterSoftmaxLoss
+from losses import ArcFaceLoss, CenterSoftmaxLoss, ContrastiveLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = str(Path(sys.executable).parent / "landmarks")
@@ -189,13 +190,21 @@ class _ImprintProbe(pl.Callback):
             return
         new = sorted(set(curriculum.active) - set(self.active_before))
         dataset = trainer.datamodule.eval_dataset("gallery")
-        pl_module.eval()
+        # The curriculum embeds with BatchNorm statistics of its class sample (here: the whole
+        # gallery, one batch): the same, by hand, on a copy of the model.
+        probe = copy.deepcopy(pl_module).eval()
+        norms = [m for m in probe.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
         with torch.no_grad():
+            probe(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+            probe.eval()
             means = []
             for c in new:
                 images = torch.stack([dataset[i]["image"] for i in np.flatnonzero(dataset.labels == c)])
-                means.append(F.normalize(pl_module(images).mean(0), dim=0))
-        pl_module.train()
+                means.append(F.normalize(probe(images).mean(0), dim=0))
         weights = pl_module.loss.class_weight_matrix()
         for c, mean in zip(new, means):
             assert torch.allclose(weights[c], mean, atol=1e-5), f"class {c} not imprinted at its mean"
@@ -343,3 +352,173 @@ def test_step_lengths_switch_at_the_first_epoch_boundary_after_them_and_warmup_r
         curriculum.on_train_batch_start(trainer, None, None, 0)
         lrs.append(group["lr"])
     assert lrs == pytest.approx([0.0125, 0.025, 0.0375, 0.05, 0.05, 0.05])
+
+
+# ---- imprinting lands where training looks: logits by hand, in PML's layout ------------------
+
+
+def _arcface_logits_by_hand(x, means, scale, margin_degrees, targets):
+    """PML's ArcFace logits: ``s·cos`` off target, ``s·cos(θ + m)`` on it (``cos θ − m·sin m`` past π − m)."""
+    cos = F.normalize(x, dim=1) @ F.normalize(means, dim=1).t()
+    m = np.radians(margin_degrees)
+    theta = torch.acos(cos.gather(1, targets[:, None]).clamp(-1, 1))
+    target = torch.where(theta <= np.pi - m, torch.cos(theta + m), torch.cos(theta) - m * np.sin(m))
+    return scale * cos, scale * cos.scatter(1, targets[:, None], target)
+
+
+@pytest.mark.parametrize("sub_centers,nonlandmarks", [(1, "ignore"), (1, "class"), (3, "ignore")])
+def test_imprinted_arcface_logits_are_scaled_cosines_to_the_class_means_in_pml_layout(sub_centers, nonlandmarks):
+    torch.manual_seed(0)
+    num_classes, dim, scale, margin = 5, 8, 30.0, 28.6
+    loss = ArcFaceLoss(num_classes, dim, margin=margin, scale=scale, sub_centers=sub_centers, nonlandmarks=nonlandmarks)
+    means = 2.5 * torch.randn(num_classes, dim)  # not unit length: imprint normalises
+    loss.imprint(torch.arange(num_classes), means)
+    # PML reads W as [d, outputs · k] and takes columns (c·k .. c·k+k-1) as class c: ask PML itself.
+    w = loss.arcface.W.detach()
+    assert w.shape == (dim, loss.num_outputs * sub_centers)
+    columns = F.normalize(w, dim=0)[:, : num_classes * sub_centers].t().reshape(num_classes, sub_centers, dim)
+    torch.testing.assert_close(columns, F.normalize(means, dim=1)[:, None].expand(-1, sub_centers, -1))
+    x, targets = torch.randn(7, dim), torch.tensor([0, 1, 2, 3, 4, 0, 2])
+    cosines = loss.arcface.get_cosine(x)  # PML's class cosines (sub-center ArcFace: max over a class's k)
+    plain, with_margin = _arcface_logits_by_hand(x, means, scale, margin, targets)
+    torch.testing.assert_close(scale * cosines[:, :num_classes], plain, atol=1e-4, rtol=0)
+    # And the loss itself: cross-entropy over exactly those logits (the margin on the target only).
+    if nonlandmarks == "class":  # the extra class's column keeps its random init and takes part too
+        extra = scale * F.normalize(x, dim=1) @ F.normalize(w[:, -1], dim=0)
+        with_margin = torch.cat([with_margin, extra[:, None]], dim=1)
+    torch.testing.assert_close(loss(x, targets), F.cross_entropy(with_margin, targets), atol=1e-4, rtol=1e-5)
+
+
+def test_imprinted_center_softmax_logits_are_scaled_cosines_to_the_class_means():
+    torch.manual_seed(0)
+    loss = CenterSoftmaxLoss(5, 8, center_weight=0.0, nonlandmark_class=False, nonlandmark_margin=None)
+    means = 2.5 * torch.randn(5, 8)
+    loss.imprint(torch.arange(5), means)
+    torch.testing.assert_close(loss.centers, F.normalize(means, dim=1))
+    x, targets = torch.randn(7, 8), torch.tensor([0, 1, 2, 3, 4, 0, 2])
+    logits = loss.softmax_scale * F.normalize(x, dim=1) @ F.normalize(means, dim=1).t()
+    torch.testing.assert_close(loss(x, targets), F.cross_entropy(logits, targets), atol=1e-5, rtol=1e-5)
+
+
+_ONE_STAGE_LOSSES = {
+    "arcface": lambda n, d: ArcFaceLoss(n, d, scale=30.0),
+    "center": lambda n, d: CenterSoftmaxLoss(n, d, nonlandmark_margin=0.5),
+    "contrastive": lambda n, d: ContrastiveLoss(n, d),
+}
+
+
+def _small_fit_parts(world: Path, loss: str, steps: int):
+    pl.seed_everything(0)
+    data = LandmarkDataModule(data_dir=str(world), image_size=64, classes_per_batch=4, samples_per_class=4,
+                              oracle_clean=True, eval_batch_size=64, num_workers=0, nonlandmark_share=0.2,
+                              batches_per_epoch=steps)
+    model = LandmarkModule(data.num_classes, backbone="mobilenetv2_100", pretrained="offline", embedding_size=512,
+                           loss=_ONE_STAGE_LOSSES[loss])
+    return data, model
+
+
+class _SeededAugmentation(pl.Callback):
+    """albumentations pipelines seed themselves from OS entropy: fix them, so two fits see the same pixels."""
+
+    def on_train_start(self, trainer, pl_module):
+        for name in ("train_landmarks", "train_nonlandmarks"):
+            trainer.datamodule.eval_dataset(name).transform.set_random_seed(0)
+
+
+def test_imprinting_at_the_start_uses_the_embeddings_training_sees_and_leaves_the_model_alone(tiny_world, one_torch_thread):
+    """At step 0 the imprinted class vectors are the class means of *training-mode* embeddings.
+
+    Eval-mode embeddings of an untrained model use BatchNorm statistics that are not this data's
+    (the head's are still mean 0 / variance 1): imprinting from them put every ArcFace column in
+    one narrow cone, nearly orthogonal to what the loss then saw, and training collapsed.
+    """
+    data, model = _small_fit_parts(tiny_world, "arcface", steps=1)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    checked = []
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            # The callback changed the class weights only: backbone, head and BatchNorm statistics
+            # are as they were (the statistics it needed were estimated and put back).
+            after = pl_module.net.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), "the curriculum changed the network"
+            dataset = trainer.datamodule.eval_dataset("gallery")  # the whole gallery is the class sample
+            images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+            labels = torch.as_tensor(dataset.labels)
+            probe = copy.deepcopy(pl_module).train()  # batch statistics, as in a training step
+            with torch.no_grad():
+                x = probe(images)
+            classes = sorted(set(labels.tolist()) - {NONLANDMARK})
+            means = torch.stack([x[labels == c].mean(0) for c in classes])
+            scale = pl_module.loss.arcface.scale
+            # What the loss computes for these embeddings, read through PML's own W layout ...
+            logits = scale * pl_module.loss.arcface.get_cosine(x)[:, classes]
+            # ... equals the scaled cosine to each class's mean, computed by hand.
+            by_hand = scale * F.normalize(x, dim=1) @ F.normalize(means, dim=1).t()
+            # (Not exact: eval mode divides by the unbiased variance, a training step by the biased
+            # one. Imprinting from eval-mode embeddings of the untrained model was 0.75·scale off.)
+            assert (logits - by_hand).abs().max() < 0.05 * scale, (logits - by_hand).abs().max() / scale
+            checked.append(True)
+
+    curriculum = Curriculum([Stage(class_share=1.0)], difficulty="size", images_per_class=100)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[curriculum, Check()])
+    trainer.fit(model, data)
+    assert checked
+
+
+def _gallery_separation(model: LandmarkModule, data: LandmarkDataModule) -> float:
+    """Mean over gallery images of cos(own class centroid) − max cos(other centroid), eval mode."""
+    dataset = data.eval_dataset("gallery")
+    keep = np.flatnonzero(dataset.labels >= 0)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = model(torch.stack([dataset[i]["image"] for i in keep]))
+    model.train(was_training)
+    y = torch.as_tensor(dataset.labels[keep])
+    classes = torch.unique(y)
+    centroids = F.normalize(torch.stack([x[y == c].mean(0) for c in classes]), dim=1)
+    own = (y[:, None] == classes[None, :])
+    similarity = x @ centroids.t()
+    return float((similarity[own] - similarity.masked_fill(own, -2.0).amax(dim=1)).mean())
+
+
+def _short_fit(world: Path, loss: str, curriculum: Curriculum | None, steps: int, every: int):
+    data, model = _small_fit_parts(world, loss, steps)
+    losses, separations = [], []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+            if (batch_idx + 1) % every == 0:
+                separations.append(_gallery_separation(pl_module, trainer.datamodule))
+
+    callbacks = [_SeededAugmentation(), Record()] + ([curriculum] if curriculum is not None else [])
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(model, data)
+    return np.array(losses), np.array(separations)
+
+
+@pytest.mark.parametrize("loss", ["arcface", "center", "contrastive"])
+def test_one_stage_curriculum_trains_like_the_fit_without_it(loss, tiny_world, one_torch_thread):
+    """Imprinting every class and masking none must not change how a loss trains, beyond a better start.
+
+    Contrastive has no class weights: the curriculum must then leave no trace at all (it ranks by
+    accuracy here, so it embeds the sample at step 0). The classifier losses start from imprinted
+    weights, so their runs differ; the measure is how well the gallery's classes separate along
+    the way (mean of six checkpoints), which must not fall behind the run without the callback.
+    Before the fix ArcFace fell *below the untrained network* (mean −0.06 vs 0.28 without, with
+    0.43 now), and the center loss lagged behind at every checkpoint (0.09 vs 0.16; 0.25 now).
+    """
+    if loss == "contrastive":
+        plain, _ = _short_fit(tiny_world, loss, None, steps=6, every=100)
+        staged, _ = _short_fit(tiny_world, loss, Curriculum([Stage()], difficulty="accuracy"), steps=6, every=100)
+        np.testing.assert_array_equal(staged, plain)
+        return
+    steps, every = 30, 5
+    plain_losses, plain = _short_fit(tiny_world, loss, None, steps, every)
+    staged_losses, staged = _short_fit(tiny_world, loss, Curriculum([Stage()], difficulty="size"), steps, every)
+    assert np.isfinite(staged_losses).all()
+    assert staged.mean() >= plain.mean() - 0.05, (staged.round(3).tolist(), plain.round(3).tolist())
