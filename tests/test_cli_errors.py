@@ -167,6 +167,7 @@ CHATTER = ("faiss.loader", "AVX512", "AVX2", "GPU available", "TPU available", "
            "deprecated", "DeprecationWarning", "UserWarning", "LightningCLI's args")
 
 
+@pytest.mark.slow  # real subprocesses: each pays the torch/Lightning import
 def test_console_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     bad = str(_bad_manifest(tmp_path))
     argv = ["index", "--manifest", bad, "--out", str(tmp_path / "idx"), "--backbone", "mobilenetv2_100"]
@@ -177,6 +178,7 @@ def test_console_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert "datamodules.manifest.ManifestError: " in debug.stderr
 
 
+@pytest.mark.slow  # real subprocesses: each pays the torch/Lightning import
 def test_console_run_has_no_library_chatter_and_verbose_brings_it_back(tiny_world, tmp_path):
     argv = ["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "idx"), "--backbone",
             "mobilenetv2_100", "--image-size", "64", "--threshold", "0.5", "--cache-dir", "", "--num-workers", "0",

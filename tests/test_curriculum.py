@@ -501,7 +501,8 @@ def _short_fit(world: Path, loss: str, curriculum: Curriculum | None, steps: int
     return np.array(losses), np.array(separations)
 
 
-@pytest.mark.parametrize("loss", ["arcface", "center", "contrastive"])
+@pytest.mark.parametrize("loss", [pytest.param("arcface", marks=pytest.mark.slow),
+                                  pytest.param("center", marks=pytest.mark.slow), "contrastive"])
 def test_one_stage_curriculum_trains_like_the_fit_without_it(loss, tiny_world, one_torch_thread):
     """Imprinting every class and masking none must not change how a loss trains, beyond a better start.
 
