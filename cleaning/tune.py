@@ -53,6 +53,54 @@ def _pr(tp: int, fp: int, fn: int) -> tuple[float, float]:
     return ratio(tp, tp + fp), ratio(tp, tp + fn)
 
 
+def _checked_grid(grid: dict[str, list] | None) -> dict[str, list]:
+    """The grid to search (default :data:`DEFAULT_GRID`), every key a cleaning parameter."""
+    grid = dict(grid) if grid else dict(DEFAULT_GRID)
+    known = {f.name for f in fields(CleaningParams)}
+    unknown = [key for key in grid if key not in known]
+    if unknown:
+        raise UserError(f"--grid: unknown parameter(s) {unknown}; the parameters are {sorted(known)}")
+    bad = [key for key, values in grid.items() if not isinstance(values, list) or not values]
+    if bad:
+        raise UserError(f"--grid: {bad[0]!r} needs a non-empty list of values")
+    return grid
+
+
+def _tuning_embeddings(data, pool, checkpoint, backbone, embeddings, nonlandmark_embeddings, image_size,
+                       cache_dir) -> tuple[np.ndarray, np.ndarray | None]:
+    """(DB rows, pool rows or None): read from ``.npy`` files, or embedded with the model (cached)."""
+    if embeddings is not None:
+        emb = np.load(embeddings, allow_pickle=False)
+        if len(emb) != len(data):
+            raise UserError(f"{embeddings} has {len(emb)} rows but {data.source} has {len(data)}")
+        return emb, np.load(nonlandmark_embeddings, allow_pickle=False) if pool is not None else None
+    from retrieval.embed import embed_paths
+    from retrieval.embedding_model import load_embedding_model
+
+    model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
+    result = embed_paths(model, data.paths + (pool.paths if pool is not None else []), cache_dir=cache_dir)
+    return result.embeddings[: len(data)], result.embeddings[len(data):] if pool is not None else None
+
+
+def _fold_scores(data, emb, pool_emb, combos: list[dict], fold: np.ndarray, folds: int,
+                 progress: bool) -> list[list[tuple[int, int, int]]]:
+    """Per combination, per fold: removal (tp, fp, fn) against the ground truth."""
+    ids = list(data.landmark_ids)
+    scores = []
+    for n, combo in enumerate(combos):
+        params = replace(CleaningParams(), **combo)
+        # The decisions use no ground truth, so each combination runs once on the whole database
+        # (each image keeps the cross-landmark evidence it has in real use); the ground truth is
+        # split by landmark, so a combination is chosen on some landmarks' rows and scored on others'.
+        result = clean_embeddings(emb, ids, params, nonlandmark_embeddings=pool_emb)
+        scores.append([_fold_counts(data.table, result, fold == f) for f in range(folds)])
+        if progress:
+            print(f"\r{n + 1}/{len(combos)} combinations", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return scores
+
+
 def tune_cleaning(
     manifest: str | os.PathLike,
     *,
@@ -86,52 +134,20 @@ def tune_cleaning(
         raise UserError("with --embeddings, --nonlandmarks needs --nonlandmark-embeddings (rows in its order)")
     if folds < 2:
         raise UserError(f"--folds must be >= 2, got {folds}")
-    grid = dict(grid) if grid else dict(DEFAULT_GRID)
-    known = {f.name for f in fields(CleaningParams)}
-    unknown = [key for key in grid if key not in known]
-    if unknown:
-        raise UserError(f"--grid: unknown parameter(s) {unknown}; the parameters are {sorted(known)}")
-    bad = [key for key, values in grid.items() if not isinstance(values, list) or not values]
-    if bad:
-        raise UserError(f"--grid: {bad[0]!r} needs a non-empty list of values")
+    grid = _checked_grid(grid)
     data = read_manifest(manifest)
     if "is_noise" not in data.table.columns:
         raise UserError(f"{manifest}: no is_noise column; tuning needs the ground truth")
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
-    if embeddings is not None:
-        emb = np.load(embeddings, allow_pickle=False)
-        if len(emb) != len(data):
-            raise UserError(f"{embeddings} has {len(emb)} rows but {data.source} has {len(data)}")
-        pool_emb = np.load(nonlandmark_embeddings, allow_pickle=False) if pool is not None else None
-    else:
-        from retrieval.embed import embed_paths
-        from retrieval.embedding_model import load_embedding_model
-
-        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
-        result = embed_paths(model, data.paths + (pool.paths if pool is not None else []), cache_dir=cache_dir)
-        emb = result.embeddings[: len(data)]
-        pool_emb = result.embeddings[len(data):] if pool is not None else None
-
+    emb, pool_emb = _tuning_embeddings(data, pool, checkpoint, backbone, embeddings, nonlandmark_embeddings,
+                                       image_size, cache_dir)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     ids = np.asarray(data.landmark_ids)
     landmarks = np.unique(ids)
     fold_of = dict(zip(landmarks, np.random.default_rng(seed).permutation(len(landmarks)) % folds))
     fold = np.asarray([fold_of[i] for i in ids])
     base = CleaningParams()
-
-    scores = []  # per combo: per fold (tp, fp, fn)
-    for n, combo in enumerate(combos):
-        params = replace(base, **combo)
-        # The decisions use no ground truth, so each combination runs once on the whole database
-        # (each image keeps the cross-landmark evidence it has in real use); the ground truth is
-        # split by landmark, so a combination is chosen on some landmarks' rows and scored on others'.
-        result = clean_embeddings(emb, ids.tolist(), params, nonlandmark_embeddings=pool_emb)
-        per_fold = [_fold_counts(data.table, result, fold == f) for f in range(folds)]
-        scores.append(per_fold)
-        if progress:
-            print(f"\r{n + 1}/{len(combos)} combinations", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    scores = _fold_scores(data, emb, pool_emb, combos, fold, folds, progress)
 
     def objective(counts) -> float:
         # An undefined ratio sets no constraint (fmin skips NaN); with neither defined, nothing to go on.
