@@ -147,7 +147,7 @@ def build_landmark_index(
     from datamodules.manifest import load_manifest
     from recognition.artifact import LandmarkIndex
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold
-    from recognition.centroids import CentroidParams, build_representation
+    from recognition.centroids import CentroidParams
     from retrieval.embedding_model import load_embedding_model
 
     if threshold is not None and nonlandmarks:
@@ -192,7 +192,6 @@ def build_landmark_index(
     if not valid.any():
         raise UserError(f"{data.source}: none of the {len(valid)} database images could be read")
     ids = [i for i, ok in zip(data.landmark_ids, valid) if ok]
-    reps = build_representation(emb[valid], ids, representation, params, progress=progress)
     source = {"checkpoint": str(pathlib.Path(checkpoint).resolve())} if checkpoint else {"backbone": backbone}
     build = {
         "representation": representation,
@@ -201,9 +200,10 @@ def build_landmark_index(
         "manifest": str(pathlib.Path(data.source).resolve()),
         "n_images": int(valid.sum()), "n_unreadable": int((~valid).sum()),
     }
-    index = LandmarkIndex.from_centroids(
-        reps, {"identity": model.identity, "key": model.key, "source": source}, metadata,
-        index_kind=index_kind, index_params=index_params or {}, build=build,
+    # The same build as the evaluation's shipped-decision index (RetrievalEvaluation centroid_index).
+    index = LandmarkIndex.from_embeddings(
+        emb[valid], ids, {"identity": model.identity, "key": model.key, "source": source}, representation, params,
+        metadata, index_kind=index_kind, index_params=index_params or {}, build=build, progress=progress,
     )
     if nl_emb is not None:
         scores, _ = index.top1(nl_emb)
