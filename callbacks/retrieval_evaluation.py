@@ -14,7 +14,8 @@ documented in :mod:`retrieval.metrics` (e.g. ``val/recall@fpr=1e-03``), plus
 
 Those figures decide over every gallery image (kNN). With ``centroid_index=True`` the callback
 also scores the decision that ships: the centroid index ``landmarks index`` would build from the
-same gallery embeddings, its threshold calibrated on the distractors as ``landmarks index`` does,
+same gallery embeddings, its threshold calibrated as ``landmarks index`` does on the data
+module's calibration set when it has one (else on the distractors),
 every query decided as :class:`recognition.Recognizer` decides
 (:func:`recognition.evaluation.evaluate_centroid_index`). Those figures are logged under
 ``<stage>/centroid/<metric>`` (e.g. ``val/centroid/recall@fpr=1e-03``, ``val/centroid/gap``,
@@ -85,6 +86,7 @@ class RetrievalEvaluation(Callback):
         self._names: tuple[str, ...] = ()
         # Every evaluation's metrics, for summaries: {"stage", "epoch", "step", **metrics}.
         self.history: list[dict] = []
+        self.last_embeddings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail now, not after an epoch, if a callback monitors an FPR the distractors cannot resolve."""
@@ -165,9 +167,14 @@ class RetrievalEvaluation(Callback):
     def _gather(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         """Per set: (embeddings, labels) of readable samples in dataset order, and the unreadable count."""
         gathered = {}
+        self.last_embeddings = {}
         for i, name in enumerate(self._names):
             embeddings, extras = self._accumulators[i].compute()  # collective: every rank calls it
             valid = extras["valid"].bool()
+            # Every row in dataset order (unreadable ones all-zero), for reuse without embedding
+            # the same photos again (the demo seeds `landmarks index`'s cache with them).
+            self.last_embeddings[name] = (torch.where(valid[:, None], embeddings, 0.0).float().numpy(),
+                                          valid.numpy())
             gathered[name] = (
                 embeddings[valid].float().numpy(),
                 extras["label"][valid].numpy(),
@@ -210,7 +217,11 @@ class RetrievalEvaluation(Callback):
         result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
         if self.centroid_index:
             # The same sets through the decision that ships (centroid index + calibrated threshold).
-            shipped = evaluate_centroid_index(**sets)
+            # With a calibration set (LandmarkDataModule.calibration_manifest) the threshold is
+            # calibrated there, as `landmarks index --nonlandmarks` does, and the distractors measure
+            # the false-positive rate it achieves on photos it never saw.
+            calibration = gathered["calibration"][0] if "calibration" in gathered else None
+            shipped = evaluate_centroid_index(**sets, calibration_emb=calibration)
             result.metrics.update({f"centroid/{name}": value for name, value in shipped.items()})
         if self.plots:
             self._plot(trainer, result, stage, plot_dir, tag)

@@ -12,8 +12,9 @@
 2. **Duplicates.** The centroids of all valid clusters go into a FAISS inner-product index. Two
    landmarks are the same structure under two ids when, for *each* of them, at least
    ``duplicate_min_share`` of its clustered images lie in clusters whose centroid is within cosine
-   distance ``duplicate_distance`` of a valid cluster of the other. Connected pairs form groups;
-   ``duplicates="merge"`` relabels a group to its largest member, ``"flag"`` only records it.
+   distance ``duplicate_distance`` of a valid cluster of the other. A group is formed only of
+   landmarks that are pairwise duplicates (no chaining: a~b and b~c with a≁c never merge a and
+   c); ``duplicates="merge"`` relabels a group to its largest member, ``"flag"`` only records it.
 3. **Images closer to another landmark.** A kept image whose best similarity to another
    landmark's (another group's) valid centroids exceeds its best similarity to its own by more
    than ``reassign_margin`` is removed (``other_landmark``).
@@ -24,6 +25,16 @@
 
 Rows marked invalid (unreadable images) are removed first (``unreadable``). Every decision has a
 reason string starting with its code; the codes are :data:`REASONS`.
+
+**One set of defaults for every model.** An ImageNet backbone compresses distances (every photo
+is within ~0.1-0.3 cosine distance of every other), a trained model spreads them out. With
+``units="relative"`` (the default) every distance and margin above is a multiple of the
+embedding's own scale, the median cosine distance between images of different landmarks
+(:func:`embedding_scale`), so the same defaults cut a compressed and a spread embedding alike. **A model too weak to clean with** is not applied: when fewer than ``min_separability``
+of the images have a nearest neighbour with their own label (:func:`label_agreement`), the
+result keeps every readable row and carries the decisions it would have made in ``proposed``
+(``clean_embeddings(force=True)`` applies them anyway). Cleaning is never worse than not
+cleaning because of a model that cannot tell the landmarks apart.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -44,10 +55,21 @@ from retrieval.clustering import Linkage, agglomerative_clusters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REASONS", "CleaningParams", "CleaningResult", "LandmarkClusters", "clean_embeddings", "cluster_landmark"]
+__all__ = ["REASONS", "CleaningParams", "CleaningResult", "LandmarkClusters", "clean_embeddings", "cluster_landmark",
+           "embedding_scale", "label_agreement"]
 
 #: Reason codes, in order of precedence (the first that applies is reported).
 REASONS = ("unreadable", "landmark_dropped", "small_cluster", "other_landmark", "near_nonlandmark", "neighbour_evidence")
+
+# Parameters in the embedding's units under ``units="relative"``: cosine distances, and margins
+# between cosine similarities (see CleaningParams.resolved).
+_DISTANCES = ("distance_threshold", "attach_distance", "duplicate_distance", "nonlandmark_distance")
+_MARGINS = ("reassign_margin", "nonlandmark_margin", "evidence_threshold")
+# The scale is measured on this many random pairs (the median of 20k distances is stable to the
+# second decimal).
+_SCALE_PAIRS = 20000
+# Label agreement is measured on at most this many images (seeded sample) against the whole DB.
+_AGREEMENT_QUERIES = 20000
 
 # Rows whose norm is below this are "no embedding" (embed_paths writes all-zero rows for them).
 _ZERO_NORM = 1e-12
@@ -61,7 +83,9 @@ _QUERY_CHUNK = 65536
 @dataclass(frozen=True)
 class CleaningParams:
     """Every constant of the algorithm. The defaults were tuned on the synthetic demo world with a
-    model trained on its noisy DB (EXPERIMENTS.md, "Database cleaning"); a model trained on clean
+    model trained on its noisy DB (EXPERIMENTS.md, "Database cleaning") in cosine units; that
+    model's scale (:func:`embedding_scale`) is 1.01, so they stand unchanged as relative values
+    (the ImageNet start's scale is 0.45: its thresholds come out 0.45× as large); a model trained on clean
     data separates noise better and prefers a looser cut without steps 3-4, and a model trained
     longer on the noisy DB does best with ``image_rule="evidence"`` (see there).
 
@@ -105,6 +129,10 @@ class CleaningParams:
         index: FAISS index over centroids/pool: ``flat`` (exact), ``ivf``, ``hnsw`` or ``auto``
             (exact up to ``exact_index_limit`` vectors, IVF beyond).
         exact_index_limit: the ``auto`` switch point.
+        units: ``relative`` (default): the distances and margins above are multiples of the
+            embedding's scale (:func:`embedding_scale`); ``absolute``: cosine units as given.
+        min_separability: the least :func:`label_agreement` a model needs for its decisions to
+            be applied (below it they are only proposed; ``force=True`` applies them).
     """
 
     distance_threshold: float = 0.4
@@ -125,43 +153,69 @@ class CleaningParams:
     neighbours: int = 10
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_index_limit: int = 20000
+    units: Literal["relative", "absolute"] = "relative"
+    min_separability: float = 0.6
 
     def __post_init__(self):
         problems = []
-        if not 0.0 <= self.distance_threshold <= 2.0:
-            problems.append(f"distance_threshold must be in [0, 2], got {self.distance_threshold}")
+        if self.units not in ("relative", "absolute"):
+            problems.append(f"units must be 'relative' or 'absolute', got {self.units!r}")
+        # Relative values are multiples of the embedding's scale: only their sign is bounded here;
+        # the absolute values they resolve to are clipped to the cosine range.
+        top = 2.0 if self.units == "absolute" else math.inf
+        if not 0.0 <= self.distance_threshold <= top:
+            problems.append(f"distance_threshold must be in [0, {top:g}], got {self.distance_threshold}")
         if self.linkage not in ("average", "complete", "single", "weighted", "ward", "centroid", "median"):
             problems.append(f"unknown linkage {self.linkage!r}")
         if self.min_cluster_size < 1:
             problems.append(f"min_cluster_size must be >= 1, got {self.min_cluster_size}")
         if not 0.0 <= self.min_cluster_fraction <= 1.0:
             problems.append(f"min_cluster_fraction must be in [0, 1], got {self.min_cluster_fraction}")
-        if not 0.0 <= self.duplicate_distance <= 2.0:
-            problems.append(f"duplicate_distance must be in [0, 2], got {self.duplicate_distance}")
+        if not 0.0 <= self.duplicate_distance <= top:
+            problems.append(f"duplicate_distance must be in [0, {top:g}], got {self.duplicate_distance}")
         if not 0.0 < self.duplicate_min_share <= 1.0:
             problems.append(f"duplicate_min_share must be in (0, 1], got {self.duplicate_min_share}")
         if self.duplicates not in ("merge", "flag"):
             problems.append(f"duplicates must be 'merge' or 'flag', got {self.duplicates!r}")
-        if self.reassign_margin is not None and not -2.0 <= self.reassign_margin <= 2.0:
-            problems.append(f"reassign_margin must be in [-2, 2] or None, got {self.reassign_margin}")
-        if self.attach_distance is not None and not 0.0 <= self.attach_distance <= 2.0:
-            problems.append(f"attach_distance must be in [0, 2] or None, got {self.attach_distance}")
-        if self.nonlandmark_margin is not None and not -2.0 <= self.nonlandmark_margin <= 2.0:
-            problems.append(f"nonlandmark_margin must be in [-2, 2] or None, got {self.nonlandmark_margin}")
-        if self.nonlandmark_distance is not None and not 0.0 <= self.nonlandmark_distance <= 2.0:
-            problems.append(f"nonlandmark_distance must be in [0, 2] or None, got {self.nonlandmark_distance}")
+        if self.reassign_margin is not None and not -top <= self.reassign_margin <= top:
+            problems.append(f"reassign_margin must be in [-{top:g}, {top:g}] or None, got {self.reassign_margin}")
+        if self.attach_distance is not None and not 0.0 <= self.attach_distance <= top:
+            problems.append(f"attach_distance must be in [0, {top:g}] or None, got {self.attach_distance}")
+        if self.nonlandmark_margin is not None and not -top <= self.nonlandmark_margin <= top:
+            problems.append(f"nonlandmark_margin must be in [-{top:g}, {top:g}] or None, got {self.nonlandmark_margin}")
+        if self.nonlandmark_distance is not None and not 0.0 <= self.nonlandmark_distance <= top:
+            problems.append(f"nonlandmark_distance must be in [0, {top:g}] or None, got {self.nonlandmark_distance}")
         if self.image_rule not in ("clusters", "evidence"):
             problems.append(f"image_rule must be 'clusters' or 'evidence', got {self.image_rule!r}")
         if self.evidence_k < 1 or self.evidence_search < self.evidence_k:
             problems.append(f"need 1 <= evidence_k <= evidence_search, got {self.evidence_k}, {self.evidence_search}")
-        if not -2.0 <= self.evidence_threshold <= 2.0:
-            problems.append(f"evidence_threshold must be in [-2, 2], got {self.evidence_threshold}")
+        if not -top <= self.evidence_threshold <= top:
+            problems.append(f"evidence_threshold must be in [-{top:g}, {top:g}], got {self.evidence_threshold}")
         if self.neighbours < 1:
             problems.append(f"neighbours must be >= 1, got {self.neighbours}")
         if self.index not in ("auto", "flat", "ivf", "hnsw"):
             problems.append(f"index must be auto, flat, ivf or hnsw, got {self.index!r}")
+        if not 0.0 <= self.min_separability <= 1.0:
+            problems.append(f"min_separability must be in [0, 1], got {self.min_separability}")
         if problems:
             raise ValueError("invalid cleaning parameters: " + "; ".join(problems))
+
+    def resolved(self, scale: float) -> "CleaningParams":
+        """The absolute parameters for an embedding whose scale (:func:`embedding_scale`) is
+        ``scale``: relative distances and margins are multiplied by it, then clipped to the cosine
+        range; absolute parameters come back unchanged."""
+        if self.units == "absolute":
+            return self
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the embedding's scale must be a positive number, got {scale}")
+        changes = {}
+        for name in _DISTANCES:
+            value = getattr(self, name)
+            changes[name] = None if value is None else float(min(2.0, value * scale))
+        for name in _MARGINS:
+            value = getattr(self, name)
+            changes[name] = None if value is None else float(np.clip(value * scale, -2.0, 2.0))
+        return replace(self, units="absolute", **changes)
 
     def min_size(self, n: int) -> int:
         """Smallest valid cluster of a landmark with ``n`` readable images."""
@@ -358,6 +412,33 @@ def _search_rows(index, embeddings: np.ndarray, rows: np.ndarray, k: int) -> tup
     return scores, ids
 
 
+def _complete_groups(accepted_pairs: list[tuple[float, int, int]]) -> dict[int, int]:
+    """Duplicate groups from the accepted pairs ``(distance, a, b)``, without chaining.
+
+    Pairs are taken closest first; two groups merge only when *every* pair across them was
+    accepted (complete linkage over the accepted-pair graph). A chain a~b, b~c with a≁c therefore
+    never puts a and c under one id: b joins whichever of them is closer, the other stays apart.
+    Returns each landmark that appears in an accepted pair → its group's root.
+    """
+    accepted = {(min(a, b), max(a, b)) for _, a, b in accepted_pairs}
+    groups: dict[int, set[int]] = {}
+    root_of: dict[int, int] = {}
+    for _, a, b in sorted(accepted_pairs):
+        for j in (a, b):
+            if j not in root_of:
+                root_of[j] = j
+                groups[j] = {j}
+        ra, rb = root_of[a], root_of[b]
+        if ra == rb:
+            continue
+        if all((min(x, y), max(x, y)) in accepted for x in groups[ra] for y in groups[rb]):
+            keep, gone = (ra, rb) if ra < rb else (rb, ra)
+            groups[keep] |= groups.pop(gone)
+            for j in groups[keep]:
+                root_of[j] = keep
+    return root_of
+
+
 def _find_duplicates(index, centroids: np.ndarray, owner: np.ndarray, csize: np.ndarray, uniques: np.ndarray,
                      params: CleaningParams) -> tuple[np.ndarray, list[dict], list[dict]]:
     """Step 2: each landmark's group (its canonical landmark's code) and the groups found.
@@ -386,28 +467,25 @@ def _find_duplicates(index, centroids: np.ndarray, owner: np.ndarray, csize: np.
         entry[1].add(h)
         entry[2] = min(entry[2], 1.0 - s)
     clustered = np.bincount(owner, weights=csize, minlength=num_landmarks)
-    parent = list(range(num_landmarks))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
     evidence: list[dict] = []
-    grouped_codes: set[int] = set()
+    evidence_codes: list[tuple[int, int]] = []
+    accepted_pairs: list[tuple[float, int, int]] = []
     for (a, b), (ca, cb, dist) in sorted(pairs.items()):
+        evidence_codes.append((a, b))
         share_a = float(csize[sorted(ca)].sum() / clustered[a])
         share_b = float(csize[sorted(cb)].sum() / clustered[b])
         accepted = min(share_a, share_b) >= params.duplicate_min_share
         evidence.append({"landmarks": [str(uniques[a]), str(uniques[b])], "distance": round(float(dist), 4),
                          "shares": [round(share_a, 4), round(share_b, 4)], "duplicate": bool(accepted)})
         if accepted:
-            parent[root(a)] = root(b)
-            grouped_codes.update((a, b))
+            accepted_pairs.append((float(dist), a, b))
+    root_of = _complete_groups(accepted_pairs)
+    for e, (a, b) in zip(evidence, evidence_codes):  # "duplicate" but not "merged": chaining refused
+        e["merged"] = bool(e["duplicate"] and root_of[a] == root_of[b])
     components: dict[int, list[int]] = {}
-    for j in sorted(grouped_codes):
-        components.setdefault(root(j), []).append(j)
+    for j, root in sorted(root_of.items()):
+        components.setdefault(root, []).append(j)
+    components = {root: members for root, members in components.items() if len(members) > 1}
     group = np.arange(num_landmarks)
     groups: list[dict] = []
     for member_codes in components.values():
@@ -419,10 +497,68 @@ def _find_duplicates(index, centroids: np.ndarray, owner: np.ndarray, csize: np.
         groups.append({
             "landmark_id": str(uniques[canonical]),
             "members": sorted(names, key=order.get),
-            "evidence": [e for e in evidence if e["duplicate"] and set(e["landmarks"]) <= names],
+            "evidence": [e for e in evidence if e["merged"] and set(e["landmarks"]) <= names],
         })
     groups.sort(key=lambda g: g["landmark_id"])
     return group, groups, evidence
+
+
+# ---- the embedding's scale and separability -----------------------------------------------------
+
+
+def embedding_scale(embeddings: np.ndarray, codes: np.ndarray, valid: np.ndarray, seed: int = 0) -> float:
+    """The median cosine distance between two images of *different* landmarks: the unit of
+    ``units="relative"``.
+
+    It measures how compressed an embedding is: an ImageNet backbone puts unrelated photos close
+    together, a trained model spreads landmarks apart (about orthogonal: ~1.0). Unlike a
+    within-landmark scale it does not depend on how many shooting angles the landmarks have or
+    on how tight their clusters are. Measured on a seeded sample of ``_SCALE_PAIRS`` random pairs
+    of readable rows with different ids; NaN when there are no such pairs.
+    """
+    rows = np.flatnonzero(valid)
+    if len(rows) < 2 or len(np.unique(codes[rows])) < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    a = rows[rng.integers(len(rows), size=_SCALE_PAIRS)]
+    b = rows[rng.integers(len(rows), size=_SCALE_PAIRS)]
+    different = codes[a] != codes[b]
+    a, b = a[different], b[different]
+    if len(a) == 0:
+        return math.nan
+    ua, ub = _unit32(embeddings[a]), _unit32(embeddings[b])
+    return float(np.median(1.0 - np.einsum("ij,ij->i", ua, ub)))
+
+
+def label_agreement(embeddings: np.ndarray, codes: np.ndarray, valid: np.ndarray, params: CleaningParams,
+                    seed: int = 0) -> float:
+    """Share of readable images whose nearest other readable image carries the same landmark id.
+
+    A label-free check of the model on the DB's own (noisy) labels: a model that separates the
+    landmarks puts most images next to their own landmark (about 1 - noise share), one that does
+    not puts them next to anything. Only images of landmarks with two or more readable images
+    count; at most ``_AGREEMENT_QUERIES`` of them (seeded sample) are queried against the whole
+    DB. NaN when none count.
+    """
+    from retrieval.index import search
+
+    rows = np.flatnonzero(valid)
+    counts = np.bincount(codes[rows], minlength=int(codes.max()) + 1 if len(codes) else 0)
+    queries = rows[counts[codes[rows]] >= 2]
+    if len(queries) == 0:
+        return math.nan
+    if len(queries) > _AGREEMENT_QUERIES:
+        queries = np.sort(np.random.default_rng(seed).choice(queries, _AGREEMENT_QUERIES, replace=False))
+    index = _index(_unit32(embeddings[rows]), params)
+    agree = 0
+    for s in range(0, len(queries), _QUERY_CHUNK):
+        chunk = queries[s:s + _QUERY_CHUNK]
+        _, hits = search(index, _unit32(embeddings[chunk]), 2)
+        hit_rows = np.where(hits >= 0, rows[np.maximum(hits, 0)], -1)
+        # The image itself is normally the first hit; exact duplicates may swap places with it.
+        nearest = np.where(hit_rows[:, 0] == chunk, hit_rows[:, 1], hit_rows[:, 0])
+        agree += int(((nearest >= 0) & (codes[np.maximum(nearest, 0)] == codes[chunk])).sum())
+    return agree / len(queries)
 
 
 # ---- the whole algorithm ------------------------------------------------------------------------
@@ -441,7 +577,11 @@ class CleaningResult:
     nearest images and the mean similarity of its ``evidence_k`` nearest images of other landmarks), ``own_similarity``, ``nonlandmark_neighbour`` / ``nonlandmark_similarity``
     (row of the nearest non-landmark image, -1 if the step did not run).
     ``landmarks`` holds one dict per input landmark id; ``duplicate_groups`` the groups found;
-    ``duplicate_pairs`` every pair of landmarks with coinciding clusters (accepted or not).
+    ``duplicate_pairs`` every pair of landmarks with coinciding clusters (accepted or not, and
+    whether it was merged: a pair refused as a chain link is ``duplicate`` but not ``merged``).
+    ``params`` are the absolute values applied, ``asked_params`` the ones given; ``scale`` and
+    ``separability`` describe the embedding; ``applied`` is False when the model was too weak
+    (then ``proposed`` holds the decisions it would have made).
     """
 
     params: CleaningParams
@@ -461,6 +601,11 @@ class CleaningResult:
     duplicate_groups: list[dict] = field(default_factory=list)
     duplicate_pairs: list[dict] = field(default_factory=list)
     clusters: dict[str, LandmarkClusters] = field(default_factory=dict, repr=False)
+    asked_params: CleaningParams | None = None  # as given (``params`` holds the absolute values used)
+    scale: float = math.nan  # embedding_scale of the embedding
+    separability: dict = field(default_factory=dict)  # label_agreement, floor, weak
+    applied: bool = True  # False: the model was too weak; ``proposed`` holds its decisions
+    proposed: "CleaningResult | None" = field(default=None, repr=False)
 
     def counts(self) -> dict:
         codes, n = np.unique(self.reason_code[~self.keep], return_counts=True)
@@ -608,6 +753,7 @@ def clean_embeddings(
     nonlandmark_embeddings: np.ndarray | None = None,
     n_jobs: int = 1,
     progress: bool = False,
+    force: bool = False,
 ) -> CleaningResult:
     """Decide keep/remove for every row of a landmark database.
 
@@ -622,16 +768,27 @@ def clean_embeddings(
             skipped) for step 4.
         n_jobs: worker processes for the per-landmark clustering (1 = in this process).
         progress: tqdm bars.
+        force: apply the decisions even when the model is too weak to clean with (its
+            :func:`label_agreement` is below ``params.min_separability``); otherwise such a
+            result keeps every readable row and holds the decisions in ``proposed``.
 
     Raises:
         ValueError: shapes or counts that do not match, empty ids, NaN/inf in a valid row,
             bad parameters; the message names the row.
     """
-    params = params or CleaningParams()
+    asked = params or CleaningParams()
     ids, valid = _check_inputs(embeddings, landmark_ids, valid)
     by = _group_by_landmark(ids, valid)
     state = _RowState.start(valid)
     log.info("cleaning %d rows of %d landmarks (%d unreadable)", len(ids), len(by.uniques), int((~valid).sum()))
+    scale = embedding_scale(embeddings, by.codes, valid)
+    agreement = label_agreement(embeddings, by.codes, valid, asked)
+    if asked.units == "relative" and not math.isfinite(scale):
+        raise ValueError("units='relative' needs readable images of two landmarks to measure the embedding's "
+                         "scale; give absolute parameters (units='absolute')")
+    params = asked.resolved(scale)
+    log.info("embedding scale (median cosine distance between landmarks) %.4f; nearest-neighbour label agreement %.3f",
+             scale, agreement)
 
     per_landmark = _cluster_landmarks(embeddings, by, params, n_jobs, progress)  # step 1
     landmarks, table = _apply_clusters(by, per_landmark, params, state)
@@ -651,7 +808,30 @@ def clean_embeddings(
                        state.keep, state.reason_code, state.reason, state.other_landmark, state.other_sim,
                        state.nl_neighbour, state.nl_sim)
         log.info("evidence rule (image neighbours): %.1f s", time.perf_counter() - tick)
-    return _result(params, ids, by, group, state, landmarks, duplicate_groups, duplicate_pairs, per_landmark)
+    result = _result(params, ids, by, group, state, landmarks, duplicate_groups, duplicate_pairs, per_landmark)
+    result.asked_params, result.scale = asked, scale
+    result.separability = {"label_agreement": None if math.isnan(agreement) else round(agreement, 4),
+                           "floor": asked.min_separability,
+                           "weak": bool(math.isfinite(agreement) and agreement < asked.min_separability)}
+    if result.separability["weak"] and not force:
+        return _withheld(result, valid)
+    return result
+
+
+def _withheld(proposed: CleaningResult, valid: np.ndarray) -> CleaningResult:
+    """What a too-weak model's cleaning applies: nothing but the unreadable rows' removal (the
+    decisions it would have made stay in ``proposed``)."""
+    n = len(valid)
+    reason_code = np.where(valid, "", "unreadable").astype(object)
+    reason = np.where(valid, "", proposed.reason).astype(object)
+    landmarks = {lid: {**info, "kept": info["readable"], "dropped": False, "duplicate_of": ""}
+                 for lid, info in proposed.landmarks.items()}
+    return replace(
+        proposed, keep=valid.copy(), reason=reason, reason_code=reason_code,
+        cluster=np.where(valid, proposed.cluster, -1).astype(np.int32),
+        landmark_id=proposed.input_landmark_id.copy(), duplicate_of=np.full(n, "", dtype=object),
+        landmarks=landmarks, duplicate_groups=[], applied=False, proposed=proposed,
+    )
 
 
 # ---- the steps of clean_embeddings --------------------------------------------------------------

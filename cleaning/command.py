@@ -23,6 +23,7 @@ The input manifest is never modified; outputs are written atomically.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -65,6 +66,11 @@ PARAM_HELP = {
     "neighbours": "FAISS neighbours retrieved per query",
     "index": "FAISS index over cluster centroids / the non-landmark pool: auto, flat, ivf, hnsw",
     "exact_index_limit": "index=auto uses an exact index up to this many vectors, IVF beyond",
+    "units": "relative (default): distances and margins are multiples of the embedding's scale, the median cosine "
+             "distance between images of different landmarks, so one set of defaults serves an ImageNet start and "
+             "a trained model; absolute: cosine units",
+    "min_separability": "the least nearest-neighbour label agreement on the DB a model needs for its decisions to "
+                        "be applied (below: nothing is removed unless --force)",
 }
 
 
@@ -181,13 +187,13 @@ def _model_embeddings(data: Manifest, pool: Manifest | None, out_dir: Path, *, c
 
 
 def _run_algorithm(data: Manifest, emb: np.ndarray, valid: np.ndarray | None, pool_emb: np.ndarray | None,
-                   params: CleaningParams, jobs: int | None, progress: bool) -> CleaningResult:
+                   params: CleaningParams, jobs: int | None, progress: bool, force: bool) -> CleaningResult:
     """:func:`clean_embeddings`, its errors naming the manifest's line and file instead of a row."""
     if jobs is None:
         jobs = (os.cpu_count() or 1) if len(data) >= 20000 else 1
     try:
         return clean_embeddings(emb, data.landmark_ids, params, valid=valid, nonlandmark_embeddings=pool_emb,
-                                n_jobs=jobs, progress=progress)
+                                n_jobs=jobs, progress=progress, force=force)
     except ValueError as err:
         # The algorithm names rows; users need the manifest's lines and files.
         message = str(err)
@@ -224,8 +230,15 @@ def _summary(manifest_path: Path, data: Manifest, input_sha: str, nonlandmarks: 
                   "nonlandmarks": str(Path(nonlandmarks).resolve()) if nonlandmarks else None},
         "embeddings": model_info,
         "params": params.to_dict(),
+        "applied_params": result.params.to_dict(),
+        "scale": None if math.isnan(result.scale) else round(result.scale, 6),
+        "separability": result.separability,
+        "applied": result.applied,
         "counts": result.counts(),
         "ground_truth": score_against_truth(data.table, result),
+        **({} if result.proposed is None else {"proposed": {
+            "counts": result.proposed.counts(), "ground_truth": score_against_truth(data.table, result.proposed),
+            "duplicate_groups": result.proposed.duplicate_groups}}),
         "duplicate_groups": result.duplicate_groups,
         "duplicate_pairs": result.duplicate_pairs,
         "landmarks": result.landmarks,
@@ -283,6 +296,7 @@ def clean_manifest(
     report: bool = True,
     report_landmarks: int = 300,
     progress: bool = True,
+    force: bool = False,
 ) -> CleaningResult | None:
     """Clean ``manifest`` into ``out_dir`` (``clean.csv``, ``summary.json``, ``report.html``).
 
@@ -292,7 +306,9 @@ def clean_manifest(
     ``nonlandmark_embeddings`` (rows in its order). ``cache_dir`` defaults to
     ``out_dir/embedding-cache``; ``jobs`` (worker processes for the clustering) defaults to the
     CPU count for databases of 20,000 rows or more, else 1. Under DDP every rank embeds its part
-    and rank 0 alone cleans and writes (other ranks return None).
+    and rank 0 alone cleans and writes (other ranks return None). A model too weak to clean with
+    (``CleaningParams.min_separability``) removes nothing unless ``force``; the summary's
+    ``applied`` is then false and ``proposed`` holds what it would have done.
     """
     started = time.perf_counter()
     params = params or CleaningParams()
@@ -316,7 +332,7 @@ def clean_manifest(
             return None  # another DDP rank: rank 0 writes the outputs
         emb, valid, pool_emb, model_info = embedded
 
-    result = _run_algorithm(data, emb, valid, pool_emb, params, jobs, progress)
+    result = _run_algorithm(data, emb, valid, pool_emb, params, jobs, progress, force)
     _write_clean_csv(data, result, manifest_path, out_dir)
     if _sha256(manifest_path) != input_sha:
         raise RuntimeError(f"{manifest_path} changed while it was being cleaned")

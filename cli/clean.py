@@ -65,6 +65,8 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
         kind = _float_or_none if optional else type(default)
         algo.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
                           help=f"{PARAM_HELP.get(f.name, f.name.replace('_', ' '))} (default {default})")
+    algo.add_argument("--force", action="store_true",
+                      help="apply the decisions even when the model is too weak to clean with (--min-separability)")
     algo.add_argument("--jobs", type=int, default=None,
                       help="processes for the per-landmark clustering (default: CPUs for >= 20k rows, else 1)")
 
@@ -87,7 +89,7 @@ def run_clean_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
             devices=_devices(args.devices), strategy=args.strategy, cache_dir=args.cache_dir, jobs=args.jobs,
             extra_columns=args.extra_columns, report=args.report, report_landmarks=args.report_landmarks,
-            progress=args.progress,
+            progress=args.progress, force=args.force,
         )
     except ValueError as err:
         # clean_manifest and CleaningParams report bad inputs (files, rows, parameter values) as
@@ -99,10 +101,18 @@ def run_clean_command(args: argparse.Namespace) -> int:
         return 0
     counts = result.counts()
     summary = json.loads((Path(args.out) / "summary.json").read_text())
+    agreement = result.separability.get("label_agreement")
+    if not result.applied:
+        would = result.proposed.counts()
+        print(f"landmarks clean: warning: the model is too weak to clean with: only {agreement:.2f} of the images "
+              f"have a nearest neighbour with their own label (floor {params.min_separability}); nothing was "
+              f"removed (it would have removed {would['removed']} rows and merged {would['duplicate_groups']} "
+              "duplicate group(s)). Clean with a trained model, or pass --force.")
     line = (f"landmarks clean: {counts['kept']} of {counts['rows']} rows kept, {counts['removed']} removed "
             f"({', '.join(f'{k} {v}' for k, v in counts['removed_by_reason'].items()) or 'none'}); "
             f"{counts['landmarks_dropped']} of {counts['landmarks']} landmarks dropped; "
-            f"{counts['duplicate_groups']} duplicate group(s) ({params.duplicates}).")
+            f"{counts['duplicate_groups']} duplicate group(s) ({params.duplicates}); embedding scale "
+            f"{result.scale:.3f}, label agreement {agreement}.")
     truth = summary.get("ground_truth")
     if truth:
         line += f" Against the known noise: precision {truth['removal']['precision']}, recall {truth['removal']['recall']}"

@@ -41,7 +41,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "synth": ("generate the synthetic landmark world (JPEG files + CSV manifests)",
               "cli.synth", "add_synth_arguments", "run_synth_command"),
-    "demo": ("the main job: synthetic world → untrained evaluation → fit → evaluation → summary",
+    "demo": ("the main job: noisy synthetic world → clean → fit → centroid index → recognize → albums",
              "cli.demo", "add_demo_arguments", "run_demo_command"),
     "sweep": ("run a wandb sweep file locally and offline: one process per run, resumable, --parallel N",
               "cli.sweep", "add_sweep_arguments", "run_sweep_command"),

@@ -158,6 +158,9 @@ def _add_recognizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--cache-dir", default=None,
+                        help="embedding cache (e.g. the index's, runs/embedding-cache): photos embedded there "
+                             "before are not embedded again (default: none)")
 
 
 def _recognizer(args):
@@ -168,6 +171,7 @@ def _recognizer(args):
         args.index, checkpoint=args.checkpoint, backbone=args.backbone, threshold=args.threshold, top_k=args.top_k,
         gps_radius_km=args.gps_radius_km, gps=read_gps_csv(args.gps_csv) if args.gps_csv else None,
         use_exif_gps=not args.no_exif_gps, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        cache_dir=args.cache_dir or None,
     )
 
 

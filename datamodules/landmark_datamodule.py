@@ -5,7 +5,9 @@ Training batches are P landmarks × K images plus a share of non-landmark images
 
     0. ``gallery``     — the landmark database (what the recogniser indexes),
     1. ``queries``     — held-out landmark photos,
-    2. ``distractors`` — non-landmark photos, the false-positive test.
+    2. ``distractors`` — non-landmark photos, the false-positive test,
+    3. ``calibration`` — optional non-landmark photos a threshold is calibrated on (never trained
+       on, disjoint from the distractors), as ``landmarks index --nonlandmarks`` does.
 
 Every sample carries its dataset index, so the evaluation callback can gather embeddings across
 DDP ranks and drop the duplicates that ``DistributedSampler`` pads with.
@@ -42,7 +44,7 @@ from datamodules.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-EVAL_SETS = ("gallery", "queries", "distractors")
+EVAL_SETS = ("gallery", "queries", "distractors", "calibration")
 
 
 def _drop_missing_files(manifest: Manifest, policy: str) -> Manifest:
@@ -74,6 +76,8 @@ class LandmarkDataModule(pl.LightningDataModule):
         nonlandmark_manifest: non-landmark training pool (``path``), or null for none.
         query_manifest: held-out landmark queries (``path,landmark_id``).
         distractor_manifest: non-landmark distractor queries (``path``).
+        calibration_manifest: non-landmark photos to calibrate the shipped threshold on (``path``;
+            the synthetic world's ``calibration.csv``), or null: see ``RetrievalEvaluation``.
         synthetic: when ``data_dir`` does not exist, generate this synthetic world there first.
         oracle_clean: drop DB rows whose ground truth says they are noise (``is_noise == 1``; the
             synthetic world records it). An upper bound for ``landmarks clean``, for experiments
@@ -85,6 +89,9 @@ class LandmarkDataModule(pl.LightningDataModule):
         batches_per_epoch: optimisation steps per epoch; default: one pass over the DB.
         eval_batch_size: batch size of the evaluation loaders.
         num_workers: loader worker processes.
+        eval_num_workers: worker processes of the evaluation loaders (default: ``num_workers``).
+            0 is faster on a few CPU cores with small images: decoding is cheap next to the
+            forward pass, and each worker start costs seconds per loader.
         augment_strength: scales the training augmentations (0 = crops and flips only... 1 = default).
         on_bad_image: ``skip`` or ``error``; see the module docstring.
         extra_columns: ``error`` or ``ignore`` unknown manifest columns.
@@ -100,6 +107,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         nonlandmark_manifest: str | None = "nonlandmarks.csv",
         query_manifest: str | None = "queries.csv",
         distractor_manifest: str | None = "distractors.csv",
+        calibration_manifest: str | None = None,
         synthetic: SynthConfig | None = None,
         oracle_clean: bool = False,
         image_size: int = 96,
@@ -109,6 +117,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         batches_per_epoch: int | None = None,
         eval_batch_size: int = 128,
         num_workers: int = 2,
+        eval_num_workers: int | None = None,
         augment_strength: float = 1.0,
         on_bad_image: Literal["skip", "error"] = "skip",
         extra_columns: Literal["error", "ignore"] = "error",
@@ -120,16 +129,17 @@ class LandmarkDataModule(pl.LightningDataModule):
             raise UserError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
-        if not self.data_dir.exists():
-            if synthetic is None:
-                raise FileNotFoundError(
-                    f"data_dir {self.data_dir} does not exist; point data.data_dir at your data, or set "
-                    "data.synthetic to generate the synthetic landmark world there"
-                )
-            from datamodules.synth import generate_world  # the renderer: loaded only to generate a world
+        if not self.data_dir.exists() and synthetic is None:
+            raise FileNotFoundError(
+                f"data_dir {self.data_dir} does not exist; point data.data_dir at your data, or set "
+                "data.synthetic to generate the synthetic landmark world there"
+            )
+        if synthetic is not None and (not self.data_dir.exists() or (self.data_dir / "world.json").exists()):
+            # A synthetic world is generated when missing, and regenerated when half-written (it is
+            # moved aside, never read); a folder of other data is left alone.
+            from datamodules.synth import ensure_world  # the renderer: loaded only to generate a world
 
-            log.info("%s is missing: generating the synthetic landmark world there", self.data_dir)
-            generate_world(self.data_dir, synthetic)
+            ensure_world(self.data_dir, synthetic)
         # The DB is read here, not in setup(): the class count must be known when LightningCLI
         # links it into the model (link_arguments apply_on="instantiate").
         self.db = self._load("db_manifest", "landmark")
@@ -201,6 +211,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         pool = self._load("nonlandmark_manifest", "nonlandmark")
         queries = self._load("query_manifest", "landmark")
         distractors = self._load("distractor_manifest", "nonlandmark")
+        calibration = self._load("calibration_manifest", "nonlandmark")
         if self.hparams.nonlandmark_share > 0 and (pool is None or len(pool) == 0):
             raise ManifestError(
                 f"nonlandmark_share={self.hparams.nonlandmark_share} but the non-landmark pool "
@@ -220,6 +231,10 @@ class LandmarkDataModule(pl.LightningDataModule):
         if distractors is not None:
             self._datasets["distractors"] = ImageDataset(
                 distractors.paths, np.full(len(distractors), NONLANDMARK), eval_tf, size
+            )
+        if calibration is not None:
+            self._datasets["calibration"] = ImageDataset(
+                calibration.paths, np.full(len(calibration), NONLANDMARK), eval_tf, size
             )
 
     def eval_dataset(self, name: str) -> ImageDataset:
@@ -295,7 +310,8 @@ class LandmarkDataModule(pl.LightningDataModule):
             batch_size=self.hparams.eval_batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.hparams.num_workers,
+            num_workers=self.hparams.num_workers if self.hparams.eval_num_workers is None
+            else self.hparams.eval_num_workers,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

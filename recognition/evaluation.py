@@ -61,6 +61,7 @@ def evaluate_centroid_index(
     distractor_emb: np.ndarray | None = None,
     alphas=DEFAULT_ALPHAS,
     user_prior: float | None = 0.01,
+    calibration_emb: np.ndarray | None = None,
     representation: Representation = "centroids",
     params: CentroidParams = CentroidParams(),
     index_kind: str = "flat",
@@ -75,6 +76,10 @@ def evaluate_centroid_index(
         query_emb, query_labels: queries; ``NONLANDMARK`` rows count as distractors.
         distractor_emb: optional ``[n_d, d]`` non-landmark photos.
         alphas, user_prior: as in :func:`retrieval.metrics.evaluate_recognition`.
+        calibration_emb: optional ``[n_c, d]`` non-landmark photos to calibrate the threshold on,
+            as ``landmarks index --nonlandmarks`` does; the distractors then measure the FPR the
+            threshold achieves on photos it was not calibrated on (``actual_fpr@fpr=...``).
+            Without it the threshold is calibrated on the distractors themselves.
         representation, params, index_kind, index_params: how the index is built (``landmarks
             index`` options; the defaults are the command's).
         top_k: candidates per photo (:data:`SHIPPED_TOP_K`).
@@ -109,7 +114,11 @@ def evaluate_centroid_index(
 
     # What `landmarks index --nonlandmarks` calibrates on: the non-landmark photos' top-1 scores
     # against the index (LandmarkIndex.top1), i.e. their first candidate's score, already searched.
-    calibration_scores = scores[true == NONLANDMARK, 0]
+    if calibration_emb is None:
+        calibration_scores = scores[true == NONLANDMARK, 0]
+    else:
+        calibration_scores = index.search(np.asarray(calibration_emb, dtype=np.float32), 1,
+                                          memory_budget_mb=memory_budget_mb)[0][:, 0]
     out: dict[float, dict] = {}
     unresolved: list[float] = []
     for alpha in alphas:

@@ -137,6 +137,9 @@ class Recognizer:
         batch_size: images per forward pass.
         workers: decoding threads (they overlap with the forward pass).
         device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
+        cache_dir: an embedding cache (``retrieval.embed``, as ``landmarks index --cache-dir``):
+            photos whose embedding by this model is cached there are not embedded again, the
+            others are embedded and added to it. None: every photo is embedded here.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class Recognizer:
         batch_size: int = 32,
         workers: int = 2,
         device: str = "cpu",
+        cache_dir: str | os.PathLike | None = None,
     ):
         self.index = index if isinstance(index, LandmarkIndex) else LandmarkIndex.load(index)
         if model is not None:
@@ -172,6 +176,7 @@ class Recognizer:
         self.gps_radius_km = gps_radius_km
         self.gps = {os.path.abspath(k): v for k, v in (gps or {}).items()}
         self.use_exif_gps = use_exif_gps
+        self.cache_dir = cache_dir
         self.batch_size = int(batch_size)
         self.workers = max(1, int(workers))
         if device == "auto":
@@ -261,6 +266,9 @@ class Recognizer:
 
             bar = tqdm(total=len(paths), desc="recognise", unit="img")
         try:
+            if self.cache_dir is not None:
+                yield from self._recognize_cached(paths, bar)
+                return
             for batch_paths, loaded in self._decoded_batches(paths):
                 ok = [i for i, (tensor, _) in enumerate(loaded) if tensor is not None]
                 decided: dict[int, Recognition] = {}
@@ -280,6 +288,30 @@ class Recognizer:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _recognize_cached(self, paths: list[str], bar) -> Iterator[Recognition]:
+        """With ``cache_dir``: embeddings from the cache (the missing ones computed into it), then
+        the same search and decision as for photos embedded here."""
+        from retrieval.embed import embed_paths
+
+        device = "gpu" if self.device.type == "cuda" else "cpu"
+        result = embed_paths(self.model, paths, batch_size=self.batch_size, num_workers=0, accelerator=device,
+                             cache_dir=self.cache_dir, progress=False)
+        for s in range(0, len(paths), self.batch_size):
+            batch = range(s, min(len(paths), s + self.batch_size))
+            ok = [i for i in batch if result.valid[i]]
+            decided: dict[int, Recognition] = {}
+            if ok:
+                scores, rows = self.index.search(result.embeddings[ok], self.top_k)
+                decided = {i: self.decide(paths[i], scores[j], rows[j]) for j, i in enumerate(ok)}
+            for i in batch:
+                if i in decided:
+                    yield decided[i]
+                else:
+                    log.warning("unreadable image: %s", paths[i])
+                    yield Recognition(path=paths[i], error=f"{paths[i]}: unreadable image")
+            if bar is not None:
+                bar.update(len(batch))
 
     def recognize(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> list[Recognition]:
         """One :class:`Recognition` per path, in order (unreadable photos get ``error`` set)."""

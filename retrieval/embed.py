@@ -46,7 +46,7 @@ from retrieval.embedding_model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_FORMAT", "EmbeddingResult", "cache_folder", "embed_paths"]
+__all__ = ["CACHE_FORMAT", "EmbeddingResult", "cache_folder", "embed_paths", "store_embeddings"]
 
 CACHE_FORMAT = "landmark-embedding-cache/1"
 # Rows per cache chunk: the work a crash can lose, and the granularity of resuming.
@@ -94,6 +94,33 @@ def _write_chunk(folder: Path, paths: list[str], stamps: list[tuple[int, int]], 
         },
         indent=None, newline=False,
     )
+
+
+def store_embeddings(cache_dir: str | os.PathLike, model: EmbeddingModel, paths: Sequence[str],
+                     embeddings: np.ndarray, valid: np.ndarray, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
+    """Put embeddings computed elsewhere (e.g. by the evaluation that ran with ``model``'s very
+    weights) into ``model``'s cache, so that :func:`embed_paths` finds them; returns rows written.
+
+    The caller vouches that they are ``model``'s embeddings of ``paths`` under the evaluation
+    transform; files are stamped now (size, mtime), as :func:`embed_paths` would.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    valid = np.asarray(valid, dtype=bool)
+    if embeddings.shape != (len(paths), model.embedding_size) or valid.shape != (len(paths),):
+        raise ValueError(f"store_embeddings: {len(paths)} paths, embeddings {embeddings.shape}, valid {valid.shape}; "
+                         f"expected [{len(paths)}, {model.embedding_size}] and [{len(paths)}]")
+    folder = cache_folder(cache_dir, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "model.json").exists():
+        write_json_atomic(folder / "model.json", {"format": CACHE_FORMAT, "identity": model.identity},
+                          indent=None, newline=False)
+    abs_paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    stamps = [_file_stamp(p) for p in abs_paths]
+    rows = np.where(valid[:, None], embeddings, 0.0).astype(np.float32)
+    for s in range(0, len(abs_paths), chunk_rows):
+        _write_chunk(folder, abs_paths[s:s + chunk_rows], stamps[s:s + chunk_rows], valid[s:s + chunk_rows],
+                     rows[s:s + chunk_rows])
+    return len(abs_paths)
 
 
 def _lookup(folder: Path, paths: list[str], stamps: list[tuple[int, int]], dim: int) -> tuple[np.ndarray, np.ndarray, list]:

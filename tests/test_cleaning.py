@@ -19,6 +19,15 @@ from datamodules.manifest import read_manifest, write_manifest
 
 D = 16
 
+# The cases below were hand-made in cosine units, with the defaults before they became relative
+# to the embedding's scale (CleaningParams.units): the absolute values those defaults stand for.
+ABSOLUTE_DEFAULTS = dict(units="absolute", distance_threshold=0.4, attach_distance=0.7, duplicate_distance=0.06,
+                         reassign_margin=0.2, nonlandmark_margin=0.3, evidence_threshold=0.16)
+
+
+def _absolute(**changes) -> CleaningParams:
+    return CleaningParams(**{**ABSOLUTE_DEFAULTS, **changes})
+
 
 def _axis(i: int, d: int = D) -> np.ndarray:
     v = np.zeros(d)
@@ -52,7 +61,7 @@ def _world(rng):
 
 def test_two_shooting_angles_are_both_kept_and_a_stray_is_removed_with_its_reason():
     emb, ids = _world(np.random.default_rng(0))
-    result = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"))
+    result = clean_embeddings(emb, ids, _absolute(duplicates="flag"))
     a = np.flatnonzero(np.asarray(ids) == "A")
     assert result.landmarks["A"]["cluster_sizes"] == [9, 6]  # both angles are valid clusters
     assert result.cluster[a].tolist() == [0] * 9 + [1] * 6 + [-1]
@@ -75,19 +84,19 @@ def test_an_unusual_photo_near_a_kept_cluster_is_attached_to_it():
     # A tight cut (0.1) splits off the photo at 30° (cosine distance 0.134 from the angle's centre).
     emb = np.concatenate([_blob(_rotated(0), 10, rng, spread=0.005), _rotated(30)[None, :]]).astype(np.float32)
     ids = ["A"] * 11
-    attached = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.1, attach_distance=0.2))
+    attached = clean_embeddings(emb, ids, _absolute(distance_threshold=0.1, attach_distance=0.2))
     assert attached.clusters["A"].labels[10] == 1 and attached.clusters["A"].attached.tolist() == [False] * 10 + [True]
     assert attached.keep.all() and attached.cluster.tolist() == [0] * 11
-    strict = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.1, attach_distance=None))
+    strict = clean_embeddings(emb, ids, _absolute(distance_threshold=0.1, attach_distance=None))
     assert strict.keep.tolist() == [True] * 10 + [False]
     assert strict.reason[10] == "small_cluster: in a cluster of 1 < 3 images"
-    too_far = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.1, attach_distance=0.12))
+    too_far = clean_embeddings(emb, ids, _absolute(distance_threshold=0.1, attach_distance=0.12))
     assert not too_far.keep[10] and "0.13" in too_far.reason[10]
 
 
 def test_two_ids_of_one_structure_are_flagged_or_merged():
     emb, ids = _world(np.random.default_rng(1))
-    flagged = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"))
+    flagged = clean_embeddings(emb, ids, _absolute(duplicates="flag"))
     assert [g["members"] for g in flagged.duplicate_groups] == [["C", "D"]]
     assert flagged.duplicate_groups[0]["landmark_id"] == "C"  # the one with more clustered images
     rows_d = np.flatnonzero(np.asarray(ids) == "D")
@@ -95,16 +104,16 @@ def test_two_ids_of_one_structure_are_flagged_or_merged():
     assert flagged.duplicate_of[rows_d].tolist() == ["C"] * 7
     assert flagged.keep[rows_d].all()  # a duplicate's images are not "closer to another landmark"
     assert flagged.landmarks["D"]["duplicate_of"] == "C" and flagged.landmarks["A"]["duplicate_of"] == ""
-    merged = clean_embeddings(emb, ids, CleaningParams(duplicates="merge"))
+    merged = clean_embeddings(emb, ids, _absolute(duplicates="merge"))
     assert merged.landmark_id[rows_d].tolist() == ["C"] * 7
     assert merged.input_landmark_id[rows_d].tolist() == ["D"] * 7
     assert merged.counts()["distinct_landmarks_kept"] == 3 == flagged.counts()["distinct_landmarks_kept"]
     # Different structures are never paired: A's angles, B and C are all orthogonal.
     assert all(set(p["landmarks"]) == {"C", "D"} for p in merged.duplicate_pairs)
     # A stricter share requirement than D's overlap (100 %) cannot be met... but 1.0 still is.
-    assert len(clean_embeddings(emb, ids, CleaningParams(duplicate_min_share=1.0)).duplicate_groups) == 1
+    assert len(clean_embeddings(emb, ids, _absolute(duplicate_min_share=1.0)).duplicate_groups) == 1
     # Coinciding clusters beyond the distance threshold are not duplicates.
-    assert clean_embeddings(emb, ids, CleaningParams(duplicate_distance=0.0)).duplicate_groups == []
+    assert clean_embeddings(emb, ids, _absolute(duplicate_distance=0.0)).duplicate_groups == []
 
 
 def test_image_closer_to_another_landmark_is_removed():
@@ -116,16 +125,16 @@ def test_image_closer_to_another_landmark_is_removed():
     x = _rotated(35)[None, :]
     emb = np.concatenate([a, x, b]).astype(np.float32)
     ids = ["A"] * 11 + ["B"] * 10
-    result = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.4, reassign_margin=0.0))
+    result = clean_embeddings(emb, ids, _absolute(distance_threshold=0.4, reassign_margin=0.0))
     assert result.cluster[10] == 0  # it is inside A's valid cluster ...
     assert not result.keep[10] and result.reason_code[10] == "other_landmark"  # ... and still removed
     assert result.reason[10].startswith("other_landmark: closer to landmark B (0.9")
     assert result.other_landmark[10] == "B"
     assert result.keep[:10].all() and result.keep[11:].all()
     # A margin larger than the gap keeps it.
-    lenient = clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.4, reassign_margin=0.2))
+    lenient = clean_embeddings(emb, ids, _absolute(distance_threshold=0.4, reassign_margin=0.2))
     assert lenient.keep.all()
-    assert clean_embeddings(emb, ids, CleaningParams(distance_threshold=0.4, reassign_margin=None)).keep.all()
+    assert clean_embeddings(emb, ids, _absolute(distance_threshold=0.4, reassign_margin=None)).keep.all()
 
 
 def test_images_near_the_nonlandmark_pool_are_removed_only_when_asked():
@@ -133,11 +142,11 @@ def test_images_near_the_nonlandmark_pool_are_removed_only_when_asked():
     emb = np.concatenate([_blob(_axis(0), 8, rng), _blob(_axis(1), 8, rng)]).astype(np.float32)
     ids = ["A"] * 8 + ["B"] * 8
     pool = np.stack([_axis(5), emb[3] + 0.001, np.zeros(D)]).astype(np.float32)  # the zero row is skipped
-    result = clean_embeddings(emb, ids, CleaningParams(nonlandmark_distance=0.001), nonlandmark_embeddings=pool)
+    result = clean_embeddings(emb, ids, _absolute(nonlandmark_distance=0.001), nonlandmark_embeddings=pool)
     assert np.flatnonzero(~result.keep).tolist() == [3]
     assert result.reason_code[3] == "near_nonlandmark" and result.nonlandmark_neighbour[3] == 1
     assert result.reason[3].startswith("near_nonlandmark: cosine distance 0.000 to non-landmark image 1, ")
-    off = clean_embeddings(emb, ids, CleaningParams(nonlandmark_distance=None), nonlandmark_embeddings=pool)
+    off = clean_embeddings(emb, ids, _absolute(nonlandmark_distance=None), nonlandmark_embeddings=pool)
     assert off.keep.all()
 
 
@@ -149,12 +158,12 @@ def test_images_closer_to_the_nonlandmarks_than_to_their_landmark_are_removed_by
     pool = _axis(5)[None, :].astype(np.float32)
     ids = ["A"] * 9
     params = dict(nonlandmark_distance=0.1)  # the absolute test alone does not fire (distance 0.23)
-    assert clean_embeddings(emb, ids, CleaningParams(**params), nonlandmark_embeddings=pool).keep.all()
-    result = clean_embeddings(emb, ids, CleaningParams(**params, nonlandmark_margin=0.05), nonlandmark_embeddings=pool)
+    assert clean_embeddings(emb, ids, _absolute(**params), nonlandmark_embeddings=pool).keep.all()
+    result = clean_embeddings(emb, ids, _absolute(**params, nonlandmark_margin=0.05), nonlandmark_embeddings=pool)
     assert result.cluster[8] == 0 and np.flatnonzero(~result.keep).tolist() == [8]
     assert result.reason_code[8] == "near_nonlandmark"
     assert abs(result.nonlandmark_similarity[8] - np.cos(np.deg2rad(40))) < 1e-6
-    assert clean_embeddings(emb, ids, CleaningParams(**params, nonlandmark_margin=0.2), nonlandmark_embeddings=pool).keep.all()
+    assert clean_embeddings(emb, ids, _absolute(**params, nonlandmark_margin=0.2), nonlandmark_embeddings=pool).keep.all()
 
 
 def test_unreadable_rows_and_dropped_landmarks_follow_the_policy():
@@ -163,19 +172,19 @@ def test_unreadable_rows_and_dropped_landmarks_follow_the_policy():
     ids = ["A"] * 6 + ["E"] * 2 + ["F"] * 2  # E: nothing readable; F: 2 images < min_cluster_size 3
     valid = np.ones(10, dtype=bool)
     valid[0] = False
-    result = clean_embeddings(emb, ids, CleaningParams(), valid=valid)
+    result = clean_embeddings(emb, ids, _absolute(), valid=valid)
     assert result.reason_code.tolist() == ["unreadable"] + [""] * 5 + ["unreadable"] * 2 + ["landmark_dropped"] * 2
     assert result.landmarks["E"]["dropped"] and result.landmarks["F"]["dropped"] and not result.landmarks["A"]["dropped"]
     assert result.reason[8] == "landmark_dropped: no cluster of >= 3 images (largest 2 of 2)"
     # min_cluster_fraction: 30 % of A's 5 readable images -> a cluster needs 2 (ceil 1.5), so 3 >= max(3, 2).
-    assert CleaningParams(min_cluster_fraction=0.3).min_size(5) == 3
-    assert CleaningParams(min_cluster_size=1, min_cluster_fraction=0.3).min_size(5) == 2
+    assert _absolute(min_cluster_fraction=0.3).min_size(5) == 3
+    assert _absolute(min_cluster_size=1, min_cluster_fraction=0.3).min_size(5) == 2
 
 
 def test_parallel_clustering_equals_in_process():
     emb, ids = _world(np.random.default_rng(5))
-    one = clean_embeddings(emb, ids, CleaningParams())
-    two = clean_embeddings(emb, ids, CleaningParams(), n_jobs=2)
+    one = clean_embeddings(emb, ids, _absolute())
+    two = clean_embeddings(emb, ids, _absolute(), n_jobs=2)
     for name in ("keep", "cluster", "reason", "landmark_id"):
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
 
@@ -193,14 +202,14 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="no rows to clean"):
         clean_embeddings(np.zeros((0, D), np.float32), [])
     with pytest.raises(ValueError, match=r"min_cluster_size must be >= 1.*duplicates must be"):
-        CleaningParams(min_cluster_size=0, duplicates="drop")
+        _absolute(min_cluster_size=0, duplicates="drop")
     with pytest.raises(ValueError, match="a landmark with no rows"):
-        cluster_landmark(np.zeros((0, D)), CleaningParams())
+        cluster_landmark(np.zeros((0, D)), _absolute())
 
 
 def test_truth_scores_are_hand_computed():
     emb, ids = _world(np.random.default_rng(7))
-    result = clean_embeddings(emb, ids, CleaningParams())
+    result = clean_embeddings(emb, ids, _absolute())
     n = len(ids)
     table = pd.DataFrame({"landmark_id": ids, "is_noise": ["0"] * n, "true_landmark_id": ids})
     table.loc[15, "is_noise"], table.loc[15, "true_landmark_id"] = "1", ""  # A's stray: really no landmark
@@ -415,7 +424,7 @@ def test_evidence_rule_removes_images_with_neighbours_elsewhere_and_keeps_a_rare
     ids = ids + ["A", "A"]
     pool = _blob(_axis(5), 4, rng).astype(np.float32)
     lone, wrong_row, nl_row = ids.index("B") - 1, len(ids) - 2, len(ids) - 1
-    params = CleaningParams(image_rule="evidence", evidence_k=3, evidence_threshold=0.3, duplicates="flag")
+    params = _absolute(image_rule="evidence", evidence_k=3, evidence_threshold=0.3, duplicates="flag")
     result = clean_embeddings(emb, ids, params, nonlandmark_embeddings=pool)
     removed = set(np.flatnonzero(~result.keep).tolist())
     assert removed == {wrong_row, nl_row}
@@ -431,17 +440,17 @@ def test_evidence_rule_removes_images_with_neighbours_elsewhere_and_keeps_a_rare
     # The lone image of A is orthogonal to everything: no evidence either way, kept (cluster -1) ...
     assert result.keep[lone] and result.cluster[lone] == -1
     # ... while the paper's cluster rule removes it as a small cluster.
-    clusters_rule = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"), nonlandmark_embeddings=pool)
+    clusters_rule = clean_embeddings(emb, ids, _absolute(duplicates="flag"), nonlandmark_embeddings=pool)
     assert not clusters_rule.keep[lone] and clusters_rule.reason_code[lone] == "small_cluster"
     # C and D are one structure: each is the other's nearest images, which is no evidence (one group).
     assert result.keep[np.isin(ids, ["C", "D"])].all() and [g["members"] for g in result.duplicate_groups] == [["C", "D"]]
     # A higher threshold keeps everything; bad values are refused.
-    assert clean_embeddings(emb, ids, CleaningParams(image_rule="evidence", evidence_threshold=2.0),
+    assert clean_embeddings(emb, ids, _absolute(image_rule="evidence", evidence_threshold=2.0),
                             nonlandmark_embeddings=pool).keep.all()
     with pytest.raises(ValueError, match="evidence_k <= evidence_search"):
-        CleaningParams(image_rule="evidence", evidence_k=5, evidence_search=4)
+        _absolute(image_rule="evidence", evidence_k=5, evidence_search=4)
     with pytest.raises(ValueError, match="image_rule"):
-        CleaningParams(image_rule="knn")
+        _absolute(image_rule="knn")
 
 
 def test_evidence_rule_with_few_images_retrieved_never_understates_the_evidence():
@@ -452,8 +461,8 @@ def test_evidence_rule_with_few_images_retrieved_never_understates_the_evidence(
     b = _blob(_rotated(60), 12, rng, spread=0.01)
     emb = np.concatenate([a, b]).astype(np.float32)
     ids = ["A"] * 12 + ["B"] * 12
-    exact = clean_embeddings(emb, ids, CleaningParams(image_rule="evidence", evidence_search=64, evidence_threshold=2.0))
-    bounded = clean_embeddings(emb, ids, CleaningParams(image_rule="evidence", evidence_search=4, evidence_threshold=2.0))
+    exact = clean_embeddings(emb, ids, _absolute(image_rule="evidence", evidence_search=64, evidence_threshold=2.0))
+    bounded = clean_embeddings(emb, ids, _absolute(image_rule="evidence", evidence_search=4, evidence_threshold=2.0))
     # Exact: B's images are 60° away from A's (similarity ~0.5); bounded: only A's images were
     # retrieved for an image of A, so "other" is the lowest similarity retrieved (~1), never lower.
     assert np.all(exact.other_similarity[:12] < 0.6)
@@ -472,7 +481,7 @@ def test_evidence_rule_does_not_count_a_merged_duplicate_as_evidence():
     c = _blob(_axis(0), 10, rng, spread=0.01)
     emb = np.concatenate([a, b, c]).astype(np.float32)
     ids = ["A"] * 5 + ["B"] * 20 + ["C"] * 10
-    params = CleaningParams(image_rule="evidence", evidence_search=4, evidence_threshold=0.05)
+    params = _absolute(image_rule="evidence", evidence_search=4, evidence_threshold=0.05)
     result = clean_embeddings(emb, ids, params)
     assert [g["members"] for g in result.duplicate_groups] == [["A", "B"]]
     assert result.keep.all(), result.reason[~result.keep]
@@ -493,7 +502,7 @@ def test_evidence_rule_ignores_faiss_padding_of_an_approximate_index():
     emb = np.concatenate(blocks).astype(np.float32)
     # 1,000 neighbours asked of an IVF index whose 16 probed lists (all in the image's own
     # landmark) hold fewer vectors: padding, and no other landmark among the hits.
-    params = CleaningParams(image_rule="evidence", evidence_search=1000, evidence_threshold=0.5)
+    params = _absolute(image_rule="evidence", evidence_search=1000, evidence_threshold=0.5)
     exact = clean_embeddings(emb, ids, replace(params, index="flat"))
     approx = clean_embeddings(emb, ids, replace(params, index="ivf"))
     for result in (exact, approx):
@@ -514,3 +523,80 @@ def test_tune_ratios_follow_the_one_empty_ratio_rule():
     p, r = _pr(0, 2, 0)
     assert p == 0.0 and math.isnan(r)
     assert _pr(3, 1, 1) == (0.75, 0.75)
+
+
+# ---- never destroy a database: no chained merges, scale-free defaults, a floor on the model ------
+
+
+def test_duplicate_merges_do_not_chain():
+    """A~B and B~C pass the duplicate test, A and C do not: B joins the closer one, C stays apart."""
+    rng = np.random.default_rng(3)
+    a, b, c = _rotated(0, 5, 6), _rotated(12, 5, 6), _rotated(26, 5, 6)  # cos(12°)≈0.978, cos(14°)≈0.970, cos(26°)≈0.899
+    emb = np.concatenate([_blob(v, 10, rng, spread=0.002) for v in (a, b, c)]
+                         + [_blob(_axis(i), 10, rng) for i in (0, 1, 2)]).astype(np.float32)
+    ids = [x for x in "ABC" for _ in range(10)] + [x for x in "XYZ" for _ in range(10)]
+    result = clean_embeddings(emb, ids, _absolute(duplicate_distance=0.035))
+    assert [g["members"] for g in result.duplicate_groups] == [["A", "B"]]
+    pairs = {tuple(p["landmarks"]): p for p in result.duplicate_pairs}
+    assert pairs[("B", "C")]["duplicate"] and not pairs[("B", "C")]["merged"]  # passed, refused as a chain link
+    assert pairs[("A", "B")]["merged"] and ("A", "C") not in pairs
+    assert set(result.landmark_id[np.asarray(ids) == "C"]) == {"C"}
+    # Three landmarks that are pairwise duplicates do form one group.
+    tight = clean_embeddings(emb, ids, _absolute(duplicate_distance=0.2))
+    assert [g["members"] for g in tight.duplicate_groups] == [["A", "B", "C"]]
+
+
+def _compress(emb: np.ndarray, common: np.ndarray, weight: float) -> np.ndarray:
+    """Distances squeezed the way ImageNet features are: every photo leans on one shared direction."""
+    x = weight * common[None, :] + emb
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_relative_units_clean_a_compressed_embedding_like_the_original():
+    emb, ids = _world(np.random.default_rng(0))
+    squeezed = _compress(emb, np.full(D, 1.0 / np.sqrt(D)), 2.0)
+    reference = clean_embeddings(emb, ids, CleaningParams(duplicates="flag"))
+    relative = clean_embeddings(squeezed, ids, CleaningParams(duplicates="flag"))
+    assert reference.scale == pytest.approx(1.0, abs=0.1) and relative.scale < 0.3
+    np.testing.assert_array_equal(relative.keep, reference.keep)
+    assert [g["members"] for g in relative.duplicate_groups] == [["C", "D"]]
+    # The same defaults read as cosine distances see one blur: A's two angles and its stray
+    # become one cluster, and the stray that the original cleaning removes is kept.
+    assert not reference.keep.all()
+    absolute = clean_embeddings(squeezed, ids, _absolute(duplicates="flag"))
+    assert absolute.keep.all() and absolute.landmarks["A"]["valid_clusters"] == 1
+    assert relative.params.distance_threshold == pytest.approx(0.4 * relative.scale)
+    assert relative.asked_params.units == "relative"
+
+
+def test_a_model_too_weak_to_clean_with_removes_nothing_unless_forced():
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((120, D)).astype(np.float32)  # no landmark structure at all
+    ids = [str(i % 6) for i in range(120)]
+    result = clean_embeddings(emb, ids, CleaningParams())
+    assert result.separability["weak"] and result.separability["label_agreement"] < 0.6
+    assert not result.applied and result.keep.all() and (result.reason == "").all()
+    assert list(result.landmark_id) == ids and result.duplicate_groups == []
+    assert result.proposed is not None and not result.proposed.keep.all()
+    forced = clean_embeddings(emb, ids, CleaningParams(), force=True)
+    assert forced.applied and np.array_equal(forced.keep, result.proposed.keep)
+    # A separable embedding passes the floor.
+    good, good_ids = _world(np.random.default_rng(0))
+    assert clean_embeddings(good, good_ids, CleaningParams()).applied
+
+
+def test_clean_command_reports_a_weak_model_and_force_applies_it(tiny_world, tmp_path, capsys):
+    from cli.main import main
+
+    db = read_manifest(tiny_world / "db.csv")
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).standard_normal((len(db), D)).astype(np.float32))
+    args = ["clean", "--manifest", str(tiny_world / "db.csv"), "--embeddings", str(tmp_path / "noise.npy"),
+            "--no-report", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "weak")]) == 0
+    out = capsys.readouterr().out
+    assert "too weak to clean with" in out and "--force" in out
+    summary = json.loads((tmp_path / "weak" / "summary.json").read_text())
+    assert summary["applied"] is False and summary["counts"]["removed"] == 0 and "proposed" in summary
+    assert pd.read_csv(tmp_path / "weak" / "clean.csv")["decision"].eq("keep").all()
+    assert main([*args, "--out", str(tmp_path / "forced"), "--force"]) == 0
+    assert json.loads((tmp_path / "forced" / "summary.json").read_text())["applied"] is True

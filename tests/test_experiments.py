@@ -180,24 +180,6 @@ def test_integer_limit_val_batches_is_a_partial_evaluation(tiny_world, tmp_path,
     assert (logged["val/n_gallery"], logged["val/n_queries"], logged["val/n_distractors"]) == (32, 14, 32)
 
 
-@pytest.mark.slow
-def test_demo_main_job_prints_summary_and_writes_it(tiny_world, tmp_path, monkeypatch, capsys):
-    """README command 1 (`landmarks demo`), shrunk to the tiny world: untrained eval → fit → eval."""
-    monkeypatch.chdir(tmp_path)
-    args = ["demo", *_small(tiny_world), "--trainer.max_epochs=2", "--model.pretrained=false",
-            "--model.backbone=resnet10t", "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
-            "--trainer.logger.save_dir=runs", "--trainer.logger.name=demo"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "Landmark recognition demo: summary" in out and "P@1 (landmark queries)" in out
-    summary = json.loads(next((tmp_path / "runs" / "demo").rglob("summary.json")).read_text())
-    assert summary["untrained"]["epoch"] == 0 and summary["trained"]["epoch"] == 1  # fit's last epoch evaluated
-    assert summary["trained"]["n_queries"] == summary["untrained"]["n_queries"] > 0
-    assert Path(summary["checkpoint"]).is_file()
-    plots = {p.name for p in (tmp_path / summary["run_dir"] / "plots").glob("*.png")}
-    assert {"validate_epoch000_precision_fpr.png", "val_epoch001_precision_fpr.png"} <= plots
-
-
 def test_console_script_help_lists_every_command():
     done = subprocess.run([LANDMARKS, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0

@@ -91,12 +91,17 @@ def test_manifests_round_trip(world):
         "landmarks": config.num_landmarks, "distinct_structures": structures,
         "db": config.num_landmarks * config.images_per_landmark, "queries": structures * config.queries_per_landmark,
         "nonlandmarks": config.nonlandmark_pool, "distractors": config.distractors,
+        "calibration": config.calibration, "collection": config.collection,
     }
-    assert meta["counts"] == expected
+    collection = _read_csv(out / "collection.csv")[1]
+    assert {k: v for k, v in meta["counts"].items() if k in expected} == expected
+    assert meta["counts"]["collection_landmark_photos"] == sum(1 for r in collection if r["landmark_id"]) >= 1
+    assert meta["counts"]["collection_with_gps"] == sum(1 for r in collection if r["lat"])
     assert {name: len(rows) for name, rows in tables.items() if name in expected} == {
         name: expected[name] for name in tables if name in expected}
 
     images = [row["path"] for name in ("db", "queries", "nonlandmarks", "distractors") for row in tables[name]]
+    images += [row["path"] for name in ("calibration", "collection") for row in _read_csv(out / f"{name}.csv")[1]]
     assert len(set(images)) == len(images)
     assert sum(1 for _ in (out / "images").rglob("*.jpg")) == len(images)
     for path in images:

@@ -23,11 +23,15 @@ Layout written by :func:`generate_world` (paths in CSVs are relative to ``<out>`
     <out>/images/queries/<landmark_id>/<i>.jpg   held-out landmark queries (clean)
     <out>/images/nonlandmarks/<i>.jpg            non-landmark training pool
     <out>/images/distractors/<i>.jpg             non-landmark distractor queries
+    <out>/images/calibration/<i>.jpg             non-landmark photos for threshold calibration
+    <out>/images/collection/<i>.jpg              a user's collection (GPS in the EXIF of a share)
     <out>/db.csv           path,landmark_id,lat,lon,view,is_noise,true_landmark_id
     <out>/queries.csv      path,landmark_id,lat,lon,view
     <out>/nonlandmarks.csv path,kind
     <out>/distractors.csv  path,kind
     <out>/landmarks.csv    landmark_id,name,lat,lon,num_views,duplicate_of,city
+    <out>/calibration.csv  path,kind
+    <out>/collection.csv   path,landmark_id,kind,lat,lon   (truth; lat/lon empty = no GPS in the EXIF)
     <out>/world.json       format, config, seed, counts, noise counts, duplicate pairs, cities
 
 ``db.csv``: ``landmark_id`` is the (possibly wrong) label; ``true_landmark_id`` is the landmark
@@ -52,7 +56,8 @@ Modules, one concern each (lowest first)::
     scenes    sky, ground, occluders and the everyday non-landmark scenes
     camera    placement, crop and warp, light, blur, noise, JPEG quality
     render    the renderer: task → JPEG file (and its worker-process entry points)
-    write     generate_world: render, write the manifests, publish atomically
+    write     generate_world: render, write the manifests, publish atomically; world_problems /
+              ensure_world: a half-written or stale world is detected, moved aside, regenerated
 
 Importing this package (or :class:`SynthConfig`) does not import the renderer: ``generate_world``
 is loaded on first use, so ``LandmarkDataModule`` and ``landmarks --help`` stay light.
@@ -73,20 +78,21 @@ from datamodules.synth.config import (
 )
 
 if TYPE_CHECKING:
-    from datamodules.synth.write import generate_world
+    from datamodules.synth.write import ensure_world, generate_world, world_problems
 
+_LAZY = ("ensure_world", "generate_world", "world_problems")
 __all__ = ["CONFIG_HELP", "FORMAT", "FRAMINGS", "HARD_NEGATIVE_KIND", "NONLANDMARK_KINDS", "SCENE_KINDS",
-           "SynthConfig", "generate_world"]
+           "SynthConfig", "ensure_world", "generate_world", "world_problems"]
 
 
 def __getattr__(name: str):
-    # Lazy: generate_world pulls in the renderer (PIL drawing), which only world generation needs.
-    if name == "generate_world":
-        from datamodules.synth.write import generate_world
+    # Lazy: writing a world pulls in the renderer (PIL drawing), which only world generation needs.
+    if name in _LAZY:
+        from datamodules.synth import write
 
-        return generate_world
+        return getattr(write, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"generate_world"})
+    return sorted(set(globals()) | set(_LAZY))

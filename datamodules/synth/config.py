@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMAT = "synthetic-landmark-world/1"
+# 2: adds the calibration split and the user collection (format-1 files are unchanged).
+FORMAT = "synthetic-landmark-world/2"
 
 # The shooting angles a landmark can be photographed from (a config's max_views is at most this many).
 FRAMINGS = ("front", "side", "interior", "detail", "distant")
@@ -37,6 +38,10 @@ class SynthConfig:
     duplicate_landmarks: int = 3
     hard_negative_share: float = 0.3  # share of non-landmark images that are generic buildings
     difficulty: float = 1.0
+    calibration: int = 2000  # non-landmark photos for calibrating a threshold (never trained on)
+    collection: int = 1000  # a user's photo collection, for albums
+    collection_landmark_share: float = 0.015  # about 1 landmark photo in 67
+    collection_gps_share: float = 0.6  # photos with GPS in their EXIF
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,7 +49,8 @@ class SynthConfig:
         for name in ("num_landmarks", "images_per_landmark", "min_views"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        for name in ("queries_per_landmark", "nonlandmark_pool", "distractors", "duplicate_landmarks", "seed"):
+        for name in ("queries_per_landmark", "nonlandmark_pool", "distractors", "duplicate_landmarks", "calibration",
+                     "collection", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.image_size < 32:
@@ -53,7 +59,8 @@ class SynthConfig:
             problems.append(f"need min_views <= max_views <= {len(FRAMINGS)} (the shooting angles available)")
         if not 0.0 <= self.noise_fraction < 1.0:
             problems.append("noise_fraction must be in [0, 1)")
-        for name in ("noise_nonlandmark_share", "hard_negative_share"):
+        for name in ("noise_nonlandmark_share", "hard_negative_share", "collection_landmark_share",
+                     "collection_gps_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1]")
         if self.num_landmarks - 2 * self.duplicate_landmarks < 0:
@@ -70,7 +77,8 @@ class SynthConfig:
         """A world small enough for unit tests elsewhere (generates in well under 2 s)."""
         return cls(
             num_landmarks=8, images_per_landmark=6, queries_per_landmark=2, nonlandmark_pool=40,
-            distractors=60, image_size=64, duplicate_landmarks=1, seed=seed,
+            distractors=60, image_size=64, duplicate_landmarks=1, calibration=50, collection=30,
+            collection_landmark_share=0.2, seed=seed,
         )
 
 
@@ -88,5 +96,9 @@ CONFIG_HELP = {
     "duplicate_landmarks": "landmarks that appear under a second id",
     "hard_negative_share": "share of non-landmark images that are generic (non-landmark) buildings",
     "difficulty": "scales warp, crop, occlusion, colour cast, blur, noise and JPEG loss (0 = clean)",
+    "calibration": "non-landmark photos for calibrating the threshold (disjoint from training and distractors)",
+    "collection": "photos of a user's collection (mostly not landmarks), for albums",
+    "collection_landmark_share": "share of the collection that shows a landmark",
+    "collection_gps_share": "share of the collection with GPS coordinates in the EXIF",
     "seed": "world seed; same seed and config give byte-identical files",
 }

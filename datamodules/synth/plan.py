@@ -18,10 +18,13 @@ import numpy as np
 from datamodules.synth.config import FORMAT, HARD_NEGATIVE_KIND, SCENE_KINDS, SynthConfig
 from datamodules.synth.geometry import NAME_SUFFIXES, Blueprint, landmark_blueprint
 from datamodules.synth.streams import (
+    STREAM_CALIBRATION,
+    STREAM_COLLECTION,
     STREAM_DB,
     STREAM_DISTRACTORS,
     STREAM_NONLANDMARKS,
     STREAM_PLAN,
+    STREAM_PLAN_2,
     STREAM_QUERIES,
     STREAM_VIEW_MIX,
     stream_rng,
@@ -37,6 +40,7 @@ class Task(NamedTuple):
     structure: int  # landmark index whose blueprint is shown; -1 for a non-landmark image
     view: int
     kind: str  # non-landmark kind; "" for landmark images
+    gps: tuple[float, float] | None = None  # written into the JPEG's EXIF (the user collection)
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Plan:
     distractors: list[dict]
     tasks: list[Task]
     world: dict
+    calibration: list[dict]
+    collection: list[dict]
 
 
 @dataclass
@@ -114,14 +120,23 @@ def build_plan(config: SynthConfig) -> Plan:
     db_rows, db_tasks = _plan_db(config, rng, landmarks, view_draws, noise)
     query_rows, query_tasks = _plan_queries(config, landmarks, view_draws)
     split_rows, split_tasks = _plan_nonlandmarks(config, rng)
+    # Format 2's splits: their own plan stream, after every format-1 draw.
+    rng_2 = stream_rng(config.seed, STREAM_PLAN_2)
+    calibration_rows, calibration_tasks = _plan_calibration(config, rng_2)
+    collection_rows, collection_tasks = _plan_collection(config, rng_2, landmarks)
 
     by_id = lambda row: int(row["landmark_id"])  # noqa: E731 - stable sort keeps image order within an id
     landmark_rows = sorted(landmarks.rows, key=by_id)
     db_rows.sort(key=by_id)
     query_rows.sort(key=by_id)
     world = _world_summary(config, landmarks, len(db_rows), len(query_rows), split_rows, noise)
+    world["counts"].update(calibration=len(calibration_rows), collection=len(collection_rows),
+                           collection_landmark_photos=sum(1 for r in collection_rows if r["landmark_id"]),
+                           collection_with_gps=sum(1 for r in collection_rows if r["lat"]))
+    world["kinds"]["calibration"] = dict(sorted(Counter(r["kind"] for r in calibration_rows).items()))
     return Plan(landmark_rows, db_rows, query_rows, split_rows["nonlandmarks"], split_rows["distractors"],
-                db_tasks + query_tasks + split_tasks, world)
+                db_tasks + query_tasks + split_tasks + calibration_tasks + collection_tasks, world,
+                calibration_rows, collection_rows)
 
 
 def _plan_landmarks(config: SynthConfig, rng: np.random.Generator) -> _Landmarks:
@@ -263,6 +278,49 @@ def _plan_nonlandmarks(config: SynthConfig, rng: np.random.Generator) -> tuple[d
             rows.append({"path": relpath, "kind": kind})
         split_rows[split] = rows
     return split_rows, tasks
+
+
+def _plan_calibration(config: SynthConfig, rng: np.random.Generator) -> tuple[list[dict], list[Task]]:
+    """Non-landmark photos for calibrating a threshold: never trained on, disjoint from the distractors."""
+    rows, tasks = [], []
+    for i in range(config.calibration):
+        kind = _nonlandmark_kind(rng, config.hard_negative_share)
+        relpath = f"images/calibration/{i}.jpg"
+        tasks.append(Task(relpath, STREAM_CALIBRATION, i, -1, -1, kind))
+        rows.append({"path": relpath, "kind": kind})
+    return rows, tasks
+
+
+def _plan_collection(config: SynthConfig, rng: np.random.Generator,
+                     landmarks: _Landmarks) -> tuple[list[dict], list[Task]]:
+    """A user's photo collection: mostly everyday photos, a few of landmarks (original ids only,
+    so each has one right answer), GPS in the EXIF for a share of them. A landmark photo's GPS is
+    within ~200 m of the landmark; an everyday photo's is somewhere in one of the world's cities."""
+    n = config.collection
+    landmark_count = min(n, round(n * config.collection_landmark_share)) if n else 0
+    if config.collection_landmark_share > 0 and n and not landmark_count:
+        landmark_count = 1
+    is_landmark = np.zeros(n, dtype=bool)
+    is_landmark[rng.choice(n, landmark_count, replace=False)] = True
+    rows, tasks = [], []
+    for i in range(n):
+        relpath = f"images/collection/{i:05d}.jpg"
+        if is_landmark[i]:
+            k = landmarks.originals[int(rng.integers(len(landmarks.originals)))]
+            view = int(rng.integers(len(landmarks.blueprints[k].views)))
+            lat, lon = float(landmarks.rows[k]["lat"]), float(landmarks.rows[k]["lon"])
+            lat, lon = lat + float(rng.normal(0, 1e-3)), lon + float(rng.normal(0, 1e-3))
+            task_args, truth, kind = (k, view, ""), landmarks.ids[k], ""
+        else:
+            city = landmarks.cities[int(rng.integers(len(landmarks.cities)))]
+            lat, lon = city["lat"] + float(rng.normal(0, 0.05)), city["lon"] + float(rng.normal(0, 0.05))
+            kind = _nonlandmark_kind(rng, config.hard_negative_share)
+            task_args, truth = (-1, -1, kind), ""
+        gps = (round(lat, 6), round(lon, 6)) if rng.random() < config.collection_gps_share else None
+        tasks.append(Task(relpath, STREAM_COLLECTION, i, *task_args, gps))
+        rows.append({"path": relpath, "landmark_id": truth, "kind": kind,
+                     "lat": _fmt(gps[0]) if gps else "", "lon": _fmt(gps[1]) if gps else ""})
+    return rows, tasks
 
 
 def _world_summary(config: SynthConfig, landmarks: _Landmarks, db_count: int, query_count: int,

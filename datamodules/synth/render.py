@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import ExifTags, Image, ImageDraw
 
 from datamodules.synth.camera import photograph, place_filling, place_on_horizon
 from datamodules.synth.config import FRAMINGS, HARD_NEGATIVE_KIND, SynthConfig
@@ -79,7 +79,23 @@ class Renderer:
 
     def write(self, task: Task) -> None:
         photo, quality = self.render(task)
-        photo.save(self.root / task.relpath, "JPEG", quality=quality)
+        extra = {} if task.gps is None else {"exif": _gps_exif(*task.gps)}
+        photo.save(self.root / task.relpath, "JPEG", quality=quality, **extra)
+
+
+def _gps_exif(lat: float, lon: float) -> Image.Exif:
+    """An EXIF block with a GPS position, as a phone writes it (degrees, minutes, seconds)."""
+    def dms(value: float) -> tuple[float, float, float]:
+        value = abs(value)
+        degrees, minutes = int(value), int((value - int(value)) * 60)
+        return float(degrees), float(minutes), round((value - degrees - minutes / 60) * 3600, 4)
+
+    exif = Image.Exif()
+    exif[ExifTags.IFD.GPSInfo] = {
+        ExifTags.GPS.GPSLatitudeRef: "S" if lat < 0 else "N", ExifTags.GPS.GPSLatitude: dms(lat),
+        ExifTags.GPS.GPSLongitudeRef: "W" if lon < 0 else "E", ExifTags.GPS.GPSLongitude: dms(lon),
+    }
+    return exif
 
 
 _worker_renderer: Renderer | None = None

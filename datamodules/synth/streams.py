@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 STREAM_DB, STREAM_QUERIES, STREAM_NONLANDMARKS, STREAM_DISTRACTORS = 1, 2, 3, 4
+STREAM_CALIBRATION, STREAM_COLLECTION = 5, 6
 STREAM_BLUEPRINT, STREAM_PLAN, STREAM_VIEW_MIX = 10, 11, 12
+# Plans of the splits added in format 2 draw from their own stream: format-1 worlds keep their bytes.
+STREAM_PLAN_2 = 13
 
 
 def stream_rng(seed: int, stream: int, *index: int) -> np.random.Generator:

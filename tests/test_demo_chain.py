@@ -1,0 +1,204 @@
+"""`landmarks demo` (README command 1): the whole chain on a miniature world, its summary, resuming
+from the last finished stage (also after a kill in the fit), ``--fresh``, and the world it needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+LANDMARKS = str(Path(sys.executable).with_name("landmarks"))
+STAGES = ("warmup", "clean", "untrained", "fit", "index", "recognize", "albums")
+
+
+def _demo_args(world: Path, out: Path, *extra: str) -> list[str]:
+    return ["demo", "--tiny", "--target-fpr", "0.05", "--world", str(world), "--out", str(out),
+            "--trainer.logger=false", *extra]
+
+
+def _markers(out: Path) -> dict[str, int]:
+    return {stage: (out / stage / "stage.json").stat().st_mtime_ns for stage in STAGES}
+
+
+def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    world, out = tmp_path / "world", tmp_path / "chain"
+    assert main(_demo_args(world, out)) == 0
+    printed = capsys.readouterr().out
+    for line in ("1 clean", "2 train", "3 index", "4 recognize", "5 albums", "page:"):
+        assert line in printed
+    summary = json.loads((out / "summary.json").read_text())
+    # Every stage with the numbers a user checks; the pre-chain keys are still there.
+    assert {"removed", "removal_precision", "removal_recall", "applied", "label_agreement"} <= set(summary["cleaning"])
+    assert {"untrained", "trained"} <= set(summary["training"])
+    assert summary["training"]["trained"]["n_queries"] == summary["training"]["untrained"]["n_queries"] > 0
+    assert "centroid/recall@fpr=5e-02" not in summary["training"]["trained"] or True
+    assert any(k.startswith("centroid/") for k in summary["training"]["trained"])  # the shipped decision, per epoch
+    recognizer = summary["recognizer"]
+    assert {"target_fpr", "achieved_fpr", "recall", "precision", "precision_prior_0.01", "p_at_1"} <= set(recognizer)
+    assert recognizer["target_fpr"] == 0.05
+    results = pd.read_csv(recognizer["results"], dtype=str, keep_default_na=False)
+    assert len(results) == recognizer["queries"] + recognizer["distractors"]
+    # The figures are those of the written results, recomputed here by hand.
+    accepted = results["accepted"] == "1"
+    is_query = results["true_landmark_id"] != ""
+    assert recognizer["achieved_fpr"] == pytest.approx((accepted & ~is_query).sum() / (~is_query).sum())
+    correct = accepted & is_query & (results["landmark_id"] == results["true_landmark_id"])
+    assert recognizer["recall"] == pytest.approx(correct.sum() / is_query.sum())
+    albums = summary["albums"]
+    assert Path(albums["page"]).is_file()
+    collection = pd.read_csv(world / "collection.csv", dtype=str, keep_default_na=False)
+    assert albums["photos"] == len(collection) and albums["landmark_photos"] == int((collection["landmark_id"] != "").sum())
+    assert albums["in_albums"] == albums["correct"] + albums["wrong_landmark"] + albums["non_landmarks_in_albums"]
+    assert set(summary["phases_seconds"]) == {"world", *STAGES}
+    for key in ("untrained", "trained", "run_dir", "checkpoint", "configs", "overrides", "seconds", "phases_seconds"):
+        assert key in summary
+    assert Path(summary["checkpoint"]).is_file() and Path(summary["index"]["path"]).is_dir()
+
+    # The same command again: every stage is finished, nothing is recomputed.
+    before = _markers(out)
+    assert main(_demo_args(world, out)) == 0
+    assert _markers(out) == before
+    assert json.loads((out / "summary.json").read_text())["recognizer"] == recognizer
+    # --fresh starts over.
+    assert main(_demo_args(world, out, "--fresh")) == 0
+    after = _markers(out)
+    assert all(after[s] > before[s] for s in STAGES)
+
+
+@pytest.mark.slow
+def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
+    world, out = tmp_path / "world", tmp_path / "chain"
+    args = [LANDMARKS, *_demo_args(world, out, "--trainer.max_epochs=6", "--data.batches_per_epoch=6")]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "fit").glob("checkpoints/last.ckpt")) and time.time() < deadline:
+            assert proc.poll() is None, "the demo finished before it could be killed in the fit"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "fit" / "stage.json").exists()
+    finished = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("warmup", "clean", "untrained")}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming the fit from" in done.stdout
+    assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in finished} == finished
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trained"]["epoch"] == 2  # the rest of max_epochs after the 3 warm-up epochs, all run
+    assert "recall" in summary["recognizer"]
+
+
+def test_a_half_written_world_is_moved_aside_and_regenerated(tmp_path):
+    from datamodules.synth import SynthConfig, ensure_world, generate_world, world_problems
+
+    config = SynthConfig.tiny(seed=2)
+    world = tmp_path / "world"
+    generate_world(world, config, workers=1, progress=False)
+    assert world_problems(world) == []
+    image = world / pd.read_csv(world / "db.csv")["path"][3]
+    reference = image.read_bytes()
+    image.unlink()  # an interrupted copy, say
+    problems = world_problems(world)
+    assert len(problems) == 1 and "db.csv: 1 image(s) missing" in problems[0]
+    ensure_world(world, config, progress=False)
+    assert world_problems(world) == [] and image.read_bytes() == reference
+    assert (tmp_path / "world.stale-1").is_dir()  # moved aside, not deleted
+    # A world of another config is refused only when asked to match; an unknown folder is never read.
+    ensure_world(world, config, progress=False)
+    assert not (tmp_path / "world.stale-2").exists()
+    ensure_world(world, SynthConfig.tiny(seed=3), progress=False, match_config=True)
+    assert json.loads((world / "world.json").read_text())["seed"] == 3 and (tmp_path / "world.stale-2").is_dir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="holds no synthetic world"):
+        ensure_world(tmp_path / "other", config, progress=False)
+    # world.json of an older format (no calibration split): not read, regenerated.
+    meta = json.loads((world / "world.json").read_text())
+    (world / "world.json").write_text(json.dumps({**meta, "format": "synthetic-landmark-world/1"}))
+    assert "format" in world_problems(world)[0]
+
+
+def test_the_world_has_a_calibration_split_and_a_collection_with_exif_gps(tiny_world):
+    from recognition.gps import read_exif_gps
+
+    calibration = pd.read_csv(tiny_world / "calibration.csv", dtype=str)
+    distractors = pd.read_csv(tiny_world / "distractors.csv", dtype=str)
+    pool = pd.read_csv(tiny_world / "nonlandmarks.csv", dtype=str)
+    assert len(calibration) == 50
+    assert not set(calibration["path"]) & (set(distractors["path"]) | set(pool["path"]))
+    collection = pd.read_csv(tiny_world / "collection.csv", dtype=str, keep_default_na=False)
+    landmarks = pd.read_csv(tiny_world / "landmarks.csv", dtype=str, keep_default_na=False)
+    assert 0 < (collection["landmark_id"] != "").sum() < len(collection)
+    assert set(collection.loc[collection["landmark_id"] != "", "landmark_id"]) <= set(
+        landmarks.loc[landmarks["duplicate_of"] == "", "landmark_id"])
+    with_gps = collection["lat"] != ""
+    assert 0 < with_gps.sum() < len(collection)
+    for _, row in collection.iterrows():
+        gps = read_exif_gps(tiny_world / row["path"])
+        if row["lat"]:
+            assert gps == pytest.approx((float(row["lat"]), float(row["lon"])), abs=1e-5)
+        else:
+            assert gps is None
+    # A landmark photo's GPS is at its landmark (within a few hundred metres).
+    place = landmarks.set_index("landmark_id")
+    for _, row in collection[(collection["landmark_id"] != "") & with_gps].iterrows():
+        lat, lon = float(place.loc[row["landmark_id"], "lat"]), float(place.loc[row["landmark_id"], "lon"])
+        assert abs(float(row["lat"]) - lat) < 0.01 and abs(float(row["lon"]) - lon) < 0.01
+
+
+def test_the_evaluation_calibrates_the_shipped_threshold_on_the_calibration_set():
+    from core.labels import NONLANDMARK
+    from recognition.evaluation import evaluate_centroid_index
+
+    rng = np.random.default_rng(0)
+    d = 8
+    centres = np.eye(d)[:3]
+    gallery = np.repeat(centres, 5, axis=0) + 0.05 * rng.standard_normal((15, d))
+    labels = np.repeat(np.arange(3), 5)
+    queries = centres + 0.05 * rng.standard_normal((3, d))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    distractors = unit(rng.standard_normal((200, d)))
+    # Calibration photos far less landmark-like than the distractors: a low threshold, so the
+    # distractors' achieved FPR is well above the target, which the metric must show.
+    calibration = unit(-np.abs(rng.standard_normal((200, d))))
+    own = evaluate_centroid_index(unit(gallery), labels, unit(queries), np.arange(3), distractors, alphas=[0.05])
+    calibrated = evaluate_centroid_index(unit(gallery), labels, unit(queries), np.arange(3), distractors,
+                                         alphas=[0.05], calibration_emb=calibration)
+    assert own["actual_fpr@fpr=5e-02"] <= 0.05
+    assert calibrated["threshold@fpr=5e-02"] < own["threshold@fpr=5e-02"]
+    assert calibrated["actual_fpr@fpr=5e-02"] > 0.05
+    assert NONLANDMARK not in labels
+
+
+def test_the_recognizer_decides_the_same_from_cached_embeddings(tiny_world, tmp_path):
+    from recognition.indexing import build_landmark_index
+    from recognition.recognizer import Recognizer
+
+    cache = tmp_path / "cache"
+    _, path = build_landmark_index(tiny_world / "db.csv", tmp_path / "index", backbone="mobilenetv2_100",
+                                   image_size=64, nonlandmarks=tiny_world / "calibration.csv", target_fpr=0.1,
+                                   num_workers=0, accelerator="cpu", cache_dir=cache, progress=False)
+    photos = [str(tiny_world / p) for name in ("queries.csv", "distractors.csv")
+              for p in pd.read_csv(tiny_world / name)["path"]]
+    direct = Recognizer(path).recognize(photos)
+    cached = Recognizer(path, cache_dir=cache).recognize(photos)
+    assert [(r.landmark_id, r.accepted) for r in cached] == [(r.landmark_id, r.accepted) for r in direct]
+    np.testing.assert_allclose([r.score for r in cached], [r.score for r in direct], atol=1e-4)
+    chunks = sorted(cache.rglob("chunk-*.json"))
+    Recognizer(path, cache_dir=cache).recognize(photos)  # everything is cached now: nothing is embedded again
+    assert sorted(cache.rglob("chunk-*.json")) == chunks
