@@ -41,8 +41,11 @@ def run_synth_command(args: argparse.Namespace) -> int:
         f"{noise['total']} wrong labels ({noise['wrong_landmark']} another landmark, "
         f"{noise['nonlandmark']} no landmark), "
         f"{counts['queries']} landmark queries, {counts['nonlandmarks']} non-landmark training images and "
-        f"{counts['distractors']} distractors ({hard} of these non-landmarks are generic buildings); "
+        f"{counts['distractors']} distractors ({hard} of these non-landmarks are generic buildings), "
+        f"{counts['calibration']} calibration non-landmarks, a collection of {counts['collection']} photos "
+        f"({counts['collection_landmark_photos']} of landmarks, {counts['collection_with_gps']} with GPS); "
         f"{config.image_size} px, difficulty {config.difficulty}, seed {config.seed}. Manifests: db.csv, "
-        f"queries.csv, nonlandmarks.csv, distractors.csv, landmarks.csv; ground truth in world.json."
+        f"queries.csv, nonlandmarks.csv, distractors.csv, calibration.csv, collection.csv, landmarks.csv; "
+        "ground truth in world.json."
     )
     return 0
