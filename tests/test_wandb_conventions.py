@@ -89,8 +89,8 @@ def test_fit_with_wandb_disabled_logs_identity_config_and_final_summary(tiny_wor
                             str(EXPERIMENTS / "arcface.yaml"), "--seed_everything=5", *_small(tiny_world)])
     wandb_logger = next(lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger))
     run = wandb_logger.experiment
-    assert run.group == "arcface_no-curriculum_oracle-clean"
-    assert set(run.tags) >= {"arcface", "no-curriculum", "oracle-clean", "seed-5", "synthetic"}
+    assert run.group == "arcface_no-curriculum_raw-db"
+    assert set(run.tags) >= {"arcface", "no-curriculum", "raw-db", "seed-5", "synthetic"}
     assert run.config["identity"]["loss"] == "arcface" and run.config["seed_everything"] == 5
     assert run.config["model"]["loss"]["class_path"] == "losses.ArcFaceLoss"
     assert set(run.config["git"]) == {"commit", "dirty"} and run.config["git"]["commit"]
