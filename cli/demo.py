@@ -150,14 +150,16 @@ def _fingerprint(config_files: list[str], overrides: list[str], settings: dict) 
 # ---- stages -------------------------------------------------------------------------------------
 
 
-def _stage_warmup(chain: Chain, cli) -> dict:
-    """The first epochs of the fit on the noisy DB, without evaluation: a model to clean with."""
+def _stage_warmup(chain: Chain, cli, total_epochs: int) -> dict:
+    """The first epochs of the fit on the noisy DB, without evaluation: a model to clean with.
+    ``total_epochs`` (the configuration's ``trainer.max_epochs``) is recorded: the main fit runs
+    the rest of it."""
     _announce("warmup", f"{cli.trainer.max_epochs} epoch(s) of the fit on the noisy db.csv, a model to clean with")
     started = time.time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     checkpoint = cli.trainer.checkpoint_callback.last_model_path
     return chain.finish("warmup", {"checkpoint": checkpoint, "epochs": cli.trainer.current_epoch,
-                                   "run_dir": cli.trainer.log_dir}, started)
+                                   "total_epochs": total_epochs, "run_dir": cli.trainer.log_dir}, started)
 
 
 def _stage_clean(chain: Chain, world: Path, checkpoint: str) -> dict:
@@ -475,12 +477,11 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
                 raise UserError(f"--warmup-epochs must be between 1 and trainer.max_epochs - 1 = {total - 1}")
             warmup = _stage_warmup(chain, make_cli(str((world_dir / "db.csv").resolve()), "warmup",
                                                    f"--trainer.max_epochs={warmup_epochs}",
-                                                   "--trainer.limit_val_batches=0"))
+                                                   "--trainer.limit_val_batches=0"), total)
         cleaning = chain.done("clean") or _stage_clean(chain, world_dir, warmup["checkpoint"])
-    cli = make_cli(str(Path(cleaning["manifest"]).resolve()), "fit")
-    if warmup is not None:  # the warm-up's epochs count in the training budget
-        cli = make_cli(str(Path(cleaning["manifest"]).resolve()), "fit",
-                       f"--trainer.max_epochs={cli.trainer.max_epochs - warmup['epochs']}")
+    # The warm-up's epochs count in the training budget: the main fit runs the rest.
+    rest = [] if warmup is None else [f"--trainer.max_epochs={warmup['total_epochs'] - warmup['epochs']}"]
+    cli = make_cli(str(Path(cleaning["manifest"]).resolve()), "fit", *rest)
     evaluation = _evaluation_of(cli.trainer)
     untrained = chain.done("untrained") or _stage_untrained(chain, cli.datamodule, evaluation, cli.model.hparams,
                                                             cli.datamodule.hparams.image_size)
