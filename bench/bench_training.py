@@ -5,7 +5,16 @@ same AdamW, on the same in-memory batches, so the ratio measures what the framew
 Runs alternate (plain, lightning, plain, ...) to spread machine noise evenly; medians and the
 median ratio are reported.
 
+``--recipe`` puts the training recipes' mechanics on the Lightning side only, so the ratio is
+their cost plus the framework's against the plain loop with the plain loss:
+``arcface``: optimizer parameter groups (backbone / head / loss), LR warm-up, ArcFace with margin
+warm-up, dynamic per-class margins and the non-landmark push (a fifth of each batch non-landmark);
+``xbm``: contrastive loss with a multi-similarity miner over a 1,024-embedding cross-batch memory.
+Hard non-landmark mining costs no step time; it embeds ``--mining-pool`` pool images once per
+mining round, reported as a share of an epoch of ``--epoch-steps`` steps.
+
     python bench/bench_training.py --backbone resnet18 --image-size 96 --batch 64
+    python bench/bench_training.py --backbone mobilenetv2_100 --channels-last --recipe arcface --mining-pool 2048
     python bench/bench_training.py --device cuda --precision bf16 --channels-last \
         --backbone wide_resnet50_2 --image-size 224 --batch 128
 """
@@ -22,8 +31,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.embedding import embed_batch
+from core.labels import NONLANDMARK
 from lightning_modules import LandmarkModule
-from losses import ArcFaceLoss
+from losses import ArcFaceLoss, ContrastiveLoss
 
 
 class FixedBatches(Dataset):
@@ -33,6 +44,7 @@ class FixedBatches(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(steps, batch, 3, image_size, image_size, generator=g)
         self.labels = torch.randint(0, num_classes, (steps, batch), generator=g)
+        self.labels[:, batch - batch // 5 :] = NONLANDMARK  # the data module's 20 % non-landmarks
 
     def __len__(self) -> int:
         return len(self.images)
@@ -48,13 +60,47 @@ def _loader(data: FixedBatches) -> DataLoader:
     return DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
 
 
-def _module(args) -> LandmarkModule:
+def _module(args, recipe: str = "plain") -> LandmarkModule:
     torch.manual_seed(0)
-    return LandmarkModule(
-        num_classes=args.classes, backbone=args.backbone, embedding_size=512,
-        loss=lambda c, d: ArcFaceLoss(c, d, scale=30.0), channels_last=args.channels_last,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    if recipe == "plain":
+        return LandmarkModule(
+            num_classes=args.classes, backbone=args.backbone, embedding_size=512,
+            loss=lambda c, d: ArcFaceLoss(c, d, scale=30.0), channels_last=args.channels_last,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        )
+    if recipe == "arcface":
+        loss = lambda c, d: ArcFaceLoss(  # noqa: E731
+            c, d, scale=30.0, margin_warmup_steps=60, dynamic_margins=True, margin_min=11.5,
+            nonlandmark_max_cosine=0.3, nonlandmark_push_weight=2.0,
+        )
+    else:
+        loss = lambda c, d: ContrastiveLoss(c, d, miner="multi_similarity", memory_size=1024)  # noqa: E731
+    module = LandmarkModule(
+        num_classes=args.classes, backbone=args.backbone, embedding_size=512, loss=loss,
+        channels_last=args.channels_last, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        param_groups={"backbone": {"lr": 5e-4}, "head": {"lr": 1e-3}, "loss": {"lr": 1e-2, "weight_decay": 0.0}},
+        warmup_steps=20,
     )
+    module.loss.set_class_sizes(torch.randint(1, 50, (args.classes,), generator=torch.Generator().manual_seed(0)))
+    return module
+
+
+def mining_round_seconds(args) -> float:
+    """Seconds to embed ``--mining-pool`` images in eval batches (one hard-mining round)."""
+    module = _module(args).to(args.device)
+    if args.channels_last:
+        module.net.to(memory_format=torch.channels_last)
+    images = torch.rand(256, 3, args.image_size, args.image_size)
+    embed_batch(module, images[:16], device=args.device)  # warm-up
+    _sync(args.device)
+    start = time.perf_counter()
+    done = 0
+    while done < args.mining_pool:
+        n = min(256, args.mining_pool - done)
+        embed_batch(module, images[:n], device=args.device)
+        done += n
+    _sync(args.device)
+    return time.perf_counter() - start
 
 
 def _sync(device: str) -> None:
@@ -101,7 +147,7 @@ class _Timer(pl.Callback):
 
 
 def lightning_loop(args, data: FixedBatches) -> float:
-    module = _module(args)
+    module = _module(args, args.recipe)
     timer = _Timer(args.warmup, args.device)
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
     trainer = pl.Trainer(
@@ -125,6 +171,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32", choices=["32", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--recipe", default="plain", choices=["plain", "arcface", "xbm"],
+                        help="the Lightning side's mechanics (the plain loop always trains plain ArcFace)")
+    parser.add_argument("--mining-pool", type=int, default=0, help="also time one hard-mining round of N images")
+    parser.add_argument("--epoch-steps", type=int, default=43, help="steps per epoch, for the mining share")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -143,7 +193,14 @@ def main() -> None:
         "plain_median": statistics.median(plain), "lightning_median": statistics.median(lightning),
         "ratio_median": statistics.median(ratios),
     }
-    print(json.dumps({k: result[k] for k in ("plain_median", "lightning_median", "ratio_median")}, indent=1))
+    shown = ["plain_median", "lightning_median", "ratio_median"]
+    if args.mining_pool:
+        rounds = [mining_round_seconds(args) for _ in range(args.repeats)]
+        epoch_s = args.epoch_steps * args.batch / statistics.median(lightning)
+        result.update(mining_round_s=rounds, mining_round_median_s=statistics.median(rounds),
+                      mining_share_of_epoch=statistics.median(rounds) / epoch_s)
+        shown += ["mining_round_median_s", "mining_share_of_epoch"]
+    print(json.dumps({k: result[k] for k in shown}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

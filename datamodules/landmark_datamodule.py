@@ -173,6 +173,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         self._active_classes: list[int] | None = None
         self._nonlandmark_share: float | None = None
         self._train_sampler: LandmarkBatchSampler | None = None
+        self._hard_nonlandmarks: tuple[list[int] | None, float] = (None, 0.0)
 
     # ---- what the model and callbacks read -------------------------------------------------
 
@@ -224,6 +225,10 @@ class LandmarkDataModule(pl.LightningDataModule):
             pool_paths, np.full(len(pool_paths), NONLANDMARK), train_tf, size
         )
         self._datasets["gallery"] = ImageDataset(self.db.paths, self.db_labels, eval_tf, size)
+        # The training pool as the model sees it at evaluation (hard non-landmark mining embeds it).
+        self._datasets["nonlandmark_pool"] = ImageDataset(
+            pool_paths, np.full(len(pool_paths), NONLANDMARK), eval_tf, size
+        )
         if queries is not None:
             query_ids = [self.id_aliases.get(i, i) for i in queries.landmark_ids]
             query_labels = self.class_map.encode(query_ids, queries.source, queries.lines)
@@ -266,6 +271,16 @@ class LandmarkDataModule(pl.LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.set_classes(self._active_classes, self.nonlandmarks_per_batch())
 
+    def set_hard_nonlandmarks(self, positions: Sequence[int] | None, share: float = 0.0) -> None:
+        """Draw ``share`` of each batch's non-landmarks from pool ``positions`` (see the sampler)."""
+        self._hard_nonlandmarks = (None if positions is None else [int(i) for i in positions], float(share))
+        if self._train_sampler is not None:
+            self._train_sampler.set_hard_nonlandmarks(*self._hard_nonlandmarks)
+
+    def class_sizes(self) -> np.ndarray:
+        """Training images per landmark class (after cleaning/oracle filtering), in class-index order."""
+        return np.bincount(self.db_labels, minlength=self.num_classes)
+
     def nonlandmarks_per_batch(self) -> int:
         share = self.hparams.nonlandmark_share if self._nonlandmark_share is None else self._nonlandmark_share
         if share > 0 and len(self._datasets.get("train_nonlandmarks", ())) == 0 and self._datasets:
@@ -289,6 +304,7 @@ class LandmarkDataModule(pl.LightningDataModule):
             world_size=world,
             active_classes=self._active_classes,
         )
+        sampler.set_hard_nonlandmarks(*self._hard_nonlandmarks)
         self._train_sampler = sampler
         return ResumableLoader(
             ConcatDataset([landmarks, nonlandmarks]),

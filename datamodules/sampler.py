@@ -80,6 +80,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.skip = 0  # batches of the current epoch already delivered before a resume
         self.set_classes(active_classes, nonlandmarks_per_batch)
+        self.set_hard_nonlandmarks(None)
         # Lightning calls set_epoch on `batch_sampler.sampler` (not on the batch sampler) at every
         # epoch start, also when resuming; this proxy forwards that call here.
         self.sampler = _EpochForwarder(self)
@@ -109,8 +110,26 @@ class LandmarkBatchSampler(Sampler[list[int]]):
             self.nonlandmarks_per_batch = int(nonlandmarks_per_batch)
         self.active_classes = active
 
+    def set_hard_nonlandmarks(self, indices: Sequence[int] | None, share: float = 0.0) -> None:
+        """From the next epoch on, ``share`` of each step's non-landmarks come from ``indices``.
+
+        ``indices`` are positions in the non-landmark pool (0-based), e.g. the images nearest to
+        the landmark classes; they are cycled through in shuffled passes like the classes. The
+        rest of the step's non-landmarks still come from the whole pool, so an image can appear
+        twice in one step (with different augmentations). ``None`` or share 0: uniform draws only.
+        """
+        if not 0.0 <= share <= 1.0:
+            raise UserError(f"hard non-landmark share must lie in [0, 1], got {share}")
+        hard = np.unique(np.asarray([] if indices is None else indices, dtype=np.int64))
+        if len(hard) and (hard.min() < 0 or hard.max() >= self.num_nonlandmarks):
+            raise ValueError(f"hard non-landmark positions must lie in [0, {self.num_nonlandmarks})")
+        self.hard_nonlandmarks = hard
+        self.hard_share = float(share) if len(hard) else 0.0
+
     def state_dict(self) -> dict:
         return {
+            "hard_nonlandmarks": self.hard_nonlandmarks.tolist(),
+            "hard_share": self.hard_share,
             "epoch": self.epoch,
             "skip": self.skip,
             "active_classes": self.active_classes.tolist(),
@@ -126,6 +145,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
                 f"this run has {self.num_batches} with seed {self.seed}; resume with the same data settings"
             )
         self.set_classes(state["active_classes"], state["nonlandmarks_per_batch"])
+        self.set_hard_nonlandmarks(state.get("hard_nonlandmarks"), state.get("hard_share", 0.0))
         self.epoch, self.skip = int(state["epoch"]), int(state["skip"])
         if self.skip >= self.num_batches:
             # Saved after the epoch's last batch: the resumed run starts the next epoch.
@@ -142,6 +162,9 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         p, k, n, w = self.classes_per_batch, self.samples_per_class, self.nonlandmarks_per_batch, self.world_size
         class_stream = _Cycle(self.active_classes, rng)
         nonlandmark_stream = _Cycle(np.arange(self.num_nonlandmarks), rng) if n else None
+        hard = int(round(n * w * self.hard_share)) if n else 0
+        # Created only when mining is on, so a run without it draws exactly as before.
+        hard_stream = _Cycle(self.hard_nonlandmarks, rng) if hard else None
         skip, self.skip = self.skip, 0  # a resume skips once; the next epoch starts from its beginning
         for step in range(self.num_batches):
             # The global plan is drawn in full on every rank (same RNG), then sliced: this keeps
@@ -151,7 +174,10 @@ class LandmarkBatchSampler(Sampler[list[int]]):
             for c in step_classes.tolist():
                 images = self._images_of_class[c]
                 picks.append(rng.choice(images, size=k, replace=len(images) < k))
-            step_nonlandmarks = nonlandmark_stream.take(n * w) if nonlandmark_stream is not None else np.empty(0, int)
+            step_nonlandmarks = nonlandmark_stream.take(n * w - hard) if nonlandmark_stream is not None else np.empty(0, int)
+            if hard_stream is not None:
+                # Shuffled together, so every rank's slice gets its share of the hard ones.
+                step_nonlandmarks = rng.permutation(np.concatenate([hard_stream.take(hard), step_nonlandmarks]))
             if step < skip:
                 continue  # drawn all the same, so the RNG stream matches the uninterrupted epoch
             mine = np.concatenate(picks[self.rank * p : (self.rank + 1) * p])

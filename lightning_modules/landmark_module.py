@@ -16,10 +16,12 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
 from core.embedding import embed_batch
+from core.errors import UserError
 from lightning_modules.embedding_net import EmbeddingNet, GeM
 from losses import ArcFaceLoss, MetricLoss
 
 CHECKPOINT_FORMAT = "landmark-module/1"
+PARAM_PARTS = ("backbone", "head", "loss")
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -41,6 +43,16 @@ class LandmarkModule(pl.LightningModule):
         optimizer: optimizer factory; default AdamW(lr=1e-3, weight_decay=1e-4).
         lr_scheduler: optional LR scheduler factory, stepped every epoch.
         channels_last: NHWC memory format (faster convolutions on tensor-core GPUs).
+        param_groups: per-part optimizer settings, e.g. ``{backbone: {lr: 1.0e-4},
+            loss: {lr: 1.0e-2, weight_decay: 0.0}}``. Parts: ``backbone``, ``head`` (pooling,
+            FC, BatchNorm) and ``loss`` (classifier/proxy weights); keys are optimizer arguments
+            (``lr``, ``weight_decay``, ...). A part or key left out takes the optimizer's own value.
+        warmup_steps: linear LR warm-up over the first N optimisation steps, applied on top of
+            whatever the scheduler (or a curriculum stage) sets: step ``t`` runs at
+            ``(t + 1) / N`` of the scheduled LR of every group.
+        freeze_backbone_steps: the backbone's weights stay fixed for the first N optimisation
+            steps (their gradients are dropped, so neither the update nor weight decay touches
+            them) while the freshly initialised head and loss weights settle.
     """
 
     def __init__(
@@ -56,11 +68,21 @@ class LandmarkModule(pl.LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
+        param_groups: dict[str, dict[str, float]] | None = None,
+        warmup_steps: int = 0,
+        freeze_backbone_steps: int = 0,
     ):
         super().__init__()
         # Factories are not plain data: keeping them out of hparams keeps checkpoints loadable
         # with weights_only=True. The full config is saved by LightningCLI as config.yaml.
         self.save_hyperparameters(ignore=["loss", "optimizer", "lr_scheduler"])
+        if warmup_steps < 0 or freeze_backbone_steps < 0:
+            raise UserError(
+                f"warmup_steps and freeze_backbone_steps must be >= 0, got {warmup_steps} and {freeze_backbone_steps}"
+            )
+        unknown = sorted(set(param_groups or {}) - set(PARAM_PARTS))
+        if unknown:
+            raise UserError(f"model.param_groups: unknown part {unknown[0]!r}; parts are {', '.join(PARAM_PARTS)}")
         self.net = EmbeddingNet(backbone, pretrained, pretrained_path, pooling, gem_p, embedding_size)
         self.loss = (loss or ArcFaceLoss)(num_classes, embedding_size)
         self.optimizer_factory = optimizer
@@ -88,6 +110,8 @@ class LandmarkModule(pl.LightningModule):
                     f"{len(datamodule.class_map)} landmarks; let LightningCLI link data.num_classes"
                 )
             self.landmark_ids = datamodule.class_map.to_list()
+            if stage == "fit" and hasattr(datamodule, "class_sizes"):
+                self.loss.set_class_sizes(datamodule.class_sizes())
 
     # ---- steps -----------------------------------------------------------------------------
 
@@ -126,12 +150,58 @@ class LandmarkModule(pl.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------
 
+    def parameter_parts(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The trainable parameters by part (see ``param_groups``); every parameter in exactly one."""
+        parts = {
+            "backbone": list(self.net.backbone.parameters()),
+            "head": [p for m in (self.net.pool, self.net.fc, self.net.bn) for p in m.parameters()],
+            "loss": list(self.loss.parameters()),
+        }
+        counted = sum(len(v) for v in parts.values())
+        if counted != len(list(self.parameters())):
+            raise RuntimeError(f"parameter parts cover {counted} of {len(list(self.parameters()))} parameters")
+        return {name: [p for p in params if p.requires_grad] for name, params in parts.items()}
+
+    def optimizer_param_groups(self) -> list[dict]:
+        """One optimizer group per non-empty part, carrying that part's ``param_groups`` settings."""
+        settings = self.hparams.param_groups or {}
+        return [
+            {"params": params, "name": name, **settings.get(name, {})}
+            for name, params in self.parameter_parts().items()
+            if params
+        ]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.optimizer_param_groups())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def warmup_factor(self) -> float:
+        """The fraction of the scheduled LR that optimisation step ``global_step`` runs at."""
+        steps = self.hparams.warmup_steps
+        return 1.0 if steps <= 0 else min(1.0, (self.global_step + 1) / steps)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        factor = self.warmup_factor()
+        if factor >= 1.0:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Scale for this step only and put the scheduled values back: schedulers that update
+        # recursively (cosine) and the curriculum's stage LRs read the groups' lr afterwards.
+        scheduled = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            for group, lr in zip(optimizer.param_groups, scheduled):
+                group["lr"] = lr
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step < self.hparams.freeze_backbone_steps:
+            for p in self.net.backbone.parameters():
+                p.grad = None
 
     # ---- checkpoints -----------------------------------------------------------------------
 

@@ -1,8 +1,17 @@
-"""ArcFace (additive angular margin) and sub-center ArcFace, via pytorch-metric-learning."""
+"""ArcFace (additive angular margin) and sub-center ArcFace, via pytorch-metric-learning.
 
+PML applies one margin to every target cosine. The recipes here need a margin per row (per-class
+dynamic margins, a margin that warms up), so :class:`_RowMargins` replaces PML's
+``modify_cosine_of_target_classes`` by the same formula with a tensor margin; everything else
+(weight layout, sub-center max, scaling, cross-entropy) stays PML's.
+"""
+
+import math
 from typing import Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
@@ -21,11 +30,32 @@ class _MaskedCosine:
         return self._mask_fn(super().get_cosine(embeddings))
 
 
-class _MaskedArcFace(_MaskedCosine, pml_losses.ArcFaceLoss):
+class _RowMargins:
+    """Mixin for PML's ArcFace losses: ``row_margins`` (radians, one per row of the batch) replaces the scalar margin.
+
+    PML selects the target cosines with ``cosine[mask == 1]``, one per row in row order, so the
+    i-th target cosine belongs to row i. The formula is PML's, with the margin as a tensor:
+    ``cos(θ + m)`` while ``θ ≤ π - m``, else ``cos θ - m sin m`` (keeps the logit monotone).
+    """
+
+    row_margins: Tensor | None = None
+
+    def modify_cosine_of_target_classes(self, cosine_of_target_classes):
+        margins = self.row_margins
+        if margins is None:
+            return super().modify_cosine_of_target_classes(cosine_of_target_classes)
+        angles = self.get_angles(cosine_of_target_classes)
+        margins = margins.to(angles)
+        return torch.where(
+            angles <= math.pi - margins, torch.cos(angles + margins), torch.cos(angles) - margins * torch.sin(margins)
+        )
+
+
+class _MaskedArcFace(_RowMargins, _MaskedCosine, pml_losses.ArcFaceLoss):
     pass
 
 
-class _MaskedSubCenterArcFace(_MaskedCosine, pml_losses.SubCenterArcFaceLoss):
+class _MaskedSubCenterArcFace(_RowMargins, _MaskedCosine, pml_losses.SubCenterArcFaceLoss):
     pass
 
 
@@ -47,7 +77,22 @@ class ArcFaceLoss(MetricLoss):
             1 gives plain ArcFace.
         nonlandmarks: ``"class"``: non-landmark images form one extra class (index
             ``num_classes``), so the classifier learns to reject them. ``"ignore"``: they are
-            dropped from this loss.
+            dropped from the softmax.
+        margin_warmup_steps: the margin grows linearly from 0 to its full value over the first N
+            training batches (``margin × min(1, t / N)`` at batch ``t``, counted from 0 by the
+            persistent buffer ``step``, so a resumed fit continues the ramp). 0: full margin from
+            the start.
+        dynamic_margins: per-class margins that grow as a class gets smaller (the GLDv2 2020
+            winners' recipe): ``m_c = a · n_c^(-margin_power) + b``, with ``a, b`` set so that the
+            smallest training class gets ``margin`` and the largest ``margin_min``. Class sizes
+            come from the training data (:meth:`set_class_sizes`, called at fit start).
+        margin_min: dynamic margins: the largest class's margin, in degrees.
+        margin_power: dynamic margins: the exponent λ.
+        nonlandmark_max_cosine: when set, non-landmark images also pay
+            ``nonlandmark_push_weight · mean relu(max_c cos(x, w_c) - τ)²`` with ``τ`` this value:
+            they are pushed below cosine ``τ`` to every active landmark's weight(s), the part of
+            the embedding space that a calibrated threshold at low FPR depends on.
+        nonlandmark_push_weight: weight of that term.
     """
 
     def __init__(
@@ -58,8 +103,31 @@ class ArcFaceLoss(MetricLoss):
         scale: float = 64.0,
         sub_centers: int = 1,
         nonlandmarks: Literal["ignore", "class"] = "ignore",
+        margin_warmup_steps: int = 0,
+        dynamic_margins: bool = False,
+        margin_min: float = 5.7,
+        margin_power: float = 0.25,
+        nonlandmark_max_cosine: float | None = None,
+        nonlandmark_push_weight: float = 1.0,
     ) -> None:
         super().__init__(num_classes, embedding_size)
+        if margin_warmup_steps < 0:
+            raise ValueError(f"margin_warmup_steps must be >= 0, got {margin_warmup_steps}")
+        if dynamic_margins and not 0 <= margin_min <= margin:
+            raise ValueError(f"margin_min must lie in [0, margin={margin}], got {margin_min}")
+        if nonlandmark_max_cosine is not None and not -1.0 <= nonlandmark_max_cosine <= 1.0:
+            raise ValueError(f"nonlandmark_max_cosine must lie in [-1, 1], got {nonlandmark_max_cosine}")
+        self.margin = float(margin)
+        self.margin_warmup_steps = margin_warmup_steps
+        self.dynamic_margins = dynamic_margins
+        self.margin_min = float(margin_min)
+        self.margin_power = float(margin_power)
+        self.nonlandmark_max_cosine = nonlandmark_max_cosine
+        self.nonlandmark_push_weight = nonlandmark_push_weight
+        # Training batches seen (the margin warm-up's clock) and each output class's margin in
+        # degrees; both persistent, so a resumed fit has the margins of the interrupted one.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("class_margins", torch.full((num_classes + (nonlandmarks == "class"),), float(margin)))
         if sub_centers < 1:
             raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
         if nonlandmarks not in ("ignore", "class"):
@@ -82,6 +150,37 @@ class ArcFaceLoss(MetricLoss):
                 sub_centers=sub_centers,
             )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the margin schedule existed: the full, uniform margin.
+        for name in ("step", "class_margins"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_class_sizes(self, counts) -> None:
+        """Training images per landmark class → the dynamic margins (no-op unless ``dynamic_margins``)."""
+        if not self.dynamic_margins:
+            return
+        self.class_margins.copy_(torch.as_tensor(self.dynamic_margin_table(counts), dtype=self.class_margins.dtype))
+
+    def dynamic_margin_table(self, counts) -> np.ndarray:
+        """Margins in degrees for classes of ``counts`` images (+ ``margin`` for a non-landmark class)."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.num_classes,) or (counts < 1).any():
+            raise ValueError(f"need one count >= 1 per landmark class ({self.num_classes}), got shape {counts.shape}")
+        decay = counts ** -self.margin_power
+        spread = decay.max() - decay.min()
+        if spread <= 0:  # every class the same size
+            table = np.full(self.num_classes, self.margin)
+        else:
+            a = (self.margin - self.margin_min) / spread
+            table = a * decay + (self.margin_min - a * decay.min())
+        return np.append(table, [self.margin] * (self.num_outputs - self.num_classes))
+
+    def margin_scale(self, step: int | None = None) -> float:
+        """The warm-up's fraction of the full margin at training batch ``step`` (default: now)."""
+        step = int(self.step) if step is None else step
+        return 1.0 if self.margin_warmup_steps <= 0 else min(1.0, step / self.margin_warmup_steps)
+
     def _compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         weight = self.arcface.W
         # PML recasts W.data to the embeddings' dtype in place; matching W's dtype keeps the
@@ -92,9 +191,27 @@ class ArcFaceLoss(MetricLoss):
         else:
             keep = is_landmark(labels)
             rows, targets = embeddings[keep], labels[keep]
+        scale = self.margin_scale()
+        if self.training:
+            self.step += 1
         if not targets.numel():
-            return self._connected_zero(embeddings)
-        return self.arcface(rows, targets)
+            loss = self._connected_zero(embeddings)
+        else:
+            margins = self.class_margins[targets] * scale
+            self.arcface.row_margins = torch.deg2rad(margins)
+            try:
+                loss = self.arcface(rows, targets)
+            finally:
+                self.arcface.row_margins = None
+        if self.nonlandmark_max_cosine is not None and not is_landmark(labels).all():
+            loss = loss + self.nonlandmark_push_weight * self.nonlandmark_push(embeddings[~is_landmark(labels)])
+        return loss
+
+    def nonlandmark_push(self, nonlandmark_embeddings: Tensor) -> Tensor:
+        """``mean relu(max_c cos(x, w_c) - τ)²`` over non-landmark rows, active classes' weights only."""
+        weights = self._class_view(self.arcface.W)[self.class_active].reshape(-1, self.embedding_size)
+        cosine = F.normalize(nonlandmark_embeddings, dim=1) @ F.normalize(weights, dim=1).t()
+        return F.relu(cosine.max(dim=1).values - self.nonlandmark_max_cosine).pow(2).mean()
 
     def _class_view(self, weight: Tensor) -> Tensor:
         """``[num_classes, k, d]`` view of W's landmark columns (non-landmark class dropped)."""

@@ -57,6 +57,9 @@ class MetricLoss(torch.nn.Module, ABC):
             active[class_indices.to(active.device)] = True
         self.class_active.copy_(active)
 
+    def set_class_sizes(self, counts) -> None:
+        """Training images per landmark class, given at fit start; losses that use them override this."""
+
     def _mask_inactive(self, logits: Tensor) -> Tensor:
         """Exclude inactive landmark columns (the first ``num_classes``) from a softmax."""
         if bool(self.class_active.all()):

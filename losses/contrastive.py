@@ -5,6 +5,7 @@ from typing import Literal
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.distances import LpDistance
 from torch import Tensor
 
 from losses.base import MetricLoss, is_landmark
@@ -35,8 +36,15 @@ class ContrastiveLoss(MetricLoss):
             ``"pair_margin"``: positives farther than ``miner_pos_margin`` and negatives closer
             than ``miner_neg_margin`` (PML ``PairMarginMiner``). ``"batch_hard"``: per anchor, its
             farthest positive and closest negative (PML ``BatchHardMiner``).
+            ``"multi_similarity"``: pairs that are hard relative to the anchor's other pairs, by
+            ``multi_similarity_epsilon`` (PML ``MultiSimilarityMiner``, Wang et al. 2019).
         miner_pos_margin: ``pair_margin`` miner: keep positive pairs with distance above this.
         miner_neg_margin: ``pair_margin`` miner: keep negative pairs with distance below this.
+        multi_similarity_epsilon: ``multi_similarity`` miner's ε (in the miner's distance).
+        memory_size: > 0: a cross-batch memory (PML ``CrossBatchMemory``, Wang et al. 2020) of
+            the last ``memory_size`` embeddings; each batch's anchors are paired with the whole
+            memory (mined by ``miner``), not only with the batch. The memory is not checkpointed:
+            a resumed fit refills it within ``memory_size / batch`` steps.
     """
 
     def __init__(
@@ -45,9 +53,11 @@ class ContrastiveLoss(MetricLoss):
         embedding_size: int,
         pos_margin: float = 0.0,
         neg_margin: float = 0.5,
-        miner: Literal["none", "pair_margin", "batch_hard"] = "pair_margin",
+        miner: Literal["none", "pair_margin", "batch_hard", "multi_similarity"] = "pair_margin",
         miner_pos_margin: float = 0.2,
         miner_neg_margin: float = 0.8,
+        multi_similarity_epsilon: float = 0.1,
+        memory_size: int = 0,
     ) -> None:
         super().__init__(num_classes, embedding_size)
         self.contrastive = pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin)
@@ -57,13 +67,25 @@ class ContrastiveLoss(MetricLoss):
             self.miner = pml_miners.PairMarginMiner(pos_margin=miner_pos_margin, neg_margin=miner_neg_margin)
         elif miner == "batch_hard":
             self.miner = pml_miners.BatchHardMiner()
+        elif miner == "multi_similarity":
+            # Distance-based like the loss, so epsilon is a Euclidean gap on the unit sphere.
+            self.miner = pml_miners.MultiSimilarityMiner(epsilon=multi_similarity_epsilon, distance=LpDistance())
         else:
-            raise ValueError(f"miner must be 'none', 'pair_margin' or 'batch_hard', got {miner!r}")
+            raise ValueError(f"miner must be 'none', 'pair_margin', 'batch_hard' or 'multi_similarity', got {miner!r}")
+        if memory_size < 0:
+            raise ValueError(f"memory_size must be >= 0, got {memory_size}")
+        self.memory = (
+            pml_losses.CrossBatchMemory(self.contrastive, embedding_size, memory_size=memory_size, miner=self.miner)
+            if memory_size
+            else None
+        )
+        # Non-landmarks entering a memory need labels unique across batches, not only within one.
+        self._nonlandmarks_seen = 0
 
     def pair_labels(self, labels: Tensor) -> Tensor:
         """Labels as given to PML: landmarks keep theirs, each non-landmark gets a unique one."""
         nonlandmark = ~is_landmark(labels)
-        unique = self.num_classes + torch.cumsum(nonlandmark.long(), dim=0) - 1
+        unique = self.num_classes + self._nonlandmarks_seen + torch.cumsum(nonlandmark.long(), dim=0) - 1
         return torch.where(nonlandmark, unique, labels)
 
     def _compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -71,7 +93,12 @@ class ContrastiveLoss(MetricLoss):
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         if labels.numel() < 2:
             return self._connected_zero(embeddings)
+        nonlandmarks = int((~is_landmark(labels)).sum())
         labels = self.pair_labels(labels)
+        if self.memory is not None:
+            if self.training:
+                self._nonlandmarks_seen += nonlandmarks
+            return self.memory(embeddings, labels)
         indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
         # With no pair left PML returns `sum(embeddings * 0)`, still connected to the graph.
         return self.contrastive(embeddings, labels, indices_tuple)

@@ -24,6 +24,8 @@ from datamodules.synth import SynthConfig, generate_world
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 LOSS_FILES = ["arcface.yaml", "center.yaml", "center_plain.yaml", "contrastive.yaml"]
+ARCFACE_RECIPES = ["param_groups", "lr_warmup", "freeze_backbone", "margin_warmup", "subcenter", "dynamic_margins",
+                   "nonlandmark_push", "hard_nonlandmarks"]
 LANDMARKS = str(Path(sys.executable).parent / "landmarks")
 
 
@@ -46,13 +48,19 @@ def _small(world: Path) -> list[str]:
 def _experiment_args():
     cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"],
              ["demo.yaml", "curriculum.yaml"], ["demo.yaml", "arcface.yaml", "curriculum.yaml"],
-             ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"]]
+             ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"],
+             # Every recipe ingredient at once, on the loss it belongs to (mining from epoch 0 is
+             # covered in tests/test_recipes.py; fast_dev_run is a single epoch).
+             ["demo.yaml", "arcface.yaml", *(f"recipes/{r}.yaml" for r in ARCFACE_RECIPES)],
+             ["demo.yaml", "center.yaml", "recipes/param_groups.yaml", "recipes/lr_warmup.yaml",
+              "recipes/hard_nonlandmarks.yaml"],
+             ["demo.yaml", "contrastive.yaml", "recipes/xbm.yaml", "recipes/hard_nonlandmarks.yaml"]]
     # The demo file alone stays in the fast tier; the compositions run in the full suite (CI).
     return [pytest.param(c, id="+".join(c), marks=() if c == ["demo.yaml"] else pytest.mark.slow) for c in cases]
 
 
 def test_every_experiment_file_is_covered():
-    files = {p.name for p in EXPERIMENTS.glob("*.yaml")}
+    files = {p.name for p in EXPERIMENTS.glob("*.yaml")} | {f"recipes/{p.name}" for p in EXPERIMENTS.glob("recipes/*.yaml")}
     covered = {f for case in _experiment_args() for f in case.values[0]}
     assert files == covered, f"experiment files without a fast_dev_run test: {files - covered}"
 
