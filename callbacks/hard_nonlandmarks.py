@@ -30,6 +30,11 @@ from core.embedding import embed_dataset
 log = logging.getLogger(__name__)
 
 
+def max_cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``[n]``: each row's highest cosine to any of ``centres`` (neither needs unit norm)."""
+    return (F.normalize(embeddings.float(), dim=1) @ F.normalize(centres.float(), dim=1).t()).max(dim=1).values
+
+
 def hardest_nonlandmarks(nonlandmark_embeddings: torch.Tensor, centres: torch.Tensor, count: int) -> np.ndarray:
     """Rows of ``nonlandmark_embeddings`` with the highest cosine to any of ``centres``, hardest first.
 
@@ -42,7 +47,7 @@ def hardest_nonlandmarks(nonlandmark_embeddings: torch.Tensor, centres: torch.Te
         raise ValueError(
             f"need [n, d] embeddings and [c, d] centres, got {tuple(nonlandmark_embeddings.shape)} and {tuple(centres.shape)}"
         )
-    scores = (F.normalize(nonlandmark_embeddings.float(), dim=1) @ F.normalize(centres.float(), dim=1).t()).max(dim=1).values
+    scores = max_cosine(nonlandmark_embeddings, centres)
     order = torch.sort(-scores, stable=True).indices
     return order[: max(0, min(count, len(order)))].numpy()
 
@@ -124,7 +129,7 @@ class HardNonlandmarkMining(pl.Callback):
         hard = trainer.strategy.broadcast([int(p) for p in positions[chosen]], src=0)
         datamodule.set_hard_nonlandmarks(hard, self.share)
         self.mined_epoch = epoch
-        top = (F.normalize(embeddings[chosen], dim=1) @ F.normalize(centres, dim=1).t()).max(dim=1).values
+        top = max_cosine(embeddings[chosen], centres)
         self.last_scores = {"hard_min_cosine": float(top.min()), "hard_max_cosine": float(top.max())}
         pl_module.log_dict({f"mining/{k}": v for k, v in self.last_scores.items()}, on_step=False, on_epoch=True)
         log.info("hard non-landmarks: %d of %d sampled (cosine %.3f-%.3f)", len(hard), len(positions),
@@ -133,8 +138,7 @@ class HardNonlandmarkMining(pl.Callback):
     def _embed(self, trainer, pl_module, dataset, positions):
         return embed_dataset(
             pl_module, dataset, positions=positions, batch_size=self.batch_size,
-            num_workers=trainer.datamodule.hparams.num_workers if trainer.datamodule.hparams.eval_num_workers is None
-            else trainer.datamodule.hparams.eval_num_workers,
+            num_workers=trainer.datamodule.eval_workers,
             device=pl_module.device, extras=("valid",), forward_context=trainer.precision_plugin.forward_context,
         )
 

@@ -71,7 +71,7 @@ class RunIdentity:
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:
-    """``config['a']['b']`` for a nested mapping or jsonargparse Namespace; default if absent."""
+    """``config['a']['b']`` for a nested mapping or a parsed-config Namespace; default if absent."""
     node = config
     for part in dotted.split("."):
         if node is None:

@@ -277,6 +277,11 @@ class LandmarkDataModule(pl.LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.set_hard_nonlandmarks(*self._hard_nonlandmarks)
 
+    @property
+    def eval_workers(self) -> int:
+        """Loader workers for embedding passes: ``eval_num_workers``, else ``num_workers``."""
+        return self.hparams.num_workers if self.hparams.eval_num_workers is None else self.hparams.eval_num_workers
+
     def class_sizes(self) -> np.ndarray:
         """Training images per landmark class (after cleaning/oracle filtering), in class-index order."""
         return np.bincount(self.db_labels, minlength=self.num_classes)
@@ -326,8 +331,7 @@ class LandmarkDataModule(pl.LightningDataModule):
             batch_size=self.hparams.eval_batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.hparams.num_workers if self.hparams.eval_num_workers is None
-            else self.hparams.eval_num_workers,
+            num_workers=self.eval_workers,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -1,7 +1,7 @@
 """The interface every metric loss of the project implements.
 
 The LightningModule is given a loss *factory* (``Callable[[int, int], MetricLoss]``, built by
-jsonargparse from ``class_path`` + ``init_args``) and calls it as
+LightningCLI from ``class_path`` + ``init_args``) and calls it as
 ``loss_factory(num_classes, embedding_size)``. Every subclass therefore takes exactly those two
 positional parameters first, followed by keyword parameters with defaults and type hints.
 """
