@@ -55,7 +55,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "cli.recognition", "add_albums_arguments", "run_albums_command"),
     "export": ("export the embedding network as TorchScript / ONNX, checked against the eager model",
                "cli.recognition", "add_export_arguments", "run_export_command"),
-    "prepare": ("public datasets → manifests: prepare gldv2 | places365 | revisited --root DIR --out DIR",
+    "prepare": ("public datasets → manifests (prepare gldv2 | places365 | revisited --root DIR --out DIR); "
+                "a manifest → tar shards (prepare shards --manifest CSV --out DIR)",
                 "cli.prepare", "add_prepare_arguments", "run_prepare_command"),
     "evaluate": ("benchmarks: evaluate revisited (ROxford/RParis mAP) | gldv2 (recognition GAP)",
                  "cli.evaluate", "add_evaluate_arguments", "run_evaluate_command"),

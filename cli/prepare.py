@@ -1,4 +1,5 @@
-"""``landmarks prepare gldv2|places365|revisited``: public datasets → this project's manifests.
+"""``landmarks prepare gldv2|places365|revisited|shards``: public datasets → this project's manifests,
+and any manifest → tar shards for cluster-scale training (:mod:`datamodules.shards`).
 
 Data flows manifest → data module: the converters read each dataset's published files (see
 :mod:`datamodules.gldv2`, :mod:`datamodules.places365`, :mod:`datamodules.revisited`), validate
@@ -48,6 +49,24 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     revisited.add_argument("--out", required=True)
     revisited.add_argument("--dataset", choices=("roxford5k", "rparis6k"), default=None)
 
+    shards = sub.add_parser("shards", help="a manifest (CSV or ImageFolder) → WebDataset tar shards of pre-resized "
+                                           "JPEGs that every manifest option of the data module accepts")
+    shards.add_argument("--manifest", required=True, help="landmark or non-landmark manifest (CSV) or ImageFolder")
+    shards.add_argument("--out", required=True, help="output folder (run again to resume an interrupted run)")
+    shards.add_argument("--kind", choices=("auto", "landmark", "nonlandmark"), default="auto",
+                        help="manifest kind (default: landmark when it has a landmark_id column)")
+    shards.add_argument("--max-side", type=int, default=256,
+                        help="longer side of the stored images in pixels (default 256: training at up to 128 px "
+                             "decodes at 2x; use 512 for 224-256 px training)")
+    shards.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    shards.add_argument("--samples-per-shard", type=int, default=1000,
+                        help="images per tar file (default 1000: ~10-100 MB shards at 256-512 px)")
+    shards.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    shards.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
+                        help="unreadable source images: skip with a logged count (default) or fail naming the row")
+    shards.add_argument("--extra-columns", choices=("error", "ignore"), default="error",
+                        help="manifest columns this project does not know: error (default) or keep unread")
+
     for p in (gldv2, places):
         p.add_argument("--no-check-files", action="store_true",
                        help="do not stat every image (missing ones then become placeholders at load time)")
@@ -72,6 +91,15 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         summary = prepare_places365(args.root, args.out, exclude=exclude, splits=splits,
                                     check_files=not args.no_check_files)
+    elif args.dataset == "shards":
+        from datamodules.shards import prepare_shards
+
+        header = prepare_shards(args.manifest, args.out, kind=args.kind, max_side=args.max_side,
+                                quality=args.quality, samples_per_shard=args.samples_per_shard,
+                                workers=args.workers, on_bad_image=args.on_bad_image,
+                                extra_columns=args.extra_columns)
+        summary = {"out": args.out, **{k: header[k] for k in ("kind", "num_samples", "skipped")},
+                   "shards": len(header["shards"]), "megabytes": round(sum(s["filesize"] for s in header["shards"]) / 2**20, 1)}
     else:
         from datamodules.revisited import prepare_revisited
 

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.images import UnreadableImage, load_rgb
+from datamodules.images import UnreadableImage, decode_rgb, load_rgb
+from datamodules.manifest import Manifest
+from datamodules.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +73,22 @@ class ImageDataset(Dataset):
             tensor = torch.zeros(3, self.image_size, self.image_size)
             valid = False
         return {"image": tensor, "label": int(self.labels[index]), "index": index, "valid": valid}
+
+
+class ShardImageDataset(ImageDataset):
+    """:class:`ImageDataset` over a shard set (``landmarks prepare shards``): same samples, same
+    indices, each image read from its tar shard at the recorded offset (:class:`ShardReader`)."""
+
+    def __init__(self, manifest: Manifest, labels: np.ndarray, transform: Callable, image_size: int):
+        super().__init__(manifest.paths, labels, transform, image_size)
+        self.reader = ShardReader(manifest)
+
+    def decode(self, index: int) -> np.ndarray:
+        return decode_rgb(self.reader.read(index), self.reader.name(index), max_side=2 * self.image_size)
+
+
+def manifest_dataset(manifest: Manifest, labels: np.ndarray, transform: Callable, image_size: int) -> ImageDataset:
+    """The dataset of a manifest's images: from their files, or from its shards when it is a shard set."""
+    if manifest.shard_dir is not None:
+        return ShardImageDataset(manifest, labels, transform, image_size)
+    return ImageDataset(manifest.paths, labels, transform, image_size)

@@ -10,6 +10,7 @@ turns that into its documented skip policy.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -50,7 +51,22 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as image:
+    except FileNotFoundError as err:
+        raise UnreadableImage(f"{path}: file not found") from err
+    return _decode(path, str(path), max_side)
+
+
+def decode_rgb(data: bytes, name: str, max_side: int | None = None) -> np.ndarray:
+    """:func:`load_rgb` for an encoded image held in memory (a tar shard's member); ``name`` is
+    what an error message calls it (the shard and the byte offset)."""
+    if len(data) == 0:
+        raise UnreadableImage(f"{name}: empty image (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_side)
+
+
+def _decode(source, name: str, max_side: int | None) -> np.ndarray:
+    try:
+        with Image.open(source) as image:
             if max_side is not None and image.format == "JPEG":
                 # Decode straight at a reduced scale (≥ the requested size): far faster for big files.
                 # The request keeps the aspect ratio: draft() only reduces while *both* sides stay
@@ -66,9 +82,9 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray
                 image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
             return np.asarray(image, dtype=np.uint8).copy()
     except FileNotFoundError as err:
-        raise UnreadableImage(f"{path}: file not found") from err
+        raise UnreadableImage(f"{name}: file not found") from err
     except UnidentifiedImageError as err:
-        raise UnreadableImage(f"{path}: not an image Pillow can identify") from err
+        raise UnreadableImage(f"{name}: not an image Pillow can identify") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # Truncated JPEGs raise OSError("image file is truncated ..."), broken headers SyntaxError.
-        raise UnreadableImage(f"{path}: cannot decode ({err})") from err
+        raise UnreadableImage(f"{name}: cannot decode ({err})") from err

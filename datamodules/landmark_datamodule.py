@@ -36,9 +36,10 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from core.errors import UserError
 from core.labels import NONLANDMARK
-from datamodules.datasets import ImageDataset, seed_worker_transforms
+from datamodules.datasets import ImageDataset, manifest_dataset, seed_worker_transforms
 from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
+from datamodules.shards import ShardError, damaged_shards
 from datamodules.synth import SynthConfig
 from datamodules.transforms import eval_transform, train_transform
 
@@ -48,6 +49,8 @@ EVAL_SETS = ("gallery", "queries", "distractors", "calibration")
 
 
 def _drop_missing_files(manifest: Manifest, policy: str) -> Manifest:
+    if manifest.shard_dir is not None:
+        return _drop_damaged_shards(manifest, policy)
     bad = np.array([not os.path.isfile(p) or os.path.getsize(p) == 0 for p in manifest.paths], dtype=bool)
     if not bad.any():
         return manifest
@@ -65,14 +68,29 @@ def _drop_missing_files(manifest: Manifest, policy: str) -> Manifest:
     return manifest.subset(~bad)
 
 
+def _drop_damaged_shards(manifest: Manifest, policy: str) -> Manifest:
+    damaged = damaged_shards(manifest)
+    if not damaged:
+        return manifest
+    if policy == "error":
+        raise ShardError(f"{next(iter(damaged.values()))} ({len(damaged)} damaged shard(s); "
+                         "on_bad_image='skip' drops their samples)")
+    bad = manifest.table["shard"].isin(list(damaged)).to_numpy()
+    log.warning("%s: skipping the %d samples of %d damaged shard(s), e.g. %s",
+                manifest.source, int(bad.sum()), len(damaged), next(iter(damaged.values())))
+    return manifest.subset(~bad)
+
+
 class LandmarkDataModule(pl.LightningDataModule):
     """Cleaned landmark + non-landmark data for metric learning.
 
     Args:
         data_dir: folder the manifest names below are relative to.
-        db_manifest: landmark database (``path,landmark_id``): training set and gallery. A CSV or
-            an ImageFolder directory (``<landmark_id>/<image>``). Rows whose ``decision`` column
-            says ``remove`` (output of ``landmarks clean``) are left out.
+        db_manifest: landmark database (``path,landmark_id``): training set and gallery. A CSV,
+            an ImageFolder directory (``<landmark_id>/<image>``) or a shard set (``landmarks
+            prepare shards``; every manifest below may be one, see :mod:`datamodules.shards`).
+            Rows whose ``decision`` column says ``remove`` (output of ``landmarks clean``) are
+            left out.
         nonlandmark_manifest: non-landmark training pool (``path``), or null for none.
         query_manifest: held-out landmark queries (``path,landmark_id``).
         distractor_manifest: non-landmark distractor queries (``path``).
@@ -96,7 +114,8 @@ class LandmarkDataModule(pl.LightningDataModule):
         on_bad_image: ``skip`` or ``error``; see the module docstring.
         extra_columns: ``error`` or ``ignore`` unknown manifest columns.
         check_files: stat every file when the data module is built (disable for millions of
-            files on a slow file system; unreadable files are still skipped at load time).
+            files on a slow file system; unreadable files are still skipped at load time). The
+            shards of a shard set are always checked (a few thousand files).
         seed: sampler seed (combined with the epoch).
     """
 
@@ -200,7 +219,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         if location is None:
             return None
         manifest = load_manifest(self.data_dir / location, kind, extra_columns=self.hparams.extra_columns)
-        if self.hparams.check_files:
+        if self.hparams.check_files or manifest.shard_dir is not None:
             manifest = _drop_missing_files(manifest, self.hparams.on_bad_image)
         return manifest
 
@@ -219,28 +238,25 @@ class LandmarkDataModule(pl.LightningDataModule):
                 f"({pool.source if pool is not None else 'nonlandmark_manifest: null'}) is empty; "
                 "add non-landmark images or set data.nonlandmark_share: 0"
             )
-        self._datasets["train_landmarks"] = ImageDataset(self.db.paths, self.db_labels, train_tf, size)
-        pool_paths = pool.paths if pool is not None else []
-        self._datasets["train_nonlandmarks"] = ImageDataset(
-            pool_paths, np.full(len(pool_paths), NONLANDMARK), train_tf, size
-        )
-        self._datasets["gallery"] = ImageDataset(self.db.paths, self.db_labels, eval_tf, size)
-        # The training pool as the model sees it at evaluation (hard non-landmark mining embeds it).
-        self._datasets["nonlandmark_pool"] = ImageDataset(
-            pool_paths, np.full(len(pool_paths), NONLANDMARK), eval_tf, size
-        )
+        self._datasets["train_landmarks"] = manifest_dataset(self.db, self.db_labels, train_tf, size)
+        self._datasets["gallery"] = manifest_dataset(self.db, self.db_labels, eval_tf, size)
+        if pool is not None:
+            self._datasets["train_nonlandmarks"] = manifest_dataset(pool, np.full(len(pool), NONLANDMARK), train_tf, size)
+            # The training pool as the model sees it at evaluation (hard non-landmark mining embeds it).
+            self._datasets["nonlandmark_pool"] = manifest_dataset(pool, np.full(len(pool), NONLANDMARK), eval_tf, size)
+        else:
+            for name, tf in (("train_nonlandmarks", train_tf), ("nonlandmark_pool", eval_tf)):
+                self._datasets[name] = ImageDataset([], np.empty(0, dtype=np.int64), tf, size)
         if queries is not None:
             query_ids = [self.id_aliases.get(i, i) for i in queries.landmark_ids]
             query_labels = self.class_map.encode(query_ids, queries.source, queries.lines)
-            self._datasets["queries"] = ImageDataset(queries.paths, query_labels, eval_tf, size)
+            self._datasets["queries"] = manifest_dataset(queries, query_labels, eval_tf, size)
         if distractors is not None:
-            self._datasets["distractors"] = ImageDataset(
-                distractors.paths, np.full(len(distractors), NONLANDMARK), eval_tf, size
-            )
+            self._datasets["distractors"] = manifest_dataset(distractors, np.full(len(distractors), NONLANDMARK),
+                                                             eval_tf, size)
         if calibration is not None:
-            self._datasets["calibration"] = ImageDataset(
-                calibration.paths, np.full(len(calibration), NONLANDMARK), eval_tf, size
-            )
+            self._datasets["calibration"] = manifest_dataset(calibration, np.full(len(calibration), NONLANDMARK),
+                                                             eval_tf, size)
 
     def eval_dataset(self, name: str) -> ImageDataset:
         self.setup()

@@ -74,6 +74,9 @@ class Manifest:
     # Line of each row in the source file (header = line 1), kept through subset() so that
     # messages still point at the right line after rows were dropped.
     lines: np.ndarray | None = field(default=None, repr=False)
+    # A shard set (``landmarks prepare shards``): the images are members of its tar files, found
+    # by the table's ``shard``/``offset``/``size`` columns; ``paths`` then name the source files.
+    shard_dir: str | None = None
 
     def __post_init__(self):
         if self.lines is None:
@@ -91,6 +94,7 @@ class Manifest:
             landmark_ids=ids,
             table=self.table[keep].reset_index(drop=True),
             lines=self.lines[keep],
+            shard_dir=self.shard_dir,
         )
 
 
@@ -111,6 +115,17 @@ def read_manifest(
     """
     csv_path = Path(csv_path)
     table = read_text_csv(csv_path, "manifest", ManifestError)
+    return manifest_from_table(table, csv_path, kind, extra_columns, column_map)
+
+
+def manifest_from_table(
+    table: pd.DataFrame,
+    csv_path: Path,
+    kind: ManifestKind = "landmark",
+    extra_columns: Literal["error", "ignore"] = "error",
+    column_map: dict[str, str] | None = None,
+) -> Manifest:
+    """Validate a manifest table read from ``csv_path`` (see :func:`read_manifest`)."""
     if column_map:
         missing_src = [src for src in column_map.values() if src not in table.columns]
         if missing_src:
@@ -191,7 +206,11 @@ def load_manifest(
     extra_columns: Literal["error", "ignore"] = "error",
     column_map: dict[str, str] | None = None,
 ) -> Manifest:
-    """A CSV file or an ImageFolder directory, whichever ``location`` is."""
+    """A CSV file, a shard set (``landmarks prepare shards``) or an ImageFolder directory."""
+    if Path(location).is_dir() and (Path(location) / "shardset.json").is_file():
+        from datamodules.shards import read_shard_set  # shards builds on this module
+
+        return read_shard_set(location, kind)
     if Path(location).is_dir():
         return read_image_folder(location, kind)
     return read_manifest(location, kind, extra_columns=extra_columns, column_map=column_map)

@@ -26,6 +26,14 @@ log = logging.getLogger("landmarks.recognition")
 DEFAULT_CACHE = "runs/embedding-cache"
 
 
+def _image_files(manifest):
+    """Indexing embeds image files (cached by path); a shard set is read by the data module only."""
+    if manifest.shard_dir is not None:
+        raise UserError(f"{manifest.shard_dir}: `landmarks index` reads image files, not tar shards; give the "
+                        "CSV manifest the shards were prepared from (shardset.json names it as 'source')")
+    return manifest
+
+
 def filter_rows(manifest, where: dict[str, str] | None):
     """Keep the rows whose ``column`` (stripped) equals ``value``, for every pair of ``where``."""
     for column, value in (where or {}).items():
@@ -160,7 +168,7 @@ def build_landmark_index(
     elif not pathlib.Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     params = centroid_params or CentroidParams()
-    data = load_manifest(manifest, "landmark", extra_columns=extra_columns, column_map=column_map or None)
+    data = _image_files(load_manifest(manifest, "landmark", extra_columns=extra_columns, column_map=column_map or None))
     data = filter_rows(data, where)
     if "decision" in data.table.columns:
         keep = data.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
@@ -172,8 +180,8 @@ def build_landmark_index(
     metadata = landmark_metadata_of(data, landmarks_csv, set(data.landmark_ids))
     calibration_set = None
     if nonlandmarks:
-        calibration_set = load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,
-                                        column_map=column_map or None)
+        calibration_set = _image_files(load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,
+                                                     column_map=column_map or None))
         calibration_set = filter_rows(calibration_set, nonlandmarks_where)
     elif threshold is None:
         log.warning("no --nonlandmarks: the index gets no calibrated threshold; `landmarks recognize` will then "

@@ -171,3 +171,27 @@ def test_index_input_errors(built_index, tiny_world, tmp_path, capsys):
     main([*base, "--out", str(tmp_path / "c"), "--threshold", "0.7"])
     fixed = LandmarkIndex.load(tmp_path / "c").calibration
     assert (fixed.threshold, fixed.target_fpr, fixed.n_calibration, fixed.resolved) == (0.7, None, 0, False)
+
+
+@pytest.mark.slow
+def test_index_on_two_ddp_processes_writes_the_same_artifact_as_one(tiny_world, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    landmarks = str(Path(sys.executable).with_name("landmarks"))
+    common = ["index", "--manifest", str(tiny_world / "db.csv"), "--nonlandmarks", str(tiny_world / "calibration.csv"),
+              "--backbone", "mobilenetv2_100", "--image-size", "32", "--target-fpr", "0.05", "--accelerator", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name, extra in (("one", []), ("two", ["--devices", "2", "--strategy", "ddp"])):
+        done = subprocess.run([landmarks, *common, "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / f"c-{name}"),
+                               *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and "vectors.faiss" in files
+    for name in files:  # byte for byte: vectors, FAISS index, threshold, landmark table
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    # Each rank embedded its own half (the cache holds every image once, in two ranks' chunks).
+    chunks = list((tmp_path / "c-two").rglob("chunk-*.json"))
+    assert sum(json.loads(p.read_text())["rows"] for p in chunks) >= len(pd.read_csv(tiny_world / "db.csv"))

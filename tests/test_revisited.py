@@ -379,3 +379,51 @@ def test_callback_logs_the_protocol_after_test(roxford, tiny_world, tmp_path):
     assert {k: v for k, v in callback.last_metrics.items() if k.startswith("roxford5k/")} == pytest.approx(
         {f"roxford5k/{k}": v for k, v in EXPECTED_COLOUR_METRICS.items()}
     )
+
+
+_DDP_CALLBACK_SCRIPT = r"""
+import json, sys
+import pytorch_lightning as pl
+from callbacks.revisited_evaluation import RevisitedEvaluation
+from datamodules import LandmarkDataModule
+from test_revisited import _mean_colour_direction
+
+class ColourModule(pl.LightningModule):
+    def forward(self, images):
+        return _mean_colour_direction(images)
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        return None
+
+root, world, out = sys.argv[1:4]
+datamodule = LandmarkDataModule(data_dir=world, image_size=32, classes_per_batch=4, samples_per_class=2,
+                                num_workers=0, eval_batch_size=16)
+callback = RevisitedEvaluation(root=root, datasets=["roxford5k"], num_workers=0, batch_size=2)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[callback], default_root_dir=out)
+logged = trainer.test(ColourModule(), datamodule=datamodule, verbose=False)[0]
+json.dump({k: float(v) for k, v in logged.items() if k.startswith("test/roxford5k/")},
+          open(f"{out}/rank{trainer.global_rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_callback_on_two_ddp_processes_logs_the_single_process_numbers(roxford, tiny_world, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, folder, _ = roxford
+    _paint_colour_world(folder)
+    script = tmp_path / "ddp_revisited.py"
+    script.write_text(_DDP_CALLBACK_SCRIPT)
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]), OMP_NUM_THREADS="1",
+               WANDB_MODE="disabled")
+    done = subprocess.run([sys.executable, str(script), str(root), str(tiny_world), str(tmp_path)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The same numbers as one process (test_callback_logs_the_protocol_after_test), on both ranks:
+    # 6 database images and 2 queries split over 2 ranks (with padding) and gathered back in order.
+    for rank in (0, 1):
+        logged = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert logged == pytest.approx({f"test/roxford5k/{k}": v for k, v in EXPECTED_COLOUR_METRICS.items()}, abs=1e-6)
