@@ -78,8 +78,11 @@ def _embed(model, paths, batch_size=128, workers=2):
 def _representations(thresholds, min_sizes=(2,)):
     from recognition.centroids import CentroidParams
 
-    out = [("all", "full gallery (kNN)", None), ("mean", "one mean per landmark", None)]
-    out += [("centroids", f"centroids, cut {t:g}, min size {m}", CentroidParams(distance_threshold=t, min_cluster_size=m))
+    out = [("all", "full gallery (kNN)", None), ("mean", "one mean per landmark", None),
+           ("centroids", "**default** (`landmarks index`: clusters; < 15 photos: photos + mean)", CentroidParams())]
+    # Every landmark clustered (few_photos=0), at each cut: what the default falls back from.
+    out += [("centroids", f"clusters, cut {t:g}, min size {m}",
+             CentroidParams(distance_threshold=t, min_cluster_size=m, few_photos=0))
             for m in min_sizes for t in thresholds]
     return out
 

@@ -42,6 +42,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from core.accumulator import EmbeddingAccumulator
 from core.atomic import atomic_path
 from core.errors import UserError
+from recognition.centroids import CentroidParams
 from recognition.evaluation import evaluate_centroid_index
 from retrieval.metrics import evaluate_recognition
 from retrieval.plots import plot_precision_fpr, plot_score_histograms
@@ -62,6 +63,9 @@ class RetrievalEvaluation(Callback):
         centroid_index: also score the shipped decision (the centroid index of ``landmarks index``
             with its defaults, calibrated on the distractors) under ``<stage>/centroid/``; see the
             module docstring. Costs a clustering of the gallery per evaluation (BENCHMARKS.md).
+        centroid_params: the clustering of that index, as ``landmarks index`` is given it
+            (fields of :class:`recognition.centroids.CentroidParams`, e.g. ``{distance_threshold:
+            0.4}``); default: its defaults.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class RetrievalEvaluation(Callback):
         memory_budget_mb: float = 256.0,
         plots: bool = True,
         centroid_index: bool = False,
+        centroid_params: dict | None = None,
     ):
         super().__init__()
         self.alphas = tuple(alphas)
@@ -82,6 +87,7 @@ class RetrievalEvaluation(Callback):
         self.memory_budget_mb = memory_budget_mb
         self.plots = plots
         self.centroid_index = centroid_index
+        self.centroid_params = CentroidParams(**(centroid_params or {}))  # bad keys fail at construction
         self._accumulators: dict[int, EmbeddingAccumulator] = {}
         self._names: tuple[str, ...] = ()
         # Every evaluation's metrics, for summaries: {"stage", "epoch", "step", **metrics}.
@@ -221,7 +227,7 @@ class RetrievalEvaluation(Callback):
             # calibrated there, as `landmarks index --nonlandmarks` does, and the distractors measure
             # the false-positive rate it achieves on photos it never saw.
             calibration = gathered["calibration"][0] if "calibration" in gathered else None
-            shipped = evaluate_centroid_index(**sets, calibration_emb=calibration)
+            shipped = evaluate_centroid_index(**sets, calibration_emb=calibration, params=self.centroid_params)
             result.metrics.update({f"centroid/{name}": value for name, value in shipped.items()})
         if self.plots:
             self._plot(trainer, result, stage, plot_dir, tag)

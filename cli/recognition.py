@@ -70,6 +70,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--max-centroids", type=int, default=defaults.max_centroids, help="most centroids per landmark")
     rep.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size,
                      help="smaller clusters are dropped as noise (a landmark keeps at least its largest)")
+    rep.add_argument("--few-photos", type=int, default=defaults.few_photos,
+                     help=f"a landmark with fewer photos keeps every photo plus their mean instead of clusters "
+                          f"(default {defaults.few_photos}; 0 clusters every landmark)")
     idx = parser.add_argument_group("FAISS index")
     idx.add_argument("--index-kind", choices=("flat", "ivf", "ivfpq", "hnsw"), default="flat",
                      help="flat = exact (default); ivf / ivfpq / hnsw for millions of centroids")
@@ -117,7 +120,7 @@ def run_index_command(args: argparse.Namespace) -> int:
         nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
         threshold=args.threshold, representation=args.representation,
         centroid_params=CentroidParams(args.distance_threshold, args.linkage, args.max_centroids,
-                                       args.min_cluster_size),
+                                       args.min_cluster_size, args.few_photos),
         index_kind=args.index_kind, index_params=_index_params(args), landmarks_csv=args.landmarks,
         column_map=parse_pairs(args.column_map, "--column-map"), where=parse_pairs(args.where, "--where"),
         nonlandmarks_where=parse_pairs(args.nonlandmarks_where, "--nonlandmarks-where"),

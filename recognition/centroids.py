@@ -10,6 +10,11 @@ normalised cluster means.
 Representations (``kind``):
 
 * ``"centroids"`` -- the above (:func:`retrieval.clustering.agglomerative_clusters` per landmark).
+  A landmark with fewer than ``CentroidParams.few_photos`` photos has too few to find its angles
+  (fewer than ``max_centroids`` clusters of ``min_cluster_size``): it keeps every photo plus
+  their mean. Measured (EXPERIMENTS.md, "Inference"): on real photos with 4–13 gallery photos
+  per landmark this beats both kNN and one mean for both offline ImageNet backbones, where cut
+  clusters lost to both; landmarks with more photos are clustered as before.
 * ``"mean"``      -- one normalised mean per landmark (baseline).
 * ``"all"``       -- every gallery embedding (full-gallery kNN, baseline).
 """
@@ -41,6 +46,8 @@ class CentroidParams:
         min_cluster_size: clusters with fewer images are dropped as label noise. A landmark whose
             largest cluster is smaller than this uses that size instead (a landmark with a
             handful of photos must stay recognisable; with 2 + 2 + 1 photos it keeps the pairs).
+        few_photos: a landmark with fewer photos is not clustered: it keeps every photo and their
+            mean (default 15 = ``max_centroids`` × ``min_cluster_size``); 0 clusters every landmark.
 
     The defaults come from the sweep in EXPERIMENTS.md ("Inference"): on the synthetic world with
     10 % label noise, cut 0.3 with clusters of >= 3 photos matched full-gallery kNN on the clean
@@ -51,12 +58,15 @@ class CentroidParams:
     linkage: Linkage = "average"
     max_centroids: int = 5
     min_cluster_size: int = 3
+    few_photos: int = 15
 
     def __post_init__(self):
         if self.max_centroids < 1:
             raise ValueError(f"max_centroids must be >= 1, got {self.max_centroids}")
         if self.min_cluster_size < 1:
             raise ValueError(f"min_cluster_size must be >= 1, got {self.min_cluster_size}")
+        if self.few_photos < 0:
+            raise ValueError(f"few_photos must be >= 0, got {self.few_photos}")
         if not 0.0 <= self.distance_threshold <= 2.0:
             raise ValueError(f"distance_threshold is a cosine distance in [0, 2], got {self.distance_threshold}")
 
@@ -152,7 +162,13 @@ def build_representation(
     vectors, owners, sizes, dropped = [], [], [], 0
     for g in groups:
         rows = members[bounds[g]:bounds[g + 1]]
-        c, s, d = landmark_centroids(x[rows], params)
+        if len(rows) < params.few_photos:
+            c, s, d = x[rows].astype(np.float32), np.ones(len(rows), np.int64), 0
+            if len(rows) > 1:
+                c = np.concatenate([c, cluster_centroids(x[rows], np.zeros(len(rows), np.int64))])
+                s = np.r_[s, len(rows)]
+        else:
+            c, s, d = landmark_centroids(x[rows], params)
         vectors.append(c)
         owners.append(np.full(len(c), g, np.int64))
         sizes.append(s)

@@ -204,7 +204,8 @@ def build_landmark_index(
     build = {
         "representation": representation,
         "clustering": {"distance_threshold": params.distance_threshold, "linkage": params.linkage,
-                       "max_centroids": params.max_centroids, "min_cluster_size": params.min_cluster_size},
+                       "max_centroids": params.max_centroids, "min_cluster_size": params.min_cluster_size,
+                       "few_photos": params.few_photos},
         "manifest": str(pathlib.Path(data.source).resolve()),
         "n_images": int(valid.sum()), "n_unreadable": int((~valid).sum()),
     }

@@ -51,7 +51,8 @@ def test_index_artifact_from_the_cli(built_index, tiny_world):
     for lm in index.landmarks:
         assert lm["name"] == names.loc[lm["landmark_id"], "name"] and lm["city"] == names.loc[lm["landmark_id"], "city"]
         assert lm["lat"] == pytest.approx(float(names.loc[lm["landmark_id"], "lat"]))
-        assert 1 <= lm["n_centroids"] <= 5
+        # 6 photos each, fewer than CentroidParams.few_photos: every photo plus their mean
+        assert lm["n_images"] == 6 and lm["n_centroids"] == 7
 
 
 def test_recognize_files_and_a_folder_with_a_corrupt_image(built_index, tiny_world, tmp_path, capsys):

@@ -80,7 +80,7 @@ def test_landmark_with_only_tiny_clusters_is_kept(gallery):
 
 def test_representations(gallery):
     emb, ids = gallery
-    params = CentroidParams(distance_threshold=0.3)
+    params = CentroidParams(distance_threshold=0.3, few_photos=0)
     cent = build_representation(emb, ids, "centroids", params)
     assert cent.landmark_ids == ["A", "B", "C"]
     assert cent.landmark.tolist() == [0, 0, 1, 2] and cent.sizes.tolist() == [6, 4, 5, 1]
@@ -94,6 +94,23 @@ def test_representations(gallery):
         build_representation(emb, ids[:-1])
     with pytest.raises(ValueError, match="unknown representation"):
         build_representation(emb, ids, "medoids")
+
+
+def test_a_landmark_with_few_photos_keeps_them_and_their_mean(gallery):
+    emb, ids = gallery  # A: 11 photos, B: 5, C: 1
+    few = build_representation(emb, ids, "centroids", CentroidParams(distance_threshold=0.3, few_photos=6))
+    # A (11 ≥ 6) is clustered as before; B keeps its 5 photos + their mean; C its one photo.
+    assert few.landmark.tolist() == [0, 0] + [1] * 6 + [2]
+    assert few.sizes.tolist() == [6, 4, 1, 1, 1, 1, 1, 5, 1] and few.dropped_images == 1  # A's stray photo
+    np.testing.assert_allclose(few.vectors[2:7], unit(emb[11:16]), atol=1e-6)
+    np.testing.assert_allclose(few.vectors[7], unit(unit(emb[11:16]).astype(np.float64).sum(0)), atol=1e-6)
+    np.testing.assert_allclose(few.vectors[8], unit(emb[16]), atol=1e-6)
+    # The default threshold (15) covers all three here; 0 clusters every landmark.
+    default = build_representation(emb, ids, "centroids", CentroidParams(distance_threshold=0.3))
+    assert default.landmark.tolist() == [0] * 12 + [1] * 6 + [2]
+    assert CentroidParams().few_photos == 15
+    with pytest.raises(ValueError, match="few_photos"):
+        CentroidParams(few_photos=-1)
 
 
 def test_centroids_recognise_a_side_view_that_one_mean_misses(gallery):
