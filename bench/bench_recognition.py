@@ -14,7 +14,8 @@ Three parts (results: printed Markdown tables + JSON under ``--out``):
     shooting angles (adjusted Rand index against ``view``).
 
 ``realphotos``  ``../shared/realphotos`` with offline ImageNet weights (``mobilenetv2_100``,
-    ``tf_efficientnet_lite0``; 224 px). Per split seed, gallery = a seeded half of each
+    ``tf_efficientnet_lite0``; 224 px unless ``--image-sizes``; ``--multi-scale`` adds the
+    normalised sum of the sizes' unit descriptors). Per split seed, gallery = a seeded half of each
     landmark's photos (rounded up), queries = the rest + all 164 non-landmark photos (the
     protocol of ``datamodules.realphotos.split_realphotos``, shared with ``landmarks
     realphotos``): recall at FPR 1e-2 (and 5e-2) and P@1 per representation, mean ± std over seeds.
@@ -251,19 +252,30 @@ def run_realphotos(args) -> dict:
     is_landmark = table["kind"].to_numpy() == "landmark"
     results = {"machine": _machine(), "seeds": args.seeds, "n_landmark_photos": int(is_landmark.sum()),
                "n_nonlandmark_photos": int((~is_landmark).sum()), "rows": []}
+    variants = []
     for backbone in args.backbones:
-        model = load_embedding_model(backbone=backbone, image_size=224)
-        emb = _embed(model, list(paths), batch_size=32)
+        per_size = {}
+        for size in args.image_sizes:
+            model = load_embedding_model(backbone=backbone, image_size=size)
+            emb = _embed(model, list(paths), batch_size=32)
+            per_size[size] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            variants.append((backbone, f"{size}", per_size[size], model.identity))
+        if args.multi_scale and len(per_size) > 1:
+            # Multi-scale descriptor: the normalised sum of the unit descriptors at every size.
+            total = sum(per_size.values())
+            variants.append((backbone, "+".join(map(str, per_size)), total / np.linalg.norm(total, axis=1, keepdims=True),
+                             model.identity))
+    for backbone, size, emb, identity in variants:
         lm_emb, lm_ids, d_emb = emb[is_landmark], labels[is_landmark], emb[~is_landmark]
         for kind_, label, params in _representations(args.thresholds, args.min_sizes):
             per_seed = []
             for seed in args.seeds:
                 # Gallery rows in file order (as this benchmark always indexed them).
                 gallery = np.isin(paths[is_landmark], split_realphotos(table, seed)["gallery"]["path"].to_numpy())
-                index = _index(lm_emb[gallery], lm_ids[gallery], kind_, params, model.identity)
+                index = _index(lm_emb[gallery], lm_ids[gallery], kind_, params, identity)
                 metrics, _, _ = _score(index, lm_emb[~gallery], list(lm_ids[~gallery]), d_emb, (5e-2, 1e-2))
                 per_seed.append({**metrics, "vectors": len(index)})
-            row = {"backbone": backbone, "representation": label}
+            row = {"backbone": backbone, "image_size": size, "representation": label}
             for key in per_seed[0]:
                 values = [m[key] for m in per_seed]
                 row[key] = float(np.mean(values))
@@ -271,10 +283,10 @@ def run_realphotos(args) -> dict:
             results["rows"].append(row)
             print(json.dumps(row), file=sys.stderr)
     print(f"\nmachine: {results['machine']}; split seeds {args.seeds}\n")
-    print("| backbone (ImageNet, 224 px) | representation | vectors | recall@FPR 1e-2 | recall@FPR 5e-2 | P@1 |")
-    print("|---|---|---|---|---|---|")
+    print("| backbone (ImageNet) | px | representation | vectors | recall@FPR 1e-2 | recall@FPR 5e-2 | P@1 |")
+    print("|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['backbone']} | {r['representation']} | {r['vectors']:.0f} | {r['recall@0.01']:.3f} ± "
+        print(f"| {r['backbone']} | {r['image_size']} | {r['representation']} | {r['vectors']:.0f} | {r['recall@0.01']:.3f} ± "
               f"{r['recall@0.01_std']:.3f} | {r['recall@0.05']:.3f} ± {r['recall@0.05_std']:.3f} | "
               f"{r['p@1']:.3f} ± {r['p@1_std']:.3f} |")
     return results
@@ -362,6 +374,9 @@ def main() -> int:
                         help="centroid min_cluster_size values to compare")
     parser.add_argument("--backbones", nargs="+", default=["mobilenetv2_100", "tf_efficientnet_lite0"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224], help="realphotos: input sizes")
+    parser.add_argument("--multi-scale", action="store_true",
+                        help="realphotos: also the multi-scale descriptor over --image-sizes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=256, help="latency: photos per pass")
     parser.add_argument("--batch-size", type=int, default=32)
