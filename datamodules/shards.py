@@ -206,8 +206,11 @@ def prepare_shards(
                          "choose another --out or delete it")
     write_json_atomic(marker, {"fingerprint": fingerprint, "source": str(source), **settings})
 
-    columns = [c for c in ("landmark_id",) if c in table.table.columns]
-    meta = table.table[columns].to_dict("records") if columns else [{}] * len(table)
+    # Each member's JSON makes a shard self-describing for any WebDataset reader: the source row,
+    # the landmark id (the label; class indices depend on the DB they are trained with) and
+    # whether the photo is a non-landmark.
+    ids = table.landmark_ids if kind == "landmark" else [None] * len(table)
+    meta = [{"landmark_id": i, "nonlandmark": kind == "nonlandmark"} for i in ids]
     jobs = []
     for first in range(0, len(table), samples_per_shard):
         rows = range(first, min(first + samples_per_shard, len(table)))

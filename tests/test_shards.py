@@ -66,7 +66,8 @@ def test_round_trip_keeps_bytes_labels_and_columns(tiny_world, sharded):
     for row in rows:
         key = shards.table.at[row, "key"]
         assert members[f"{key}.jpg"] == Path(source.paths[row]).read_bytes()
-        assert json.loads(members[f"{key}.json"]) == {"row": int(row), "landmark_id": source.landmark_ids[row]}
+        assert json.loads(members[f"{key}.json"]) == {"row": int(row), "landmark_id": source.landmark_ids[row],
+                                                      "nonlandmark": False}
 
 
 def test_large_and_rotated_images_are_stored_upright_at_max_side(tmp_path):
@@ -215,6 +216,9 @@ def test_unreadable_source_images_are_skipped_and_counted_or_an_error_naming_the
     with caplog.at_level(logging.WARNING):
         header = prepare_shards(tmp_path / "m.csv", tmp_path / "skip", progress=False)
     assert header["kind"] == "nonlandmark" and header["num_samples"] == 2 and header["skipped"] == 1
+    with tarfile.open(tmp_path / "skip" / header["shards"][0]["url"]) as archive:
+        first = json.loads(archive.extractfile("000000000.json").read())
+    assert first == {"row": 0, "landmark_id": None, "nonlandmark": True}
     assert any("skipped 1 unreadable image" in r.message and "line 3" in r.message for r in caplog.records)
     with pytest.raises(ShardError, match=r"m\.csv: line 3: .*broken\.jpg"):
         prepare_shards(tmp_path / "m.csv", tmp_path / "error", on_bad_image="error", progress=False)
