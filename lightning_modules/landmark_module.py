@@ -53,6 +53,11 @@ class LandmarkModule(pl.LightningModule):
         freeze_backbone_steps: the backbone's weights stay fixed for the first N optimisation
             steps (their gradients are dropped, so neither the update nor weight decay touches
             them) while the freshly initialised head and loss weights settle.
+        l2sp_weight: L2-SP (Li et al. 2018): adds ``l2sp_weight / 2 · Σ ‖w − w₀‖²`` over the
+            backbone's weights to the loss, where ``w₀`` are the backbone's weights when fitting
+            first starts (the pretrained start). Unlike weight decay, which pulls towards zero,
+            it keeps a fine-tune near what the pretrained features already know. The anchor is
+            saved in checkpoints, so a resumed fit keeps the original start.
     """
 
     def __init__(
@@ -71,11 +76,14 @@ class LandmarkModule(pl.LightningModule):
         param_groups: dict[str, dict[str, float]] | None = None,
         warmup_steps: int = 0,
         freeze_backbone_steps: int = 0,
+        l2sp_weight: float = 0.0,
     ):
         super().__init__()
         # Factories are not plain data: keeping them out of hparams keeps checkpoints loadable
         # with weights_only=True. The full config is saved by LightningCLI as config.yaml.
         self.save_hyperparameters(ignore=["loss", "optimizer", "lr_scheduler"])
+        if l2sp_weight < 0:
+            raise UserError(f"l2sp_weight must be >= 0, got {l2sp_weight}")
         if warmup_steps < 0 or freeze_backbone_steps < 0:
             raise UserError(
                 f"warmup_steps and freeze_backbone_steps must be >= 0, got {warmup_steps} and {freeze_backbone_steps}"
@@ -88,6 +96,8 @@ class LandmarkModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.landmark_ids: list[str] | None = None
+        # L2-SP's anchor, by backbone parameter name; set at the first fit start or from a checkpoint.
+        self.l2sp_anchor: dict[str, torch.Tensor] | None = None
 
     # ---- model -----------------------------------------------------------------------------
 
@@ -126,6 +136,10 @@ class LandmarkModule(pl.LightningModule):
             # and the loss (collectives): embed the whole batch and mask, a rare fallback.
             embeddings = self(batch["image"])[valid]
         loss = self.loss(embeddings, batch["label"][valid])
+        if self.hparams.l2sp_weight > 0:
+            penalty = self.l2sp_penalty()
+            self.log("train/l2sp", penalty.detach(), batch_size=batch_size)
+            loss = loss + penalty
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if isinstance(self.net.pool, GeM):
             self.log("train/gem_p", self.net.pool.p.detach(), batch_size=batch_size)
@@ -149,6 +163,18 @@ class LandmarkModule(pl.LightningModule):
         return self._embed_step(batch)
 
     # ---- optimisation ----------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.hparams.l2sp_weight > 0 and self.l2sp_anchor is None:
+            self.l2sp_anchor = {name: p.detach().clone() for name, p in self.net.backbone.named_parameters()}
+
+    def l2sp_penalty(self) -> torch.Tensor:
+        """``l2sp_weight / 2 · Σ ‖w − w₀‖²`` over the backbone's trainable weights."""
+        if self.l2sp_anchor is None:
+            raise RuntimeError("L2-SP has no anchor: it is set when fitting starts")
+        total = sum(((p - self.l2sp_anchor[name].to(p.device)) ** 2).sum()
+                    for name, p in self.net.backbone.named_parameters() if p.requires_grad)
+        return 0.5 * self.hparams.l2sp_weight * total
 
     def parameter_parts(self) -> dict[str, list[torch.nn.Parameter]]:
         """The trainable parameters by part (see ``param_groups``); every parameter in exactly one."""
@@ -214,8 +240,12 @@ class LandmarkModule(pl.LightningModule):
             "backbone": self.hparams.backbone,
             "embedding_size": self.hparams.embedding_size,
         }
+        if self.l2sp_anchor is not None:
+            checkpoint["l2sp_anchor"] = {name: t.detach().cpu() for name, t in self.l2sp_anchor.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "l2sp_anchor" in checkpoint:
+            self.l2sp_anchor = dict(checkpoint["l2sp_anchor"])
         info = checkpoint.get("landmark_recognition")
         if info is not None and info.get("landmark_ids") is not None:
             self.landmark_ids = list(info["landmark_ids"])

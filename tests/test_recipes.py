@@ -126,6 +126,45 @@ def test_frozen_backbone_steps_keep_the_backbone_and_train_the_head(tmp_path):
     assert not torch.equal(record.backbone[3], start_backbone)
 
 
+def test_l2sp_penalty_and_its_gradient_by_hand():
+    module = _tiny_module(l2sp_weight=0.3)
+    module.on_fit_start()  # the anchor: the weights at the start
+    first = next(module.net.backbone.parameters())
+    with torch.no_grad():
+        first.add_(0.5)  # every element of one tensor moved by 0.5
+    penalty = module.l2sp_penalty()
+    assert penalty.item() == pytest.approx(0.5 * 0.3 * 0.25 * first.numel(), rel=1e-5)
+    penalty.backward()
+    assert torch.allclose(first.grad, torch.full_like(first, 0.3 * 0.5))  # d/dw = weight · (w − w0)
+    others = [p.grad for p in list(module.net.backbone.parameters())[1:]]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in others)
+    with pytest.raises(ValueError, match="l2sp_weight must be >= 0"):
+        _tiny_module(l2sp_weight=-1.0)
+
+
+def test_l2sp_keeps_the_backbone_nearer_its_start_and_its_anchor_survives_a_checkpoint(tmp_path):
+    def drift(weight: float) -> tuple[float, LandmarkModule]:
+        module = _tiny_module(l2sp_weight=weight, optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+        start = [p.detach().clone() for p in module.net.backbone.parameters()]
+        _fit(module, 6, tmp_path)
+        return sum(float(((p - s) ** 2).sum()) for p, s in zip(module.net.backbone.parameters(), start)), module
+
+    free, _ = drift(0.0)
+    held, module = drift(5.0)
+    assert held < 0.5 * free, (held, free)
+    # The anchor goes into the checkpoint and comes back; a resumed fit keeps the original start.
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    restored = _tiny_module(l2sp_weight=5.0)
+    restored.on_load_checkpoint(checkpoint)
+    restored.on_fit_start()
+    for name, tensor in module.l2sp_anchor.items():
+        assert torch.equal(restored.l2sp_anchor[name], tensor), name
+    plain: dict = {}
+    _tiny_module().on_save_checkpoint(plain)
+    assert "l2sp_anchor" not in plain
+
+
 # ---- ArcFace: margins ------------------------------------------------------------------------
 
 
