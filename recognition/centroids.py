@@ -134,7 +134,9 @@ def build_representation(
     """
     if kind not in REPRESENTATIONS:
         raise ValueError(f"unknown representation {kind!r}; expected one of {REPRESENTATIONS}")
-    x = unit_rows(embeddings, "gallery embeddings")
+    # float32 for the whole gallery (a million rows: 2 GB, not 4); each landmark's rows are
+    # re-normalised in float64 where they are clustered or averaged.
+    x = unit_rows(embeddings, "gallery embeddings", dtype=np.float32)
     ids = [str(i) for i in landmark_ids]
     if len(ids) != len(x):
         raise ValueError(f"{len(x)} embeddings but {len(ids)} landmark ids")
@@ -147,7 +149,7 @@ def build_representation(
     counts = np.bincount(per_row, minlength=len(unique_ids)).astype(np.int64)
 
     if kind == "all":
-        return CentroidSet(x.astype(np.float32), per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts)
+        return CentroidSet(x, per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts)
     if kind == "mean":
         return CentroidSet(cluster_centroids(x, per_row), np.arange(len(unique_ids), dtype=np.int64), counts.copy(),
                            unique_ids, counts)

@@ -189,6 +189,18 @@ def test_parallel_clustering_equals_in_process():
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
 
 
+def test_unit_rows_normalises_a_copy_and_leaves_the_input_alone():
+    from retrieval.clustering import unit_rows
+
+    x = np.array([[3.0, 4.0], [0.0, 2.0]])
+    before = x.copy()
+    for dtype in (np.float64, np.float32):
+        unit = unit_rows(x, dtype=dtype)
+        assert unit.dtype == dtype
+        np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+        np.testing.assert_array_equal(x, before)  # normalised in place, but in its own copy
+
+
 def test_bad_input_gets_clear_errors():
     emb, ids = _world(np.random.default_rng(6))
     broken = emb.copy()
