@@ -612,3 +612,24 @@ def test_clean_command_reports_a_weak_model_and_force_applies_it(tiny_world, tmp
     assert pd.read_csv(tmp_path / "weak" / "clean.csv")["decision"].eq("keep").all()
     assert main([*args, "--out", str(tmp_path / "forced"), "--force"]) == 0
     assert json.loads((tmp_path / "forced" / "summary.json").read_text())["applied"] is True
+
+
+def test_label_agreement_by_hand_and_its_sample_past_the_exact_budget(monkeypatch):
+    import cleaning.algorithm as algorithm
+
+    # Landmark 0 at (1, 0) ± a little, landmark 1 at (0, 1); row 5 is labelled 0 but sits with 1.
+    emb = np.array([[1, 0.01], [1, -0.01], [1, 0.02], [0.01, 1], [-0.01, 1], [0.02, 1]], dtype=np.float32)
+    codes = np.array([0, 0, 0, 1, 1, 0])
+    valid = np.ones(6, dtype=bool)
+    # Rows 0-2 agree; row 5 disagrees with its nearest (a 1), and so does the 1 whose nearest is 5.
+    sims = emb @ emb.T / np.outer(np.linalg.norm(emb, axis=1), np.linalg.norm(emb, axis=1))
+    np.fill_diagonal(sims, -np.inf)
+    by_hand = float(np.mean(codes[sims.argmax(1)] == codes))
+    assert by_hand == pytest.approx(4 / 6)
+    assert algorithm.label_agreement(emb, codes, valid, CleaningParams()) == pytest.approx(by_hand)
+    # Past the budget of queries × DB products the sample shrinks to the floor, seeded.
+    monkeypatch.setattr(algorithm, "_AGREEMENT_PRODUCTS", 1)
+    monkeypatch.setattr(algorithm, "_AGREEMENT_MIN_QUERIES", 3)
+    sampled = algorithm.label_agreement(emb, codes, valid, CleaningParams(), seed=1)
+    assert sampled * 3 == pytest.approx(round(sampled * 3))  # a share of 3 queries
+    assert sampled == algorithm.label_agreement(emb, codes, valid, CleaningParams(), seed=1)
