@@ -15,7 +15,7 @@ processes' ``ru_maxrss``, is its own):
    training augmentations) from ``LandmarkDataModule`` over the shard set, no model.
 4. ``index``: the representation ``landmarks index`` builds by default
    (:func:`recognition.centroids.build_representation`) of ``--images`` synthetic 512-d embeddings
-   of the same ``--landmarks`` landmarks (1–3 angles each), an IVF index over its vectors
+   of the same ``--landmarks`` landmarks (1–3 angles each), an IVF (``--index-kind``) index over its vectors
    (``LandmarkIndex.from_centroids``), the threshold calibrated at FPR 1e-3 on 20k non-landmark
    embeddings, and the artifact saved; each part timed.
 5. ``recognize``: that artifact loaded, 10,000 query embeddings searched and decided.
@@ -135,7 +135,8 @@ def stage(name: str, args: argparse.Namespace, folder: Path) -> dict:
         del x
         t1 = time.perf_counter()
         index = LandmarkIndex.from_centroids(reps, {"identity": {"embedding_size": 512}, "key": "bench", "source": {}},
-                                             index_kind="ivf", index_params={"nprobe": 16, **({"nlist": args.nlist} if args.nlist else {})})
+                                             index_kind=args.index_kind,
+                                             index_params={"nprobe": 16, **({"nlist": args.nlist} if args.nlist else {})})
         t2 = time.perf_counter()
         rng = np.random.default_rng(1)
         others = rng.standard_normal((20_000, 512)).astype(np.float32)
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train-batches", type=int, default=500)
+    parser.add_argument("--index-kind", default="ivf", choices=("flat", "ivf", "hnsw"))
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0: the default, 4·sqrt(vectors))")
     parser.add_argument("--stages", default="prepare,stream,train-loader,index,recognize")
     parser.add_argument("--json", default=None)
