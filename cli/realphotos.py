@@ -72,12 +72,14 @@ def evaluate(model, split: dict[str, pd.DataFrame], batch_size: int = 32, worker
 
 
 def finetune(split: dict[str, pd.DataFrame], run_dir: Path, seed: int, image_size: int, epochs: int,
-             lr: float, workers: int, backbone_lr_scale: float = 1.0, l2sp: float = 0.0) -> Path:
+             lr: float, workers: int, backbone_lr_scale: float = 1.0, l2sp: float = 0.0,
+             freeze_bn: bool = False) -> Path:
     """The paper's recipe on the training landmarks; returns the checkpoint.
 
     ``backbone_lr_scale`` multiplies the backbone's learning rate (the head and the loss keep
     ``lr``); ``l2sp`` is ``LandmarkModule(l2sp_weight=...)``, a pull of the backbone towards its
-    ImageNet start. Both 1.0 / 0.0: the recipe as first measured.
+    ImageNet start; ``freeze_bn`` keeps the backbone's BatchNorm statistics at their ImageNet
+    values. 1.0 / 0.0 / False: the recipe as first measured.
     """
     import pytorch_lightning as pl
     import torch
@@ -106,6 +108,7 @@ def finetune(split: dict[str, pd.DataFrame], run_dir: Path, seed: int, image_siz
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs),
         param_groups={"backbone": {"lr": lr * backbone_lr_scale}} if backbone_lr_scale != 1.0 else None,
         l2sp_weight=l2sp,
+        freeze_backbone_bn=freeze_bn,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=CSVLogger(str(run_dir), name="logs", version=""),
@@ -165,12 +168,14 @@ def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the backbone's learning rate as a multiple of --lr (head and loss: --lr)")
     parser.add_argument("--l2sp", type=float, default=0.0,
                         help="L2-SP weight: pull the backbone towards its ImageNet start (0: off)")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="keep the backbone's BatchNorm statistics at their ImageNet values")
 
 
 def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLike = "runs/realphotos",
                    seeds=(0, 1, 2), train_landmarks: int = 8, train_nonlandmarks: int = 60, image_size: int = 160,
                    epochs: int = 5, lr: float = 3e-4, workers: int = 2, backbone_lr_scale: float = 1.0,
-                   l2sp: float = 0.0) -> dict:
+                   l2sp: float = 0.0, freeze_bn: bool = False) -> dict:
     """The recipe; prints its tables and writes ``out/results.json``, which it returns."""
     from retrieval.embedding_model import load_embedding_model
 
@@ -181,7 +186,8 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
     imagenet = load_embedding_model(backbone="mobilenetv2_100", image_size=image_size)
     settings = {"root": str(root), "out": str(out), "seeds": list(seeds), "train_landmarks": train_landmarks,
                 "train_nonlandmarks": train_nonlandmarks, "image_size": image_size, "epochs": epochs, "lr": lr,
-                "workers": workers, "backbone_lr_scale": backbone_lr_scale, "l2sp": l2sp}
+                "workers": workers, "backbone_lr_scale": backbone_lr_scale, "l2sp": l2sp,
+                "freeze_bn": freeze_bn}
     results: dict = {"args": settings, "full_set": {}, "seeds": {}}
     started = time.time()
     full = split_realphotos(table, seed=0)
@@ -192,7 +198,8 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
     for seed in seeds:
         split = class_disjoint_split(table, seed, train_landmarks, train_nonlandmarks)
         t0 = time.time()
-        checkpoint = finetune(split, out / f"seed{seed}", seed, image_size, epochs, lr, workers, backbone_lr_scale, l2sp)
+        checkpoint = finetune(split, out / f"seed{seed}", seed, image_size, epochs, lr, workers, backbone_lr_scale, l2sp,
+                              freeze_bn)
         fit_s = time.time() - t0
         rows = {
             "ImageNet MobileNetV2 (GeM)": evaluate(imagenet, split, workers=workers),
@@ -229,5 +236,6 @@ def run_realphotos_command(args: argparse.Namespace) -> int:
     # Every evaluation embeds afresh; the embedding's per-call INFO lines are noise here.
     with quieter("retrieval.embed", verbose=getattr(args, "verbose", 0)):
         run_realphotos(args.root, args.out, args.seeds, args.train_landmarks, args.train_nonlandmarks,
-                       args.image_size, args.epochs, args.lr, args.workers, args.backbone_lr_scale, args.l2sp)
+                       args.image_size, args.epochs, args.lr, args.workers, args.backbone_lr_scale, args.l2sp,
+                       args.freeze_bn)
     return 0

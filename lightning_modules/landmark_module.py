@@ -58,6 +58,10 @@ class LandmarkModule(pl.LightningModule):
             first starts (the pretrained start). Unlike weight decay, which pulls towards zero,
             it keeps a fine-tune near what the pretrained features already know. The anchor is
             saved in checkpoints, so a resumed fit keeps the original start.
+        freeze_backbone_bn: the backbone's BatchNorm layers stay in eval mode while training:
+            their running statistics keep the pretrained values (their affine weights still
+            train). Fine-tuning on a few hundred photos otherwise re-estimates every running mean
+            and variance on them, which moves the features even when the weights barely do.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class LandmarkModule(pl.LightningModule):
         warmup_steps: int = 0,
         freeze_backbone_steps: int = 0,
         l2sp_weight: float = 0.0,
+        freeze_backbone_bn: bool = False,
     ):
         super().__init__()
         # Factories are not plain data: keeping them out of hparams keeps checkpoints loadable
@@ -108,6 +113,14 @@ class LandmarkModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self._prepare(images))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Before every step, not once per epoch: Lightning switches modules back to train mode
+        # after a validation run, and a module built in train mode is never switched at all.
+        if self.hparams.freeze_backbone_bn:
+            for module in self.net.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:

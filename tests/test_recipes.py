@@ -165,6 +165,26 @@ def test_l2sp_keeps_the_backbone_nearer_its_start_and_its_anchor_survives_a_chec
     assert "l2sp_anchor" not in plain
 
 
+def test_frozen_backbone_batchnorm_keeps_its_statistics_while_its_weights_train(tmp_path):
+    def fit(freeze: bool) -> tuple[LandmarkModule, dict[str, torch.Tensor]]:
+        module = _tiny_module(freeze_backbone_bn=freeze)
+        start = {k: v.clone() for k, v in module.net.backbone.state_dict().items()}
+        _fit(module, 4, tmp_path)
+        return module, start
+
+    module, start = fit(True)
+    after = module.net.backbone.state_dict()
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(after[k], start[k]) for k in stats)
+    assert not torch.equal(after["bn1.weight"], start["bn1.weight"])  # affine weights still train
+    assert not torch.equal(after["conv1.weight"], start["conv1.weight"])
+    assert module.net.bn.training or not module.training  # the head's BatchNorm is not frozen
+    # The control: without the flag the same fit moves the running statistics.
+    module, start = fit(False)
+    after = module.net.backbone.state_dict()
+    assert not all(torch.equal(after[k], start[k]) for k in stats)
+
+
 # ---- ArcFace: margins ------------------------------------------------------------------------
 
 
