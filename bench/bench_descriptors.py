@@ -36,9 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np  # noqa: E402
-
 import bench_recognition as br  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:
