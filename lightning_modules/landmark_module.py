@@ -178,8 +178,12 @@ class LandmarkModule(pl.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if self.hparams.l2sp_weight > 0 and self.l2sp_anchor is None:
+        if self.hparams.l2sp_weight <= 0:
+            return
+        if self.l2sp_anchor is None:
             self.l2sp_anchor = {name: p.detach().clone() for name, p in self.net.backbone.named_parameters()}
+        else:  # restored from a checkpoint on the CPU: onto the weights' device once, not every step
+            self.l2sp_anchor = {name: t.to(self.device) for name, t in self.l2sp_anchor.items()}
 
     def l2sp_penalty(self) -> torch.Tensor:
         """``l2sp_weight / 2 · Σ ‖w − w₀‖²`` over the backbone's trainable weights."""
