@@ -39,9 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_recognition as br  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from retrieval.clustering import unit_rows  # noqa: E402
 
 
 def fit_whitening(fit: np.ndarray, power: float, shrink: float):
@@ -51,7 +49,7 @@ def fit_whitening(fit: np.ndarray, power: float, shrink: float):
     var = s ** 2 / len(fit)
     keep = var > 1e-8 * var[0]
     projection = vt[keep].T * (var[keep] + shrink * var[keep].mean()) ** (-power)
-    return lambda x: unit((x - mean) @ projection)
+    return lambda x: unit_rows((x - mean) @ projection, dtype=np.float32)
 
 
 def weighted_neighbours(x: np.ndarray, pool: np.ndarray, k: int, alpha: float, skip_self: bool = False) -> np.ndarray:
@@ -59,7 +57,7 @@ def weighted_neighbours(x: np.ndarray, pool: np.ndarray, k: int, alpha: float, s
     sim = x @ pool.T
     top = np.argsort(-sim, axis=1)[:, int(skip_self): k + int(skip_self)]
     weight = np.take_along_axis(sim, top, 1).clip(0) ** alpha
-    return unit(x + (weight[..., None] * pool[top]).sum(1))
+    return unit_rows(x + (weight[..., None] * pool[top]).sum(1), dtype=np.float32)
 
 
 VARIANTS = [("none", {})] + [
@@ -85,7 +83,7 @@ def run(args) -> dict:
     for backbone in args.backbones:
         for size in args.image_sizes:
             model = load_embedding_model(backbone=backbone, image_size=size)
-            emb = unit(br._embed(model, list(paths), batch_size=32))
+            emb = unit_rows(br._embed(model, list(paths), batch_size=32), dtype=np.float32)
             lm, ids, nonlandmarks = emb[is_landmark], labels[is_landmark], emb[~is_landmark]
             for name, v in VARIANTS:
                 for rep in args.representations:
