@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.embedding import embed_batch
 from core.labels import NONLANDMARK
 from lightning_modules import LandmarkModule
-from losses import ArcFaceLoss, ContrastiveLoss
+from losses import ArcFaceLoss, CenterSoftmaxLoss, ContrastiveLoss
 
 
 class FixedBatches(Dataset):
@@ -60,12 +60,21 @@ def _loader(data: FixedBatches) -> DataLoader:
     return DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
 
 
+def _plain_loss(args):
+    if args.loss == "center":
+        # The paper's loss as experiments/paper.yaml configures it: softmax + center loss, the
+        # non-landmarks a softmax class without a center, pushed from every landmark center.
+        return lambda c, d: CenterSoftmaxLoss(c, d, center_weight=0.01, center_lr=0.5, softmax_scale=16.0,  # noqa: E731
+                                              nonlandmark_class=True, nonlandmark_margin=0.5)
+    return lambda c, d: ArcFaceLoss(c, d, scale=30.0)  # noqa: E731
+
+
 def _module(args, recipe: str = "plain") -> LandmarkModule:
     torch.manual_seed(0)
     if recipe == "plain":
         return LandmarkModule(
             num_classes=args.classes, backbone=args.backbone, embedding_size=512,
-            loss=lambda c, d: ArcFaceLoss(c, d, scale=30.0), channels_last=args.channels_last,
+            loss=_plain_loss(args), channels_last=args.channels_last,
             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
         )
     if recipe == "arcface":
@@ -108,7 +117,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop(args, data: FixedBatches) -> float:
+def _reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory(device: str) -> float | None:
+    """GiB of GPU memory the run allocated at its peak (None on CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def plain_loop(args, data: FixedBatches) -> tuple[float, float | None]:
+    _reset_peak_memory(args.device)
     module = _module(args).to(args.device)
     if args.channels_last:
         module.net.to(memory_format=torch.channels_last)
@@ -128,7 +149,7 @@ def plain_loop(args, data: FixedBatches) -> float:
         loss.backward()
         optimizer.step()
     _sync(args.device)
-    return (len(data) - args.warmup) * args.batch / (time.perf_counter() - start)
+    return (len(data) - args.warmup) * args.batch / (time.perf_counter() - start), _peak_memory(args.device)
 
 
 class _Timer(pl.Callback):
@@ -146,7 +167,8 @@ class _Timer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_loop(args, data: FixedBatches) -> float:
+def lightning_loop(args, data: FixedBatches) -> tuple[float, float | None]:
+    _reset_peak_memory(args.device)
     module = _module(args, args.recipe)
     timer = _Timer(args.warmup, args.device)
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
@@ -156,7 +178,7 @@ def lightning_loop(args, data: FixedBatches) -> float:
         enable_model_summary=False, limit_val_batches=0, callbacks=[timer], log_every_n_steps=50,
     )
     trainer.fit(module, train_dataloaders=_loader(data))
-    return (len(data) - args.warmup) * args.batch / (timer.end - timer.start)
+    return (len(data) - args.warmup) * args.batch / (timer.end - timer.start), _peak_memory(args.device)
 
 
 def main() -> None:
@@ -171,32 +193,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32", choices=["32", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--loss", default="arcface", choices=["arcface", "center"],
+                        help="the loss of both sides (center: the paper's center loss + softmax)")
     parser.add_argument("--recipe", default="plain", choices=["plain", "arcface", "xbm"],
-                        help="the Lightning side's mechanics (the plain loop always trains plain ArcFace)")
+                        help="the Lightning side's mechanics (the plain loop always trains the plain --loss)")
     parser.add_argument("--mining-pool", type=int, default=0, help="also time one hard-mining round of N images")
     parser.add_argument("--epoch-steps", type=int, default=43, help="steps per epoch, for the mining share")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    data = FixedBatches(args.steps + args.warmup, args.batch, args.image_size, args.classes)
-    plain, lightning = [], []
-    for _ in range(args.repeats):
-        plain.append(plain_loop(args, data))
-        lightning.append(lightning_loop(args, data))
-        print(f"plain {plain[-1]:8.1f} img/s   lightning {lightning[-1]:8.1f} img/s", flush=True)
-    ratios = [lit / p for lit, p in zip(lightning, plain)]
-    result = {
-        "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "plain_img_s": plain, "lightning_img_s": lightning,
-        "plain_median": statistics.median(plain), "lightning_median": statistics.median(lightning),
-        "ratio_median": statistics.median(ratios),
-    }
+    result = run(args)
     shown = ["plain_median", "lightning_median", "ratio_median"]
     if args.mining_pool:
         rounds = [mining_round_seconds(args) for _ in range(args.repeats)]
-        epoch_s = args.epoch_steps * args.batch / statistics.median(lightning)
+        epoch_s = args.epoch_steps * args.batch / result["lightning_median"]
         result.update(mining_round_s=rounds, mining_round_median_s=statistics.median(rounds),
                       mining_share_of_epoch=statistics.median(rounds) / epoch_s)
         shown += ["mining_round_median_s", "mining_share_of_epoch"]
@@ -204,6 +214,38 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def run(args) -> dict:
+    """Alternate plain and Lightning runs ``args.repeats`` times; img/s, medians, the median ratio."""
+    data = FixedBatches(args.steps + args.warmup, args.batch, args.image_size, args.classes)
+    if args.device == "cuda":
+        # On a GPU, a host-to-device copy per step would be part of both loops' time; the batches
+        # live on the device instead, so the ratio compares the training steps alone.
+        data.images, data.labels = data.images.to("cuda"), data.labels.to("cuda")
+    held = (data.images.nbytes + data.labels.nbytes) / 2**30 if args.device == "cuda" else 0.0
+    plain, lightning, plain_mem, lightning_mem = [], [], [], []
+    for _ in range(args.repeats):
+        speed, mem = plain_loop(args, data)
+        plain.append(speed)
+        plain_mem.append(mem)
+        speed, mem = lightning_loop(args, data)
+        lightning.append(speed)
+        lightning_mem.append(mem)
+        print(f"plain {plain[-1]:8.1f} img/s   lightning {lightning[-1]:8.1f} img/s", flush=True)
+    ratios = [lit / p for lit, p in zip(lightning, plain)]
+    return {
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "plain_img_s": plain, "lightning_img_s": lightning,
+        "plain_median": statistics.median(plain), "lightning_median": statistics.median(lightning),
+        "ratio_median": statistics.median(ratios),
+        # Peak GPU memory of the training itself: the batches held on the device are left out.
+        "plain_peak_gib": max(plain_mem) - held if args.device == "cuda" else None,
+        "lightning_peak_gib": max(lightning_mem) - held if args.device == "cuda" else None,
+    }
 
 
 if __name__ == "__main__":
