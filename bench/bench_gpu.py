@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,8 +122,14 @@ class _StepTimer(pl.Callback):
 
 
 def fit_and_evaluate(args, world: Path) -> dict:
+    # paper.yaml's loggers include a WandbLogger, whose options jsonargparse can only check with
+    # wandb installed; a copy without loggers keeps the GPU machine free of wandb.
+    config = yaml.safe_load(Path("experiments/paper.yaml").read_text())
+    config["trainer"].pop("logger", None)
+    config_path = args.scratch / "paper_nologger.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     overrides = [
-        "--config", "experiments/paper.yaml",
+        "--config", str(config_path),
         f"--data.data_dir={world}", f"--data.image_size={args.image_size}",
         f"--data.num_workers={args.workers}", f"--data.eval_num_workers={args.workers}",
         "--data.check_files=false", "--data.calibration_manifest=calibration.csv",
@@ -222,6 +230,10 @@ def main() -> None:
         for pair in args.backbones.split(","):
             backbone, batch = pair.split(":")
             _write(args.out, f"train_{backbone}.json", train_throughput(args, backbone, int(batch)))
+            # The Trainer's reference cycles keep the last run's batches on the GPU until collected;
+            # the next backbone's peak memory must not include them.
+            gc.collect()
+            _reset_peak()
 
     world = args.scratch / "world"
     if "world" in parts:

@@ -22,6 +22,7 @@ mining round, reported as a share of an epoch of ``--epoch-steps`` steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -119,6 +120,7 @@ def _sync(device: str) -> None:
 
 def _reset_peak_memory(device: str) -> None:
     if device == "cuda":
+        gc.collect()  # the last run's module and optimizer state, held by reference cycles
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
