@@ -323,8 +323,19 @@ def run_latency(args) -> dict:
     results = {"machine": _machine(), "batch_size": args.batch_size, "workers": args.workers, "rows": []}
     for label, model, db, photos in cases:
         photos = list(photos)[: args.images]
-        index = _index(_embed(model, db.paths), db.landmark_ids, "centroids", None, model.identity)
+        db_emb = _embed(model, db.paths)
+        index = _index(db_emb, db.landmark_ids, "centroids", None, model.identity)
         index.calibration = Calibration.fixed(0.5)
+        if args.verify:
+            # What `landmarks index --verify` stores: SIFT features of a few photos per landmark.
+            from recognition.verification import LocalFeatures, VerificationParams, choose_photos
+
+            params = VerificationParams()
+            row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
+            photo_rows = np.array([row_of[i] for i in db.landmark_ids])
+            chosen = choose_photos(db_emb, photo_rows, index.vectors, index.vector_landmark, params.images_per_landmark)
+            index.local_features = LocalFeatures.extract([db.paths[i] for i in chosen], photo_rows[chosen], params)
+            label += ", with spatial verification"
         recognizer = Recognizer(index, model, batch_size=args.batch_size, workers=args.workers)
         transform = eval_transform(model.image_size)
         tensors = torch.stack([transform(image=load_rgb(p, max_side=2 * model.image_size))["image"] for p in photos])
@@ -382,6 +393,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="latency: the Recognizer's decoding threads")
     parser.add_argument("--threads", type=int, default=0, help="latency: torch intra-op threads (0: default)")
+    parser.add_argument("--verify", action="store_true", help="latency: the index verifies (landmarks index --verify)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_recognition"))
     args = parser.parse_args()
     import logging

@@ -8,7 +8,14 @@ image. Candidate scores combine the global cosine and the inliers; recall at FPR
 set by the distractors' scores, as ``bench_recognition.py realphotos`` does, on the same splits.
 The first row (global score only) is the control: it must equal kNN in that benchmark.
 
+``--shipped`` measures what ``landmarks index --verify`` ships instead
+(:mod:`recognition.verification`): the default centroid index, a few stored photos per landmark
+(:func:`choose_photos`), each query's best 3 landmarks verified against those photos, the
+candidate score ``cosine + weight × min(inliers, 50)`` for ``inliers ≥ min_inliers``; a sweep of
+weight and ``min_inliers``, with the unverified index as the control.
+
     python bench/bench_verification.py --seeds 0 1 2
+    python bench/bench_verification.py --shipped --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ import bench_recognition as br  # noqa: E402
 
 from datamodules.images import load_rgb  # noqa: E402
 from datamodules.realphotos import DEFAULT_ROOT, read_realphotos, split_realphotos  # noqa: E402
+from recognition.artifact import LandmarkIndex  # noqa: E402
+from recognition.verification import (  # noqa: E402
+    LocalFeatures,
+    VerificationParams,
+    choose_photos,
+    extract,
+    inlier_bonus,
+)
 from retrieval.embedding_model import load_embedding_model  # noqa: E402
 from retrieval.metrics import NONLANDMARK, recognition_at_fpr  # noqa: E402
 
@@ -64,11 +79,81 @@ def verify(a, b, matcher) -> tuple[int, float]:
     return int(inliers.sum()), float(cv2.contourArea(cv2.convexHull(src[inliers])) / (shape_a[0] * shape_a[1]))
 
 
+def shipped(args) -> None:
+    """The sweep over what ``landmarks index --verify`` ships (see the module docstring)."""
+    table = read_realphotos(DEFAULT_ROOT)
+    paths, labels = table["path"].to_numpy(), table["label"].to_numpy()
+    is_landmark = table["kind"].to_numpy() == "landmark"
+    # Raw inlier counts; each config's min_inliers applies below.
+    raw = VerificationParams(min_inliers=4, max_side=args.max_side, n_features=args.features)
+    start = time.perf_counter()
+    features = {path: extract(path, raw) for path in paths}
+    sift_s = time.perf_counter() - start
+    emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=224), list(paths), batch_size=32)
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    landmark_rows, distractor_rows = np.flatnonzero(is_landmark), np.flatnonzero(~is_landmark)
+    runs, match_s, n_verified = [], 0.0, 0
+    for seed in args.seeds:
+        in_gallery = set(split_realphotos(table, seed)["gallery"]["path"])
+        gallery = np.array([i for i in landmark_rows if paths[i] in in_gallery])
+        queries = np.array([i for i in landmark_rows if paths[i] not in in_gallery])
+        photos = np.concatenate([queries, distractor_rows])
+        # The index `landmarks index` builds by default, and the photos `--verify` stores.
+        index = LandmarkIndex.from_embeddings(emb[gallery], list(labels[gallery]))
+        row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
+        photo_rows = np.array([row_of[labels[i]] for i in gallery])
+        chosen = choose_photos(emb[gallery], photo_rows, index.vectors, index.vector_landmark, raw.images_per_landmark)
+        stored = [features[paths[gallery[i]]] for i in chosen]
+        offsets = np.concatenate([[0], np.cumsum([len(kp) for kp, _ in stored])])
+        local = LocalFeatures(np.concatenate([kp for kp, _ in stored]), np.concatenate([d for _, d in stored]),
+                              offsets, photo_rows[chosen], raw)
+        scores, rows = index.search(emb[photos], 5)
+        start = time.perf_counter()
+        inliers = np.stack([local.candidate_inliers(features[paths[p]], rows[j]) for j, p in enumerate(photos)])
+        match_s += time.perf_counter() - start
+        n_verified += len(photos)
+        truth = np.array(list(labels[queries]) + [None] * len(distractor_rows), dtype=object)
+        runs.append((scores, rows, inliers, truth, len(queries), np.array(index.landmark_ids, dtype=object)))
+    print(f"\n{args.backbone}, split seeds {args.seeds}; SIFT {args.features} keypoints at ≤ {args.max_side} px: {1e3 * sift_s / len(paths):.0f} ms/photo, "
+          f"matching {1e3 * match_s / n_verified:.0f} ms/photo (up to 3 landmarks × 5 photos)\n")
+    print("| candidate score | recall@FPR 1e-2 (per seed) | recall@FPR 5e-2 | P@1 | photos verified at FPR 1e-2 |")
+    print("|---|---|---|---|---|")
+    configs = [("global cosine (control: the index without --verify)", None)]
+    for weight in (0.001, 0.002, 0.005):
+        for min_inliers in (8, 15, 25):
+            configs.append((f"+ {weight} × min(inliers, 50), inliers ≥ {min_inliers}",
+                            VerificationParams(weight=weight, min_inliers=min_inliers)))
+    for name, params in configs:
+        results = []
+        for scores, rows, inliers, truth, n_queries, ids in runs:
+            verified = scores if params is None else scores + inlier_bonus(inliers, params)
+            best = np.argmax(verified, axis=1)
+            pred_rows = rows[np.arange(len(rows)), best]
+            classes = {lm: i for i, lm in enumerate(ids)}
+            truth_int = np.array([NONLANDMARK if t is None else classes[t] for t in truth])
+            value = verified[np.arange(len(rows)), best].astype(float)
+            at = recognition_at_fpr(pred_rows, value, truth_int, alphas=(1e-2, 5e-2), user_prior=None)
+            p1 = float((pred_rows[:n_queries] == truth_int[:n_queries]).mean())
+            # Photos the Recognizer verifies at that threshold: the others cannot reach it even
+            # with the largest bonus and skip verification (Recognizer.verify).
+            reach = 0.0 if params is None else params.weight * params.inlier_cap
+            share = float(np.mean(scores[:, 0] + reach >= at[1e-2]["threshold"])) if params is not None else 0.0
+            results.append((at[1e-2]["recall"], at[5e-2]["recall"], p1, share))
+        r = np.array(results)
+        print(f"| {name} | {r[:, 0].mean():.3f} ({', '.join(f'{v:.3f}' for v in r[:, 0])}) | {r[:, 1].mean():.3f} | "
+              f"{r[:, 2].mean():.3f} | {r[:, 3].mean():.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--shipped", action="store_true", help="the sweep over what `landmarks index --verify` ships")
+    parser.add_argument("--max-side", type=int, default=640, help="--shipped: photo size for SIFT")
+    parser.add_argument("--features", type=int, default=1000, help="--shipped: SIFT keypoints per photo")
     args = parser.parse_args()
+    if args.shipped:
+        return shipped(args)
     table = read_realphotos(DEFAULT_ROOT)
     paths, labels = table["path"].to_numpy(), table["label"].to_numpy()
     is_landmark = table["kind"].to_numpy() == "landmark"

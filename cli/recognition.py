@@ -48,6 +48,7 @@ def _devices(value: str) -> int | str:
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     from recognition.centroids import CentroidParams
+    from recognition.verification import VerificationParams
 
     parser.add_argument("--manifest", required=True, help="landmark DB: CSV (path,landmark_id) or ImageFolder; "
                         "rows with decision=remove are left out")
@@ -81,6 +82,19 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     idx.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (must divide the embedding size)")
     idx.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
     idx.add_argument("--ef-search", type=int, default=128, help="HNSW search width")
+    ver = parser.add_argument_group("spatial verification (off by default: EXPERIMENTS.md, 'spatial verification')")
+    ver.add_argument("--verify", action="store_true",
+                     help="store SIFT features of a few photos per landmark and re-score each query's best candidates "
+                          "by homography inliers (the threshold is calibrated on the verified scores)")
+    vdefaults = VerificationParams()
+    ver.add_argument("--verify-candidates", type=int, default=vdefaults.candidates, help="landmarks verified per query")
+    ver.add_argument("--verify-photos", type=int, default=vdefaults.images_per_landmark,
+                     help="gallery photos stored and matched per landmark")
+    ver.add_argument("--verify-weight", type=float, default=vdefaults.weight, help="score added per inlier")
+    ver.add_argument("--verify-min-inliers", type=int, default=vdefaults.min_inliers,
+                     help="fewer homography inliers add nothing")
+    ver.add_argument("--verify-max-side", type=int, default=vdefaults.max_side, help="photo size for SIFT (pixels)")
+    ver.add_argument("--verify-features", type=int, default=vdefaults.n_features, help="SIFT keypoints per photo")
     data = parser.add_argument_group("data")
     data.add_argument("--landmarks", help="per-landmark metadata CSV: landmark_id[,name,city,lat,lon]")
     data.add_argument("--column-map", action="append", metavar="OURS=THEIRS",
@@ -114,6 +128,7 @@ def _index_params(args) -> dict:
 def run_index_command(args: argparse.Namespace) -> int:
     from recognition.centroids import CentroidParams
     from recognition.indexing import build_landmark_index
+    from recognition.verification import VerificationParams
 
     built = build_landmark_index(
         args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
@@ -127,6 +142,10 @@ def run_index_command(args: argparse.Namespace) -> int:
         extra_columns=args.extra_columns, batch_size=args.batch_size, num_workers=args.num_workers,
         accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
         cache_dir=args.cache_dir,
+        verification=VerificationParams(
+            max_side=args.verify_max_side, n_features=args.verify_features, candidates=args.verify_candidates,
+            images_per_landmark=args.verify_photos, weight=args.verify_weight, min_inliers=args.verify_min_inliers,
+        ) if args.verify else None,
     )
     if built is None:
         return 0  # a DDP rank other than 0
@@ -143,6 +162,10 @@ def run_index_command(args: argparse.Namespace) -> int:
               f"calibration images accepted (FPR {cal.achieved_fpr:.2e}){'' if cal.resolved else '  [UNRESOLVED]'}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
+    if index.local_features is not None:
+        lf = index.local_features
+        print(f"verified:   {len(lf.landmark)} photos stored ({len(lf.keypoints)} SIFT keypoints); "
+              f"the best {lf.params.candidates} candidates of each query are verified")
     return 0
 
 

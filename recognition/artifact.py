@@ -10,6 +10,8 @@ Layout of an index directory (format version :data:`FORMAT_VERSION`)::
     vector_landmark.npy   int64 [m] row of landmarks.json each vector stands for
     vector_size.npy       int64 [m] gallery images summarised by each vector
     landmarks.json        per landmark: landmark_id, name, city, lat, lon, n_images, n_centroids
+    local_*.npy           only with ``landmarks index --verify``: the verified gallery photos' SIFT
+                          features (recognition.verification; memory-mapped at load)
 
 A directory is built under a temporary name next to the target and renamed into place, so a
 reader never sees half an index and a failed build leaves the previous index untouched.
@@ -36,6 +38,7 @@ from core.atomic import replace_dir
 from core.errors import UserError
 from recognition.calibration import Calibration
 from recognition.centroids import CentroidParams, CentroidSet, Representation, build_representation
+from recognition.verification import LocalFeatures
 from retrieval.index import build_index, search, validate_embeddings
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,8 @@ class LandmarkIndex:
         calibration: the threshold and what it was calibrated for, or None (uncalibrated).
         build: how the index was built (representation, clustering, index kind, inputs).
         faiss_index: built from :attr:`vectors` with ``build["index_kind"]`` when not given.
+        local_features: the stored features for spatial verification, or None (no verification).
+            An index that has them calibrated its threshold on verified scores, so it verifies.
     """
 
     vectors: np.ndarray
@@ -129,6 +134,7 @@ class LandmarkIndex:
     calibration: Calibration | None = None
     build: dict = field(default_factory=dict)
     faiss_index: faiss.Index | None = field(default=None, repr=False)
+    local_features: LocalFeatures | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.vectors = validate_embeddings(self.vectors, "index vectors")
@@ -311,6 +317,7 @@ class LandmarkIndex:
             "calibration": None if self.calibration is None else self.calibration.to_json(),
             "build": self.build,
             "files": list(_FILES),
+            "verification": None if self.local_features is None else self.local_features.header(),
         }
 
     def save(self, directory: str | os.PathLike, overwrite: bool = True) -> pathlib.Path:
@@ -333,6 +340,8 @@ class LandmarkIndex:
             np.save(tmp / "vector_landmark.npy", self.vector_landmark, allow_pickle=False)
             np.save(tmp / "vector_size.npy", self.vector_size, allow_pickle=False)
             _write_json(tmp / "landmarks.json", self.landmarks)
+            if self.local_features is not None:
+                self.local_features.save(tmp)
             _write_json(tmp / HEADER, self.header())  # last: its presence marks a complete index
             os.chmod(tmp, 0o755)
             replace_dir(tmp, target)
@@ -383,9 +392,16 @@ class LandmarkIndex:
         if len(landmarks) != head.get("n_landmarks"):
             raise IndexFormatError(f"{root}: header says {head.get('n_landmarks')} landmarks, landmarks.json has {len(landmarks)}")
         calibration = head.get("calibration")
+        local_features = None
+        if head.get("verification") is not None:
+            try:
+                local_features = LocalFeatures.load(root, head["verification"])
+            except (ValueError, OSError) as err:
+                raise IndexFormatError(f"{root}: verification features: {err}") from err
         try:
             return cls(vectors, vector_landmark, vector_size, landmarks, head["model"],
-                       None if calibration is None else Calibration.from_json(calibration), head.get("build", {}), index)
+                       None if calibration is None else Calibration.from_json(calibration), head.get("build", {}), index,
+                       local_features)
         except (KeyError, ValueError) as err:
             raise IndexFormatError(f"{root}: inconsistent index ({err})") from err
 

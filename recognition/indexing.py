@@ -142,12 +142,15 @@ def build_landmark_index(
     strategy: str = "auto",
     cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
     progress: bool = True,
+    verification=None,
 ):
     """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
 
     Exactly one of ``checkpoint`` / ``backbone``. ``nonlandmarks`` (non-landmark photos, CSV or
     folder) calibrate the threshold at ``target_fpr``; ``threshold`` fixes it instead; with neither
-    the index has no threshold. Under DDP every rank embeds its share and rank 0 alone builds and
+    the index has no threshold. ``verification`` (a
+    :class:`recognition.verification.VerificationParams`) stores local features for spatial
+    verification and calibrates on verified scores. Under DDP every rank embeds its share and rank 0 alone builds and
     writes the index (other ranks return None).
     """
     from pytorch_lightning.utilities import rank_zero_only
@@ -195,6 +198,7 @@ def build_landmark_index(
     if calibration_set is not None:
         nl_emb, nl_valid = embed_images(model, calibration_set.paths, "calibration", **embedding)
         nl_emb = nl_emb[nl_valid]
+        nl_paths = [p for p, ok in zip(calibration_set.paths, nl_valid) if ok]
     if rank_zero_only.rank != 0:
         return None  # every DDP rank embedded its share; rank 0 alone builds and writes the index
     if not valid.any():
@@ -214,8 +218,23 @@ def build_landmark_index(
         emb[valid], ids, {"identity": model.identity, "key": model.key, "source": source}, representation, params,
         metadata, index_kind=index_kind, index_params=index_params or {}, build=build, progress=progress,
     )
+    if verification is not None:
+        from recognition.verification import LocalFeatures, choose_photos
+
+        paths = [p for p, ok in zip(data.paths, valid) if ok]
+        row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
+        photo_rows = np.array([row_of.get(i, -1) for i in ids], dtype=np.int64)
+        chosen = choose_photos(emb[valid], photo_rows, index.vectors, index.vector_landmark,
+                               verification.images_per_landmark)
+        index.local_features = LocalFeatures.extract([paths[i] for i in chosen], photo_rows[chosen], verification,
+                                                     progress=progress)
     if nl_emb is not None:
-        scores, _ = index.top1(nl_emb)
+        if index.local_features is not None:
+            # The threshold must be set on the scores the recogniser will compare with it.
+            candidates, rows = index.search(nl_emb, index.local_features.params.candidates)
+            scores = index.local_features.verified_top1(nl_paths, candidates, rows, progress=progress)
+        else:
+            scores, _ = index.top1(nl_emb)
         try:
             index.calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved_fpr)
         except CalibrationError as err:

@@ -29,6 +29,7 @@ from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
 from recognition.artifact import LandmarkIndex, ModelMismatchError
 from recognition.gps import read_exif_gps, within_radius
+from recognition.verification import extract, make_sift
 from retrieval.decision import decide
 from retrieval.embedding_model import EmbeddingModel, load_embedding_model
 
@@ -187,6 +188,7 @@ class Recognizer:
         lms = self.index.landmarks
         self._lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in lms], dtype=np.float64)
         self._lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in lms], dtype=np.float64)
+        self._sift = None if self.index.local_features is None else make_sift(self.index.local_features.params)
 
     # ---- pieces --------------------------------------------------------------------------------
 
@@ -227,8 +229,26 @@ class Recognizer:
             found = read_exif_gps(path)
         return found
 
+    def verify(self, path: str, scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``scores`` after spatial verification when the index stores local features (built with
+        ``--verify``; its threshold was calibrated on verified scores), else unchanged."""
+        features = self.index.local_features
+        if features is None:
+            return scores
+        if not scores[0] + features.params.weight * features.params.inlier_cap >= self.threshold:
+            # Even the largest bonus cannot lift the best candidate to the threshold: the photo is
+            # rejected either way (most photos of a collection), so its verification is skipped and
+            # its scores stay the global ones. Only which rejected candidate is reported can differ.
+            return scores
+        try:
+            query = extract(path, features.params, self._sift)
+        except (UnreadableImage, OSError, ValueError):  # the global score stands (minimum-keypoint policy)
+            return scores
+        return features.rescore(query, scores, rows)
+
     def decide(self, path: str, scores: np.ndarray, rows: np.ndarray) -> Recognition:
-        """The decision for one photo from its top-k ``scores`` and landmark ``rows``."""
+        """The decision for one photo from its top-k ``scores`` and landmark ``rows`` (verified first)."""
+        scores = self.verify(path, scores, rows)
         lms = self.index.landmarks
         valid = rows >= 0
         result = Recognition(path=path)

@@ -1,0 +1,220 @@
+"""Spatial verification: inliers of a warped copy, the minimum-keypoint policy, the re-scoring
+arithmetic, which photos are stored, the artifact round trip, and calibration on verified scores."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from cli.main import main
+from recognition.artifact import IndexFormatError, LandmarkIndex
+from recognition.calibration import calibrate_threshold
+from recognition.recognizer import Recognizer
+from recognition.verification import (
+    LocalFeatures,
+    VerificationParams,
+    choose_photos,
+    count_inliers,
+    extract,
+    inlier_bonus,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BACKGROUND = (235, 235, 235)
+
+
+def _texture(seed: int, w: int = 480, h: int = 360) -> np.ndarray:
+    """A photo-sized scene of random shapes: plenty of SIFT keypoints, different for every seed."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), BACKGROUND[0], np.uint8)
+    for _ in range(150):
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        x, y, kind = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(3))
+        if kind == 0:
+            cv2.rectangle(img, (x, y), (x + int(rng.integers(5, 60)), y + int(rng.integers(5, 60))), colour, -1)
+        elif kind == 1:
+            cv2.circle(img, (x, y), int(rng.integers(3, 30)), colour, -1)
+        else:
+            cv2.line(img, (x, y), (int(rng.integers(0, w)), int(rng.integers(0, h))), colour, int(rng.integers(1, 4)))
+    return img
+
+
+def _warp(img: np.ndarray, seed: int, amount: float = 0.08) -> np.ndarray:
+    """The same scene from another viewpoint (a random homography)."""
+    rng = np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    dst = (src + rng.uniform(-amount, amount, (4, 2)) * [w, h]).astype(np.float32)
+    return cv2.warpPerspective(img, cv2.getPerspectiveTransform(src, dst), (w, h), borderValue=BACKGROUND)
+
+
+def _save(img: np.ndarray, path) -> str:
+    cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verification")
+    scenes = [_texture(seed) for seed in range(3)]
+    return {
+        "scene": [_save(s, root / f"scene{i}.jpg") for i, s in enumerate(scenes)],
+        "view": [_save(_warp(s, 100 + i), root / f"view{i}.jpg") for i, s in enumerate(scenes)],
+        "blank": _save(np.full((360, 480, 3), 200, np.uint8), root / "blank.jpg"),
+    }
+
+
+def test_a_warped_copy_has_many_inliers_and_another_scene_few(photos):
+    p = VerificationParams()
+    scene = [extract(path, p) for path in photos["scene"]]
+    view = [extract(path, p) for path in photos["view"]]
+    assert all(len(kp) >= 400 and desc.dtype == np.uint8 and desc.shape[1] == 128 for kp, desc in scene)
+    same = [count_inliers(scene[i], view[i], p) for i in range(3)]
+    other = [count_inliers(scene[i], view[j], p) for i in range(3) for j in range(3) if i != j]
+    assert min(same) >= 100, same
+    assert max(other) <= 30, other  # random shapes share some local structure, never a whole scene
+
+
+def test_too_few_keypoints_leave_the_scores_unchanged(photos):
+    p = VerificationParams()
+    blank = extract(photos["blank"], p)
+    assert len(blank[0]) < p.min_keypoints
+    features = LocalFeatures.extract([photos["view"][0]], np.array([0]), p)
+    scores = np.array([0.5, 0.4], np.float32)
+    assert np.array_equal(features.rescore(blank, scores, np.array([0, 1])), scores)
+
+
+def test_rescore_adds_weight_times_capped_inliers_to_the_verified_candidates_only(photos):
+    p = VerificationParams(candidates=2, weight=0.002, inlier_cap=50, min_inliers=8)
+    features = LocalFeatures.extract([photos["view"][0], photos["view"][1]], np.array([0, 1]), p)
+    query = extract(photos["scene"][0], p)
+    inliers = [count_inliers(query, features.photo(i), p) for i in range(2)]
+    assert inliers[0] > 50  # so the cap applies
+    scores, rows = np.array([0.5, 0.45, 0.4], np.float32), np.array([0, 1, 2])
+    out = features.rescore(query, scores, rows)
+    other = 0.002 * min(inliers[1], 50) if inliers[1] >= 8 else 0.0  # another scene: a few chance inliers
+    expected = [0.5 + 0.002 * 50, 0.45 + other, 0.4]  # row 2: beyond the 2 candidates
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    one = LocalFeatures(features.keypoints, features.descriptors, features.offsets, features.landmark,
+                        VerificationParams(candidates=1))
+    assert one.rescore(query, scores, rows)[1] == scores[1]
+
+
+def test_inlier_bonus_by_hand():
+    p = VerificationParams(weight=0.002, inlier_cap=50, min_inliers=8)
+    np.testing.assert_allclose(inlier_bonus(np.array([0, 7, 8, 30, 60]), p), [0, 0, 0.016, 0.06, 0.1], atol=1e-7)
+
+
+def test_choose_photos_takes_the_nearest_to_each_vector_then_the_next_nearest():
+    # Landmark 0: photos 0-3, vectors along x and y; landmark 1: photos 4-5, one vector.
+    emb = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8], [1, 0], [0, 1]], np.float32)
+    landmark = np.array([0, 0, 0, 0, 1, 1])
+    vectors = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    vector_landmark = np.array([0, 0, 1])
+    # Landmark 0: nearest to x is photo 0, to y photo 2; next, photos 1 and 3 tie at 0.8 (stable
+    # order: 1). Landmark 1: photo 5 (0.8) is nearest its vector, then photo 4 (0.6).
+    assert choose_photos(emb, landmark, vectors, vector_landmark, 1).tolist() == [0, 5]
+    assert choose_photos(emb, landmark, vectors, vector_landmark, 2).tolist() == [0, 2, 5, 4]
+    assert choose_photos(emb, landmark, vectors, vector_landmark, 3).tolist() == [0, 2, 1, 5, 4]
+
+
+def _index_with_features(photos, p: VerificationParams | None = None):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(4, 8)).astype(np.float32)
+    index = LandmarkIndex.from_embeddings(emb / np.linalg.norm(emb, axis=1, keepdims=True), ["a", "a", "b", "b"],
+                                          {"identity": {"embedding_size": 8}}, representation="mean")
+    index.local_features = LocalFeatures.extract(photos["view"][:2], np.array([0, 1]), p or VerificationParams())
+    return index
+
+
+def test_local_features_round_trip_memory_mapped_and_checked(photos, tmp_path):
+    index = _index_with_features(photos)
+    out = index.save(tmp_path / "index")
+    loaded = LandmarkIndex.load(out)
+    lf, lf0 = loaded.local_features, index.local_features
+    assert isinstance(lf.descriptors, np.memmap) and isinstance(lf.keypoints, np.memmap)
+    for name in ("keypoints", "descriptors", "offsets", "landmark"):
+        assert np.array_equal(getattr(lf, name), getattr(lf0, name))
+    assert lf.params == lf0.params
+    head = json.loads((out / "index.json").read_text())
+    head["verification"]["n_keypoints"] += 1
+    (out / "index.json").write_text(json.dumps(head))
+    with pytest.raises(IndexFormatError, match="verification features: header says"):
+        LandmarkIndex.load(out)
+    head["verification"]["n_keypoints"] -= 1
+    head["verification"]["format_version"] = 99
+    (out / "index.json").write_text(json.dumps(head))
+    with pytest.raises(IndexFormatError, match="version 99"):
+        LandmarkIndex.load(out)
+    head["verification"]["format_version"] = 1
+    (out / "index.json").write_text(json.dumps(head))
+    (out / "local_descriptors.npy").unlink()
+    with pytest.raises(IndexFormatError, match="local_descriptors.npy"):
+        LandmarkIndex.load(out)
+
+
+def test_bad_parameters_are_named(tmp_path, capsys):
+    with pytest.raises(Exception, match="ratio must lie in"):
+        VerificationParams(ratio=1.5)
+    code = main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(tmp_path / "idx"),
+                 "--backbone", "mobilenetv2_100", "--verify", "--verify-min-inliers", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("landmarks index: error: verification: min_keypoints and min_inliers must be >= 4 "
+                                 "(a homography needs 4 points)")
+
+
+def test_index_verify_calibrates_on_verified_scores_and_the_recognizer_applies_them(tmp_path, capsys):
+    """Through `landmarks index --verify` and the Recognizer: 3 landmarks × 4 views, 10 other scenes."""
+    rows, calibration = [], []
+    for lm in range(3):
+        scene = _texture(lm)
+        for v in range(4):
+            rows.append({"path": _save(_warp(scene, 10 * lm + v), tmp_path / f"lm{lm}_{v}.jpg"), "landmark_id": f"L{lm}"})
+    for k in range(10):
+        calibration.append({"path": _save(_texture(50 + k), tmp_path / f"other{k}.jpg")})
+    queries = [_save(_warp(_texture(lm), 77 + lm), tmp_path / f"query{lm}.jpg") for lm in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "db.csv", index=False)
+    pd.DataFrame(calibration).to_csv(tmp_path / "nl.csv", index=False)
+    out = tmp_path / "index"
+    code = main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
+                 "--image-size", "64", "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1",
+                 "--num-workers", "0", "--cache-dir", "", "--verify", "--verify-photos", "2"])
+    assert code == 0
+    assert "verified:   6 photos stored" in capsys.readouterr().out
+    index = LandmarkIndex.load(out)
+    assert sorted(index.local_features.landmark.tolist()) == [0, 0, 1, 1, 2, 2]
+
+    # The threshold is the calibration of the verified scores of the 10 other scenes.
+    plain = LandmarkIndex.load(out)
+    plain.local_features = None
+    global_recognizer = Recognizer(plain, threshold=0.0)
+    paths = [c["path"] for c in calibration]
+    emb = np.concatenate([global_recognizer.embed_tensors(global_recognizer._load(p)[0][None]) for p in paths])
+    scores, cand = index.search(emb, index.local_features.params.candidates)
+    verified = index.local_features.verified_top1(paths, scores, cand)
+    assert index.calibration.threshold == calibrate_threshold(verified, 0.1).threshold
+    # Other scenes reach a few chance inliers, below min_inliers (25): they gain nothing.
+    assert np.array_equal(verified, scores.max(axis=1))
+
+    # Each query's decision score is its global score plus the capped inlier bonus of its landmark.
+    recognizer = Recognizer(out)
+    for i, (result, unverified) in enumerate(zip(recognizer.recognize(queries), global_recognizer.recognize(queries))):
+        assert result.landmark_id == unverified.landmark_id == f"L{i}"
+        assert result.score == pytest.approx(unverified.score + 0.001 * 50, abs=1e-5)
+        assert result.accepted
+
+    # A photo whose best global score + the largest bonus (0.05) stays under the threshold is
+    # rejected either way and not verified; one that could reach it is verified.
+    features = recognizer.index.local_features
+    scores, rows = np.array([0.5, 0.4], np.float32), np.array([0, 1])
+    recognizer.threshold = 0.5 + 0.05 + 1e-3
+    assert np.array_equal(recognizer.verify(queries[0], scores, rows), scores)
+    recognizer.threshold = 0.5 + 0.05 - 1e-3
+    np.testing.assert_allclose(recognizer.verify(queries[0], scores, rows),
+                               features.rescore(extract(queries[0], features.params), scores, rows))
+    assert recognizer.verify(queries[0], scores, rows)[0] == pytest.approx(0.55)
