@@ -138,21 +138,14 @@ class LandmarkModule(pl.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Count the readable images while the batch is still on the host, so that a batch with
-        # none missing (the usual case) is neither copied through the mask nor makes the host
-        # wait for the device to read the count back. On an H200 this saves the masked copy
-        # (0.07 GiB at 128 × 224 px); the speed was the same (BENCHMARKS.md, "The paper recipe on one GPU").
-        if isinstance(batch, dict) and torch.is_tensor(batch.get("valid")) and batch["valid"].device.type == "cpu":
-            batch = {**batch, "n_valid": int(batch["valid"].sum())}
-        return batch
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         valid = batch["valid"]
-        batch_size = batch["n_valid"] if "n_valid" in batch else int(valid.sum())
+        batch_size = int(valid.sum())
         labels = batch["label"]
         if batch_size == len(valid):
-            # Every image readable (the usual case): no masked copies, nothing read back from the device.
+            # Every image readable (the usual case): no masked copy of the batch. On an H200 this
+            # saves 0.07 GiB at 128 × 224 px; counting on the host instead of reading the count
+            # back from the GPU changed nothing measurable (BENCHMARKS.md, "The paper recipe on one GPU").
             embeddings = self(batch["image"])
         elif batch_size >= 2:
             # Placeholders of unreadable images must not enter BatchNorm's batch statistics.

@@ -407,8 +407,8 @@ _ONE_STAGE_LOSSES = {
 }
 
 
-def _small_fit_parts(world: Path, loss: str, steps: int):
-    pl.seed_everything(0)
+def _small_fit_parts(world: Path, loss: str, steps: int, seed: int = 0):
+    pl.seed_everything(seed)
     data = LandmarkDataModule(data_dir=str(world), image_size=64, classes_per_batch=4, samples_per_class=4,
                               oracle_clean=True, eval_batch_size=64, num_workers=0, nonlandmark_share=0.2,
                               batches_per_epoch=steps)
@@ -420,9 +420,12 @@ def _small_fit_parts(world: Path, loss: str, steps: int):
 class _SeededAugmentation(pl.Callback):
     """albumentations pipelines seed themselves from OS entropy: fix them, so two fits see the same pixels."""
 
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
     def on_train_start(self, trainer, pl_module):
         for name in ("train_landmarks", "train_nonlandmarks"):
-            trainer.datamodule.eval_dataset(name).transform.set_random_seed(0)
+            trainer.datamodule.eval_dataset(name).transform.set_random_seed(self.seed)
 
 
 def test_imprinting_at_the_start_uses_the_embeddings_training_sees_and_leaves_the_model_alone(tiny_world, one_torch_thread):
@@ -484,8 +487,8 @@ def _gallery_separation(model: LandmarkModule, data: LandmarkDataModule) -> floa
     return float((similarity[own] - similarity.masked_fill(own, -2.0).amax(dim=1)).mean())
 
 
-def _short_fit(world: Path, loss: str, curriculum: Curriculum | None, steps: int, every: int):
-    data, model = _small_fit_parts(world, loss, steps)
+def _short_fit(world: Path, loss: str, curriculum: Curriculum | None, steps: int, every: int, seed: int = 0):
+    data, model = _small_fit_parts(world, loss, steps, seed)
     losses, separations = [], []
 
     class Record(pl.Callback):
@@ -494,7 +497,7 @@ def _short_fit(world: Path, loss: str, curriculum: Curriculum | None, steps: int
             if (batch_idx + 1) % every == 0:
                 separations.append(_gallery_separation(pl_module, trainer.datamodule))
 
-    callbacks = [_SeededAugmentation(), Record()] + ([curriculum] if curriculum is not None else [])
+    callbacks = [_SeededAugmentation(seed), Record()] + ([curriculum] if curriculum is not None else [])
     trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(model, data)
@@ -509,7 +512,9 @@ def test_one_stage_curriculum_trains_like_the_fit_without_it(loss, tiny_world, o
     Contrastive has no class weights: the curriculum must then leave no trace at all (it ranks by
     accuracy here, so it embeds the sample at step 0). The classifier losses start from imprinted
     weights, so their runs differ; the measure is how well the gallery's classes separate along
-    the way (mean of six checkpoints), which must not fall behind the run without the callback.
+    the way (mean of six checkpoints and three seeds), which must not fall behind the run without
+    the callback. One seed was not enough: on another CPU the same code (other floating-point
+    kernels) put the center loss's one-stage run 0.053 behind, and 0.03 ahead at the last checkpoint.
     Before the fix ArcFace fell *below the untrained network* (mean −0.06 vs 0.28 without, with
     0.43 now), and the center loss lagged behind at every checkpoint (0.09 vs 0.16; 0.25 now).
     """
@@ -519,7 +524,13 @@ def test_one_stage_curriculum_trains_like_the_fit_without_it(loss, tiny_world, o
         np.testing.assert_array_equal(staged, plain)
         return
     steps, every = 30, 5
-    plain_losses, plain = _short_fit(tiny_world, loss, None, steps, every)
-    staged_losses, staged = _short_fit(tiny_world, loss, Curriculum([Stage()], difficulty="size"), steps, every)
-    assert np.isfinite(staged_losses).all()
-    assert staged.mean() >= plain.mean() - 0.05, (staged.round(3).tolist(), plain.round(3).tolist())
+    plain, staged = [], []
+    for seed in (0, 1, 2):
+        plain.append(_short_fit(tiny_world, loss, None, steps, every, seed)[1])
+        staged_losses, separation = _short_fit(tiny_world, loss, Curriculum([Stage()], difficulty="size"), steps,
+                                               every, seed)
+        assert np.isfinite(staged_losses).all()
+        staged.append(separation)
+    plain, staged = np.array(plain), np.array(staged)
+    assert staged.mean() >= plain.mean() - 0.05, (staged.mean(axis=1).round(3).tolist(),
+                                                  plain.mean(axis=1).round(3).tolist())
