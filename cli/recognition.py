@@ -82,6 +82,12 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     idx.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (must divide the embedding size)")
     idx.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
     idx.add_argument("--ef-search", type=int, default=128, help="HNSW search width")
+    pen = parser.add_argument_group("non-landmark penalty (off unless --nonlandmark-pool)")
+    pen.add_argument("--nonlandmark-pool", help="known non-landmark photos (CSV with path, or folder; not the "
+                     "--nonlandmarks calibration photos): every score is lowered by --penalty-weight × the photo's "
+                     "mean cosine to its --penalty-k nearest of them")
+    pen.add_argument("--penalty-weight", type=float, default=0.25, help="default 0.25 (measured best of 0.1-1)")
+    pen.add_argument("--penalty-k", type=int, default=1, help="nearest pool photos averaged (default 1; 5 measured lower)")
     ver = parser.add_argument_group("spatial verification (off by default: EXPERIMENTS.md, 'spatial verification')")
     ver.add_argument("--verify", action="store_true",
                      help="store SIFT features of a few photos per landmark and re-score each query's best candidates "
@@ -142,6 +148,7 @@ def run_index_command(args: argparse.Namespace) -> int:
         extra_columns=args.extra_columns, batch_size=args.batch_size, num_workers=args.num_workers,
         accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
         cache_dir=args.cache_dir,
+        nonlandmark_pool=args.nonlandmark_pool, penalty_weight=args.penalty_weight, penalty_k=args.penalty_k,
         verification=VerificationParams(
             max_side=args.verify_max_side, n_features=args.verify_features, candidates=args.verify_candidates,
             images_per_landmark=args.verify_photos, weight=args.verify_weight, min_inliers=args.verify_min_inliers,
@@ -162,6 +169,10 @@ def run_index_command(args: argparse.Namespace) -> int:
               f"calibration images accepted (FPR {cal.achieved_fpr:.2e}){'' if cal.resolved else '  [UNRESOLVED]'}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
+    if index.penalty is not None:
+        pen = index.penalty
+        print(f"penalty:    score − {pen['weight']:g} × mean cosine to the {pen['k']} nearest of "
+              f"{len(pen['pool'])} non-landmark pool photos")
     if index.local_features is not None:
         lf = index.local_features
         print(f"verified:   {len(lf.landmark)} photos stored ({len(lf.keypoints)} SIFT keypoints); "

@@ -12,6 +12,9 @@ Layout of an index directory (format version :data:`FORMAT_VERSION`)::
     landmarks.json        per landmark: landmark_id, name, city, lat, lon, n_images, n_centroids
     local_*.npy           only with ``landmarks index --verify``: the verified gallery photos' SIFT
                           features (recognition.verification; memory-mapped at load)
+    penalty_pool.npy      only with ``--nonlandmark-pool``: float32 [p, d] unit embeddings of known
+                          non-landmark photos; every score is lowered by ``weight`` × the query's
+                          mean cosine to its ``k`` nearest of them (``index.json``: ``nonlandmark_penalty``)
 
 A directory is built under a temporary name next to the target and renamed into place, so a
 reader never sees half an index and a failed build leaves the previous index untouched.
@@ -124,6 +127,10 @@ class LandmarkIndex:
         faiss_index: built from :attr:`vectors` with ``build["index_kind"]`` when not given.
         local_features: the stored features for spatial verification, or None (no verification).
             An index that has them calibrated its threshold on verified scores, so it verifies.
+        penalty: the non-landmark penalty, or None: ``{"pool": float32 [p, d] unit rows,
+            "weight": w, "k": k, ...}``. Scores from :meth:`search` and :meth:`top1` are then
+            lowered by ``w`` × the query's mean cosine to its ``k`` nearest pool photos (see
+            :meth:`set_penalty`); the threshold is calibrated on those scores.
     """
 
     vectors: np.ndarray
@@ -135,6 +142,7 @@ class LandmarkIndex:
     build: dict = field(default_factory=dict)
     faiss_index: faiss.Index | None = field(default=None, repr=False)
     local_features: LocalFeatures | None = field(default=None, repr=False)
+    penalty: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.vectors = validate_embeddings(self.vectors, "index vectors")
@@ -164,6 +172,28 @@ class LandmarkIndex:
                 f"{m} x {self.vectors.shape[1]} vectors"
             )
         self._max_per_landmark = int(np.bincount(self.vector_landmark).max())
+        if self.penalty is not None:
+            self.set_penalty(**self.penalty)
+
+    def set_penalty(self, pool: np.ndarray, weight: float, k: int, **info) -> None:
+        """Lower every score by ``weight`` × the query's mean cosine to its ``k`` nearest rows of
+        ``pool`` (known non-landmark photos, unit rows): a photo that looks like non-landmarks
+        needs a higher similarity to a landmark to be accepted. ``info`` is kept in the header."""
+        pool = validate_embeddings(pool, "non-landmark pool")
+        if pool.shape[1] != self.embedding_size:
+            raise ValueError(f"non-landmark pool is {pool.shape[1]}-d, the index is {self.embedding_size}-d")
+        if not weight >= 0 or not 1 <= int(k) <= len(pool):
+            raise ValueError(f"the non-landmark penalty needs weight >= 0 and 1 <= k <= {len(pool)} pool photos, "
+                             f"got weight={weight}, k={k}")
+        self.penalty = {"pool": pool, "weight": float(weight), "k": int(k), **info}
+        self._pool_index = build_index(pool, kind="flat")
+
+    def nonlandmark_penalty(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> np.ndarray:
+        """float32 ``[n]``: what :meth:`search` subtracts from each query's scores (0 without a pool)."""
+        if self.penalty is None:
+            return np.zeros(len(embeddings), dtype=np.float32)
+        sims, _ = search(self._pool_index, embeddings, self.penalty["k"], memory_budget_mb=memory_budget_mb)
+        return (self.penalty["weight"] * sims.mean(axis=1)).astype(np.float32)
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -295,14 +325,15 @@ class LandmarkIndex:
         rows, cols = np.nonzero(sel)
         out_scores[rows, rank[rows, cols]] = scores[rows, cols]
         out_lm[rows, rank[rows, cols]] = lm[rows, cols]
-        return out_scores, out_lm
+        return out_scores - self.nonlandmark_penalty(q, memory_budget_mb)[:, None], out_lm
 
     def top1(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
         """``(score float32 [n], landmark row int64 [n])`` of the best landmark per query."""
         scores, ids = search(self.faiss_index, validate_embeddings(embeddings, "query embeddings"), 1,
                              memory_budget_mb=memory_budget_mb)
         lm = np.where(ids[:, 0] >= 0, self.vector_landmark[np.maximum(ids[:, 0], 0)], -1)
-        return np.where(ids[:, 0] >= 0, scores[:, 0], -np.inf).astype(np.float32), lm
+        penalty = self.nonlandmark_penalty(validate_embeddings(embeddings, "query embeddings"), memory_budget_mb)
+        return np.where(ids[:, 0] >= 0, scores[:, 0] - penalty, -np.inf).astype(np.float32), lm
 
     # ---- persistence -------------------------------------------------------------------------
 
@@ -318,6 +349,9 @@ class LandmarkIndex:
             "build": self.build,
             "files": list(_FILES),
             "verification": None if self.local_features is None else self.local_features.header(),
+            "nonlandmark_penalty": None if self.penalty is None else {
+                **{k: v for k, v in self.penalty.items() if k != "pool"}, "n_pool": len(self.penalty["pool"]),
+                "file": "penalty_pool.npy"},
         }
 
     def save(self, directory: str | os.PathLike, overwrite: bool = True) -> pathlib.Path:
@@ -342,6 +376,8 @@ class LandmarkIndex:
             _write_json(tmp / "landmarks.json", self.landmarks)
             if self.local_features is not None:
                 self.local_features.save(tmp)
+            if self.penalty is not None:
+                np.save(tmp / "penalty_pool.npy", self.penalty["pool"], allow_pickle=False)
             _write_json(tmp / HEADER, self.header())  # last: its presence marks a complete index
             os.chmod(tmp, 0o755)
             replace_dir(tmp, target)
@@ -398,11 +434,21 @@ class LandmarkIndex:
                 local_features = LocalFeatures.load(root, head["verification"])
             except (ValueError, OSError) as err:
                 raise IndexFormatError(f"{root}: verification features: {err}") from err
+        penalty = head.get("nonlandmark_penalty")
+        if penalty is not None:
+            try:
+                pool = np.load(root / "penalty_pool.npy", allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise IndexFormatError(f"{root}: penalty_pool.npy: {err}") from err
+            if len(pool) != penalty.get("n_pool"):
+                raise IndexFormatError(f"{root}: header says {penalty.get('n_pool')} non-landmark pool photos, "
+                                       f"penalty_pool.npy has {len(pool)}")
+            penalty = {**{k: v for k, v in penalty.items() if k not in ("n_pool", "file")}, "pool": pool}
         try:
             return cls(vectors, vector_landmark, vector_size, landmarks, head["model"],
                        None if calibration is None else Calibration.from_json(calibration), head.get("build", {}), index,
-                       local_features)
-        except (KeyError, ValueError) as err:
+                       local_features, penalty)
+        except (KeyError, ValueError, TypeError) as err:
             raise IndexFormatError(f"{root}: inconsistent index ({err})") from err
 
 

@@ -143,6 +143,9 @@ def build_landmark_index(
     cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
     progress: bool = True,
     verification=None,
+    nonlandmark_pool: str | os.PathLike | None = None,
+    penalty_weight: float = 0.25,
+    penalty_k: int = 1,
 ):
     """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
 
@@ -150,7 +153,10 @@ def build_landmark_index(
     folder) calibrate the threshold at ``target_fpr``; ``threshold`` fixes it instead; with neither
     the index has no threshold. ``verification`` (a
     :class:`recognition.verification.VerificationParams`) stores local features for spatial
-    verification and calibrates on verified scores. Under DDP every rank embeds its share and rank 0 alone builds and
+    verification and calibrates on verified scores. ``nonlandmark_pool`` (non-landmark photos, CSV
+    or folder, disjoint from ``nonlandmarks``) stores their embeddings and lowers every score by
+    ``penalty_weight`` × the query's mean cosine to its ``penalty_k`` nearest of them, before
+    calibration. Under DDP every rank embeds its share and rank 0 alone builds and
     writes the index (other ranks return None).
     """
     from pytorch_lightning.utilities import rank_zero_only
@@ -189,6 +195,16 @@ def build_landmark_index(
     elif threshold is None:
         log.warning("no --nonlandmarks: the index gets no calibrated threshold; `landmarks recognize` will then "
                     "need --threshold")
+    pool_set = None
+    if nonlandmark_pool:
+        pool_set = _image_files(load_manifest(nonlandmark_pool, "nonlandmark", extra_columns=extra_columns,
+                                              column_map=column_map or None))
+        if calibration_set is not None:
+            shared = set(map(os.path.abspath, pool_set.paths)) & set(map(os.path.abspath, calibration_set.paths))
+            if shared:
+                raise UserError(f"{pool_set.source}: {len(shared)} photo(s) are also in the calibration set "
+                                f"{calibration_set.source}, e.g. {sorted(shared)[0]}; the threshold must be "
+                                "calibrated on photos the penalty has not seen")
 
     model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size)
     embedding = dict(batch_size=batch_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
@@ -199,6 +215,10 @@ def build_landmark_index(
         nl_emb, nl_valid = embed_images(model, calibration_set.paths, "calibration", **embedding)
         nl_emb = nl_emb[nl_valid]
         nl_paths = [p for p, ok in zip(calibration_set.paths, nl_valid) if ok]
+    pool_emb = None
+    if pool_set is not None:
+        pool_emb, pool_valid = embed_images(model, pool_set.paths, "non-landmark pool", **embedding)
+        pool_emb = pool_emb[pool_valid]
     if rank_zero_only.rank != 0:
         return None  # every DDP rank embedded its share; rank 0 alone builds and writes the index
     if not valid.any():
@@ -218,6 +238,14 @@ def build_landmark_index(
         emb[valid], ids, {"identity": model.identity, "key": model.key, "source": source}, representation, params,
         metadata, index_kind=index_kind, index_params=index_params or {}, build=build, progress=progress,
     )
+    if pool_emb is not None:
+        if not len(pool_emb):
+            raise UserError(f"{pool_set.source}: none of the non-landmark pool photos could be read")
+        try:
+            index.set_penalty(pool_emb, penalty_weight, penalty_k,
+                              source=str(pathlib.Path(pool_set.source).resolve()))
+        except ValueError as err:
+            raise UserError(f"--nonlandmark-pool: {err}") from None
     if verification is not None:
         from recognition.verification import LocalFeatures, choose_photos
 

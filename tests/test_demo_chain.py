@@ -43,7 +43,6 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert {"removed", "removal_precision", "removal_recall", "applied", "label_agreement"} <= set(summary["cleaning"])
     assert {"untrained", "trained"} <= set(summary["training"])
     assert summary["training"]["trained"]["n_queries"] == summary["training"]["untrained"]["n_queries"] > 0
-    assert "centroid/recall@fpr=5e-02" not in summary["training"]["trained"] or True
     assert any(k.startswith("centroid/") for k in summary["training"]["trained"])  # the shipped decision, per epoch
     recognizer = summary["recognizer"]
     assert {"target_fpr", "achieved_fpr", "recall", "precision", "precision_prior_0.01", "p_at_1"} <= set(recognizer)

@@ -1,0 +1,87 @@
+"""The non-landmark penalty of an index: hand-computed scores, the artifact round trip, and
+`landmarks index --nonlandmark-pool` calibrating on penalised scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli.main import main
+from recognition.artifact import IndexFormatError, LandmarkIndex
+from recognition.calibration import calibrate_threshold
+from recognition.recognizer import Recognizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _index() -> LandmarkIndex:
+    # Landmark "a" = mean of two photos along x, "b" = one photo along y (3-d embeddings).
+    emb = _unit([[1, 0, 0], [1, 0, 0], [0, 1, 0]])
+    return LandmarkIndex.from_embeddings(emb, ["a", "a", "b"], {"identity": {"embedding_size": 3}},
+                                         representation="mean")
+
+
+def test_scores_are_lowered_by_weight_times_the_mean_of_the_k_nearest_pool_cosines():
+    index = _index()
+    q = _unit([[3, 1, 2]])
+    plain_scores, rows = index.search(q, 2)
+    pool = _unit([[0, 0, 1], [1, 0, 1], [0, 1, 0], [-1, 0, 0]])
+    index.set_penalty(pool, weight=0.5, k=2)
+    cos = (q @ pool.T)[0]  # 0.535, 0.945, 0.267, -0.802: the 2 nearest are 0.945 and 0.535
+    penalty = 0.5 * np.mean(np.sort(cos)[-2:])
+    scores, rows2 = index.search(q, 2)
+    assert np.array_equal(rows, rows2)
+    np.testing.assert_allclose(scores, plain_scores - penalty, atol=1e-6)
+    np.testing.assert_allclose(plain_scores[0], [q[0] @ _unit([[1, 0, 0]])[0], q[0] @ _unit([[0, 1, 0]])[0]], atol=1e-6)
+    top_score, top_row = index.top1(q)
+    assert top_row[0] == rows[0, 0] and top_score[0] == pytest.approx(scores[0, 0], abs=1e-6)
+    with pytest.raises(ValueError, match="1 <= k <= 4"):
+        index.set_penalty(pool, weight=0.5, k=5)
+
+
+def test_penalty_round_trip_and_a_damaged_header(tmp_path):
+    index = _index()
+    index.set_penalty(_unit([[0, 0, 1], [1, 0, 1]]), weight=0.25, k=1, source="pool.csv")
+    out = index.save(tmp_path / "index")
+    loaded = LandmarkIndex.load(out)
+    assert np.array_equal(loaded.penalty["pool"], index.penalty["pool"])
+    assert (loaded.penalty["weight"], loaded.penalty["k"], loaded.penalty["source"]) == (0.25, 1, "pool.csv")
+    q = _unit([[1, 2, 3]])
+    np.testing.assert_array_equal(loaded.search(q, 2)[0], index.search(q, 2)[0])
+    head = json.loads((out / "index.json").read_text())
+    head["nonlandmark_penalty"]["n_pool"] = 3
+    (out / "index.json").write_text(json.dumps(head))
+    with pytest.raises(IndexFormatError, match="3 non-landmark pool photos, penalty_pool.npy has 2"):
+        LandmarkIndex.load(out)
+
+
+def test_index_with_a_pool_calibrates_on_penalised_scores(tiny_world, tmp_path, capsys):
+    out = tmp_path / "index"
+    args = ["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
+            "--image-size", "64", "--nonlandmarks", str(tiny_world / "calibration.csv"), "--target-fpr", "0.05",
+            "--num-workers", "0", "--cache-dir", ""]
+    assert main(args + ["--nonlandmark-pool", str(tiny_world / "nonlandmarks.csv"), "--penalty-k", "3"]) == 0
+    assert "penalty:    score − 0.25 × mean cosine to the 3 nearest of 40 non-landmark pool photos" in capsys.readouterr().out
+    index = LandmarkIndex.load(out)
+    recognizer = Recognizer(index)
+    paths = [line.split(",")[0] for line in (tiny_world / "calibration.csv").read_text().splitlines()[1:]]
+    emb = np.concatenate([recognizer.embed_tensors(recognizer._load(str(tiny_world / p))[0][None]) for p in paths])
+    scores, _ = index.top1(emb)  # embedded one by one here, in batches by the index: float noise only
+    assert index.calibration.threshold == pytest.approx(calibrate_threshold(scores, 0.05).threshold, abs=1e-5)
+    # The penalty is what the threshold saw: without it the calibration photos score higher.
+    pool = index.penalty.pop("pool")
+    index.penalty = None
+    assert (index.top1(emb)[0] > scores).all() and len(pool) == 40
+
+    # The pool must not contain the calibration photos: one line, exit 2.
+    code = main(args + ["--nonlandmark-pool", str(tiny_world / "calibration.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("landmarks index: error: ")
+    assert "also in the calibration set" in err[0]
