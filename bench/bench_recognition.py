@@ -328,13 +328,10 @@ def run_latency(args) -> dict:
         index.calibration = Calibration.fixed(0.5)
         if args.verify:
             # What `landmarks index --verify` stores: SIFT features of a few photos per landmark.
-            from recognition.verification import LocalFeatures, VerificationParams, choose_photos
+            from recognition.verification import LocalFeatures, VerificationParams
 
-            params = VerificationParams()
-            row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
-            photo_rows = np.array([row_of[i] for i in db.landmark_ids])
-            chosen = choose_photos(db_emb, photo_rows, index.vectors, index.vector_landmark, params.images_per_landmark)
-            index.local_features = LocalFeatures.extract([db.paths[i] for i in chosen], photo_rows[chosen], params)
+            index.local_features = LocalFeatures.for_index(index, db_emb, db.landmark_ids, db.paths,
+                                                           VerificationParams())
             label += ", with spatial verification"
         recognizer = Recognizer(index, model, batch_size=args.batch_size, workers=args.workers)
         transform = eval_transform(model.image_size)

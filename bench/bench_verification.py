@@ -40,7 +40,6 @@ from recognition.artifact import LandmarkIndex  # noqa: E402
 from recognition.verification import (  # noqa: E402
     LocalFeatures,
     VerificationParams,
-    choose_photos,
     extract,
     inlier_bonus,
 )
@@ -100,13 +99,8 @@ def shipped(args) -> None:
         photos = np.concatenate([queries, distractor_rows])
         # The index `landmarks index` builds by default, and the photos `--verify` stores.
         index = LandmarkIndex.from_embeddings(emb[gallery], list(labels[gallery]))
-        row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
-        photo_rows = np.array([row_of[labels[i]] for i in gallery])
-        chosen = choose_photos(emb[gallery], photo_rows, index.vectors, index.vector_landmark, raw.images_per_landmark)
-        stored = [features[paths[gallery[i]]] for i in chosen]
-        offsets = np.concatenate([[0], np.cumsum([len(kp) for kp, _ in stored])])
-        local = LocalFeatures(np.concatenate([kp for kp, _ in stored]), np.concatenate([d for _, d in stored]),
-                              offsets, photo_rows[chosen], raw)
+        local = LocalFeatures.for_index(index, emb[gallery], list(labels[gallery]), list(paths[gallery]), raw,
+                                        cache=features)
         scores, rows = index.search(emb[photos], 5)
         start = time.perf_counter()
         inliers = np.stack([local.candidate_inliers(features[paths[p]], rows[j]) for j, p in enumerate(photos)])
@@ -136,8 +130,7 @@ def shipped(args) -> None:
             p1 = float((pred_rows[:n_queries] == truth_int[:n_queries]).mean())
             # Photos the Recognizer verifies at that threshold: the others cannot reach it even
             # with the largest bonus and skip verification (Recognizer.verify).
-            reach = 0.0 if params is None else params.weight * params.inlier_cap
-            share = float(np.mean(scores[:, 0] + reach >= at[1e-2]["threshold"])) if params is not None else 0.0
+            share = 0.0 if params is None else float(np.mean(scores[:, 0] + params.max_bonus >= at[1e-2]["threshold"]))
             results.append((at[1e-2]["recall"], at[5e-2]["recall"], p1, share))
         r = np.array(results)
         print(f"| {name} | {r[:, 0].mean():.3f} ({', '.join(f'{v:.3f}' for v in r[:, 0])}) | {r[:, 1].mean():.3f} | "

@@ -329,10 +329,10 @@ class LandmarkIndex:
 
     def top1(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
         """``(score float32 [n], landmark row int64 [n])`` of the best landmark per query."""
-        scores, ids = search(self.faiss_index, validate_embeddings(embeddings, "query embeddings"), 1,
-                             memory_budget_mb=memory_budget_mb)
+        q = validate_embeddings(embeddings, "query embeddings")
+        scores, ids = search(self.faiss_index, q, 1, memory_budget_mb=memory_budget_mb)
         lm = np.where(ids[:, 0] >= 0, self.vector_landmark[np.maximum(ids[:, 0], 0)], -1)
-        penalty = self.nonlandmark_penalty(validate_embeddings(embeddings, "query embeddings"), memory_budget_mb)
+        penalty = self.nonlandmark_penalty(q, memory_budget_mb)
         return np.where(ids[:, 0] >= 0, scores[:, 0] - penalty, -np.inf).astype(np.float32), lm
 
     # ---- persistence -------------------------------------------------------------------------

@@ -247,15 +247,10 @@ def build_landmark_index(
         except ValueError as err:
             raise UserError(f"--nonlandmark-pool: {err}") from None
     if verification is not None:
-        from recognition.verification import LocalFeatures, choose_photos
+        from recognition.verification import LocalFeatures
 
         paths = [p for p, ok in zip(data.paths, valid) if ok]
-        row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
-        photo_rows = np.array([row_of.get(i, -1) for i in ids], dtype=np.int64)
-        chosen = choose_photos(emb[valid], photo_rows, index.vectors, index.vector_landmark,
-                               verification.images_per_landmark)
-        index.local_features = LocalFeatures.extract([paths[i] for i in chosen], photo_rows[chosen], verification,
-                                                     progress=progress)
+        index.local_features = LocalFeatures.for_index(index, emb[valid], ids, paths, verification, progress=progress)
     if nl_emb is not None:
         if index.local_features is not None:
             # The threshold must be set on the scores the recogniser will compare with it.

@@ -29,7 +29,7 @@ from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
 from recognition.artifact import LandmarkIndex, ModelMismatchError
 from recognition.gps import read_exif_gps, within_radius
-from recognition.verification import extract, make_sift
+from recognition.verification import make_sift, query_features
 from retrieval.decision import decide
 from retrieval.embedding_model import EmbeddingModel, load_embedding_model
 
@@ -235,16 +235,12 @@ class Recognizer:
         features = self.index.local_features
         if features is None:
             return scores
-        if not scores[0] + features.params.weight * features.params.inlier_cap >= self.threshold:
+        if not scores[0] + features.params.max_bonus >= self.threshold:
             # Even the largest bonus cannot lift the best candidate to the threshold: the photo is
             # rejected either way (most photos of a collection), so its verification is skipped and
             # its scores stay the global ones. Only which rejected candidate is reported can differ.
             return scores
-        try:
-            query = extract(path, features.params, self._sift)
-        except (UnreadableImage, OSError, ValueError):  # the global score stands (minimum-keypoint policy)
-            return scores
-        return features.rescore(query, scores, rows)
+        return features.rescore(query_features(path, features.params, self._sift), scores, rows)
 
     def decide(self, path: str, scores: np.ndarray, rows: np.ndarray) -> Recognition:
         """The decision for one photo from its top-k ``scores`` and landmark ``rows`` (verified first)."""

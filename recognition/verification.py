@@ -78,6 +78,11 @@ class VerificationParams:
         if problems:
             raise UserError("verification: " + "; ".join(problems))
 
+    @property
+    def max_bonus(self) -> float:
+        """The most verification can add to a score."""
+        return self.weight * self.inlier_cap
+
     @classmethod
     def from_json(cls, data: dict) -> "VerificationParams":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -98,9 +103,23 @@ def extract(path: str, params: VerificationParams, sift=None) -> tuple[np.ndarra
     gray = cv2.cvtColor(load_rgb(path, max_side=params.max_side), cv2.COLOR_RGB2GRAY)
     keypoints, descriptors = (sift or make_sift(params)).detectAndCompute(gray, None)
     if descriptors is None or not keypoints:
-        return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+        return no_features()
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
     return points, np.ascontiguousarray(descriptors, dtype=np.uint8)
+
+
+def no_features() -> tuple[np.ndarray, np.ndarray]:
+    """The features of a photo without keypoints (it never verifies)."""
+    return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+
+
+def query_features(path: str, params: VerificationParams, sift=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`extract` for a photo being recognised: one that cannot be read gets no keypoints,
+    so its global score stands (the minimum-keypoint policy)."""
+    try:
+        return extract(path, params, sift)
+    except (UnreadableImage, OSError, ValueError):
+        return no_features()
 
 
 def count_inliers(query: tuple[np.ndarray, np.ndarray], photo: tuple[np.ndarray, np.ndarray],
@@ -173,8 +192,9 @@ class LocalFeatures:
 
     @classmethod
     def extract(cls, paths: Sequence[str], landmark: np.ndarray, params: VerificationParams,
-                progress: bool = False) -> "LocalFeatures":
-        """Features of ``paths`` (landmark rows ``landmark``); an unreadable photo keeps no keypoints."""
+                progress: bool = False, cache: dict | None = None) -> "LocalFeatures":
+        """Features of ``paths`` (landmark rows ``landmark``); an unreadable photo keeps no keypoints.
+        ``cache`` maps paths to features already extracted with ``params`` (a benchmark's)."""
         sift = make_sift(params)
         points, descs, offsets, skipped = [], [], [0], 0
         iterator = paths
@@ -184,10 +204,10 @@ class LocalFeatures:
             iterator = tqdm(paths, desc="local features", unit="img")
         for path in iterator:
             try:
-                kp, desc = extract(path, params, sift)
+                kp, desc = cache[path] if cache is not None and path in cache else extract(path, params, sift)
             except UnreadableImage as err:
                 log.warning("verification: %s; stored without keypoints", err)
-                kp, desc = np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+                kp, desc = no_features()
             skipped += len(kp) < params.min_keypoints
             points.append(kp)
             descs.append(desc)
@@ -195,9 +215,20 @@ class LocalFeatures:
         if skipped:
             log.info("verification: %d of %d gallery photos have fewer than %d keypoints and never verify",
                      skipped, len(paths), params.min_keypoints)
-        return cls(np.concatenate(points) if points else np.zeros((0, 2), np.float32),
-                   np.concatenate(descs) if descs else np.zeros((0, 128), np.uint8),
+        empty = no_features()
+        return cls(np.concatenate(points) if points else empty[0], np.concatenate(descs) if descs else empty[1],
                    np.asarray(offsets, np.int64), np.asarray(landmark, np.int64), params)
+
+    @classmethod
+    def for_index(cls, index, embeddings: np.ndarray, landmark_ids: Sequence[str], paths: Sequence[str],
+                  params: VerificationParams, progress: bool = False, cache: dict | None = None) -> "LocalFeatures":
+        """What ``landmarks index --verify`` stores for ``index``, built from the gallery photos
+        ``paths`` with their unit ``embeddings`` and ``landmark_ids``: the :func:`choose_photos`
+        of each landmark, extracted."""
+        row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
+        photo_rows = np.array([row_of.get(i, -1) for i in landmark_ids], dtype=np.int64)
+        chosen = choose_photos(embeddings, photo_rows, index.vectors, index.vector_landmark, params.images_per_landmark)
+        return cls.extract([paths[i] for i in chosen], photo_rows[chosen], params, progress=progress, cache=cache)
 
     def photo(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -231,11 +262,7 @@ class LocalFeatures:
 
             iterator = tqdm(iterator, desc="verify calibration", unit="img")
         for i in iterator:
-            try:
-                query = extract(paths[i], self.params, sift)
-            except UnreadableImage:
-                query = (np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
-            out[i] = self.rescore(query, scores[i], rows[i]).max()
+            out[i] = self.rescore(query_features(paths[i], self.params, sift), scores[i], rows[i]).max()
         return out
 
     # ---- persistence ---------------------------------------------------------------------------
