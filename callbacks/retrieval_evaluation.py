@@ -19,7 +19,10 @@ module's calibration set when it has one (else on the distractors),
 every query decided as :class:`recognition.Recognizer` decides
 (:func:`recognition.evaluation.evaluate_centroid_index`). Those figures are logged under
 ``<stage>/centroid/<metric>`` (e.g. ``val/centroid/recall@fpr=1e-03``, ``val/centroid/gap``,
-``val/centroid/n_vectors``). Both paths make their decisions with :func:`retrieval.decision.decide`.
+``val/centroid/n_vectors``). With ``nonlandmark_penalty`` that index carries the non-landmark
+penalty of ``landmarks index --nonlandmark-pool``, its pool the data module's training
+non-landmarks (``data.evaluate_nonlandmark_pool: true``), and the same index without it, the
+control, is logged under ``<stage>/centroid/no_penalty/<metric>``. Both paths make their decisions with :func:`retrieval.decision.decide`.
 Plots — the precision–FPR curve and the top-1 score histograms — go to wandb as images when a
 WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files, with the curve's
 points in ``<tag>_epoch<NNN>_precision_fpr.csv`` (threshold, fpr, precision, recall).
@@ -42,6 +45,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from core.accumulator import EmbeddingAccumulator
 from core.atomic import atomic_path
 from core.errors import UserError
+from recognition.artifact import PenaltyParams
 from recognition.centroids import CentroidParams
 from recognition.evaluation import evaluate_centroid_index
 from retrieval.metrics import evaluate_recognition
@@ -66,6 +70,10 @@ class RetrievalEvaluation(Callback):
         centroid_params: the clustering of that index, as ``landmarks index`` is given it
             (fields of :class:`recognition.centroids.CentroidParams`, e.g. ``{distance_threshold:
             0.4}``); default: its defaults.
+        nonlandmark_penalty: give the shipped index the non-landmark penalty (fields of
+            :class:`recognition.artifact.PenaltyParams`, e.g. ``{}`` for its defaults or
+            ``{weight: 0.5}``), with the data module's ``nonlandmark_pool`` evaluation set as its
+            pool; null: no penalty. Needs ``centroid_index``.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class RetrievalEvaluation(Callback):
         plots: bool = True,
         centroid_index: bool = False,
         centroid_params: dict | None = None,
+        nonlandmark_penalty: dict | None = None,
     ):
         super().__init__()
         self.alphas = tuple(alphas)
@@ -88,6 +97,10 @@ class RetrievalEvaluation(Callback):
         self.plots = plots
         self.centroid_index = centroid_index
         self.centroid_params = CentroidParams(**(centroid_params or {}))  # bad keys fail at construction
+        self.nonlandmark_penalty = None if nonlandmark_penalty is None else PenaltyParams(**nonlandmark_penalty)
+        if self.nonlandmark_penalty is not None and not centroid_index:
+            raise UserError("RetrievalEvaluation: nonlandmark_penalty applies to the shipped index; "
+                            "set centroid_index: true")
         self._accumulators: dict[int, EmbeddingAccumulator] = {}
         self._names: tuple[str, ...] = ()
         # Every evaluation's metrics, for summaries: {"stage", "epoch", "step", **metrics}.
@@ -123,6 +136,9 @@ class RetrievalEvaluation(Callback):
         missing = [name for name in ("gallery", "queries") if name not in self._names]
         if missing:
             raise RuntimeError(f"RetrievalEvaluation needs non-empty evaluation sets {missing} (data module manifests)")
+        if self.nonlandmark_penalty is not None and "nonlandmark_pool" not in self._names:
+            raise UserError("RetrievalEvaluation: nonlandmark_penalty needs the training non-landmark pool as an "
+                            "evaluation set: set data.evaluate_nonlandmark_pool: true")
         limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
         # fast_dev_run / limit_*_batches look at part of each set on purpose (an int is a batch
         # count, a float < 1 a share): then "every sample exactly once" cannot hold, and the
@@ -227,7 +243,10 @@ class RetrievalEvaluation(Callback):
             # calibrated there, as `landmarks index --nonlandmarks` does, and the distractors measure
             # the false-positive rate it achieves on photos it never saw.
             calibration = gathered["calibration"][0] if "calibration" in gathered else None
-            shipped = evaluate_centroid_index(**sets, calibration_emb=calibration, params=self.centroid_params)
+            penalty = {} if self.nonlandmark_penalty is None else dict(
+                penalty_pool_emb=gathered["nonlandmark_pool"][0], penalty=self.nonlandmark_penalty)
+            shipped = evaluate_centroid_index(**sets, calibration_emb=calibration, params=self.centroid_params,
+                                              **penalty)
             result.metrics.update({f"centroid/{name}": value for name, value in shipped.items()})
         if self.plots:
             self._plot(trainer, result, stage, plot_dir, tag)

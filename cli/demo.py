@@ -17,11 +17,13 @@
                    (the recipe that measured best here) on the cleaned DB, starting from the
                    warm-up's network with the class weights imprinted from the cleaned DB's class
                    means, for the rest of ``trainer.max_epochs``; its
-                   evaluation also scores the shipped decision (centroid index + threshold
-                   calibrated on ``calibration.csv``) under ``val/centroid/*``;
-6. ``index``     — ``landmarks index`` of the cleaned DB with centroids, the threshold calibrated
-                   at ``--target-fpr`` on ``calibration.csv`` (non-landmarks never trained on and
-                   disjoint from the distractors);
+                   evaluation also scores the shipped decision (centroid index + non-landmark
+                   penalty + threshold calibrated on ``calibration.csv``) under ``val/centroid/*``,
+                   and the same index without the penalty under ``val/centroid/no_penalty/*``;
+6. ``index``     — ``landmarks index`` of the cleaned DB with centroids and the non-landmark
+                   penalty (``--nonlandmark-pool nonlandmarks.csv``, the non-landmarks the model
+                   trained on), the threshold calibrated at ``--target-fpr`` on ``calibration.csv``
+                   (non-landmarks never trained on and disjoint from the distractors);
 7. ``recognize`` — ``landmarks recognize`` over the held-out queries and the distractors: the
                    figures of the recogniser that ships;
 8. ``albums``    — ``landmarks albums`` over the world's user collection (a landmark photo in
@@ -50,6 +52,7 @@ from callbacks import RetrievalEvaluation
 from core.atomic import write_json_atomic
 from core.errors import UserError
 from core.labels import NONLANDMARK
+from recognition.artifact import PenaltyParams
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start the main fit's class weights at random, not at the cleaned DB's class means")
     parser.add_argument("--oracle-clean", action="store_true",
                         help="skip cleaning and drop the noise by the world's ground truth (an upper bound)")
+    parser.add_argument("--no-penalty", dest="penalty", action="store_false",
+                        help="index without the non-landmark penalty (the control; it is on by default: "
+                             "EXPERIMENTS.md, 'non-landmark penalty')")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming finished stages")
     # Any further arguments (e.g. --trainer.max_epochs=2) are passed on to LightningCLI.
 
@@ -214,7 +220,8 @@ def _eval_sets(datamodule) -> dict[str, tuple[list[str], np.ndarray]]:
             for name in datamodule.eval_set_names}
 
 
-def _evaluate_embeddings(embedded: dict[str, np.ndarray], labels: dict[str, np.ndarray], evaluation) -> dict:
+def _evaluate_embeddings(embedded: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                         evaluation: RetrievalEvaluation) -> dict:
     """The callback's figures (kNN + shipped decision) from embeddings computed outside Lightning."""
     from recognition.evaluation import evaluate_centroid_index
     from retrieval.metrics import evaluate_recognition
@@ -224,7 +231,10 @@ def _evaluate_embeddings(embedded: dict[str, np.ndarray], labels: dict[str, np.n
                 query_labels=labels["queries"], distractor_emb=embedded.get("distractors", np.zeros((0, d), np.float32)),
                 alphas=evaluation.alphas, user_prior=evaluation.user_prior)
     metrics = dict(evaluate_recognition(**sets, k=evaluation.top_k).metrics)
-    shipped = evaluate_centroid_index(**sets, calibration_emb=embedded.get("calibration"))
+    penalty = {} if evaluation.nonlandmark_penalty is None else dict(
+        penalty_pool_emb=embedded["nonlandmark_pool"], penalty=evaluation.nonlandmark_penalty)
+    shipped = evaluate_centroid_index(**sets, calibration_emb=embedded.get("calibration"),
+                                      params=evaluation.centroid_params, **penalty)
     metrics.update({f"centroid/{k}": v for k, v in shipped.items()})
     return metrics
 
@@ -327,18 +337,24 @@ def _cache_evaluation_embeddings(chain: Chain, datamodule, evaluation, checkpoin
     return sum(store_embeddings(chain.out / "cache", model, p, e, v) for p, e, v in sets.values())
 
 
-def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str, target_fpr: float) -> dict:
+def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str, target_fpr: float,
+                 penalty: PenaltyParams | None) -> dict:
     from recognition.indexing import build_landmark_index
 
     _announce("index", f"landmarks index of the cleaned DB, threshold calibrated at FPR {target_fpr:g}")
     started = time.time()
+    pool = {} if penalty is None else dict(nonlandmark_pool=world / "nonlandmarks.csv", penalty_weight=penalty.weight,
+                                           penalty_k=penalty.k)
     index, path = build_landmark_index(
         clean_manifest, chain.folder("index") / "index", checkpoint=checkpoint,
         nonlandmarks=world / "calibration.csv", target_fpr=target_fpr, landmarks_csv=world / "landmarks.csv",
-        num_workers=0, accelerator="cpu", cache_dir=chain.out / "cache",
+        num_workers=0, accelerator="cpu", cache_dir=chain.out / "cache", **pool,
     )
+    described = None if index.penalty is None else {
+        "weight": index.penalty["weight"], "k": index.penalty["k"], "pool": len(index.penalty["pool"])}
     return chain.finish("index", {"path": str(path), "vectors": len(index), "landmarks": len(index.landmark_ids),
-                                  "threshold": index.threshold, "calibration": index.calibration.to_json()}, started)
+                                  "threshold": index.threshold, "calibration": index.calibration.to_json(),
+                                  "nonlandmark_penalty": described}, started)
 
 
 def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, target_fpr: float,
@@ -437,9 +453,10 @@ def _tiny_overrides() -> list[str]:
 
 def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 0, out: str | None = None,
              world: str | None = None, tiny: bool = False, target_fpr: float = 1e-3, warmup_epochs: int = 3,
-             imprint: bool = True, oracle_clean: bool = False, fresh: bool = False) -> dict:
+             imprint: bool = True, oracle_clean: bool = False, penalty: bool = True, fresh: bool = False) -> dict:
     from cli.lightning_cli import LandmarkCLI
     from datamodules.synth import SynthConfig, ensure_world
+    from retrieval.metrics import format_alpha
 
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     start = time.time()
@@ -449,10 +466,12 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
     out_dir = Path(out or f"runs/demo/chain{'-tiny' if tiny else ''}-seed{seed}")
     overrides = (_tiny_overrides() if tiny else []) + list(overrides)
     settings = {"seed": seed, "world": str(world_dir.resolve()), "tiny": tiny, "target_fpr": target_fpr,
-                "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean,
+                "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean, "penalty": penalty,
                 "synthetic": config.__dict__}
     chain = Chain(out_dir, _fingerprint(config_files, overrides, settings), fresh)
 
+    # The shipped index's non-landmark penalty, the same in the evaluation and in `landmarks index`.
+    shipped_penalty = PenaltyParams() if penalty else None
     mark = time.time()
     ensure_world(world_dir, config, match_config=True)
     chain.seconds["world"] = round(time.time() - mark, 1)
@@ -462,9 +481,13 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
             f"--trainer.default_root_dir={chain.folder(stage)}",
             f"--seed_everything={seed}", f"--data.data_dir={world_dir}", f"--data.db_manifest={db_manifest}",
             "--data.calibration_manifest=calibration.csv", f"--data.synthetic.seed={seed}",
-            "--data.oracle_clean=false"] + overrides + list(extra)
+            "--data.oracle_clean=false", f"--data.evaluate_nonlandmark_pool={str(penalty).lower()}",
+        ] + overrides + list(extra)
         cli = LandmarkCLI(args=args, run=False)
-        _evaluation_of(cli.trainer).centroid_index = True  # the shipped decision, every evaluation
+        evaluation = _evaluation_of(cli.trainer)
+        evaluation.centroid_index = True  # the shipped decision, every evaluation, at the shipped FPR too
+        evaluation.alphas = tuple(sorted({*map(float, evaluation.alphas), float(target_fpr)}, reverse=True))
+        evaluation.nonlandmark_penalty = shipped_penalty
         return cli
 
     warmup = None
@@ -489,12 +512,19 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
                                                             cli.datamodule.hparams.image_size)
     trained = chain.done("fit") or _stage_fit(chain, cli, warmup["checkpoint"] if warmup else None, imprint)
     indexed = chain.done("index") or _stage_index(chain, world_dir, cleaning["manifest"], trained["checkpoint"],
-                                                  target_fpr)
+                                                  target_fpr, shipped_penalty)
     recognized = chain.done("recognize") or _stage_recognize(chain, world_dir, cli.datamodule, indexed["path"],
                                                              target_fpr, evaluation.user_prior)
     albums = chain.done("albums") or _stage_albums(chain, world_dir, indexed["path"])
 
     strip = ("run_dir", "checkpoint", "model", "epoch")
+    # The shipped decision's control, from the fit's evaluation: the same index without the penalty.
+    a = format_alpha(target_fpr)
+    if f"centroid/no_penalty/recall@fpr={a}" in trained:
+        recognized = {**recognized, "without_penalty": {
+            "recall": trained[f"centroid/no_penalty/recall@fpr={a}"],
+            "achieved_fpr": trained[f"centroid/no_penalty/actual_fpr@fpr={a}"],
+            "precision": trained[f"centroid/no_penalty/precision@fpr={a}"]}}
     summary = {
         "format": CHAIN_FORMAT, "world": str(world_dir), "seed": seed, "out": str(out_dir),
         "cleaning": cleaning,
@@ -523,6 +553,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def format_summary(s: dict) -> str:
+    from retrieval.metrics import format_alpha
+
     c, r, a, i = s["cleaning"], s["recognizer"], s["albums"], s["index"]
     before, after = s["training"]["untrained"], s["training"]["trained"]
     pad = " " * 12
@@ -543,8 +575,17 @@ def format_summary(s: dict) -> str:
     lines.append(f"3 index     {i['vectors']} centroids of {i['landmarks']} landmarks; threshold {_fmt(i['threshold'])} "
                  f"calibrated at FPR {r['target_fpr']:g}")
     lines.append(f"{pad}on calibration.csv (non-landmarks the model never saw)")
+    penalty = i.get("nonlandmark_penalty")
+    if penalty:
+        lines.append(f"{pad}scores lowered by {penalty['weight']:g} × the cosine to the nearest of {penalty['pool']} "
+                     f"training non-landmarks")
     lines.append(f"4 recognize recall {_fmt(r['recall'])} at achieved FPR {_fmt(r['achieved_fpr'], 4)} "
                  f"(target {r['target_fpr']:g}), precision {_fmt(r['precision'])}, P@1 {_fmt(r['p_at_1'])}")
+    control = after.get(f"centroid/no_penalty/recall@fpr={format_alpha(r['target_fpr'])}")
+    if penalty and control is not None:
+        fpr = after.get(f"centroid/no_penalty/actual_fpr@fpr={format_alpha(r['target_fpr'])}")
+        lines.append(f"{pad}without the penalty (same model and index, the control): recall {_fmt(control)} "
+                     f"at achieved FPR {_fmt(fpr, 4)}")
     lines.append(f"{pad}({r['queries']} queries, {r['distractors']} unseen distractors; precision at 1 landmark "
                  f"photo in 100: {_fmt(r.get('precision_prior_0.01'))})")
     lines.append(f"5 albums    {a['photos']} photos ({a['landmark_photos']} of landmarks, {a['with_gps']} with GPS): "
@@ -584,5 +625,5 @@ def run_demo_command(args: argparse.Namespace) -> int:
     with logs.quieter("cleaning", "datamodules", "recognition", "retrieval", "landmarks", verbose=logs.VERBOSE):
             run_demo(configs, args.overrides, seed=args.seed, out=args.out, world=args.world, tiny=args.tiny,
                  target_fpr=args.target_fpr, warmup_epochs=args.warmup_epochs, imprint=args.imprint,
-                 oracle_clean=args.oracle_clean, fresh=args.fresh)
+                 oracle_clean=args.oracle_clean, penalty=args.penalty, fresh=args.fresh)
     return 0

@@ -47,6 +47,7 @@ def _devices(value: str) -> int | str:
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    from recognition.artifact import PenaltyParams
     from recognition.centroids import CentroidParams
     from recognition.verification import VerificationParams
 
@@ -86,8 +87,11 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     pen.add_argument("--nonlandmark-pool", help="known non-landmark photos (CSV with path, or folder; not the "
                      "--nonlandmarks calibration photos): every score is lowered by --penalty-weight × the photo's "
                      "mean cosine to its --penalty-k nearest of them")
-    pen.add_argument("--penalty-weight", type=float, default=0.25, help="default 0.25 (measured best of 0.1-1)")
-    pen.add_argument("--penalty-k", type=int, default=1, help="nearest pool photos averaged (default 1; 5 measured lower)")
+    pdefaults = PenaltyParams()
+    pen.add_argument("--penalty-weight", type=float, default=pdefaults.weight,
+                     help=f"default {pdefaults.weight} (measured best of 0.1-1)")
+    pen.add_argument("--penalty-k", type=int, default=pdefaults.k,
+                     help=f"nearest pool photos averaged (default {pdefaults.k}; 5 measured lower)")
     ver = parser.add_argument_group("spatial verification (off by default: EXPERIMENTS.md, 'spatial verification')")
     ver.add_argument("--verify", action="store_true",
                      help="store SIFT features of a few photos per landmark and re-score each query's best candidates "

@@ -8,6 +8,9 @@ Training batches are P landmarks × K images plus a share of non-landmark images
     2. ``distractors`` — non-landmark photos, the false-positive test,
     3. ``calibration`` — optional non-landmark photos a threshold is calibrated on (never trained
        on, disjoint from the distractors), as ``landmarks index --nonlandmarks`` does.
+    4. ``nonlandmark_pool`` — only with ``evaluate_nonlandmark_pool``: the training non-landmark
+       pool, the known non-landmarks of the shipped index's penalty (``landmarks index
+       --nonlandmark-pool``; ``RetrievalEvaluation(nonlandmark_penalty=...)``).
 
 Every sample carries its dataset index, so the evaluation callback can gather embeddings across
 DDP ranks and drop the duplicates that ``DistributedSampler`` pads with.
@@ -45,7 +48,7 @@ from datamodules.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-EVAL_SETS = ("gallery", "queries", "distractors", "calibration")
+EVAL_SETS = ("gallery", "queries", "distractors", "calibration", "nonlandmark_pool")
 
 
 def _drop_missing_files(manifest: Manifest, policy: str) -> Manifest:
@@ -81,6 +84,23 @@ def _drop_damaged_shards(manifest: Manifest, policy: str) -> Manifest:
     return manifest.subset(~bad)
 
 
+def _check_pool_disjoint(pool: Manifest | None, others: Sequence[Manifest | None]) -> None:
+    """A penalty pool that holds a distractor or a calibration photo would mark it as a known
+    non-landmark: the false-positive rate measured on it would be too good."""
+    if pool is None or len(pool) == 0:
+        raise ManifestError("evaluate_nonlandmark_pool needs a non-empty non-landmark pool (nonlandmark_manifest)")
+    known = {os.path.abspath(p): line for p, line in zip(pool.paths, pool.lines)}
+    for other in others:
+        if other is None:
+            continue
+        shared = [(p, line) for p, line in zip(other.paths, other.lines) if os.path.abspath(p) in known]
+        if shared:
+            path, line = shared[0]
+            raise ManifestError(f"{other.source}: line {line}: {path} is also in the non-landmark pool "
+                                f"{pool.source} (line {known[os.path.abspath(path)]}; {len(shared)} such photo(s)); "
+                                "the penalty's pool must be disjoint from the photos it is measured on")
+
+
 class LandmarkDataModule(pl.LightningDataModule):
     """Cleaned landmark + non-landmark data for metric learning.
 
@@ -96,6 +116,9 @@ class LandmarkDataModule(pl.LightningDataModule):
         distractor_manifest: non-landmark distractor queries (``path``).
         calibration_manifest: non-landmark photos to calibrate the shipped threshold on (``path``;
             the synthetic world's ``calibration.csv``), or null: see ``RetrievalEvaluation``.
+        evaluate_nonlandmark_pool: embed the training non-landmark pool at every evaluation too,
+            for the shipped decision's non-landmark penalty; the pool must then share no photo
+            with the distractors or the calibration set (checked, by path).
         synthetic: when ``data_dir`` does not exist, generate this synthetic world there first.
         oracle_clean: drop DB rows whose ground truth says they are noise (``is_noise == 1``; the
             synthetic world records it). An upper bound for ``landmarks clean``, for experiments
@@ -127,6 +150,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         query_manifest: str | None = "queries.csv",
         distractor_manifest: str | None = "distractors.csv",
         calibration_manifest: str | None = None,
+        evaluate_nonlandmark_pool: bool = False,
         synthetic: SynthConfig | None = None,
         oracle_clean: bool = False,
         image_size: int = 96,
@@ -257,6 +281,13 @@ class LandmarkDataModule(pl.LightningDataModule):
         if calibration is not None:
             self._datasets["calibration"] = manifest_dataset(calibration, np.full(len(calibration), NONLANDMARK),
                                                              eval_tf, size)
+        if self.hparams.evaluate_nonlandmark_pool:
+            _check_pool_disjoint(pool, (distractors, calibration))
+
+    def _is_evaluated(self, name: str) -> bool:
+        if name == "nonlandmark_pool" and not self.hparams.evaluate_nonlandmark_pool:
+            return False  # built for hard non-landmark mining; an evaluation set only when asked
+        return len(self._datasets.get(name, ())) > 0
 
     def eval_dataset(self, name: str) -> ImageDataset:
         self.setup()
@@ -266,7 +297,7 @@ class LandmarkDataModule(pl.LightningDataModule):
     def eval_set_names(self) -> tuple[str, ...]:
         """The non-empty evaluation sets, in loader order (the callback maps loader index → name)."""
         self.setup()
-        return tuple(name for name in EVAL_SETS if len(self._datasets.get(name, ())) > 0)
+        return tuple(name for name in EVAL_SETS if self._is_evaluated(name))
 
     # ---- loaders ---------------------------------------------------------------------------
 

@@ -48,8 +48,21 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "INDEX_KINDS", "IndexFormatError", "LandmarkIndex", "ModelMismatchError",
-    "landmark_metadata",
+    "PenaltyParams", "landmark_metadata",
 ]
+
+
+
+@dataclass(frozen=True)
+class PenaltyParams:
+    """The non-landmark penalty's defaults (``landmarks index --nonlandmark-pool``, the demo, and
+    the evaluation's shipped decision): a score is lowered by ``weight`` × the photo's mean cosine
+    to its ``k`` nearest pool photos. Chosen on the demo chain (EXPERIMENTS.md, "non-landmark
+    penalty"): weight 0.25 of 0.1–1, k 1 of 1 and 5."""
+
+    weight: float = 0.25
+    k: int = 1
+
 
 FORMAT = "landmark-recognition-index"
 FORMAT_VERSION = 1

@@ -25,7 +25,9 @@ differ. :func:`evaluate_centroid_index` reproduces the shipped path from embeddi
 Metric names are those of :mod:`retrieval.metrics` (``recall@fpr=1e-03``, ``gap``, ``p@1``, ...;
 ``p@1`` = the top-1 landmark is right, over queries whose landmark is in the index), plus
 ``n_vectors`` (centroids indexed), ``n_landmarks`` and ``dropped_images`` (gallery images in
-clusters dropped as too small).
+clusters dropped as too small). With a non-landmark penalty pool, every score of steps 2–3 is the
+penalised one (:meth:`LandmarkIndex.set_penalty`), and the control without it is reported as
+``no_penalty/<metric>``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.labels import NONLANDMARK
-from recognition.artifact import LandmarkIndex
+from recognition.artifact import LandmarkIndex, PenaltyParams
 from recognition.calibration import CalibrationError, calibrate_threshold
 from recognition.centroids import CentroidParams, Representation
 from retrieval.decision import decide, select
@@ -68,6 +70,8 @@ def evaluate_centroid_index(
     index_params: dict | None = None,
     top_k: int = SHIPPED_TOP_K,
     memory_budget_mb: float = 256,
+    penalty_pool_emb: np.ndarray | None = None,
+    penalty: PenaltyParams = PenaltyParams(),
 ) -> dict[str, float]:
     """Recognition figures of the shipped decision path (see the module docstring).
 
@@ -84,6 +88,10 @@ def evaluate_centroid_index(
             index`` options; the defaults are the command's).
         top_k: candidates per photo (:data:`SHIPPED_TOP_K`).
         memory_budget_mb: forwarded to the searches.
+        penalty_pool_emb: optional ``[n_p, d]`` known non-landmark photos (the training pool): the
+            index gets the non-landmark penalty of ``landmarks index --nonlandmark-pool`` with
+            ``penalty``'s weight and k, and is calibrated and decided on penalised scores. The
+            same index without it is scored too, as the control, under ``no_penalty/<metric>``.
 
     Returns:
         ``{metric name: value}``, names as in the module docstring.
@@ -100,13 +108,30 @@ def evaluate_centroid_index(
         np.asarray(gallery_emb)[landmark_rows], [str(x) for x in gl[landmark_rows]], representation=representation,
         params=params, index_kind=index_kind, index_params=index_params,
     )
-    index_labels = np.array(index.landmark_ids, dtype=np.int64)
-
     d = np.asarray(query_emb).shape[1]
     distractors = np.zeros((0, d), np.float32) if distractor_emb is None else np.asarray(distractor_emb)
     photos = np.concatenate([np.asarray(query_emb, dtype=np.float32), distractors.astype(np.float32, copy=False)])
     true = np.concatenate([ql, np.full(len(distractors), NONLANDMARK, np.int64)])
+    calibration = None if calibration_emb is None else np.asarray(calibration_emb, dtype=np.float32)
+    score = dict(photos=photos, true=true, n_queries=len(ql), calibration_emb=calibration, alphas=alphas,
+                 user_prior=user_prior, top_k=top_k, memory_budget_mb=memory_budget_mb)
+    if penalty_pool_emb is None:
+        metrics = _score_index(index, **score)
+    else:
+        # The control first (the same index without the penalty), then the decision that ships.
+        control = _score_index(index, **score)
+        index.set_penalty(np.asarray(penalty_pool_emb, dtype=np.float32), penalty.weight, penalty.k)
+        metrics = _score_index(index, **score)
+        metrics.update({f"no_penalty/{name}": value for name, value in control.items()
+                        if not name.startswith(("n_", "dropped_"))})
+    return metrics
 
+
+def _score_index(index: LandmarkIndex, photos: np.ndarray, true: np.ndarray, n_queries: int,
+                 calibration_emb: np.ndarray | None, alphas, user_prior: float | None, top_k: int,
+                 memory_budget_mb: float) -> dict[str, float]:
+    """Steps 2–4 of the module docstring: calibrate on the index's own scores, decide, count."""
+    index_labels = np.array(index.landmark_ids, dtype=np.int64)
     # What Recognizer.decide sees for each photo: top-k landmark rows and their scores.
     scores, rows = index.search(photos, top_k, memory_budget_mb=memory_budget_mb)
     labels = np.where(rows >= 0, index_labels[np.maximum(rows, 0)], NONLANDMARK)
@@ -117,8 +142,7 @@ def evaluate_centroid_index(
     if calibration_emb is None:
         calibration_scores = scores[true == NONLANDMARK, 0]
     else:
-        calibration_scores = index.search(np.asarray(calibration_emb, dtype=np.float32), 1,
-                                          memory_budget_mb=memory_budget_mb)[0][:, 0]
+        calibration_scores = index.search(calibration_emb, 1, memory_budget_mb=memory_budget_mb)[0][:, 0]
     out: dict[float, dict] = {}
     unresolved: list[float] = []
     for alpha in alphas:
@@ -136,7 +160,7 @@ def evaluate_centroid_index(
     metrics = fpr_metric_names(FprMetrics(out, unresolved=tuple(unresolved)), user_prior)
     top = select(scores, labels, allowed)
     metrics["gap"] = gap(top.label, top.score, true)
-    metrics["p@1"] = precision_at_1(index_labels, rows[: len(ql), :1], ql)
+    metrics["p@1"] = precision_at_1(index_labels, rows[:n_queries, :1], true[:n_queries])
     metrics["n_vectors"] = int(len(index))
     metrics["n_landmarks"] = int(len(index_labels))
     metrics["dropped_images"] = int(index.build["dropped_images"])

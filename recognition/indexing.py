@@ -144,8 +144,8 @@ def build_landmark_index(
     progress: bool = True,
     verification=None,
     nonlandmark_pool: str | os.PathLike | None = None,
-    penalty_weight: float = 0.25,
-    penalty_k: int = 1,
+    penalty_weight: float | None = None,
+    penalty_k: int | None = None,
 ):
     """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
 
@@ -156,13 +156,13 @@ def build_landmark_index(
     verification and calibrates on verified scores. ``nonlandmark_pool`` (non-landmark photos, CSV
     or folder, disjoint from ``nonlandmarks``) stores their embeddings and lowers every score by
     ``penalty_weight`` × the query's mean cosine to its ``penalty_k`` nearest of them, before
-    calibration. Under DDP every rank embeds its share and rank 0 alone builds and
+    calibration (defaults: :class:`recognition.artifact.PenaltyParams`). Under DDP every rank embeds its share and rank 0 alone builds and
     writes the index (other ranks return None).
     """
     from pytorch_lightning.utilities import rank_zero_only
 
     from datamodules.manifest import load_manifest
-    from recognition.artifact import LandmarkIndex
+    from recognition.artifact import LandmarkIndex, PenaltyParams
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold
     from recognition.centroids import CentroidParams
     from retrieval.embedding_model import load_embedding_model
@@ -242,7 +242,9 @@ def build_landmark_index(
         if not len(pool_emb):
             raise UserError(f"{pool_set.source}: none of the non-landmark pool photos could be read")
         try:
-            index.set_penalty(pool_emb, penalty_weight, penalty_k,
+            defaults = PenaltyParams()
+            index.set_penalty(pool_emb, defaults.weight if penalty_weight is None else penalty_weight,
+                              defaults.k if penalty_k is None else penalty_k,
                               source=str(pathlib.Path(pool_set.source).resolve()))
         except ValueError as err:
             raise UserError(f"--nonlandmark-pool: {err}") from None

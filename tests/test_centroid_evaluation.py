@@ -10,7 +10,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 from callbacks.retrieval_evaluation import RetrievalEvaluation
 from core.labels import NONLANDMARK
-from recognition.artifact import LandmarkIndex
+from recognition.artifact import LandmarkIndex, PenaltyParams
 from recognition.calibration import calibrate_threshold
 from recognition.centroids import CentroidParams, build_representation
 from recognition.evaluation import evaluate_centroid_index
@@ -182,3 +182,37 @@ def test_gallery_nonlandmark_rows_are_left_out_and_empty_gallery_refused(world):
     assert a == pytest.approx(b, nan_ok=True)
     with pytest.raises(ValueError, match="no landmark images"):
         evaluate_centroid_index(gallery, np.full(len(gallery), L), queries, q_labels, distractors)
+
+
+def test_the_callback_logs_the_penalised_index_with_its_control(world):
+    from core.errors import UserError
+
+    gallery, g_labels, queries, q_labels, distractors = world
+    pool = unit([E[5], E[6]])  # known non-landmarks: the generic building and the e6 scenes
+    callback = RetrievalEvaluation(alphas=ALPHAS, top_k=3, user_prior=None, plots=False, centroid_index=True,
+                                   centroid_params={"few_photos": 0}, nonlandmark_penalty={"weight": 0.5})
+    callback._gather = lambda: {"gallery": (gallery, g_labels, 0), "queries": (queries, q_labels, 0),
+                                "distractors": (distractors, np.full(len(distractors), L), 0),
+                                "nonlandmark_pool": (pool, np.full(2, L), 0)}
+    logged = {}
+    trainer = SimpleNamespace(
+        log_dir=None, default_root_dir=".", state=SimpleNamespace(fn=TrainerFn.VALIDATING), is_global_zero=True,
+        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), current_epoch=0, global_step=0,
+    )
+    callback._finish(trainer, SimpleNamespace(log_dict=lambda values, **kw: logged.update(values)), "val")
+    control = _run_callback(world)  # the same callback without the penalty
+    for name, value in control.items():
+        if name.startswith("val/centroid/") and not name.startswith(("val/centroid/n_", "val/centroid/dropped_")):
+            assert logged[name.replace("val/centroid/", "val/centroid/no_penalty/")] == value
+    expected = evaluate_centroid_index(*world, alphas=ALPHAS, user_prior=None, params=CLUSTER, penalty_pool_emb=pool,
+                                       penalty=PenaltyParams(weight=0.5))
+    assert logged["val/centroid/threshold@fpr=1e-01"] == expected["threshold@fpr=1e-01"]
+    # Every distractor is within cosine 0.89 of a pool photo, so lowered by >= 0.44, while the queries
+    # (orthogonal to e5 and e6) keep their scores: the threshold drops.
+    assert logged["val/centroid/threshold@fpr=1e-01"] < control["val/centroid/threshold@fpr=1e-01"]
+
+    with pytest.raises(UserError, match="set centroid_index: true"):
+        RetrievalEvaluation(nonlandmark_penalty={})
+    datamodule = SimpleNamespace(eval_set_names=("gallery", "queries", "distractors"), eval_dataset=lambda name: [0])
+    with pytest.raises(UserError, match="data.evaluate_nonlandmark_pool: true"):
+        callback._start(SimpleNamespace(datamodule=datamodule), "val")

@@ -192,3 +192,18 @@ def test_each_worker_and_epoch_draws_different_augmentations(tmp_path):
     assert len(set(first)) == 8  # the 4 samples of worker 0 and the 4 of worker 1 all differ
     assert len(set(second)) == 8
     assert set(first).isdisjoint(second)  # and the next epoch differs again
+
+
+def test_the_training_pool_is_an_evaluation_set_only_when_asked_and_must_be_disjoint(tmp_path):
+    root = _world(tmp_path)
+    assert "nonlandmark_pool" not in _dm(root).eval_set_names  # built for mining, not evaluated
+    dm = _dm(root, evaluate_nonlandmark_pool=True)
+    assert dm.eval_set_names == ("gallery", "queries", "distractors", "nonlandmark_pool")
+    pool = torch.cat([b["index"] for b in dm.val_dataloader()[3]])
+    assert pool.tolist() == list(range(6)) and dm.eval_dataset("nonlandmark_pool").labels.tolist() == [NONLANDMARK] * 6
+    # A distractor that is also a pool photo would be a "known" non-landmark: refused, by file and line.
+    (root / "distractors.csv").write_text("path\ndistractors/0.jpg\nnonlandmarks/4.jpg\n")
+    with pytest.raises(ManifestError, match=r"distractors.csv: line 3: .*nonlandmarks/4.jpg is also in the "
+                                            r"non-landmark pool .*nonlandmarks.csv \(line 6; 1 such photo"):
+        _dm(root, evaluate_nonlandmark_pool=True).setup()
+    _dm(root).setup()  # without the pool as an evaluation set, nothing is checked

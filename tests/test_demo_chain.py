@@ -55,6 +55,14 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert recognizer["achieved_fpr"] == pytest.approx((accepted & ~is_query).sum() / (~is_query).sum())
     correct = accepted & is_query & (results["landmark_id"] == results["true_landmark_id"])
     assert recognizer["recall"] == pytest.approx(correct.sum() / is_query.sum())
+    # The shipped index carries the non-landmark penalty (the training pool), and the fit's evaluation
+    # scored that very decision, with the index without it as the control.
+    trained = summary["training"]["trained"]
+    pool = len(pd.read_csv(world / "nonlandmarks.csv"))
+    assert summary["index"]["nonlandmark_penalty"] == {"weight": 0.25, "k": 1, "pool": pool}
+    assert recognizer["recall"] == pytest.approx(trained["centroid/recall@fpr=5e-02"])
+    assert recognizer["without_penalty"]["recall"] == trained["centroid/no_penalty/recall@fpr=5e-02"]
+    assert "without the penalty (same model and index, the control)" in printed
     albums = summary["albums"]
     assert Path(albums["page"]).is_file()
     collection = pd.read_csv(world / "collection.csv", dtype=str, keep_default_na=False)
