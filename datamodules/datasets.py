@@ -16,21 +16,28 @@ from datamodules.shards import ShardReader
 log = logging.getLogger(__name__)
 
 
+def seed_augmentations(dataset, seed: int) -> None:
+    """Seed the albumentations pipelines of ``dataset`` (one dataset or a ``ConcatDataset``)."""
+    for part in getattr(dataset, "datasets", [dataset]):
+        transform = getattr(part, "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(int(seed))
+
+
 def seed_worker_transforms(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker's albumentations pipelines their own seed.
 
-    albumentations 2 keeps a private RNG per pipeline, created in the main process; forked
-    workers would all copy it and replay the same augmentations, in every epoch. torch seeds each
-    worker with ``base_seed + worker_id`` and draws a new base seed per epoch, so deriving the
-    pipeline's seed from it gives distinct, reproducible augmentations per worker and epoch.
+    albumentations 2 keeps a private RNG per pipeline, created in the main process from OS
+    entropy; forked workers would all copy it and replay the same augmentations, in every epoch.
+    The seed comes from the dataset's ``augment_seed`` (set per epoch by
+    :class:`datamodules.sampler.ResumableLoader` from the sampler's seed, epoch and rank) mixed
+    with the worker id, so the augmentations are a function of the run's settings alone, the same
+    in a resumed run as in an uninterrupted one. Without it, from torch's per-worker seed.
     """
     info = torch.utils.data.get_worker_info()
-    seed = torch.initial_seed() % 2**32
-    datasets = getattr(info.dataset, "datasets", [info.dataset])  # ConcatDataset or a single one
-    for dataset in datasets:
-        transform = getattr(dataset, "transform", None)
-        if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(seed)
+    base = getattr(info.dataset, "augment_seed", None)
+    seed = torch.initial_seed() % 2**32 if base is None else np.random.SeedSequence([base, worker_id]).generate_state(1)[0]
+    seed_augmentations(info.dataset, seed)
 
 
 class ImageDataset(Dataset):

@@ -26,6 +26,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
 from core.errors import UserError
+from datamodules.datasets import seed_augmentations
 
 
 class LandmarkBatchSampler(Sampler[list[int]]):
@@ -201,6 +202,17 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         self._delivered = self.batch_sampler.skip
+        # Augmentations from the run's settings, not from the process's history (albumentations
+        # seeds its pipelines from OS entropy, and torch's worker seeds from the global RNG, which
+        # every earlier step of the process moves): so a fit gives the same weights alone, after
+        # other work in the same process, or resumed at an epoch boundary. A resume in mid-epoch
+        # gets that epoch's remaining batches but not their exact augmentations.
+        sampler = self.batch_sampler
+        seed = int(np.random.SeedSequence([sampler.seed, sampler.epoch, sampler.rank, 0xA06]).generate_state(1)[0])
+        if hasattr(self.dataset, "__dict__"):  # a Dataset object (plain sequences carry no pipelines)
+            self.dataset.augment_seed = seed
+        if self.num_workers == 0:
+            seed_augmentations(self.dataset, seed)
         for batch in super().__iter__():
             self._delivered += 1
             yield batch

@@ -187,11 +187,33 @@ def test_each_worker_and_epoch_draws_different_augmentations(tmp_path):
         assert [len(b["image"]) for b in batches] == [4, 4]
         return [b["image"][i].numpy().tobytes() for b in batches for i in range(4)]
 
-    first, second = epoch(), epoch()
+    first = epoch()
+    loader.batch_sampler.set_epoch(1)  # as Lightning does at every epoch start
+    second = epoch()
     # Workers replaying one copied RNG would give batch 1 the same 4 augmentations as batch 0.
     assert len(set(first)) == 8  # the 4 samples of worker 0 and the 4 of worker 1 all differ
     assert len(set(second)) == 8
     assert set(first).isdisjoint(second)  # and the next epoch differs again
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentations_depend_on_the_seed_and_epoch_not_on_the_process_history(tmp_path, workers):
+    import random
+
+    root = _world(tmp_path, images_per_class=(4, 4, 4, 4))
+
+    def epoch_images(epoch: int, history: int) -> list[bytes]:
+        # Whatever ran before in the process (other fits, evaluations) moved the global RNGs.
+        torch.rand(history), np.random.rand(history), random.random()
+        dm = _dm(root, num_workers=workers, classes_per_batch=2, samples_per_class=2, batches_per_epoch=2)
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)  # a resumed run starts at its epoch
+        return [image.numpy().tobytes() for batch in loader for image in batch["image"]]
+
+    first = epoch_images(0, history=1)
+    assert epoch_images(0, history=1000) == first  # seeded from the run's settings alone
+    assert epoch_images(1, history=7) == epoch_images(1, history=3)  # a resume at epoch 1 = the uninterrupted one
+    assert set(epoch_images(1, history=1)).isdisjoint(first)  # and each epoch draws new ones
 
 
 def test_the_training_pool_is_an_evaluation_set_only_when_asked_and_must_be_disjoint(tmp_path):
