@@ -1,0 +1,131 @@
+"""The demo chain's shipped decision at a fixed FPR, with and without the non-landmark penalty,
+and how much of its run-to-run spread is the calibration's (issue 15, item 5).
+
+`landmarks demo` calibrates the threshold at FPR 1e-3 on the 2,000 photos of ``calibration.csv``
+and reports recall at that threshold with the FPR it achieves on the 5,000 ``distractors.csv``.
+With 2,000 photos the threshold at 1e-3 is set by the 2nd and 3rd highest non-landmark scores, so
+it moves from one draw of calibration photos to the next. This bench reads a finished chain
+(``runs/demo/chain-seedN``: its index, checkpoint and embedding cache; nothing is embedded again
+when the cache is complete) and reports, for the index as shipped (with the penalty, if the chain
+used it) and for the same index without the penalty (the control):
+
+* recall at the threshold that admits exactly 1e-3 and 2e-3 of **all 7,000 unseen non-landmark
+  photos** (calibration + distractors): the decision's quality without calibration noise;
+* over ``--draws`` random splits of those 7,000 photos into ``n_cal`` calibration photos and the
+  rest as distractors, the recall and achieved FPR of the calibrated threshold: its spread, and how
+  often the achieved FPR exceeds 2e-3.
+
+Usage::
+
+    landmarks demo --seed N        # the chains first (runs/demo/chain-seedN)
+    python bench/bench_shipped_threshold.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datamodules.manifest import merged_id_aliases, read_manifest  # noqa: E402
+from recognition.artifact import LandmarkIndex  # noqa: E402
+from recognition.calibration import calibrate_threshold  # noqa: E402
+from retrieval.decision import accepts, threshold_at_fpr  # noqa: E402
+from retrieval.embed import embed_paths  # noqa: E402
+from retrieval.embedding_model import load_embedding_model  # noqa: E402
+
+
+def chain_scores(chain: Path, world: Path) -> dict:
+    """Top-1 scores and rows of the queries and the unseen non-landmarks, with and without the penalty."""
+    summary = json.loads((chain / "summary.json").read_text())
+    index = LandmarkIndex.load(summary["index"]["path"])
+    model = load_embedding_model(checkpoint=summary["checkpoint"])
+    aliases = merged_id_aliases(read_manifest(summary["cleaning"]["manifest"], "landmark", extra_columns="ignore"))
+    sets = {name: read_manifest(world / f"{name}.csv", kind, extra_columns="ignore")
+            for name, kind in (("queries", "landmark"), ("calibration", "nonlandmark"), ("distractors", "nonlandmark"))}
+    emb = {}
+    for name, manifest in sets.items():
+        result = embed_paths(model, manifest.paths, batch_size=128, accelerator="cpu", cache_dir=chain / "cache",
+                             progress=False)
+        emb[name] = result.embeddings[result.valid]
+    row_of = {lid: i for i, lid in enumerate(index.landmark_ids)}
+    truth = np.array([row_of.get(aliases.get(i, i), -2) for i in sets["queries"].landmark_ids])
+    out = {"truth": truth, "recognizer": summary["recognizer"]}
+    variants = [("shipped", index.penalty)] + ([("no penalty", None)] if index.penalty is not None else [])
+    for name, penalty in variants:
+        index.penalty = penalty
+        if penalty is not None:
+            index.set_penalty(**penalty)
+        query_scores, query_rows = index.top1(emb["queries"])
+        out[name] = {"queries": (query_scores, query_rows),
+                     "nonlandmarks": np.concatenate([index.top1(emb["calibration"])[0],
+                                                     index.top1(emb["distractors"])[0]])}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo"), help="folder of the chains")
+    parser.add_argument("--data", type=Path, default=Path("data"), help="folder of the worlds")
+    parser.add_argument("--target-fpr", type=float, default=1e-3)
+    parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[2000, 3500])
+    parser.add_argument("--draws", type=int, default=500)
+    args = parser.parse_args()
+
+    rows = []
+    for seed in args.seeds:
+        world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
+        scores = chain_scores(args.runs / f"chain-seed{seed}", world)
+        truth, shipped = scores["truth"], scores["recognizer"]
+        print(f"\nseed {seed}: recognize stage recall {shipped['recall']:.3f} at achieved FPR {shipped['achieved_fpr']:.4f}")
+        for variant in ("shipped", "no penalty"):
+            if variant not in scores:
+                continue
+            (q_scores, q_rows), nonlandmarks = scores[variant]["queries"], scores[variant]["nonlandmarks"]
+            correct = q_rows == truth
+            fixed = {a: float((accepts(q_scores, threshold_at_fpr(nonlandmarks, a)) & correct).mean())
+                     for a in (args.target_fpr, 2 * args.target_fpr)}
+            rng = np.random.default_rng(seed)
+            draws = {}
+            for n_cal in args.calibration_sizes:
+                recall, fpr = [], []
+                for _ in range(args.draws):
+                    order = rng.permutation(len(nonlandmarks))
+                    threshold = calibrate_threshold(nonlandmarks[order[:n_cal]], args.target_fpr).threshold
+                    fpr.append(float(accepts(nonlandmarks[order[n_cal:]], threshold).mean()))
+                    recall.append(float((accepts(q_scores, threshold) & correct).mean()))
+                draws[n_cal] = (np.array(recall), np.array(fpr))
+            rows.append((seed, variant, len(nonlandmarks), fixed, draws))
+            spread = "; ".join(
+                f"n_cal {n}: recall {r.mean():.3f} ± {r.std():.3f}, FPR median {np.median(f):.4f}, "
+                f"P(FPR > {2 * args.target_fpr:g}) {np.mean(f > 2 * args.target_fpr):.2f}" for n, (r, f) in draws.items())
+            print(f"  {variant:>10}: recall at FPR {args.target_fpr:g} of all {len(nonlandmarks)} unseen non-landmarks "
+                  f"{fixed[args.target_fpr]:.3f}, at {2 * args.target_fpr:g} {fixed[2 * args.target_fpr]:.3f} | {spread}")
+
+    print(f"\n| variant | recall at FPR {args.target_fpr:g} (seeds {', '.join(map(str, args.seeds))}) | mean | "
+          f"recall at FPR {2 * args.target_fpr:g}, mean | "
+          + " | ".join(f"calibrated on {n}: recall sd, P(FPR > {2 * args.target_fpr:g})" for n in args.calibration_sizes)
+          + " |")
+    print("|---|---|---|---|" + "---|" * len(args.calibration_sizes))
+    for variant in ("shipped", "no penalty"):
+        mine = [r for r in rows if r[1] == variant]
+        if not mine:
+            continue
+        at = [r[3][args.target_fpr] for r in mine]
+        at2 = [r[3][2 * args.target_fpr] for r in mine]
+        cells = [f"{np.mean([r[4][n][0].std() for r in mine]):.3f}, "
+                 f"{np.mean([np.mean(r[4][n][1] > 2 * args.target_fpr) for r in mine]):.2f}"
+                 for n in args.calibration_sizes]
+        print(f"| {variant} | {' / '.join(f'{x:.3f}' for x in at)} | {np.mean(at):.3f} | {np.mean(at2):.3f} | "
+              + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
