@@ -223,9 +223,30 @@ def group_runs(runs: list[RunRecord]) -> tuple[list[Configuration], list[str], d
     return list(configs.values()), varying, common
 
 
+def undefined_in(run: RunRecord, metric: str) -> bool:
+    """Precision at an FPR is undefined when the run accepted no photo there (0 / 0), and the
+    evaluation does not log it; the run did evaluate at that FPR when it logged the recall."""
+    if not metric.startswith("precision@fpr="):
+        return False
+    alpha = metric.removeprefix("precision@fpr=").split(",")[0]
+    return metric not in run.metrics and f"recall@fpr={alpha}" in run.metrics
+
+
+def with_undefined(runs: list[RunRecord], metric: str) -> list[RunRecord]:
+    """The runs lacking ``metric`` only because it is undefined for them: NaN is recorded there."""
+    undefined = [r for r in runs if undefined_in(r, metric)]
+    for run in undefined:
+        run.metrics[metric] = float("nan")
+    if undefined:
+        log.warning("compare: %s is undefined (nothing accepted at that FPR) in %d run(s), e.g. %s; "
+                    "its mean is over the other runs", metric, len(undefined), undefined[0].name)
+    return undefined
+
+
 def choose_metrics(runs: list[RunRecord], requested: Sequence[str] | None) -> list[str]:
     if requested:
         for metric in requested:
+            with_undefined(runs, metric)
             lacking = [r for r in runs if metric not in r.metrics]
             if lacking:
                 raise CompareError(
@@ -234,6 +255,8 @@ def choose_metrics(runs: list[RunRecord], requested: Sequence[str] | None) -> li
         return list(requested)
     chosen = []
     for metric in DEFAULT_METRICS:
+        if any(metric in r.metrics for r in runs):
+            with_undefined(runs, metric)
         have = [r for r in runs if metric in r.metrics]
         if len(have) == len(runs):
             chosen.append(metric)
@@ -252,8 +275,11 @@ def choose_metrics(runs: list[RunRecord], requested: Sequence[str] | None) -> li
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def _fmt(mean: float, half: float | None, n: int) -> str:
-    return f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (n={n}, no CI)"
+def _fmt(mean: float, half: float | None, n: int, n_all: int | None = None) -> str:
+    if n == 0:
+        return "undefined"
+    undefined = "" if n_all in (None, n) else f" ({n} of {n_all} runs; undefined in the others)"
+    return (f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (n={n}, no CI)") + undefined
 
 
 def _seed_text(run: RunRecord) -> str:
@@ -269,8 +295,13 @@ class Comparison:
     excluded: list[tuple[str, str]]
     stage: str
 
+    def values(self, config: Configuration, metric: str) -> list[float]:
+        """The metric's values over the configuration's runs, leaving out runs where it is undefined (NaN)."""
+        return [r.metrics[metric] for r in config.runs if not math.isnan(r.metrics[metric])]
+
     def stats(self, config: Configuration, metric: str) -> tuple[float, float | None, float | None]:
-        return mean_ci([r.metrics[metric] for r in config.runs])
+        values = self.values(config, metric)
+        return mean_ci(values) if values else (float("nan"), None, None)
 
 
 def summary_csv(comparison: Comparison) -> str:
@@ -318,7 +349,8 @@ def summary_markdown(comparison: Comparison, source: str, plot_name: str | None)
     lines.append("| configuration | n | " + " | ".join(comparison.metrics) + " |")
     lines.append("| --- | ---: | " + " | ".join("---:" for _ in comparison.metrics) + " |")
     for config in comparison.configurations:
-        cells = [_fmt(*comparison.stats(config, m)[:2], len(config.runs)) for m in comparison.metrics]
+        cells = [_fmt(*comparison.stats(config, m)[:2], len(comparison.values(config, m)), len(config.runs))
+                 for m in comparison.metrics]
         lines.append(f"| {config.label} | {len(config.runs)} | " + " | ".join(cells) + " |")
     lines.append("")
     if plot_name:
@@ -362,7 +394,9 @@ def plot_comparison(comparison: Comparison, metric: str, target: Path) -> None:
     ax = axes[0]
     y = np.arange(len(configs))[::-1]
     for yi, (i, config) in zip(y, enumerate(configs)):
-        values = [r.metrics[metric] for r in config.runs]
+        values = comparison.values(config, metric)
+        if not values:
+            continue  # undefined in every run of this configuration
         mean, half, _ = mean_ci(values)
         color = f"C{i % 10}"
         jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)

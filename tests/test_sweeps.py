@@ -307,6 +307,39 @@ def test_compare_hand_written_logs_mean_and_t_interval(tmp_path):
     assert (out / "summary.png").is_file()  # no curve files: the metric panel only
 
 
+def test_precision_undefined_in_a_run_that_accepted_nothing_is_left_out_of_its_mean(tmp_path, caplog):
+    import logging
+
+    def run(name, seed, precision):
+        folder = tmp_path / name
+        log_dir = folder / "csv" / "version_0"
+        log_dir.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"name": name, "parameters": {"seed_everything": seed},
+                                                     "status": "ok", "exit_code": 0}))
+        # Nothing accepted at FPR 1e-3: recall 0 is logged, precision (0 / 0) is not.
+        header = ["epoch", "step", "val/recall@fpr=1e-03"] + (["val/precision@fpr=1e-03"] if precision is not None else [])
+        values = [4, 50, 0.0 if precision is None else 0.3] + ([precision] if precision is not None else [])
+        (log_dir / "metrics.csv").write_text(",".join(header) + "\n" + ",".join(map(str, values)) + "\n")
+        return folder
+
+    runs = [run("s0", 0, 0.9), run("s1", 1, None), run("s2", 2, 0.7)]
+    with caplog.at_level(logging.WARNING):
+        comparison = compare(runs, out=tmp_path / "out")
+    assert "precision@fpr=1e-03 is undefined (nothing accepted at that FPR) in 1 run(s), e.g. s1" in caplog.text
+    assert comparison.metrics == ["recall@fpr=1e-03", "precision@fpr=1e-03"]
+    rows = _summary_rows(tmp_path / "out" / "summary.csv")
+    # mean of 0.9 and 0.7, over the 2 runs where precision is defined; recall over all 3
+    assert float(rows["all runs"]["precision@fpr=1e-03 mean"]) == pytest.approx(0.8)
+    assert float(rows["all runs"]["recall@fpr=1e-03 mean"]) == pytest.approx(0.2)
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "0.800 ± " in md and "(2 of 3 runs; undefined in the others)" in md
+    # A precision missing where the recall at that FPR is missing too is still an error.
+    other = run("s3", 3, 0.5)
+    (other / "csv" / "version_0" / "metrics.csv").write_text("epoch,step,val/gap\n4,50,0.5\n")
+    with pytest.raises(CompareError, match="did not evaluate alike"):
+        compare(runs + [other], out=tmp_path / "out2")
+
+
 def test_mean_ci_matches_hand_values():
     assert mean_ci([0.3, 0.4, 0.5]) == (pytest.approx(0.4), pytest.approx(0.2484138), pytest.approx(0.1))
     assert mean_ci([0.7]) == (0.7, None, None)
@@ -377,7 +410,9 @@ def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
     spec = load_sweep(ROOT / "experiments" / "sweeps" / "paper_ablation.yaml")
     runs = spec.expand()
     losses, curricula = spec.parameters["config.loss"].values, spec.parameters["config.curriculum"].values
-    assert len(runs) == 3 * len(losses) * len(curricula) and len({r.name for r in runs}) == len(runs)
+    seeds = spec.parameters["seed_everything"].values
+    assert len(seeds) == 5 and len(runs) == len(seeds) * len(losses) * len(curricula)
+    assert len({r.name for r in runs}) == len(runs)
     for path in (*losses, *curricula):
         assert (ROOT / path).is_file(), path
     monkeypatch.chdir(ROOT)
