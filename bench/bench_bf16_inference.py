@@ -70,7 +70,12 @@ def main() -> None:
             for name, manifest in sets.items():
                 dataset = manifest_dataset(manifest, np.zeros(len(manifest), np.int64), eval_transform(model.image_size),
                                            model.image_size)
-                emb[name] = np.asarray(embed_dataset(net, dataset, batch_size=256, forward_context=context)[0])
+                vectors, extras = embed_dataset(net, dataset, batch_size=256, forward_context=context)
+                valid = np.asarray(extras["valid"]).astype(bool)
+                if not valid.all():
+                    raise SystemExit(f"{manifest.source}: {int((~valid).sum())} unreadable image(s); this bench "
+                                     "compares whole sets")
+                emb[name] = np.asarray(vectors)
             seconds = time.perf_counter() - started
             m = evaluate_centroid_index(emb["gallery"], gallery_labels, emb["queries"], query_labels, emb["distractors"],
                                         alphas=(1e-2, 1e-3), calibration_emb=emb["calibration"],

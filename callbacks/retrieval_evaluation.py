@@ -10,7 +10,8 @@ logs the same numbers from every rank.
 
 Logged names are ``<stage>/<metric>`` with ``<stage>`` = ``val`` or ``test`` and ``<metric>`` as
 documented in :mod:`retrieval.metrics` (e.g. ``val/recall@fpr=1e-03``), plus
-``<stage>/unreadable`` (evaluation images skipped because they could not be decoded).
+``<stage>/unreadable`` (evaluation images skipped because they could not be decoded, over every
+evaluation set, the non-landmark pool included when it is one).
 
 Those figures decide over every gallery image (kNN). With ``centroid_index=True`` the callback
 also scores the decision that ships: the centroid index ``landmarks index`` would build from the

@@ -316,7 +316,8 @@ def _stage_fit(chain: Chain, cli, warm_start: str | None, imprint: bool) -> dict
 
 
 def _cache_evaluation_embeddings(chain: Chain, datamodule, evaluation, checkpoint: str) -> int:
-    """The last evaluation embedded the gallery, queries, distractors and calibration photos with
+    """The last evaluation embedded the gallery, queries, distractors, calibration photos and the
+    non-landmark pool with
     the checkpoint's very weights: put them in the embedding cache, so that ``index`` and
     ``recognize`` do not embed them again. Checked first on a few photos embedded afresh; on a
     mismatch nothing is cached (and the stages embed everything themselves)."""
@@ -479,7 +480,9 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
     def make_cli(db_manifest: str, stage: str, *extra: str):
         args = [a for c in config_files for a in ("--config", c)] + [
             f"--trainer.default_root_dir={chain.folder(stage)}",
-            f"--seed_everything={seed}", f"--data.data_dir={world_dir}", f"--data.db_manifest={db_manifest}",
+            # The sampler's plan and the augmentations follow data.seed: the seed varies them too.
+            f"--seed_everything={seed}", f"--data.seed={seed}", f"--data.data_dir={world_dir}",
+            f"--data.db_manifest={db_manifest}",
             "--data.calibration_manifest=calibration.csv", f"--data.synthetic.seed={seed}",
             "--data.oracle_clean=false", f"--data.evaluate_nonlandmark_pool={str(penalty).lower()}",
         ] + overrides + list(extra)
@@ -577,7 +580,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"{pad}on calibration.csv (non-landmarks the model never saw)")
     penalty = i.get("nonlandmark_penalty")
     if penalty:
-        lines.append(f"{pad}scores lowered by {penalty['weight']:g} × the cosine to the nearest of {penalty['pool']} "
+        nearest = "the nearest" if penalty["k"] == 1 else f"the mean of the {penalty['k']} nearest"
+        lines.append(f"{pad}scores lowered by {penalty['weight']:g} × the cosine to {nearest} of {penalty['pool']} "
                      f"training non-landmarks")
     lines.append(f"4 recognize recall {_fmt(r['recall'])} at achieved FPR {_fmt(r['achieved_fpr'], 4)} "
                  f"(target {r['target_fpr']:g}), precision {_fmt(r['precision'])}, P@1 {_fmt(r['p_at_1'])}")

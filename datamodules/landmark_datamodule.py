@@ -1,16 +1,17 @@
-"""LightningDataModule: landmark DB + non-landmark pool for training, three evaluation sets.
+"""LightningDataModule: landmark DB + non-landmark pool for training, up to five evaluation sets.
 
 Training batches are P landmarks × K images plus a share of non-landmark images labelled
-``NONLANDMARK`` (:mod:`datamodules.sampler`). Evaluation uses three loaders, in this order:
+``NONLANDMARK`` (:mod:`datamodules.sampler`). Evaluation uses one loader per non-empty set, in
+this order (``eval_set_names`` maps a loader index to its set):
 
-    0. ``gallery``     — the landmark database (what the recogniser indexes),
-    1. ``queries``     — held-out landmark photos,
-    2. ``distractors`` — non-landmark photos, the false-positive test,
-    3. ``calibration`` — optional non-landmark photos a threshold is calibrated on (never trained
-       on, disjoint from the distractors), as ``landmarks index --nonlandmarks`` does.
-    4. ``nonlandmark_pool`` — only with ``evaluate_nonlandmark_pool``: the training non-landmark
-       pool, the known non-landmarks of the shipped index's penalty (``landmarks index
-       --nonlandmark-pool``; ``RetrievalEvaluation(nonlandmark_penalty=...)``).
+    * ``gallery``     — the landmark database (what the recogniser indexes),
+    * ``queries``     — held-out landmark photos,
+    * ``distractors`` — non-landmark photos, the false-positive test,
+    * ``calibration`` — optional non-landmark photos a threshold is calibrated on (never trained
+      on, disjoint from the distractors), as ``landmarks index --nonlandmarks`` does,
+    * ``nonlandmark_pool`` — only with ``evaluate_nonlandmark_pool``: the training non-landmark
+      pool, the known non-landmarks of the shipped index's penalty (``landmarks index
+      --nonlandmark-pool``; ``RetrievalEvaluation(nonlandmark_penalty=...)``).
 
 Every sample carries its dataset index, so the evaluation callback can gather embeddings across
 DDP ranks and drop the duplicates that ``DistributedSampler`` pads with.
@@ -139,7 +140,9 @@ class LandmarkDataModule(pl.LightningDataModule):
         check_files: stat every file when the data module is built (disable for millions of
             files on a slow file system; unreadable files are still skipped at load time). The
             shards of a shard set are always checked (a few thousand files).
-        seed: sampler seed (combined with the epoch).
+        seed: seed of the sampler's plan and of the training augmentations (combined with the
+            epoch, the rank and the loader worker); a run's seeds should vary it with
+            ``seed_everything``, as the sweep files and ``landmarks demo --seed`` do.
     """
 
     def __init__(
@@ -256,6 +259,8 @@ class LandmarkDataModule(pl.LightningDataModule):
         queries = self._load("query_manifest", "landmark")
         distractors = self._load("distractor_manifest", "nonlandmark")
         calibration = self._load("calibration_manifest", "nonlandmark")
+        if self.hparams.evaluate_nonlandmark_pool:  # before anything is stored: a failed setup leaves none
+            _check_pool_disjoint(pool, (distractors, calibration))
         if self.hparams.nonlandmark_share > 0 and (pool is None or len(pool) == 0):
             raise ManifestError(
                 f"nonlandmark_share={self.hparams.nonlandmark_share} but the non-landmark pool "
@@ -281,8 +286,6 @@ class LandmarkDataModule(pl.LightningDataModule):
         if calibration is not None:
             self._datasets["calibration"] = manifest_dataset(calibration, np.full(len(calibration), NONLANDMARK),
                                                              eval_tf, size)
-        if self.hparams.evaluate_nonlandmark_pool:
-            _check_pool_disjoint(pool, (distractors, calibration))
 
     def _is_evaluated(self, name: str) -> bool:
         if name == "nonlandmark_pool" and not self.hparams.evaluate_nonlandmark_pool:

@@ -106,25 +106,33 @@ def find_metrics_file(run_dir: Path) -> Path:
 
 
 def read_final_metrics(metrics_file: Path, stage: str = "val") -> tuple[dict[str, float], int | None]:
-    """The last logged value of every ``<stage>/...`` column, and the epoch of the last such row."""
+    """Every ``<stage>/...`` value of the last evaluation (the rows of the last step that logged
+    one), and its epoch. Only that evaluation: a metric it did not log (a precision with nothing
+    accepted) must not be filled in from an earlier evaluation."""
     prefix = f"{stage}/"
     final: dict[str, float] = {}
     epoch = None
+    final_step = None
     with open(metrics_file, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = [c for c in (reader.fieldnames or []) if c.startswith(prefix)]
         for line, row in enumerate(reader, start=2):
-            seen = False
+            values = {}
             for column in columns:
                 text = (row.get(column) or "").strip()
                 if not text:
                     continue
                 try:
-                    final[column[len(prefix):]] = float(text)
+                    values[column[len(prefix):]] = float(text)
                 except ValueError:
                     raise CompareError(f"{metrics_file}: line {line}, column {column}: {text!r} is not a number") from None
-                seen = True
-            if seen and (row.get("epoch") or "").strip():
+            if not values:
+                continue
+            step = (row.get("step") or "").strip()
+            if step != final_step:  # a later evaluation replaces the earlier one's values
+                final, final_step = {}, step
+            final.update(values)
+            if (row.get("epoch") or "").strip():
                 epoch = int(float(row["epoch"]))
     return final, epoch
 
@@ -226,10 +234,10 @@ def group_runs(runs: list[RunRecord]) -> tuple[list[Configuration], list[str], d
 def undefined_in(run: RunRecord, metric: str) -> bool:
     """Precision at an FPR is undefined when the run accepted no photo there (0 / 0), and the
     evaluation does not log it; the run did evaluate at that FPR when it logged the recall."""
-    if not metric.startswith("precision@fpr="):
+    head, found, tail = metric.partition("precision@fpr=")
+    if not found or (head and not head.endswith("/")):  # also centroid/precision@fpr=..., not e.g. mean_precision
         return False
-    alpha = metric.removeprefix("precision@fpr=").split(",")[0]
-    return metric not in run.metrics and f"recall@fpr={alpha}" in run.metrics
+    return metric not in run.metrics and f"{head}recall@fpr={tail.split(',')[0]}" in run.metrics
 
 
 def with_undefined(runs: list[RunRecord], metric: str) -> list[RunRecord]:

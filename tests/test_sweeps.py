@@ -323,6 +323,10 @@ def test_precision_undefined_in_a_run_that_accepted_nothing_is_left_out_of_its_m
         return folder
 
     runs = [run("s0", 0, 0.9), run("s1", 1, None), run("s2", 2, 0.7)]
+    # s1 did accept photos in an earlier evaluation: its old precision must not stand in for the last one.
+    text = (runs[1] / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    (runs[1] / "csv" / "version_0" / "metrics.csv").write_text(
+        "epoch,step,val/recall@fpr=1e-03,val/precision@fpr=1e-03\n2,30,0.2,0.6\n" + text[1] + ",\n")
     with caplog.at_level(logging.WARNING):
         comparison = compare(runs, out=tmp_path / "out")
     assert "precision@fpr=1e-03 is undefined (nothing accepted at that FPR) in 1 run(s), e.g. s1" in caplog.text
