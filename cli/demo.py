@@ -344,8 +344,7 @@ def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str
 
     _announce("index", f"landmarks index of the cleaned DB, threshold calibrated at FPR {target_fpr:g}")
     started = time.time()
-    pool = {} if penalty is None else dict(nonlandmark_pool=world / "nonlandmarks.csv", penalty_weight=penalty.weight,
-                                           penalty_k=penalty.k)
+    pool = {} if penalty is None else dict(nonlandmark_pool=world / "nonlandmarks.csv", penalty=penalty)
     index, path = build_landmark_index(
         clean_manifest, chain.folder("index") / "index", checkpoint=checkpoint,
         nonlandmarks=world / "calibration.csv", target_fpr=target_fpr, landmarks_csv=world / "landmarks.csv",
@@ -556,8 +555,6 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def format_summary(s: dict) -> str:
-    from retrieval.metrics import format_alpha
-
     c, r, a, i = s["cleaning"], s["recognizer"], s["albums"], s["index"]
     before, after = s["training"]["untrained"], s["training"]["trained"]
     pad = " " * 12
@@ -585,11 +582,10 @@ def format_summary(s: dict) -> str:
                      f"training non-landmarks")
     lines.append(f"4 recognize recall {_fmt(r['recall'])} at achieved FPR {_fmt(r['achieved_fpr'], 4)} "
                  f"(target {r['target_fpr']:g}), precision {_fmt(r['precision'])}, P@1 {_fmt(r['p_at_1'])}")
-    control = after.get(f"centroid/no_penalty/recall@fpr={format_alpha(r['target_fpr'])}")
+    control = r.get("without_penalty")
     if penalty and control is not None:
-        fpr = after.get(f"centroid/no_penalty/actual_fpr@fpr={format_alpha(r['target_fpr'])}")
-        lines.append(f"{pad}without the penalty (same model and index, the control): recall {_fmt(control)} "
-                     f"at achieved FPR {_fmt(fpr, 4)}")
+        lines.append(f"{pad}without the penalty (same model and index, the control): recall {_fmt(control['recall'])} "
+                     f"at achieved FPR {_fmt(control['achieved_fpr'], 4)}")
     lines.append(f"{pad}({r['queries']} queries, {r['distractors']} unseen distractors; precision at 1 landmark "
                  f"photo in 100: {_fmt(r.get('precision_prior_0.01'))})")
     lines.append(f"5 albums    {a['photos']} photos ({a['landmark_photos']} of landmarks, {a['with_gps']} with GPS): "

@@ -136,6 +136,7 @@ def _index_params(args) -> dict:
 
 
 def run_index_command(args: argparse.Namespace) -> int:
+    from recognition.artifact import PenaltyParams
     from recognition.centroids import CentroidParams
     from recognition.indexing import build_landmark_index
     from recognition.verification import VerificationParams
@@ -152,7 +153,7 @@ def run_index_command(args: argparse.Namespace) -> int:
         extra_columns=args.extra_columns, batch_size=args.batch_size, num_workers=args.num_workers,
         accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
         cache_dir=args.cache_dir,
-        nonlandmark_pool=args.nonlandmark_pool, penalty_weight=args.penalty_weight, penalty_k=args.penalty_k,
+        nonlandmark_pool=args.nonlandmark_pool, penalty=PenaltyParams(weight=args.penalty_weight, k=args.penalty_k),
         verification=VerificationParams(
             max_side=args.verify_max_side, n_features=args.verify_features, candidates=args.verify_candidates,
             images_per_landmark=args.verify_photos, weight=args.verify_weight, min_inliers=args.verify_min_inliers,

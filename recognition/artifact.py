@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class PenaltyParams:
     """The non-landmark penalty's defaults (``landmarks index --nonlandmark-pool``, the demo, and

@@ -144,8 +144,7 @@ def build_landmark_index(
     progress: bool = True,
     verification=None,
     nonlandmark_pool: str | os.PathLike | None = None,
-    penalty_weight: float | None = None,
-    penalty_k: int | None = None,
+    penalty=None,
 ):
     """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
 
@@ -155,8 +154,8 @@ def build_landmark_index(
     :class:`recognition.verification.VerificationParams`) stores local features for spatial
     verification and calibrates on verified scores. ``nonlandmark_pool`` (non-landmark photos, CSV
     or folder, disjoint from ``nonlandmarks``) stores their embeddings and lowers every score by
-    ``penalty_weight`` × the query's mean cosine to its ``penalty_k`` nearest of them, before
-    calibration (defaults: :class:`recognition.artifact.PenaltyParams`). Under DDP every rank embeds its share and rank 0 alone builds and
+    ``penalty.weight`` × the query's mean cosine to its ``penalty.k`` nearest of them, before
+    calibration (``penalty``: a :class:`recognition.artifact.PenaltyParams`, its defaults when None). Under DDP every rank embeds its share and rank 0 alone builds and
     writes the index (other ranks return None).
     """
     from pytorch_lightning.utilities import rank_zero_only
@@ -242,10 +241,8 @@ def build_landmark_index(
         if not len(pool_emb):
             raise UserError(f"{pool_set.source}: none of the non-landmark pool photos could be read")
         try:
-            defaults = PenaltyParams()
-            index.set_penalty(pool_emb, defaults.weight if penalty_weight is None else penalty_weight,
-                              defaults.k if penalty_k is None else penalty_k,
-                              source=str(pathlib.Path(pool_set.source).resolve()))
+            penalty = penalty or PenaltyParams()
+            index.set_penalty(pool_emb, penalty.weight, penalty.k, source=str(pathlib.Path(pool_set.source).resolve()))
         except ValueError as err:
             raise UserError(f"--nonlandmark-pool: {err}") from None
     if verification is not None:
