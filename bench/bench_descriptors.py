@@ -22,6 +22,9 @@ Variants (all on L2-normalised descriptors, all re-normalised after):
   ``max(cos, 0)^α`` (α = 3), for queries and distractors alike.
 * ``DBA k=K``: each gallery photo is replaced by itself + its K-1 nearest gallery photos,
   weighted the same way, before the index is built.
+* ``penalty w=W k=K``: the non-landmark penalty of ``landmarks index --nonlandmark-pool``
+  (``LandmarkIndex.set_penalty``): every score is lowered by W × the photo's mean cosine to its
+  K nearest pool photos. The pool is the half of the non-landmarks that is not the distractors.
 
     python bench/bench_descriptors.py                      # ~4 min with cached embeddings
 """
@@ -62,7 +65,9 @@ def weighted_neighbours(x: np.ndarray, pool: np.ndarray, k: int, alpha: float, s
 
 VARIANTS = [("none", {})] + [
     (f"whiten p={p:g} s={s:g}", {"whiten": (p, s)}) for p in (0.5, 0.25, 0.125) for s in (0.1, 1.0, 10.0)
-] + [(f"α-QE k={k}", {"qe": k}) for k in (1, 2)] + [(f"DBA k={k}", {"dba": k}) for k in (2, 3, 5)]
+] + [(f"α-QE k={k}", {"qe": k}) for k in (1, 2)] + [(f"DBA k={k}", {"dba": k}) for k in (2, 3, 5)] + [
+    (f"penalty w={w:g} k={k}", {"penalty": (w, k)}) for w in (0.1, 0.25, 0.5, 1.0) for k in (1, 3)
+]
 
 
 def run(args) -> dict:
@@ -86,6 +91,8 @@ def run(args) -> dict:
             emb = unit_rows(br._embed(model, list(paths), batch_size=32), dtype=np.float32)
             lm, ids, nonlandmarks = emb[is_landmark], labels[is_landmark], emb[~is_landmark]
             for name, v in VARIANTS:
+                if args.variants and name != "none" and name not in args.variants:
+                    continue
                 for rep in args.representations:
                     row = {"backbone": backbone, "image_size": size, "variant": name, "representation": rep}
                     for half, members in halves.items():
@@ -104,6 +111,8 @@ def run(args) -> dict:
                                 identity = {**model.identity, "embedding_size": g.shape[1]}
                                 params = CentroidParams() if rep == "centroids" else None
                                 index = br._index(g, ids[gallery & in_half], rep, params, identity)
+                                if "penalty" in v:
+                                    index.set_penalty(pool, weight=v["penalty"][0], k=v["penalty"][1])
                                 if "qe" in v:
                                     vectors = index.faiss_index.reconstruct_n(0, index.faiss_index.ntotal)
                                     q, d = (weighted_neighbours(x, vectors, v["qe"], args.alpha) for x in (q, d))
@@ -121,6 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "mobilenetv2_100"])
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 320])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="names of VARIANTS to run (default: all); 'none' is always run")
     parser.add_argument("--representations", nargs="+", default=["all", "centroids"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--alpha", type=float, default=3.0, help="α of α-QE and DBA weights")

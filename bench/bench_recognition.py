@@ -80,7 +80,8 @@ def _representations(thresholds, min_sizes=(2,)):
     from recognition.centroids import CentroidParams
 
     out = [("all", "full gallery (kNN)", None), ("mean", "one mean per landmark", None),
-           ("centroids", "**default** (`landmarks index`: clusters; < 15 photos: photos + mean)", CentroidParams())]
+           ("centroids", "**default** (`landmarks index`: clusters; < 15 photos: the photos)", CentroidParams()),
+           ("centroids", "< 15 photos: photos + mean (the default before)", CentroidParams(few_photos_mean=True))]
     # Every landmark clustered (few_photos=0), at each cut: what the default falls back from.
     out += [("centroids", f"clusters, cut {t:g}, min size {m}",
              CentroidParams(distance_threshold=t, min_cluster_size=m, few_photos=0))
@@ -250,6 +251,7 @@ def run_realphotos(args) -> dict:
     paths = table["path"].to_numpy()
     labels = table["label"].to_numpy()
     is_landmark = table["kind"].to_numpy() == "landmark"
+    names = sorted(set(labels[is_landmark]))
     results = {"machine": _machine(), "seeds": args.seeds, "n_landmark_photos": int(is_landmark.sum()),
                "n_nonlandmark_photos": int((~is_landmark).sum()), "rows": []}
     variants = []
@@ -268,18 +270,24 @@ def run_realphotos(args) -> dict:
     for backbone, size, emb, identity in variants:
         lm_emb, lm_ids, d_emb = emb[is_landmark], labels[is_landmark], emb[~is_landmark]
         for kind_, label, params in _representations(args.thresholds, args.min_sizes):
-            per_seed = []
-            for seed in args.seeds:
-                # Gallery rows in file order (as this benchmark always indexed them).
-                gallery = np.isin(paths[is_landmark], split_realphotos(table, seed)["gallery"]["path"].to_numpy())
-                index = _index(lm_emb[gallery], lm_ids[gallery], kind_, params, identity)
-                metrics, _, _ = _score(index, lm_emb[~gallery], list(lm_ids[~gallery]), d_emb, (5e-2, 1e-2))
-                per_seed.append({**metrics, "vectors": len(index)})
             row = {"backbone": backbone, "image_size": size, "representation": label}
-            for key in per_seed[0]:
-                values = [m[key] for m in per_seed]
-                row[key] = float(np.mean(values))
-                row[key + "_std"] = float(np.std(values))
+            # "all": the 15 landmarks; with --halves also half A / B of them (even / odd positions of
+            # the sorted names, as `alternate_split`), every distractor each time.
+            for half in ("all", "A", "B") if args.halves else ("all",):
+                in_half = np.isin(lm_ids, names if half == "all" else names[{"A": 0, "B": 1}[half]::2])
+                per_seed = []
+                for seed in args.seeds:
+                    # Gallery rows in file order (as this benchmark always indexed them).
+                    gallery = np.isin(paths[is_landmark], split_realphotos(table, seed)["gallery"]["path"].to_numpy())
+                    g, q = gallery & in_half, ~gallery & in_half
+                    index = _index(lm_emb[g], lm_ids[g], kind_, params, identity)
+                    metrics, _, _ = _score(index, lm_emb[q], list(lm_ids[q]), d_emb, (5e-2, 1e-2))
+                    per_seed.append({**metrics, "vectors": len(index)})
+                prefix = "" if half == "all" else f"{half}_"
+                for key in per_seed[0]:
+                    values = [m[key] for m in per_seed]
+                    row[prefix + key] = float(np.mean(values))
+                    row[prefix + key + "_std"] = float(np.std(values))
             results["rows"].append(row)
             print(json.dumps(row), file=sys.stderr)
     print(f"\nmachine: {results['machine']}; split seeds {args.seeds}\n")
@@ -289,6 +297,12 @@ def run_realphotos(args) -> dict:
         print(f"| {r['backbone']} | {r['image_size']} | {r['representation']} | {r['vectors']:.0f} | {r['recall@0.01']:.3f} ± "
               f"{r['recall@0.01_std']:.3f} | {r['recall@0.05']:.3f} ± {r['recall@0.05_std']:.3f} | "
               f"{r['p@1']:.3f} ± {r['p@1_std']:.3f} |")
+    if args.halves:
+        print("\n| backbone (ImageNet) | px | representation | half A: recall@FPR 1e-2 / P@1 | half B |")
+        print("|---|---|---|---|---|")
+        for r in results["rows"]:
+            print(f"| {r['backbone']} | {r['image_size']} | {r['representation']} | {r['A_recall@0.01']:.3f} / "
+                  f"{r['A_p@1']:.3f} | {r['B_recall@0.01']:.3f} / {r['B_p@1']:.3f} |")
     return results
 
 
@@ -318,8 +332,9 @@ def run_latency(args) -> dict:
         real = read_realphotos(REALPHOTOS)
         landmarks = real[real["kind"] == "landmark"]
         db = SimpleNamespace(paths=landmarks["path"].tolist(), landmark_ids=landmarks["label"].tolist())
-        cases.append(("mobilenetv2_100 ImageNet (224 px), real photos ≤ 512 px",
-                      load_embedding_model(backbone="mobilenetv2_100", image_size=224), db, real["path"].tolist()))
+        cases.append((f"{args.real_backbone} ImageNet ({args.real_image_size} px), real photos ≤ 512 px",
+                      load_embedding_model(backbone=args.real_backbone, image_size=args.real_image_size), db,
+                      real["path"].tolist()))
     results = {"machine": _machine(), "batch_size": args.batch_size, "workers": args.workers, "rows": []}
     for label, model, db, photos in cases:
         photos = list(photos)[: args.images]
@@ -383,6 +398,8 @@ def main() -> int:
     parser.add_argument("--backbones", nargs="+", default=["mobilenetv2_100", "tf_efficientnet_lite0"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[224], help="realphotos: input sizes")
+    parser.add_argument("--halves", action="store_true",
+                        help="realphotos: also score each half of the landmarks (choose on A, confirm on B)")
     parser.add_argument("--multi-scale", action="store_true",
                         help="realphotos: also the multi-scale descriptor over --image-sizes")
     parser.add_argument("--repeats", type=int, default=5)
@@ -391,6 +408,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="latency: the Recognizer's decoding threads")
     parser.add_argument("--threads", type=int, default=0, help="latency: torch intra-op threads (0: default)")
     parser.add_argument("--verify", action="store_true", help="latency: the index verifies (landmarks index --verify)")
+    parser.add_argument("--real-backbone", default="mobilenetv2_100", help="latency: the real photos' backbone")
+    parser.add_argument("--real-image-size", type=int, default=224,
+                        help="latency: its input size (`landmarks index --backbone` now defaults to 320)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_recognition"))
     args = parser.parse_args()
     import logging

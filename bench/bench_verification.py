@@ -88,7 +88,7 @@ def shipped(args) -> None:
     start = time.perf_counter()
     features = {path: extract(path, raw) for path in paths}
     sift_s = time.perf_counter() - start
-    emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=224), list(paths), batch_size=32)
+    emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=args.image_size), list(paths), batch_size=32)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     landmark_rows, distractor_rows = np.flatnonzero(is_landmark), np.flatnonzero(~is_landmark)
     runs, match_s, n_verified = [], 0.0, 0
@@ -108,7 +108,7 @@ def shipped(args) -> None:
         n_verified += len(photos)
         truth = np.array(list(labels[queries]) + [None] * len(distractor_rows), dtype=object)
         runs.append((scores, rows, inliers, truth, len(queries), np.array(index.landmark_ids, dtype=object)))
-    print(f"\n{args.backbone}, split seeds {args.seeds}; SIFT {args.features} keypoints at ≤ {args.max_side} px: {1e3 * sift_s / len(paths):.0f} ms/photo, "
+    print(f"\n{args.backbone} at {args.image_size} px, split seeds {args.seeds}; SIFT {args.features} keypoints at ≤ {args.max_side} px: {1e3 * sift_s / len(paths):.0f} ms/photo, "
           f"matching {1e3 * match_s / n_verified:.0f} ms/photo (up to 3 landmarks × 5 photos)\n")
     print("| candidate score | recall@FPR 1e-2 (per seed) | recall@FPR 5e-2 | P@1 | photos verified at FPR 1e-2 |")
     print("|---|---|---|---|---|")
@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--shipped", action="store_true", help="the sweep over what `landmarks index --verify` ships")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="--shipped: the network's input (`landmarks index --backbone` embeds at 320)")
     parser.add_argument("--max-side", type=int, default=640, help="--shipped: photo size for SIFT")
     parser.add_argument("--features", type=int, default=1000, help="--shipped: SIFT keypoints per photo")
     args = parser.parse_args()
@@ -153,7 +155,7 @@ def main() -> None:
     start = time.perf_counter()
     features = sift_features(paths)
     print(f"SIFT on {len(paths)} photos: {time.perf_counter() - start:.0f} s")
-    emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=224), list(paths), batch_size=32)
+    emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=args.image_size), list(paths), batch_size=32)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     landmark_rows, distractor_rows = np.flatnonzero(is_landmark), np.flatnonzero(~is_landmark)
@@ -184,7 +186,7 @@ def main() -> None:
         print(f"| {name} | {r[:, 0].mean():.3f} ({', '.join(f'{v:.3f}' for v in r[:, 0])}) | {r[:, 1].mean():.3f} | "
               f"{r[:, 2].mean():.3f} |")
 
-    print(f"\n{args.backbone}, split seeds {args.seeds}\n")
+    print(f"\n{args.backbone} at {args.image_size} px, split seeds {args.seeds}\n")
     print("| candidate score | recall@FPR 1e-2 (per seed) | recall@FPR 5e-2 | P@1 |")
     print("|---|---|---|---|")
     evaluate("global cosine (control: kNN)", lambda c: c[1])

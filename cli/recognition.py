@@ -55,7 +55,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                         "rows with decision=remove are left out")
     parser.add_argument("--out", required=True, help="index directory to write (replaced atomically if it is an index)")
     _add_model_arguments(parser, required=True)
-    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (224 for a backbone)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (320 for a backbone: measured on real photos)")
     cal = parser.add_argument_group("threshold")
     cal.add_argument("--nonlandmarks", help="non-landmark calibration photos: CSV (path) or folder")
     cal.add_argument("--target-fpr", type=float, default=1e-3, help="calibrated false-positive rate (default 1e-3)")
@@ -73,8 +73,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size,
                      help="smaller clusters are dropped as noise (a landmark keeps at least its largest)")
     rep.add_argument("--few-photos", type=int, default=defaults.few_photos,
-                     help=f"a landmark with fewer photos keeps every photo plus their mean instead of clusters "
+                     help=f"a landmark with fewer photos keeps every photo instead of clusters "
                           f"(default {defaults.few_photos}; 0 clusters every landmark)")
+    rep.add_argument("--few-photos-mean", action="store_true",
+                     help="such a landmark also keeps the mean of its photos (measured worse at 320 px)")
     idx = parser.add_argument_group("FAISS index")
     idx.add_argument("--index-kind", choices=("flat", "ivf", "ivfpq", "hnsw"), default="flat",
                      help="flat = exact (default); ivf / ivfpq / hnsw for millions of centroids")
@@ -146,7 +148,7 @@ def run_index_command(args: argparse.Namespace) -> int:
         nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
         threshold=args.threshold, representation=args.representation,
         centroid_params=CentroidParams(args.distance_threshold, args.linkage, args.max_centroids,
-                                       args.min_cluster_size, args.few_photos),
+                                       args.min_cluster_size, args.few_photos, args.few_photos_mean),
         index_kind=args.index_kind, index_params=_index_params(args), landmarks_csv=args.landmarks,
         column_map=parse_pairs(args.column_map, "--column-map"), where=parse_pairs(args.where, "--where"),
         nonlandmarks_where=parse_pairs(args.nonlandmarks_where, "--nonlandmarks-where"),

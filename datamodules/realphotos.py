@@ -9,6 +9,9 @@ photo as ``relpath,label,kind,source_repo,source_path,license_note``: ``kind`` i
 * :func:`split_realphotos` — the protocol: per landmark, in sorted label order, a seeded random
   half of its photos (rounded up) is the gallery and the rest are queries; every non-landmark
   photo is a distractor;
+* :func:`alternate_split` — issue 17's fixed protocol: per landmark, its photos in sorted path
+  order, even positions to the gallery and odd positions to the queries (no seed), with the
+  landmarks themselves split into two halves by sorted name for choose-on-one, confirm-on-the-other;
 * :func:`class_disjoint_split` — landmarks for training and landmarks for evaluation share no
   class (``landmarks realphotos``'s fine-tuning question); the evaluation half uses the same
   per-landmark halving.
@@ -27,7 +30,7 @@ from core.errors import UserError
 from core.tables import read_text_csv
 from datamodules.manifest import ManifestError
 
-__all__ = ["DEFAULT_ROOT", "class_disjoint_split", "read_realphotos", "split_realphotos"]
+__all__ = ["DEFAULT_ROOT", "alternate_split", "class_disjoint_split", "read_realphotos", "split_realphotos"]
 
 #: ``../shared/realphotos``, next to the project folder.
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realphotos"
@@ -84,6 +87,21 @@ def split_realphotos(table: pd.DataFrame, seed: int = 0) -> dict[str, pd.DataFra
     rng = np.random.default_rng(seed)
     gallery, queries = _halves(table[table["kind"] == "landmark"], rng)
     return {"gallery": gallery, "queries": queries,
+            "distractors": table[table["kind"] == "nonlandmark"].reset_index(drop=True)}
+
+
+def alternate_split(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Issue 17's protocol, without a seed: per landmark, its photos sorted by path, even positions
+    (0, 2, ...) → ``gallery``, odd → ``queries``; every non-landmark photo → ``distractors``.
+    Each landmark row also gets ``half`` ("A" for even positions of the sorted landmark names,
+    "B" for odd), so a default can be chosen on one half of the landmarks and confirmed on the other."""
+    landmarks = table[table["kind"] == "landmark"].sort_values("path", kind="stable")
+    names = sorted(landmarks["label"].unique())
+    half = {name: "AB"[i % 2] for i, name in enumerate(names)}
+    position = landmarks.groupby("label", sort=False).cumcount().to_numpy()
+    landmarks = landmarks.assign(half=landmarks["label"].map(half))
+    return {"gallery": landmarks[position % 2 == 0].reset_index(drop=True),
+            "queries": landmarks[position % 2 == 1].reset_index(drop=True),
             "distractors": table[table["kind"] == "nonlandmark"].reset_index(drop=True)}
 
 

@@ -11,10 +11,13 @@ Representations (``kind``):
 
 * ``"centroids"`` -- the above (:func:`retrieval.clustering.agglomerative_clusters` per landmark).
   A landmark with fewer than ``CentroidParams.few_photos`` photos has too few to find its angles
-  (fewer than ``max_centroids`` clusters of ``min_cluster_size``): it keeps every photo plus
-  their mean. Measured (EXPERIMENTS.md, "Inference"): on real photos with 4–13 gallery photos
-  per landmark this beats both kNN and one mean for both offline ImageNet backbones, where cut
-  clusters lost to both; landmarks with more photos are clustered as before.
+  (fewer than ``max_centroids`` clusters of ``min_cluster_size``): it keeps every photo (and,
+  with ``few_photos_mean``, their mean too). Measured (EXPERIMENTS.md, "Inference" and "Real
+  photos: the commands' defaults"): on real photos with 4–13 gallery photos per landmark cut
+  clusters lost to both kNN and one mean; keeping the photos is level with kNN by construction,
+  and the extra mean, which helped at 224 px, loses at the 320 px that backbone indexes now use
+  (a mean of a few diverse photos is a hub that takes other landmarks' queries). Landmarks with
+  more photos are clustered as before.
 * ``"mean"``      -- one normalised mean per landmark (baseline).
 * ``"all"``       -- every gallery embedding (full-gallery kNN, baseline).
 """
@@ -46,8 +49,10 @@ class CentroidParams:
         min_cluster_size: clusters with fewer images are dropped as label noise. A landmark whose
             largest cluster is smaller than this uses that size instead (a landmark with a
             handful of photos must stay recognisable; with 2 + 2 + 1 photos it keeps the pairs).
-        few_photos: a landmark with fewer photos is not clustered: it keeps every photo and their
-            mean (default 15 = ``max_centroids`` × ``min_cluster_size``); 0 clusters every landmark.
+        few_photos: a landmark with fewer photos is not clustered: it keeps every photo (default
+            15 = ``max_centroids`` × ``min_cluster_size``); 0 clusters every landmark.
+        few_photos_mean: such a landmark also keeps the normalised mean of its photos (off by
+            measurement, see the module docstring).
 
     The defaults come from the sweep in EXPERIMENTS.md ("Inference"): on the synthetic world with
     10 % label noise, cut 0.3 with clusters of >= 3 photos matched full-gallery kNN on the clean
@@ -59,6 +64,7 @@ class CentroidParams:
     max_centroids: int = 5
     min_cluster_size: int = 3
     few_photos: int = 15
+    few_photos_mean: bool = False
 
     def __post_init__(self):
         if self.max_centroids < 1:
@@ -166,7 +172,7 @@ def build_representation(
         rows = members[bounds[g]:bounds[g + 1]]
         if len(rows) < params.few_photos:
             c, s, d = x[rows].astype(np.float32), np.ones(len(rows), np.int64), 0
-            if len(rows) > 1:
+            if len(rows) > 1 and params.few_photos_mean:
                 c = np.concatenate([c, cluster_centroids(x[rows], np.zeros(len(rows), np.int64))])
                 s = np.r_[s, len(rows)]
         else:

@@ -45,6 +45,10 @@ class Recognition:
     ``landmark_id``/``name``/``score`` describe the best candidate (after the GPS filter) even
     when it is not accepted, so that near misses can be inspected; only ``accepted`` says the
     photo shows that landmark. ``error`` is set (and everything else empty) for unreadable photos.
+    ``verification`` is None for an index without local features (``landmarks index --verify``),
+    else ``"verified"`` (the candidates' scores include the inlier bonus), ``"skipped"`` (the best
+    candidate could not reach the threshold even with the largest bonus: rejected either way) or
+    ``"few_keypoints"`` (too few local features to verify with: the global scores stand).
     """
 
     path: str
@@ -57,6 +61,7 @@ class Recognition:
     gps: list[float] | None = None
     gps_rejected: list[str] = field(default_factory=list)
     error: str | None = None
+    verification: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -229,25 +234,31 @@ class Recognizer:
             found = read_exif_gps(path)
         return found
 
-    def verify(self, path: str, scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``scores`` after spatial verification when the index stores local features (built with
-        ``--verify``; its threshold was calibrated on verified scores), else unchanged."""
+    def verify(self, path: str, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, str | None]:
+        """``(scores, status)``: the scores after spatial verification when the index stores local
+        features (built with ``--verify``; its threshold was calibrated on verified scores), and
+        what happened (:attr:`Recognition.verification`); ``(scores, None)`` for an index without."""
         features = self.index.local_features
         if features is None:
-            return scores
+            return scores, None
         if not scores[0] + features.params.max_bonus >= self.threshold:
             # Even the largest bonus cannot lift the best candidate to the threshold: the photo is
             # rejected either way (most photos of a collection), so its verification is skipped and
             # its scores stay the global ones. Only which rejected candidate is reported can differ.
-            return scores
-        return features.rescore(query_features(path, features.params, self._sift), scores, rows)
+            return scores, "skipped"
+        query = query_features(path, features.params, self._sift)
+        if len(query[0]) < features.params.min_keypoints:
+            # Flat sky, night, a tiny or unreadable photo: nothing to verify with; the global
+            # scores stand (the minimum-keypoint policy), and the result says so.
+            return scores, "few_keypoints"
+        return features.rescore(query, scores, rows), "verified"
 
     def decide(self, path: str, scores: np.ndarray, rows: np.ndarray) -> Recognition:
         """The decision for one photo from its top-k ``scores`` and landmark ``rows`` (verified first)."""
-        scores = self.verify(path, scores, rows)
+        scores, verification = self.verify(path, scores, rows)
         lms = self.index.landmarks
         valid = rows >= 0
-        result = Recognition(path=path)
+        result = Recognition(path=path, verification=verification)
         result.candidates = [
             {"landmark_id": lms[r]["landmark_id"], "name": lms[r]["name"], "score": float(s)}
             for s, r in zip(scores[valid], rows[valid])

@@ -22,7 +22,7 @@ D = 8
 E = np.eye(D)
 ALPHAS = (0.2, 0.1, 1e-3)  # 11 non-landmark rows: 2 and 1 false positives allowed; 1e-3 unresolved
 # The hand-worked world below is about clustering, and its landmarks have 3-6 photos: every one is
-# clustered (the default keeps the photos of a landmark with fewer than 15, plus their mean).
+# clustered (the default keeps the photos of a landmark with fewer than 15).
 CLUSTER = CentroidParams(few_photos=0)
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from datamodules.manifest import ManifestError
-from datamodules.realphotos import class_disjoint_split, read_realphotos, split_realphotos
+from datamodules.realphotos import alternate_split, class_disjoint_split, read_realphotos, split_realphotos
 
 ROOT = Path(__file__).resolve().parents[1]
 REALPHOTOS = ROOT.parent / "shared" / "realphotos"
@@ -81,6 +81,21 @@ def test_full_set_split_uses_every_landmark_and_all_nonlandmarks():
     split = split_realphotos(table)
     assert set(split["gallery"]["label"]) == set("abcde") and len(split["distractors"]) == 18
     assert len(split["gallery"]) + len(split["queries"]) == 22
+
+
+def test_alternate_split_takes_even_sorted_positions_as_the_gallery():
+    # issue 17's protocol: per landmark, paths sorted; shuffled input must not change the answer
+    table = _fake_table().sample(frac=1.0, random_state=3).reset_index(drop=True)
+    split = alternate_split(table)
+    a = split["gallery"][split["gallery"]["label"] == "a"]["path"].tolist()
+    assert a == ["/x/a/0.jpg", "/x/a/2.jpg", "/x/a/4.jpg"]  # 5 photos: positions 0, 2, 4
+    assert split["queries"][split["queries"]["label"] == "a"]["path"].tolist() == ["/x/a/1.jpg", "/x/a/3.jpg"]
+    assert len(split["gallery"]) == 3 + 2 + 3 + 2 + 2 and len(split["queries"]) == 2 + 2 + 3 + 1 + 2
+    assert len(split["distractors"]) == 18 and set(split["distractors"]["kind"]) == {"nonlandmark"}
+    # halves by sorted name: a, c, e → A; b, d → B, the same on both sides of the split
+    for part in ("gallery", "queries"):
+        assert dict(zip(split[part]["label"], split[part]["half"])) == {"a": "A", "b": "B", "c": "A", "d": "B", "e": "A"}
+    assert split["gallery"].equals(alternate_split(_fake_table())["gallery"])
 
 
 @pytest.mark.skipif(not (REALPHOTOS / "MANIFEST.csv").is_file(),

@@ -13,7 +13,8 @@ from cli.main import main
 from recognition.artifact import LandmarkIndex, ModelMismatchError
 from recognition.recognizer import Recognizer
 
-FIELDS = {"path", "landmark_id", "name", "score", "accepted", "city", "candidates", "gps", "gps_rejected", "error"}
+FIELDS = {"path", "landmark_id", "name", "score", "accepted", "city", "candidates", "gps", "gps_rejected", "error",
+          "verification"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,8 +52,8 @@ def test_index_artifact_from_the_cli(built_index, tiny_world):
     for lm in index.landmarks:
         assert lm["name"] == names.loc[lm["landmark_id"], "name"] and lm["city"] == names.loc[lm["landmark_id"], "city"]
         assert lm["lat"] == pytest.approx(float(names.loc[lm["landmark_id"], "lat"]))
-        # 6 photos each, fewer than CentroidParams.few_photos: every photo plus their mean
-        assert lm["n_images"] == 6 and lm["n_centroids"] == 7
+        # 6 photos each, fewer than CentroidParams.few_photos: every photo, no mean
+        assert lm["n_images"] == 6 and lm["n_centroids"] == 6
 
 
 def test_recognize_files_and_a_folder_with_a_corrupt_image(built_index, tiny_world, tmp_path, capsys):
@@ -125,6 +126,24 @@ def test_recognize_refuses_another_model(built_index, tiny_world, capsys, monkey
     monkeypatch.setenv("LANDMARKS_DEBUG", "1")  # the error itself, for code that catches it
     with pytest.raises(ModelMismatchError, match="not the model this index was built with"):
         main(argv)
+
+
+def test_a_backbone_index_defaults_to_the_measured_input_size(tiny_world, tmp_path, capsys):
+    """A bare ImageNet backbone is indexed at BACKBONE_IMAGE_SIZE (320: EXPERIMENTS, 'Real photos: the
+    commands' defaults'), recorded in the index, and `landmarks recognize` embeds at that size."""
+    from recognition.indexing import BACKBONE_IMAGE_SIZE
+
+    db = pd.read_csv(tiny_world / "db.csv", dtype=str)
+    small = db[db.landmark_id.isin(sorted(db.landmark_id.unique())[:2])].assign(path=lambda d: str(tiny_world) + "/" + d.path)
+    small[["path", "landmark_id"]].to_csv(tmp_path / "db.csv", index=False)
+    out = tmp_path / "index"
+    assert main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
+                 "--threshold", "0.5", "--num-workers", "0", "--cache-dir", ""]) == 0
+    index = LandmarkIndex.load(out)
+    assert BACKBONE_IMAGE_SIZE == 320 and index.model["identity"]["image_size"] == 320
+    assert Recognizer(out).model.image_size == 320
+    # every landmark has fewer than 15 photos: the index is its photos, without their mean
+    assert len(index) == len(small)
 
 
 def test_albums_from_the_cli(built_index, tiny_world, tmp_path, capsys):

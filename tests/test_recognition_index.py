@@ -96,19 +96,28 @@ def test_representations(gallery):
         build_representation(emb, ids, "medoids")
 
 
-def test_a_landmark_with_few_photos_keeps_them_and_their_mean(gallery):
+def test_a_landmark_with_few_photos_keeps_them_and_optionally_their_mean(gallery):
     emb, ids = gallery  # A: 11 photos, B: 5, C: 1
     few = build_representation(emb, ids, "centroids", CentroidParams(distance_threshold=0.3, few_photos=6))
-    # A (11 ≥ 6) is clustered as before; B keeps its 5 photos + their mean; C its one photo.
-    assert few.landmark.tolist() == [0, 0] + [1] * 6 + [2]
-    assert few.sizes.tolist() == [6, 4, 1, 1, 1, 1, 1, 5, 1] and few.dropped_images == 1  # A's stray photo
+    # A (11 ≥ 6) is clustered as before; B keeps its 5 photos (no mean by default); C its one photo.
+    assert few.landmark.tolist() == [0, 0] + [1] * 5 + [2]
+    assert few.sizes.tolist() == [6, 4, 1, 1, 1, 1, 1, 1] and few.dropped_images == 1  # A's stray photo
     np.testing.assert_allclose(few.vectors[2:7], unit(emb[11:16]), atol=1e-6)
-    np.testing.assert_allclose(few.vectors[7], unit(unit(emb[11:16]).astype(np.float64).sum(0)), atol=1e-6)
-    np.testing.assert_allclose(few.vectors[8], unit(emb[16]), atol=1e-6)
-    # The default threshold (15) covers all three here; 0 clusters every landmark.
+    np.testing.assert_allclose(few.vectors[7], unit(emb[16]), atol=1e-6)
+    # few_photos_mean adds B's normalised mean after its photos; C (one photo) gets no copy of it.
+    meaned = build_representation(emb, ids, "centroids",
+                                  CentroidParams(distance_threshold=0.3, few_photos=6, few_photos_mean=True))
+    assert meaned.landmark.tolist() == [0, 0] + [1] * 6 + [2]
+    assert meaned.sizes.tolist() == [6, 4, 1, 1, 1, 1, 1, 5, 1]
+    np.testing.assert_allclose(meaned.vectors[2:7], unit(emb[11:16]), atol=1e-6)
+    np.testing.assert_allclose(meaned.vectors[7], unit(unit(emb[11:16]).astype(np.float64).sum(0)), atol=1e-6)
+    # The default threshold (15) covers all three here: the representation is the gallery itself.
     default = build_representation(emb, ids, "centroids", CentroidParams(distance_threshold=0.3))
-    assert default.landmark.tolist() == [0] * 12 + [1] * 6 + [2]
-    assert CentroidParams().few_photos == 15
+    assert default.landmark.tolist() == [0] * 11 + [1] * 5 + [2]
+    everything = build_representation(emb, ids, "all")
+    np.testing.assert_allclose(default.vectors, everything.vectors[np.argsort(everything.landmark, kind="stable")],
+                               atol=1e-6)
+    assert CentroidParams().few_photos == 15 and CentroidParams().few_photos_mean is False
     with pytest.raises(ValueError, match="few_photos"):
         CentroidParams(few_photos=-1)
 
