@@ -20,7 +20,7 @@ pooling, every gallery photo indexed; the issue quotes 0.949 / 0.966); it is com
 ``runs/embedding-cache`` (the commands' ``--cache-dir``), so wall times here are not latencies
 (those are in BENCHMARKS.md, "Recognizer latency").
 
-    python bench/bench_realphotos_cli.py                       # ~10 min cold, ~3 min cached
+    python bench/bench_realphotos_cli.py                       # ~8 min on 2 cores
     python bench/bench_realphotos_cli.py --variants lite0 "lite0 before"
 """
 
@@ -63,7 +63,7 @@ VARIANTS = {
 FPR = 1e-2
 
 
-def _landmarks(*args: str) -> None:
+def _landmarks(*args: str) -> str:
     command = [str(Path(sys.executable).parent / "landmarks"), *args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -92,7 +92,7 @@ def _cli_run(name: str, backbone: str, extra: list, files: dict, work: Path) -> 
                "--cache-dir", str(br.CACHE), *extra)
     t_index = time.perf_counter() - t
     t = time.perf_counter()
-    out = _landmarks("recognize", "--index", str(index), "--backbone", backbone, "--json", "--top-k", "1",
+    out = _landmarks("recognize", "--index", str(index), "--backbone", backbone, "--json",
                      "--cache-dir", str(br.CACHE), str(files["queries"]), str(files["distractors_txt"]))
     t_recognize = time.perf_counter() - t
     by_path = {r["path"]: r for r in map(json.loads, out.splitlines())}

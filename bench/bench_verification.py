@@ -1,7 +1,8 @@
 """Spatial verification of the global top-5 on the real photos: does it raise recall at low FPR?
 
 Per photo: OpenCV SIFT (1,000 keypoints, longer side 640 px). Per query and each of its 5 nearest
-gallery photos by the global embedding (offline ImageNet ``--backbone``, 224 px, GeM; the
+gallery photos by the global embedding (offline ImageNet ``--backbone``, ``--image-size`` 224 px
+by default (``landmarks index --backbone`` embeds at 320), GeM; the
 embedding cache of ``bench_recognition.py``): Lowe's ratio test (0.8), a homography by
 ``cv2.USAC_MAGSAC`` (5 px), the inlier count and the inliers' convex-hull share of the query
 image. Candidate scores combine the global cosine and the inliers; recall at FPR 1e-2 / 5e-2 is

@@ -117,9 +117,9 @@ def embed_images(model, paths, what: str, *, batch_size: int = 64, num_workers: 
 
 #: The input size of an index built from a bare ImageNet backbone (``image_size=None``). The
 #: backbones' own 224 px loses on real photos: at 320 px recall at FPR 1 % rises for both offline
-#: backbones and every representation, on the issue-17 split and on 5 seeded splits, for 2.4x the
-#: forward time (EXPERIMENTS.md, "Real photos: the commands' defaults"). A checkpoint keeps the
-#: size it was trained at.
+#: backbones and every representation on 5 seeded splits, and for Lite0 on issue 17's fixed split,
+#: for about 2.5x the forward time (EXPERIMENTS.md, "Real photos: the commands' defaults"). A
+#: checkpoint keeps the size it was trained at.
 BACKBONE_IMAGE_SIZE = 320
 
 

@@ -136,7 +136,8 @@ class Recognizer:
         model: an :class:`EmbeddingModel` (checked against the index); else ``checkpoint`` /
             ``backbone`` (loaded and checked); else the index's own model.
         threshold: overrides the index's calibrated threshold (needed if it has none).
-        top_k: candidates reported per photo (and searched by the GPS filter).
+        top_k: candidates reported per photo (and searched by the GPS filter; an index with
+            verification is searched at least ``candidates`` deep, as its calibration was).
         gps_radius_km: enable the GPS filter with this radius.
         gps: ``{absolute path: (lat, lon)}`` (e.g. :func:`recognition.gps.read_gps_csv`); photos
             not in it fall back to their EXIF GPS when ``use_exif_gps``.
@@ -194,6 +195,11 @@ class Recognizer:
         self._lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in lms], dtype=np.float64)
         self._lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in lms], dtype=np.float64)
         self._sift = None if self.index.local_features is None else make_sift(self.index.local_features.params)
+        # Verification re-scores the index's `candidates` best landmarks, as calibration did: a
+        # smaller top_k must not verify fewer (the threshold would not fit the scores), so the
+        # search is at least that deep and top_k only bounds what is reported.
+        self._search_k = self.top_k if self.index.local_features is None else max(
+            self.top_k, self.index.local_features.params.candidates)
 
     # ---- pieces --------------------------------------------------------------------------------
 
@@ -259,9 +265,11 @@ class Recognizer:
         lms = self.index.landmarks
         valid = rows >= 0
         result = Recognition(path=path, verification=verification)
+        # The top_k best by the decision score (after verification, which can reorder them).
+        shown = np.flatnonzero(valid)[np.argsort(-scores[valid], kind="stable")[: self.top_k]]
         result.candidates = [
-            {"landmark_id": lms[r]["landmark_id"], "name": lms[r]["name"], "score": float(s)}
-            for s, r in zip(scores[valid], rows[valid])
+            {"landmark_id": lms[rows[j]]["landmark_id"], "name": lms[rows[j]]["name"], "score": float(scores[j])}
+            for j in shown
         ]
         allowed = valid.copy()
         if self.gps_radius_km is not None:
@@ -301,7 +309,7 @@ class Recognizer:
                 decided: dict[int, Recognition] = {}
                 if ok:
                     emb = self.embed_tensors(torch.stack([loaded[i][0] for i in ok]))
-                    scores, rows = self.index.search(emb, self.top_k)
+                    scores, rows = self.index.search(emb, self._search_k)
                     for j, i in enumerate(ok):
                         decided[i] = self.decide(batch_paths[i], scores[j], rows[j])
                 for i, path in enumerate(batch_paths):
@@ -329,7 +337,7 @@ class Recognizer:
             ok = [i for i in batch if result.valid[i]]
             decided: dict[int, Recognition] = {}
             if ok:
-                scores, rows = self.index.search(result.embeddings[ok], self.top_k)
+                scores, rows = self.index.search(result.embeddings[ok], self._search_k)
                 decided = {i: self.decide(paths[i], scores[j], rows[j]) for j, i in enumerate(ok)}
             for i in batch:
                 if i in decided:

@@ -116,3 +116,29 @@ def test_real_photos_smoke_imagenet_recognises_three_landmarks():
     assert metrics["n_queries"] == 9 and metrics["n_gallery"] == 9 and metrics["n_distractors"] == 20
     # ImageNet features separate three such different landmarks far above chance (1/3).
     assert metrics["p@1"] >= 2 / 3
+
+
+def test_the_epoch_curve_ends_at_the_final_model_and_does_not_change_the_fit(tiny_world, tmp_path):
+    """`landmarks realphotos --curve` on a stand-in for the real photos (the tiny synthetic world):
+    one point per epoch, the last one scoring exactly the final model, and the fit the same as a
+    run without the curve (saving the weights draws no random numbers)."""
+    from cli.realphotos import run_realphotos
+
+    db = pd.read_csv(tiny_world / "db.csv", dtype=str)
+    db = db[db.is_noise == "0"]
+    rows = [(str(tiny_world / p), f"lm{lm}", "landmark", "synth/db") for p, lm in zip(db.path, db.landmark_id)]
+    others = [p for name in ("nonlandmarks", "distractors", "calibration")
+              for p in pd.read_csv(tiny_world / f"{name}.csv", dtype=str).path]
+    rows += [(str(tiny_world / p), "nonlandmark", "nonlandmark", f"synth/{i % 2}") for i, p in enumerate(others)]
+    root = tmp_path / "photos"
+    root.mkdir()
+    pd.DataFrame(rows, columns=["relpath", "label", "kind", "source_repo"]).to_csv(root / "MANIFEST.csv", index=False)
+    settings = dict(seeds=[0], train_landmarks=4, train_nonlandmarks=30, image_size=32, epochs=2, workers=0)
+    with_curve = run_realphotos(root, tmp_path / "curve", every_epoch=True, **settings)["seeds"]["0"]
+    plain = run_realphotos(root, tmp_path / "plain", **settings)["seeds"]["0"]
+    points = with_curve["curve"]
+    assert [p["epoch"] for p in points] == [1, 2] and "curve" not in plain
+    for name in ("fine-tuned, 512-d head", "fine-tuned backbone (GeM, no head)"):
+        assert points[-1][name] == with_curve["metrics"][name] == plain["metrics"][name]
+    assert points[0]["fine-tuned, 512-d head"] != points[1]["fine-tuned, 512-d head"]  # the model moved
+    assert not list((tmp_path / "curve" / "seed0" / "epochs").glob("*.ckpt"))  # scored, then deleted

@@ -140,10 +140,17 @@ def test_a_backbone_index_defaults_to_the_measured_input_size(tiny_world, tmp_pa
     assert main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
                  "--threshold", "0.5", "--num-workers", "0", "--cache-dir", ""]) == 0
     index = LandmarkIndex.load(out)
-    assert BACKBONE_IMAGE_SIZE == 320 and index.model["identity"]["image_size"] == 320
-    assert Recognizer(out).model.image_size == 320
-    # every landmark has fewer than 15 photos: the index is its photos, without their mean
-    assert len(index) == len(small)
+    assert index.model["identity"]["image_size"] == BACKBONE_IMAGE_SIZE
+    assert Recognizer(out).model.image_size == BACKBONE_IMAGE_SIZE
+    # every landmark has fewer than 15 photos: the index is its photos, without their mean ...
+    assert len(index) == len(small) and index.build["clustering"]["few_photos_mean"] is False
+    # ... unless --few-photos-mean asks for the mean too (one more vector per landmark)
+    assert main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(tmp_path / "meaned"), "--backbone",
+                 "mobilenetv2_100", "--image-size", "64", "--few-photos-mean", "--threshold", "0.5",
+                 "--num-workers", "0", "--cache-dir", ""]) == 0
+    meaned = LandmarkIndex.load(tmp_path / "meaned")
+    assert len(meaned) == len(small) + 2 and meaned.build["clustering"]["few_photos_mean"] is True
+    assert [lm["n_centroids"] for lm in meaned.landmarks] == [n + 1 for n in small.landmark_id.value_counts(sort=False)]
 
 
 def test_albums_from_the_cli(built_index, tiny_world, tmp_path, capsys):

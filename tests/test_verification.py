@@ -231,3 +231,11 @@ def test_index_verify_calibrates_on_verified_scores_and_the_recognizer_applies_t
     assert marked[blank].verification == "few_keypoints" and marked[blank].error is None
     assert marked[blank].score == pytest.approx(global_recognizer.recognize([blank])[0].score, abs=1e-6)
     assert all(r.verification is None for r in global_recognizer.recognize(queries))
+    # top_k bounds what is reported, not what is verified: with top_k=1 the recogniser still
+    # re-scores the 3 candidates that calibration re-scored, so the decisions are the same.
+    narrow = Recognizer(out, top_k=1)
+    assert narrow._search_k == index.local_features.params.candidates == 3
+    for wide_result, narrow_result in zip(Recognizer(out).recognize(queries), narrow.recognize(queries)):
+        assert (narrow_result.landmark_id, narrow_result.accepted) == (wide_result.landmark_id, wide_result.accepted)
+        assert narrow_result.score == pytest.approx(wide_result.score, abs=1e-6)
+        assert len(narrow_result.candidates) == 1 and narrow_result.candidates[0] == wide_result.candidates[0]
