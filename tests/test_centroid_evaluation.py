@@ -73,6 +73,7 @@ def recognizer_figures(world, alpha):
     recognizer = Recognizer.__new__(Recognizer)  # no network: only decide() is used
     recognizer.index, recognizer.threshold = index, index.threshold
     recognizer.gps_radius_km, recognizer.gps, recognizer.use_exif_gps = None, {}, False
+    recognizer.top_k = 5  # candidates reported, as Recognizer's default
     photos = np.concatenate([queries, distractors])
     truth = np.concatenate([q_labels, np.full(len(distractors), L)])
     scores, rows = index.search(photos, 5)

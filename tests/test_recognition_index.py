@@ -328,7 +328,7 @@ def _decider(index, **kw):
     """A Recognizer without a network: only decide() is exercised."""
     r = Recognizer.__new__(Recognizer)
     r.index, r.threshold, r.gps_radius_km, r.use_exif_gps = index, kw.get("threshold", 0.5), kw.get("radius"), True
-    r.gps = kw.get("gps", {})
+    r.gps, r.top_k = kw.get("gps", {}), kw.get("top_k", 5)
     r._lat = np.array([np.nan if lm["lat"] is None else lm["lat"] for lm in index.landmarks])
     r._lon = np.array([np.nan if lm["lon"] is None else lm["lon"] for lm in index.landmarks])
     return r
