@@ -106,14 +106,18 @@ def _cli_run(name: str, backbone: str, extra: list, files: dict, work: Path) -> 
     return {**m, "index_s": round(t_index, 1), "recognize_s": round(t_recognize, 1)}
 
 
+def _scope(table: dict, scope: str):
+    """The gallery and queries of ``scope``: all 15 landmarks, or half "A" / "B" of them."""
+    g, q = table["gallery"], table["queries"]
+    return (g, q) if scope == "all" else (g[g["half"] == scope], q[q["half"] == scope])
+
+
 def _control(table: dict, scope: str) -> dict:
     """The issue's baseline, in process: ImageNet lite0, average pooling, kNN over every gallery photo."""
     from retrieval.embedding_model import load_embedding_model
 
     model = load_embedding_model(backbone=LITE0, pooling="avg")
-    g, q, d = table["gallery"], table["queries"], table["distractors"]
-    if scope != "all":
-        g, q = g[g["half"] == scope], q[q["half"] == scope]
+    (g, q), d = _scope(table, scope), table["distractors"]
     emb = {k: br._embed(model, list(v["path"])) for k, v in (("g", g), ("q", q), ("d", d))}
     index = br._index(emb["g"], list(g["label"]), "all", None, model.identity)
     m, score, pred = br._score(index, emb["q"], list(q["label"]), emb["d"], (FPR,))
@@ -129,19 +133,18 @@ def main() -> None:
         raise SystemExit(f"{DEFAULT_ROOT} is absent: nothing to measure")
     table = alternate_split(read_realphotos(DEFAULT_ROOT))
     args.work.mkdir(parents=True, exist_ok=True)
+    distractors = table["distractors"]["path"]
+    shared = {"distractors": args.work / "distractors.csv", "distractors_txt": args.work / "distractors.txt"}
+    distractors.to_frame().to_csv(shared["distractors"], index=False)
+    shared["distractors_txt"].write_text("".join(f"{p}\n" for p in distractors))
     scopes = {}
     for scope in ("all", "A", "B"):
-        g, q = table["gallery"], table["queries"]
-        if scope != "all":
-            g, q = g[g["half"] == scope], q[q["half"] == scope]
+        g, q = _scope(table, scope)
         files = {"scope": scope, "gallery": args.work / f"gallery-{scope}.csv",
-                 "queries": args.work / f"queries-{scope}.txt", "distractors": args.work / "distractors.csv",
-                 "distractors_txt": args.work / "distractors.txt"}
+                 "queries": args.work / f"queries-{scope}.txt", **shared}
         g.rename(columns={"label": "landmark_id"})[["path", "landmark_id"]].to_csv(files["gallery"], index=False)
         files["queries"].write_text("".join(f"{p}\n" for p in q["path"]))
-        table["distractors"][["path"]].to_csv(files["distractors"], index=False)
-        files["distractors_txt"].write_text("".join(f"{p}\n" for p in table["distractors"]["path"]))
-        files["truth"] = {**dict(zip(q["path"], q["label"])), **{p: None for p in table["distractors"]["path"]}}
+        files["truth"] = {**dict(zip(q["path"], q["label"])), **{p: None for p in distractors}}
         scopes[scope] = files
 
     results = {"machine": br._machine(), "fpr": FPR, "rows": []}

@@ -267,6 +267,9 @@ def run_realphotos(args) -> dict:
             total = sum(per_size.values())
             variants.append((backbone, "+".join(map(str, per_size)), total / np.linalg.norm(total, axis=1, keepdims=True),
                              model.identity))
+    # Each seed's gallery rows, in file order (as this benchmark always indexed them).
+    galleries = [np.isin(paths[is_landmark], split_realphotos(table, seed)["gallery"]["path"].to_numpy())
+                 for seed in args.seeds]
     for backbone, size, emb, identity in variants:
         lm_emb, lm_ids, d_emb = emb[is_landmark], labels[is_landmark], emb[~is_landmark]
         for kind_, label, params in _representations(args.thresholds, args.min_sizes):
@@ -276,9 +279,7 @@ def run_realphotos(args) -> dict:
             for half in ("all", "A", "B") if args.halves else ("all",):
                 in_half = np.isin(lm_ids, names if half == "all" else names[{"A": 0, "B": 1}[half]::2])
                 per_seed = []
-                for seed in args.seeds:
-                    # Gallery rows in file order (as this benchmark always indexed them).
-                    gallery = np.isin(paths[is_landmark], split_realphotos(table, seed)["gallery"]["path"].to_numpy())
+                for gallery in galleries:
                     g, q = gallery & in_half, ~gallery & in_half
                     index = _index(lm_emb[g], lm_ids[g], kind_, params, identity)
                     metrics, _, _ = _score(index, lm_emb[q], list(lm_ids[q]), d_emb, (5e-2, 1e-2))

@@ -139,10 +139,11 @@ def curve(split: dict[str, pd.DataFrame], run_dir: Path, image_size: int, worker
     each epoch's checkpoint is deleted once scored (they are 30 MB each)."""
     from retrieval.embedding_model import load_embedding_model
 
+    saved = {int(path.stem[len("epoch"):]): path for path in (run_dir / "epochs").glob("epoch*.ckpt")}
     points = []
-    for path in sorted((run_dir / "epochs").glob("epoch*.ckpt"), key=lambda p: int(p.stem[len("epoch"):])):
+    for epoch, path in sorted(saved.items()):
         points.append({
-            "epoch": int(path.stem[len("epoch"):]),
+            "epoch": epoch,
             "fine-tuned, 512-d head": evaluate(load_embedding_model(checkpoint=path, image_size=image_size), split,
                                                workers=workers),
             "fine-tuned backbone (GeM, no head)": evaluate(backbone_only(path, image_size), split, workers=workers),
