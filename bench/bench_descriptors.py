@@ -44,35 +44,21 @@ import numpy as np  # noqa: E402
 
 from retrieval.clustering import unit_rows  # noqa: E402
 
-
-def fit_whitening(fit: np.ndarray, power: float, shrink: float):
-    """PCA-whitening (Jégou & Chum 2012) with power-law exponent and eigenvalue shrinkage."""
-    mean = fit.mean(0)
-    _, s, vt = np.linalg.svd(fit - mean, full_matrices=False)
-    var = s ** 2 / len(fit)
-    keep = var > 1e-8 * var[0]
-    projection = vt[keep].T * (var[keep] + shrink * var[keep].mean()) ** (-power)
-    return lambda x: unit_rows((x - mean) @ projection, dtype=np.float32)
-
-
-def weighted_neighbours(x: np.ndarray, pool: np.ndarray, k: int, alpha: float, skip_self: bool = False) -> np.ndarray:
-    """x + Σ over its top-k rows of ``pool`` of max(cos, 0)^α × row (α-QE / DBA)."""
-    sim = x @ pool.T
-    top = np.argsort(-sim, axis=1)[:, int(skip_self): k + int(skip_self)]
-    weight = np.take_along_axis(sim, top, 1).clip(0) ** alpha
-    return unit_rows(x + (weight[..., None] * pool[top]).sum(1), dtype=np.float32)
-
-
+# The post-processing variants are `landmarks index` options (recognition.descriptors, applied by
+# LandmarkIndex): "whiten p s" = --whiten p --whiten-shrink s, "α-QE k" = --query-expansion k,
+# "DBA k" = the photo and k - 1 neighbours, --dba k-1 (the names of the recorded tables).
 VARIANTS = [("none", {})] + [
-    (f"whiten p={p:g} s={s:g}", {"whiten": (p, s)}) for p in (0.5, 0.25, 0.125) for s in (0.1, 1.0, 10.0)
-] + [(f"α-QE k={k}", {"qe": k}) for k in (1, 2)] + [(f"DBA k={k}", {"dba": k}) for k in (2, 3, 5)] + [
+    (f"whiten p={p:g} s={s:g}", {"whiten": p, "whiten_shrink": s}) for p in (0.5, 0.25, 0.125) for s in (0.1, 1.0, 10.0)
+] + [(f"α-QE k={k}", {"query_expansion": k}) for k in (1, 2)] + [(f"DBA k={k}", {"dba": k - 1}) for k in (2, 3, 5)] + [
     (f"penalty w={w:g} k={k}", {"penalty": (w, k)}) for w in (0.1, 0.25, 0.5, 1.0) for k in (1, 3)
 ]
 
 
 def run(args) -> dict:
     from datamodules.realphotos import DEFAULT_ROOT, read_realphotos, split_realphotos
+    from recognition.artifact import LandmarkIndex
     from recognition.centroids import CentroidParams
+    from recognition.descriptors import DescriptorParams
     from retrieval.embedding_model import load_embedding_model
 
     if not (DEFAULT_ROOT / "MANIFEST.csv").is_file():
@@ -103,21 +89,18 @@ def run(args) -> dict:
                             for pool_half in (0, 1):
                                 g, q = lm[gallery & in_half], lm[~gallery & in_half]
                                 d, pool = nonlandmarks[pool_mask != pool_half], nonlandmarks[pool_mask == pool_half]
-                                if "whiten" in v:
-                                    f = fit_whitening(np.concatenate([g, pool]), *v["whiten"])
-                                    g, q, d = f(g), f(q), f(d)
-                                if "dba" in v:
-                                    g = weighted_neighbours(g, g, v["dba"] - 1, args.alpha, skip_self=True)
-                                identity = {**model.identity, "embedding_size": g.shape[1]}
                                 # "centroids" as measured in EXPERIMENTS (the default then: a landmark of
                                 # < 15 photos kept its photos + their mean); today's default is "all" here.
-                                params = CentroidParams(few_photos_mean=True) if rep == "centroids" else None
-                                index = br._index(g, ids[gallery & in_half], rep, params, identity)
+                                params = CentroidParams(few_photos_mean=True) if rep == "centroids" else CentroidParams()
+                                descriptors = DescriptorParams(alpha=args.alpha, **{k: x for k, x in v.items()
+                                                                                    if k != "penalty"})
+                                # Whitening is fitted on the gallery and the pool (what `landmarks index
+                                # --nonlandmark-pool` has), never on the distractors the threshold is set on.
+                                index = LandmarkIndex.from_embeddings(
+                                    g, ids[gallery & in_half], {"identity": model.identity}, rep, params,
+                                    descriptor_params=descriptors, unlabelled=pool)
                                 if "penalty" in v:
                                     index.set_penalty(pool, weight=v["penalty"][0], k=v["penalty"][1])
-                                if "qe" in v:
-                                    vectors = index.faiss_index.reconstruct_n(0, index.faiss_index.ntotal)
-                                    q, d = (weighted_neighbours(x, vectors, v["qe"], args.alpha) for x in (q, d))
                                 m, _, _ = br._score(index, q, list(ids[~gallery & in_half]), d, (args.fpr,))
                                 recalls.append(m[f"recall@{args.fpr:g}"])
                                 p1.append(m["p@1"])

@@ -55,6 +55,15 @@ VARIANTS = {
     "lite0 224": (LITE0, ["--image-size", "224"]),
     "lite0 + mean": (LITE0, ["--few-photos-mean"]),
     "lite0 verify": (LITE0, ["--verify"]),
+    "lite0 verify cnn": (LITE0, ["--verify", "--verify-local", "cnn"]),
+    # Descriptor post-processing (off by default): the settings chosen on half A by
+    # bench_descriptors.py for lite0 at 320 px, and QE with one neighbour, which cannot change a
+    # decision (a check of the machinery: it must equal "lite0").
+    "lite0 whiten": (LITE0, ["--whiten", "0.25", "--whiten-shrink", "0.1"]),
+    "lite0 full whiten": (LITE0, ["--whiten", "0.5", "--whiten-shrink", "0.1"]),
+    "lite0 DBA": (LITE0, ["--dba", "1"]),
+    "lite0 QE 1": (LITE0, ["--query-expansion", "1"]),
+    "lite0 QE 2": (LITE0, ["--query-expansion", "2"]),
     "mobilenetv2": (MOBILENET, []),
     "mobilenetv2 before": (MOBILENET, ["--image-size", "224", "--few-photos-mean"]),
     "lite1": ("tf_efficientnet_lite1", []),

@@ -343,12 +343,14 @@ def run_latency(args) -> dict:
         index = _index(db_emb, db.landmark_ids, "centroids", None, model.identity)
         index.calibration = Calibration.fixed(0.5)
         if args.verify:
-            # What `landmarks index --verify` stores: SIFT features of a few photos per landmark.
+            # What `landmarks index --verify [--verify-local cnn]` stores: local features of a few
+            # photos per landmark.
             from recognition.verification import LocalFeatures, VerificationParams
 
             index.local_features = LocalFeatures.for_index(index, db_emb, db.landmark_ids, db.paths,
-                                                           VerificationParams())
-            label += ", with spatial verification"
+                                                           VerificationParams.for_local(args.verify_local),
+                                                           net=model.net)
+            label += f", with spatial verification ({args.verify_local})"
         recognizer = Recognizer(index, model, batch_size=args.batch_size, workers=args.workers)
         transform = eval_transform(model.image_size)
         tensors = torch.stack([transform(image=load_rgb(p, max_side=2 * model.image_size))["image"] for p in photos])
@@ -409,6 +411,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="latency: the Recognizer's decoding threads")
     parser.add_argument("--threads", type=int, default=0, help="latency: torch intra-op threads (0: default)")
     parser.add_argument("--verify", action="store_true", help="latency: the index verifies (landmarks index --verify)")
+    parser.add_argument("--verify-local", choices=("sift", "cnn"), default="sift",
+                        help="latency: the verification's local features (--verify-local)")
     parser.add_argument("--real-backbone", default="mobilenetv2_100", help="latency: the real photos' backbone")
     parser.add_argument("--real-image-size", type=int, default=224,
                         help="latency: its input size (`landmarks index --backbone` now defaults to 320)")

@@ -15,8 +15,15 @@ The first row (global score only) is the control: it must equal kNN in that benc
 candidate score ``cosine + weight × min(inliers, 50)`` for ``inliers ≥ min_inliers``; a sweep of
 weight and ``min_inliers``, with the unverified index as the control.
 
+``--local cnn`` replaces SIFT by DELF-style features (``landmarks index --verify-local cnn``):
+the global backbone's own stride-16 feature map on the photo at ``--max-side``, its
+``--features`` cells of largest norm, matched as mutual nearest neighbours, MAGSAC at one cell
+(16 px).
+
     python bench/bench_verification.py --seeds 0 1 2
+    python bench/bench_verification.py --local cnn --image-size 320 --max-side 480 --features 500 --seeds 0 1 2
     python bench/bench_verification.py --shipped --seeds 0 1 2 3 4
+    python bench/bench_verification.py --shipped --local cnn --image-size 320 --max-side 480 --features 500
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ from datamodules.images import load_rgb  # noqa: E402
 from datamodules.realphotos import DEFAULT_ROOT, read_realphotos, split_realphotos  # noqa: E402
 from recognition.artifact import LandmarkIndex  # noqa: E402
 from recognition.verification import (  # noqa: E402
+    CNN_STRIDE,
     LocalFeatures,
     VerificationParams,
     extract,
     inlier_bonus,
+    make_extractor,
 )
 from retrieval.embedding_model import load_embedding_model  # noqa: E402
 from retrieval.metrics import NONLANDMARK, recognition_at_fpr  # noqa: E402
@@ -60,17 +69,39 @@ def sift_features(paths) -> list:
     return out
 
 
-def verify(a, b, matcher) -> tuple[int, float]:
-    """(MAGSAC homography inliers, their convex hull's share of image a) for a pair of photos."""
+def cnn_features(paths, backbone: str, max_side: int, keep: int) -> list:
+    """DELF-style features (``landmarks index --verify --verify-local cnn``: the offline ImageNet
+    ``backbone``'s stride-16 cells of largest norm) in :func:`sift_features`' format."""
+    from lightning_modules import EmbeddingNet
+
+    net = EmbeddingNet(backbone, pretrained="offline", embedding_size=None).eval()
+    extractor = make_extractor(VerificationParams.for_local("cnn", max_side=max_side, n_features=keep), net)
+    out = []
+    for path in paths:
+        rgb = load_rgb(path, max_side=max_side)
+        out.append((*extractor(rgb), rgb.shape[:2]))
+    return out
+
+
+def verify(a, b, matcher, mutual: bool = False, reprojection: float = 5.0) -> tuple[int, float]:
+    """(MAGSAC homography inliers, their convex hull's share of image a) for a pair of photos;
+    matches by Lowe's ratio test (0.8), or ``mutual`` nearest neighbours (CNN descriptors,
+    whose second neighbours are too close for a ratio test)."""
     (points_a, desc_a, shape_a), (points_b, desc_b, _) = a, b
     if desc_a is None or desc_b is None or len(desc_a) < 8 or len(desc_b) < 8:
         return 0, 0.0
-    good = [m[0] for m in matcher.knnMatch(desc_a, desc_b, k=2) if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
-    if len(good) < 8:
+    if mutual:
+        sims = desc_a.astype(np.float32) @ desc_b.astype(np.float32).T
+        forward, backward = sims.argmax(axis=1), sims.argmax(axis=0)
+        pairs = [(i, j) for i, j in enumerate(forward) if backward[j] == i]
+    else:
+        pairs = [(m[0].queryIdx, m[0].trainIdx) for m in matcher.knnMatch(desc_a, desc_b, k=2)
+                 if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
+    if len(pairs) < 8:
         return 0, 0.0
-    src = points_a[[m.queryIdx for m in good]]
-    dst = points_b[[m.trainIdx for m in good]]
-    _, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, 5.0, maxIters=2000, confidence=0.999)
+    src = points_a[[i for i, _ in pairs]]
+    dst = points_b[[j for _, j in pairs]]
+    _, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, reprojection, maxIters=2000, confidence=0.999)
     if mask is None:
         return 0, 0.0
     inliers = mask.ravel().astype(bool)
@@ -85,9 +116,13 @@ def shipped(args) -> None:
     paths, labels = table["path"].to_numpy(), table["label"].to_numpy()
     is_landmark = table["kind"].to_numpy() == "landmark"
     # Raw inlier counts; each config's min_inliers applies below.
-    raw = VerificationParams(min_inliers=4, max_side=args.max_side, n_features=args.features)
+    raw = VerificationParams.for_local(args.local, min_inliers=4, max_side=args.max_side, n_features=args.features)
+    net = None
+    if args.local == "cnn":
+        net = load_embedding_model(backbone=args.backbone, image_size=args.image_size).net
+    extractor = make_extractor(raw, net)
     start = time.perf_counter()
-    features = {path: extract(path, raw) for path in paths}
+    features = {path: extract(path, raw, extractor) for path in paths}
     sift_s = time.perf_counter() - start
     emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=args.image_size), list(paths), batch_size=32)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -101,7 +136,7 @@ def shipped(args) -> None:
         # The index `landmarks index` builds by default, and the photos `--verify` stores.
         index = LandmarkIndex.from_embeddings(emb[gallery], list(labels[gallery]))
         local = LocalFeatures.for_index(index, emb[gallery], list(labels[gallery]), list(paths[gallery]), raw,
-                                        cache=features)
+                                        cache=features, net=net)
         scores, rows = index.search(emb[photos], 5)
         start = time.perf_counter()
         inliers = np.stack([local.candidate_inliers(features[paths[p]], rows[j]) for j, p in enumerate(photos)])
@@ -109,15 +144,18 @@ def shipped(args) -> None:
         n_verified += len(photos)
         truth = np.array(list(labels[queries]) + [None] * len(distractor_rows), dtype=object)
         runs.append((scores, rows, inliers, truth, len(queries), np.array(index.landmark_ids, dtype=object)))
-    print(f"\n{args.backbone} at {args.image_size} px, split seeds {args.seeds}; SIFT {args.features} keypoints at ≤ {args.max_side} px: {1e3 * sift_s / len(paths):.0f} ms/photo, "
+    what = "SIFT keypoints" if args.local == "sift" else f"CNN cells (stride {CNN_STRIDE})"
+    print(f"\n{args.backbone} at {args.image_size} px, split seeds {args.seeds}; {args.features} {what} at ≤ {args.max_side} px: {1e3 * sift_s / len(paths):.0f} ms/photo, "
           f"matching {1e3 * match_s / n_verified:.0f} ms/photo (up to 3 landmarks × 5 photos)\n")
     print("| candidate score | recall@FPR 1e-2 (per seed) | recall@FPR 5e-2 | P@1 | photos verified at FPR 1e-2 |")
     print("|---|---|---|---|---|")
     configs = [("global cosine (control: the index without --verify)", None)]
-    for weight in (0.001, 0.002, 0.005):
-        for min_inliers in (8, 15, 25):
+    weights, minimums = ((0.001, 0.002, 0.005), (8, 15, 25)) if args.local == "sift" else ((0.002, 0.005, 0.01),
+                                                                                           (10, 15, 20, 25))
+    for weight in weights:
+        for min_inliers in minimums:
             configs.append((f"+ {weight} × min(inliers, 50), inliers ≥ {min_inliers}",
-                            VerificationParams(weight=weight, min_inliers=min_inliers)))
+                            VerificationParams.for_local(args.local, weight=weight, min_inliers=min_inliers)))
     for name, params in configs:
         results = []
         for scores, rows, inliers, truth, n_queries, ids in runs:
@@ -145,8 +183,11 @@ def main() -> None:
     parser.add_argument("--shipped", action="store_true", help="the sweep over what `landmarks index --verify` ships")
     parser.add_argument("--image-size", type=int, default=224,
                         help="--shipped: the network's input (`landmarks index --backbone` embeds at 320)")
-    parser.add_argument("--max-side", type=int, default=640, help="--shipped: photo size for SIFT")
-    parser.add_argument("--features", type=int, default=1000, help="--shipped: SIFT keypoints per photo")
+    parser.add_argument("--max-side", type=int, default=640, help="photo size for local features (the top-5 sweep's "
+                        "SIFT is always 1,000 keypoints at 640 px)")
+    parser.add_argument("--features", type=int, default=1000, help="SIFT keypoints / CNN cells per photo")
+    parser.add_argument("--local", choices=("sift", "cnn"), default="sift",
+                        help="local features: SIFT, or the global backbone's own stride-16 cells (DELF-style)")
     args = parser.parse_args()
     if args.shipped:
         return shipped(args)
@@ -154,8 +195,16 @@ def main() -> None:
     paths, labels = table["path"].to_numpy(), table["label"].to_numpy()
     is_landmark = table["kind"].to_numpy() == "landmark"
     start = time.perf_counter()
-    features = sift_features(paths)
-    print(f"SIFT on {len(paths)} photos: {time.perf_counter() - start:.0f} s")
+    if args.local == "sift":
+        features, mutual, reprojection = sift_features(paths), False, 5.0
+        described = "SIFT, 1,000 keypoints at 640 px, ratio test"
+    else:
+        features = cnn_features(paths, args.backbone, args.max_side, args.features)
+        mutual, reprojection = True, float(CNN_STRIDE)
+        described = (f"CNN features (DELF-style): {args.backbone}'s stride-{CNN_STRIDE} cells, top {args.features} by "
+                     f"norm at {args.max_side} px, mutual NN, MAGSAC at {CNN_STRIDE} px")
+    per_photo = 1e3 * (time.perf_counter() - start) / len(paths)
+    print(f"{described}: {per_photo:.0f} ms/photo")
     emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=args.image_size), list(paths), batch_size=32)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
@@ -172,8 +221,8 @@ def main() -> None:
         candidates = []  # per photo: (class, global cosine, inliers, spread) of its top-5 gallery photos
         for row, photo in enumerate(photos):
             top = np.argsort(-sims[row])[:TOP]
-            candidates.append([(classes[labels[gallery[j]]], sims[row, j], *verify(features[photo], features[gallery[j]],
-                                                                                     matcher)) for j in top])
+            candidates.append([(classes[labels[gallery[j]]], sims[row, j],
+                                *verify(features[photo], features[gallery[j]], matcher, mutual, reprojection)) for j in top])
         runs.append((candidates, truth, len(queries)))
 
     def evaluate(name: str, score) -> None:
@@ -187,7 +236,7 @@ def main() -> None:
         print(f"| {name} | {r[:, 0].mean():.3f} ({', '.join(f'{v:.3f}' for v in r[:, 0])}) | {r[:, 1].mean():.3f} | "
               f"{r[:, 2].mean():.3f} |")
 
-    print(f"\n{args.backbone} at {args.image_size} px, split seeds {args.seeds}\n")
+    print(f"\n{args.backbone} at {args.image_size} px, split seeds {args.seeds}; {described}\n")
     print("| candidate score | recall@FPR 1e-2 (per seed) | recall@FPR 5e-2 | P@1 |")
     print("|---|---|---|---|")
     evaluate("global cosine (control: kNN)", lambda c: c[1])

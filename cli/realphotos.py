@@ -16,7 +16,8 @@ without a landmark. Two questions:
    other landmarks are evaluated: gallery = half of each one's photos, queries = the other half,
    distractors = the remaining non-landmark photos. Three models are scored on exactly the same
    sets: the ImageNet backbone, the fine-tuned model's embedding (its new 512-d head), and the
-   fine-tuned backbone's pooled features without the head.
+   fine-tuned backbone's pooled features without the head; with ``--wise-ft α …`` also that
+   backbone's weights interpolated towards the ImageNet start (:func:`wise_ft`).
 
 Run (a few minutes per seed on 2 CPU cores)::
 
@@ -169,6 +170,29 @@ def backbone_only(checkpoint: Path, image_size: int):
     return EmbeddingModel(net.eval(), image_size, identity)
 
 
+def wise_ft(start, tuned, alpha: float):
+    """WiSE-FT (Wortsman et al., CVPR 2022): the network whose weights are ``(1 - alpha) * start +
+    alpha * tuned``, both ``EmbeddingModel`` of one architecture (here the ImageNet backbone and
+    the fine-tuned one). 0 is the start, 1 the fine-tune; in between, the fine-tune's gains on the
+    training landmarks are traded for the start's features on the others. Integer buffers (BatchNorm's
+    step counters) are the fine-tune's; they play no part in inference."""
+    import copy
+
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"WiSE-FT alpha must lie in [0, 1], got {alpha}")
+    start_state, tuned_state = start.net.state_dict(), tuned.net.state_dict()
+    differing = sorted(set(start_state) ^ set(tuned_state))
+    differing += [k for k in start_state if k in tuned_state and start_state[k].shape != tuned_state[k].shape]
+    if differing:
+        raise ValueError(f"WiSE-FT needs one architecture; the weights differ at {differing[:3]}")
+    mixed = {key: (1.0 - alpha) * start_state[key] + alpha * value if value.is_floating_point() else value
+             for key, value in tuned_state.items()}
+    net = copy.deepcopy(tuned.net)
+    net.load_state_dict(mixed)
+    identity = {**tuned.identity, "wise_ft": {"alpha": alpha, "start": start.identity}}
+    return type(tuned)(net.eval(), tuned.image_size, identity)
+
+
 def _counts(split: dict[str, pd.DataFrame]) -> dict:
     out = {name: len(frame) for name, frame in split.items()}
     out["train_landmark_names"] = sorted(split["train_db"]["label"].unique()) if "train_db" in split else None
@@ -201,6 +225,9 @@ def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
                         help="L2-SP weight: pull the backbone towards its ImageNet start (0: off)")
     parser.add_argument("--freeze-bn", action="store_true",
                         help="keep the backbone's BatchNorm statistics at their ImageNet values")
+    parser.add_argument("--wise-ft", type=float, nargs="*", default=[], metavar="ALPHA",
+                        help="also score the fine-tuned backbone's weights interpolated towards ImageNet "
+                             "(WiSE-FT): (1 - ALPHA) x ImageNet + ALPHA x fine-tuned, one row per ALPHA")
     parser.add_argument("--curve", action="store_true",
                         help="also score the held-out landmarks after every epoch (results.json: seeds.N.curve)")
 
@@ -208,7 +235,8 @@ def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
 def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLike = "runs/realphotos",
                    seeds=(0, 1, 2), train_landmarks: int = 8, train_nonlandmarks: int = 60, image_size: int = 160,
                    epochs: int = 5, lr: float = 3e-4, workers: int = 2, backbone_lr_scale: float = 1.0,
-                   l2sp: float = 0.0, freeze_bn: bool = False, every_epoch: bool = False) -> dict:
+                   l2sp: float = 0.0, freeze_bn: bool = False, every_epoch: bool = False,
+                   wise_ft_alphas=()) -> dict:
     """The recipe; prints its tables and writes ``out/results.json``, which it returns."""
     from retrieval.embedding_model import load_embedding_model
 
@@ -220,7 +248,7 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
     settings = {"root": str(root), "out": str(out), "seeds": list(seeds), "train_landmarks": train_landmarks,
                 "train_nonlandmarks": train_nonlandmarks, "image_size": image_size, "epochs": epochs, "lr": lr,
                 "workers": workers, "backbone_lr_scale": backbone_lr_scale, "l2sp": l2sp,
-                "freeze_bn": freeze_bn, "curve": every_epoch}
+                "freeze_bn": freeze_bn, "curve": every_epoch, "wise_ft": list(wise_ft_alphas)}
     results: dict = {"args": settings, "full_set": {}, "seeds": {}}
     started = time.time()
     full = split_realphotos(table, seed=0)
@@ -234,13 +262,16 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
         checkpoint = finetune(split, out / f"seed{seed}", seed, image_size, epochs, lr, workers, backbone_lr_scale, l2sp,
                               freeze_bn, every_epoch)
         fit_s = time.time() - t0
+        tuned = backbone_only(checkpoint, image_size)
         rows = {
             "ImageNet MobileNetV2 (GeM)": evaluate(imagenet, split, workers=workers),
             "fine-tuned, 512-d head": evaluate(load_embedding_model(checkpoint=checkpoint, image_size=image_size),
                                                split, workers=workers),
-            "fine-tuned backbone (GeM, no head)": evaluate(backbone_only(checkpoint, image_size), split,
-                                                           workers=workers),
+            "fine-tuned backbone (GeM, no head)": evaluate(tuned, split, workers=workers),
         }
+        for alpha in wise_ft_alphas:
+            rows[f"WiSE-FT backbone, alpha {alpha:g}"] = evaluate(wise_ft(imagenet, tuned, alpha), split,
+                                                                  workers=workers)
         results["seeds"][str(seed)] = {"counts": _counts(split), "fit_seconds": fit_s, "metrics": rows}
         if every_epoch:
             points = curve(split, out / f"seed{seed}", image_size, workers)
@@ -277,5 +308,5 @@ def run_realphotos_command(args: argparse.Namespace) -> int:
     with quieter("retrieval.embed", verbose=getattr(args, "verbose", 0)):
         run_realphotos(args.root, args.out, args.seeds, args.train_landmarks, args.train_nonlandmarks,
                        args.image_size, args.epochs, args.lr, args.workers, args.backbone_lr_scale, args.l2sp,
-                       args.freeze_bn, args.curve)
+                       args.freeze_bn, args.curve, args.wise_ft)
     return 0

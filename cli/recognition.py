@@ -49,7 +49,7 @@ def _devices(value: str) -> int | str:
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     from recognition.artifact import PenaltyParams
     from recognition.centroids import CentroidParams
-    from recognition.verification import VerificationParams
+    from recognition.verification import LOCAL_KINDS, VerificationParams
 
     parser.add_argument("--manifest", required=True, help="landmark DB: CSV (path,landmark_id) or ImageFolder; "
                         "rows with decision=remove are left out")
@@ -94,19 +94,37 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"default {pdefaults.weight} (measured best of 0.1-1)")
     pen.add_argument("--penalty-k", type=int, default=pdefaults.k,
                      help=f"nearest pool photos averaged (default {pdefaults.k}; 5 measured lower)")
+    des = parser.add_argument_group(
+        "global descriptor post-processing (off by default: none beat the index without it on real photos; "
+        "EXPERIMENTS.md, 'whitening, query expansion and database-side augmentation')")
+    des.add_argument("--whiten", type=float, default=0.0, metavar="POWER",
+                     help="PCA-whitening fitted on the DB photos (and the --nonlandmark-pool), components scaled by "
+                          "(variance + shrink x mean variance)^-POWER: 0.5 full, 0.25 partial (0: off)")
+    des.add_argument("--whiten-shrink", type=float, default=1.0, help="whitening shrinkage (default 1)")
+    des.add_argument("--dba", type=int, default=0, metavar="N",
+                     help="database-side augmentation: each DB photo plus its N nearest DB photos (0: off)")
+    des.add_argument("--query-expansion", type=int, default=0, metavar="N",
+                     help="alpha-query expansion: each query plus its N nearest index vectors (0: off)")
+    des.add_argument("--expansion-alpha", type=float, default=3.0,
+                     help="DBA and query expansion weigh a neighbour by max(cosine, 0)^ALPHA (default 3)")
     ver = parser.add_argument_group("spatial verification (off by default: EXPERIMENTS.md, 'spatial verification')")
     ver.add_argument("--verify", action="store_true",
-                     help="store SIFT features of a few photos per landmark and re-score each query's best candidates "
+                     help="store local features of a few photos per landmark and re-score each query's best candidates "
                           "by homography inliers (the threshold is calibrated on the verified scores)")
-    vdefaults = VerificationParams()
-    ver.add_argument("--verify-candidates", type=int, default=vdefaults.candidates, help="landmarks verified per query")
-    ver.add_argument("--verify-photos", type=int, default=vdefaults.images_per_landmark,
-                     help="gallery photos stored and matched per landmark")
-    ver.add_argument("--verify-weight", type=float, default=vdefaults.weight, help="score added per inlier")
-    ver.add_argument("--verify-min-inliers", type=int, default=vdefaults.min_inliers,
-                     help="fewer homography inliers add nothing")
-    ver.add_argument("--verify-max-side", type=int, default=vdefaults.max_side, help="photo size for SIFT (pixels)")
-    ver.add_argument("--verify-features", type=int, default=vdefaults.n_features, help="SIFT keypoints per photo")
+    sift, cnn = VerificationParams.for_local("sift"), VerificationParams.for_local("cnn")
+    ver.add_argument("--verify-local", choices=LOCAL_KINDS, default="sift",
+                     help="local features: OpenCV SIFT, or DELF-style cells of the model's own stride-16 feature map "
+                          "(cnn); the options below default to each kind's measured values")
+    ver.add_argument("--verify-candidates", type=int, help=f"landmarks verified per query ({sift.candidates})")
+    ver.add_argument("--verify-photos", type=int,
+                     help=f"gallery photos stored and matched per landmark ({sift.images_per_landmark})")
+    ver.add_argument("--verify-weight", type=float,
+                     help=f"score added per inlier (SIFT {sift.weight:g}, cnn {cnn.weight:g})")
+    ver.add_argument("--verify-min-inliers", type=int,
+                     help=f"fewer homography inliers add nothing (SIFT {sift.min_inliers}, cnn {cnn.min_inliers})")
+    ver.add_argument("--verify-max-side", type=int, help=f"photo size for local features in pixels ({sift.max_side})")
+    ver.add_argument("--verify-features", type=int,
+                     help=f"SIFT keypoints / CNN cells kept per photo ({sift.n_features})")
     data = parser.add_argument_group("data")
     data.add_argument("--landmarks", help="per-landmark metadata CSV: landmark_id[,name,city,lat,lon]")
     data.add_argument("--column-map", action="append", metavar="OURS=THEIRS",
@@ -140,9 +158,15 @@ def _index_params(args) -> dict:
 def run_index_command(args: argparse.Namespace) -> int:
     from recognition.artifact import PenaltyParams
     from recognition.centroids import CentroidParams
+    from recognition.descriptors import DescriptorParams
     from recognition.indexing import build_landmark_index
     from recognition.verification import VerificationParams
 
+    try:
+        descriptors = DescriptorParams(args.whiten, args.whiten_shrink, args.dba, args.query_expansion,
+                                       args.expansion_alpha)
+    except ValueError as err:
+        raise UserError(f"--whiten / --dba / --query-expansion: {err}") from None
     built = build_landmark_index(
         args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
         nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
@@ -156,10 +180,12 @@ def run_index_command(args: argparse.Namespace) -> int:
         accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
         cache_dir=args.cache_dir,
         nonlandmark_pool=args.nonlandmark_pool, penalty=PenaltyParams(weight=args.penalty_weight, k=args.penalty_k),
-        verification=VerificationParams(
-            max_side=args.verify_max_side, n_features=args.verify_features, candidates=args.verify_candidates,
-            images_per_landmark=args.verify_photos, weight=args.verify_weight, min_inliers=args.verify_min_inliers,
+        verification=VerificationParams.for_local(
+            args.verify_local, max_side=args.verify_max_side, n_features=args.verify_features,
+            candidates=args.verify_candidates, images_per_landmark=args.verify_photos, weight=args.verify_weight,
+            min_inliers=args.verify_min_inliers,
         ) if args.verify else None,
+        descriptors=descriptors,
     )
     if built is None:
         return 0  # a DDP rank other than 0
@@ -180,9 +206,17 @@ def run_index_command(args: argparse.Namespace) -> int:
         pen = index.penalty
         print(f"penalty:    score − {pen['weight']:g} × mean cosine to the {pen['k']} nearest of "
               f"{len(pen['pool'])} non-landmark pool photos")
+    if index.descriptor_params.active:
+        des = index.descriptor_params
+        steps = ([f"whitened (power {des.whiten:g}, shrink {des.whiten_shrink:g}, fitted on "
+                  f"{index.build['whitening_photos']} photos)"] if des.whiten else [])
+        steps += [f"DBA over {des.dba} neighbours"] if des.dba else []
+        steps += [f"queries expanded by {des.query_expansion} index vectors"] if des.query_expansion else []
+        print(f"descriptor: {'; '.join(steps)}")
     if index.local_features is not None:
         lf = index.local_features
-        print(f"verified:   {len(lf.landmark)} photos stored ({len(lf.keypoints)} SIFT keypoints); "
+        print(f"verified:   {len(lf.landmark)} photos stored ({len(lf.keypoints)} "
+              f"{'SIFT keypoints' if lf.params.local == 'sift' else 'CNN feature cells'}); "
               f"the best {lf.params.candidates} candidates of each query are verified")
     return 0
 

@@ -134,6 +134,20 @@ class EmbeddingNet(nn.Module):
             self.bn = nn.BatchNorm1d(embedding_size)
             self.embedding_size = embedding_size
 
+    def local_feature_map(self, images: torch.Tensor, reduction: int = 16) -> torch.Tensor:
+        """The backbone's feature map at ``reduction`` (its stride in input pixels), ``[B, C, h, w]``:
+        the local descriptors of DELF-style spatial verification (Noh et al. 2017), from the same
+        weights as the embedding. Raises ValueError when the backbone has no stage at that stride
+        or cannot return intermediate stages (timm's ``forward_intermediates``)."""
+        info = getattr(self.backbone, "feature_info", None)
+        reductions = [stage["reduction"] for stage in info] if info is not None else []
+        if reduction not in reductions or not hasattr(self.backbone, "forward_intermediates"):
+            raise ValueError(f"{type(self.backbone).__name__} has no feature map at stride {reduction} to take local "
+                             f"features from (its stages: {reductions})")
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return self.backbone.forward_intermediates(x, indices=[reductions.index(reduction)], intermediates_only=True,
+                                                   stop_early=True)[0]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         features = self.backbone(x)

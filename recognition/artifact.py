@@ -15,6 +15,9 @@ Layout of an index directory (format version :data:`FORMAT_VERSION`)::
     penalty_pool.npy      only with ``--nonlandmark-pool``: float32 [p, d] unit embeddings of known
                           non-landmark photos; every score is lowered by ``weight`` × the query's
                           mean cosine to its ``k`` nearest of them (``index.json``: ``nonlandmark_penalty``)
+    whitening_mean.npy,   only with ``--whiten``: float32 [d] and [d, d], the PCA-whitening applied to
+    whitening_projection.npy  every embedding before it meets the index (``index.json``: ``descriptors``,
+                          with the DBA and query-expansion settings; :mod:`recognition.descriptors`)
 
 A directory is built under a temporary name next to the target and renamed into place, so a
 reader never sees half an index and a failed build leaves the previous index untouched.
@@ -41,6 +44,7 @@ from core.atomic import replace_dir
 from core.errors import UserError
 from recognition.calibration import Calibration
 from recognition.centroids import CentroidParams, CentroidSet, Representation, build_representation
+from recognition.descriptors import DescriptorParams, Whitening, augment_database, weighted_neighbours
 from recognition.verification import LocalFeatures
 from retrieval.index import build_index, search, validate_embeddings
 
@@ -64,13 +68,18 @@ class PenaltyParams:
 
 
 FORMAT = "landmark-recognition-index"
-FORMAT_VERSION = 1
+#: Version 2 added the descriptor post-processing (``descriptors`` in the header). A version-1
+#: index has none and reads the same; a version-1 reader refuses version 2, so an index that
+#: whitens its queries is never searched with raw ones.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 HEADER = "index.json"
 _FILES = ("vectors.faiss", "vectors.npy", "vector_landmark.npy", "vector_size.npy", "landmarks.json")
 # Top-k landmarks need k * (vectors per landmark) neighbours to be exact; for a full-gallery
 # representation that can be thousands, so the search depth is capped.
 _MAX_SEARCH_DEPTH = 1024
+_WHITENING_FILES = ("whitening_mean.npy", "whitening_projection.npy")
 
 
 class IndexFormatError(UserError):
@@ -143,6 +152,11 @@ class LandmarkIndex:
             "weight": w, "k": k, ...}``. Scores from :meth:`search` and :meth:`top1` are then
             lowered by ``w`` × the query's mean cosine to its ``k`` nearest pool photos (see
             :meth:`set_penalty`); the threshold is calibrated on those scores.
+        descriptor_params: the descriptor post-processing (:mod:`recognition.descriptors`; all off
+            by default). :attr:`vectors` were built from whitened (and DBA-augmented) embeddings;
+            :meth:`search` and :meth:`top1` take the model's raw embeddings and whiten and expand
+            them (:meth:`describe`) themselves.
+        whitening: the fitted PCA-whitening, present exactly when ``descriptor_params.whiten > 0``.
     """
 
     vectors: np.ndarray
@@ -155,6 +169,8 @@ class LandmarkIndex:
     faiss_index: faiss.Index | None = field(default=None, repr=False)
     local_features: LocalFeatures | None = field(default=None, repr=False)
     penalty: dict | None = field(default=None, repr=False)
+    descriptor_params: DescriptorParams = field(default_factory=DescriptorParams)
+    whitening: Whitening | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.vectors = validate_embeddings(self.vectors, "index vectors")
@@ -184,13 +200,20 @@ class LandmarkIndex:
                 f"{m} x {self.vectors.shape[1]} vectors"
             )
         self._max_per_landmark = int(np.bincount(self.vector_landmark).max())
+        if (self.whitening is not None) != (self.descriptor_params.whiten > 0):
+            raise ValueError(f"whitening power {self.descriptor_params.whiten} but "
+                             f"{'a' if self.whitening is not None else 'no'} fitted whitening")
+        if self.whitening is not None and self.whitening.mean.shape[0] != self.vectors.shape[1]:
+            raise ValueError(f"the whitening is {self.whitening.mean.shape[0]}-d, the vectors "
+                             f"{self.vectors.shape[1]}-d")
         if self.penalty is not None:
             self.set_penalty(**self.penalty)
 
     def set_penalty(self, pool: np.ndarray, weight: float, k: int, **info) -> None:
         """Lower every score by ``weight`` × the query's mean cosine to its ``k`` nearest rows of
-        ``pool`` (known non-landmark photos, unit rows): a photo that looks like non-landmarks
-        needs a higher similarity to a landmark to be accepted. ``info`` is kept in the header."""
+        ``pool`` (known non-landmark photos, the model's unit embeddings; whitened here like a
+        query): a photo that looks like non-landmarks needs a higher similarity to a landmark to
+        be accepted. ``info`` is kept in the header."""
         pool = validate_embeddings(pool, "non-landmark pool")
         if pool.shape[1] != self.embedding_size:
             raise ValueError(f"non-landmark pool is {pool.shape[1]}-d, the index is {self.embedding_size}-d")
@@ -198,14 +221,36 @@ class LandmarkIndex:
             raise ValueError(f"the non-landmark penalty needs weight >= 0 and 1 <= k <= {len(pool)} pool photos, "
                              f"got weight={weight}, k={k}")
         self.penalty = {"pool": pool, "weight": float(weight), "k": int(k), **info}
-        self._pool_index = build_index(pool, kind="flat")
+        self._pool_index = build_index(self.whiten(pool), kind="flat")
 
     def nonlandmark_penalty(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> np.ndarray:
         """float32 ``[n]``: what :meth:`search` subtracts from each query's scores (0 without a pool)."""
+        return self._penalty(self.describe(embeddings, memory_budget_mb), memory_budget_mb)
+
+    def _penalty(self, described: np.ndarray, memory_budget_mb: float) -> np.ndarray:
         if self.penalty is None:
-            return np.zeros(len(embeddings), dtype=np.float32)
-        sims, _ = search(self._pool_index, embeddings, self.penalty["k"], memory_budget_mb=memory_budget_mb)
+            return np.zeros(len(described), dtype=np.float32)
+        sims, _ = search(self._pool_index, described, self.penalty["k"], memory_budget_mb=memory_budget_mb)
         return (self.penalty["weight"] * sims.mean(axis=1)).astype(np.float32)
+
+    def whiten(self, embeddings: np.ndarray) -> np.ndarray:
+        """The model's unit embeddings in the space of :attr:`vectors` (unchanged without whitening)."""
+        return embeddings if self.whitening is None else self.whitening(embeddings)
+
+    def describe(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> np.ndarray:
+        """The model's embeddings as this index compares them: whitened, then query-expanded
+        (identity when the index has neither)."""
+        q = validate_embeddings(embeddings, "query embeddings")
+        if q.shape[1] != self.embedding_size:
+            raise ModelMismatchError(f"query embeddings are {q.shape[1]}-d, the index is {self.embedding_size}-d")
+        if len(q) == 0:
+            return q
+        q = self.whiten(q)
+        if self.descriptor_params.query_expansion:
+            q = weighted_neighbours(q, self.vectors, self.descriptor_params.query_expansion,
+                                    self.descriptor_params.alpha, index=self.faiss_index,
+                                    memory_budget_mb=memory_budget_mb)
+        return q
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -218,10 +263,13 @@ class LandmarkIndex:
         index_kind: str = "flat",
         index_params: dict | None = None,
         build: dict | None = None,
+        descriptor_params: DescriptorParams = DescriptorParams(),
+        whitening: Whitening | None = None,
     ) -> "LandmarkIndex":
         """An (uncalibrated) index over ``centroids``.
 
         ``metadata`` maps landmark id -> ``{name, city, lat, lon}`` (any subset; missing = None).
+        ``centroids`` are in the space ``whitening`` maps to, when there is one.
         """
         metadata = metadata or {}
         per_landmark = centroids.centroids_per_landmark
@@ -240,7 +288,8 @@ class LandmarkIndex:
         info = dict(build or {})
         info.update(index_kind=index_kind, index_params=dict(index_params or {}),
                     dropped_images=int(centroids.dropped_images))
-        return cls(centroids.vectors, centroids.landmark, centroids.sizes, landmarks, model, None, info)
+        return cls(centroids.vectors, centroids.landmark, centroids.sizes, landmarks, model, None, info,
+                   descriptor_params=descriptor_params, whitening=whitening)
 
     @classmethod
     def from_embeddings(
@@ -255,16 +304,27 @@ class LandmarkIndex:
         index_params: dict | None = None,
         build: dict | None = None,
         progress: bool = False,
+        descriptor_params: DescriptorParams = DescriptorParams(),
+        unlabelled: np.ndarray | None = None,
     ) -> "LandmarkIndex":
         """The (uncalibrated) index that ``landmarks index`` builds from a database's embeddings.
 
         :func:`recognition.centroids.build_representation` then :meth:`from_centroids`, with the
         command's defaults (shooting-angle centroids, :class:`CentroidParams` defaults, an exact
         flat index). ``model`` may be omitted for an index that is never saved (an evaluation).
+        ``descriptor_params`` whitens (fitted on ``embeddings`` plus ``unlabelled`` photos, e.g. the
+        non-landmark pool) and augments (DBA) the embeddings before the representation is built.
         """
+        whitening = None
+        if descriptor_params.whiten > 0:
+            fit_on = embeddings if unlabelled is None or not len(unlabelled) else np.concatenate([embeddings, unlabelled])
+            whitening = Whitening.fit(fit_on, descriptor_params.whiten, descriptor_params.whiten_shrink)
+            embeddings = whitening(embeddings)
+        if descriptor_params.dba:
+            embeddings = augment_database(embeddings, descriptor_params.dba, descriptor_params.alpha)
         reps = build_representation(embeddings, landmark_ids, representation, params, progress=progress)
         return cls.from_centroids(reps, model or {}, metadata, index_kind=index_kind, index_params=index_params,
-                                  build=build)
+                                  build=build, descriptor_params=descriptor_params, whitening=whitening)
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -309,11 +369,9 @@ class LandmarkIndex:
         A landmark's score is the cosine similarity to its best vector. Slots without a landmark
         (fewer than ``k`` found) hold row ``-1`` and score ``-inf``.
         """
-        q = validate_embeddings(embeddings, "query embeddings")
-        if q.shape[1] != self.embedding_size:
-            raise ModelMismatchError(f"query embeddings are {q.shape[1]}-d, the index is {self.embedding_size}-d")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        q = self.describe(embeddings, memory_budget_mb)
         n = len(q)
         depth = min(len(self), max(k, min(k * self._max_per_landmark, _MAX_SEARCH_DEPTH)))
         scores, ids = search(self.faiss_index, q, depth, memory_budget_mb=memory_budget_mb)
@@ -337,14 +395,14 @@ class LandmarkIndex:
         rows, cols = np.nonzero(sel)
         out_scores[rows, rank[rows, cols]] = scores[rows, cols]
         out_lm[rows, rank[rows, cols]] = lm[rows, cols]
-        return out_scores - self.nonlandmark_penalty(q, memory_budget_mb)[:, None], out_lm
+        return out_scores - self._penalty(q, memory_budget_mb)[:, None], out_lm
 
     def top1(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
         """``(score float32 [n], landmark row int64 [n])`` of the best landmark per query."""
-        q = validate_embeddings(embeddings, "query embeddings")
+        q = self.describe(embeddings, memory_budget_mb)
         scores, ids = search(self.faiss_index, q, 1, memory_budget_mb=memory_budget_mb)
         lm = np.where(ids[:, 0] >= 0, self.vector_landmark[np.maximum(ids[:, 0], 0)], -1)
-        penalty = self.nonlandmark_penalty(q, memory_budget_mb)
+        penalty = self._penalty(q, memory_budget_mb)
         return np.where(ids[:, 0] >= 0, scores[:, 0] - penalty, -np.inf).astype(np.float32), lm
 
     # ---- persistence -------------------------------------------------------------------------
@@ -364,6 +422,9 @@ class LandmarkIndex:
             "nonlandmark_penalty": None if self.penalty is None else {
                 **{k: v for k, v in self.penalty.items() if k != "pool"}, "n_pool": len(self.penalty["pool"]),
                 "file": "penalty_pool.npy"},
+            "descriptors": None if not self.descriptor_params.active else {
+                **self.descriptor_params.to_json(),
+                "files": list(_WHITENING_FILES) if self.whitening is not None else []},
         }
 
     def save(self, directory: str | os.PathLike, overwrite: bool = True) -> pathlib.Path:
@@ -390,6 +451,9 @@ class LandmarkIndex:
                 self.local_features.save(tmp)
             if self.penalty is not None:
                 np.save(tmp / "penalty_pool.npy", self.penalty["pool"], allow_pickle=False)
+            if self.whitening is not None:
+                np.save(tmp / _WHITENING_FILES[0], self.whitening.mean, allow_pickle=False)
+                np.save(tmp / _WHITENING_FILES[1], self.whitening.projection, allow_pickle=False)
             _write_json(tmp / HEADER, self.header())  # last: its presence marks a complete index
             os.chmod(tmp, 0o755)
             replace_dir(tmp, target)
@@ -415,7 +479,7 @@ class LandmarkIndex:
             raise IndexFormatError(f"{head_path}: format {head.get('format') if isinstance(head, dict) else None!r} "
                                    f"is not {FORMAT!r}")
         version = head.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise IndexFormatError(
                 f"{root}: index format version {version!r}, but this code reads version {FORMAT_VERSION}; "
                 "rebuild the index with `landmarks index` (or use the code version that wrote it)"
@@ -456,10 +520,19 @@ class LandmarkIndex:
                 raise IndexFormatError(f"{root}: header says {penalty.get('n_pool')} non-landmark pool photos, "
                                        f"penalty_pool.npy has {len(pool)}")
             penalty = {**{k: v for k, v in penalty.items() if k not in ("n_pool", "file")}, "pool": pool}
+        descriptors = head.get("descriptors")
+        params, whitening = DescriptorParams(), None
+        if descriptors is not None:
+            try:
+                params = DescriptorParams(**{k: v for k, v in descriptors.items() if k != "files"})
+                if params.whiten > 0:
+                    whitening = Whitening(*(np.load(root / name, allow_pickle=False) for name in _WHITENING_FILES))
+            except (TypeError, ValueError, OSError) as err:
+                raise IndexFormatError(f"{root}: descriptor post-processing: {err}") from err
         try:
             return cls(vectors, vector_landmark, vector_size, landmarks, head["model"],
                        None if calibration is None else Calibration.from_json(calibration), head.get("build", {}), index,
-                       local_features, penalty)
+                       local_features, penalty, params, whitening)
         except (KeyError, ValueError, TypeError) as err:
             raise IndexFormatError(f"{root}: inconsistent index ({err})") from err
 

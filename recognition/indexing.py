@@ -153,6 +153,7 @@ def build_landmark_index(
     verification=None,
     nonlandmark_pool: str | os.PathLike | None = None,
     penalty=None,
+    descriptors=None,
 ):
     """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
 
@@ -164,7 +165,10 @@ def build_landmark_index(
     verification and calibrates on verified scores. ``nonlandmark_pool`` (non-landmark photos, CSV
     or folder, disjoint from ``nonlandmarks``) stores their embeddings and lowers every score by
     ``penalty.weight`` × the query's mean cosine to its ``penalty.k`` nearest of them, before
-    calibration (``penalty``: a :class:`recognition.artifact.PenaltyParams`, its defaults when None). Under DDP every rank embeds its share and rank 0 alone builds and
+    calibration (``penalty``: a :class:`recognition.artifact.PenaltyParams`, its defaults when None).
+    ``descriptors`` (a :class:`recognition.descriptors.DescriptorParams`, all off when None) whitens
+    (fitted on the DB and the pool), augments the DB (DBA) and expands queries; the threshold is
+    calibrated on the post-processed scores. Under DDP every rank embeds its share and rank 0 alone builds and
     writes the index (other ranks return None).
     """
     from pytorch_lightning.utilities import rank_zero_only
@@ -173,6 +177,7 @@ def build_landmark_index(
     from recognition.artifact import LandmarkIndex, PenaltyParams
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold
     from recognition.centroids import CentroidParams
+    from recognition.descriptors import DescriptorParams
     from retrieval.embedding_model import load_embedding_model
 
     if threshold is not None and nonlandmarks:
@@ -185,6 +190,7 @@ def build_landmark_index(
     elif not pathlib.Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     params = centroid_params or CentroidParams()
+    descriptors = descriptors or DescriptorParams()
     data = _image_files(load_manifest(manifest, "landmark", extra_columns=extra_columns, column_map=column_map or None))
     data = filter_rows(data, where)
     if "decision" in data.table.columns:
@@ -233,6 +239,8 @@ def build_landmark_index(
         return None  # every DDP rank embedded its share; rank 0 alone builds and writes the index
     if not valid.any():
         raise UserError(f"{data.source}: none of the {len(valid)} database images could be read")
+    if pool_emb is not None and not len(pool_emb):
+        raise UserError(f"{pool_set.source}: none of the non-landmark pool photos could be read")
     ids = [i for i, ok in zip(data.landmark_ids, valid) if ok]
     source = {"checkpoint": str(pathlib.Path(checkpoint).resolve())} if checkpoint else {"backbone": backbone}
     build = {
@@ -243,14 +251,17 @@ def build_landmark_index(
         "manifest": str(pathlib.Path(data.source).resolve()),
         "n_images": int(valid.sum()), "n_unreadable": int((~valid).sum()),
     }
+    if descriptors.whiten:
+        # Fitted without labels on the DB and the pool; never on the calibration photos, whose
+        # scores must behave like those of photos the index has not seen.
+        build["whitening_photos"] = int(valid.sum()) + (0 if pool_emb is None else len(pool_emb))
     # The same build as the evaluation's shipped-decision index (RetrievalEvaluation centroid_index).
     index = LandmarkIndex.from_embeddings(
         emb[valid], ids, {"identity": model.identity, "key": model.key, "source": source}, representation, params,
         metadata, index_kind=index_kind, index_params=index_params or {}, build=build, progress=progress,
+        descriptor_params=descriptors, unlabelled=pool_emb,
     )
     if pool_emb is not None:
-        if not len(pool_emb):
-            raise UserError(f"{pool_set.source}: none of the non-landmark pool photos could be read")
         try:
             penalty = penalty or PenaltyParams()
             index.set_penalty(pool_emb, penalty.weight, penalty.k, source=str(pathlib.Path(pool_set.source).resolve()))
@@ -260,12 +271,14 @@ def build_landmark_index(
         from recognition.verification import LocalFeatures
 
         paths = [p for p, ok in zip(data.paths, valid) if ok]
-        index.local_features = LocalFeatures.for_index(index, emb[valid], ids, paths, verification, progress=progress)
+        # The photos are chosen by their similarity to the index vectors, in the index's space.
+        index.local_features = LocalFeatures.for_index(index, index.whiten(emb[valid]), ids, paths, verification,
+                                                       progress=progress, net=model.net)
     if nl_emb is not None:
         if index.local_features is not None:
             # The threshold must be set on the scores the recogniser will compare with it.
             candidates, rows = index.search(nl_emb, index.local_features.params.candidates)
-            scores = index.local_features.verified_top1(nl_paths, candidates, rows, progress=progress)
+            scores = index.local_features.verified_top1(nl_paths, candidates, rows, progress=progress, net=model.net)
         else:
             scores, _ = index.top1(nl_emb)
         try:

@@ -29,7 +29,7 @@ from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
 from recognition.artifact import LandmarkIndex, ModelMismatchError
 from recognition.gps import read_exif_gps, within_radius
-from recognition.verification import make_sift, query_features
+from recognition.verification import make_extractor, query_features
 from retrieval.decision import decide
 from retrieval.embedding_model import EmbeddingModel, load_embedding_model
 
@@ -194,7 +194,8 @@ class Recognizer:
         lms = self.index.landmarks
         self._lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in lms], dtype=np.float64)
         self._lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in lms], dtype=np.float64)
-        self._sift = None if self.index.local_features is None else make_sift(self.index.local_features.params)
+        self._extractor = None if self.index.local_features is None else make_extractor(
+            self.index.local_features.params, self.net)
         # Verification re-scores the index's `candidates` best landmarks, as calibration did: a
         # smaller top_k must not verify fewer (the threshold would not fit the scores), so the
         # search is at least that deep and top_k only bounds what is reported.
@@ -252,7 +253,7 @@ class Recognizer:
             # rejected either way (most photos of a collection), so its verification is skipped and
             # its scores stay the global ones. Only which rejected candidate is reported can differ.
             return scores, "skipped"
-        query = query_features(path, features.params, self._sift)
+        query = query_features(path, features.params, self._extractor)
         if len(query[0]) < features.params.min_keypoints:
             # Flat sky, night, a tiny or unreadable photo: nothing to verify with; the global
             # scores stand (the minimum-keypoint policy), and the result says so.

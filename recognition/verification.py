@@ -51,13 +51,23 @@ FORMAT_VERSION = 1
 FILES = ("local_keypoints.npy", "local_descriptors.npy", "local_offsets.npy", "local_landmark.npy")
 
 
+LOCAL_KINDS = ("sift", "cnn")
+
+
 @dataclass(frozen=True)
 class VerificationParams:
-    """How photos are described and matched, and how many are verified per query (the bounds)."""
+    """How photos are described and matched, and how many are verified per query (the bounds).
+
+    ``local="sift"``: OpenCV SIFT keypoints, Lowe's ratio test. ``local="cnn"``: DELF-style
+    features from the index's own network (:meth:`EmbeddingNet.local_feature_map` at stride 16):
+    the ``n_features`` cells of largest activation norm, each an L2-normalised descriptor at its
+    cell's centre, matched as mutual nearest neighbours. :meth:`for_local` gives each kind's
+    measured defaults.
+    """
 
     max_side: int = 480  # photos are decoded with the longer side at most this many pixels
-    n_features: int = 500  # SIFT keypoints kept per photo (the strongest)
-    ratio: float = 0.8  # Lowe's ratio test
+    n_features: int = 500  # SIFT keypoints / CNN cells kept per photo (the strongest)
+    ratio: float = 0.8  # Lowe's ratio test (SIFT)
     ransac_px: float = 5.0  # USAC MAGSAC reprojection threshold
     candidates: int = 3  # landmarks verified per query (its best by the global score)
     images_per_landmark: int = 5  # gallery photos stored (and matched) per landmark
@@ -65,6 +75,7 @@ class VerificationParams:
     min_inliers: int = 25  # fewer inliers add nothing: unrelated photos reach 8-25 (EXPERIMENTS.md)
     weight: float = 0.001  # score added per inlier
     inlier_cap: int = 50  # inliers beyond this add nothing
+    local: str = "sift"  # the local features: "sift" or "cnn"
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be >= 1" for name in ("max_side", "n_features", "candidates", "images_per_landmark",
@@ -75,8 +86,20 @@ class VerificationParams:
             problems.append("ransac_px must be > 0 and weight >= 0")
         if self.min_keypoints < 4 or self.min_inliers < 4:
             problems.append("min_keypoints and min_inliers must be >= 4 (a homography needs 4 points)")
+        if self.local not in LOCAL_KINDS:
+            problems.append(f"local features must be one of {LOCAL_KINDS}, got {self.local!r}")
         if problems:
             raise UserError("verification: " + "; ".join(problems))
+
+    @classmethod
+    def for_local(cls, local: str = "sift", **overrides) -> "VerificationParams":
+        """The measured defaults of ``local`` features, with ``overrides`` (None values ignored).
+        CNN cells are 16 px apart, so their homography tolerance is one cell; unrelated photos reach
+        at most 15 inliers with them, true matches a median of 15 and 37 % reach 25 (EXPERIMENTS.md,
+        "spatial verification"), so 20 inliers and a larger weight than SIFT's."""
+        base = {"local": local} if local == "sift" else {"local": local, "ransac_px": CNN_STRIDE,
+                                                          "min_inliers": 20, "weight": 0.005}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
     def max_bonus(self) -> float:
@@ -89,52 +112,116 @@ class VerificationParams:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+CNN_STRIDE = 16  # the feature map DELF-style features come from (pixels of the decoded photo per cell)
+
+
 def make_sift(params: VerificationParams):
     """An OpenCV SIFT extractor for ``params`` (one per thread: OpenCV's detectors are not shared)."""
     # Positional: OpenCV 5 accepts descriptorType only after the other parameters (their defaults here).
     return cv2.SIFT_create(params.n_features, 3, 0.04, 10, 1.6, cv2.CV_8U)
 
 
-def extract(path: str, params: VerificationParams, sift=None) -> tuple[np.ndarray, np.ndarray]:
-    """``(keypoints float32 [k, 2], descriptors uint8 [k, 128])`` of one photo (k may be 0).
+class CnnExtractor:
+    """DELF-style local features of a photo from ``net`` (an ``EmbeddingNet``): its feature map at
+    stride 16 on the photo decoded at ``max_side``, the ``n_features`` cells of largest L2 norm
+    (the norm stands in for DELF's learned attention), each an L2-normalised float16 descriptor
+    placed at its cell's centre in the decoded photo's pixels."""
+
+    def __init__(self, net, params: VerificationParams):
+        import torch
+
+        if net is None:
+            raise ValueError("CNN local features need the index's network")
+        self.net, self.params = net.eval(), params
+        try:  # fail before any photo is read when the network has no stride-16 map
+            with torch.no_grad():
+                net.local_feature_map(torch.zeros(1, 3, 64, 64, device=next(net.parameters()).device), CNN_STRIDE)
+        except ValueError as err:
+            raise UserError(f"--verify-local cnn: {err}; use --verify-local sift with this model") from None
+
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        device = next(self.net.parameters()).device
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device).float() / 255.0
+        with torch.no_grad():
+            fmap = self.net.local_feature_map(x, CNN_STRIDE)[0].float().cpu()
+        channels, h, w = fmap.shape
+        norms = fmap.norm(dim=0).flatten()
+        top = torch.topk(norms, min(self.params.n_features, norms.numel())).indices
+        top = top[norms[top] > 0]
+        desc = torch.nn.functional.normalize(fmap.flatten(1)[:, top].T, dim=1).numpy().astype(np.float16)
+        rows, cols = (top // w).numpy(), (top % w).numpy()
+        points = np.stack([(cols + 0.5) * rgb.shape[1] / w, (rows + 0.5) * rgb.shape[0] / h], axis=1)
+        return points.astype(np.float32), desc
+
+
+def make_extractor(params: VerificationParams, net=None):
+    """``rgb uint8 [H, W, 3] -> (keypoints float32 [k, 2], descriptors [k, dim])`` for ``params.local``
+    (one per thread); ``net`` (the index's ``EmbeddingNet``) is needed for CNN features."""
+    if params.local == "cnn":
+        return CnnExtractor(net, params)
+    sift = make_sift(params)
+
+    def extract_sift(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keypoints, descriptors = sift.detectAndCompute(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), None)
+        if descriptors is None or not keypoints:
+            return no_features(params)
+        return np.array([kp.pt for kp in keypoints], dtype=np.float32), np.ascontiguousarray(descriptors, np.uint8)
+
+    return extract_sift
+
+
+def extract(path: str, params: VerificationParams, extractor=None, net=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(keypoints float32 [k, 2], descriptors [k, dim])`` of one photo (k may be 0): SIFT's
+    uint8 [k, 128], or the CNN's float16 [k, channels].
 
     Raises :class:`datamodules.images.UnreadableImage` naming the file if it cannot be decoded.
     """
-    gray = cv2.cvtColor(load_rgb(path, max_side=params.max_side), cv2.COLOR_RGB2GRAY)
-    keypoints, descriptors = (sift or make_sift(params)).detectAndCompute(gray, None)
-    if descriptors is None or not keypoints:
-        return no_features()
-    points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
-    return points, np.ascontiguousarray(descriptors, dtype=np.uint8)
+    return (extractor or make_extractor(params, net))(load_rgb(path, max_side=params.max_side))
 
 
-def no_features() -> tuple[np.ndarray, np.ndarray]:
+def no_features(params: VerificationParams | None = None, dim: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The features of a photo without keypoints (it never verifies)."""
-    return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+    dtype = np.float16 if params is not None and params.local == "cnn" else np.uint8
+    return np.zeros((0, 2), np.float32), np.zeros((0, dim), dtype)
 
 
-def query_features(path: str, params: VerificationParams, sift=None) -> tuple[np.ndarray, np.ndarray]:
+def query_features(path: str, params: VerificationParams, extractor=None, net=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract` for a photo being recognised: one that cannot be read gets no keypoints,
     so its global score stands (the minimum-keypoint policy)."""
     try:
-        return extract(path, params, sift)
+        return extract(path, params, extractor, net)
     except (UnreadableImage, OSError, ValueError):
-        return no_features()
+        return no_features(params)
+
+
+def _matches(dq: np.ndarray, dg: np.ndarray, params: VerificationParams) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(query rows, photo rows)`` of matched descriptors."""
+    if params.local == "cnn":
+        # Mutual nearest neighbours by cosine: CNN descriptors of neighbouring cells are too alike
+        # for a ratio test (the second neighbour is nearly as close as the first).
+        sims = dq.astype(np.float32) @ np.asarray(dg, np.float32).T
+        forward, backward = sims.argmax(axis=1), sims.argmax(axis=0)
+        mutual = np.flatnonzero(backward[forward] == np.arange(len(dq)))
+        return mutual, forward[mutual]
+    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(dq.astype(np.float32), np.asarray(dg, np.float32), k=2)
+    good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < params.ratio * n.distance]
+    return np.array([m.queryIdx for m in good], np.int64), np.array([m.trainIdx for m in good], np.int64)
 
 
 def count_inliers(query: tuple[np.ndarray, np.ndarray], photo: tuple[np.ndarray, np.ndarray],
                   params: VerificationParams) -> int:
     """Inliers of a homography between two photos' features (0 below the keypoint minimum or
-    with fewer than 4 ratio-test matches)."""
+    with fewer than 4 matches)."""
     (kq, dq), (kg, dg) = query, photo
     if len(kq) < params.min_keypoints or len(kg) < params.min_keypoints:
         return 0
-    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(dq.astype(np.float32), np.asarray(dg, np.float32), k=2)
-    good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < params.ratio * n.distance]
-    if len(good) < 4:
+    q_rows, g_rows = _matches(dq, dg, params)
+    if len(q_rows) < 4:
         return 0
-    src = kq[[m.queryIdx for m in good]].reshape(-1, 1, 2)
-    dst = np.asarray(kg)[[m.trainIdx for m in good]].reshape(-1, 1, 2)
+    src = kq[q_rows].reshape(-1, 1, 2)
+    dst = np.asarray(kg)[g_rows].reshape(-1, 1, 2)
     _, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, params.ransac_px)
     return 0 if mask is None else int(mask.sum())
 
@@ -180,11 +267,13 @@ class LocalFeatures:
         self.keypoints, self.descriptors = keypoints, descriptors
         self.offsets, self.landmark, self.params = np.asarray(offsets), np.asarray(landmark), params
         n = len(self.landmark)
+        dtype = np.float16 if params.local == "cnn" else np.uint8
         if self.offsets.shape != (n + 1,) or self.offsets[0] != 0 or self.offsets[-1] != len(keypoints) \
                 or np.any(np.diff(self.offsets) < 0) or len(descriptors) != len(keypoints) \
-                or keypoints.shape[1:] != (2,) or descriptors.shape[1:] != (128,):
-            raise ValueError(f"inconsistent local features: {n} photos, offsets {self.offsets.shape}, "
-                             f"keypoints {keypoints.shape}, descriptors {descriptors.shape}")
+                or keypoints.shape[1:] != (2,) or descriptors.ndim != 2 or descriptors.dtype != dtype \
+                or (params.local == "sift" and descriptors.shape[1] != 128):
+            raise ValueError(f"inconsistent {params.local} local features: {n} photos, offsets {self.offsets.shape}, "
+                             f"keypoints {keypoints.shape}, descriptors {descriptors.shape} {descriptors.dtype}")
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(self.landmark.tolist()):
             groups.setdefault(row, []).append(i)
@@ -192,10 +281,11 @@ class LocalFeatures:
 
     @classmethod
     def extract(cls, paths: Sequence[str], landmark: np.ndarray, params: VerificationParams,
-                progress: bool = False, cache: dict | None = None) -> "LocalFeatures":
+                progress: bool = False, cache: dict | None = None, net=None) -> "LocalFeatures":
         """Features of ``paths`` (landmark rows ``landmark``); an unreadable photo keeps no keypoints.
-        ``cache`` maps paths to features already extracted with ``params`` (a benchmark's)."""
-        sift = make_sift(params)
+        ``cache`` maps paths to features already extracted with ``params`` (a benchmark's); ``net``
+        is the index's network (CNN features)."""
+        extractor = make_extractor(params, net)
         points, descs, offsets, skipped = [], [], [0], 0
         iterator = paths
         if progress:
@@ -204,10 +294,10 @@ class LocalFeatures:
             iterator = tqdm(paths, desc="local features", unit="img")
         for path in iterator:
             try:
-                kp, desc = cache[path] if cache is not None and path in cache else extract(path, params, sift)
+                kp, desc = cache[path] if cache is not None and path in cache else extract(path, params, extractor)
             except UnreadableImage as err:
                 log.warning("verification: %s; stored without keypoints", err)
-                kp, desc = no_features()
+                kp, desc = no_features(params, descs[-1].shape[1] if descs else 128)
             skipped += len(kp) < params.min_keypoints
             points.append(kp)
             descs.append(desc)
@@ -215,20 +305,24 @@ class LocalFeatures:
         if skipped:
             log.info("verification: %d of %d gallery photos have fewer than %d keypoints and never verify",
                      skipped, len(paths), params.min_keypoints)
-        empty = no_features()
+        dim = max((d.shape[1] for d in descs), default=128)  # a CNN's channels; photos without cells too
+        descs = [d if len(d) else no_features(params, dim)[1] for d in descs]
+        empty = no_features(params, dim)
         return cls(np.concatenate(points) if points else empty[0], np.concatenate(descs) if descs else empty[1],
                    np.asarray(offsets, np.int64), np.asarray(landmark, np.int64), params)
 
     @classmethod
     def for_index(cls, index, embeddings: np.ndarray, landmark_ids: Sequence[str], paths: Sequence[str],
-                  params: VerificationParams, progress: bool = False, cache: dict | None = None) -> "LocalFeatures":
+                  params: VerificationParams, progress: bool = False, cache: dict | None = None,
+                  net=None) -> "LocalFeatures":
         """What ``landmarks index --verify`` stores for ``index``, built from the gallery photos
         ``paths`` with their unit ``embeddings`` and ``landmark_ids``: the :func:`choose_photos`
         of each landmark, extracted."""
         row_of = {landmark_id: row for row, landmark_id in enumerate(index.landmark_ids)}
         photo_rows = np.array([row_of.get(i, -1) for i in landmark_ids], dtype=np.int64)
         chosen = choose_photos(embeddings, photo_rows, index.vectors, index.vector_landmark, params.images_per_landmark)
-        return cls.extract([paths[i] for i in chosen], photo_rows[chosen], params, progress=progress, cache=cache)
+        return cls.extract([paths[i] for i in chosen], photo_rows[chosen], params, progress=progress, cache=cache,
+                           net=net)
 
     def photo(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -250,11 +344,11 @@ class LocalFeatures:
         return np.asarray(scores, dtype=np.float32) + inlier_bonus(self.candidate_inliers(query, rows), self.params)
 
     def verified_top1(self, paths: Sequence[str], scores: np.ndarray, rows: np.ndarray,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool = False, net=None) -> np.ndarray:
         """The decision score of each photo after verification (its best rescored candidate), as
         the recogniser computes it; used to calibrate the threshold. An unreadable photo keeps its
-        global score."""
-        sift = make_sift(self.params)
+        global score. ``net``: the index's network (CNN features)."""
+        extractor = make_extractor(self.params, net)
         out = np.empty(len(paths), dtype=np.float32)
         iterator = range(len(paths))
         if progress:
@@ -262,7 +356,7 @@ class LocalFeatures:
 
             iterator = tqdm(iterator, desc="verify calibration", unit="img")
         for i in iterator:
-            out[i] = self.rescore(query_features(paths[i], self.params, sift), scores[i], rows[i]).max()
+            out[i] = self.rescore(query_features(paths[i], self.params, extractor), scores[i], rows[i]).max()
         return out
 
     # ---- persistence ---------------------------------------------------------------------------

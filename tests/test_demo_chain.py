@@ -90,7 +90,9 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
 @pytest.mark.slow
 def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
     world, out = tmp_path / "world", tmp_path / "chain"
-    args = [LANDMARKS, *_demo_args(world, out, "--trainer.max_epochs=6", "--data.batches_per_epoch=6")]
+    # 9 fit epochs after the 3 warm-up ones: each writes last.ckpt, so the kill lands before the
+    # fit ends even when its tiny epochs take a fraction of a second (with 3, it once did not).
+    args = [LANDMARKS, *_demo_args(world, out, "--trainer.max_epochs=12", "--data.batches_per_epoch=6")]
     env = dict(os.environ, WANDB_MODE="disabled")
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -98,7 +100,7 @@ def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
         deadline = time.time() + 300
         while not list((out / "fit").glob("checkpoints/last.ckpt")) and time.time() < deadline:
             assert proc.poll() is None, "the demo finished before it could be killed in the fit"
-            time.sleep(0.2)
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -111,10 +113,10 @@ def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     import torch
 
-    # The rest of max_epochs after the 3 warm-up epochs, all run: 3 epochs of 6 steps (the last
+    # The rest of max_epochs after the 3 warm-up epochs, all run: 9 epochs of 6 steps (the last
     # checkpoint is written at the end of training, its epoch counter already past the last).
     final = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
-    assert (final["epoch"], final["global_step"]) == (3, 18)
+    assert (final["epoch"], final["global_step"]) == (9, 54)
     assert "recall" in summary["recognizer"]
 
 

@@ -119,9 +119,9 @@ def test_real_photos_smoke_imagenet_recognises_three_landmarks():
 
 
 def test_the_epoch_curve_ends_at_the_final_model_and_does_not_change_the_fit(tiny_world, tmp_path):
-    """`landmarks realphotos --curve` on a stand-in for the real photos (the tiny synthetic world):
-    one point per epoch, the last one scoring exactly the final model, and the fit the same as a
-    run without the curve (saving the weights draws no random numbers)."""
+    """`landmarks realphotos --curve --wise-ft 0 1` on a stand-in for the real photos (the tiny
+    synthetic world): one point per epoch, the last one scoring exactly the final model, and the
+    fit the same as a run without the curve (saving the weights draws no random numbers)."""
     from cli.realphotos import run_realphotos
 
     db = pd.read_csv(tiny_world / "db.csv", dtype=str)
@@ -134,7 +134,8 @@ def test_the_epoch_curve_ends_at_the_final_model_and_does_not_change_the_fit(tin
     root.mkdir()
     pd.DataFrame(rows, columns=["relpath", "label", "kind", "source_repo"]).to_csv(root / "MANIFEST.csv", index=False)
     settings = dict(seeds=[0], train_landmarks=4, train_nonlandmarks=30, image_size=32, epochs=2, workers=0)
-    with_curve = run_realphotos(root, tmp_path / "curve", every_epoch=True, **settings)["seeds"]["0"]
+    with_curve = run_realphotos(root, tmp_path / "curve", every_epoch=True, wise_ft_alphas=[0.0, 1.0],
+                                **settings)["seeds"]["0"]
     plain = run_realphotos(root, tmp_path / "plain", **settings)["seeds"]["0"]
     points = with_curve["curve"]
     assert [p["epoch"] for p in points] == [1, 2] and "curve" not in plain
@@ -142,3 +143,46 @@ def test_the_epoch_curve_ends_at_the_final_model_and_does_not_change_the_fit(tin
         assert points[-1][name] == with_curve["metrics"][name] == plain["metrics"][name]
     assert points[0]["fine-tuned, 512-d head"] != points[1]["fine-tuned, 512-d head"]  # the model moved
     assert not list((tmp_path / "curve" / "seed0" / "epochs").glob("*.ckpt"))  # scored, then deleted
+    # WiSE-FT's ends are the ImageNet start and the fine-tuned backbone, scored on the same sets.
+    rows = with_curve["metrics"]
+    assert rows["WiSE-FT backbone, alpha 0"] == rows["ImageNet MobileNetV2 (GeM)"]
+    assert rows["WiSE-FT backbone, alpha 1"] == rows["fine-tuned backbone (GeM, no head)"]
+
+
+def test_wise_ft_interpolates_every_weight_and_keeps_its_ends_exact():
+    """WiSE-FT: alpha 0 is the start network and 1 the fine-tuned one, bit for bit; 0.25 puts
+    every floating weight (BatchNorm statistics included) a quarter of the way; a network of
+    another architecture and an alpha outside [0, 1] are refused."""
+    import torch
+
+    from cli.realphotos import wise_ft
+    from core.errors import UserError
+    from lightning_modules import EmbeddingNet
+    from retrieval.embedding_model import EmbeddingModel
+
+    def model(seed: int, backbone: str = "mobilenetv2_050") -> EmbeddingModel:
+        torch.manual_seed(seed)
+        net = EmbeddingNet(backbone, pretrained=False, embedding_size=None)
+        for module in net.modules():  # distinct BatchNorm statistics, so they are checked too
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+        return EmbeddingModel(net.eval(), 32, {"source": "test", "seed": seed})
+
+    start, tuned = model(0), model(1)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for alpha, expected in ((0.0, start), (1.0, tuned)):
+            assert torch.equal(wise_ft(start, tuned, alpha).net(images), expected.net(images))
+    mixed = wise_ft(start, tuned, 0.25)
+    a, b, m = start.net.state_dict(), tuned.net.state_dict(), mixed.net.state_dict()
+    name = "backbone.bn1.running_mean"
+    assert torch.allclose(m[name], 0.75 * a[name] + 0.25 * b[name]) and not torch.allclose(m[name], b[name])
+    floating = [k for k in m if m[k].is_floating_point()]
+    assert all(torch.allclose(m[k], 0.75 * a[k] + 0.25 * b[k]) for k in floating)
+    assert mixed.identity["wise_ft"] == {"alpha": 0.25, "start": start.identity} and mixed.key != tuned.key
+    assert torch.equal(tuned.net.state_dict()[name], b[name])  # the inputs are not modified
+    with pytest.raises(UserError, match="alpha"):
+        wise_ft(start, tuned, 1.5)
+    with pytest.raises(ValueError, match="one architecture"):
+        wise_ft(start, model(2, "mobilenetv2_100"), 0.5)

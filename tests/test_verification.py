@@ -21,6 +21,7 @@ from recognition.verification import (
     count_inliers,
     extract,
     inlier_bonus,
+    make_extractor,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -239,3 +240,100 @@ def test_index_verify_calibrates_on_verified_scores_and_the_recognizer_applies_t
         assert (narrow_result.landmark_id, narrow_result.accepted) == (wide_result.landmark_id, wide_result.accepted)
         assert narrow_result.score == pytest.approx(wide_result.score, abs=1e-6)
         assert len(narrow_result.candidates) == 1 and narrow_result.candidates[0] == wide_result.candidates[0]
+
+
+@pytest.fixture(scope="module")
+def imagenet_net():
+    from lightning_modules import EmbeddingNet
+
+    return EmbeddingNet("mobilenetv2_100", pretrained="offline", embedding_size=None).eval()
+
+
+def test_cnn_features_are_the_strongest_stride16_cells_and_match_a_warped_copy(photos, imagenet_net):
+    """DELF-style features: cells of the network's stride-16 map, at their centres, unit float16
+    descriptors; a warped copy of a scene has hundreds of inliers, another scene a handful."""
+    import torch
+
+    from datamodules.images import load_rgb
+
+    p = VerificationParams.for_local("cnn")
+    assert (p.local, p.ransac_px, p.min_inliers, p.weight) == ("cnn", 16.0, 20, 0.005)
+    extractor = make_extractor(p, imagenet_net)
+    scene = [extract(path, p, extractor) for path in photos["scene"]]
+    view = [extract(path, p, extractor) for path in photos["view"]]
+    kp, desc = scene[0]
+    # 480 x 360 px at stride 16: a 30 x 23 map (timm rounds up); the 500 cells of largest norm.
+    with torch.no_grad():
+        rgb = load_rgb(photos["scene"][0], max_side=p.max_side)
+        fmap = imagenet_net.local_feature_map(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)[0]
+    h, w = fmap.shape[1:]
+    assert (h, w) == (23, 30) and len(kp) == 500 and desc.dtype == np.float16 and desc.shape[1] == 96
+    cols, rows = kp[:, 0] / (480 / w) - 0.5, kp[:, 1] / (360 / h) - 0.5
+    np.testing.assert_allclose(cols, np.round(cols), atol=1e-3)
+    np.testing.assert_allclose(rows, np.round(rows), atol=1e-3)
+    norms = fmap.norm(dim=0).numpy()
+    kept = norms[np.round(rows).astype(int), np.round(cols).astype(int)]
+    assert kept.min() >= np.sort(norms.ravel())[-500] - 1e-4
+    np.testing.assert_allclose(np.linalg.norm(desc.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    same = [count_inliers(scene[i], view[i], p) for i in range(3)]
+    other = [count_inliers(scene[i], view[j], p) for i in range(3) for j in range(3) if i != j]
+    assert min(same) >= 100 and max(other) < p.min_inliers, (same, other)
+    with pytest.raises(ValueError, match="need the index's network"):
+        make_extractor(p, None)
+    with pytest.raises(ValueError, match="no feature map at stride 7"):
+        imagenet_net.local_feature_map(torch.zeros(1, 3, 64, 64), 7)
+
+    class NoStride16(torch.nn.Module):  # a network without that map: refused before any photo is read
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def local_feature_map(self, images, reduction):
+            raise ValueError(f"NoStride16 has no feature map at stride {reduction}")
+
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="--verify-local cnn: NoStride16 has no feature map at stride 16; use "
+                                        "--verify-local sift"):
+        make_extractor(p, NoStride16())
+    # A photo too small for 30 cells is not verified (the minimum-keypoint policy).
+    tiny = _save(_texture(5, 80, 60), photos["blank"].replace("blank", "tiny"))
+    assert len(extract(tiny, p, extractor)[0]) < p.min_keypoints
+
+
+def test_index_verify_with_cnn_features_round_trip_and_recognizer(photos, tmp_path, capsys):
+    """`landmarks index --verify --verify-local cnn`: float16 features stored and memory-mapped,
+    the threshold calibrated on verified scores, and the recogniser adding the same bonus."""
+    rows, calibration = [], []
+    for lm in range(2):
+        scene = _texture(lm)
+        for v in range(3):
+            rows.append({"path": _save(_warp(scene, 10 * lm + v), tmp_path / f"lm{lm}_{v}.jpg"), "landmark_id": f"L{lm}"})
+    for k in range(10):
+        calibration.append({"path": _save(_texture(50 + k), tmp_path / f"other{k}.jpg")})
+    queries = [_save(_warp(_texture(lm), 77 + lm), tmp_path / f"query{lm}.jpg") for lm in range(2)]
+    pd.DataFrame(rows).to_csv(tmp_path / "db.csv", index=False)
+    pd.DataFrame(calibration).to_csv(tmp_path / "nl.csv", index=False)
+    out = tmp_path / "index"
+    code = main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
+                 "--image-size", "64", "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1",
+                 "--num-workers", "0", "--cache-dir", "", "--verify", "--verify-local", "cnn", "--verify-photos", "2"])
+    assert code == 0
+    assert "verified:   4 photos stored (2000 CNN feature cells)" in capsys.readouterr().out
+    index = LandmarkIndex.load(out)
+    lf = index.local_features
+    assert lf.params == VerificationParams.for_local("cnn", images_per_landmark=2)
+    assert isinstance(lf.descriptors, np.memmap) and lf.descriptors.dtype == np.float16
+    plain = LandmarkIndex.load(out)
+    plain.local_features = None
+    global_recognizer = Recognizer(plain, threshold=0.0)
+    paths = [c["path"] for c in calibration]
+    emb = np.concatenate([global_recognizer.embed_tensors(global_recognizer._load(p)[0][None]) for p in paths])
+    scores, cand = index.search(emb, lf.params.candidates)
+    verified = lf.verified_top1(paths, scores, cand, net=global_recognizer.net)
+    assert index.calibration.threshold == pytest.approx(calibrate_threshold(verified, 0.1).threshold, abs=1e-6)
+    assert np.array_equal(verified, scores.max(axis=1))  # other scenes stay under 20 inliers
+    recognizer = Recognizer(out, threshold=-1.0)
+    for result, unverified in zip(recognizer.recognize(queries), global_recognizer.recognize(queries)):
+        assert result.verification == "verified" and result.landmark_id == unverified.landmark_id
+        assert result.score == pytest.approx(unverified.score + 0.005 * 50, abs=1e-5)  # > 50 inliers: capped
