@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from index_probes import calibration_embeddings, tiny_index_args
 
 from cli.main import main
 from recognition.artifact import FORMAT_VERSION, IndexFormatError, LandmarkIndex
@@ -152,9 +153,7 @@ def test_descriptor_round_trip_and_version(tmp_path):
 
 def test_index_command_whitens_expands_and_calibrates_on_what_it_searches(tiny_world, tmp_path, capsys):
     out = tmp_path / "index"
-    args = ["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
-            "--image-size", "64", "--nonlandmarks", str(tiny_world / "calibration.csv"), "--target-fpr", "0.05",
-            "--num-workers", "0", "--cache-dir", ""]
+    args = tiny_index_args(tiny_world, out)
     assert main(args + ["--whiten", "0.25", "--dba", "1", "--query-expansion", "1",
                         "--nonlandmark-pool", str(tiny_world / "nonlandmarks.csv")]) == 0
     printed = capsys.readouterr().out
@@ -163,9 +162,7 @@ def test_index_command_whitens_expands_and_calibrates_on_what_it_searches(tiny_w
     assert index.build["whitening_photos"] == n_db + 40
     assert (f"descriptor: whitened (power 0.25, shrink 1, fitted on {n_db + 40} photos); DBA over 1 neighbours; "
             "queries expanded by 1 index vectors") in printed
-    recognizer = Recognizer(index)
-    paths = [line.split(",")[0] for line in (tiny_world / "calibration.csv").read_text().splitlines()[1:]]
-    emb = np.concatenate([recognizer.embed_tensors(recognizer._load(str(tiny_world / p))[0][None]) for p in paths])
+    emb = calibration_embeddings(Recognizer(index), tiny_world)
     scores, _ = index.top1(emb)
     assert index.calibration.threshold == pytest.approx(calibrate_threshold(scores, 0.05).threshold, abs=1e-5)
     # Those scores are of the post-processed photos, not the raw ones.

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from index_probes import calibration_embeddings, tiny_index_args
 
 from cli.main import main
 from recognition.artifact import IndexFormatError, LandmarkIndex
@@ -64,15 +65,11 @@ def test_penalty_round_trip_and_a_damaged_header(tmp_path):
 
 def test_index_with_a_pool_calibrates_on_penalised_scores(tiny_world, tmp_path, capsys):
     out = tmp_path / "index"
-    args = ["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
-            "--image-size", "64", "--nonlandmarks", str(tiny_world / "calibration.csv"), "--target-fpr", "0.05",
-            "--num-workers", "0", "--cache-dir", ""]
+    args = tiny_index_args(tiny_world, out)
     assert main(args + ["--nonlandmark-pool", str(tiny_world / "nonlandmarks.csv"), "--penalty-k", "3"]) == 0
     assert "penalty:    score − 0.25 × mean cosine to the 3 nearest of 40 non-landmark pool photos" in capsys.readouterr().out
     index = LandmarkIndex.load(out)
-    recognizer = Recognizer(index)
-    paths = [line.split(",")[0] for line in (tiny_world / "calibration.csv").read_text().splitlines()[1:]]
-    emb = np.concatenate([recognizer.embed_tensors(recognizer._load(str(tiny_world / p))[0][None]) for p in paths])
+    emb = calibration_embeddings(Recognizer(index), tiny_world)
     scores, _ = index.top1(emb)  # embedded one by one here, in batches by the index: float noise only
     assert index.calibration.threshold == pytest.approx(calibrate_threshold(scores, 0.05).threshold, abs=1e-5)
     # The penalty is what the threshold saw: without it the calibration photos score higher.

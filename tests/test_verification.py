@@ -169,23 +169,26 @@ def test_bad_parameters_are_named(tmp_path, capsys):
                                  "(a homography needs 4 points)")
 
 
+def _scenes_to_index(tmp_path, landmarks: int, views: int) -> tuple[list[str], list[str], list[str]]:
+    """Photos for `landmarks index`: ``views`` warped views of each landmark's scene (db.csv), 10
+    other scenes (nl.csv, the calibration), and one more view per landmark as its query. Returns the
+    calibration paths, the queries and the command's arguments without ``--out``."""
+    rows = [{"path": _save(_warp(_texture(lm), 10 * lm + v), tmp_path / f"lm{lm}_{v}.jpg"), "landmark_id": f"L{lm}"}
+            for lm in range(landmarks) for v in range(views)]
+    calibration = [_save(_texture(50 + k), tmp_path / f"other{k}.jpg") for k in range(10)]
+    queries = [_save(_warp(_texture(lm), 77 + lm), tmp_path / f"query{lm}.jpg") for lm in range(landmarks)]
+    pd.DataFrame(rows).to_csv(tmp_path / "db.csv", index=False)
+    pd.DataFrame({"path": calibration}).to_csv(tmp_path / "nl.csv", index=False)
+    args = ["index", "--manifest", str(tmp_path / "db.csv"), "--backbone", "mobilenetv2_100", "--image-size", "64",
+            "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1", "--num-workers", "0", "--cache-dir", ""]
+    return calibration, queries, args
+
+
 def test_index_verify_calibrates_on_verified_scores_and_the_recognizer_applies_them(tmp_path, capsys):
     """Through `landmarks index --verify` and the Recognizer: 3 landmarks × 4 views, 10 other scenes."""
-    rows, calibration = [], []
-    for lm in range(3):
-        scene = _texture(lm)
-        for v in range(4):
-            rows.append({"path": _save(_warp(scene, 10 * lm + v), tmp_path / f"lm{lm}_{v}.jpg"), "landmark_id": f"L{lm}"})
-    for k in range(10):
-        calibration.append({"path": _save(_texture(50 + k), tmp_path / f"other{k}.jpg")})
-    queries = [_save(_warp(_texture(lm), 77 + lm), tmp_path / f"query{lm}.jpg") for lm in range(3)]
-    pd.DataFrame(rows).to_csv(tmp_path / "db.csv", index=False)
-    pd.DataFrame(calibration).to_csv(tmp_path / "nl.csv", index=False)
+    paths, queries, args = _scenes_to_index(tmp_path, landmarks=3, views=4)
     out = tmp_path / "index"
-    code = main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
-                 "--image-size", "64", "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1",
-                 "--num-workers", "0", "--cache-dir", "", "--verify", "--verify-photos", "2"])
-    assert code == 0
+    assert main(args + ["--out", str(out), "--verify", "--verify-photos", "2"]) == 0
     assert "verified:   6 photos stored" in capsys.readouterr().out
     index = LandmarkIndex.load(out)
     assert sorted(index.local_features.landmark.tolist()) == [0, 0, 1, 1, 2, 2]
@@ -194,7 +197,6 @@ def test_index_verify_calibrates_on_verified_scores_and_the_recognizer_applies_t
     plain = LandmarkIndex.load(out)
     plain.local_features = None
     global_recognizer = Recognizer(plain, threshold=0.0)
-    paths = [c["path"] for c in calibration]
     emb = np.concatenate([global_recognizer.embed_tensors(global_recognizer._load(p)[0][None]) for p in paths])
     scores, cand = index.search(emb, index.local_features.params.candidates)
     verified = index.local_features.verified_top1(paths, scores, cand)
@@ -304,21 +306,9 @@ def test_cnn_features_are_the_strongest_stride16_cells_and_match_a_warped_copy(p
 def test_index_verify_with_cnn_features_round_trip_and_recognizer(photos, tmp_path, capsys):
     """`landmarks index --verify --verify-local cnn`: float16 features stored and memory-mapped,
     the threshold calibrated on verified scores, and the recogniser adding the same bonus."""
-    rows, calibration = [], []
-    for lm in range(2):
-        scene = _texture(lm)
-        for v in range(3):
-            rows.append({"path": _save(_warp(scene, 10 * lm + v), tmp_path / f"lm{lm}_{v}.jpg"), "landmark_id": f"L{lm}"})
-    for k in range(10):
-        calibration.append({"path": _save(_texture(50 + k), tmp_path / f"other{k}.jpg")})
-    queries = [_save(_warp(_texture(lm), 77 + lm), tmp_path / f"query{lm}.jpg") for lm in range(2)]
-    pd.DataFrame(rows).to_csv(tmp_path / "db.csv", index=False)
-    pd.DataFrame(calibration).to_csv(tmp_path / "nl.csv", index=False)
+    paths, queries, args = _scenes_to_index(tmp_path, landmarks=2, views=3)
     out = tmp_path / "index"
-    code = main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
-                 "--image-size", "64", "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1",
-                 "--num-workers", "0", "--cache-dir", "", "--verify", "--verify-local", "cnn", "--verify-photos", "2"])
-    assert code == 0
+    assert main(args + ["--out", str(out), "--verify", "--verify-local", "cnn", "--verify-photos", "2"]) == 0
     assert "verified:   4 photos stored (2000 CNN feature cells)" in capsys.readouterr().out
     index = LandmarkIndex.load(out)
     lf = index.local_features
@@ -327,7 +317,6 @@ def test_index_verify_with_cnn_features_round_trip_and_recognizer(photos, tmp_pa
     plain = LandmarkIndex.load(out)
     plain.local_features = None
     global_recognizer = Recognizer(plain, threshold=0.0)
-    paths = [c["path"] for c in calibration]
     emb = np.concatenate([global_recognizer.embed_tensors(global_recognizer._load(p)[0][None]) for p in paths])
     scores, cand = index.search(emb, lf.params.candidates)
     verified = lf.verified_top1(paths, scores, cand, net=global_recognizer.net)
