@@ -255,6 +255,10 @@ def build_landmark_index(
         # Fitted without labels on the DB and the pool; never on the calibration photos, whose
         # scores must behave like those of photos the index has not seen.
         build["whitening_photos"] = int(valid.sum()) + (0 if pool_emb is None else len(pool_emb))
+        if build["whitening_photos"] < model.embedding_size:
+            log.warning("--whiten is fitted on %d photos for %d dimensions; on the real photos such a fit lowered "
+                        "recall at FPR 1%% (EXPERIMENTS.md, 'whitening'): give a larger --nonlandmark-pool or leave "
+                        "whitening off", build["whitening_photos"], model.embedding_size)
     # The same build as the evaluation's shipped-decision index (RetrievalEvaluation centroid_index).
     index = LandmarkIndex.from_embeddings(
         emb[valid], ids, {"identity": model.identity, "key": model.key, "source": source}, representation, params,

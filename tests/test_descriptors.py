@@ -156,9 +156,12 @@ def test_index_command_whitens_expands_and_calibrates_on_what_it_searches(tiny_w
     args = tiny_index_args(tiny_world, out)
     assert main(args + ["--whiten", "0.25", "--dba", "1", "--query-expansion", "1",
                         "--nonlandmark-pool", str(tiny_world / "nonlandmarks.csv")]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     index = LandmarkIndex.load(out)
     n_db = index.build["n_images"]
+    # Fewer photos than the 1,280 dimensions: the user is told that such a fit cost recall.
+    assert f"--whiten is fitted on {n_db + 40} photos for 1280 dimensions" in captured.err
     assert index.build["whitening_photos"] == n_db + 40
     assert (f"descriptor: whitened (power 0.25, shrink 1, fitted on {n_db + 40} photos); DBA over 1 neighbours; "
             "queries expanded by 1 index vectors") in printed
