@@ -1,9 +1,9 @@
 """Spatial verification of a query's top landmark candidates with local features (an index option).
 
-What it does: ``landmarks index --verify`` stores, for each landmark, the SIFT keypoints and
-descriptors of a few of its gallery photos (the photo nearest to each of its centroids, then the
-next nearest, up to ``images_per_landmark``). At recognition, the query's own SIFT features are
-matched (Lowe's ratio test) against those photos of its ``candidates`` best landmarks by the
+What it does: ``landmarks index --verify`` stores, for each landmark, the local features (SIFT
+keypoints and descriptors by default) of a few of its gallery photos (the photo nearest to each
+of its centroids, then the next nearest, up to ``images_per_landmark``). At recognition, the
+query's own features are matched (SIFT: Lowe's ratio test) against those photos of its ``candidates`` best landmarks by the
 global score, a homography is fitted by OpenCV's USAC MAGSAC, and a candidate's score becomes
 
     global cosine + weight × min(inliers, inlier_cap)        (inliers: the best of its photos)
@@ -14,18 +14,25 @@ is neither helped nor hurt). The index's threshold is calibrated on these verifi
 calibration photos, so an index built with ``--verify`` always verifies at recognition; its
 decisions go through the one acceptance rule (:func:`retrieval.decision.decide`) like any other.
 
-Why it is off by default: on the real photos a small weight gains within the seed spread and
-any weight large enough to matter loses recall at low FPR, because non-landmark photos reach as
-many inliers against textured façades as true matches do (EXPERIMENTS.md, "spatial
-verification"). The parameters are the measured best of that sweep: 500 keypoints at 480 px match
-as well as 1,000 at 640 px in a third of the time; a weight of 0.001-0.002 with at least 25
-inliers; lower minimums or larger weights lose recall.
+``--verify-local cnn`` (:class:`CnnExtractor`) replaces SIFT by DELF-style features: the index
+model's own stride-16 feature map, its cells of largest activation norm as keypoints, matched as
+mutual nearest neighbours.
+
+Why it is off by default: on the real photos a small weight gains within the seed spread. With
+SIFT, any weight large enough to matter loses recall at low FPR, because non-landmark photos
+reach as many inliers against textured façades as true matches do. The SIFT parameters are the
+measured best of that sweep: 500 keypoints at 480 px match as well as 1,000 at 640 px in a third
+of the time; a weight of 0.001-0.002 with at least 25 inliers; lower minimums or larger weights
+lose recall. With CNN cells, non-landmark photos reach at most 15 inliers, so 20 inliers and a
+weight of 0.005 lose nothing; they gain +0.005 recall, also within the spread. Both are in
+EXPERIMENTS.md, "spatial verification".
 
 Storage (no pickle): four ``.npy`` files in the index directory, memory-mapped at load, described
 by ``index.json``'s ``verification`` entry (format :data:`FORMAT`, version, parameters, counts)::
 
     local_keypoints.npy      float32 [K, 2]    x, y in the photo decoded at ``max_side``
-    local_descriptors.npy    uint8   [K, 128]  SIFT descriptors (OpenCV's uint8 output)
+    local_descriptors.npy    uint8   [K, 128]  SIFT descriptors (OpenCV's uint8 output), or
+                             float16 [K, C]    CNN cells' unit descriptors (``local="cnn"``)
     local_offsets.npy        int64   [n + 1]   photo i owns rows offsets[i]:offsets[i+1]
     local_landmark.npy       int64   [n]       landmark row of each stored photo
 """
