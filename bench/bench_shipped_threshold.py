@@ -73,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", type=Path, default=Path("runs/demo"), help="folder of the chains")
+    parser.add_argument("--prefix", default="chain",
+                        help="the chains are <runs>/<prefix>-seed<N> (bench_demo_chain.py: its --tag)")
     parser.add_argument("--data", type=Path, default=Path("data"), help="folder of the worlds")
     parser.add_argument("--target-fpr", type=float, default=1e-3)
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[2000, 3500])
@@ -82,7 +84,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
-        scores = chain_scores(args.runs / f"chain-seed{seed}", world)
+        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world)
         truth, shipped = scores["truth"], scores["recognizer"]
         print(f"\nseed {seed}: recognize stage recall {shipped['recall']:.3f} at achieved FPR {shipped['achieved_fpr']:.4f}")
         for variant in ("shipped", "no penalty"):
