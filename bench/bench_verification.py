@@ -52,6 +52,7 @@ from recognition.verification import (  # noqa: E402
     extract,
     inlier_bonus,
     make_extractor,
+    match_descriptors,
 )
 from retrieval.embedding_model import load_embedding_model  # noqa: E402
 from retrieval.metrics import NONLANDMARK, recognition_at_fpr  # noqa: E402
@@ -83,25 +84,19 @@ def cnn_features(paths, backbone: str, max_side: int, keep: int) -> list:
     return out
 
 
-def verify(a, b, matcher, mutual: bool = False, reprojection: float = 5.0) -> tuple[int, float]:
+def verify(a, b, params: VerificationParams) -> tuple[int, float]:
     """(MAGSAC homography inliers, their convex hull's share of image a) for a pair of photos;
-    matches by Lowe's ratio test (0.8), or ``mutual`` nearest neighbours (CNN descriptors,
-    whose second neighbours are too close for a ratio test)."""
+    descriptors matched as ``landmarks index --verify`` matches them (``match_descriptors``: SIFT
+    by Lowe's ratio test, CNN cells as mutual nearest neighbours), MAGSAC at ``params.ransac_px``."""
     (points_a, desc_a, shape_a), (points_b, desc_b, _) = a, b
     if desc_a is None or desc_b is None or len(desc_a) < 8 or len(desc_b) < 8:
         return 0, 0.0
-    if mutual:
-        sims = desc_a.astype(np.float32) @ desc_b.astype(np.float32).T
-        forward, backward = sims.argmax(axis=1), sims.argmax(axis=0)
-        pairs = [(i, j) for i, j in enumerate(forward) if backward[j] == i]
-    else:
-        pairs = [(m[0].queryIdx, m[0].trainIdx) for m in matcher.knnMatch(desc_a, desc_b, k=2)
-                 if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
+    pairs = list(zip(*match_descriptors(desc_a, desc_b, params)))
     if len(pairs) < 8:
         return 0, 0.0
     src = points_a[[i for i, _ in pairs]]
     dst = points_b[[j for _, j in pairs]]
-    _, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, reprojection, maxIters=2000, confidence=0.999)
+    _, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, params.ransac_px, maxIters=2000, confidence=0.999)
     if mask is None:
         return 0, 0.0
     inliers = mask.ravel().astype(bool)
@@ -196,18 +191,17 @@ def main() -> None:
     is_landmark = table["kind"].to_numpy() == "landmark"
     start = time.perf_counter()
     if args.local == "sift":
-        features, mutual, reprojection = sift_features(paths), False, 5.0
+        features = sift_features(paths)
         described = "SIFT, 1,000 keypoints at 640 px, ratio test"
     else:
         features = cnn_features(paths, args.backbone, args.max_side, args.features)
-        mutual, reprojection = True, float(CNN_STRIDE)
         described = (f"CNN features (DELF-style): {args.backbone}'s stride-{CNN_STRIDE} cells, top {args.features} by "
                      f"norm at {args.max_side} px, mutual NN, MAGSAC at {CNN_STRIDE} px")
     per_photo = 1e3 * (time.perf_counter() - start) / len(paths)
     print(f"{described}: {per_photo:.0f} ms/photo")
     emb = br._embed(load_embedding_model(backbone=args.backbone, image_size=args.image_size), list(paths), batch_size=32)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    pair_params = VerificationParams.for_local(args.local)  # ratio 0.8 / mutual NN; MAGSAC 5 / 16 px
     landmark_rows, distractor_rows = np.flatnonzero(is_landmark), np.flatnonzero(~is_landmark)
     classes = {name: i for i, name in enumerate(sorted(set(labels[is_landmark])))}
     runs = []
@@ -222,7 +216,7 @@ def main() -> None:
         for row, photo in enumerate(photos):
             top = np.argsort(-sims[row])[:TOP]
             candidates.append([(classes[labels[gallery[j]]], sims[row, j],
-                                *verify(features[photo], features[gallery[j]], matcher, mutual, reprojection)) for j in top])
+                                *verify(features[photo], features[gallery[j]], pair_params)) for j in top])
         runs.append((candidates, truth, len(queries)))
 
     def evaluate(name: str, score) -> None:

@@ -203,7 +203,7 @@ def query_features(path: str, params: VerificationParams, extractor=None, net=No
         return no_features(params)
 
 
-def _matches(dq: np.ndarray, dg: np.ndarray, params: VerificationParams) -> tuple[np.ndarray, np.ndarray]:
+def match_descriptors(dq: np.ndarray, dg: np.ndarray, params: VerificationParams) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(query rows, photo rows)`` of matched descriptors."""
     if params.local == "cnn":
         # Mutual nearest neighbours by cosine: CNN descriptors of neighbouring cells are too alike
@@ -224,7 +224,7 @@ def count_inliers(query: tuple[np.ndarray, np.ndarray], photo: tuple[np.ndarray,
     (kq, dq), (kg, dg) = query, photo
     if len(kq) < params.min_keypoints or len(kg) < params.min_keypoints:
         return 0
-    q_rows, g_rows = _matches(dq, dg, params)
+    q_rows, g_rows = match_descriptors(dq, dg, params)
     if len(q_rows) < 4:
         return 0
     src = kq[q_rows].reshape(-1, 1, 2)
@@ -304,7 +304,7 @@ class LocalFeatures:
                 kp, desc = cache[path] if cache is not None and path in cache else extract(path, params, extractor)
             except UnreadableImage as err:
                 log.warning("verification: %s; stored without keypoints", err)
-                kp, desc = no_features(params, descs[-1].shape[1] if descs else 128)
+                kp, desc = no_features(params)
             skipped += len(kp) < params.min_keypoints
             points.append(kp)
             descs.append(desc)
