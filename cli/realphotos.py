@@ -51,7 +51,6 @@ REPORTED = ("recall@fpr=1e-02", "recall@fpr=5e-02", "p@1", "gap", "map@10")
 def evaluate(model, split: dict[str, pd.DataFrame], batch_size: int = 32, workers: int = 0) -> dict[str, float]:
     """Recognition metrics of ``model`` (an ``EmbeddingModel``) on a split's gallery/queries/distractors."""
     from retrieval.embed import embed_paths
-    from retrieval.metrics import evaluate_recognition
 
     sets = {name: split[name] for name in ("gallery", "queries", "distractors")}
     paths = [p for frame in sets.values() for p in frame["path"]]
@@ -63,6 +62,18 @@ def evaluate(model, split: dict[str, pd.DataFrame], batch_size: int = 32, worker
     for name, frame in sets.items():
         embedded[name] = result.embeddings[start:start + len(frame)]
         start += len(frame)
+    return score_embedded(embedded, split)
+
+
+def score_embedded(embedded: dict[str, np.ndarray], split: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """The metrics of :func:`evaluate` from embeddings already computed (``embedded[name]``, rows in
+    the order of ``split[name]``, for gallery, queries and distractors)."""
+    from retrieval.metrics import evaluate_recognition
+
+    sets = {name: split[name] for name in ("gallery", "queries", "distractors")}
+    for name, frame in sets.items():
+        if len(embedded[name]) != len(frame):
+            raise ValueError(f"{name}: {len(embedded[name])} embeddings for {len(frame)} photos")
     names = sorted(set(sets["gallery"]["label"]) | set(sets["queries"]["label"]))
     code = {label: i for i, label in enumerate(names)}
     result = evaluate_recognition(

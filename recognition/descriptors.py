@@ -84,17 +84,34 @@ class Whitening:
                              "must be [d] and [d, d]")
 
     @classmethod
-    def fit(cls, photos: np.ndarray, power: float, shrink: float) -> "Whitening":
+    def fit(cls, photos: np.ndarray, power: float, shrink: float, groups=None) -> "Whitening":
         """``(C + r·I)^-power`` for the covariance ``C`` of ``photos`` (unit rows; at least 2) and the
         ridge ``r = shrink · mean λ`` (λ: the non-zero eigenvalues of ``C``): each principal direction
         is scaled by ``(λ + r)^-power``, and the directions the photos do not span (a DB smaller than
         the embedding size spans few) by ``r^-power``, so a query's component there is kept, not
-        dropped. With ``shrink`` 0 those directions are projected out."""
+        dropped. With ``shrink`` 0 those directions are projected out.
+
+        With ``groups`` (one label per photo, e.g. landmark ids), ``C`` is instead the scatter of
+        the differences of matching pairs, ``Σ_{i<j, same group} (x_i − x_j)(x_i − x_j)ᵀ``:
+        Radenović et al.'s learned whitening (TPAMI 2018), up to its rotation, which a cosine
+        search does not see. It equals ``Σ_g n_g Σ_{i∈g} (x_i − m_g)(x_i − m_g)ᵀ``, which is what
+        is decomposed; the centring mean stays that of all photos."""
         x = np.asarray(photos, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
             raise ValueError(f"whitening needs at least 2 photos to fit on, got {len(x)}")
         mean = x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        spread = x - mean
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (len(x),):
+                raise ValueError(f"learned whitening: {len(groups)} group labels for {len(x)} photos")
+            spread = np.zeros_like(x)
+            for group in np.unique(groups):
+                member = groups == group
+                spread[member] = (x[member] - x[member].mean(axis=0)) * np.sqrt(member.sum())
+            if not np.any(spread):
+                raise ValueError("learned whitening needs a group with at least 2 different photos")
+        _, s, vt = np.linalg.svd(spread, full_matrices=False)
         var = s ** 2 / len(x)
         keep = var > 1e-8 * var[0]  # directions with (numerically) no variance
         v, var = vt[keep].T, var[keep]

@@ -68,6 +68,34 @@ def test_whitening_decorrelates_the_fitted_photos_and_keeps_what_they_do_not_spa
         Whitening.fit(x[:1], 0.5, 1.0)
 
 
+def test_learned_whitening_whitens_the_matching_pair_differences_not_the_photos():
+    rng = np.random.default_rng(2)
+    # 3 landmarks far apart along axes 0-2; within each, photos vary by a known transform A
+    # (shooting-angle nuisance), of different sizes per landmark.
+    a = np.array([[2.0, 0.5, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.3, 0.1], [0, 0, 0, 0.5]])
+    x, groups = [], []
+    for landmark, n in enumerate((5, 9, 14)):
+        x.append(10 * np.eye(4)[landmark] + rng.standard_normal((n, 4)) @ a.T)
+        groups += [landmark] * n
+    x, groups = np.concatenate(x), np.array(groups)
+    learned = Whitening.fit(x, power=0.5, shrink=0.0, groups=groups)
+    # The scatter of every matching pair's difference, by hand, ends as a multiple of the identity.
+    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x)) if groups[i] == groups[j]]
+    scatter = sum(np.outer(x[i] - x[j], x[i] - x[j]) for i, j in pairs)
+    white = learned.projection @ scatter @ learned.projection
+    np.testing.assert_allclose(white / white[0, 0], np.eye(4), atol=1e-6)
+    # Without groups, the photos' own covariance (dominated by the landmarks' spread) is whitened
+    # instead, which leaves the pair differences far from white.
+    plain = Whitening.fit(x, power=0.5, shrink=0.0)
+    other = plain.projection @ scatter @ plain.projection
+    assert not np.allclose(other / other[0, 0], np.eye(4), atol=0.1)
+    np.testing.assert_allclose(learned.mean, x.mean(axis=0), atol=1e-6)  # centred on all photos
+    with pytest.raises(ValueError, match="3 group labels for 28 photos"):
+        Whitening.fit(x, 0.5, 0.0, groups=groups[:3])
+    with pytest.raises(ValueError, match="at least 2 different photos"):
+        Whitening.fit(x, 0.5, 0.0, groups=np.arange(len(x)))
+
+
 def test_weighted_neighbours_hand_computed_and_dba_skips_each_photo_itself():
     x = _unit([[1, 0, 0]])
     pool = _unit([[1, 0, 0], [1, 1, 0], [0, 1, 0]])  # cosines 1, 0.707, 0
