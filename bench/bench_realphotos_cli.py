@@ -47,12 +47,14 @@ from retrieval.metrics import NONLANDMARK, recognition_at_fpr  # noqa: E402
 
 LITE0, MOBILENET = "tf_efficientnet_lite0", "mobilenetv2_100"
 #: name -> (backbone, extra `landmarks index` arguments). "lite0" is the commands' defaults (320 px
-#: for a backbone, a landmark with < 15 photos indexed as its photos); "... before" rows are the
-#: defaults before that measurement (224 px, photos + their mean), the controls.
+#: × scales 1 and 1.414 for a backbone, a landmark with < 15 photos indexed as its photos); "... before"
+#: rows are the defaults before those measurements (224 px, one scale, photos + their mean) and
+#: "... one scale" the defaults before multi-scale, the controls.
 VARIANTS = {
     "lite0": (LITE0, []),
-    "lite0 before": (LITE0, ["--image-size", "224", "--few-photos-mean"]),
-    "lite0 224": (LITE0, ["--image-size", "224"]),
+    "lite0 before": (LITE0, ["--image-size", "224", "--scales", "1", "--few-photos-mean"]),
+    "lite0 one scale": (LITE0, ["--scales", "1"]),
+    "lite0 224": (LITE0, ["--image-size", "224", "--scales", "1"]),
     "lite0 + mean": (LITE0, ["--few-photos-mean"]),
     "lite0 verify": (LITE0, ["--verify"]),
     "lite0 verify cnn": (LITE0, ["--verify", "--verify-local", "cnn"]),
@@ -64,8 +66,12 @@ VARIANTS = {
     "lite0 DBA": (LITE0, ["--dba", "1"]),
     "lite0 QE 1": (LITE0, ["--query-expansion", "1"]),
     "lite0 QE 2": (LITE0, ["--query-expansion", "2"]),
+    # Multi-scale embedding (the default is 1 and 1.414): the issue's three scales, and 0.707 with 1.
+    "lite0 ms": (LITE0, ["--scales", "0.707", "1", "1.414"]),
+    "lite0 ms small": (LITE0, ["--scales", "0.707", "1"]),
     "mobilenetv2": (MOBILENET, []),
-    "mobilenetv2 before": (MOBILENET, ["--image-size", "224", "--few-photos-mean"]),
+    "mobilenetv2 before": (MOBILENET, ["--image-size", "224", "--scales", "1", "--few-photos-mean"]),
+    "mobilenetv2 one scale": (MOBILENET, ["--scales", "1"]),
     "lite1": ("tf_efficientnet_lite1", []),
     "lite2": ("tf_efficientnet_lite2", []),
 }

@@ -262,6 +262,12 @@ def run_realphotos(args) -> dict:
             emb = _embed(model, list(paths), batch_size=32)
             per_size[size] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
             variants.append((backbone, f"{size}", per_size[size], model.identity))
+            if args.scales:
+                # The shipped multi-scale model (`landmarks index --scales`): the batch resized by each scale.
+                multi = load_embedding_model(backbone=backbone, image_size=size, scales=args.scales)
+                emb = _embed(multi, list(paths), batch_size=32)
+                variants.append((backbone, f"{size} × ({'/'.join(f'{s:g}' for s in args.scales)})",
+                                 emb / np.linalg.norm(emb, axis=1, keepdims=True), multi.identity))
         if args.multi_scale and len(per_size) > 1:
             # Multi-scale descriptor: the normalised sum of the unit descriptors at every size.
             total = sum(per_size.values())
@@ -333,9 +339,10 @@ def run_latency(args) -> dict:
         real = read_realphotos(REALPHOTOS)
         landmarks = real[real["kind"] == "landmark"]
         db = SimpleNamespace(paths=landmarks["path"].tolist(), landmark_ids=landmarks["label"].tolist())
-        cases.append((f"{args.real_backbone} ImageNet ({args.real_image_size} px), real photos ≤ 512 px",
-                      load_embedding_model(backbone=args.real_backbone, image_size=args.real_image_size), db,
-                      real["path"].tolist()))
+        scales = f" at scales {'/'.join(f'{s:g}' for s in args.scales)}" if args.scales else ""
+        cases.append((f"{args.real_backbone} ImageNet ({args.real_image_size} px{scales}), real photos ≤ 512 px",
+                      load_embedding_model(backbone=args.real_backbone, image_size=args.real_image_size,
+                                           scales=args.scales), db, real["path"].tolist()))
     results = {"machine": _machine(), "batch_size": args.batch_size, "workers": args.workers, "rows": []}
     for label, model, db, photos in cases:
         photos = list(photos)[: args.images]
@@ -354,7 +361,8 @@ def run_latency(args) -> dict:
         recognizer = Recognizer(index, model, batch_size=args.batch_size, workers=args.workers)
         transform = eval_transform(model.image_size)
         tensors = torch.stack([transform(image=load_rgb(p, max_side=2 * model.image_size))["image"] for p in photos])
-        net = model.net.eval()
+        # The baseline is one forward pass at the input size, also for a multi-scale model.
+        net = getattr(model.net, "net", model.net).eval()
 
         def forward_only(net=net, tensors=tensors):
             with torch.inference_mode():
@@ -405,6 +413,9 @@ def main() -> int:
                         help="realphotos: also score each half of the landmarks (choose on A, confirm on B)")
     parser.add_argument("--multi-scale", action="store_true",
                         help="realphotos: also the multi-scale descriptor over --image-sizes")
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="realphotos: also each size embedded at these scales (`landmarks index --scales`); "
+                             "latency: the real photos' model embeds at them (the ratio is to one pass)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=256, help="latency: photos per pass")
     parser.add_argument("--batch-size", type=int, default=32)

