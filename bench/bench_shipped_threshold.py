@@ -19,6 +19,7 @@ Usage::
 
     landmarks demo --seed N        # the chains first (runs/demo/chain-seedN)
     python bench/bench_shipped_threshold.py --seeds 0 1 2
+    python bench/bench_shipped_threshold.py --seeds 0 1 2 --scales 1 1.414   # multi-scale, same chains
 """
 
 from __future__ import annotations
@@ -41,11 +42,32 @@ from retrieval.embed import embed_paths  # noqa: E402
 from retrieval.embedding_model import load_embedding_model  # noqa: E402
 
 
-def chain_scores(chain: Path, world: Path) -> dict:
-    """Top-1 scores and rows of the queries and the unseen non-landmarks, with and without the penalty."""
+def rebuilt_at_scales(index: LandmarkIndex, checkpoint: str, scales, cache: Path, out: Path) -> LandmarkIndex:
+    """The chain's index built again by `landmarks index` with the same DB, calibration photos,
+    non-landmark pool, penalty and representation, its model embedding at ``scales``."""
+    from recognition.artifact import PenaltyParams
+    from recognition.centroids import CentroidParams
+    from recognition.indexing import build_landmark_index
+
+    build, penalty = index.build, index.penalty
+    rebuilt, _ = build_landmark_index(
+        build["manifest"], out, checkpoint=checkpoint, scales=scales, nonlandmarks=build["calibration_set"],
+        target_fpr=index.calibration.target_fpr, representation=build["representation"],
+        centroid_params=CentroidParams(**build["clustering"]), cache_dir=cache, progress=False,
+        nonlandmark_pool=penalty["source"] if penalty else None,
+        penalty=PenaltyParams(penalty["weight"], penalty["k"]) if penalty else None)
+    return rebuilt
+
+
+def chain_scores(chain: Path, world: Path, scales=None) -> dict:
+    """Top-1 scores and rows of the queries and the unseen non-landmarks, with and without the penalty;
+    with ``scales``, of the chain's index rebuilt at those scales (:func:`rebuilt_at_scales`)."""
     summary = json.loads((chain / "summary.json").read_text())
     index = LandmarkIndex.load(summary["index"]["path"])
-    model = load_embedding_model(checkpoint=summary["checkpoint"])
+    model = load_embedding_model(checkpoint=summary["checkpoint"], scales=scales)
+    if scales:
+        index = rebuilt_at_scales(index, summary["checkpoint"], scales, chain / "cache",
+                                  chain / f"index-scales-{'-'.join(f'{s:g}' for s in scales)}")
     aliases = merged_id_aliases(read_manifest(summary["cleaning"]["manifest"], "landmark", extra_columns="ignore"))
     sets = {name: read_manifest(world / f"{name}.csv", kind, extra_columns="ignore")
             for name, kind in (("queries", "landmark"), ("calibration", "nonlandmark"), ("distractors", "nonlandmark"))}
@@ -79,12 +101,15 @@ def main() -> None:
     parser.add_argument("--target-fpr", type=float, default=1e-3)
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[2000, 3500])
     parser.add_argument("--draws", type=int, default=500)
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="rebuild each chain's index with its checkpoint embedding at these scales "
+                             "(`landmarks index --scales`); default: the index as shipped")
     args = parser.parse_args()
 
     rows = []
     for seed in args.seeds:
         world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
-        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world)
+        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world, args.scales)
         truth, shipped = scores["truth"], scores["recognizer"]
         print(f"\nseed {seed}: recognize stage recall {shipped['recall']:.3f} at achieved FPR {shipped['achieved_fpr']:.4f}")
         for variant in ("shipped", "no penalty"):
