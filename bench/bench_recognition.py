@@ -324,7 +324,7 @@ def run_latency(args) -> dict:
     from datamodules.transforms import eval_transform
     from recognition.calibration import Calibration
     from recognition.recognizer import Recognizer
-    from retrieval.embedding_model import load_embedding_model
+    from retrieval.embedding_model import MultiScaleNet, load_embedding_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -362,7 +362,7 @@ def run_latency(args) -> dict:
         transform = eval_transform(model.image_size)
         tensors = torch.stack([transform(image=load_rgb(p, max_side=2 * model.image_size))["image"] for p in photos])
         # The baseline is one forward pass at the input size, also for a multi-scale model.
-        net = getattr(model.net, "net", model.net).eval()
+        net = (model.net.net if isinstance(model.net, MultiScaleNet) else model.net).eval()
 
         def forward_only(net=net, tensors=tensors):
             with torch.inference_mode():

@@ -100,17 +100,7 @@ class Whitening:
         if x.ndim != 2 or len(x) < 2:
             raise ValueError(f"whitening needs at least 2 photos to fit on, got {len(x)}")
         mean = x.mean(axis=0)
-        spread = x - mean
-        if groups is not None:
-            groups = np.asarray(groups)
-            if groups.shape != (len(x),):
-                raise ValueError(f"learned whitening: {len(groups)} group labels for {len(x)} photos")
-            spread = np.zeros_like(x)
-            for group in np.unique(groups):
-                member = groups == group
-                spread[member] = (x[member] - x[member].mean(axis=0)) * np.sqrt(member.sum())
-            if not np.any(spread):
-                raise ValueError("learned whitening needs a group with at least 2 different photos")
+        spread = x - mean if groups is None else _pair_spread(x, np.asarray(groups))
         _, s, vt = np.linalg.svd(spread, full_matrices=False)
         var = s ** 2 / len(x)
         keep = var > 1e-8 * var[0]  # directions with (numerically) no variance
@@ -124,6 +114,19 @@ class Whitening:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return unit_rows((np.asarray(x, dtype=np.float32) - self.mean) @ self.projection, "whitened embeddings",
                          dtype=np.float32)
+
+
+def _pair_spread(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Rows whose scatter is that of the matching pairs' differences: ``√n_g · (x_i − m_g)``."""
+    if groups.shape != (len(x),):
+        raise ValueError(f"learned whitening: {len(groups)} group labels for {len(x)} photos")
+    spread = np.zeros_like(x)
+    for group in np.unique(groups):
+        member = groups == group
+        spread[member] = (x[member] - x[member].mean(axis=0)) * np.sqrt(member.sum())
+    if not np.any(spread):
+        raise ValueError("learned whitening needs a group with at least 2 different photos")
+    return spread
 
 
 def weighted_neighbours(x: np.ndarray, pool: np.ndarray, k: int, alpha: float, skip_self: bool = False,

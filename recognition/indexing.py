@@ -189,7 +189,7 @@ def build_landmark_index(
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
-    from retrieval.embedding_model import load_embedding_model
+    from retrieval.embedding_model import load_embedding_model, scale_factors
 
     if threshold is not None and nonlandmarks:
         raise UserError("give --nonlandmarks (calibration) or --threshold, not both")
@@ -200,6 +200,10 @@ def build_landmark_index(
         check_backbone(backbone)
     elif not pathlib.Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        scale_factors(scales)
+    except ValueError as err:
+        raise UserError(f"--scales: {err}") from None
     params = centroid_params or CentroidParams()
     descriptors = descriptors or DescriptorParams()
     data = _image_files(load_manifest(manifest, "landmark", extra_columns=extra_columns, column_map=column_map or None))
@@ -235,12 +239,7 @@ def build_landmark_index(
         image_size = BACKBONE_IMAGE_SIZE
     if backbone is not None and scales is None:
         scales = BACKBONE_SCALES
-    try:
-        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size, scales=scales)
-    except ValueError as err:
-        if scales is None:
-            raise
-        raise UserError(f"--scales: {err}") from None
+    model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size, scales=scales)
     embedding = dict(batch_size=batch_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
                      strategy=strategy, cache_dir=cache_dir, progress=progress)
     emb, valid = embed_images(model, data.paths, "database", **embedding)

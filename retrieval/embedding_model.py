@@ -20,7 +20,7 @@ from torch import nn
 from lightning_modules.embedding_net import EmbeddingNet
 from lightning_modules.landmark_module import CHECKPOINT_FORMAT
 
-__all__ = ["EmbeddingModel", "MultiScaleNet", "file_sha256", "load_embedding_model"]
+__all__ = ["EmbeddingModel", "MultiScaleNet", "file_sha256", "load_embedding_model", "scale_factors"]
 
 
 def file_sha256(path: str | pathlib.Path, chunk: int = 1 << 22) -> str:
@@ -29,6 +29,17 @@ def file_sha256(path: str | pathlib.Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def scale_factors(scales) -> tuple[float, ...] | None:
+    """``scales`` as distinct float factors in [0.25, 4]; None for one scale (None or ``[1]``), whose
+    model keeps the single-scale identity. Anything else is a ``ValueError`` naming the scales."""
+    if scales is None:
+        return None
+    factors = tuple(float(s) for s in scales)
+    if not factors or any(not 0.25 <= s <= 4.0 for s in factors) or len(set(factors)) != len(factors):
+        raise ValueError(f"scales must be distinct factors in [0.25, 4], got {list(factors)}")
+    return None if factors == (1.0,) else factors
 
 
 class MultiScaleNet(nn.Module):
@@ -40,10 +51,7 @@ class MultiScaleNet(nn.Module):
 
     def __init__(self, net: nn.Module, scales):
         super().__init__()
-        scales = tuple(float(s) for s in scales)
-        if not scales or any(not 0.25 <= s <= 4.0 for s in scales) or len(set(scales)) != len(scales):
-            raise ValueError(f"scales must be distinct factors in [0.25, 4], got {list(scales)}")
-        self.net, self.scales = net, scales
+        self.net, self.scales = net, scale_factors(scales) or (1.0,)
         self.embedding_size = net.embedding_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -62,7 +70,7 @@ class MultiScaleNet(nn.Module):
 def _with_scales(net: nn.Module, identity: dict, scales) -> tuple[nn.Module, dict]:
     """The network and identity for ``scales`` (None or ``[1]``: the single-scale model, whose
     identity has no ``scales`` key, so indexes and caches made before the option still match)."""
-    if scales is None or [float(s) for s in scales] == [1.0]:
+    if scale_factors(scales) is None:
         return net, identity
     wrapped = MultiScaleNet(net, scales)
     return wrapped, {**identity, "scales": list(wrapped.scales)}
