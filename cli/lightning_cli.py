@@ -24,6 +24,7 @@ import yaml
 from jsonargparse import set_parsing_settings
 from pytorch_lightning.cli import LightningCLI
 
+from callbacks.launched_ranks import StopLaunchedRanksOnError
 from callbacks.wandb_conventions import (
     WandbConventions,
     apply_wandb_conventions,
@@ -194,6 +195,7 @@ class LandmarkCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(StopLaunchedRanksOnError())
         for logger in trainer.loggers:
             # Lightning's WandbLogger always passes anonymous=None, which wandb >= 0.19 answers
             # with a deprecation line on every run; leaving the key out means the same.

@@ -32,6 +32,7 @@ from typing import Iterator
 
 from cli import logs
 from core.errors import UserError
+from core.launched_ranks import stop_launched_ranks
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -289,9 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     name = command if not command.startswith("-") else None
     with console(verbose):
         try:
-            if command in TOOL_COMMANDS:
-                return _run_tool(argv, verbose)
-            return _run_lightning(argv, verbose)
+            try:
+                if command in TOOL_COMMANDS:
+                    return _run_tool(argv, verbose)
+                return _run_lightning(argv, verbose)
+            except BaseException:
+                # In rank 0 of a script-launched DDP run, the other ranks would otherwise wait
+                # for torch's 30-minute timeout (core.launched_ranks); elsewhere a no-op.
+                stop_launched_ranks()
+                raise
         except USER_ERRORS as err:
             if debug:
                 raise

@@ -9,6 +9,8 @@
 * :mod:`core.accumulator` — :class:`~core.accumulator.EmbeddingAccumulator`, rows gathered across
   DDP ranks into dataset order;
 * :mod:`core.embedding` — the one routine that embeds a set of images with a model.
+* :mod:`core.launched_ranks` — rank 0 of a script-launched DDP run stops the ranks it launched
+  when it fails, instead of leaving them in the rendezvous for 30 minutes.
 
 Nothing here imports Lightning's Trainer, the data modules or the losses: this layer must stay
 importable on its own (``tests/test_layers.py`` enforces it).

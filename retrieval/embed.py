@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from core.atomic import save_npy_atomic, write_json_atomic
 from core.embedding import embed_batch
+from core.launched_ranks import remember, stop_launched_ranks
 from datamodules.datasets import ImageDataset
 from datamodules.transforms import eval_transform
 from retrieval.embedding_model import EmbeddingModel
@@ -299,7 +300,12 @@ def embed_paths(
             )
             module = _PredictEmbeddings(model, abs_paths, stamps, todo, folder, batch_size, num_workers, chunk_rows)
             parameter = next(iter(model.net.parameters()), None)
-            trainer.predict(module, return_predictions=False)
+            try:
+                trainer.predict(module, return_predictions=False)
+            except BaseException:
+                stop_launched_ranks(trainer)
+                raise
+            remember(trainer)
             if parameter is not None:
                 model.net.to(parameter.device)  # Lightning leaves it on the accelerator
             folder = module.folder  # rank 0's folder (differs from ours only for a temporary cache)

@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from ddp_runs import run_ranks
 
 from callbacks.curriculum import Curriculum, Stage, class_accuracy_scores, order_by_scores, read_difficulty_file
 from core.labels import NONLANDMARK
@@ -270,7 +271,7 @@ def _fit_args(world: Path, out: Path, *extra: str) -> list[str]:
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([LANDMARKS, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_ranks([LANDMARKS, *args], cwd=cwd, env=env, timeout=600)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done

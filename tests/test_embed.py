@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_runs import run_ranks
 from PIL import Image
 from torch import nn
 
@@ -194,8 +194,8 @@ def test_ddp_two_cpu_ranks_each_embed_a_part_and_all_get_everything(tmp_path):
     script.write_text(textwrap.dedent(_DDP_SCRIPT.format(root=str(ROOT), size=SIZE)))
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
-    done = subprocess.run([sys.executable, str(script), json.dumps(paths), str(tmp_path / "cache"), str(tmp_path / "out")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    done = run_ranks([sys.executable, str(script), json.dumps(paths), str(tmp_path / "cache"), str(tmp_path / "out")],
+                     env=env, cwd=tmp_path, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     single = _embed(_model(ColourNet()), paths, None)
     for name in ("nocache", "cache"):

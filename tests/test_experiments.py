@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ddp_runs import run_ranks
 
 from cli.main import main
 from datamodules.synth import SynthConfig, generate_world
@@ -112,7 +113,7 @@ def test_ddp_fit_on_two_cpu_processes_and_metrics_equal_single_process(tmp_path)
                 f"--trainer.logger.name={name}"]
 
     def run(*args):
-        done = subprocess.run([LANDMARKS, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = run_ranks([LANDMARKS, *args], cwd=tmp_path, env=env, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
         return done
 

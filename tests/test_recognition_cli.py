@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from ddp_runs import run_ranks
 
 from cli.main import main
 from recognition.artifact import LandmarkIndex, ModelMismatchError
@@ -213,7 +214,6 @@ def test_index_input_errors(built_index, tiny_world, tmp_path, capsys):
 @pytest.mark.slow
 def test_index_on_two_ddp_processes_writes_the_same_artifact_as_one(tiny_world, tmp_path):
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -222,8 +222,8 @@ def test_index_on_two_ddp_processes_writes_the_same_artifact_as_one(tiny_world, 
               "--backbone", "mobilenetv2_100", "--image-size", "32", "--target-fpr", "0.05", "--accelerator", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name, extra in (("one", []), ("two", ["--devices", "2", "--strategy", "ddp"])):
-        done = subprocess.run([landmarks, *common, "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / f"c-{name}"),
-                               *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        done = run_ranks([landmarks, *common, "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / f"c-{name}"),
+                          *extra], env=env, cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and "vectors.faiss" in files

@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from ddp_runs import run_ranks
 from PIL import Image
 
 from cli.main import main
@@ -408,7 +409,6 @@ json.dump({k: float(v) for k, v in logged.items() if k.startswith("test/roxford5
 
 @pytest.mark.slow
 def test_callback_on_two_ddp_processes_logs_the_single_process_numbers(roxford, tiny_world, tmp_path):
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -419,8 +419,8 @@ def test_callback_on_two_ddp_processes_logs_the_single_process_numbers(roxford, 
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]), OMP_NUM_THREADS="1",
                WANDB_MODE="disabled")
-    done = subprocess.run([sys.executable, str(script), str(root), str(tiny_world), str(tmp_path)], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_ranks([sys.executable, str(script), str(root), str(tiny_world), str(tmp_path)], env=env,
+                     cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # The same numbers as one process (test_callback_logs_the_protocol_after_test), on both ranks:
     # 6 database images and 2 queries split over 2 ranks (with padding) and gathered back in order.
