@@ -53,7 +53,9 @@ def main() -> None:
         chain = args.runs / f"chain-seed{seed}"
         world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
         summary = json.loads((chain / "summary.json").read_text())
-        model = load_embedding_model(checkpoint=summary["checkpoint"])
+        # the chain's own scales (its index's model; one scale for chains made before the demo had them)
+        scales = summary.get("index", {}).get("scales")
+        model = load_embedding_model(checkpoint=summary["checkpoint"], scales=scales)
         net = model.net.to(memory_format=torch.channels_last)
         clean = read_manifest(summary["cleaning"]["manifest"], "landmark", extra_columns="ignore")
         aliases = merged_id_aliases(clean)

@@ -64,7 +64,9 @@ def chain_scores(chain: Path, world: Path, scales=None) -> dict:
     with ``scales``, of the chain's index rebuilt at those scales (:func:`rebuilt_at_scales`)."""
     summary = json.loads((chain / "summary.json").read_text())
     index = LandmarkIndex.load(summary["index"]["path"])
-    model = load_embedding_model(checkpoint=summary["checkpoint"], scales=scales)
+    # the index as shipped: its own scales (one scale for chains made before the demo had them)
+    shipped_scales = index.model.get("identity", {}).get("scales")
+    model = load_embedding_model(checkpoint=summary["checkpoint"], scales=scales or shipped_scales)
     if scales:
         index = rebuilt_at_scales(index, summary["checkpoint"], scales, chain / "cache",
                                   chain / f"index-scales-{'-'.join(f'{s:g}' for s in scales)}")

@@ -58,9 +58,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (320 for a backbone: measured on real photos)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
                         help="multi-scale embedding: each photo (and every query) is embedded at these multiples "
-                             "of --image-size and the unit embeddings summed (default: 1 1.414 for a backbone, "
-                             "measured on real photos at 3x the forward time; 1 for a checkpoint; `--scales 1`: "
-                             "one scale)")
+                             "of --image-size and the unit embeddings summed (default: 1 1.414, measured on real photos "
+                             "and on the demo's checkpoints, at 3x the forward time; `--scales 1`: one scale)")
     cal = parser.add_argument_group("threshold")
     cal.add_argument("--nonlandmarks", help="non-landmark calibration photos: CSV (path) or folder")
     cal.add_argument("--target-fpr", type=float, default=1e-3, help="calibrated false-positive rate (default 1e-3)")

@@ -21,12 +21,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.accumulator import EmbeddingAccumulator, rank_and_world
 
-__all__ = ["embed_batch", "embed_dataset", "eval_mode"]
+__all__ = ["embed_batch", "embed_dataset", "eval_mode", "multiscale_forward", "scale_factors"]
 
 ForwardContext = Callable[[], AbstractContextManager]
 
@@ -47,12 +48,41 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def scale_factors(scales) -> tuple[float, ...] | None:
+    """``scales`` as distinct float factors in [0.25, 4]; None for one scale (None or ``[1]``), whose
+    model keeps the single-scale identity. Anything else is a ``ValueError`` naming the scales."""
+    if scales is None:
+        return None
+    factors = tuple(float(s) for s in scales)
+    if not factors or any(not 0.25 <= s <= 4.0 for s in factors) or len(set(factors)) != len(factors):
+        raise ValueError(f"scales must be distinct factors in [0.25, 4], got {list(factors)}")
+    return None if factors == (1.0,) else factors
+
+
+def multiscale_forward(net: nn.Module, images: torch.Tensor, scales) -> torch.Tensor:
+    """``net`` applied to the batch resized by each of ``scales``; the normalised sum of the
+    per-scale unit embeddings (Radenović et al.'s multi-scale descriptor with exponent 1, cirtorch's
+    ``extract_ms``: the input tensor is resized bilinearly, with antialiasing when shrinking).
+    Scale 1 is the batch as given; one scale (None or ``[1]``) is ``net(images)`` itself."""
+    factors = scale_factors(scales)
+    if factors is None:
+        return net(images).float()
+    total = None
+    for scale in factors:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                      align_corners=False, antialias=scale < 1.0)
+        rows = net(x).float()
+        total = rows if total is None else total + rows
+    return F.normalize(total, dim=1)
+
+
 def embed_batch(
     net: nn.Module,
     images: torch.Tensor,
     *,
     device: torch.device | str | None = None,
     forward_context: ForwardContext | None = None,
+    scales=None,
 ) -> torch.Tensor:
     """Float32 embeddings ``[B, D]`` of ``images`` (``[B, 3, H, W]``), on the network's device.
 
@@ -62,11 +92,13 @@ def embed_batch(
         device: where the network is.
         forward_context: a callable giving the context to run the forward pass in, e.g. a
             Lightning trainer's ``precision_plugin.forward_context`` (autocast for mixed precision).
+        scales: embed at these multiples of the batch's size and sum (:func:`multiscale_forward`);
+            None: one scale.
     """
     if device is not None:
         images = images.to(device, non_blocking=True)
     with torch.no_grad(), eval_mode(net), (forward_context or nullcontext)():
-        return net(images).float()
+        return multiscale_forward(net, images, scales)
 
 
 def embed_dataset(

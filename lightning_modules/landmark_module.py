@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
-from core.embedding import embed_batch
+from core.embedding import embed_batch, scale_factors
 from core.errors import UserError
 from lightning_modules.embedding_net import EmbeddingNet, GeM
 from losses import ArcFaceLoss, MetricLoss
@@ -62,6 +62,10 @@ class LandmarkModule(pl.LightningModule):
             their running statistics keep the pretrained values (their affine weights still
             train). Fine-tuning on a few hundred photos otherwise re-estimates every running mean
             and variance on them, which moves the features even when the weights barely do.
+        eval_scales: the validation / test / predict embeddings are taken at these multiples of
+            the image size and summed (``core.embedding.multiscale_forward``), e.g. ``[1.0, 1.414]``,
+            the scales ``landmarks index`` embeds at by default: the evaluation then scores the
+            index that ships. None (default): one scale. Training is unaffected.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class LandmarkModule(pl.LightningModule):
         freeze_backbone_steps: int = 0,
         l2sp_weight: float = 0.0,
         freeze_backbone_bn: bool = False,
+        eval_scales: list[float] | None = None,
     ):
         super().__init__()
         # Factories are not plain data: keeping them out of hparams keeps checkpoints loadable
@@ -89,6 +94,10 @@ class LandmarkModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["loss", "optimizer", "lr_scheduler"])
         if l2sp_weight < 0:
             raise UserError(f"l2sp_weight must be >= 0, got {l2sp_weight}")
+        try:
+            self.eval_scales = scale_factors(eval_scales)
+        except ValueError as err:
+            raise UserError(f"model.eval_scales: {err}") from None
         if warmup_steps < 0 or freeze_backbone_steps < 0:
             raise UserError(
                 f"warmup_steps and freeze_backbone_steps must be >= 0, got {warmup_steps} and {freeze_backbone_steps}"
@@ -166,7 +175,7 @@ class LandmarkModule(pl.LightningModule):
 
     def _embed_step(self, batch: dict) -> dict:
         return {
-            "embeddings": embed_batch(self, batch["image"]),
+            "embeddings": embed_batch(self, batch["image"], scales=self.eval_scales),
             "index": batch["index"],
             "label": batch["label"],
             "valid": batch["valid"],

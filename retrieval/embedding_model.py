@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from core.embedding import multiscale_forward, scale_factors
 from lightning_modules.embedding_net import EmbeddingNet
 from lightning_modules.landmark_module import CHECKPOINT_FORMAT
 
@@ -31,23 +31,10 @@ def file_sha256(path: str | pathlib.Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def scale_factors(scales) -> tuple[float, ...] | None:
-    """``scales`` as distinct float factors in [0.25, 4]; None for one scale (None or ``[1]``), whose
-    model keeps the single-scale identity. Anything else is a ``ValueError`` naming the scales."""
-    if scales is None:
-        return None
-    factors = tuple(float(s) for s in scales)
-    if not factors or any(not 0.25 <= s <= 4.0 for s in factors) or len(set(factors)) != len(factors):
-        raise ValueError(f"scales must be distinct factors in [0.25, 4], got {list(factors)}")
-    return None if factors == (1.0,) else factors
-
-
 class MultiScaleNet(nn.Module):
-    """``net`` applied to the batch resized by each of ``scales``; the embedding is the normalised
-    sum of the per-scale unit embeddings (Radenović et al.'s multi-scale descriptor with exponent 1,
-    cirtorch's ``extract_ms``: the input tensor is resized, bilinearly, with antialiasing when
-    shrinking). Scale 1 is the batch as given. Local features (verification) come from ``net`` at
-    the given size only."""
+    """``net`` embedding at several scales (:func:`core.embedding.multiscale_forward`, the same
+    function a LandmarkModule's ``eval_scales`` evaluation uses). Local features (verification)
+    come from ``net`` at the given size only."""
 
     def __init__(self, net: nn.Module, scales):
         super().__init__()
@@ -55,13 +42,7 @@ class MultiScaleNet(nn.Module):
         self.embedding_size = net.embedding_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        total = None
-        for scale in self.scales:
-            x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                          align_corners=False, antialias=scale < 1.0)
-            rows = self.net(x).float()
-            total = rows if total is None else total + rows
-        return F.normalize(total, dim=1)
+        return multiscale_forward(self.net, images, self.scales)
 
     def local_feature_map(self, images: torch.Tensor, reduction: int = 16) -> torch.Tensor:
         return self.net.local_feature_map(images, reduction)

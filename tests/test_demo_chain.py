@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cli.demo import DEMO_SCALES
 from cli.main import main
+from recognition.artifact import LandmarkIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 LANDMARKS = str(Path(sys.executable).with_name("landmarks"))
@@ -61,6 +63,10 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     pool = len(pd.read_csv(world / "nonlandmarks.csv"))
     assert summary["index"]["nonlandmark_penalty"] == {"weight": 0.25, "k": 1, "pool": pool}
     assert recognizer["recall"] == pytest.approx(trained["centroid/recall@fpr=5e-02"])
+    # ... at the index's scales: the evaluation embedded at them, and the index and the recogniser
+    # reused those very embeddings (checked against photos embedded afresh by the indexed model).
+    assert summary["index"]["scales"] == list(DEMO_SCALES) == LandmarkIndex.load(summary["index"]["path"]).model["identity"]["scales"]
+    assert trained["embeddings_reused"] > 0
     assert recognizer["without_penalty"]["recall"] == trained["centroid/no_penalty/recall@fpr=5e-02"]
     assert "without the penalty (same model and index, the control)" in printed
     albums = summary["albums"]

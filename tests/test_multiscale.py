@@ -51,6 +51,34 @@ def test_multiscale_sums_the_unit_embeddings_of_each_resized_batch():
             MultiScaleNet(SizeNet(), bad)
 
 
+def test_a_module_with_eval_scales_evaluates_the_embedding_the_index_uses():
+    from core.errors import UserError
+    from lightning_modules import LandmarkModule
+
+    torch.manual_seed(0)
+    module = LandmarkModule(num_classes=3, backbone="resnet18", embedding_size=8, eval_scales=[1.0, 1.414]).train()
+    batch = {"image": torch.rand(2, 3, 32, 32), "index": torch.arange(2), "label": torch.zeros(2, dtype=torch.long),
+             "valid": torch.ones(2, dtype=torch.bool)}
+    got = module.validation_step(batch, 0)["embeddings"]
+    assert module.training  # the evaluation switches to eval mode only for its forward passes
+    with torch.no_grad():
+        module.eval()
+        large = F.interpolate(batch["image"], scale_factor=1.414, mode="bilinear", align_corners=False)
+        assert large.shape[-2:] == (45, 45)
+        by_hand = F.normalize(module(batch["image"]) + module(large), dim=1)
+        # what `landmarks index --scales 1 1.414` embeds with the same network
+        indexed = MultiScaleNet(module.net, (1.0, 1.414))(batch["image"])
+    torch.testing.assert_close(got, by_hand, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, indexed, atol=1e-6, rtol=1e-6)
+    # no scales, or [1]: one forward pass, as before the option
+    plain = LandmarkModule(num_classes=3, backbone="resnet18", embedding_size=8, eval_scales=[1.0])
+    plain.net.load_state_dict(module.net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain.validation_step(batch, 0)["embeddings"], module(batch["image"]))
+    with pytest.raises(UserError, match=r"model.eval_scales: scales must be distinct factors"):
+        LandmarkModule(num_classes=3, backbone="resnet18", embedding_size=8, eval_scales=[1.0, 1.0])
+
+
 def test_single_scale_keeps_the_identity_and_multiscale_records_its_scales():
     plain = load_embedding_model(backbone="mobilenetv2_100", image_size=64)
     assert load_embedding_model(backbone="mobilenetv2_100", image_size=64, scales=[1]).identity == plain.identity

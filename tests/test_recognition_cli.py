@@ -132,7 +132,7 @@ def test_recognize_refuses_another_model(built_index, tiny_world, capsys, monkey
 def test_a_backbone_index_defaults_to_the_measured_input_size_and_scales(tiny_world, tmp_path, capsys):
     """A bare ImageNet backbone is indexed at BACKBONE_IMAGE_SIZE (320: EXPERIMENTS, 'Real photos: the
     commands' defaults'), recorded in the index, and `landmarks recognize` embeds at that size."""
-    from recognition.indexing import BACKBONE_IMAGE_SIZE, BACKBONE_SCALES
+    from recognition.indexing import BACKBONE_IMAGE_SIZE, INDEX_SCALES
     from retrieval.embedding_model import MultiScaleNet
 
     db = pd.read_csv(tiny_world / "db.csv", dtype=str)
@@ -146,8 +146,8 @@ def test_a_backbone_index_defaults_to_the_measured_input_size_and_scales(tiny_wo
     assert Recognizer(out).model.image_size == BACKBONE_IMAGE_SIZE
     # ... and at the measured scales (EXPERIMENTS, 'Real photos: multi-scale embedding'), which the
     # recogniser reloads; `--scales 1` gives the single-scale model, whose identity has no scales.
-    assert index.model["identity"]["scales"] == list(BACKBONE_SCALES) == [1.0, 1.414]
-    assert Recognizer(out).model.net.scales == BACKBONE_SCALES
+    assert index.model["identity"]["scales"] == list(INDEX_SCALES) == [1.0, 1.414]
+    assert Recognizer(out).model.net.scales == INDEX_SCALES
     assert main(["index", "--manifest", str(tmp_path / "db.csv"), "--out", str(tmp_path / "one"), "--backbone",
                  "mobilenetv2_100", "--image-size", "64", "--scales", "1", "--threshold", "0.5", "--num-workers", "0",
                  "--cache-dir", ""]) == 0
