@@ -146,19 +146,28 @@ def finetune(split: dict[str, pd.DataFrame], run_dir: Path, seed: int, image_siz
     return checkpoint
 
 
-def curve(split: dict[str, pd.DataFrame], run_dir: Path, image_size: int, workers: int) -> list[dict]:
-    """Held-out metrics of the fine-tuned head and backbone after each epoch (``finetune(every_epoch=True)``);
-    each epoch's checkpoint is deleted once scored (they are 30 MB each)."""
+def _ensemble_row(alpha: float) -> str:
+    return f"ensemble with ImageNet, alpha {alpha:g}"
+
+
+def curve(split: dict[str, pd.DataFrame], run_dir: Path, image_size: int, workers: int, imagenet=None,
+          ensemble_alphas=()) -> list[dict]:
+    """Held-out metrics of the fine-tuned head and backbone after each epoch (``finetune(every_epoch=True)``),
+    and of the backbone's ensemble with ``imagenet`` at each of ``ensemble_alphas``; each epoch's
+    checkpoint is deleted once scored (they are 30 MB each)."""
     from retrieval.embedding_model import load_embedding_model
 
     saved = {int(path.stem[len("epoch"):]): path for path in (run_dir / "epochs").glob("epoch*.ckpt")}
     points = []
     for epoch, path in sorted(saved.items()):
+        tuned = backbone_only(path, image_size)
         points.append({
             "epoch": epoch,
             "fine-tuned, 512-d head": evaluate(load_embedding_model(checkpoint=path, image_size=image_size), split,
                                                workers=workers),
-            "fine-tuned backbone (GeM, no head)": evaluate(backbone_only(path, image_size), split, workers=workers),
+            "fine-tuned backbone (GeM, no head)": evaluate(tuned, split, workers=workers),
+            **{_ensemble_row(alpha): evaluate(output_ensemble(imagenet, tuned, alpha), split, workers=workers)
+               for alpha in ensemble_alphas},
         })
         path.unlink()
     return points
@@ -204,6 +213,40 @@ def wise_ft(start, tuned, alpha: float):
     return type(tuned)(net.eval(), tuned.image_size, identity)
 
 
+def ensemble_rows(start, tuned, alpha: float):
+    """Unit rows ``[sqrt(1 - alpha) * start, sqrt(alpha) * tuned]`` (torch tensors of unit rows in):
+    the dot product of two of them is ``(1 - alpha) * start·start' + alpha * tuned·tuned'``."""
+    import torch
+
+    return torch.cat([(1.0 - alpha) ** 0.5 * start, alpha ** 0.5 * tuned], dim=1)
+
+
+def output_ensemble(start, tuned, alpha: float):
+    """The output-space ensemble of WiSE-FT's paper (Wortsman et al., CVPR 2022): each photo
+    embedded by both networks (``EmbeddingModel`` of the same input size, e.g. the ImageNet
+    backbone and the fine-tuned one), the rows joined by :func:`ensemble_rows`, so a cosine is
+    ``(1 - alpha)`` of the start's plus ``alpha`` of the fine-tune's. Two forward passes per photo;
+    unlike WiSE-FT's weight interpolation it cannot lose the start's features, only outvote them."""
+    from torch import nn
+
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"ensemble alpha must lie in [0, 1], got {alpha}")
+    if start.image_size != tuned.image_size:
+        raise ValueError(f"the ensemble's networks embed at {start.image_size} and {tuned.image_size} px")
+
+    class Ensemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.start, self.tuned = start.net, tuned.net
+            self.embedding_size = start.embedding_size + tuned.embedding_size
+
+        def forward(self, images):
+            return ensemble_rows(self.start(images), self.tuned(images), alpha)
+
+    identity = {"ensemble": {"alpha": alpha, "start": start.identity, "tuned": tuned.identity}}
+    return type(tuned)(Ensemble().eval(), tuned.image_size, identity)
+
+
 def _counts(split: dict[str, pd.DataFrame]) -> dict:
     out = {name: len(frame) for name, frame in split.items()}
     out["train_landmark_names"] = sorted(split["train_db"]["label"].unique()) if "train_db" in split else None
@@ -239,6 +282,9 @@ def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wise-ft", type=float, nargs="*", default=[], metavar="ALPHA",
                         help="also score the fine-tuned backbone's weights interpolated towards ImageNet "
                              "(WiSE-FT): (1 - ALPHA) x ImageNet + ALPHA x fine-tuned, one row per ALPHA")
+    parser.add_argument("--ensemble", type=float, nargs="*", default=[], metavar="ALPHA",
+                        help="also score the fine-tuned backbone together with the ImageNet start (two passes; a "
+                             "cosine is (1 - ALPHA) x ImageNet's + ALPHA x the fine-tune's), one row per ALPHA")
     parser.add_argument("--curve", action="store_true",
                         help="also score the held-out landmarks after every epoch (results.json: seeds.N.curve)")
 
@@ -247,10 +293,14 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
                    seeds=(0, 1, 2), train_landmarks: int = 8, train_nonlandmarks: int = 60, image_size: int = 160,
                    epochs: int = 5, lr: float = 3e-4, workers: int = 2, backbone_lr_scale: float = 1.0,
                    l2sp: float = 0.0, freeze_bn: bool = False, every_epoch: bool = False,
-                   wise_ft_alphas=()) -> dict:
+                   wise_ft_alphas=(), ensemble_alphas=()) -> dict:
     """The recipe; prints its tables and writes ``out/results.json``, which it returns."""
     from retrieval.embedding_model import load_embedding_model
 
+    for option, alphas in (("--wise-ft", wise_ft_alphas), ("--ensemble", ensemble_alphas)):
+        bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+        if bad:  # before minutes of fine-tuning, not after
+            raise UserError(f"{option}: alpha must lie in [0, 1], got {bad[0]:g}")
     os.environ.setdefault("WANDB_MODE", "offline")
     table = read_realphotos(root)  # a missing folder is an error naming MANIFEST.csv
     out = Path(out)
@@ -259,7 +309,8 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
     settings = {"root": str(root), "out": str(out), "seeds": list(seeds), "train_landmarks": train_landmarks,
                 "train_nonlandmarks": train_nonlandmarks, "image_size": image_size, "epochs": epochs, "lr": lr,
                 "workers": workers, "backbone_lr_scale": backbone_lr_scale, "l2sp": l2sp,
-                "freeze_bn": freeze_bn, "curve": every_epoch, "wise_ft": list(wise_ft_alphas)}
+                "freeze_bn": freeze_bn, "curve": every_epoch, "wise_ft": list(wise_ft_alphas),
+                "ensemble": list(ensemble_alphas)}
     results: dict = {"args": settings, "full_set": {}, "seeds": {}}
     started = time.time()
     full = split_realphotos(table, seed=0)
@@ -283,14 +334,18 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
         for alpha in wise_ft_alphas:
             rows[f"WiSE-FT backbone, alpha {alpha:g}"] = evaluate(wise_ft(imagenet, tuned, alpha), split,
                                                                   workers=workers)
+        for alpha in ensemble_alphas:
+            rows[_ensemble_row(alpha)] = evaluate(output_ensemble(imagenet, tuned, alpha), split, workers=workers)
         results["seeds"][str(seed)] = {"counts": _counts(split), "fit_seconds": fit_s, "metrics": rows}
         if every_epoch:
-            points = curve(split, out / f"seed{seed}", image_size, workers)
+            points = curve(split, out / f"seed{seed}", image_size, workers, imagenet, ensemble_alphas)
             results["seeds"][str(seed)]["curve"] = points
             print(f"seed {seed}, recall@fpr=1e-02 after each epoch (epoch 0: ImageNet "
                   f"{rows['ImageNet MobileNetV2 (GeM)']['recall@fpr=1e-02']:.3f}): "
                   + "; ".join(f"{p['epoch']}: head {p['fine-tuned, 512-d head']['recall@fpr=1e-02']:.3f}, backbone "
-                              f"{p['fine-tuned backbone (GeM, no head)']['recall@fpr=1e-02']:.3f}" for p in points))
+                              f"{p['fine-tuned backbone (GeM, no head)']['recall@fpr=1e-02']:.3f}"
+                              + "".join(f", ensemble {a:g} {p[_ensemble_row(a)]['recall@fpr=1e-02']:.3f}"
+                                        for a in ensemble_alphas) for p in points))
         print(f"\nseed {seed}: trained on {split['train_db']['label'].nunique()} landmarks "
               f"({len(split['train_db'])} photos) + {len(split['train_nonlandmarks'])} non-landmarks in {fit_s:.0f} s; "
               f"evaluated on the other {split['gallery']['label'].nunique()} landmarks "
@@ -319,5 +374,5 @@ def run_realphotos_command(args: argparse.Namespace) -> int:
     with quieter("retrieval.embed", verbose=getattr(args, "verbose", 0)):
         run_realphotos(args.root, args.out, args.seeds, args.train_landmarks, args.train_nonlandmarks,
                        args.image_size, args.epochs, args.lr, args.workers, args.backbone_lr_scale, args.l2sp,
-                       args.freeze_bn, args.curve, args.wise_ft)
+                       args.freeze_bn, args.curve, args.wise_ft, args.ensemble)
     return 0

@@ -186,3 +186,45 @@ def test_wise_ft_interpolates_every_weight_and_keeps_its_ends_exact():
         wise_ft(start, tuned, 1.5)
     with pytest.raises(ValueError, match="one architecture"):
         wise_ft(start, model(2, "mobilenetv2_100"), 0.5)
+
+
+def test_output_ensemble_scores_the_weighted_sum_of_the_two_cosines():
+    """The ensemble's cosine of two photos is (1 - alpha) x the start's + alpha x the fine-tune's,
+    by hand; its rows are unit rows (FAISS and the index take them as any other); alpha 0 ranks
+    exactly as the start; the two networks' identities are recorded; a bad alpha is refused."""
+    import torch
+    import torch.nn.functional as F
+
+    from cli.realphotos import output_ensemble
+    from core.errors import UserError
+    from lightning_modules import EmbeddingNet
+    from retrieval.embedding_model import EmbeddingModel
+
+    def model(seed: int) -> EmbeddingModel:
+        torch.manual_seed(seed)
+        return EmbeddingModel(EmbeddingNet("mobilenetv2_050", pretrained=False, embedding_size=None).eval(), 32,
+                              {"source": "test", "seed": seed})
+
+    start, tuned = model(0), model(1)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = F.normalize(start.net(images), dim=1), F.normalize(tuned.net(images), dim=1)
+        for alpha in (0.0, 0.25, 1.0):
+            rows = output_ensemble(start, tuned, alpha).net(images)
+            assert rows.shape == (4, a.shape[1] + b.shape[1])
+            torch.testing.assert_close(rows.norm(dim=1), torch.ones(4))
+            torch.testing.assert_close(rows @ rows.T, (1 - alpha) * (a @ a.T) + alpha * (b @ b.T), atol=1e-5, rtol=0)
+    mixed = output_ensemble(start, tuned, 0.25)
+    assert mixed.identity == {"ensemble": {"alpha": 0.25, "start": start.identity, "tuned": tuned.identity}}
+    assert mixed.embedding_size == a.shape[1] + b.shape[1] and mixed.key not in (start.key, tuned.key)
+    with pytest.raises(UserError, match="alpha"):
+        output_ensemble(start, tuned, -0.1)
+
+
+def test_a_bad_alpha_is_refused_before_any_fine_tuning(tmp_path, capsys):
+    from cli.main import main
+
+    for option in ("--ensemble", "--wise-ft"):
+        assert main(["realphotos", option, "0.25", "1.5", "--out", str(tmp_path / "run")]) == 2
+        assert f"landmarks realphotos: error: {option}: alpha must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
