@@ -59,9 +59,10 @@ def rebuilt_at_scales(index: LandmarkIndex, checkpoint: str, scales, cache: Path
     return rebuilt
 
 
-def chain_scores(chain: Path, world: Path, scales=None) -> dict:
+def chain_scores(chain: Path, world: Path, scales=None, penalty_weights=()) -> dict:
     """Top-1 scores and rows of the queries and the unseen non-landmarks, with and without the penalty;
-    with ``scales``, of the chain's index rebuilt at those scales (:func:`rebuilt_at_scales`)."""
+    with ``scales``, of the chain's index rebuilt at those scales (:func:`rebuilt_at_scales`); with
+    ``penalty_weights``, also of the shipped penalty (same pool and k) at each of those weights."""
     summary = json.loads((chain / "summary.json").read_text())
     index = LandmarkIndex.load(summary["index"]["path"])
     # the index as shipped: its own scales (one scale for chains made before the demo had them)
@@ -82,6 +83,8 @@ def chain_scores(chain: Path, world: Path, scales=None) -> dict:
     truth = np.array([row_of.get(aliases.get(i, i), -2) for i in sets["queries"].landmark_ids])
     out = {"truth": truth, "recognizer": summary["recognizer"]}
     variants = [("shipped", index.penalty)] + ([("no penalty", None)] if index.penalty is not None else [])
+    if index.penalty is not None:
+        variants += [(f"weight {w:g}", {**index.penalty, "weight": w}) for w in penalty_weights]
     for name, penalty in variants:
         index.penalty = penalty
         if penalty is not None:
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--target-fpr", type=float, default=1e-3)
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[2000, 3500])
     parser.add_argument("--draws", type=int, default=500)
+    parser.add_argument("--penalty-weights", type=float, nargs="+", default=[],
+                        help="also score the shipped penalty (same pool and k) at these weights")
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="rebuild each chain's index with its checkpoint embedding at these scales "
                              "(`landmarks index --scales`); default: the index as shipped")
@@ -111,12 +116,10 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
-        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world, args.scales)
+        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world, args.scales, args.penalty_weights)
         truth, shipped = scores["truth"], scores["recognizer"]
         print(f"\nseed {seed}: recognize stage recall {shipped['recall']:.3f} at achieved FPR {shipped['achieved_fpr']:.4f}")
-        for variant in ("shipped", "no penalty"):
-            if variant not in scores:
-                continue
+        for variant in [k for k in scores if k not in ("truth", "recognizer")]:
             (q_scores, q_rows), nonlandmarks = scores[variant]["queries"], scores[variant]["nonlandmarks"]
             correct = q_rows == truth
             fixed = {a: float((accepts(q_scores, threshold_at_fpr(nonlandmarks, a)) & correct).mean())
@@ -143,7 +146,7 @@ def main() -> None:
           + " | ".join(f"calibrated on {n}: recall sd, P(FPR > {2 * args.target_fpr:g})" for n in args.calibration_sizes)
           + " |")
     print("|---|---|---|---|" + "---|" * len(args.calibration_sizes))
-    for variant in ("shipped", "no penalty"):
+    for variant in dict.fromkeys(r[1] for r in rows):
         mine = [r for r in rows if r[1] == variant]
         if not mine:
             continue
