@@ -193,3 +193,18 @@ def test_console_run_has_no_library_chatter_and_verbose_brings_it_back(tiny_worl
     loud = _landmarks("-v", "recognize", "--index", str(tmp_path / "idx"), "--threshold", "0.5", _photo(tiny_world))
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "faiss.loader" in loud.stderr
+
+
+@pytest.mark.parametrize("command, extra, named", [
+    ("demo", ["--scales", "1.414", "1.414"], "--scales: scales must be distinct factors in [0.25, 4], got [1.414, 1.414]"),
+    ("fit", ["--config", DEMO, "--model.eval_scales=[1.0, 9.0]"], "model.eval_scales: scales must be distinct factors"),
+])
+def test_bad_scales_are_one_line(command, extra, named, tiny_world, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LANDMARKS_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing of a run is written before the error
+    world = [f"--data.data_dir={tiny_world}", "--data.synthetic=null", "--data.num_workers=0"] if command == "fit" else []
+    capsys.readouterr()
+    code = main([command, *extra, *world])
+    out, err = capsys.readouterr()
+    _assert_one_line(command, code, out, err, named)
+    assert not list(tmp_path.iterdir())
