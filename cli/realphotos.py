@@ -190,6 +190,12 @@ def backbone_only(checkpoint: Path, image_size: int):
     return EmbeddingModel(net.eval(), image_size, identity)
 
 
+def check_alpha(what: str, alpha: float) -> None:
+    """The mixing weight of WiSE-FT or the ensemble: 0 is the start, 1 the fine-tune."""
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"{what}: alpha must lie in [0, 1], got {alpha:g}")
+
+
 def wise_ft(start, tuned, alpha: float):
     """WiSE-FT (Wortsman et al., CVPR 2022): the network whose weights are ``(1 - alpha) * start +
     alpha * tuned``, both ``EmbeddingModel`` of one architecture (here the ImageNet backbone and
@@ -198,8 +204,7 @@ def wise_ft(start, tuned, alpha: float):
     step counters) are the fine-tune's; they play no part in inference."""
     import copy
 
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"WiSE-FT alpha must lie in [0, 1], got {alpha}")
+    check_alpha("WiSE-FT", alpha)
     start_state, tuned_state = start.net.state_dict(), tuned.net.state_dict()
     differing = sorted(set(start_state) ^ set(tuned_state))
     differing += [k for k in start_state if k in tuned_state and start_state[k].shape != tuned_state[k].shape]
@@ -229,8 +234,7 @@ def output_ensemble(start, tuned, alpha: float):
     unlike WiSE-FT's weight interpolation it cannot lose the start's features, only outvote them."""
     from torch import nn
 
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"ensemble alpha must lie in [0, 1], got {alpha}")
+    check_alpha("ensemble", alpha)
     if start.image_size != tuned.image_size:
         raise ValueError(f"the ensemble's networks embed at {start.image_size} and {tuned.image_size} px")
 
@@ -298,9 +302,8 @@ def run_realphotos(root: str | os.PathLike = DEFAULT_ROOT, out: str | os.PathLik
     from retrieval.embedding_model import load_embedding_model
 
     for option, alphas in (("--wise-ft", wise_ft_alphas), ("--ensemble", ensemble_alphas)):
-        bad = [a for a in alphas if not 0.0 <= a <= 1.0]
-        if bad:  # before minutes of fine-tuning, not after
-            raise UserError(f"{option}: alpha must lie in [0, 1], got {bad[0]:g}")
+        for alpha in alphas:  # before minutes of fine-tuning, not after
+            check_alpha(option, alpha)
     os.environ.setdefault("WANDB_MODE", "offline")
     table = read_realphotos(root)  # a missing folder is an error naming MANIFEST.csv
     out = Path(out)
