@@ -24,9 +24,9 @@ LOSSES: dict[str, Callable[[int, int], MetricLoss]] = {
     "arcface": ArcFaceLoss,
     "arcface_ignore": lambda c, d: ArcFaceLoss(c, d, nonlandmarks="ignore"),
     "subcenter_arcface": lambda c, d: ArcFaceLoss(c, d, sub_centers=3),
-    "contrastive_pair_margin": ContrastiveLoss,
+    "contrastive_all_pairs": ContrastiveLoss,  # the defaults: all pairs, margin 1.2
+    "contrastive_pair_margin": lambda c, d: ContrastiveLoss(c, d, neg_margin=0.5, miner="pair_margin"),
     "contrastive_batch_hard": lambda c, d: ContrastiveLoss(c, d, miner="batch_hard"),
-    "contrastive_all_pairs": lambda c, d: ContrastiveLoss(c, d, miner="none"),
     "center": CenterSoftmaxLoss,
     "center_push": lambda c, d: CenterSoftmaxLoss(c, d, nonlandmark_margin=1.2),
     "center_no_nonlandmark_class": lambda c, d: CenterSoftmaxLoss(c, d, nonlandmark_class=False),
@@ -240,6 +240,25 @@ def test_pair_labels_make_each_nonlandmark_unique():
     nl = labels == NONLANDMARK
     assert torch.equal(relabelled[~nl], labels[~nl])
     assert (relabelled[nl] >= NUM_CLASSES).all() and relabelled[nl].unique().numel() == int(nl.sum())
+
+
+def test_default_contrastive_margin_pushes_negatives_until_nearly_orthogonal():
+    """By hand: unit vectors at angle t are sqrt(2 - 2 cos t) apart. With the defaults (all pairs,
+    pos_margin 0, neg_margin 1.2) a negative pair at cosine 0.5 (distance 1) pays 1.2 - 1 = 0.2,
+    and one at cosine 0 (distance sqrt 2 > 1.2) pays nothing. The old margin 0.5 left both unpaid,
+    which let classes collapse into each other (EXPERIMENTS.md, "Paper ablation")."""
+    loss_fn = ContrastiveLoss(NUM_CLASSES, 2)
+    assert loss_fn.miner is None
+    angle = torch.tensor(torch.pi / 3)  # cosine 0.5
+    x = torch.stack([torch.tensor([1.0, 0.0]), torch.stack([torch.cos(angle), torch.sin(angle)])])
+    # One negative pair, no positive pair: the loss is that pair's hinge (PML averages non-zero terms).
+    assert loss_fn(x, torch.tensor([0, 1])).item() == pytest.approx(0.2, abs=1e-5)
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert loss_fn(orthogonal, torch.tensor([0, 1])).item() == pytest.approx(0.0, abs=1e-7)
+    old = ContrastiveLoss(NUM_CLASSES, 2, neg_margin=0.5, miner="none")
+    assert old(x, torch.tensor([0, 1])).item() == pytest.approx(0.0, abs=1e-7)
+    # A positive pair at cosine 0.5 pays its whole distance (pos_margin 0): 1.0.
+    assert loss_fn(x, torch.tensor([2, 2])).item() == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("miner", ["none", "pair_margin", "batch_hard"])

@@ -379,7 +379,7 @@ def test_multi_similarity_miner_without_memory_matches_pml():
     torch.manual_seed(1)
     embeddings = F.normalize(torch.randn(8, 4), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, NONLANDMARK, NONLANDMARK])
-    ours = ContrastiveLoss(3, 4, miner="multi_similarity", multi_similarity_epsilon=0.2)
+    ours = ContrastiveLoss(3, 4, neg_margin=0.5, miner="multi_similarity", multi_similarity_epsilon=0.2)
     pair_labels = ours.pair_labels(labels)
     pairs = MultiSimilarityMiner(epsilon=0.2, distance=LpDistance())(embeddings, pair_labels)
     expected = pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5)(embeddings, pair_labels, pairs)
