@@ -156,7 +156,26 @@ class LandmarkCLI(LightningCLI):
             args = expanded if expanded != sys.argv[1:] else None
         elif isinstance(args, (list, tuple)):
             args = expand_config_arguments(list(args))
+        self._given_args = args
         super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, the checkpoint's hyperparameters fill in only what the user did not set.
+
+        Lightning's version writes the checkpoint's model arguments over the parsed configuration,
+        so a value given on the command line or in a ``--config`` file was silently replaced:
+        ``landmarks validate --ckpt_path CKPT --model.eval_scales=[1.414]`` evaluated at the
+        checkpoint's scale and reported its numbers as 1.414's (upstream: Lightning PR 21455).
+        Here every value the user gave is put back over the merged configuration.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return
+        given = self.parser.parse_args(self._given_args, defaults=False)
+        super()._parse_ckpt_path()
+        for key, value in given.items(branches=False):
+            self.config[key] = value
 
     def before_instantiate_classes(self) -> None:
         if choose_wandb_mode() != "online" and not logs.VERBOSE:
