@@ -11,7 +11,14 @@
 * :mod:`core.embedding` — the one routine that embeds a set of images with a model.
 * :mod:`core.launched_ranks` — rank 0 of a script-launched DDP run stops the ranks it launched
   when it fails, instead of leaving them in the rendezvous for 30 minutes.
+* :mod:`core.fork_safety` — tqdm's monitor thread is off: a thread born next to a data-loader
+  fork can deadlock the child (CPython gh-112275); switched off here, at import, so every entry
+  point gets it before its first progress bar.
 
 Nothing here imports Lightning's Trainer, the data modules or the losses: this layer must stay
 importable on its own (``tests/test_layers.py`` enforces it).
 """
+
+from core.fork_safety import no_progress_bar_thread
+
+no_progress_bar_thread()

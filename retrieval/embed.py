@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -185,6 +186,26 @@ def _assemble(chunk_of: np.ndarray, row_of: np.ndarray, chunks: list, dim: int) 
     return EmbeddingResult(embeddings=embeddings, valid=valid)
 
 
+def _worker_start(num_workers: int, world_size: int):
+    """How loader workers start: forked (the default), except in a DDP rank, where they come from a
+    fork server.
+
+    A DDP rank runs threads (gloo's, the process group's, the loader's queue feeders), and Python up
+    to 3.11.7 (CPython gh-112275) can leave a child forked while another thread creates or deletes
+    its thread state deadlocked on the interpreter's HEAD lock in ``PyOS_AfterFork_Child``. Seen as
+    ``landmarks index --devices 2 --strategy ddp`` hanging in about one run in 30 on a loaded 2-core
+    machine: a worker of rank 1 stuck there, rank 1 waiting for its batch, rank 0 in the next
+    barrier for torch's 30-minute timeout. A fork server is a single-threaded process started once
+    per rank, with torch and the dataset code preloaded, so a worker costs a fork of it. Single
+    process runs keep forking: no hang was ever seen there, and a fork shares the parent's memory.
+    """
+    if num_workers == 0 or world_size <= 1:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "datamodules.datasets", "datamodules.transforms"])
+    return context
+
+
 class _PredictEmbeddings(pl.LightningModule):
     """Wraps ``model.net`` for ``Trainer.predict``; writes finished chunks to the cache folder.
 
@@ -219,7 +240,8 @@ class _PredictEmbeddings(pl.LightningModule):
         dataset = ImageDataset(todo_paths, np.zeros(len(todo_paths), dtype=np.int64),
                                eval_transform(self.image_size), self.image_size)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+                          persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                          multiprocessing_context=_worker_start(self.num_workers, self.trainer.world_size))
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         embeddings = embed_batch(self.net, batch["image"])
@@ -263,7 +285,10 @@ def embed_paths(
     Args:
         model: from :func:`retrieval.embedding_model.load_embedding_model`.
         paths: image files; relative paths are taken relative to the working directory.
-        batch_size, num_workers: of the predict data loader.
+        batch_size, num_workers: of the predict data loader. Under DDP the workers start from a
+            fork server (see ``_worker_start``), so a script that calls this with ``num_workers > 0``
+            and ``devices > 1`` must guard its entry point (``if __name__ == "__main__":``), as for
+            any spawn-started loader; the ``landmarks`` commands do.
         accelerator, devices, strategy: passed to ``pl.Trainer`` (``devices=4, strategy="ddp"``).
         cache_dir: where embeddings are kept between runs (see the module docstring); ``None``
             computes everything (in a temporary cache removed afterwards).

@@ -207,3 +207,18 @@ def test_ddp_two_cpu_ranks_each_embed_a_part_and_all_get_everything(tmp_path):
     folder = next((tmp_path / "cache").glob("embeddings-*"))
     assert sum(json.loads(p.read_text())["rows"] for p in folder.glob("chunk-*.json")) == 10
     assert not list((tmp_path / "tmp").iterdir())  # temporary caches are removed by every rank
+
+
+def test_loader_workers_start_from_a_fork_server_only_in_a_ddp_rank():
+    import multiprocessing
+
+    from retrieval.embed import _worker_start
+
+    # one process, or no workers: the default (fork), which shares the parent's memory
+    assert _worker_start(2, 1) is None and _worker_start(0, 2) is None
+    # a DDP rank has threads, and Python <= 3.11.7 can deadlock a child forked next to one of them
+    context = _worker_start(2, 2)
+    assert context is multiprocessing.get_context("forkserver")
+    from multiprocessing import forkserver
+
+    assert {"torch", "datamodules.datasets"} <= set(forkserver._forkserver._preload_modules)

@@ -219,7 +219,10 @@ def test_index_on_two_ddp_processes_writes_the_same_artifact_as_one(tiny_world, 
 
     landmarks = str(Path(sys.executable).with_name("landmarks"))
     common = ["index", "--manifest", str(tiny_world / "db.csv"), "--nonlandmarks", str(tiny_world / "calibration.csv"),
-              "--backbone", "mobilenetv2_100", "--image-size", "32", "--target-fpr", "0.05", "--accelerator", "cpu"]
+              "--backbone", "mobilenetv2_100", "--image-size", "32", "--target-fpr", "0.05", "--accelerator", "cpu",
+              # with loader workers, which a DDP rank starts from a fork server (retrieval/embed.py,
+              # _worker_start: forking them from the rank hung once in CI)
+              "--num-workers", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name, extra in (("one", []), ("two", ["--devices", "2", "--strategy", "ddp"])):
         done = run_ranks([landmarks, *common, "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / f"c-{name}"),
