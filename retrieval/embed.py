@@ -186,6 +186,27 @@ def _assemble(chunk_of: np.ndarray, row_of: np.ndarray, chunks: list, dim: int) 
     return EmbeddingResult(embeddings=embeddings, valid=valid)
 
 
+def _rank_zero_decides(compute: bool) -> bool:
+    """Whether this call runs ``Trainer.predict``: rank 0's answer on every rank, once a process
+    group exists.
+
+    Each rank looks at the cache by itself, and another job writing to the same cache folder (two
+    runs of a sweep, two users) can fill it between rank 0's look and rank 1's. A rank that then
+    skips predict while the others enter it leaves them in its collectives: they fail when it
+    exits, or wait for torch's 30-minute timeout while it lives on. Before the group exists (a rank's first embedding pass, the one that made
+    Lightning launch it) there is nobody to ask; the ranks look at the same files moments apart.
+    Called only for a DDP strategy: a single-device pass inside some other process group is that
+    process's own business.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute
+    flag = torch.tensor([int(compute)], dtype=torch.int64)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _worker_start(num_workers: int, world_size: int):
     """How loader workers start: forked (the default), except in a DDP rank, where they come from a
     fork server.
@@ -317,7 +338,8 @@ def embed_paths(
         log.info("embeddings: %d images, %d cached in %s, %d to compute",
                  len(abs_paths), len(abs_paths) - len(missing), folder if temporary is None else "(no cache)",
                  len(todo))
-        if len(todo):
+        compute = _rank_zero_decides(len(todo) > 0) if "ddp" in str(strategy) else len(todo) > 0
+        if compute:
             trainer = pl.Trainer(
                 accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                 enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
@@ -335,14 +357,15 @@ def embed_paths(
                 model.net.to(parameter.device)  # Lightning leaves it on the accelerator
             folder = module.folder  # rank 0's folder (differs from ours only for a temporary cache)
             chunk_of, row_of, chunks = _lookup(folder, abs_paths, stamps, dim)
-            left = np.flatnonzero(chunk_of < 0)
-            if len(left):
-                raise RuntimeError(
-                    f"embedding: {len(left)} of {len(abs_paths)} images are still missing from {folder} after "
-                    f"predict (e.g. {abs_paths[left[0]]}); was a file changed while it was being embedded?"
-                )
+        left = np.flatnonzero(chunk_of < 0)
+        if len(left):
+            raise RuntimeError(
+                f"embedding: {len(left)} of {len(abs_paths)} images are missing from {folder} after "
+                f"{'predict' if compute else 'rank 0 found every image cached'} (e.g. {abs_paths[left[0]]}); was a "
+                "file changed while it was being embedded, or do the ranks see different cache folders?"
+            )
         result = _assemble(chunk_of, row_of, chunks, dim)
-        if len(todo):
+        if compute:
             # Keep rank 0's temporary folder until every rank has read it.
             trainer.strategy.barrier("embedding-cache-read")
         bad = int((~result.valid).sum())

@@ -209,6 +209,59 @@ def test_ddp_two_cpu_ranks_each_embed_a_part_and_all_get_everything(tmp_path):
     assert not list((tmp_path / "tmp").iterdir())  # temporary caches are removed by every rank
 
 
+
+_DISAGREE_SCRIPT = """
+import json, os, sys
+import numpy as np, torch, torch.nn.functional as F
+from torch import nn
+sys.path.insert(0, {root!r})
+import retrieval.embed as embed
+from retrieval.embedding_model import EmbeddingModel
+
+class ColourNet(nn.Module):
+    embedding_size = 4
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(1.0))
+    def forward(self, images):
+        f = torch.cat([images.mean(dim=(2, 3)), torch.full((len(images), 1), 0.5)], dim=1)
+        return F.normalize(f * self.weight, dim=1)
+
+first, second, cache, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+if os.environ.get("LOCAL_RANK") == "1":
+    # Rank 1's look at the cache before the second pass finds every image there, as if another
+    # job had just written them; rank 0's look, moments earlier, found none.
+    looks, real_lookup = [], embed._lookup
+    def lookup(folder, paths, stamps, dim):
+        looks.append(1)
+        chunk_of, row_of, chunks = real_lookup(folder, paths, stamps, dim)
+        if len(looks) == 3:  # looks 1-2: the first pass (before, after predict); 3: before the second
+            chunk_of, row_of = np.zeros_like(chunk_of), np.zeros_like(row_of)
+        return chunk_of, row_of, chunks
+    embed._lookup = lookup
+for name, paths in (("first", first), ("second", second)):
+    result = embed.embed_paths(EmbeddingModel(ColourNet(), {size}, {{"test": "colour"}}), paths, batch_size=2,
+                               accelerator="cpu", devices=2, strategy="ddp", cache_dir=cache, progress=False)
+    np.save(f"{{out}}-{{name}}-emb{{torch.distributed.get_rank()}}.npy", result.embeddings)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_follow_rank_0_when_their_looks_at_the_cache_disagree(tmp_path):
+    paths = _images(tmp_path / "img", 8)
+    first, second = paths[:4], paths[4:]
+    script = tmp_path / "disagree.py"
+    script.write_text(textwrap.dedent(_DISAGREE_SCRIPT.format(root=str(ROOT), size=SIZE)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Before the fix rank 1 skipped the second predict, and rank 0, inside it, failed with gloo's
+    # 'Connection closed by peer' once rank 1 exited (or waited, had rank 1 lived on).
+    done = run_ranks([sys.executable, str(script), json.dumps(first), json.dumps(second), str(tmp_path / "cache"),
+                      str(tmp_path / "out")], env=env, cwd=tmp_path, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = _embed(_model(ColourNet()), second, None)
+    for rank in (0, 1):  # rank 1 took part in the pass and read the real rows back
+        np.testing.assert_allclose(np.load(tmp_path / f"out-second-emb{rank}.npy"), single.embeddings, atol=1e-6)
+
 def test_loader_workers_start_from_a_fork_server_only_in_a_ddp_rank():
     import multiprocessing
 
