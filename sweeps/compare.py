@@ -390,52 +390,79 @@ def _curve_on_grid(path: Path, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return r, p
 
 
-def plot_comparison(comparison: Comparison, metric: str, target: Path) -> None:
+def _style(i: int, n: int) -> tuple[object, str]:
+    """Colour and line style of configuration ``i`` of ``n``: distinct for up to 20 configurations
+    (tab10, then tab20), and the line style changes for each further 20."""
+    from matplotlib import colormaps
+
+    colours = [f"C{k}" for k in range(10)] if n <= 10 else [tuple(colormaps["tab20"](k)) for k in range(20)]
+    return colours[i % len(colours)], ("-", "--", ":", "-.")[(i // len(colours)) % 4]
+
+
+def plot_comparison(comparison: Comparison, metric: str, target: Path):
+    """The metric per configuration (mean, 95 % CI, each run) and, where every run logged its
+    curve, recall and precision against FPR. One colour per configuration in every panel, and a
+    legend of its own below the curves, so that long configuration names cover no data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     configs = comparison.configurations
+    n = len(configs)
     have_curves = all(r.curve_file is not None for c in configs for r in c.runs)
-    fig = Figure(figsize=(15 if have_curves else 7, max(3.0, 0.45 * len(configs) + 1.6)), layout="constrained")
+    label_width = max((len(c.label) for c in configs), default=10)
+    # the metric panel grows with its labels; the legend under the curves with the configurations
+    height = max(3.2, 0.42 * n + 1.8) + (0.16 * n + 0.6 if have_curves else 0.0)
+    width = 3.5 + 0.065 * label_width + (10.0 if have_curves else 0.0)
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3 if have_curves else 1, squeeze=False)[0]
+    if have_curves:
+        grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 1], height_ratios=[max(3.2, 0.42 * n + 1.8), 0.16 * n + 0.6])
+        axes = [fig.add_subplot(grid[:, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[0, 2])]
+        legend_ax = fig.add_subplot(grid[1, 1:])
+        legend_ax.axis("off")
+    else:
+        axes = [fig.add_subplot(1, 1, 1)]
     ax = axes[0]
-    y = np.arange(len(configs))[::-1]
+    y = np.arange(n)[::-1]
     for yi, (i, config) in zip(y, enumerate(configs)):
         values = comparison.values(config, metric)
         if not values:
             continue  # undefined in every run of this configuration
         mean, half, _ = mean_ci(values)
-        color = f"C{i % 10}"
+        color, _ = _style(i, n)
         jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
         ax.plot(values, yi + jitter, "o", color=color, alpha=0.35, ms=4)
         ax.errorbar([mean], [yi], xerr=None if half is None else [[half], [half]], fmt="D", color=color, capsize=4, ms=6)
     ax.set_yticks(y, [c.label for c in configs], fontsize=8)
     ax.set_xlabel(f"{comparison.stage}/{metric}")
-    ax.set_title("mean, 95 % CI (Student t) and each run", fontsize=10)
+    ax.set_title("mean, 95 % CI (Student t), each run", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     if have_curves:
         n_d = min(r.metrics.get("n_distractors", np.nan) for c in configs for r in c.runs)
         lo = 1.0 / n_d if np.isfinite(n_d) and n_d > 0 else 1e-4
-        grid = np.logspace(np.log10(lo), 0, 200)
+        fpr_grid = np.logspace(np.log10(lo), 0, 200)
+        lines = []
         for i, config in enumerate(configs):
-            curves = [_curve_on_grid(r.curve_file, grid) for r in config.runs]
+            curves = [_curve_on_grid(r.curve_file, fpr_grid) for r in config.runs]
             recall = np.mean([c[0] for c in curves], axis=0)
             with np.errstate(invalid="ignore"):
                 precision = np.nanmean(np.array([c[1] for c in curves]), axis=0) if curves else None
-            axes[1].step(grid, recall, where="post", color=f"C{i % 10}", label=config.label)
-            axes[2].step(grid, precision, where="post", color=f"C{i % 10}", label=config.label)
+            color, style = _style(i, n)
+            lines += axes[1].step(fpr_grid, recall, where="post", color=color, linestyle=style, label=config.label)
+            axes[2].step(fpr_grid, precision, where="post", color=color, linestyle=style)
         for a, name in ((axes[1], "recall"), (axes[2], "precision")):
             a.set_xscale("log")
             a.set_xlim(lo, 1.0)
             a.set_ylim(-0.02, 1.02)
             a.set_xlabel("false-positive rate on distractors")
             a.set_ylabel(name)
-            a.set_title(f"{name} vs FPR (mean over each configuration's runs)", fontsize=10)
+            a.set_title(f"{name} vs FPR, mean of each configuration's runs", fontsize=10)
             a.grid(True, which="both", alpha=0.3)
-        axes[1].legend(fontsize=7, loc="upper left")
+        legend_ax.legend(handles=lines, loc="upper left", fontsize=7, ncols=1 if label_width > 60 else 2,
+                         frameon=False, borderaxespad=0.0)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=110)
+    return fig
 
 
 def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None, out: str | Path | None = None,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cli.lightning_cli import expand_config_arguments
-from sweeps.compare import CompareError, compare, mean_ci
+from sweeps.compare import CompareError, compare, mean_ci, plot_comparison
 from sweeps.runner import SweepRunner, available_cores
 from sweeps.spec import SweepError, load_sweep, parse_sweep
 
@@ -475,3 +475,35 @@ def test_short_forms_of_values_in_run_names():
     assert _short("../../runs/cleaning/clean/clean.csv") == "clean"
     assert _short("losses.ArcFaceLoss") == "ArcFaceLoss"
     assert _short(0.001) == "0.001" and _short([1, 2]) == "1+2" and _short(None) == "none"
+
+
+def test_the_comparison_plot_gives_each_of_many_configurations_its_own_line_and_keeps_the_legend_off_the_data(tmp_path):
+    from sweeps.compare import _style
+
+    # 12 configurations with long names (as a loss × curriculum sweep makes) and a curve per run
+    runs = []
+    for k in range(12):
+        params = {"config.loss": f"experiments/loss_with_a_long_recipe_name_{k // 3}+warmup+push.yaml",
+                  "config.curriculum": f"experiments/curriculum_{k % 3}.yaml", "seed_everything": 0}
+        run = _hand_run(tmp_path, f"r{k}", params, 0.3 + 0.02 * k)
+        plots = run / "csv" / "version_0" / "plots"
+        plots.mkdir()
+        fpr = np.array([0.0, 1e-3, 1e-2, 1e-1, 1.0])
+        rows = "\n".join(f"{1 - f:.3f},{f},{0.9 - 0.5 * f:.3f},{min(1.0, 0.3 + 0.02 * k + f):.3f}" for f in fpr)
+        (plots / "val_epoch002_precision_fpr.csv").write_text("threshold,fpr,precision,recall\n" + rows + "\n")
+        runs.append(run)
+    comparison = compare(runs, out=tmp_path / "summary", plot=False)
+    fig = plot_comparison(comparison, "recall@fpr=1e-03", tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+    # every configuration its own colour and line style (tab10 alone repeated after 10)
+    assert len({(str(c), s) for c, s in (_style(i, 12) for i in range(12))}) == 12
+    assert len({(str(c), s) for c, s in (_style(i, 45) for i in range(45))}) == 45
+    metric_ax, recall_ax, precision_ax, legend_ax = fig.axes
+    legend = legend_ax.get_legend()
+    assert len(legend.get_texts()) == 12 and recall_ax.get_legend() is None
+    # drawn below the curves: the legend's box overlaps neither curve panel
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    for ax in (recall_ax, precision_ax):
+        assert not box.overlaps(ax.get_window_extent()), ax.get_title()
+    assert [line.get_color() for line in recall_ax.get_lines()] == [_style(i, 12)[0] for i in range(12)]
