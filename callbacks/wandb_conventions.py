@@ -6,13 +6,15 @@ the resolved LightningCLI configuration rather than typed by hand in each experi
 * ``loss``: ``arcface``, ``center``, ``contrastive`` (the class name without ``Loss``, lower
   case; ``center-plain`` when the center loss gives non-landmarks a center, i.e. without the
   paper's modification);
-* ``curriculum`` / ``no-curriculum``: whether a callback named ``Curriculum`` with more than one
-  stage is configured (``no_curriculum.yaml``'s single all-classes stage is the baseline);
+* ``curriculum`` / ``one-stage`` / ``no-curriculum``: a callback named ``Curriculum`` with more
+  than one stage; one with a single all-classes stage (``no_curriculum.yaml``: the schedule's
+  baseline, which still imprints the classifier); or no such callback (no imprinting either). The
+  last two train differently (EXPERIMENTS.md, "Paper ablation"), so they are different groups;
 * the database: ``oracle-clean`` (``data.oracle_clean``), ``cleaned`` (the DB manifest has a
   ``decision`` column, as written by ``landmarks clean``) or ``raw-db``;
 * ``seed-N``: ``seed_everything`` (and ``data-seed-N`` when the sampler seed differs).
 
-``group`` = ``<loss>_<curriculum>_<db>`` (what a comparison averages over seeds), the run
+``group`` = ``<loss>_<schedule>_<db>`` (what a comparison averages over seeds), the run
 ``name`` = ``<group>_seed<N>``, tags = the derived ones plus those the YAML file lists. The
 project stays as configured (default ``landmark-recognition``).
 
@@ -52,10 +54,16 @@ class RunIdentity:
     seed: int | None
     data_seed: int | None = None
     extra_tags: tuple[str, ...] = field(default=())
+    one_stage: bool = False  # a Curriculum callback with one stage (imprinting, no schedule)
+
+    @property
+    def schedule(self) -> str:
+        """``curriculum``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
+        return "curriculum" if self.curriculum else "one-stage" if self.one_stage else "no-curriculum"
 
     @property
     def group(self) -> str:
-        return f"{self.loss}_{'curriculum' if self.curriculum else 'no-curriculum'}_{self.database}"
+        return f"{self.loss}_{self.schedule}_{self.database}"
 
     @property
     def name(self) -> str:
@@ -63,7 +71,7 @@ class RunIdentity:
 
     @property
     def tags(self) -> list[str]:
-        derived = [self.loss, "curriculum" if self.curriculum else "no-curriculum", self.database]
+        derived = [self.loss, self.schedule, self.database]
         derived.append(f"seed-{self.seed}" if self.seed is not None else "seed-none")
         if self.data_seed is not None and self.data_seed != self.seed:
             derived.append(f"data-seed-{self.data_seed}")
@@ -106,18 +114,31 @@ def loss_name(config: Any) -> str:
     return name
 
 
+def _curriculum_stages(config: Any) -> list[int]:
+    """The number of stages of each ``Curriculum`` callback (2 stands for "several" when the
+    stages are left to the callback's default schedule)."""
+    counts = []
+    for callback in _as_list(_get(config, "trainer.callbacks")):
+        if _class_name(callback) == "Curriculum":
+            stages = _get(callback, "init_args.stages")
+            counts.append(len(stages) if isinstance(stages, (list, tuple)) else 2)
+    return counts
+
+
 def has_curriculum(config: Any) -> bool:
     """A ``Curriculum`` callback with more than one stage.
 
     One stage (``experiments/no_curriculum.yaml``: every class from the first step, kept so that
     both arms imprint and train alike) is the baseline, not a curriculum.
     """
-    for callback in _as_list(_get(config, "trainer.callbacks")):
-        if _class_name(callback) == "Curriculum":
-            stages = _get(callback, "init_args.stages")
-            if not isinstance(stages, (list, tuple)) or len(stages) > 1:
-                return True
-    return False
+    return any(n > 1 for n in _curriculum_stages(config))
+
+
+def has_one_stage_curriculum(config: Any) -> bool:
+    """A ``Curriculum`` callback with a single stage and none with more: the schedule's baseline,
+    which differs from having no callback by its imprinting of the classifier."""
+    counts = _curriculum_stages(config)
+    return bool(counts) and all(n <= 1 for n in counts)
 
 
 def database_kind(config: Any) -> str:
@@ -141,6 +162,7 @@ def run_identity(config: Any) -> RunIdentity:
     return RunIdentity(
         loss=loss_name(config),
         curriculum=has_curriculum(config),
+        one_stage=has_one_stage_curriculum(config),
         database=database_kind(config),
         seed=int(seed) if seed is not None and not isinstance(seed, bool) else None,
         data_seed=int(data_seed) if data_seed is not None else None,

@@ -440,9 +440,9 @@ def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
         callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
         assert callbacks.count("callbacks.Curriculum") == (curriculum_file is not None)
         groups.add(identity.group)
-    # wandb groups by loss × (multi-stage curriculum or not): the one-stage and no-callback arms
-    # share a group there; `landmarks compare` tells them apart by the sweep's parameters.
-    assert len(groups) == len(losses) * 2
+    # wandb groups by loss × curriculum arm: the one-stage arm (imprinting) and the no-callback arm
+    # are groups of their own
+    assert len(groups) == len(losses) * len(curricula)
 
 
 def test_cleaning_sweep_trains_the_paper_recipe_on_raw_and_cleaned_db(monkeypatch, capsys):

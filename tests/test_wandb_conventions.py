@@ -47,7 +47,11 @@ def test_identity_from_the_config(tmp_path):
     assert run_identity(_config(loss="losses.ContrastiveLoss", data_dir=tmp_path)).group == "contrastive_no-curriculum_raw-db"
     baseline = _config(callbacks=["callbacks.Curriculum"])
     baseline["trainer"]["callbacks"][0]["init_args"]["stages"] = [{"class_share": 1.0}]  # no_curriculum.yaml
-    assert run_identity(baseline).curriculum is False
+    one_stage = run_identity(baseline)
+    assert one_stage.curriculum is False and one_stage.one_stage is True
+    # one stage imprints the classifier, no callback does not: different groups, not one
+    assert one_stage.group == "center_one-stage_raw-db" and "one-stage" in one_stage.tags
+    assert run_identity(_config()).group == "center_no-curriculum_raw-db"
     plain = run_identity(_config(loss_args={"nonlandmark_center": True}))
     assert plain.loss == "center-plain"
     no_loss = _config()
