@@ -35,6 +35,21 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def _wait_for_group(proc: subprocess.Popen, seconds: float) -> None:
+    """Until no process of ``proc``'s group is left (reaping ``proc`` itself), or ``seconds``.
+
+    A fixed pause is not enough on a loaded machine: a process not scheduled in time was killed
+    before it had printed its stack."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 def _run_once(cmd: list[str], timeout: float, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -45,7 +60,7 @@ def _run_once(cmd: list[str], timeout: float, env: dict | None = None, **kwargs)
         except subprocess.TimeoutExpired:
             hung = True
             _signal_group(proc.pid, signal.SIGABRT)  # faulthandler: every thread's stack to stderr
-            time.sleep(3)
+            _wait_for_group(proc, seconds=30)  # each process dumps, then dies of the signal
         finally:
             _signal_group(proc.pid, signal.SIGKILL)  # any rank or worker still running
             proc.wait()
@@ -53,7 +68,7 @@ def _run_once(cmd: list[str], timeout: float, env: dict | None = None, **kwargs)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if hung:
-        raise RanksHung(f"{cmd[:3]}... still running after {timeout:.0f} s; stacks and output:\n"
+        raise RanksHung(f"{' '.join(cmd)[:200]} ... still running after {timeout:.0f} s; stacks and output:\n"
                         f"--- stderr (last 20000 chars) ---\n{stderr[-20000:]}\n--- stdout ---\n{stdout[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
