@@ -151,11 +151,14 @@ def test_a_path_listed_twice_is_embedded_once(tmp_path):
     assert empty.embeddings.shape == (0, 4) and empty.valid.shape == (0,)
 
 
-_DDP_SCRIPT = """
-import json, sys
+# What both DDP scripts start with: the imports and a net whose embedding is an image's mean
+# colour (it counts the rows it embedded).
+_COLOUR_NET_SCRIPT = """
+import json, os, sys
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 sys.path.insert(0, {root!r})
+import retrieval.embed as embed
 from retrieval.embed import embed_paths
 from retrieval.embedding_model import EmbeddingModel
 
@@ -170,6 +173,9 @@ class ColourNet(nn.Module):
         f = torch.cat([images.mean(dim=(2, 3)), torch.full((len(images), 1), 0.5)], dim=1)
         return F.normalize(f * self.weight, dim=1)
 
+"""
+
+_DDP_SCRIPT = _COLOUR_NET_SCRIPT + """
 paths, cache, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 rows = {{}}
 # Twice in one script: without a cache (rank 0's temporary folder), then with one; the second
@@ -210,23 +216,7 @@ def test_ddp_two_cpu_ranks_each_embed_a_part_and_all_get_everything(tmp_path):
 
 
 
-_DISAGREE_SCRIPT = """
-import json, os, sys
-import numpy as np, torch, torch.nn.functional as F
-from torch import nn
-sys.path.insert(0, {root!r})
-import retrieval.embed as embed
-from retrieval.embedding_model import EmbeddingModel
-
-class ColourNet(nn.Module):
-    embedding_size = 4
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor(1.0))
-    def forward(self, images):
-        f = torch.cat([images.mean(dim=(2, 3)), torch.full((len(images), 1), 0.5)], dim=1)
-        return F.normalize(f * self.weight, dim=1)
-
+_DISAGREE_SCRIPT = _COLOUR_NET_SCRIPT + """
 first, second, cache, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 if os.environ.get("LOCAL_RANK") == "1":
     # Rank 1's look at the cache before the second pass finds every image there, as if another
