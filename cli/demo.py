@@ -370,7 +370,7 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     _announce("recognize", "landmarks recognize over the queries and the distractors")
     started, out = time.time(), chain.folder("recognize")
     queries, distractors = datamodule.eval_dataset("queries"), datamodule.eval_dataset("distractors")
-    query_ids = [datamodule.class_map.landmark_ids[c] for c in queries.labels]
+    query_ids = list(datamodule.query_landmark_ids)  # also those whose landmark the cleaning removed
     paths = list(queries.paths) + list(distractors.paths)
     truth = query_ids + [None] * len(distractors)
     recognizer = Recognizer(index_path, use_exif_gps=False, cache_dir=chain.out / "cache")

@@ -194,6 +194,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         if self.id_aliases:
             log.info("%s: %d merged-away landmark id(s); queries naming them are relabelled to their group's id",
                      self.db.source, len(self.id_aliases))
+        listed_ids = set(self.db.landmark_ids)  # before cleaning decisions and oracle_clean drop rows
         if "decision" in self.db.table.columns:
             keep = self.db.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
             log.info("%s: using %d of %d rows (decision != remove)", self.db.source, int(keep.sum()), len(keep))
@@ -208,12 +209,16 @@ class LandmarkDataModule(pl.LightningDataModule):
             raise ManifestError(f"{self.db.source}: no usable landmark images")
         self.class_map = ClassMap.from_ids(self.db.landmark_ids)
         self.db_labels = self.class_map.encode(self.db.landmark_ids, self.db.source, self.db.lines)
+        # Landmarks the DB lists but whose every photo was dropped (a cleaning's decision=remove,
+        # or oracle_clean): their queries are still the user's photos of real landmarks.
+        self.removed_landmarks = frozenset(listed_ids - set(self.class_map.landmark_ids))
         counts = np.bincount(self.db_labels, minlength=len(self.class_map))
         if (counts == 1).any():
             # Kept on purpose: the sampler repeats the image with different augmentations, so the
             # class still gets positives; it is also a valid gallery entry.
             log.warning("%d landmark(s) have a single image; they are sampled with replacement", int((counts == 1).sum()))
         self._datasets: dict[str, ImageDataset] = {}
+        self.query_landmark_ids: list[str] = []  # each query's landmark id (after merges), set by setup()
         # What a curriculum callback asks the training batches to hold (None: all classes, and
         # the configured non-landmark share); applied to the live sampler and to any new one.
         self._active_classes: list[int] | None = None
@@ -225,6 +230,13 @@ class LandmarkDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        return len(self.class_map)
+
+    @property
+    def unanswerable_label(self) -> int:
+        """The label of a query whose landmark has no photo left in the DB (see ``removed_landmarks``):
+        a landmark label (not ``NONLANDMARK``) that no gallery photo has, so the metrics count the
+        query as a miss for recall and leave it out of P@1 (``n_queries_no_relevant``)."""
         return len(self.class_map)
 
     def state_dict(self) -> dict:
@@ -278,7 +290,16 @@ class LandmarkDataModule(pl.LightningDataModule):
                 self._datasets[name] = ImageDataset([], np.empty(0, dtype=np.int64), tf, size)
         if queries is not None:
             query_ids = [self.id_aliases.get(i, i) for i in queries.landmark_ids]
-            query_labels = self.class_map.encode(query_ids, queries.source, queries.lines)
+            lost = np.array([i in self.removed_landmarks for i in query_ids], dtype=bool)
+            query_labels = np.full(len(query_ids), self.unanswerable_label, dtype=np.int64)
+            kept = np.flatnonzero(~lost)
+            query_labels[kept] = self.class_map.encode([query_ids[i] for i in kept], queries.source,
+                                                       [queries.lines[i] for i in kept])
+            if lost.any():
+                log.warning("%s: %d queries name %d landmark(s) whose every DB photo was removed; kept as "
+                            "queries no gallery photo can answer (misses for recall, left out of P@1)",
+                            queries.source, int(lost.sum()), len({query_ids[i] for i in np.flatnonzero(lost)}))
+            self.query_landmark_ids = query_ids
             self._datasets["queries"] = manifest_dataset(queries, query_labels, eval_tf, size)
         if distractors is not None:
             self._datasets["distractors"] = manifest_dataset(distractors, np.full(len(distractors), NONLANDMARK),

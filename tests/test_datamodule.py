@@ -131,9 +131,29 @@ def test_queries_of_a_merged_away_id_are_relabelled(tmp_path):
     assert dm.class_map.to_list() == ["100", "102"]
     labels = dm._datasets["queries"].labels.tolist()
     assert labels == [dm.class_map.to_list().index(x) for x in ("100", "100", "102")]
-    # A query of an id whose rows were all removed (and not merged) is still an error.
-    (root / "queries.csv").write_text("path,landmark_id\ndb/3_0.jpg,103\n")
-    with pytest.raises(ManifestError, match=r"queries\.csv: line 2: landmark_id '103'"):
+    # A query of a landmark whose every DB photo the cleaning removed (103) is the user's photo of a
+    # real landmark that the index can no longer answer: kept, with a label no gallery photo has, so
+    # it is a miss for recall and left out of P@1. (It stopped `landmarks demo` with an error when
+    # a cleaning removed whole landmarks.) An id the DB never listed is still an error.
+    (root / "queries.csv").write_text("path,landmark_id\ndb/3_0.jpg,103\ndb/2_0.jpg,102\n")
+    dm = _dm(root, db_manifest="clean.csv")
+    dm.setup()
+    assert dm.removed_landmarks == {"103"} and dm.query_landmark_ids == ["103", "102"]
+    labels = dm._datasets["queries"].labels
+    assert labels.tolist() == [dm.unanswerable_label, dm.class_map.to_list().index("102")]
+    assert dm.unanswerable_label not in set(dm.db_labels.tolist()) and dm.unanswerable_label != NONLANDMARK
+    from retrieval.metrics import evaluate_recognition
+
+    gallery = np.eye(3, dtype=np.float32)[[0, 1]]  # one photo of each kept landmark
+    gallery_labels = np.array([dm.class_map.to_list().index(x) for x in ("100", "102")])
+    queries = np.eye(3, dtype=np.float32)[[0, 1]]  # the lost landmark's query looks like 100's photo
+    result = evaluate_recognition(gallery, gallery_labels, queries, labels, alphas=(0.5,), k=1,
+                                  distractor_emb=np.eye(3, dtype=np.float32)[[2, 2]])
+    assert result.metrics["n_queries_no_relevant"] == 1  # out of P@1 ...
+    assert result.metrics["p@1"] == 1.0
+    assert result.metrics["recall@fpr=5e-01"] == 0.5  # ... and a miss for recall
+    (root / "queries.csv").write_text("path,landmark_id\ndb/3_0.jpg,999\n")
+    with pytest.raises(ManifestError, match=r"queries\.csv: line 2: landmark_id '999'"):
         _dm(root, db_manifest="clean.csv").setup()
 
 
