@@ -186,21 +186,22 @@ def _assemble(chunk_of: np.ndarray, row_of: np.ndarray, chunks: list, dim: int) 
     return EmbeddingResult(embeddings=embeddings, valid=valid)
 
 
-def _rank_zero_decides(compute: bool) -> bool:
-    """Whether this call runs ``Trainer.predict``: rank 0's answer on every rank, once a process
-    group exists.
+def _rank_zero_decides(compute: bool, strategy: str) -> bool:
+    """Whether this call runs ``Trainer.predict``: under a DDP strategy, once a process group
+    exists, rank 0's answer on every rank; otherwise this process's own ``compute``.
 
     Each rank looks at the cache by itself, and another job writing to the same cache folder (two
     runs of a sweep, two users) can fill it between rank 0's look and rank 1's. A rank that then
     skips predict while the others enter it leaves them in its collectives: they fail when it
-    exits, or wait for torch's 30-minute timeout while it lives on. Before the group exists (a rank's first embedding pass, the one that made
-    Lightning launch it) there is nobody to ask; the ranks look at the same files moments apart.
-    Called only for a DDP strategy: a single-device pass inside some other process group is that
-    process's own business.
+    exits, or wait for torch's 30-minute timeout while it lives on. Before the group exists (a
+    rank's first embedding pass, the one that made Lightning launch it) there is nobody to ask; the
+    ranks look at the same files moments apart. A single-device pass inside some other process
+    group is that process's own business.
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if "ddp" not in str(strategy) or not (dist.is_available() and dist.is_initialized()
+                                          and dist.get_world_size() > 1):
         return compute
     flag = torch.tensor([int(compute)], dtype=torch.int64)
     dist.broadcast(flag, src=0)
@@ -338,7 +339,7 @@ def embed_paths(
         log.info("embeddings: %d images, %d cached in %s, %d to compute",
                  len(abs_paths), len(abs_paths) - len(missing), folder if temporary is None else "(no cache)",
                  len(todo))
-        compute = _rank_zero_decides(len(todo) > 0) if "ddp" in str(strategy) else len(todo) > 0
+        compute = _rank_zero_decides(len(todo) > 0, strategy)
         if compute:
             trainer = pl.Trainer(
                 accelerator=accelerator, devices=devices, strategy=strategy, logger=False,

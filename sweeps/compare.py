@@ -411,12 +411,12 @@ def plot_comparison(comparison: Comparison, metric: str, target: Path):
     have_curves = all(r.curve_file is not None for c in configs for r in c.runs)
     label_width = max((len(c.label) for c in configs), default=10)
     # the metric panel grows with its labels; the legend under the curves with the configurations
-    height = max(3.2, 0.42 * n + 1.8) + (0.16 * n + 0.6 if have_curves else 0.0)
+    panels_height, legend_height = max(3.2, 0.42 * n + 1.8), (0.16 * n + 0.6 if have_curves else 0.0)
     width = 3.5 + 0.065 * label_width + (10.0 if have_curves else 0.0)
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, panels_height + legend_height), layout="constrained")
     FigureCanvasAgg(fig)
     if have_curves:
-        grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 1], height_ratios=[max(3.2, 0.42 * n + 1.8), 0.16 * n + 0.6])
+        grid = fig.add_gridspec(2, 3, height_ratios=[panels_height, legend_height])
         axes = [fig.add_subplot(grid[:, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[0, 2])]
         legend_ax = fig.add_subplot(grid[1, 1:])
         legend_ax.axis("off")
