@@ -9,6 +9,7 @@ the same optimizer and synced by DDP, and its buffers (center-loss centers) are 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
 import pytorch_lightning as pl
@@ -50,6 +51,11 @@ class LandmarkModule(pl.LightningModule):
         warmup_steps: linear LR warm-up over the first N optimisation steps, applied on top of
             whatever the scheduler (or a curriculum stage) sets: step ``t`` runs at
             ``(t + 1) / N`` of the scheduled LR of every group.
+        cosine_decay: on top of that (and of the scheduler), step ``t`` of a fit of ``T``
+            optimisation steps (``trainer.estimated_stepping_batches``) runs at
+            ``(1 + cos(π t / T)) / 2`` of the scheduled LR: a half cosine to zero at the fit's last
+            step. Per step, because a per-epoch ``CosineAnnealingLR`` over a short fit never gets
+            low: over 2 epochs (the demo's fit after cleaning) its last epoch runs at half the LR.
         freeze_backbone_steps: the backbone's weights stay fixed for the first N optimisation
             steps (their gradients are dropped, so neither the update nor weight decay touches
             them) while the freshly initialised head and loss weights settle.
@@ -83,6 +89,7 @@ class LandmarkModule(pl.LightningModule):
         channels_last: bool = False,
         param_groups: dict[str, dict[str, float]] | None = None,
         warmup_steps: int = 0,
+        cosine_decay: bool = False,
         freeze_backbone_steps: int = 0,
         l2sp_weight: float = 0.0,
         freeze_backbone_bn: bool = False,
@@ -193,6 +200,7 @@ class LandmarkModule(pl.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        self._fit_steps = None  # cosine_decay's T, counted once per fit (a resumed fit counts again)
         if self.hparams.l2sp_weight <= 0:
             return
         if self.l2sp_anchor is None:
@@ -236,14 +244,26 @@ class LandmarkModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def warmup_factor(self) -> float:
+    def lr_factor(self) -> float:
         """The fraction of the scheduled LR that optimisation step ``global_step`` runs at."""
         steps = self.hparams.warmup_steps
-        return 1.0 if steps <= 0 else min(1.0, (self.global_step + 1) / steps)
+        warmup = 1.0 if steps <= 0 else min(1.0, (self.global_step + 1) / steps)
+        return warmup * self.decay_factor()
+
+    def decay_factor(self) -> float:
+        """``cosine_decay``'s share of :meth:`lr_factor` (1 without it)."""
+        if not self.hparams.get("cosine_decay", False) or self._trainer is None:
+            return 1.0
+        if getattr(self, "_fit_steps", None) is None:
+            self._fit_steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(self._fit_steps) or self._fit_steps <= 0:
+                raise UserError("model.cosine_decay needs a fit of known length: set trainer.max_epochs or max_steps")
+        total = self._fit_steps
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.global_step, total) / total))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        factor = self.warmup_factor()
-        if factor >= 1.0:
+        factor = self.lr_factor()
+        if factor == 1.0:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Scale for this step only and put the scheduled values back: schedulers that update
         # recursively (cosine) and the curriculum's stage LRs read the groups' lr afterwards.

@@ -115,6 +115,20 @@ def test_lr_warmup_scales_each_step_and_leaves_the_scheduled_lr(tmp_path):
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.1, 0.01]
 
 
+def test_cosine_decay_reaches_zero_at_the_fit_end_on_top_of_the_warmup(tmp_path):
+    module = _tiny_module(warmup_steps=2, cosine_decay=True, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    record = _fit(module, 4, tmp_path)
+    # 4 steps: warm-up 1/2, 1, 1, 1 times the half cosine (1 + cos(pi t / 4)) / 2 = 1, 0.854, 0.5, 0.146.
+    factors = [0.5 * 1.0, 1.0 * 0.853553, 1.0 * 0.5, 1.0 * 0.146447]
+    assert np.allclose(record.lrs, [[0.1 * f] * 3 for f in factors], atol=1e-6)
+    assert [g["lr"] for g in module.trainer.optimizers[0].param_groups] == [0.1, 0.1, 0.1]  # the scheduled LR
+
+
+def test_cosine_decay_off_leaves_the_lr(tmp_path):
+    record = _fit(_tiny_module(optimizer=lambda params: torch.optim.SGD(params, lr=0.1)), 3, tmp_path)
+    assert np.allclose(record.lrs, 0.1)
+
+
 def test_frozen_backbone_steps_keep_the_backbone_and_train_the_head(tmp_path):
     module = _tiny_module(freeze_backbone_steps=3)
     start_backbone = next(module.net.backbone.parameters()).detach().clone()
