@@ -77,9 +77,11 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert set(summary["phases_seconds"]) == {"world", *STAGES}
     for key in ("untrained", "trained", "run_dir", "checkpoint", "configs", "overrides", "seconds", "phases_seconds"):
         assert key in summary
-    # The measured recipe by default: ArcFace + LR warm-up + non-landmark push + hard non-landmark mining.
+    # The measured recipe by default: ArcFace + LR warm-up + non-landmark push + hard non-landmark mining
+    # + half-strength augmentations.
     assert [Path(c).name for c in summary["configs"]] == [
-        "demo.yaml", "arcface.yaml", "lr_warmup.yaml", "nonlandmark_push.yaml", "hard_nonlandmarks.yaml"]
+        "demo.yaml", "arcface.yaml", "lr_warmup.yaml", "nonlandmark_push.yaml", "hard_nonlandmarks.yaml",
+        "mild_augmentation.yaml"]
     assert Path(summary["checkpoint"]).is_file() and Path(summary["index"]["path"]).is_dir()
 
     # The same command again: every stage is finished, nothing is recomputed.
