@@ -53,8 +53,8 @@ class LandmarkModule(pl.LightningModule):
             ``(t + 1) / N`` of the scheduled LR of every group.
         cosine_decay: on top of that (and of the scheduler), step ``t`` of a fit of ``T``
             optimisation steps (``trainer.estimated_stepping_batches``) runs at
-            ``(1 + cos(π t / T)) / 2`` of the scheduled LR: a half cosine to zero at the fit's last
-            step. Per step, because a per-epoch ``CosineAnnealingLR`` over a short fit never gets
+            ``(1 + cos(π t / T)) / 2`` of the scheduled LR: a half cosine that reaches zero as the
+            fit ends. Per step, because a per-epoch ``CosineAnnealingLR`` over a short fit never gets
             low: over 2 epochs (the demo's fit after cleaning) its last epoch runs at half the LR.
         freeze_backbone_steps: the backbone's weights stay fixed for the first N optimisation
             steps (their gradients are dropped, so neither the update nor weight decay touches
