@@ -92,9 +92,9 @@ def main() -> None:
     for seed in args.seeds:
         world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
         index, truth, queries, nonlandmarks = chain_embeddings(args.runs / f"{args.prefix}-seed{seed}", world)
-        pool, weight, k = index.penalty["pool"], index.penalty["weight"], index.penalty["k"]
+        pool = index.penalty["pool"]
         # The shipped query-side penalty, the same for every variant.
-        q_pen, nl_pen = (weight * np.sort(x @ pool.T, axis=1)[:, -k:].mean(axis=1) for x in (queries, nonlandmarks))
+        q_pen, nl_pen = index.nonlandmark_penalty(queries), index.nonlandmark_penalty(nonlandmarks)
         # The control through the index's own code: the probe's arithmetic must reproduce it.
         shipped = recalls(*index.top1(queries), truth, index.top1(nonlandmarks)[0])
         table.setdefault("shipped index (`LandmarkIndex.top1`)", []).append(shipped)

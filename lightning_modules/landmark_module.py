@@ -119,6 +119,8 @@ class LandmarkModule(pl.LightningModule):
         self.landmark_ids: list[str] | None = None
         # L2-SP's anchor, by backbone parameter name; set at the first fit start or from a checkpoint.
         self.l2sp_anchor: dict[str, torch.Tensor] | None = None
+        # cosine_decay's T: the fit's optimisation steps, counted at each fit start (a resume too).
+        self._fit_steps: int | None = None
 
     # ---- model -----------------------------------------------------------------------------
 
@@ -200,7 +202,11 @@ class LandmarkModule(pl.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        self._fit_steps = None  # cosine_decay's T, counted once per fit (a resumed fit counts again)
+        self._fit_steps = None
+        if self.hparams.get("cosine_decay", False):
+            self._fit_steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(self._fit_steps) or self._fit_steps <= 0:
+                raise UserError("model.cosine_decay needs a fit of known length: set trainer.max_epochs or max_steps")
         if self.hparams.l2sp_weight <= 0:
             return
         if self.l2sp_anchor is None:
@@ -252,13 +258,9 @@ class LandmarkModule(pl.LightningModule):
 
     def decay_factor(self) -> float:
         """``cosine_decay``'s share of :meth:`lr_factor` (1 without it)."""
-        if not self.hparams.get("cosine_decay", False) or self._trainer is None:
-            return 1.0
-        if getattr(self, "_fit_steps", None) is None:
-            self._fit_steps = self.trainer.estimated_stepping_batches
-            if not math.isfinite(self._fit_steps) or self._fit_steps <= 0:
-                raise UserError("model.cosine_decay needs a fit of known length: set trainer.max_epochs or max_steps")
         total = self._fit_steps
+        if total is None:
+            return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(self.global_step, total) / total))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
