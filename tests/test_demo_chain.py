@@ -78,10 +78,12 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     for key in ("untrained", "trained", "run_dir", "checkpoint", "configs", "overrides", "seconds", "phases_seconds"):
         assert key in summary
     # The measured recipe by default: ArcFace + LR warm-up + non-landmark push + hard non-landmark mining
-    # + half-strength augmentations.
+    # + half-strength augmentations + a longer fit, paid for by bf16 inference ...
     assert [Path(c).name for c in summary["configs"]] == [
         "demo.yaml", "arcface.yaml", "lr_warmup.yaml", "nonlandmark_push.yaml", "hard_nonlandmarks.yaml",
-        "mild_augmentation.yaml"]
+        "mild_augmentation.yaml", "longer_fit.yaml", "bf16_inference.yaml"]
+    # ... which reaches the index, whose vectors the fit's bf16 evaluation made (reused above).
+    assert LandmarkIndex.load(summary["index"]["path"]).model["identity"]["inference_precision"] == "bf16"
     assert Path(summary["checkpoint"]).is_file() and Path(summary["index"]["path"]).is_dir()
 
     # The same command again: every stage is finished, nothing is recomputed.

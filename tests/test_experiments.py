@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 LOSS_FILES = ["arcface.yaml", "center.yaml", "center_plain.yaml", "contrastive.yaml"]
 ARCFACE_RECIPES = ["param_groups", "lr_warmup", "freeze_backbone", "margin_warmup", "subcenter", "dynamic_margins",
-                   "nonlandmark_push", "hard_nonlandmarks", "cosine_decay", "mild_augmentation"]
+                   "nonlandmark_push", "hard_nonlandmarks", "cosine_decay", "mild_augmentation", "longer_fit"]
 LANDMARKS = str(Path(sys.executable).parent / "landmarks")
 
 
@@ -52,7 +52,7 @@ def _experiment_args():
              ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"],
              # Every recipe ingredient at once, on the loss it belongs to (mining from epoch 0 is
              # covered in tests/test_recipes.py; fast_dev_run is a single epoch).
-             ["demo.yaml", "arcface.yaml", *(f"recipes/{r}.yaml" for r in ARCFACE_RECIPES)],
+             ["demo.yaml", "arcface.yaml", *(f"recipes/{r}.yaml" for r in ARCFACE_RECIPES), "bf16_inference.yaml"],
              ["demo.yaml", "center.yaml", "recipes/param_groups.yaml", "recipes/lr_warmup.yaml",
               "recipes/hard_nonlandmarks.yaml", "recipes/l2sp.yaml"],
              ["demo.yaml", "contrastive.yaml", "recipes/xbm.yaml", "recipes/hard_nonlandmarks.yaml"]]
