@@ -468,8 +468,8 @@ def _precision_overrides() -> list[str]:
 
     if bf16_is_fast("cpu"):
         return []
-    print("landmarks demo: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX); embedding in float32",
-          flush=True)
+    print("landmarks demo: this CPU has no bfloat16 instructions (AVX-512 BF16, AMX or Arm BF16); embedding in "
+          "float32", flush=True)
     return ["--model.inference_precision=32"]
 
 

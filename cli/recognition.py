@@ -27,6 +27,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> Non
     group.add_argument("--backbone", help="a timm backbone with offline ImageNet weights, e.g. mobilenetv2_100")
 
 
+def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inference-precision", choices=("32", "bf16"), default=None,
+                        help="embed in float32 or under bf16 autocast (default: what the checkpoint's fit "
+                             "configured, model.inference_precision; float32 for a backbone)")
+
+
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     """``["KEY=VALUE", ...]`` → ``{KEY: VALUE}`` (an option given repeatedly)."""
     out = {}
@@ -56,6 +62,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="index directory to write (replaced atomically if it is an index)")
     _add_model_arguments(parser, required=True)
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (320 for a backbone: measured on real photos)")
+    _add_precision_argument(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
                         help="multi-scale embedding: each photo (and every query) is embedded at these multiples "
                              "of --image-size and the unit embeddings summed (default: 1 1.414, measured on real photos "
@@ -173,7 +180,7 @@ def run_index_command(args: argparse.Namespace) -> int:
         raise UserError(f"--whiten / --dba / --query-expansion: {err}") from None
     built = build_landmark_index(
         args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
-        scales=args.scales, nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
+        scales=args.scales, inference_precision=args.inference_precision, nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
         threshold=args.threshold, representation=args.representation,
         centroid_params=CentroidParams(args.distance_threshold, args.linkage, args.max_centroids,
                                        args.min_cluster_size, args.few_photos, args.few_photos_mean),
@@ -342,6 +349,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: model.pt, model.onnx, export.json")
     parser.add_argument("--format", nargs="+", choices=("torchscript", "onnx"), default=["torchscript", "onnx"])
     parser.add_argument("--image-size", type=int, default=None)
+    _add_precision_argument(parser)
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the eager model")
 
 
@@ -353,9 +361,12 @@ def run_export_command(args: argparse.Namespace) -> int:
         from recognition.artifact import LandmarkIndex
         from recognition.recognizer import load_index_model
 
+        if args.inference_precision is not None:
+            raise UserError("--inference-precision: an index's model keeps the precision it was built with")
         model = load_index_model(LandmarkIndex.load(args.index))
     else:
-        model = load_embedding_model(checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size)
+        model = load_embedding_model(checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
+                                     inference_precision=args.inference_precision)
     meta = export_model(model, args.out, formats=args.format, check=not args.no_check)
     for fmt, entry in meta["files"].items():
         check = f"max |export - eager| = {entry['max_abs_diff']:.2e}" if entry["checked"] else "not checked"

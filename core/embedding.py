@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.accumulator import EmbeddingAccumulator, rank_and_world
 
-__all__ = ["INFERENCE_PRECISIONS", "bf16_is_fast", "check_inference_precision", "embed_batch", "embed_dataset", "eval_mode",
+__all__ = ["BF16_CPU_FLAGS", "INFERENCE_PRECISIONS", "bf16_is_fast", "check_inference_precision", "embed_batch", "embed_dataset", "eval_mode",
            "inference_autocast", "inference_precision", "multiscale_forward", "scale_factors"]
 
 ForwardContext = Callable[[], AbstractContextManager]
@@ -53,12 +53,24 @@ def inference_precision(net: nn.Module) -> str:
     return getattr(net, "inference_precision", "32")
 
 
-def bf16_is_fast(device_type: str = "cpu") -> bool:
-    """Whether ``device_type`` has bf16 arithmetic (a GPU that supports it; a CPU with AVX-512 BF16
-    or AMX, as oneDNN reports). Elsewhere bf16 autocast still computes, but slower than float32."""
+#: CPU flags (Linux ``/proc/cpuinfo``) of bf16 arithmetic: x86 AVX-512 BF16 and AMX, Arm's BF16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bf16_is_fast(device_type: str = "cpu", cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether ``device_type`` has bf16 arithmetic: a GPU that supports it, or a CPU whose flags in
+    ``cpuinfo`` name one of :data:`BF16_CPU_FLAGS` (unknown, e.g. no such file: False). Elsewhere
+    bf16 autocast still computes, but emulated, slower than float32. (oneDNN's own check only asks
+    for AVX-512, which CPUs without BF16 instructions have too.)"""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        with open(cpuinfo) as handle:
+            flags = {flag for line in handle if line.split(":")[0].strip() in ("flags", "Features")
+                     for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
 
 
 def inference_autocast(precision: str, device_type: str) -> AbstractContextManager:

@@ -91,11 +91,12 @@ class EmbeddingNet(nn.Module):
         gem_p: initial GeM exponent.
         embedding_size: output dimension; ``None`` for no head (the pooled backbone features,
             L2-normalised: the usual off-the-shelf descriptor of an ImageNet network).
-        inference_precision: the precision every inference pass runs the backbone in
+        inference_precision: the precision every embedding pass runs the backbone in
             (:func:`core.embedding.embed_batch` reads it): ``"32"``, or ``"bf16"`` (bfloat16
-            autocast; pooling and head stay float32). Training is unaffected. bf16 embeds about
-            twice as fast on CPUs with AVX-512 BF16 or AMX and on GPUs, and slower on CPUs
-            without them (BENCHMARKS.md, "bfloat16 inference on the CPU").
+            autocast; GeM pooling and the head stay float32, average pooling does not).
+            Training is unaffected. bf16 embeds about twice as fast on CPUs with AVX-512 BF16,
+            AMX or Arm BF16 and on GPUs, and slower on CPUs without them (BENCHMARKS.md,
+            "bfloat16 inference on the CPU").
     """
 
     def __init__(

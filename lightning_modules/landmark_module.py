@@ -72,7 +72,7 @@ class LandmarkModule(pl.LightningModule):
             the image size and summed (``core.embedding.multiscale_forward``), e.g. ``[1.0, 1.414]``,
             the scales ``landmarks index`` embeds at by default: the evaluation then scores the
             index that ships. None (default): one scale. Training is unaffected.
-        inference_precision: ``"32"`` (default) or ``"bf16"``: every inference pass of the
+        inference_precision: ``"32"`` (default) or ``"bf16"``: every embedding pass of the
             network (validation, test, predict, the curriculum's and hard mining's embedding
             passes, and ``landmarks clean`` / ``index`` / ``recognize`` with the checkpoint, which
             records it) runs the backbone under bfloat16 autocast. Training stays in the

@@ -544,6 +544,9 @@ def _describe(identity: dict) -> str:
     if identity.get("checkpoint_sha256"):
         parts.append(f"checkpoint sha256 {identity['checkpoint_sha256'][:12]}")
     parts.append(f"{identity.get('embedding_size', '?')}-d, {identity.get('image_size', '?')} px")
+    if identity.get("scales"):
+        parts.append("scales " + " / ".join(f"{s:g}" for s in identity["scales"]))
+    parts.append(identity.get("inference_precision", "float32"))
     return ", ".join(parts)
 
 

@@ -120,8 +120,8 @@ def export_model(
     if precision != "32":
         # The traced graph runs in float32: its vectors would not be the ones the index holds.
         raise ExportError(f"the model embeds in {precision} (model.inference_precision), which an exported float32 "
-                          "graph does not reproduce; export a float32 model (load the checkpoint with "
-                          "inference_precision='32') and index with it")
+                          "graph does not reproduce: export the checkpoint with --inference-precision 32 and "
+                          "build the index it serves with --inference-precision 32 too")
     formats = tuple(formats)
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:

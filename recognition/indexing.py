@@ -141,6 +141,7 @@ def build_landmark_index(
     backbone: str | None = None,
     image_size: int | None = None,
     scales=None,
+    inference_precision: str | None = None,
     nonlandmarks: str | os.PathLike | None = None,
     target_fpr: float = 1e-3,
     allow_unresolved_fpr: bool = False,
@@ -172,7 +173,8 @@ def build_landmark_index(
     :data:`BACKBONE_IMAGE_SIZE` for a backbone; ``scales`` (multiples of it, e.g. ``(0.707, 1, 1.414)``;
     default :data:`INDEX_SCALES`) embeds every photo at
     each and sums (:class:`retrieval.embedding_model.MultiScaleNet`; recorded
-    in the model identity, so queries are embedded the same way). ``nonlandmarks`` (non-landmark photos, CSV or
+    in the model identity, so queries are embedded the same way; so is ``inference_precision``, by
+    default the checkpoint's). ``nonlandmarks`` (non-landmark photos, CSV or
     folder) calibrate the threshold at ``target_fpr``; ``threshold`` fixes it instead; with neither
     the index has no threshold. ``verification`` (a
     :class:`recognition.verification.VerificationParams`) stores local features for spatial
@@ -242,7 +244,8 @@ def build_landmark_index(
         image_size = BACKBONE_IMAGE_SIZE
     if scales is None:
         scales = INDEX_SCALES
-    model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size, scales=scales)
+    model = load_embedding_model(checkpoint=checkpoint, backbone=backbone, image_size=image_size, scales=scales,
+                                 inference_precision=inference_precision)
     embedding = dict(batch_size=batch_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
                      strategy=strategy, cache_dir=cache_dir, progress=progress)
     emb, valid = embed_images(model, data.paths, "database", **embedding)

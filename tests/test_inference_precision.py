@@ -104,33 +104,57 @@ def test_the_checkpoint_carries_its_precision_into_the_identity(tmp_path):
         load_embedding_model(checkpoint=half, inference_precision="half")
 
 
-def test_an_index_embeds_its_queries_in_its_own_precision(tiny_world, tmp_path):
-    from recognition.indexing import build_landmark_index
+def test_an_index_embeds_its_queries_in_its_own_precision(tiny_world, tmp_path, capsys):
+    from cli.main import main
+    from recognition.recognizer import Recognizer
 
     ckpt = _checkpoint(tmp_path, "bf16")
-    index, path = build_landmark_index(tiny_world / "db.csv", tmp_path / "index", checkpoint=ckpt, scales=[1],
-                                       num_workers=0, accelerator="cpu", cache_dir=None)
-    loaded = LandmarkIndex.load(path)
-    assert loaded.model["identity"]["inference_precision"] == "bf16"
-    # Reloaded from the index alone, or from the checkpoint given again: bf16 both times.
-    for model in (load_index_model(loaded), load_index_model(loaded, checkpoint=ckpt)):
-        assert inference_precision(model.net) == "bf16"
-    # The same weights in float32 are another model to the index.
+    common = ["index", "--manifest", str(tiny_world / "db.csv"), "--checkpoint", str(ckpt), "--scales", "1",
+              "--nonlandmarks", str(tiny_world / "calibration.csv"), "--target-fpr", "0.05", "--num-workers", "0",
+              "--cache-dir", ""]
+    for precision, args in (("bf16", []), ("32", ["--inference-precision", "32"])):
+        out = tmp_path / f"index-{precision}"
+        assert main(common + ["--out", str(out)] + args) == 0
+        index = LandmarkIndex.load(out)
+        assert index.model["identity"].get("inference_precision", "32") == precision
+        # Reloaded from the index alone, or from the checkpoint given again: the index's precision,
+        # whatever the checkpoint records; and the queries really are embedded in it.
+        for model in (load_index_model(index), load_index_model(index, checkpoint=ckpt)):
+            assert inference_precision(model.net) == precision
+        recognizer = Recognizer(index)
+        dtypes = _conv_dtypes(recognizer.model.net)
+        recognizer.embed_tensors(torch.rand(2, 3, 32, 32))
+        assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    # The same weights in the other precision are another model to the index, and the refusal says which.
     plain = load_embedding_model(checkpoint=ckpt, scales=[1], inference_precision="32")
-    with pytest.raises(ModelMismatchError):
-        loaded.check_model(plain.identity, plain.embedding_size)
+    with pytest.raises(ModelMismatchError, match=r"float32\) is not the model .* bf16\)"):
+        LandmarkIndex.load(tmp_path / "index-bf16").check_model(plain.identity, plain.embedding_size)
+    capsys.readouterr()
 
 
 def test_export_refuses_a_bf16_model_whose_vectors_a_float32_graph_would_not_match(tmp_path):
     from recognition.export import ExportError, export_model
 
     ckpt = _checkpoint(tmp_path, "bf16")
-    with pytest.raises(ExportError, match=r"embeds in bf16 .* inference_precision='32'"):
+    with pytest.raises(ExportError, match=r"embeds in bf16 .* --inference-precision 32 "):
         export_model(load_embedding_model(checkpoint=ckpt), tmp_path / "export", formats=("torchscript",))
     assert not (tmp_path / "export" / "model.pt").exists()
     meta = export_model(load_embedding_model(checkpoint=ckpt, inference_precision="32"), tmp_path / "export",
                         formats=("torchscript",))
     assert meta["files"]["torchscript"]["checked"] and "inference_precision" not in meta["identity"]
+
+
+def test_export_command_takes_a_precision_and_says_what_to_do_with_a_bf16_model(tmp_path, capsys):
+    from cli.main import main
+
+    ckpt = str(_checkpoint(tmp_path, "bf16"))
+    export = ["export", "--checkpoint", ckpt, "--format", "torchscript", "--out"]
+    assert main(export + [str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("landmarks export: error: the model embeds in bf16")
+    assert "--inference-precision 32" in err[0]
+    assert main(export + [str(tmp_path / "b"), "--inference-precision", "32"]) == 0
+    assert (tmp_path / "b" / "model.pt").is_file()
 
 
 def test_the_demo_embeds_in_float32_on_a_cpu_without_bf16_arithmetic(monkeypatch, capsys):
@@ -142,3 +166,20 @@ def test_the_demo_embeds_in_float32_on_a_cpu_without_bf16_arithmetic(monkeypatch
     monkeypatch.setattr(core.embedding, "bf16_is_fast", lambda device_type="cpu": False)
     assert _precision_overrides() == ["--model.inference_precision=32"]
     assert "this CPU has no bfloat16 instructions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, fast", [
+    ("fpu avx2 avx512f avx512_vnni", False),          # AVX-512 without BF16 (e.g. Ice Lake): emulated
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # Zen 4, Cooper Lake
+    ("fpu avx512f amx_bf16 amx_tile", True),          # Sapphire Rapids
+])
+def test_bf16_is_fast_only_on_a_cpu_with_bf16_instructions(tmp_path, flags, fast):
+    from core.embedding import bf16_is_fast
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert bf16_is_fast("cpu", cpuinfo=str(cpuinfo)) is fast
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert bf16_is_fast("cpu", cpuinfo=str(arm))
+    assert not bf16_is_fast("cpu", cpuinfo=str(tmp_path / "absent"))
