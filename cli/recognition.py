@@ -180,7 +180,8 @@ def run_index_command(args: argparse.Namespace) -> int:
         raise UserError(f"--whiten / --dba / --query-expansion: {err}") from None
     built = build_landmark_index(
         args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
-        scales=args.scales, inference_precision=args.inference_precision, nonlandmarks=args.nonlandmarks, target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
+        scales=args.scales, inference_precision=args.inference_precision, nonlandmarks=args.nonlandmarks,
+        target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
         threshold=args.threshold, representation=args.representation,
         centroid_params=CentroidParams(args.distance_threshold, args.linkage, args.max_centroids,
                                        args.min_cluster_size, args.few_photos, args.few_photos_mean),

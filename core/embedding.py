@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.accumulator import EmbeddingAccumulator, rank_and_world
 
-__all__ = ["BF16_CPU_FLAGS", "INFERENCE_PRECISIONS", "bf16_is_fast", "check_inference_precision", "embed_batch", "embed_dataset", "eval_mode",
-           "inference_autocast", "inference_precision", "multiscale_forward", "scale_factors"]
+__all__ = ["BF16_CPU_FLAGS", "INFERENCE_PRECISIONS", "bf16_is_fast", "check_inference_precision", "embed_batch",
+           "embed_dataset", "eval_mode", "inference_autocast", "inference_precision", "multiscale_forward",
+           "scale_factors"]
 
 ForwardContext = Callable[[], AbstractContextManager]
 
