@@ -47,6 +47,7 @@ from core.accumulator import EmbeddingAccumulator
 from core.atomic import atomic_path
 from core.errors import UserError
 from recognition.artifact import PenaltyParams
+from recognition.calibration import check_calibration_rule
 from recognition.centroids import CentroidParams
 from recognition.evaluation import evaluate_centroid_index
 from retrieval.metrics import evaluate_recognition
@@ -75,6 +76,9 @@ class RetrievalEvaluation(Callback):
             :class:`recognition.artifact.PenaltyParams`, e.g. ``{}`` for its defaults or
             ``{weight: 0.5}``), with the data module's ``nonlandmark_pool`` evaluation set as its
             pool; null: no penalty. Needs ``centroid_index``.
+        calibration_rule: how that index's threshold reads the target FPR, as ``landmarks index
+            --calibration-rule``: ``empirical`` (of the calibration photos) or ``conformal`` (of new
+            photos, in expectation; :mod:`recognition.calibration`).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class RetrievalEvaluation(Callback):
         centroid_index: bool = False,
         centroid_params: dict | None = None,
         nonlandmark_penalty: dict | None = None,
+        calibration_rule: Literal["empirical", "conformal"] = "empirical",
     ):
         super().__init__()
         self.alphas = tuple(alphas)
@@ -99,6 +104,7 @@ class RetrievalEvaluation(Callback):
         self.centroid_index = centroid_index
         self.centroid_params = CentroidParams(**(centroid_params or {}))  # bad keys fail at construction
         self.nonlandmark_penalty = None if nonlandmark_penalty is None else PenaltyParams(**nonlandmark_penalty)
+        self.calibration_rule = check_calibration_rule(calibration_rule)
         if self.nonlandmark_penalty is not None and not centroid_index:
             raise UserError("RetrievalEvaluation: nonlandmark_penalty applies to the shipped index; "
                             "set centroid_index: true")
@@ -247,7 +253,7 @@ class RetrievalEvaluation(Callback):
             penalty = {} if self.nonlandmark_penalty is None else dict(
                 penalty_pool_emb=gathered["nonlandmark_pool"][0], penalty=self.nonlandmark_penalty)
             shipped = evaluate_centroid_index(**sets, calibration_emb=calibration, params=self.centroid_params,
-                                              **penalty)
+                                              calibration_rule=self.calibration_rule, **penalty)
             result.metrics.update({f"centroid/{name}": value for name, value in shipped.items()})
         if self.plots:
             self._plot(trainer, result, stage, plot_dir, tag)

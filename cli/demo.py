@@ -92,6 +92,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="a miniature world and fit (a smoke test, ~1 min)")
     parser.add_argument("--target-fpr", type=float, default=1e-3, help="false-positive rate the threshold is "
                         "calibrated for (default 1e-3)")
+    parser.add_argument("--calibration-rule", choices=("empirical", "conformal"), default=DEMO_CALIBRATION_RULE,
+                        help="how the threshold reads --target-fpr: empirical (default), at most that share of "
+                             "calibration.csv; conformal, at most that rate of new photos in expectation, for less "
+                             "recall (`landmarks index --calibration-rule`; EXPERIMENTS.md)")
     parser.add_argument("--warmup-epochs", type=int, default=3,
                         help="epochs on the noisy DB before cleaning, counted in trainer.max_epochs (default 3)")
     parser.add_argument("--no-imprint", dest="imprint", action="store_false",
@@ -348,7 +352,7 @@ def _cache_evaluation_embeddings(chain: Chain, datamodule, evaluation, checkpoin
 
 
 def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str, target_fpr: float,
-                 penalty: PenaltyParams | None, scales: list[float]) -> dict:
+                 penalty: PenaltyParams | None, scales: list[float], calibration_rule: str) -> dict:
     from recognition.indexing import build_landmark_index
 
     _announce("index", f"landmarks index of the cleaned DB, threshold calibrated at FPR {target_fpr:g}")
@@ -356,7 +360,8 @@ def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str
     pool = {} if penalty is None else dict(nonlandmark_pool=world / "nonlandmarks.csv", penalty=penalty)
     index, path = build_landmark_index(
         clean_manifest, chain.folder("index") / "index", checkpoint=checkpoint, scales=scales,
-        nonlandmarks=world / "calibration.csv", target_fpr=target_fpr, landmarks_csv=world / "landmarks.csv",
+        nonlandmarks=world / "calibration.csv", target_fpr=target_fpr, calibration_rule=calibration_rule,
+        landmarks_csv=world / "landmarks.csv",
         num_workers=0, accelerator="cpu", cache_dir=chain.out / "cache", **pool,
     )
     described = None if index.penalty is None else {
@@ -476,7 +481,7 @@ def _precision_overrides() -> list[str]:
 def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 0, out: str | None = None,
              world: str | None = None, tiny: bool = False, target_fpr: float = 1e-3, warmup_epochs: int = 3,
              imprint: bool = True, oracle_clean: bool = False, penalty: bool = True, fresh: bool = False,
-             scales=None) -> dict:
+             scales=None, calibration_rule: str | None = None) -> dict:
     from cli.lightning_cli import LandmarkCLI
     from core.embedding import scale_factors
     from datamodules.synth import SynthConfig, ensure_world
@@ -488,6 +493,7 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
     except ValueError as err:
         raise UserError(f"--scales: {err}") from None
 
+    calibration_rule = calibration_rule or DEMO_CALIBRATION_RULE
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     start = time.time()
     config = SynthConfig.tiny(seed=seed) if tiny else SynthConfig(seed=seed)
@@ -497,7 +503,7 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
     overrides = (_tiny_overrides() if tiny else []) + _precision_overrides() + list(overrides)
     settings = {"seed": seed, "world": str(world_dir.resolve()), "tiny": tiny, "target_fpr": target_fpr,
                 "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean, "penalty": penalty,
-                "scales": scales, "synthetic": config.__dict__}
+                "scales": scales, "calibration_rule": calibration_rule, "synthetic": config.__dict__}
     chain = Chain(out_dir, _fingerprint(config_files, overrides, settings), fresh)
 
     # The shipped index's non-landmark penalty, the same in the evaluation and in `landmarks index`.
@@ -521,6 +527,7 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
         evaluation.centroid_index = True  # the shipped decision, every evaluation, at the shipped FPR too
         evaluation.alphas = tuple(sorted({*map(float, evaluation.alphas), float(target_fpr)}, reverse=True))
         evaluation.nonlandmark_penalty = shipped_penalty
+        evaluation.calibration_rule = calibration_rule
         return cli
 
     warmup = None
@@ -545,7 +552,7 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
                                                             cli.datamodule.hparams.image_size)
     trained = chain.done("fit") or _stage_fit(chain, cli, warmup["checkpoint"] if warmup else None, imprint, scales)
     indexed = chain.done("index") or _stage_index(chain, world_dir, cleaning["manifest"], trained["checkpoint"],
-                                                  target_fpr, shipped_penalty, scales)
+                                                  target_fpr, shipped_penalty, scales, calibration_rule)
     recognized = chain.done("recognize") or _stage_recognize(chain, world_dir, cli.datamodule, indexed["path"],
                                                              target_fpr, evaluation.user_prior)
     albums = chain.done("albums") or _stage_albums(chain, world_dir, indexed["path"])
@@ -608,7 +615,8 @@ def format_summary(s: dict) -> str:
         if key in after or key in before:
             lines.append(f"{pad}{label:<48}{_fmt(before.get(key)):>9}{_fmt(after.get(key)):>9}")
     lines.append(f"3 index     {i['vectors']} centroids of {i['landmarks']} landmarks; threshold {_fmt(i['threshold'])} "
-                 f"calibrated at FPR {r['target_fpr']:g}")
+                 f"calibrated at FPR {r['target_fpr']:g}"
+                 + (f" ({i['calibration'].get('rule', 'empirical')} rule)" if i.get("calibration") else ""))
     lines.append(f"{pad}on calibration.csv (non-landmarks the model never saw)")
     if scales != [1.0]:
         lines.append(f"{pad}every photo embedded at {at}" + (", the embeddings summed" if len(scales) > 1 else ""))
@@ -654,6 +662,15 @@ def _wandb_line(run_dir: str) -> str:
 #: 6 minutes (6.1-6.2 min on the idle 2-core machine) (EXPERIMENTS.md, "The main job").
 DEMO_SCALES = (1.414,)
 
+#: How the shipped threshold reads the target FPR (recognition.calibration). ``empirical`` admits 2
+#: of the 2,000 calibration photos at 1e-3, which a new photo passes with probability 3/2001: over
+#: 500 redrawn calibration sets of each of the 8-epoch chains (5 seeds, indexed at 1.25) the FPR on
+#: the other unseen photos averaged 0.0015 and exceeded 2e-3 in a quarter of draws, for recall 0.707.
+#: ``conformal`` admits 1 (2/2001): FPR 0.0010 on average, above 2e-3 in a tenth of draws, but
+#: recall 0.649, since one score now sets the threshold. The issue allows 2x the target, so the higher recall stays the
+#: default; `--calibration-rule conformal` keeps the promise in expectation (EXPERIMENTS.md).
+DEMO_CALIBRATION_RULE = "empirical"
+
 #: The fit's recipe: ArcFace measured better than the paper's center loss in the chain (seed-0 world,
 #: same cleaning and budget: the shipped recogniser's recall at FPR 1e-3 0.340 vs 0.136), and ArcFace
 #: with LR warm-up, the non-landmark push and hard non-landmark mining better than plain ArcFace in
@@ -675,5 +692,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
     with logs.quieter("cleaning", "datamodules", "recognition", "retrieval", "landmarks", verbose=logs.VERBOSE):
             run_demo(configs, args.overrides, seed=args.seed, out=args.out, world=args.world, tiny=args.tiny,
                  target_fpr=args.target_fpr, warmup_epochs=args.warmup_epochs, imprint=args.imprint,
-                 oracle_clean=args.oracle_clean, penalty=args.penalty, fresh=args.fresh, scales=args.scales)
+                 oracle_clean=args.oracle_clean, penalty=args.penalty, fresh=args.fresh, scales=args.scales,
+                 calibration_rule=args.calibration_rule)
     return 0

@@ -54,6 +54,7 @@ def _devices(value: str) -> int | str:
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     from recognition.artifact import PenaltyParams
+    from recognition.calibration import CALIBRATION_RULES
     from recognition.centroids import CentroidParams
     from recognition.verification import LOCAL_KINDS, VerificationParams
 
@@ -70,6 +71,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     cal = parser.add_argument_group("threshold")
     cal.add_argument("--nonlandmarks", help="non-landmark calibration photos: CSV (path) or folder")
     cal.add_argument("--target-fpr", type=float, default=1e-3, help="calibrated false-positive rate (default 1e-3)")
+    cal.add_argument("--calibration-rule", choices=CALIBRATION_RULES, default="empirical",
+                     help="empirical (default): at most --target-fpr of these photos pass; conformal: at most "
+                          "--target-fpr of new photos, in expectation (one photo fewer passes at 2,000 and 1e-3; "
+                          "what `landmarks demo` uses; docs/inference.md)")
     cal.add_argument("--allow-unresolved-fpr", action="store_true",
                      help="calibrate even with fewer than 1/FPR non-landmark photos (loud warning)")
     cal.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
@@ -182,7 +187,7 @@ def run_index_command(args: argparse.Namespace) -> int:
         args.manifest, args.out, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
         scales=args.scales, inference_precision=args.inference_precision, nonlandmarks=args.nonlandmarks,
         target_fpr=args.target_fpr, allow_unresolved_fpr=args.allow_unresolved_fpr,
-        threshold=args.threshold, representation=args.representation,
+        calibration_rule=args.calibration_rule, threshold=args.threshold, representation=args.representation,
         centroid_params=CentroidParams(args.distance_threshold, args.linkage, args.max_centroids,
                                        args.min_cluster_size, args.few_photos, args.few_photos_mean),
         index_kind=args.index_kind, index_params=_index_params(args), landmarks_csv=args.landmarks,
@@ -211,7 +216,8 @@ def run_index_command(args: argparse.Namespace) -> int:
         print("threshold:  none (pass --nonlandmarks to calibrate)")
     elif cal.n_calibration:
         print(f"threshold:  {cal.threshold:.6f} for FPR {cal.target_fpr:g}: {cal.n_false_positives}/{cal.n_calibration} "
-              f"calibration images accepted (FPR {cal.achieved_fpr:.2e}){'' if cal.resolved else '  [UNRESOLVED]'}")
+              f"calibration images accepted (FPR {cal.achieved_fpr:.2e}; {cal.rule} rule)"
+              f"{'' if cal.resolved else '  [UNRESOLVED]'}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

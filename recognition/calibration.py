@@ -8,10 +8,20 @@ function the training-time metrics use), for the acceptance rule of :func:`retri
 (accept iff ``score >= threshold``). Calibration must use the same index and the same model as
 recognition.
 
-A calibration set of ``n`` photos cannot resolve a rate below ``1/n``: with 500 photos, "at most
-0.1 % false positives" is indistinguishable from "none of these 500". Such a request is refused
-unless explicitly allowed, and then the threshold admits none of the calibration photos and the
-record says it is unresolved.
+Two rules (:data:`CALIBRATION_RULES`) say what "at most ``target_fpr``" promises:
+
+- ``empirical`` (the default of ``landmarks index``): at most that fraction of *these* photos
+  pass (:func:`retrieval.decision.threshold_at_fpr`). Exact on the calibration set, which is what
+  a protocol that tests on its calibration photos asks for; on photos not yet seen it passes
+  ``(k + 1) / (n + 1)`` in expectation, 1.5x the target for 2,000 photos at 1e-3.
+- ``conformal``: at most that rate, in expectation, of *new* photos exchangeable with these
+  (:func:`retrieval.decision.conformal_threshold`; one calibration photo fewer passes at 2,000
+  photos and 1e-3). What a deployed recogniser promises its users; `landmarks demo` uses it.
+
+A calibration set of ``n`` photos cannot resolve a rate below ``1/n`` (``1/n - 1`` for the
+conformal rule): with 500 photos, "at most 0.1 % false positives" is indistinguishable from "none
+of these 500". Such a request is refused unless explicitly allowed, and then the threshold admits
+none of the calibration photos and the record says it is unresolved.
 """
 
 from __future__ import annotations
@@ -23,11 +33,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from core.errors import UserError
-from retrieval.decision import accepts, threshold_admitting, threshold_at_fpr
+from retrieval.decision import accepts, conformal_threshold, threshold_admitting, threshold_at_fpr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "CalibrationError", "calibrate_threshold"]
+__all__ = ["CALIBRATION_RULES", "Calibration", "CalibrationError", "calibrate_threshold", "check_calibration_rule"]
+
+#: How a target FPR is read (module docstring): on the calibration photos, or on new photos in expectation.
+CALIBRATION_RULES = ("empirical", "conformal")
+
+
+def check_calibration_rule(rule: str) -> str:
+    if rule not in CALIBRATION_RULES:
+        raise UserError(f"calibration rule must be one of {', '.join(CALIBRATION_RULES)}, got {rule!r}")
+    return rule
 
 
 class CalibrationError(UserError):
@@ -45,7 +64,10 @@ class Calibration:
             (None when there was no calibration set).
         n_calibration: calibration photos (readable ones).
         n_false_positives: calibration photos at or above the threshold.
-        resolved: False when ``n_calibration < 1 / target_fpr`` (see the module docstring).
+        resolved: False when the calibration set is too small for ``target_fpr`` under ``rule``
+            (see the module docstring).
+        rule: ``empirical`` or ``conformal`` (:data:`CALIBRATION_RULES`); records made before the
+            rule existed read as ``empirical``, the only rule then.
     """
 
     threshold: float
@@ -54,6 +76,7 @@ class Calibration:
     n_calibration: int
     n_false_positives: int
     resolved: bool = True
+    rule: str = "empirical"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,15 +95,19 @@ class Calibration:
             threshold=float(data["threshold"]), target_fpr=opt("target_fpr"),
             achieved_fpr=opt("achieved_fpr"), n_calibration=int(data["n_calibration"]),
             n_false_positives=int(data["n_false_positives"]), resolved=bool(data["resolved"]),
+            rule=str(data.get("rule", "empirical")),
         )
 
 
-def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool = False) -> Calibration:
+def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool = False,
+                        rule: str = "empirical") -> Calibration:
     """Threshold at which at most ``target_fpr`` of the non-landmark ``scores`` are accepted.
 
     Args:
         scores: top-1 scores of the calibration (non-landmark) photos against the index.
         target_fpr: in (0, 1).
+        rule: ``empirical`` (at most ``target_fpr`` of these photos) or ``conformal`` (at most
+            ``target_fpr`` of new photos, in expectation); see the module docstring.
         allow_unresolved: with fewer than ``1 / target_fpr`` scores, warn and return the threshold
             that admits none of them (``resolved=False``) instead of raising.
 
@@ -96,13 +123,18 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
     n = int(s.size)
     if n == 0:
         raise CalibrationError("no readable calibration images: cannot calibrate a threshold")
-    needed = math.ceil(1.0 / target_fpr - 1e-9)
-    threshold = threshold_at_fpr(s, target_fpr)
+    check_calibration_rule(rule)
+    if rule == "conformal":
+        needed = math.ceil(1.0 / target_fpr - 1 - 1e-9)
+        threshold = conformal_threshold(s, target_fpr)
+    else:
+        needed = math.ceil(1.0 / target_fpr - 1e-9)
+        threshold = threshold_at_fpr(s, target_fpr)
     resolved = threshold is not None
     if not resolved:
         message = (
             f"{n} calibration images cannot resolve a false-positive rate of {target_fpr:g}: that needs at "
-            f"least {needed} non-landmark images (1/FPR)"
+            f"least {needed} non-landmark images ({'1/FPR - 1, conformal rule' if rule == 'conformal' else '1/FPR'})"
         )
         if not allow_unresolved:
             raise CalibrationError(message + "; add calibration images, raise the target FPR, or allow an "
@@ -113,4 +145,4 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
                     "rate is unknown.", message, threshold)
         log.warning("!" * 72)
     n_fp = int(accepts(s, threshold).sum())
-    return Calibration(threshold, target_fpr, n_fp / n, n, n_fp, resolved)
+    return Calibration(threshold, target_fpr, n_fp / n, n, n_fp, resolved, rule)

@@ -36,7 +36,7 @@ import numpy as np
 
 from core.labels import NONLANDMARK
 from recognition.artifact import LandmarkIndex, PenaltyParams
-from recognition.calibration import CalibrationError, calibrate_threshold
+from recognition.calibration import CalibrationError, calibrate_threshold, check_calibration_rule
 from recognition.centroids import CentroidParams, Representation
 from retrieval.decision import decide, select
 from retrieval.metrics import (
@@ -72,6 +72,7 @@ def evaluate_centroid_index(
     memory_budget_mb: float = 256,
     penalty_pool_emb: np.ndarray | None = None,
     penalty: PenaltyParams = PenaltyParams(),
+    calibration_rule: str = "empirical",
 ) -> dict[str, float]:
     """Recognition figures of the shipped decision path (see the module docstring).
 
@@ -92,6 +93,7 @@ def evaluate_centroid_index(
             index gets the non-landmark penalty of ``landmarks index --nonlandmark-pool`` with
             ``penalty``'s weight and k, and is calibrated and decided on penalised scores. The
             same index without it is scored too, as the control, under ``no_penalty/<metric>``.
+        calibration_rule: ``landmarks index --calibration-rule`` (:mod:`recognition.calibration`).
 
     Returns:
         ``{metric name: value}``, names as in the module docstring.
@@ -114,7 +116,8 @@ def evaluate_centroid_index(
     true = np.concatenate([ql, np.full(len(distractors), NONLANDMARK, np.int64)])
     calibration = None if calibration_emb is None else np.asarray(calibration_emb, dtype=np.float32)
     score = dict(photos=photos, true=true, n_queries=len(ql), calibration_emb=calibration, alphas=alphas,
-                 user_prior=user_prior, top_k=top_k, memory_budget_mb=memory_budget_mb)
+                 user_prior=user_prior, top_k=top_k, memory_budget_mb=memory_budget_mb,
+                 calibration_rule=check_calibration_rule(calibration_rule))
     if penalty_pool_emb is None:
         metrics = _score_index(index, **score)
     else:
@@ -129,7 +132,7 @@ def evaluate_centroid_index(
 
 def _score_index(index: LandmarkIndex, photos: np.ndarray, true: np.ndarray, n_queries: int,
                  calibration_emb: np.ndarray | None, alphas, user_prior: float | None, top_k: int,
-                 memory_budget_mb: float) -> dict[str, float]:
+                 memory_budget_mb: float, calibration_rule: str) -> dict[str, float]:
     """Steps 2–4 of the module docstring: calibrate on the index's own scores, decide, count."""
     index_labels = np.array(index.landmark_ids, dtype=np.int64)
     # What Recognizer.decide sees for each photo: top-k landmark rows and their scores.
@@ -150,7 +153,7 @@ def _score_index(index: LandmarkIndex, photos: np.ndarray, true: np.ndarray, n_q
         try:
             if alpha >= 1.0:
                 raise CalibrationError("landmarks index cannot calibrate for FPR 1")
-            threshold = calibrate_threshold(calibration_scores, alpha).threshold
+            threshold = calibrate_threshold(calibration_scores, alpha, rule=calibration_rule).threshold
         except CalibrationError:
             unresolved.append(alpha)
             continue

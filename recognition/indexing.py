@@ -145,6 +145,7 @@ def build_landmark_index(
     nonlandmarks: str | os.PathLike | None = None,
     target_fpr: float = 1e-3,
     allow_unresolved_fpr: bool = False,
+    calibration_rule: str = "empirical",
     threshold: float | None = None,
     representation: Literal["centroids", "mean", "all"] = "centroids",
     centroid_params=None,
@@ -175,7 +176,8 @@ def build_landmark_index(
     each and sums (:class:`retrieval.embedding_model.MultiScaleNet`; recorded
     in the model identity, so queries are embedded the same way; so is ``inference_precision``, by
     default the checkpoint's). ``nonlandmarks`` (non-landmark photos, CSV or
-    folder) calibrate the threshold at ``target_fpr``; ``threshold`` fixes it instead; with neither
+    folder) calibrate the threshold at ``target_fpr`` (``calibration_rule``: ``empirical`` or ``conformal``,
+    :mod:`recognition.calibration`); ``threshold`` fixes it instead; with neither
     the index has no threshold. ``verification`` (a
     :class:`recognition.verification.VerificationParams`) stores local features for spatial
     verification and calibrates on verified scores. ``nonlandmark_pool`` (non-landmark photos, CSV
@@ -309,7 +311,8 @@ def build_landmark_index(
         else:
             scores, _ = index.top1(nl_emb)
         try:
-            index.calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved_fpr)
+            index.calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved_fpr,
+                                                    rule=calibration_rule)
         except CalibrationError as err:
             raise CalibrationError(f"{calibration_set.source}: {err} (--allow-unresolved-fpr)") from None
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())

@@ -4,8 +4,10 @@ Everything that says "this photo shows landmark X" goes through :func:`decide`: 
 (:meth:`recognition.Recognizer.decide`, over the centroid index of ``landmarks index``) and what
 training logs (:func:`retrieval.metrics.recognition_at_fpr` over the gallery kNN, and the
 centroid-index evaluation of :class:`callbacks.RetrievalEvaluation`). The threshold that goes
-with it, calibrated on non-landmark photos, is :func:`threshold_at_fpr` (also what
-:func:`recognition.calibration.calibrate_threshold` uses), derived from the same comparison.
+with it, calibrated on non-landmark photos, is :func:`threshold_at_fpr` (at most a fraction of
+*these* photos pass) or :func:`conformal_threshold` (at most that rate, in expectation, of photos
+not yet seen); :func:`recognition.calibration.calibrate_threshold` uses either. Both are derived
+from the same comparison.
 
 The rule, for each query (a row of ``[n, k]`` candidates, best first):
 
@@ -35,6 +37,7 @@ __all__ = [
     "Selection",
     "accepts",
     "check_alpha",
+    "conformal_threshold",
     "decide",
     "select",
     "threshold_admitting",
@@ -184,5 +187,27 @@ def threshold_at_fpr(distractor_scores, alpha: float) -> float | None:
     n = s.size
     k = int(math.floor(alpha * n + 1e-9))
     if n == 0 or k < 1:
+        return None
+    return threshold_admitting(s, k)
+
+
+def conformal_threshold(calibration_scores, alpha: float) -> float | None:
+    """Threshold whose false-positive rate on *new* photos is at most ``alpha`` in expectation.
+
+    :func:`threshold_at_fpr` admits ``k = floor(alpha * n)`` of the ``n`` calibration scores, so
+    it is exact on them; but a new photo, exchangeable with them, passes it with probability
+    ``(k + 1) / (n + 1)`` over the draw of the calibration set (its rank among the ``n + 1``
+    scores is uniform): 3 / 2001 = 1.5e-3 for ``n = 2000`` and ``alpha = 1e-3``. This is the
+    split-conformal choice instead: ``k = floor(alpha * (n + 1)) - 1`` admitted, the largest with
+    ``(k + 1) / (n + 1) <= alpha`` (Vovk et al. 2005; Angelopoulos & Bates 2021, section 1.1), then
+    :func:`threshold_admitting` ``(scores, k)`` (ties rejected as a group, conservatively).
+
+    Returns ``None`` when no threshold keeps the promise, ``k < 0``, i.e. ``n + 1 < 1 / alpha``.
+    ``k = 0`` (``1/alpha - 1 <= n < 2/alpha - 1``) admits none of the calibration photos.
+    """
+    alpha = check_alpha(alpha)
+    s = float_scores(calibration_scores, "calibration_scores")
+    k = int(math.floor(alpha * (s.size + 1) + 1e-9)) - 1
+    if k < 0:
         return None
     return threshold_admitting(s, k)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cli.demo import DEMO_SCALES
+from cli.demo import DEMO_CALIBRATION_RULE, DEMO_SCALES
 from cli.main import main
 from core.embedding import bf16_is_fast
 from recognition.artifact import LandmarkIndex
@@ -37,7 +37,8 @@ def _markers(out: Path) -> dict[str, int]:
 def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     world, out = tmp_path / "world", tmp_path / "chain"
-    assert main(_demo_args(world, out)) == 0
+    conformal = ("--calibration-rule", "conformal")  # the other rule than the default, to see it reach both
+    assert main(_demo_args(world, out, *conformal)) == 0
     printed = capsys.readouterr().out
     for line in ("1 clean", "2 train", "3 index", "4 recognize", "5 albums", "page:"):
         assert line in printed
@@ -64,6 +65,12 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     pool = len(pd.read_csv(world / "nonlandmarks.csv"))
     assert summary["index"]["nonlandmark_penalty"] == {"weight": 0.25, "k": 1, "pool": pool}
     assert recognizer["recall"] == pytest.approx(trained["centroid/recall@fpr=5e-02"])
+    # ... calibrated by the rule asked for (not the default) in both, since the evaluation's figure
+    # equals the recogniser's: of 50 photos at FPR 0.05 at most floor(0.05 * 51) - 1 = 1 passes.
+    calibration = summary["index"]["calibration"]
+    assert calibration["rule"] == "conformal" != DEMO_CALIBRATION_RULE
+    assert calibration["n_calibration"] == 50 and calibration["n_false_positives"] <= 1
+    assert "calibrated at FPR 0.05 (conformal rule)" in printed
     # ... at the index's scales: the evaluation embedded at them, and the index and the recogniser
     # reused those very embeddings (checked against photos embedded afresh by the indexed model).
     assert summary["index"]["scales"] == list(DEMO_SCALES) == LandmarkIndex.load(summary["index"]["path"]).model["identity"]["scales"]
@@ -91,11 +98,11 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
 
     # The same command again: every stage is finished, nothing is recomputed.
     before = _markers(out)
-    assert main(_demo_args(world, out)) == 0
+    assert main(_demo_args(world, out, *conformal)) == 0
     assert _markers(out) == before
     assert json.loads((out / "summary.json").read_text())["recognizer"] == recognizer
     # --fresh starts over.
-    assert main(_demo_args(world, out, "--fresh")) == 0
+    assert main(_demo_args(world, out, *conformal, "--fresh")) == 0
     after = _markers(out)
     assert all(after[s] > before[s] for s in STAGES)
 

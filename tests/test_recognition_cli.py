@@ -57,6 +57,23 @@ def test_index_artifact_from_the_cli(built_index, tiny_world):
         assert lm["n_images"] == 6 and lm["n_centroids"] == 6
 
 
+def test_index_calibrates_by_the_conformal_rule_when_asked(built_index, tiny_world, capsys):
+    """`--calibration-rule conformal`: of the 40 photos at FPR 0.05, floor(0.05 * 41) - 1 = 1 may
+    pass instead of 2; the rule is recorded and printed. Same embeddings (the cache)."""
+    assert LandmarkIndex.load(built_index).calibration.rule == "empirical"
+    out = built_index.parent / "conformal"
+    capsys.readouterr()
+    assert main([
+        "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
+        "--image-size", "64", "--nonlandmarks", str(tiny_world / "nonlandmarks.csv"), "--target-fpr", "0.05",
+        "--calibration-rule", "conformal", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0",
+    ]) == 0
+    cal = LandmarkIndex.load(out).calibration
+    assert (cal.rule, cal.n_calibration, cal.n_false_positives, cal.resolved) == ("conformal", 40, 1, True)
+    assert cal.threshold > LandmarkIndex.load(built_index).calibration.threshold
+    assert "1/40 calibration images accepted (FPR 2.50e-02; conformal rule)" in capsys.readouterr().out
+
+
 def test_recognize_files_and_a_folder_with_a_corrupt_image(built_index, tiny_world, tmp_path, capsys):
     db = pd.read_csv(tiny_world / "db.csv", dtype=str)
     clean = db[db.is_noise == "0"]
