@@ -55,6 +55,7 @@ from core.atomic import write_json_atomic
 from core.errors import UserError
 from core.labels import NONLANDMARK
 from recognition.artifact import PenaltyParams
+from recognition.calibration import CALIBRATION_RULES
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="a miniature world and fit (a smoke test, ~1 min)")
     parser.add_argument("--target-fpr", type=float, default=1e-3, help="false-positive rate the threshold is "
                         "calibrated for (default 1e-3)")
-    parser.add_argument("--calibration-rule", choices=("empirical", "conformal"), default=DEMO_CALIBRATION_RULE,
+    parser.add_argument("--calibration-rule", choices=CALIBRATION_RULES, default=DEMO_CALIBRATION_RULE,
                         help="how the threshold reads --target-fpr: empirical (default), at most that share of "
                              "calibration.csv; conformal, at most that rate of new photos in expectation, for less "
                              "recall (`landmarks index --calibration-rule`; EXPERIMENTS.md)")

@@ -16,9 +16,10 @@ Two rules (:data:`CALIBRATION_RULES`) say what "at most ``target_fpr``" promises
   ``(k + 1) / (n + 1)`` in expectation, 1.5x the target for 2,000 photos at 1e-3.
 - ``conformal``: at most that rate, in expectation, of *new* photos exchangeable with these
   (:func:`retrieval.decision.conformal_threshold`; one calibration photo fewer passes at 2,000
-  photos and 1e-3). What a deployed recogniser promises its users; `landmarks demo` uses it.
+  photos and 1e-3, for less recall). For a target that is a limit on the photos to come
+  (``landmarks index`` / ``landmarks demo --calibration-rule conformal``; EXPERIMENTS.md).
 
-A calibration set of ``n`` photos cannot resolve a rate below ``1/n`` (``1/n - 1`` for the
+A calibration set of ``n`` photos cannot resolve a rate below ``1/n`` (``1/(n + 1)`` under the
 conformal rule): with 500 photos, "at most 0.1 % false positives" is indistinguishable from "none
 of these 500". Such a request is refused unless explicitly allowed, and then the threshold admits
 none of the calibration photos and the record says it is unresolved.
