@@ -659,8 +659,8 @@ def _wandb_line(run_dir: str) -> str:
 #: recognises them better at a larger test size (FixRes). On the 8-epoch chains (5 seeds; the same
 #: index rebuilt at each scale) recall at exactly FPR 1e-3 of the 7,000 unseen non-landmarks was
 #: 0.707 at 1.25, against 0.652 at 1.414 (the scale before, measured with full-strength
-#: augmentations, whose crops are smaller), 0.679 at 1.15, 0.692 at 1.2 and 0.688 at 1.33. One pass at
-#: 1.25 costs 1.6x the embedding time of 96 px, 1.414 2x (EXPERIMENTS.md, "The main job").
+#: augmentations, whose crops are smaller), 0.679 at 1.15, 0.692 at 1.2 and 0.688 at 1.33. One pass
+#: at 1.25 embeds 1.56x the pixels of 96 px, 1.414 2x (EXPERIMENTS.md, "The main job").
 DEMO_SCALES = (1.25,)
 
 #: How the shipped threshold reads the target FPR (recognition.calibration). ``empirical`` admits 2
@@ -668,8 +668,9 @@ DEMO_SCALES = (1.25,)
 #: 500 redrawn calibration sets of each of the 8-epoch chains (5 seeds, indexed at 1.25) the FPR on
 #: the other unseen photos averaged 0.0015 and exceeded 2e-3 in a quarter of draws, for recall 0.707.
 #: ``conformal`` admits 1 (2/2001): FPR 0.0010 on average, above 2e-3 in a tenth of draws, but
-#: recall 0.649, since one score now sets the threshold. The issue allows 2x the target, so the higher recall stays the
-#: default; `--calibration-rule conformal` keeps the promise in expectation (EXPERIMENTS.md).
+#: recall 0.649, since one score now sets the threshold. The issue allows 2x the target, so the
+#: higher recall stays the default; `--calibration-rule conformal` keeps the promise in expectation
+#: (EXPERIMENTS.md).
 DEMO_CALIBRATION_RULE = "empirical"
 
 #: The fit's recipe: ArcFace measured better than the paper's center loss in the chain (seed-0 world,
