@@ -73,8 +73,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--target-fpr", type=float, default=1e-3, help="calibrated false-positive rate (default 1e-3)")
     cal.add_argument("--calibration-rule", choices=CALIBRATION_RULES, default="empirical",
                      help="empirical (default): at most --target-fpr of these photos pass; conformal: at most "
-                          "--target-fpr of new photos, in expectation (one photo fewer passes at 2,000 and 1e-3; "
-                          "what `landmarks demo` uses; docs/inference.md)")
+                          "--target-fpr of new photos, in expectation (one photo fewer passes at 2,000 and 1e-3, "
+                          "for less recall; docs/inference.md)")
     cal.add_argument("--allow-unresolved-fpr", action="store_true",
                      help="calibrate even with fewer than 1/FPR non-landmark photos (loud warning)")
     cal.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")

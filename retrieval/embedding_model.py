@@ -40,7 +40,11 @@ class MultiScaleNet(nn.Module):
         super().__init__()
         self.net, self.scales = net, scale_factors(scales) or (1.0,)
         self.embedding_size = net.embedding_size
-        self.inference_precision = inference_precision(net)
+
+    @property
+    def inference_precision(self) -> str:
+        """The wrapped network's (``core.embedding.embed_batch`` embeds this wrapper in it)."""
+        return inference_precision(self.net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return multiscale_forward(self.net, images, self.scales)
