@@ -14,13 +14,17 @@ used it) and for the same index without the penalty (the control):
 * over ``--draws`` random splits of those 7,000 photos into ``n_cal`` calibration photos and the
   rest as distractors, the recall and achieved FPR of the calibrated threshold: its spread, and how
   often the achieved FPR exceeds 2e-3, for each calibration rule (``--calibration-rules``; the
-  same draws for each: ``empirical`` admits 2 of 2,000 at 1e-3, ``conformal`` 1).
+  same draws for each: ``empirical`` admits 2 of 2,000 at 1e-3, ``conformal`` 1). Next to that
+  frequency, the probability the calibration itself states (``Calibration.chance_above``, from
+  Beta(k + 1, n - k), whatever the model): the check that the printed promise is kept. The
+  measured frequency is a little higher, since the rest's own finite count adds noise.
 
 Usage::
 
     landmarks demo --seed N        # the chains first (runs/demo/chain-seedN)
     python bench/bench_shipped_threshold.py --seeds 0 1 2
     python bench/bench_shipped_threshold.py --seeds 0 1 2 --scales 1 1.414   # multi-scale, same chains
+    python bench/bench_shipped_threshold.py --seeds 0 1 2 --clustering distance_threshold=0.3 min_cluster_size=3
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ from retrieval.embed import embed_paths  # noqa: E402
 from retrieval.embedding_model import load_embedding_model  # noqa: E402
 
 
-def rebuilt_at_scales(index: LandmarkIndex, checkpoint: str, scales, cache: Path, out: Path) -> LandmarkIndex:
+def rebuilt(index: LandmarkIndex, checkpoint: str, scales, clustering: dict, cache: Path, out: Path) -> LandmarkIndex:
     """The chain's index built again by `landmarks index` with the same DB, calibration photos,
-    non-landmark pool, penalty and representation, its model embedding at ``scales``."""
+    non-landmark pool, penalty and representation, its model embedding at ``scales``, its
+    centroid settings changed by ``clustering`` (``CentroidParams`` fields)."""
     from recognition.artifact import PenaltyParams
     from recognition.centroids import CentroidParams
     from recognition.indexing import build_landmark_index
@@ -54,24 +59,27 @@ def rebuilt_at_scales(index: LandmarkIndex, checkpoint: str, scales, cache: Path
     rebuilt, _ = build_landmark_index(
         build["manifest"], out, checkpoint=checkpoint, scales=scales, nonlandmarks=build["calibration_set"],
         target_fpr=index.calibration.target_fpr, representation=build["representation"],
-        centroid_params=CentroidParams(**build["clustering"]), cache_dir=cache, progress=False,
+        centroid_params=CentroidParams(**{**build["clustering"], **clustering}), cache_dir=cache, progress=False,
         nonlandmark_pool=penalty["source"] if penalty else None,
         penalty=PenaltyParams(penalty["weight"], penalty["k"]) if penalty else None)
     return rebuilt
 
 
-def chain_scores(chain: Path, world: Path, scales=None, penalty_weights=()) -> dict:
+def chain_scores(chain: Path, world: Path, scales=None, penalty_weights=(), clustering=None) -> dict:
     """Top-1 scores and rows of the queries and the unseen non-landmarks, with and without the penalty;
-    with ``scales``, of the chain's index rebuilt at those scales (:func:`rebuilt_at_scales`); with
-    ``penalty_weights``, also of the shipped penalty (same pool and k) at each of those weights."""
+    with ``scales`` or ``clustering``, of the chain's index rebuilt at those scales or with those
+    centroid settings (:func:`rebuilt`); with ``penalty_weights``, also of the shipped penalty (same
+    pool and k) at each of those weights."""
     summary = json.loads((chain / "summary.json").read_text())
     index = LandmarkIndex.load(summary["index"]["path"])
     # the index as shipped: its own scales (one scale for chains made before the demo had them)
     shipped_scales = index.model.get("identity", {}).get("scales")
     model = load_embedding_model(checkpoint=summary["checkpoint"], scales=scales or shipped_scales)
-    if scales:
-        index = rebuilt_at_scales(index, summary["checkpoint"], scales, chain / "cache",
-                                  chain / f"index-scales-{'-'.join(f'{s:g}' for s in scales)}")
+    if scales or clustering:
+        name = "-".join([f"scales-{'-'.join(f'{s:g}' for s in scales or shipped_scales or [1])}"]
+                        + [f"{k}-{v}" for k, v in sorted((clustering or {}).items())])
+        index = rebuilt(index, summary["checkpoint"], scales or shipped_scales, clustering or {}, chain / "cache",
+                        chain / f"index-{name}")
     aliases = merged_id_aliases(read_manifest(summary["cleaning"]["manifest"], "landmark", extra_columns="ignore"))
     sets = {name: read_manifest(world / f"{name}.csv", kind, extra_columns="ignore")
             for name, kind in (("queries", "landmark"), ("calibration", "nonlandmark"), ("distractors", "nonlandmark"))}
@@ -97,6 +105,22 @@ def chain_scores(chain: Path, world: Path, scales=None, penalty_weights=()) -> d
     return out
 
 
+def parse_clustering(items: list[str]) -> dict:
+    """``["distance_threshold=0.15", ...]`` as CentroidParams keyword arguments, typed by the fields."""
+    import dataclasses
+
+    from recognition.centroids import CentroidParams
+
+    types = {f.name: type(getattr(CentroidParams(), f.name)) for f in dataclasses.fields(CentroidParams)}
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise SystemExit(f"--clustering: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(types)}")
+        out[key] = value.lower() in ("1", "true") if types[key] is bool else types[key](value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -114,12 +138,18 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="rebuild each chain's index with its checkpoint embedding at these scales "
                              "(`landmarks index --scales`); default: the index as shipped")
+    parser.add_argument("--clustering", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="rebuild each chain's index with these centroid settings changed "
+                             "(recognition.centroids.CentroidParams fields, e.g. distance_threshold=0.15 "
+                             "min_cluster_size=2; few_photos=100000 keeps every photo: kNN)")
     args = parser.parse_args()
+    clustering = parse_clustering(args.clustering)
 
     rows = []
     for seed in args.seeds:
         world = args.data / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
-        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world, args.scales, args.penalty_weights)
+        scores = chain_scores(args.runs / f"{args.prefix}-seed{seed}", world, args.scales, args.penalty_weights,
+                              clustering)
         truth, shipped = scores["truth"], scores["recognizer"]
         print(f"\nseed {seed}: recognize stage recall {shipped['recall']:.3f} at achieved FPR {shipped['achieved_fpr']:.4f}")
         for variant in [k for k in scores if k not in ("truth", "recognizer")]:
@@ -133,18 +163,20 @@ def main() -> None:
                        for n in args.calibration_sizes}
             draws = {}
             for n_cal, rule in [(n, r) for n in args.calibration_sizes for r in args.calibration_rules]:
-                recall, fpr = [], []
+                recall, fpr, theory = [], [], []
                 for order in samples[n_cal]:
-                    threshold = calibrate_threshold(nonlandmarks[order[:n_cal]], args.target_fpr, rule=rule).threshold
-                    fpr.append(float(accepts(nonlandmarks[order[n_cal:]], threshold).mean()))
-                    recall.append(float((accepts(q_scores, threshold) & correct).mean()))
-                draws[n_cal, rule] = (np.array(recall), np.array(fpr))
+                    cal = calibrate_threshold(nonlandmarks[order[:n_cal]], args.target_fpr, rule=rule)
+                    fpr.append(float(accepts(nonlandmarks[order[n_cal:]], cal.threshold).mean()))
+                    recall.append(float((accepts(q_scores, cal.threshold) & correct).mean()))
+                    theory.append(cal.chance_above(2 * args.target_fpr))
+                draws[n_cal, rule] = (np.array(recall), np.array(fpr), float(np.mean(theory)))
             rows.append((seed, variant, len(nonlandmarks), fixed, draws))
             print(f"  {variant:>10}: recall at FPR {args.target_fpr:g} of all {len(nonlandmarks)} unseen non-landmarks "
                   f"{fixed[args.target_fpr]:.3f}, at {2 * args.target_fpr:g} {fixed[2 * args.target_fpr]:.3f}")
-            for (n, rule), (r, f) in draws.items():
+            for (n, rule), (r, f, theory) in draws.items():
                 print(f"{'':14}n_cal {n}, {rule:>9}: recall {r.mean():.3f} ± {r.std():.3f}, FPR mean {f.mean():.4f} "
-                      f"median {np.median(f):.4f}, P(FPR > {2 * args.target_fpr:g}) {np.mean(f > 2 * args.target_fpr):.2f}")
+                      f"median {np.median(f):.4f}, P(FPR > {2 * args.target_fpr:g}) {np.mean(f > 2 * args.target_fpr):.2f} "
+                      f"(the calibration's promise, Beta: {theory:.2f})")
 
     print(f"\n| variant | recall at FPR {args.target_fpr:g} (seeds {', '.join(map(str, args.seeds))}) | mean | "
           f"recall at FPR {2 * args.target_fpr:g}, mean | "

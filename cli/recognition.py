@@ -83,11 +83,13 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                      help="per-landmark shooting-angle centroids (default), one mean, or every photo")
     defaults = CentroidParams()
     rep.add_argument("--distance-threshold", type=float, default=defaults.distance_threshold,
-                     help="cosine distance at which a landmark's dendrogram is cut into angle clusters")
+                     help=f"cosine distance at which a landmark's dendrogram is cut into angle clusters "
+                          f"(default {defaults.distance_threshold:g}, measured on the trained demo models)")
     rep.add_argument("--linkage", default=defaults.linkage, help="agglomerative linkage (average, complete, ward, ...)")
     rep.add_argument("--max-centroids", type=int, default=defaults.max_centroids, help="most centroids per landmark")
     rep.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size,
-                     help="smaller clusters are dropped as noise (a landmark keeps at least its largest)")
+                     help=f"smaller clusters are dropped as noise (default {defaults.min_cluster_size}; "
+                          f"a landmark keeps at least its largest)")
     rep.add_argument("--few-photos", type=int, default=defaults.few_photos,
                      help=f"a landmark with fewer photos keeps every photo instead of clusters "
                           f"(default {defaults.few_photos}; 0 clusters every landmark)")
@@ -218,6 +220,8 @@ def run_index_command(args: argparse.Namespace) -> int:
         print(f"threshold:  {cal.threshold:.6f} for FPR {cal.target_fpr:g}: {cal.n_false_positives}/{cal.n_calibration} "
               f"calibration images accepted (FPR {cal.achieved_fpr:.2e}; {cal.rule} rule)"
               f"{'' if cal.resolved else '  [UNRESOLVED]'}")
+        for line in cal.new_photo_lines():
+            print(f"            {line}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

@@ -19,6 +19,18 @@ Two rules (:data:`CALIBRATION_RULES`) say what "at most ``target_fpr``" promises
   photos and 1e-3, for less recall). For a target that is a limit on the photos to come
   (``landmarks index`` / ``landmarks demo --calibration-rule conformal``; EXPERIMENTS.md).
 
+**What a calibration promises about new photos.** A threshold that admits ``k`` of ``n``
+calibration photos lets through a fraction of *new* non-landmark photos that depends on the draw
+of the calibration set: for photos exchangeable with these (the same kind of photo) and continuous
+scores, that fraction is Beta(k + 1, n - k) distributed, whatever the model (the threshold sits at
+the (k + 1)-th highest of n uniform ranks). Its mean is ``(k + 1) / (n + 1)``; the chance that it
+exceeds a rate ``x`` is ``P(Binomial(n, x) <= k)``. With 2,000 photos at 1e-3 (``k = 2``) the
+fraction exceeds 2e-3 for about one calibration set in four (0.24), and no choice of rule or model
+changes that: only more photos do. :meth:`Calibration.new_photo_fpr` and
+:meth:`Calibration.chance_above` report it for a calibrated index; :func:`calibration_photos_needed`
+says how many photos keep it under a bound (EXPERIMENTS.md compares it with redrawn calibration
+sets). Tied scores make a threshold admit fewer photos, so the figures are then conservative.
+
 A calibration set of ``n`` photos cannot resolve a rate below ``1/n`` (``1/(n + 1)`` under the
 conformal rule): with 500 photos, "at most 0.1 % false positives" is indistinguishable from "none
 of these 500". Such a request is refused unless explicitly allowed, and then the threshold admits
@@ -34,11 +46,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from core.errors import UserError
-from retrieval.decision import accepts, conformal_threshold, threshold_admitting, threshold_at_fpr
+from retrieval.decision import (
+    accepts,
+    admitted_conformal,
+    admitted_empirical,
+    conformal_threshold,
+    threshold_admitting,
+    threshold_at_fpr,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_RULES", "Calibration", "CalibrationError", "calibrate_threshold", "check_calibration_rule"]
+__all__ = ["CALIBRATION_RULES", "Calibration", "CalibrationError", "calibrate_threshold", "calibration_photos_needed",
+           "check_calibration_rule", "new_photo_fpr", "new_photo_fpr_above"]
 
 #: How a target FPR is read (module docstring): on the calibration photos, or on new photos in expectation.
 CALIBRATION_RULES = ("empirical", "conformal")
@@ -81,6 +101,35 @@ class Calibration:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def new_photo_fpr(self, confidence: float = 0.95) -> tuple[float, float] | None:
+        """The false-positive rate on new photos: expected, and the bound it stays under with
+        probability ``confidence`` (:func:`new_photo_fpr`); None without a calibration set."""
+        if not self.n_calibration:
+            return None
+        return new_photo_fpr(self.n_calibration, self.n_false_positives, confidence)
+
+    def chance_above(self, fpr: float) -> float | None:
+        """Probability that new photos pass at more than ``fpr`` (:func:`new_photo_fpr_above`)."""
+        if not self.n_calibration:
+            return None
+        return new_photo_fpr_above(self.n_calibration, self.n_false_positives, fpr)
+
+    def new_photo_lines(self, factor: float = 2.0, chance: float = 0.1) -> list[str]:
+        """What the threshold promises about new photos, as ``landmarks index`` and ``landmarks
+        demo`` print it; when more than ``factor`` × the target happens more often than ``chance``,
+        also how many calibration photos would make it rarer. Empty without a calibration set."""
+        if self.target_fpr is None or not 0 <= self.n_false_positives < self.n_calibration:
+            return []
+        expected, bound = self.new_photo_fpr()
+        lines = [f"FPR on new photos: {expected:.2g} expected, under {bound:.2g} in 95 % of calibration draws"]
+        limit = factor * self.target_fpr
+        above = self.chance_above(limit)
+        if above > chance and limit < 1.0:
+            needed = calibration_photos_needed(self.target_fpr, self.rule, factor, chance)
+            lines.append(f"over {limit:.2g} ({factor:g} × the target) in {above * 100:.0f} % of draws; "
+                         f"{needed:,} calibration photos: at most {chance * 100:g} %")
+        return lines
 
     @classmethod
     def fixed(cls, threshold: float) -> "Calibration":
@@ -147,3 +196,71 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
         log.warning("!" * 72)
     n_fp = int(accepts(s, threshold).sum())
     return Calibration(threshold, target_fpr, n_fp / n, n, n_fp, resolved, rule)
+
+
+def _check_counts(n_calibration: int, n_admitted: int) -> None:
+    if not 0 <= n_admitted < n_calibration:
+        raise ValueError(f"need 0 <= admitted < calibration photos, got {n_admitted} of {n_calibration}")
+
+
+def new_photo_fpr(n_calibration: int, n_admitted: int, confidence: float = 0.95) -> tuple[float, float]:
+    """``(expected, bound)``: the false-positive rate on new photos of a threshold that admits
+    ``n_admitted`` of ``n_calibration`` calibration photos, in expectation over the draw of the
+    calibration set, ``(k + 1) / (n + 1)``, and the value it stays under with probability
+    ``confidence``, the quantile of Beta(k + 1, n - k) (module docstring)."""
+    from scipy.stats import beta
+
+    _check_counts(n_calibration, n_admitted)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    k, n = n_admitted, n_calibration
+    return (k + 1) / (n + 1), float(beta.ppf(confidence, k + 1, n - k))
+
+
+def new_photo_fpr_above(n_calibration: int, n_admitted: int, fpr: float) -> float:
+    """Probability, over the draw of the calibration set, that a threshold admitting ``n_admitted``
+    of ``n_calibration`` photos lets more than ``fpr`` of new photos through:
+    ``P(Beta(k + 1, n - k) > fpr) = P(Binomial(n, fpr) <= k)``."""
+    from scipy.stats import binom
+
+    _check_counts(n_calibration, n_admitted)
+    return float(binom.cdf(n_admitted, n_calibration, fpr))
+
+
+def calibration_photos_needed(target_fpr: float, rule: str = "empirical", factor: float = 2.0,
+                              chance: float = 0.1) -> int:
+    """The fewest calibration photos from which on (for that many and for every larger set) the
+    threshold of ``rule`` at ``target_fpr`` lets more than ``factor * target_fpr`` of new photos
+    through with probability at most ``chance``: 3,339 for the empirical rule at 1e-3 (2x, 10 %).
+
+    Within a run of set sizes that admit the same ``k`` photos the probability falls as the set
+    grows, and it jumps up where ``k`` steps, so each run is checked at its start and bisected."""
+    check_calibration_rule(rule)
+    if not 0.0 < target_fpr < 1.0 or factor <= 1.0 or not 0.0 < chance < 1.0 or factor * target_fpr >= 1.0:
+        raise ValueError(f"need 0 < target_fpr < factor * target_fpr < 1 and 0 < chance < 1, got "
+                         f"target_fpr={target_fpr}, factor={factor}, chance={chance}")
+    admitted = admitted_conformal if rule == "conformal" else admitted_empirical
+    smallest_k = 0 if rule == "conformal" else 1  # fewer: the rule refuses (unresolved)
+
+    def first_size(k: int) -> int:  # the smallest n whose rule admits k photos
+        n = max(k + 1, int(k / target_fpr) - 2)
+        while admitted(n, target_fpr) < k:
+            n += 1
+        return n
+
+    def fails(n: int) -> bool:
+        return new_photo_fpr_above(n, admitted(n, target_fpr), factor * target_fpr) > chance
+
+    last_failing, passing_runs, k = first_size(smallest_k) - 1, 0, smallest_k
+    while passing_runs < 20:  # the probability at a run's start falls with k; 20 clean runs end it
+        lo, hi = first_size(k), first_size(k + 1) - 1
+        if fails(lo):
+            passing_runs = 0
+            while lo < hi:  # the last failing size in [lo, hi]
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fails(mid) else (lo, mid - 1)
+            last_failing = lo
+        else:
+            passing_runs += 1
+        k += 1
+    return last_failing + 1

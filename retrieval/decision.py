@@ -37,6 +37,8 @@ __all__ = [
     "Selection",
     "accepts",
     "check_alpha",
+    "admitted_conformal",
+    "admitted_empirical",
     "conformal_threshold",
     "decide",
     "select",
@@ -166,11 +168,23 @@ def threshold_admitting(scores, k: int) -> float:
     return float(np.nextafter(kth, s.dtype.type(np.inf)))
 
 
+def admitted_empirical(n: int, alpha: float) -> int:
+    """How many of ``n`` calibration scores :func:`threshold_at_fpr` admits: ``floor(alpha * n)``
+    (the ``1e-9`` absorbs float error such as ``0.001 * 3000 = 2.9999...``)."""
+    return int(math.floor(alpha * n + 1e-9))
+
+
+def admitted_conformal(n: int, alpha: float) -> int:
+    """How many of ``n`` calibration scores :func:`conformal_threshold` admits:
+    ``floor(alpha * (n + 1)) - 1``, negative when no threshold keeps its promise."""
+    return int(math.floor(alpha * (n + 1) + 1e-9)) - 1
+
+
 def threshold_at_fpr(distractor_scores, alpha: float) -> float | None:
     """Score threshold admitting at most a fraction ``alpha`` of distractors (accept iff s >= t).
 
-    Let ``n`` = number of distractors and ``k = floor(alpha * n + 1e-9)`` the number of false
-    positives allowed (the ``1e-9`` absorbs float error such as ``0.001 * 3000 = 2.9999...``).
+    Let ``n`` = number of distractors and ``k = floor(alpha * n)`` the number of false
+    positives allowed (:func:`admitted_empirical`).
     Returns :func:`threshold_admitting` ``(scores, k)``: the smallest ``t`` with
     ``#(scores >= t) <= k``, the next representable value (in the scores' own float dtype, so that
     it survives a cast back to it) above the (k+1)-th highest score. If scores tie across the
@@ -185,7 +199,7 @@ def threshold_at_fpr(distractor_scores, alpha: float) -> float | None:
     alpha = check_alpha(alpha)
     s = float_scores(distractor_scores, "distractor_scores")
     n = s.size
-    k = int(math.floor(alpha * n + 1e-9))
+    k = admitted_empirical(n, alpha)
     if n == 0 or k < 1:
         return None
     return threshold_admitting(s, k)
@@ -207,7 +221,7 @@ def conformal_threshold(calibration_scores, alpha: float) -> float | None:
     """
     alpha = check_alpha(alpha)
     s = float_scores(calibration_scores, "calibration_scores")
-    k = int(math.floor(alpha * (s.size + 1) + 1e-9)) - 1
+    k = admitted_conformal(s.size, alpha)
     if k < 0:
         return None
     return threshold_admitting(s, k)

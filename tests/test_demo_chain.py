@@ -71,6 +71,11 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert calibration["rule"] == "conformal" != DEMO_CALIBRATION_RULE
     assert calibration["n_calibration"] == 50 and calibration["n_false_positives"] <= 1
     assert "calibrated at FPR 0.05 (conformal rule)" in printed
+    # ... and what that promises about new photos, from the same counts.
+    promise = summary["index"]["new_photo_fpr"]
+    assert promise["expected"] == pytest.approx((calibration["n_false_positives"] + 1) / 51)
+    assert promise["expected"] < promise["under_95"] < 1 and 0 < promise["chance_above_2x_target"] < 1
+    assert f"FPR on new photos: {promise['expected']:.2g} expected" in printed
     # ... at the index's scales: the evaluation embedded at them, and the index and the recogniser
     # reused those very embeddings (checked against photos embedded afresh by the indexed model).
     assert summary["index"]["scales"] == list(DEMO_SCALES) == LandmarkIndex.load(summary["index"]["path"]).model["identity"]["scales"]

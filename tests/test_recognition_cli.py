@@ -71,7 +71,12 @@ def test_index_calibrates_by_the_conformal_rule_when_asked(built_index, tiny_wor
     cal = LandmarkIndex.load(out).calibration
     assert (cal.rule, cal.n_calibration, cal.n_false_positives, cal.resolved) == ("conformal", 40, 1, True)
     assert cal.threshold > LandmarkIndex.load(built_index).calibration.threshold
-    assert "1/40 calibration images accepted (FPR 2.50e-02; conformal rule)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1/40 calibration images accepted (FPR 2.50e-02; conformal rule)" in printed
+    # What it promises about new photos: (1 + 1) / 41 expected; over 2 x 0.05 with probability
+    # P(Binomial(40, 0.1) <= 1) = 0.08, under the 10 % that prints advice.
+    assert "FPR on new photos: 0.049 expected, under " in printed
+    assert "calibration photos: at most" not in printed
 
 
 def test_recognize_files_and_a_folder_with_a_corrupt_image(built_index, tiny_world, tmp_path, capsys):
