@@ -17,7 +17,8 @@ used it) and for the same index without the penalty (the control):
   same draws for each: ``empirical`` admits 2 of 2,000 at 1e-3, ``conformal`` 1). Next to that
   frequency, the probability the calibration itself states (``Calibration.chance_above``, from
   Beta(k + 1, n - k), whatever the model): the check that the printed promise is kept. The
-  measured frequency is a little higher, since the rest's own finite count adds noise.
+  measured frequency runs a little higher: the rest's own finite count adds noise, and the draws
+  split one fixed pool, so calibration set and rest are not independent.
 
 Usage::
 

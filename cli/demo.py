@@ -39,6 +39,7 @@ checkpoint); ``--fresh`` starts over, and so do changed arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ from core.errors import UserError
 from core.labels import NONLANDMARK
 from recognition.artifact import PenaltyParams
 from recognition.calibration import CALIBRATION_RULES, Calibration
+from recognition.centroids import CentroidParams
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +511,9 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
     overrides = (_tiny_overrides() if tiny else []) + _precision_overrides() + list(overrides)
     settings = {"seed": seed, "world": str(world_dir.resolve()), "tiny": tiny, "target_fpr": target_fpr,
                 "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean, "penalty": penalty,
-                "scales": scales, "calibration_rule": calibration_rule, "synthetic": config.__dict__}
+                "scales": scales, "calibration_rule": calibration_rule, "synthetic": config.__dict__,
+                # the index's and the evaluation's centroid settings (their defaults): a change redoes the chain
+                "centroids": dataclasses.asdict(CentroidParams())}
     chain = Chain(out_dir, _fingerprint(config_files, overrides, settings), fresh)
 
     # The shipped index's non-landmark penalty, the same in the evaluation and in `landmarks index`.
@@ -624,7 +628,7 @@ def format_summary(s: dict) -> str:
                  f"calibrated at FPR {r['target_fpr']:g}"
                  + (f" ({i['calibration'].get('rule', 'empirical')} rule)" if i.get("calibration") else ""))
     lines.append(f"{pad}on calibration.csv (non-landmarks the model never saw)")
-    if i.get("new_photo_fpr"):  # runs made before it was recorded have no such key
+    if i.get("calibration"):  # from the counts, so older summaries print it too
         lines += [f"{pad}{line}" for line in Calibration.from_json(i["calibration"]).new_photo_lines()]
     if scales != [1.0]:
         lines.append(f"{pad}every photo embedded at {at}" + (", the embeddings summed" if len(scales) > 1 else ""))

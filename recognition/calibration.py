@@ -25,11 +25,13 @@ of the calibration set: for photos exchangeable with these (the same kind of pho
 scores, that fraction is Beta(k + 1, n - k) distributed, whatever the model (the threshold sits at
 the (k + 1)-th highest of n uniform ranks). Its mean is ``(k + 1) / (n + 1)``; the chance that it
 exceeds a rate ``x`` is ``P(Binomial(n, x) <= k)``. With 2,000 photos at 1e-3 (``k = 2``) the
-fraction exceeds 2e-3 for about one calibration set in four (0.24), and no choice of rule or model
-changes that: only more photos do. :meth:`Calibration.new_photo_fpr` and
+fraction exceeds 2e-3 for about one calibration set in four (0.24). No model changes that for a
+given ``k``; a rule that admits fewer photos lowers it for less recall (conformal, ``k = 1``:
+0.09), and more photos lower it at the same target. :meth:`Calibration.new_photo_fpr` and
 :meth:`Calibration.chance_above` report it for a calibrated index; :func:`calibration_photos_needed`
 says how many photos keep it under a bound (EXPERIMENTS.md compares it with redrawn calibration
-sets). Tied scores make a threshold admit fewer photos, so the figures are then conservative.
+sets). Tied scores make a threshold admit fewer photos than the rule's ``k``: the figures, from the
+photos actually admitted, are then conservative, and the advice may name a size already reached.
 
 A calibration set of ``n`` photos cannot resolve a rate below ``1/n`` (``1/(n + 1)`` under the
 conformal rule): with 500 photos, "at most 0.1 % false positives" is indistinguishable from "none
@@ -224,6 +226,8 @@ def new_photo_fpr_above(n_calibration: int, n_admitted: int, fpr: float) -> floa
     from scipy.stats import binom
 
     _check_counts(n_calibration, n_admitted)
+    if fpr >= 1.0:
+        return 0.0  # no share exceeds everything (scipy would say NaN)
     return float(binom.cdf(n_admitted, n_calibration, fpr))
 
 
@@ -236,14 +240,16 @@ def calibration_photos_needed(target_fpr: float, rule: str = "empirical", factor
     Within a run of set sizes that admit the same ``k`` photos the probability falls as the set
     grows, and it jumps up where ``k`` steps, so each run is checked at its start and bisected."""
     check_calibration_rule(rule)
-    if not 0.0 < target_fpr < 1.0 or factor <= 1.0 or not 0.0 < chance < 1.0 or factor * target_fpr >= 1.0:
-        raise ValueError(f"need 0 < target_fpr < factor * target_fpr < 1 and 0 < chance < 1, got "
+    # A factor near 1 needs ever larger sets (the bound then sits at the rate's own mean): refused.
+    if not 0.0 < target_fpr < 1.0 or factor < 1.1 or not 0.0 < chance < 1.0 or factor * target_fpr >= 1.0:
+        raise ValueError(f"need 0 < target_fpr, 1.1 <= factor, factor * target_fpr < 1 and 0 < chance < 1, got "
                          f"target_fpr={target_fpr}, factor={factor}, chance={chance}")
-    admitted = admitted_conformal if rule == "conformal" else admitted_empirical
-    smallest_k = 0 if rule == "conformal" else 1  # fewer: the rule refuses (unresolved)
+    conformal = rule == "conformal"
+    admitted = admitted_conformal if conformal else admitted_empirical
+    smallest_k = 0 if conformal else 1  # fewer: the rule refuses (unresolved)
 
     def first_size(k: int) -> int:  # the smallest n whose rule admits k photos
-        n = max(k + 1, int(k / target_fpr) - 2)
+        n = max(k + 1, int((k + 1 if conformal else k) / target_fpr) - 3)  # a few below the exact bound
         while admitted(n, target_fpr) < k:
             n += 1
         return n
@@ -251,9 +257,11 @@ def calibration_photos_needed(target_fpr: float, rule: str = "empirical", factor
     def fails(n: int) -> bool:
         return new_photo_fpr_above(n, admitted(n, target_fpr), factor * target_fpr) > chance
 
-    last_failing, passing_runs, k = first_size(smallest_k) - 1, 0, smallest_k
+    start = first_size(smallest_k)
+    last_failing, passing_runs, k = start - 1, 0, smallest_k
     while passing_runs < 20:  # the probability at a run's start falls with k; 20 clean runs end it
-        lo, hi = first_size(k), first_size(k + 1) - 1
+        lo, start = start, first_size(k + 1)
+        hi = start - 1
         if fails(lo):
             passing_runs = 0
             while lo < hi:  # the last failing size in [lo, hi]

@@ -29,8 +29,21 @@ def test_hand_computed_cases():
     assert new_photo_fpr_above(4, 1, 0.3) == pytest.approx(0.7 ** 4 + 4 * 0.3 * 0.7 ** 3)
     # The demo's calibration (2,000 photos, 2 admitted at 1e-3): P(Poisson(4) <= 2) to 3 digits.
     assert new_photo_fpr_above(2000, 2, 2e-3) == pytest.approx(math.exp(-4) * (1 + 4 + 8), abs=2e-3)
+    assert new_photo_fpr_above(10, 3, 1.0) == 0.0  # nothing exceeds every photo (scipy: NaN)
     with pytest.raises(ValueError, match="admitted"):
         new_photo_fpr(10, 10)
+    with pytest.raises(ValueError, match="factor"):
+        calibration_photos_needed(1e-3, factor=1.01)
+
+
+@pytest.mark.parametrize("rule", ["empirical", "conformal"])
+def test_the_counts_the_planner_assumes_are_those_calibration_admits(rule):
+    """calibration_photos_needed reasons with admitted_*; the real calibration must admit as many."""
+    admitted = admitted_conformal if rule == "conformal" else admitted_empirical
+    rng = np.random.default_rng(1)
+    for n in range(77, 400, 7):
+        cal = calibrate_threshold(rng.random(n), 0.013, rule=rule, allow_unresolved=True)
+        assert cal.n_false_positives == max(admitted(n, 0.013), 0), n
 
 
 @pytest.mark.parametrize("rule, admitted", [("empirical", 2), ("conformal", 1)])
@@ -52,7 +65,7 @@ def test_the_promise_matches_simulated_calibration_draws(rule, admitted):
 
 
 @pytest.mark.parametrize("rule", ["empirical", "conformal"])
-@pytest.mark.parametrize("target, factor, chance", [(0.01, 2.0, 0.1), (0.02, 3.0, 0.05)])
+@pytest.mark.parametrize("target, factor, chance", [(0.01, 2.0, 0.1), (0.02, 3.0, 0.05), (0.013, 1.5, 0.2)])
 def test_calibration_photos_needed_matches_brute_force(rule, target, factor, chance):
     admitted = admitted_conformal if rule == "conformal" else admitted_empirical
     smallest = 0 if rule == "conformal" else 1  # fewer admitted: the rule refuses the set
