@@ -3,6 +3,7 @@ from the last finished stage (also after a kill in the fit), ``--fresh``, and th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,10 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cli.demo
 from cli.demo import DEMO_CALIBRATION_RULE, DEMO_SCALES
 from cli.main import main
 from core.embedding import bf16_is_fast
 from recognition.artifact import LandmarkIndex
+from recognition.centroids import CentroidParams
 
 ROOT = Path(__file__).resolve().parent.parent
 LANDMARKS = str(Path(sys.executable).with_name("landmarks"))
@@ -110,6 +113,12 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert main(_demo_args(world, out, *conformal, "--fresh")) == 0
     after = _markers(out)
     assert all(after[s] > before[s] for s in STAGES)
+    # So does a change of the centroid defaults, which the index and the evaluation use.
+    capsys.readouterr()
+    monkeypatch.setattr(cli.demo, "CentroidParams", functools.partial(CentroidParams, distance_threshold=0.2))
+    assert main(_demo_args(world, out, *conformal)) == 0
+    assert "the arguments changed since" in capsys.readouterr().out
+    assert all(_markers(out)[s] > after[s] for s in STAGES)
 
 
 @pytest.mark.slow
