@@ -42,7 +42,6 @@ none of the calibration photos and the record says it is unresolved.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -64,6 +63,20 @@ __all__ = ["CALIBRATION_RULES", "Calibration", "CalibrationError", "calibrate_th
 
 #: How a target FPR is read (module docstring): on the calibration photos, or on new photos in expectation.
 CALIBRATION_RULES = ("empirical", "conformal")
+
+
+#: Each rule's count of admitted calibration photos (retrieval.decision), and the fewest it must
+#: admit to resolve the target (fewer: threshold_at_fpr / conformal_threshold return None).
+_ADMITTED = {"empirical": (admitted_empirical, 1), "conformal": (admitted_conformal, 0)}
+
+
+def _smallest_set(k: int, target_fpr: float, rule: str) -> int:
+    """The fewest calibration photos from which ``rule`` admits ``k`` of them at ``target_fpr``."""
+    admitted, _ = _ADMITTED[rule]
+    n = max(k + 1, int((k + 1 if rule == "conformal" else k) / target_fpr) - 3)  # a few below the exact bound
+    while admitted(n, target_fpr) < k:
+        n += 1
+    return n
 
 
 def check_calibration_rule(rule: str) -> str:
@@ -126,8 +139,8 @@ class Calibration:
         expected, bound = self.new_photo_fpr()
         lines = [f"FPR on new photos: {expected:.2g} expected, under {bound:.2g} in 95 % of calibration draws"]
         limit = factor * self.target_fpr
-        above = self.chance_above(limit)
-        if above > chance and limit < 1.0:
+        above = self.chance_above(limit)  # 0 for a limit of 1 or more
+        if above > chance:
             needed = calibration_photos_needed(self.target_fpr, self.rule, factor, chance)
             lines.append(f"over {limit:.2g} ({factor:g} × the target) in {above * 100:.0f} % of draws; "
                          f"{needed:,} calibration photos: at most {chance * 100:g} %")
@@ -176,17 +189,12 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
     if n == 0:
         raise CalibrationError("no readable calibration images: cannot calibrate a threshold")
     check_calibration_rule(rule)
-    if rule == "conformal":
-        needed = math.ceil(1.0 / target_fpr - 1 - 1e-9)
-        threshold = conformal_threshold(s, target_fpr)
-    else:
-        needed = math.ceil(1.0 / target_fpr - 1e-9)
-        threshold = threshold_at_fpr(s, target_fpr)
+    threshold = (conformal_threshold if rule == "conformal" else threshold_at_fpr)(s, target_fpr)
     resolved = threshold is not None
     if not resolved:
         message = (
             f"{n} calibration images cannot resolve a false-positive rate of {target_fpr:g}: that needs at "
-            f"least {needed} non-landmark images ({'1/FPR - 1, conformal rule' if rule == 'conformal' else '1/FPR'})"
+            f"least {_smallest_set(_ADMITTED[rule][1], target_fpr, rule)} non-landmark images ({'1/FPR - 1, conformal rule' if rule == 'conformal' else '1/FPR'})"
         )
         if not allow_unresolved:
             raise CalibrationError(message + "; add calibration images, raise the target FPR, or allow an "
@@ -244,23 +252,15 @@ def calibration_photos_needed(target_fpr: float, rule: str = "empirical", factor
     if not 0.0 < target_fpr < 1.0 or factor < 1.1 or not 0.0 < chance < 1.0 or factor * target_fpr >= 1.0:
         raise ValueError(f"need 0 < target_fpr, 1.1 <= factor, factor * target_fpr < 1 and 0 < chance < 1, got "
                          f"target_fpr={target_fpr}, factor={factor}, chance={chance}")
-    conformal = rule == "conformal"
-    admitted = admitted_conformal if conformal else admitted_empirical
-    smallest_k = 0 if conformal else 1  # fewer: the rule refuses (unresolved)
-
-    def first_size(k: int) -> int:  # the smallest n whose rule admits k photos
-        n = max(k + 1, int((k + 1 if conformal else k) / target_fpr) - 3)  # a few below the exact bound
-        while admitted(n, target_fpr) < k:
-            n += 1
-        return n
+    admitted, smallest_k = _ADMITTED[rule]  # below smallest_k the rule refuses (unresolved)
 
     def fails(n: int) -> bool:
         return new_photo_fpr_above(n, admitted(n, target_fpr), factor * target_fpr) > chance
 
-    start = first_size(smallest_k)
+    start = _smallest_set(smallest_k, target_fpr, rule)
     last_failing, passing_runs, k = start - 1, 0, smallest_k
     while passing_runs < 20:  # the probability at a run's start falls with k; 20 clean runs end it
-        lo, start = start, first_size(k + 1)
+        lo, start = start, _smallest_set(k + 1, target_fpr, rule)
         hi = start - 1
         if fails(lo):
             passing_runs = 0
