@@ -73,13 +73,18 @@ def chain_scores(chain: Path, world: Path, scales=None, penalty_weights=(), clus
     pool and k) at each of those weights."""
     summary = json.loads((chain / "summary.json").read_text())
     index = LandmarkIndex.load(summary["index"]["path"])
+    # The index's own record of its checkpoint: summary.json's path is relative to the folder the
+    # demo ran in, and from another folder it may name another chain's checkpoint.
+    checkpoint = index.model.get("source", {}).get("checkpoint") or summary["checkpoint"]
     # the index as shipped: its own scales (one scale for chains made before the demo had them)
     shipped_scales = index.model.get("identity", {}).get("scales")
-    model = load_embedding_model(checkpoint=summary["checkpoint"], scales=scales or shipped_scales)
+    model = load_embedding_model(checkpoint=checkpoint, scales=scales or shipped_scales)
+    if not (scales or clustering):  # scores against the shipped vectors: the same model or nothing
+        index.check_model(model.identity, model.embedding_size, what=f"checkpoint {checkpoint}")
     if scales or clustering:
         name = "-".join([f"scales-{'-'.join(f'{s:g}' for s in scales or shipped_scales or [1])}"]
                         + [f"{k}-{v}" for k, v in sorted((clustering or {}).items())])
-        index = rebuilt(index, summary["checkpoint"], scales or shipped_scales, clustering or {}, chain / "cache",
+        index = rebuilt(index, checkpoint, scales or shipped_scales, clustering or {}, chain / "cache",
                         chain / f"index-{name}")
     aliases = merged_id_aliases(read_manifest(summary["cleaning"]["manifest"], "landmark", extra_columns="ignore"))
     sets = {name: read_manifest(world / f"{name}.csv", kind, extra_columns="ignore")
