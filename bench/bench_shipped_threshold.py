@@ -81,7 +81,7 @@ def chain_scores(chain: Path, world: Path, scales=None, penalty_weights=(), clus
     model = load_embedding_model(checkpoint=checkpoint, scales=scales or shipped_scales)
     if not (scales or clustering):  # scores against the shipped vectors: the same model or nothing
         index.check_model(model.identity, model.embedding_size, what=f"checkpoint {checkpoint}")
-    if scales or clustering:
+    else:
         name = "-".join([f"scales-{'-'.join(f'{s:g}' for s in scales or shipped_scales or [1])}"]
                         + [f"{k}-{v}" for k, v in sorted((clustering or {}).items())])
         index = rebuilt(index, checkpoint, scales or shipped_scales, clustering or {}, chain / "cache",
