@@ -15,7 +15,9 @@ functions. This module is the one place that
 * keeps the console quiet: the project's own loggers print at INFO, libraries (FAISS's loader,
   Lightning's "GPU available" lines and tips, timm …) only at WARNING and above, and library
   warnings (deprecations, Lightning's hints) are not shown. ``-v`` / ``--verbose`` anywhere on
-  the line brings all of it back (``-vv``: DEBUG for everything).
+  the line brings all of it back (``-vv``: DEBUG for everything);
+* keeps freed memory in the process (:mod:`core.allocator`): glibc no longer unmaps the large
+  blocks a training or embedding step frees, only to fault them in again at the next step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import warnings
 from typing import Iterator
 
 from cli import logs
+from core.allocator import keep_freed_memory
 from core.errors import UserError
 from core.launched_ranks import stop_launched_ranks
 
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     name = command if not command.startswith("-") else None
+    keep_freed_memory()
     with console(verbose):
         try:
             try:

@@ -14,6 +14,8 @@
 * :mod:`core.fork_safety` — tqdm's monitor thread is off: a thread born next to a data-loader
   fork can deadlock the child (CPython gh-112275); switched off here, at import, so every entry
   point gets it before its first progress bar.
+* :mod:`core.allocator` — freed memory stays in the process (glibc's mmap and heap trimming off),
+  so large tensors are not faulted in page by page at every step; the command line switches it on.
 
 Nothing here imports Lightning's Trainer, the data modules or the losses: this layer must stay
 importable on its own (``tests/test_layers.py`` enforces it).

@@ -166,3 +166,26 @@ class EmbeddingNet(nn.Module):
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             embedding = self.bn(self.fc(pooled.float()))
         return F.normalize(embedding, dim=1)
+
+    def freeze_early_stages(self, stages: int) -> list[nn.Module]:
+        """Fix the backbone's stem and its first ``stages`` feature stages (timm's ``feature_info``:
+        for MobileNetV2, 2 = the stem and ``blocks.0``–``blocks.1``, everything at stride ≤ 4) for
+        good: their weights stop requiring gradients, so backward stops where they end. Returns
+        their BatchNorm layers, which the caller keeps in eval mode while training (ImageNet
+        statistics, as the weights). Modules are taken in registration order, which is the order
+        of the forward pass in timm's convolutional networks."""
+        if stages == 0:
+            return []
+        info = getattr(self.backbone, "feature_info", None)
+        names = [stage["module"] for stage in info] if info is not None else []
+        if not 0 < stages <= len(names):
+            raise UserError(f"model.frozen_stages: {type(self.backbone).__name__} has {len(names)} feature stages "
+                            f"({', '.join(names) or 'none listed'}); got {stages}")
+        modules = list(self.backbone.named_modules())[1:]  # [0] is the backbone itself
+        last = names[stages - 1]
+        end = max(i for i, (name, _) in enumerate(modules) if name == last or name.startswith(last + "."))
+        frozen = [module for _, module in modules[: end + 1]]
+        for module in frozen:
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+        return [m for m in frozen if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -68,6 +68,10 @@ class LandmarkModule(pl.LightningModule):
             their running statistics keep the pretrained values (their affine weights still
             train). Fine-tuning on a few hundred photos otherwise re-estimates every running mean
             and variance on them, which moves the features even when the weights barely do.
+        frozen_stages: the backbone's stem and first N feature stages stay fixed for the whole fit,
+            weights and BatchNorm statistics (``EmbeddingNet.freeze_early_stages``). Backward
+            then stops where they end: on MobileNetV2 at 96 px, N = 2 (stride 4) takes a training
+            step from 0.65 to 0.39 s on the 2-core CPU. 0 (default) trains every stage.
         eval_scales: the validation / test / predict embeddings are taken at these multiples of
             the image size and summed (``core.embedding.multiscale_forward``), e.g. ``[1.0, 1.414]``,
             the scales ``landmarks index`` embeds at by default: the evaluation then scores the
@@ -99,6 +103,7 @@ class LandmarkModule(pl.LightningModule):
         freeze_backbone_steps: int = 0,
         l2sp_weight: float = 0.0,
         freeze_backbone_bn: bool = False,
+        frozen_stages: int = 0,
         eval_scales: list[float] | None = None,
         inference_precision: Literal["32", "bf16"] = "32",
     ):
@@ -116,9 +121,10 @@ class LandmarkModule(pl.LightningModule):
             check_inference_precision(inference_precision)
         except ValueError as err:
             raise UserError(f"model.{err}") from None
-        if warmup_steps < 0 or freeze_backbone_steps < 0:
+        if warmup_steps < 0 or freeze_backbone_steps < 0 or frozen_stages < 0:
             raise UserError(
-                f"warmup_steps and freeze_backbone_steps must be >= 0, got {warmup_steps} and {freeze_backbone_steps}"
+                f"warmup_steps, freeze_backbone_steps and frozen_stages must be >= 0, got {warmup_steps}, "
+                f"{freeze_backbone_steps} and {frozen_stages}"
             )
         unknown = sorted(set(param_groups or {}) - set(PARAM_PARTS))
         if unknown:
@@ -126,6 +132,7 @@ class LandmarkModule(pl.LightningModule):
         self.net = EmbeddingNet(backbone, pretrained, pretrained_path, pooling, gem_p, embedding_size,
                                 inference_precision=inference_precision)
         self.loss = (loss or ArcFaceLoss)(num_classes, embedding_size)
+        self.frozen_batchnorms = self.net.freeze_early_stages(frozen_stages)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.landmark_ids: list[str] | None = None
@@ -156,6 +163,8 @@ class LandmarkModule(pl.LightningModule):
             for module in self.net.backbone.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
+        for module in self.frozen_batchnorms:
+            module.eval()
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 LOSS_FILES = ["arcface.yaml", "center.yaml", "center_plain.yaml", "contrastive.yaml"]
 ARCFACE_RECIPES = ["param_groups", "lr_warmup", "freeze_backbone", "margin_warmup", "subcenter", "dynamic_margins",
-                   "nonlandmark_push", "hard_nonlandmarks", "cosine_decay", "mild_augmentation", "longer_fit"]
+                   "nonlandmark_push", "hard_nonlandmarks", "cosine_decay", "mild_augmentation", "longer_fit",
+                   "frozen_stages"]
 LANDMARKS = str(Path(sys.executable).parent / "landmarks")
 
 

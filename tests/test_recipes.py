@@ -199,6 +199,37 @@ def test_frozen_backbone_batchnorm_keeps_its_statistics_while_its_weights_train(
     assert not all(torch.equal(after[k], start[k]) for k in stats)
 
 
+def test_frozen_stages_keep_the_stem_and_early_stages_whole_while_the_rest_trains(tmp_path):
+    """resnet18's feature stages are act1 (the stem, stride 2), layer1, ..., layer4: 2 fixes conv1,
+    bn1 and layer1 (weights and BatchNorm statistics) and leaves them out of the optimizer."""
+    module = _tiny_module(frozen_stages=2)
+    start = {k: v.clone() for k, v in module.net.backbone.state_dict().items()}
+    _fit(module, 4, tmp_path)
+    after = module.net.backbone.state_dict()
+    frozen = [k for k in start if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert any(k.endswith("running_var") for k in frozen)
+    assert all(torch.equal(after[k], start[k]) for k in frozen), [k for k in frozen if not torch.equal(after[k], start[k])]
+    for key in ("layer2.0.conv1.weight", "layer2.0.bn1.running_mean", "layer4.1.conv2.weight"):
+        assert not torch.equal(after[key], start[key]), key
+    trained = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    names = {id(p): n for n, p in module.net.backbone.named_parameters()}
+    assert sorted(n for i, n in names.items() if i not in trained) == sorted(
+        n for n, _ in module.net.backbone.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1.")))
+
+
+def test_frozen_stages_end_where_the_backbone_says_its_stage_ends():
+    module = LandmarkModule(num_classes=3, backbone="mobilenetv2_100", embedding_size=8, frozen_stages=2)
+    grads = {n: p.requires_grad for n, p in module.net.backbone.named_parameters()}
+    # MobileNetV2: the stem, blocks.0 (stride 2) and blocks.1 (stride 4); blocks.2 on trains.
+    assert not any(v for n, v in grads.items() if n.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")))
+    assert all(v for n, v in grads.items() if not n.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")))
+    assert all(p.requires_grad for p in LandmarkModule(num_classes=3, backbone="mobilenetv2_100").parameters())
+    with pytest.raises(ValueError, match=r"frozen_stages: .* has 5 feature stages \(blocks.0, blocks.1, .*got 6"):
+        LandmarkModule(num_classes=3, backbone="mobilenetv2_100", frozen_stages=6)
+    with pytest.raises(ValueError, match="frozen_stages must be >= 0"):
+        LandmarkModule(num_classes=3, backbone="mobilenetv2_100", frozen_stages=-1)
+
+
 # ---- ArcFace: margins ------------------------------------------------------------------------
 
 
