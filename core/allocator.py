@@ -3,21 +3,24 @@
 glibc serves an allocation above its mmap threshold (at most 32 MiB on 64-bit) with a fresh
 ``mmap`` and unmaps it on ``free``; it also trims the top of the heap whenever 128 KiB or more
 sit free there. A CPU training step allocates and frees activations of tens of megabytes (a batch
-of 80 MobileNetV2 images at 96 px: 80 × 96 × 48 × 48 floats is 71 MiB for one tensor), so every
+of 80 MobileNetV2 images at 96 px: 80 × 96 × 48 × 48 floats is 68 MiB for one tensor), so every
 step the kernel maps and zero-fills those pages again, one page fault per 4 KiB. Measured on the
-2-core machine, 2 epochs of the demo's fit: 6.3 million minor page faults and 19 s of system time
-with glibc's defaults; 1.4 million and 8.5 s with mmap off and no trimming, and the wall time
-0.88× (BENCHMARKS.md, "Page faults: freed memory kept in the process"). The arithmetic is
-unchanged, so every figure is the same to the last digit.
+2-core machine, one epoch of the demo's fit and one evaluation (``bench/bench_allocator.py``,
+medians of 3 alternating pairs): 18.4 million minor page faults and 42 s of system time with
+glibc's defaults; 1.0 million and 4 s with mmap off and no trimming, and the wall time 0.67×
+(BENCHMARKS.md, "Page faults: freed memory kept in the process"). The arithmetic is unchanged,
+so every figure is the same to the last digit.
 
-The price is that the process keeps its peak heap until it exits instead of shrinking after a
-peak. ``landmarks`` (``cli.main``) switches this on at start; a library user who imports the
+The possible price is memory: the process keeps its peak heap until it exits instead of
+shrinking after a peak (the demo's peaks: 3.2–4.1 GiB either way, no consistent change measured).
+``landmarks`` (``cli.main``) switches this on at start; a library user who imports the
 project's packages keeps the allocator as they found it. Skipped where the C library is not glibc,
 and where the user has tuned these parameters already (``MALLOC_MMAP_MAX_``,
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or ``GLIBC_TUNABLES``
 naming a ``glibc.malloc.`` tunable): theirs win. ``LANDMARKS_KEEP_FREED_MEMORY=0`` leaves glibc's
-defaults (setting one of those variables is not the same: any of them also switches off glibc's
-dynamic mmap threshold, and the demo then ran slower than with the defaults).
+defaults. Setting one of those variables is not the same: any of them also switches off glibc's
+dynamic mmap threshold. With ``MALLOC_MMAP_MAX_=65536``, its default value, the demo's warm-up
+fit ran 0.55 steps/s against about 1.4.
 """
 
 from __future__ import annotations
