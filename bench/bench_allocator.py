@@ -37,17 +37,16 @@ def run(keep: bool, epochs: int, world: str, out: Path, extra: list[str]) -> dic
             "--trainer.enable_progress_bar=false", f"--data.data_dir={world}", "--data.calibration_manifest=calibration.csv",
             "--data.evaluate_nonlandmark_pool=true", "--model.eval_scales=[1.25]", *extra]
     env = {**os.environ, "LANDMARKS_KEEP_FREED_MEMORY": "1" if keep else "0", "WANDB_MODE": "offline"}
+    # In its own folder, so that its runs/ (CSV and offline wandb logs) stays out of the project's.
     out.mkdir(parents=True)
     start = time.perf_counter()
-    # In its own folder, so that its runs/ (CSV and offline wandb logs) stays out of the project's.
     # The run's own usage, its loader workers included: wait4 on its process (getrusage's
     # RUSAGE_CHILDREN would carry the largest peak of every earlier run).
     process = subprocess.Popen(args, cwd=out, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed with exit status {process.returncode}")
+    if (code := os.waitstatus_to_exitcode(status)) != 0:
+        raise SystemExit(f"{' '.join(args)} failed with exit status {code}")
     metrics = next(out.rglob("metrics.csv"))
     last = [row for row in csv.DictReader(metrics.open()) if row.get("val/p@1")][-1]
     return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "minflt": usage.ru_minflt,

@@ -132,7 +132,11 @@ class LandmarkModule(pl.LightningModule):
         self.net = EmbeddingNet(backbone, pretrained, pretrained_path, pooling, gem_p, embedding_size,
                                 inference_precision=inference_precision)
         self.loss = (loss or ArcFaceLoss)(num_classes, embedding_size)
-        self.frozen_batchnorms = self.net.freeze_early_stages(frozen_stages)
+        frozen = self.net.freeze_early_stages(frozen_stages)
+        # The BatchNorm layers that stay in eval mode while training: every one of the backbone's
+        # (freeze_backbone_bn), or those of the frozen stages.
+        batchnorms = [m for m in self.net.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.eval_batchnorms = batchnorms if freeze_backbone_bn else frozen
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.landmark_ids: list[str] | None = None
@@ -159,11 +163,7 @@ class LandmarkModule(pl.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Before every step, not once per epoch: Lightning switches modules back to train mode
         # after a validation run, and a module built in train mode is never switched at all.
-        if self.hparams.freeze_backbone_bn:
-            for module in self.net.backbone.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        for module in self.frozen_batchnorms:
+        for module in self.eval_batchnorms:
             module.eval()
 
     def setup(self, stage: str) -> None:

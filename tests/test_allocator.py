@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from core.allocator import _glibc, user_tuned_malloc
+from core.allocator import _glibc, keep_freed_memory, user_tuned_malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,10 +58,8 @@ def test_a_users_own_malloc_settings_win(monkeypatch):
     assert user_tuned_malloc({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert user_tuned_malloc({"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.mmap_max=4"})
     assert not user_tuned_malloc({"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "MALLOC_ARENA_MAX": "2", "PATH": "/bin"})
-    from core import allocator
-
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
-    assert allocator.keep_freed_memory() is False  # theirs stand; nothing is changed
+    assert keep_freed_memory() is False  # theirs stand; nothing is changed
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
     monkeypatch.setenv("LANDMARKS_KEEP_FREED_MEMORY", "0")
-    assert allocator.keep_freed_memory() is False
+    assert keep_freed_memory() is False
