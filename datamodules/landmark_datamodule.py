@@ -46,6 +46,7 @@ from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from datamodules.shards import ShardError, damaged_shards
 from datamodules.synth import SynthConfig
 from datamodules.transforms import eval_transform, train_transform
+from datamodules.workers import WorkerStart, start_worker_server, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,11 @@ class LandmarkDataModule(pl.LightningDataModule):
         eval_num_workers: worker processes of the evaluation loaders (default: ``num_workers``).
             0 is faster on a few CPU cores with small images: decoding is cheap next to the
             forward pass, and each worker start costs seconds per loader.
+        worker_start: how the loaders' worker processes start: ``forkserver`` (default), from a
+            small server process started when a fit begins, or ``fork``, from this process. A
+            forked worker makes the trainer copy every page it writes while the worker lives, each
+            epoch (:mod:`datamodules.workers`). With ``forkserver`` (as with ``spawn``), a script
+            that trains with workers must guard its entry point (``if __name__ == "__main__":``).
         augment_strength: scales the training augmentations (0 = crops and flips only... 1 = default).
         on_bad_image: ``skip`` or ``error``; see the module docstring.
         extra_columns: ``error`` or ``ignore`` unknown manifest columns.
@@ -164,6 +170,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         eval_batch_size: int = 128,
         num_workers: int = 2,
         eval_num_workers: int | None = None,
+        worker_start: WorkerStart = "forkserver",
         augment_strength: float = 1.0,
         on_bad_image: Literal["skip", "error"] = "skip",
         extra_columns: Literal["error", "ignore"] = "error",
@@ -263,6 +270,8 @@ class LandmarkDataModule(pl.LightningDataModule):
         return manifest
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":  # the fork server imports while the fit sets itself up
+            start_worker_server(self.hparams.num_workers, self.hparams.worker_start)
         if self._datasets:
             return
         size = self.hparams.image_size
@@ -389,6 +398,7 @@ class LandmarkDataModule(pl.LightningDataModule):
             worker_init_fn=seed_worker_transforms,
             persistent_workers=False,
             pin_memory=False,
+            multiprocessing_context=worker_context(self.hparams.num_workers, self.hparams.worker_start),
         )
 
     def _eval_loader(self, name: str) -> DataLoader:
@@ -403,6 +413,7 @@ class LandmarkDataModule(pl.LightningDataModule):
             sampler=sampler,
             shuffle=False,
             num_workers=self.eval_workers,
+            multiprocessing_context=worker_context(self.eval_workers, self.hparams.worker_start),
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -44,6 +43,7 @@ from core.embedding import embed_batch
 from core.launched_ranks import remember, stop_launched_ranks
 from datamodules.datasets import ImageDataset
 from datamodules.transforms import eval_transform
+from datamodules.workers import worker_context
 from retrieval.embedding_model import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -217,15 +217,13 @@ def _worker_start(num_workers: int, world_size: int):
     its thread state deadlocked on the interpreter's HEAD lock in ``PyOS_AfterFork_Child``. Seen as
     ``landmarks index --devices 2 --strategy ddp`` hanging in about one run in 30 on a loaded 2-core
     machine: a worker of rank 1 stuck there, rank 1 waiting for its batch, rank 0 in the next
-    barrier for torch's 30-minute timeout. A fork server is a single-threaded process started once
-    per rank, with torch and the dataset code preloaded, so a worker costs a fork of it. Single
-    process runs keep forking: no hang was ever seen there, and a fork shares the parent's memory.
+    barrier for torch's 30-minute timeout. A fork server (:mod:`datamodules.workers`) is a
+    single-threaded process started once per rank, with torch and the dataset code preloaded, so a
+    worker costs a fork of it. A single process's embedding pass keeps forking: no hang was ever
+    seen there, its one loader per pass copies the parent's pages once (a fit's train loader does
+    so every epoch), and a short ``landmarks index`` would pay the server's imports (~5 s).
     """
-    if num_workers == 0 or world_size <= 1:
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "datamodules.datasets", "datamodules.transforms"])
-    return context
+    return worker_context(num_workers, "forkserver") if world_size > 1 else None
 
 
 class _PredictEmbeddings(pl.LightningModule):

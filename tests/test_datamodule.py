@@ -216,8 +216,8 @@ def test_each_worker_and_epoch_draws_different_augmentations(tmp_path):
     assert set(first).isdisjoint(second)  # and the next epoch differs again
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_augmentations_depend_on_the_seed_and_epoch_not_on_the_process_history(tmp_path, workers):
+@pytest.mark.parametrize("workers,start", [(0, "forkserver"), (2, "forkserver"), (2, "fork")])
+def test_augmentations_depend_on_the_seed_and_epoch_not_on_the_process_history(tmp_path, workers, start):
     import random
 
     root = _world(tmp_path, images_per_class=(4, 4, 4, 4))
@@ -225,7 +225,8 @@ def test_augmentations_depend_on_the_seed_and_epoch_not_on_the_process_history(t
     def epoch_images(epoch: int, history: int) -> list[bytes]:
         # Whatever ran before in the process (other fits, evaluations) moved the global RNGs.
         torch.rand(history), np.random.rand(history), random.random()
-        dm = _dm(root, num_workers=workers, classes_per_batch=2, samples_per_class=2, batches_per_epoch=2)
+        dm = _dm(root, num_workers=workers, classes_per_batch=2, samples_per_class=2, batches_per_epoch=2,
+                 worker_start=start)
         loader = dm.train_dataloader()
         loader.batch_sampler.set_epoch(epoch)  # a resumed run starts at its epoch
         return [image.numpy().tobytes() for batch in loader for image in batch["image"]]
@@ -234,6 +235,43 @@ def test_augmentations_depend_on_the_seed_and_epoch_not_on_the_process_history(t
     assert epoch_images(0, history=1000) == first  # seeded from the run's settings alone
     assert epoch_images(1, history=7) == epoch_images(1, history=3)  # a resume at epoch 1 = the uninterrupted one
     assert set(epoch_images(1, history=1)).isdisjoint(first)  # and each epoch draws new ones
+
+
+def test_workers_from_the_fork_server_draw_the_batches_forked_workers_draw(tmp_path):
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from datamodules.workers import PRELOAD
+
+    root = _world(tmp_path, images_per_class=(4, 4, 4, 4))
+
+    def loader(start: str, epoch: int):
+        dm = _dm(root, num_workers=2, classes_per_batch=2, samples_per_class=2, batches_per_epoch=4,
+                 worker_start=start)
+        dm.setup("fit")
+        train = dm.train_dataloader()
+        train.batch_sampler.set_epoch(epoch)
+        return dm, train
+
+    dm, served = loader("forkserver", 3)
+    # The default: a fork server, started by setup("fit") and importing the dataset code once.
+    assert dm.hparams.worker_start == "forkserver"
+    assert served.multiprocessing_context is multiprocessing.get_context("forkserver")
+    assert set(PRELOAD) <= set(forkserver._forkserver._preload_modules)
+    assert forkserver._forkserver._forkserver_pid is not None
+    assert all(v.multiprocessing_context is served.multiprocessing_context for v in dm.val_dataloader())
+    _, forked = loader("fork", 3)
+    assert forked.multiprocessing_context is multiprocessing.get_context("fork")
+
+    def batches(train) -> list[tuple]:
+        return [(b["image"].numpy().tobytes(), b["label"].tolist(), b["index"].tolist()) for b in train]
+
+    # Each worker unpickles the dataset as its loader starts (epoch seed included): same pixels.
+    assert batches(served) == batches(forked)
+    # No workers, no server needed; a misspelt method is refused by name.
+    assert _dm(root, num_workers=0).train_dataloader().multiprocessing_context is None
+    with pytest.raises(ValueError, match="worker_start must be one of forkserver, fork, spawn; got 'forks'"):
+        _dm(root, num_workers=2, worker_start="forks").train_dataloader()
 
 
 def test_the_training_pool_is_an_evaluation_set_only_when_asked_and_must_be_disjoint(tmp_path):
