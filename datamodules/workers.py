@@ -6,10 +6,10 @@ writes for the first time is copied, with one page fault per 4 KiB. A training p
 its activations at every step (more than a GiB for the demo's batch of 80 MobileNetV2 images at
 96 px). The train loader starts new workers at every epoch, because the epoch's augmentation seed
 travels inside the dataset. So a forked loader makes the trainer copy its whole working set again
-at every epoch. Measured on the demo's fit stage (5 epochs and the evaluation, 2-core machine,
-BENCHMARKS.md "Loader workers from a fork server"): forked, 3.6 million minor page faults and 42 s
-of system time; from a fork server, 1.0 million and 6 s, 2-4 s less per epoch, and every figure
-the same to the digit.
+at every epoch. Measured on the whole demo (8 epochs in one process, 2-core machine, 3 alternating
+runs per arm; BENCHMARKS.md "Loader workers from a fork server"): forked, 5.7 min, and 61-70 s of
+system time in the trainer; from a fork server, 5.0 min (0.88x) and 7-8 s, with every figure the
+same to the digit.
 
 A fork server is a small single-threaded process, started once per process that trains. It imports
 torch and the dataset code once (``PRELOAD``); each worker is then a fork of it, not of the trainer.
