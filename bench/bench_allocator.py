@@ -13,22 +13,8 @@ agree to the digit.
 
 from __future__ import annotations
 
-import argparse
-
-from fit_arms import compare
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--world", default="data/synthetic")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `landmarks fit` arguments")
-    args = parser.parse_args()
-    compare({"glibc defaults (control)": ({"LANDMARKS_KEEP_FREED_MEMORY": "0"}, []),
-             "freed memory kept": ({"LANDMARKS_KEEP_FREED_MEMORY": "1"}, [])},
-            args.pairs, args.epochs, args.world, args.extra)
-
+from fit_arms import main
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, {"glibc defaults (control)": ({"LANDMARKS_KEEP_FREED_MEMORY": "0"}, []),
+          "freed memory kept": ({"LANDMARKS_KEEP_FREED_MEMORY": "1"}, [])}, epochs=1)

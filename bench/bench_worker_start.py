@@ -14,22 +14,8 @@ compute the same numbers: the bench checks that their evaluations agree to the d
 
 from __future__ import annotations
 
-import argparse
-
-from fit_arms import compare
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--world", default="data/synthetic")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `landmarks fit` arguments")
-    args = parser.parse_args()
-    compare({"forked workers (control)": ({}, ["--data.worker_start=fork"]),
-             "fork server": ({}, ["--data.worker_start=forkserver"])},
-            args.pairs, args.epochs, args.world, args.extra)
-
+from fit_arms import main
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, {"forked workers (control)": ({}, ["--data.worker_start=fork"]),
+          "fork server": ({}, ["--data.worker_start=forkserver"])}, epochs=3)

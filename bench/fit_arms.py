@@ -13,6 +13,7 @@ the same numbers: the evaluations are checked to agree to the digit.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import os
@@ -95,3 +96,14 @@ def compare(arms: dict[str, tuple[dict[str, str], list[str]]], pairs: int, epoch
     control = medians[next(iter(arms))]
     for name, m in list(medians.items())[1:]:
         print(f"| ratio ({name} / control) | " + " | ".join(f"{m[k] / control[k]:.2f}" for k in KEYS) + " |")
+
+
+def main(doc: str, arms: dict[str, tuple[dict[str, str], list[str]]], epochs: int) -> None:
+    """A bench's command line: ``--pairs``, ``--epochs`` (default ``epochs``), ``--world``, ``--extra``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--world", default="data/synthetic")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `landmarks fit` arguments")
+    args = parser.parse_args()
+    compare(arms, args.pairs, args.epochs, args.world, args.extra)
