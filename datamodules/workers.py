@@ -33,10 +33,10 @@ dataset state (the epoch's augmentation seed) as a forked one, and draws the sam
 from __future__ import annotations
 
 import multiprocessing
-from typing import Literal
+from typing import Literal, get_args
 
 WorkerStart = Literal["forkserver", "fork", "spawn"]
-WORKER_STARTS = ("forkserver", "fork", "spawn")
+WORKER_STARTS = get_args(WorkerStart)
 #: What the fork server imports once, so that a worker's start costs a fork and not these imports.
 PRELOAD = ("torch", "datamodules.datasets", "datamodules.transforms")
 

@@ -135,8 +135,9 @@ class LandmarkModule(pl.LightningModule):
         frozen = self.net.freeze_early_stages(frozen_stages)
         # The BatchNorm layers that stay in eval mode while training: every one of the backbone's
         # (freeze_backbone_bn), or those of the frozen stages.
-        batchnorms = [m for m in self.net.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        self.eval_batchnorms = batchnorms if freeze_backbone_bn else frozen
+        self.eval_batchnorms = ([m for m in self.net.backbone.modules()
+                                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+                                if freeze_backbone_bn else frozen)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.landmark_ids: list[str] | None = None
