@@ -168,6 +168,18 @@ def _fingerprint(config_files: list[str], overrides: list[str], settings: dict) 
     return digest.hexdigest()[:16]
 
 
+def _absolute(path) -> str:
+    return str(Path(path).resolve())
+
+
+def _shown(path: str) -> str:
+    """A recorded path as a person reads it: relative to the current folder when it lies inside it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 # ---- stages -------------------------------------------------------------------------------------
 
 
@@ -179,8 +191,8 @@ def _stage_warmup(chain: Chain, cli, total_epochs: int) -> dict:
     started = time.time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     checkpoint = cli.trainer.checkpoint_callback.last_model_path
-    return chain.finish("warmup", {"checkpoint": checkpoint, "epochs": cli.trainer.current_epoch,
-                                   "total_epochs": total_epochs, "run_dir": cli.trainer.log_dir}, started)
+    return chain.finish("warmup", {"checkpoint": _absolute(checkpoint), "epochs": cli.trainer.current_epoch,
+                                   "total_epochs": total_epochs, "run_dir": _absolute(cli.trainer.log_dir)}, started)
 
 
 def _stage_clean(chain: Chain, world: Path, checkpoint: str) -> dict:
@@ -313,7 +325,7 @@ def _stage_fit(chain: Chain, cli, warm_start: str | None, imprint: bool, scales:
     if resume:
         print(f"landmarks demo: resuming the fit from {resume}")
     checkpoint_dir = Path(trainer.checkpoint_callback.dirpath or Path(trainer.log_dir) / "checkpoints")
-    write_json_atomic(state_file, {"checkpoint_dirs": folders + [str(checkpoint_dir)]})
+    write_json_atomic(state_file, {"checkpoint_dirs": folders + [_absolute(checkpoint_dir)]})
     pl.seed_everything(cli.config.get("seed_everything", 0), workers=True, verbose=False)
     if resume is None and warm_start is not None:
         _warm_start(chain, model, datamodule, warm_start, imprint)
@@ -324,7 +336,7 @@ def _stage_fit(chain: Chain, cli, warm_start: str | None, imprint: bool, scales:
     checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
     metrics = {k: v for k, v in evaluation.last_metrics.items() if k not in ("stage", "step")}
     reused = _cache_evaluation_embeddings(chain, datamodule, evaluation, checkpoint, scales)
-    return chain.finish("fit", {"run_dir": trainer.log_dir, "checkpoint": checkpoint, **metrics,
+    return chain.finish("fit", {"run_dir": _absolute(trainer.log_dir), "checkpoint": _absolute(checkpoint), **metrics,
                                 "embeddings_reused": reused}, started)
 
 
@@ -505,9 +517,11 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     start = time.time()
     config = SynthConfig.tiny(seed=seed) if tiny else SynthConfig(seed=seed)
+    # Absolute from here on: every path the stages record (stage.json, summary.json) then names the
+    # same file whichever folder the chain is resumed or read from.
     world_dir = Path(world or ("data/synthetic" if seed == 0 and not tiny else
-                               f"data/synthetic{'-tiny' if tiny else ''}-seed{seed}"))
-    out_dir = Path(out or f"runs/demo/chain{'-tiny' if tiny else ''}-seed{seed}")
+                               f"data/synthetic{'-tiny' if tiny else ''}-seed{seed}")).resolve()
+    out_dir = Path(out or f"runs/demo/chain{'-tiny' if tiny else ''}-seed{seed}").resolve()
     overrides = (_tiny_overrides() if tiny else []) + _precision_overrides() + list(overrides)
     settings = {"seed": seed, "world": str(world_dir.resolve()), "tiny": tiny, "target_fpr": target_fpr,
                 "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean, "penalty": penalty,
@@ -649,9 +663,9 @@ def format_summary(s: dict) -> str:
                  f"{a['in_albums']} in {a['albums']} album(s)")
     lines.append(f"{pad}{a['correct']} correct, {a['wrong_landmark']} wrong landmark, {a['non_landmarks_in_albums']} "
                  f"non-landmark(s); GPS filter stopped {a['gps_stopped']} ({a['gps_stopped_wrong']} wrong)")
-    lines.append(f"{pad}page: {a['page']}")
+    lines.append(f"{pad}page: {_shown(a['page'])}")
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in s["phases_seconds"].items())
-    lines += [f"stages:     {s['out']}/<stage>/, summary.json; fit run {s['run_dir']}",
+    lines += [f"stages:     {_shown(s['out'])}/<stage>/, summary.json; fit run {_shown(s['run_dir'])}",
               f"wall time:  {s['seconds'] / 60:.1f} min", f"{pad}({phases})", _wandb_line(s["run_dir"]), "=" * 78]
     return "\n".join(lines)
 

@@ -103,6 +103,12 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     expected = "bf16" if bf16_is_fast("cpu") else "float32"
     assert LandmarkIndex.load(summary["index"]["path"]).model["identity"].get("inference_precision", "float32") == expected
     assert Path(summary["checkpoint"]).is_file() and Path(summary["index"]["path"]).is_dir()
+    # Every path it records is absolute, so the summary names its files from any folder.
+    recorded = [summary[k] for k in ("world", "out", "run_dir", "checkpoint")] + [
+        summary["index"]["path"], summary["albums"]["page"], summary["cleaning"]["manifest"]]
+    assert all(Path(p).is_absolute() for p in recorded), recorded
+    # ... and the printout shows them as a person in that folder would type them.
+    assert "page: chain/albums/index.html" in printed and "stages:     chain/<stage>/, summary.json" in printed
 
     # The same command again: every stage is finished, nothing is recomputed.
     before = _markers(out)
@@ -126,10 +132,12 @@ def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
     world, out = tmp_path / "world", tmp_path / "chain"
     # 9 fit epochs after the 3 warm-up ones: each writes last.ckpt, so the kill lands before the
     # fit ends even when its tiny epochs take a fraction of a second (with 3, it once did not).
-    args = [LANDMARKS, *_demo_args(world, out, "--trainer.max_epochs=12", "--data.batches_per_epoch=6")]
+    extra = ("--trainer.max_epochs=12", "--data.batches_per_epoch=6")
     env = dict(os.environ, WANDB_MODE="disabled")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # Started with paths relative to its folder, resumed from another folder with absolute ones:
+    # what the first run recorded must still name its files.
+    proc = subprocess.Popen([LANDMARKS, *_demo_args(Path("world"), Path("chain"), *extra)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not list((out / "fit").glob("checkpoints/last.ckpt")) and time.time() < deadline:
@@ -140,7 +148,10 @@ def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
         proc.wait(timeout=60)
     assert not (out / "fit" / "stage.json").exists()
     finished = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("warmup", "clean", "untrained")}
-    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([LANDMARKS, *_demo_args(world, out, *extra)], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming the fit from" in done.stdout
     assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in finished} == finished
