@@ -523,7 +523,7 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
                                f"data/synthetic{'-tiny' if tiny else ''}-seed{seed}")).resolve()
     out_dir = Path(out or f"runs/demo/chain{'-tiny' if tiny else ''}-seed{seed}").resolve()
     overrides = (_tiny_overrides() if tiny else []) + _precision_overrides() + list(overrides)
-    settings = {"seed": seed, "world": str(world_dir.resolve()), "tiny": tiny, "target_fpr": target_fpr,
+    settings = {"seed": seed, "world": str(world_dir), "tiny": tiny, "target_fpr": target_fpr,
                 "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean, "penalty": penalty,
                 "scales": scales, "calibration_rule": calibration_rule, "synthetic": config.__dict__,
                 # the index's and the evaluation's centroid settings (their defaults): a change redoes the chain
