@@ -18,7 +18,9 @@
                    ``experiments/bf16_inference.yaml`` (every embedding pass in bf16, which pays
                    for the longer fit) on the cleaned DB, starting from the
                    warm-up's network with the class weights imprinted from the cleaned DB's class
-                   means, for the rest of ``trainer.max_epochs``; its
+                   means, for the rest of ``trainer.max_epochs`` (with ``--oracle-clean``, which
+                   has no warm-up: all of them from the ImageNet start, class weights at random;
+                   imprinting them there by a one-stage curriculum measured level, EXPERIMENTS.md); its
                    evaluation also scores the shipped decision (centroid index + non-landmark
                    penalty + threshold calibrated on ``calibration.csv``) under ``val/centroid/*``,
                    and the same index without the penalty under ``val/centroid/no_penalty/*``;
@@ -102,7 +104,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-epochs", type=int, default=3,
                         help="epochs on the noisy DB before cleaning, counted in trainer.max_epochs (default 3)")
     parser.add_argument("--no-imprint", dest="imprint", action="store_false",
-                        help="start the main fit's class weights at random, not at the cleaned DB's class means")
+                        help="start the main fit's class weights at random, not at the cleaned DB's class means under "
+                             "the warm-up's network (--oracle-clean has no warm-up: its fit starts them at random)")
     parser.add_argument("--oracle-clean", action="store_true",
                         help="skip cleaning and drop the noise by the world's ground truth (an upper bound)")
     parser.add_argument("--no-penalty", dest="penalty", action="store_false",

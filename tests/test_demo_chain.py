@@ -127,6 +127,31 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert all(_markers(out)[s] > after[s] for s in STAGES)
 
 
+def test_the_oracle_clean_chain_drops_exactly_the_noise_and_fits_every_epoch_from_the_imagenet_start(
+        tiny_world, tmp_path, monkeypatch):
+    """--oracle-clean, the upper bound of cleaning: no warm-up, the world's noisy rows removed and no
+    other, and a fit of all trainer.max_epochs whose class weights start at random (nothing to
+    imprint from; imprinting at the ImageNet start by a one-stage curriculum measured level)."""
+    import torch
+
+    from losses.arcface import ArcFaceLoss
+
+    calls = []
+    monkeypatch.setattr(ArcFaceLoss, "imprint", lambda self, *args: calls.append(args))
+    out = tmp_path / "chain"
+    assert main(_demo_args(tiny_world, out, "--oracle-clean")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "warmup").exists() and "warmup" not in summary["phases_seconds"]
+    db = pd.read_csv(tiny_world / "db.csv", dtype=str, keep_default_na=False)
+    clean = pd.read_csv(summary["cleaning"]["manifest"], dtype=str, keep_default_na=False)
+    assert (clean["decision"] == "remove").tolist() == (db["is_noise"] == "1").tolist()
+    assert summary["cleaning"]["removed"] == int((db["is_noise"] == "1").sum()) > 0
+    final = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    # Every one of the tiny fit's 4 epochs of 3 steps, none spent on a warm-up.
+    assert (final["epoch"], final["global_step"]) == (4, 12)
+    assert calls == [] and not any(key.startswith("Curriculum") for key in final["callbacks"])
+
+
 @pytest.mark.slow
 def test_demo_killed_in_the_fit_resumes_from_the_last_finished_stage(tmp_path):
     world, out = tmp_path / "world", tmp_path / "chain"
