@@ -4,8 +4,9 @@ The paper trains its landmark CNN on a growing set of classes. This callback hol
 :class:`Stage` s; at each stage start (always an epoch boundary, decided from the epoch and step
 counters every rank shares) it
 
-1. ranks the classes by difficulty (class size, the current model's per-class accuracy, or an
-   explicit file) and activates the easiest ones not yet active — the active set only grows;
+1. ranks the classes by difficulty (class size, the current model's per-class accuracy, an
+   explicit file, or a seeded random order: the control of easy-first) and activates the easiest
+   ones not yet active — the active set only grows;
 2. initialises the classifier/proxy weights and center-loss centers of the newly activated classes
    from the mean embedding of their images (weight imprinting, via ``MetricLoss.imprint``) instead
    of leaving them at their random initialisation. The images are embedded with BatchNorm
@@ -41,7 +42,7 @@ from core.embedding import embed_dataset
 
 log = logging.getLogger(__name__)
 
-Difficulty = Literal["size", "accuracy", "file"]
+Difficulty = Literal["size", "accuracy", "file", "random"]
 
 
 @dataclass
@@ -162,13 +163,16 @@ class Curriculum(Callback):
         difficulty: how classes are ranked: ``size`` (more images = easier), ``accuracy``
             (leave-one-out 1-NN accuracy of the current model on a sample of each class,
             re-ranked at every stage start, so the model at the end of a stage picks the next
-            classes), or ``file`` (``difficulty_file``).
+            classes), ``file`` (``difficulty_file``), or ``random``: a seeded shuffle of the
+            classes, drawn once (from ``seed`` and the data module's ``seed``, so each seed of a
+            sweep gets its own order). ``random`` is the control of an easy-first order: the same
+            stages, the same imprinting, only the order switched off.
         difficulty_file: CSV ``landmark_id,difficulty``, lower = easier.
         imprint: initialise newly activated classes' weights/centers at their mean embedding.
         images_per_class: images per class embedded for accuracy ranking and imprinting
             (a fixed, seeded sample; bounds the cost on classes with thousands of images).
         batch_size: batch size of those embedding passes.
-        seed: seed of that sample.
+        seed: seed of that sample, and of the ``random`` order.
     """
 
     # Most images the BatchNorm statistics of an untrained model are estimated from (all classes).
@@ -203,8 +207,8 @@ class Curriculum(Callback):
                 raise ValueError(f"stage {i}: nonlandmark_share must be in [0, 1)")
             if stage.lr != "keep" and not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
                 raise ValueError(f"stage {i}: lr must be 'keep' or a positive factor, got {stage.lr!r}")
-        if difficulty not in ("size", "accuracy", "file"):
-            raise ValueError(f"difficulty must be size, accuracy or file, got {difficulty!r}")
+        if difficulty not in ("size", "accuracy", "file", "random"):
+            raise ValueError(f"difficulty must be size, accuracy, file or random, got {difficulty!r}")
         if (difficulty == "file") != (difficulty_file is not None):
             raise ValueError("difficulty_file is needed with difficulty: file, and only then")
         self.difficulty = difficulty
@@ -455,6 +459,10 @@ class Curriculum(Callback):
         if self.difficulty == "size":
             sizes = np.bincount(datamodule.db_labels, minlength=num_classes).astype(np.float64)
             order = order_by_scores(sizes)
+        elif self.difficulty == "random":
+            # Every rank draws the same permutation from the same seeds (and rank 0's is used).
+            data_seed = int(getattr(datamodule.hparams, "seed", 0))
+            order = np.random.default_rng([self.seed, data_seed]).permutation(num_classes).tolist()
         elif self.difficulty == "file":
             scores = read_difficulty_file(self.difficulty_file, datamodule.class_map.to_list())
             order = order_by_scores(-scores, np.bincount(datamodule.db_labels, minlength=num_classes))

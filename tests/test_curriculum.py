@@ -77,6 +77,43 @@ def test_stage_validation():
         Curriculum([Stage(lr=-1.0)])
 
 
+def test_random_order_is_a_seeded_permutation_that_each_data_seed_draws_anew():
+    from types import SimpleNamespace
+
+    broadcasts = []
+
+    def rank(curriculum, data_seed):
+        trainer = SimpleNamespace(
+            datamodule=SimpleNamespace(hparams=SimpleNamespace(seed=data_seed)),
+            strategy=SimpleNamespace(broadcast=lambda obj, src: broadcasts.append(src) or obj))
+        return curriculum._rank(trainer, None, num_classes=50)
+
+    curriculum = Curriculum([Stage()], difficulty="random", seed=0)
+    first = rank(curriculum, data_seed=0)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    # The same seeds give the same order (every rank draws it), and rank 0's copy is the one used.
+    assert rank(Curriculum([Stage()], difficulty="random", seed=0), data_seed=0) == first
+    assert broadcasts == [0, 0]
+    # Each seed of a sweep (the data module's seed) and the callback's own seed draw another order.
+    assert rank(curriculum, data_seed=1) != first
+    assert rank(Curriculum([Stage()], difficulty="random", seed=1), data_seed=0) != first
+    with pytest.raises(ValueError, match="size, accuracy, file or random"):
+        Curriculum([Stage()], difficulty="shuffled")
+
+
+def test_the_random_order_control_differs_from_curriculum_yaml_only_in_the_order():
+    import yaml
+
+    def init_args(name):
+        callbacks = yaml.safe_load((ROOT / "experiments" / name).read_text())["trainer"]["callbacks+"]
+        (curriculum,) = [c["init_args"] for c in callbacks if c["class_path"] == "callbacks.Curriculum"]
+        return curriculum
+
+    easy_first, control = init_args("curriculum.yaml"), init_args("curriculum_random_order.yaml")
+    assert (easy_first.pop("difficulty"), control.pop("difficulty")) == ("accuracy", "random")
+    assert control == easy_first
+
+
 # ---- losses: inactive classes take no part -------------------------------------------------
 
 

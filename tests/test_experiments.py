@@ -50,7 +50,8 @@ def _small(world: Path) -> list[str]:
 def _experiment_args():
     cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"],
              ["demo.yaml", "curriculum.yaml"], ["demo.yaml", "arcface.yaml", "curriculum.yaml"],
-             ["demo.yaml", "no_curriculum.yaml"], ["paper.yaml", "gldv2_paper.yaml"],
+             ["demo.yaml", "no_curriculum.yaml"], ["demo.yaml", "curriculum_random_order.yaml"],
+             ["paper.yaml", "gldv2_paper.yaml"],
              # Every recipe ingredient at once, on the loss it belongs to (mining from epoch 0 is
              # covered in tests/test_recipes.py; fast_dev_run is a single epoch).
              ["demo.yaml", "arcface.yaml", *(f"recipes/{r}.yaml" for r in ARCFACE_RECIPES), "bf16_inference.yaml"],
