@@ -9,7 +9,10 @@ the resolved LightningCLI configuration rather than typed by hand in each experi
 * ``curriculum`` / ``one-stage`` / ``no-curriculum``: a callback named ``Curriculum`` with more
   than one stage; one with a single all-classes stage (``no_curriculum.yaml``: the schedule's
   baseline, which still imprints the classifier); or no such callback (no imprinting either). The
-  last two train differently (EXPERIMENTS.md, "Paper ablation"), so they are different groups;
+  last two train differently (EXPERIMENTS.md, "Paper ablation"), so they are different groups.
+  A staged callback whose classes come in a random order (``difficulty: random``,
+  ``curriculum_random_order.yaml``) is the control of the easy-first order and is
+  ``curriculum-random-order``, never merged with the curriculum it controls;
 * the database: ``oracle-clean`` (``data.oracle_clean``), ``cleaned`` (the DB manifest has a
   ``decision`` column, as written by ``landmarks clean``) or ``raw-db``;
 * ``seed-N``: ``seed_everything`` (and ``data-seed-N`` when the sampler seed differs).
@@ -55,11 +58,14 @@ class RunIdentity:
     data_seed: int | None = None
     extra_tags: tuple[str, ...] = field(default=())
     one_stage: bool = False  # a Curriculum callback with one stage (imprinting, no schedule)
+    random_order: bool = False  # the staged callback's classes come in a random order (its control)
 
     @property
     def schedule(self) -> str:
-        """``curriculum``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
-        return "curriculum" if self.curriculum else "one-stage" if self.one_stage else "no-curriculum"
+        """``curriculum``, ``curriculum-random-order``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
+        if self.curriculum:
+            return "curriculum-random-order" if self.random_order else "curriculum"
+        return "one-stage" if self.one_stage else "no-curriculum"
 
     @property
     def group(self) -> str:
@@ -114,15 +120,20 @@ def loss_name(config: Any) -> str:
     return name
 
 
+def _curriculum_callbacks(config: Any) -> list[Any]:
+    return [c for c in _as_list(_get(config, "trainer.callbacks")) if _class_name(c) == "Curriculum"]
+
+
+def _stage_count(callback: Any) -> int:
+    """A ``Curriculum`` callback's number of stages (2 stands for "several" when the stages are
+    left to the callback's default schedule)."""
+    stages = _get(callback, "init_args.stages")
+    return len(stages) if isinstance(stages, (list, tuple)) else 2
+
+
 def _curriculum_stages(config: Any) -> list[int]:
-    """The number of stages of each ``Curriculum`` callback (2 stands for "several" when the
-    stages are left to the callback's default schedule)."""
-    counts = []
-    for callback in _as_list(_get(config, "trainer.callbacks")):
-        if _class_name(callback) == "Curriculum":
-            stages = _get(callback, "init_args.stages")
-            counts.append(len(stages) if isinstance(stages, (list, tuple)) else 2)
-    return counts
+    """The number of stages of each ``Curriculum`` callback."""
+    return [_stage_count(c) for c in _curriculum_callbacks(config)]
 
 
 def has_curriculum(config: Any) -> bool:
@@ -132,6 +143,13 @@ def has_curriculum(config: Any) -> bool:
     both arms imprint and train alike) is the baseline, not a curriculum.
     """
     return any(n > 1 for n in _curriculum_stages(config))
+
+
+def has_random_order_curriculum(config: Any) -> bool:
+    """A staged ``Curriculum`` callback whose classes come in a random order: the control of the
+    easy-first order (``experiments/curriculum_random_order.yaml``)."""
+    return any(_stage_count(c) > 1 and _get(c, "init_args.difficulty") == "random"
+               for c in _curriculum_callbacks(config))
 
 
 def has_one_stage_curriculum(config: Any) -> bool:
@@ -163,6 +181,7 @@ def run_identity(config: Any) -> RunIdentity:
         loss=loss_name(config),
         curriculum=has_curriculum(config),
         one_stage=has_one_stage_curriculum(config),
+        random_order=has_random_order_curriculum(config),
         database=database_kind(config),
         seed=int(seed) if seed is not None and not isinstance(seed, bool) else None,
         data_seed=int(data_seed) if data_seed is not None else None,
@@ -219,6 +238,7 @@ class WandbConventions(Callback):
         payload["git"] = git_info()
         if self.identity is not None:
             payload["identity"] = {"loss": self.identity.loss, "curriculum": self.identity.curriculum,
+                                   "schedule": self.identity.schedule,
                                    "database": self.identity.database, "seed": self.identity.seed,
                                    "group": self.identity.group}
         for logger in self._wandb_loggers(trainer):

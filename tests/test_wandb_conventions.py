@@ -52,6 +52,17 @@ def test_identity_from_the_config(tmp_path):
     # one stage imprints the classifier, no callback does not: different groups, not one
     assert one_stage.group == "center_one-stage_raw-db" and "one-stage" in one_stage.tags
     assert run_identity(_config()).group == "center_no-curriculum_raw-db"
+    # The random-order control of a staged curriculum is a group of its own: `landmarks compare`
+    # and wandb average over a group, and must not mix the control into the arm it controls.
+    control = _config(callbacks=["callbacks.Curriculum"])
+    control["trainer"]["callbacks"][0]["init_args"]["difficulty"] = "random"
+    control_identity = run_identity(control)
+    assert control_identity.curriculum and control_identity.random_order
+    assert control_identity.group == "center_curriculum-random-order_raw-db"
+    assert "curriculum-random-order" in control_identity.tags
+    one_stage_random = _config(callbacks=["callbacks.Curriculum"])
+    one_stage_random["trainer"]["callbacks"][0]["init_args"].update(difficulty="random", stages=[{"class_share": 1.0}])
+    assert run_identity(one_stage_random).group == "center_one-stage_raw-db"  # one stage has no order to control
     plain = run_identity(_config(loss_args={"nonlandmark_center": True}))
     assert plain.loss == "center-plain"
     no_loss = _config()
