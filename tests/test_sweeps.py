@@ -405,13 +405,19 @@ def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
     assert "(n=1, no CI)" in (out / "summary.md").read_text()
 
 
+# What each curriculum file of a sweep's curriculum axis is (its wandb / `landmarks compare` group part).
+SCHEDULES = {"curriculum": "curriculum", "curriculum_random_order": "curriculum-random-order",
+             "no_curriculum": "one-stage", None: "no-curriculum"}
+
+
 @pytest.mark.slow
-def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
+@pytest.mark.parametrize("sweep, epochs", [("paper_ablation", 5), ("curriculum_order", 8)])
+def test_loss_by_curriculum_sweeps_expand_to_valid_commands(sweep, epochs, monkeypatch, capsys):
     """Every configuration of the ablation resolves under LightningCLI to the loss and curriculum it names."""
     from callbacks.wandb_conventions import run_identity
     from cli.main import main
 
-    spec = load_sweep(ROOT / "experiments" / "sweeps" / "paper_ablation.yaml")
+    spec = load_sweep(ROOT / "experiments" / "sweeps" / f"{sweep}.yaml")
     runs = spec.expand()
     losses, curricula = spec.parameters["config.loss"].values, spec.parameters["config.curriculum"].values
     seeds = spec.parameters["seed_everything"].values
@@ -436,9 +442,10 @@ def test_paper_ablation_sweep_expands_to_valid_commands(monkeypatch, capsys):
         loss_file = loss_files if isinstance(loss_files, str) else loss_files[0]
         assert identity.loss == Path(loss_file).stem.replace("_", "-")
         curriculum_file = run.parameters["config.curriculum"]
-        assert identity.curriculum == (curriculum_file is not None and Path(curriculum_file).stem == "curriculum")
+        assert identity.schedule == SCHEDULES[curriculum_file and Path(curriculum_file).stem]
         callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
         assert callbacks.count("callbacks.Curriculum") == (curriculum_file is not None)
+        assert config["trainer"]["max_epochs"] == epochs
         groups.add(identity.group)
     # wandb groups by loss × curriculum arm: the one-stage arm (imprinting) and the no-callback arm
     # are groups of their own
