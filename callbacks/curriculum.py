@@ -288,9 +288,18 @@ class Curriculum(Callback):
         else:
             self._enter_stage(0, trainer, pl_module)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def enter_due_stages(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Enter every stage whose start has come (at an epoch start); idempotent.
+
+        Callbacks whose epoch-start work depends on the stage (hard non-landmark mining mines
+        against the active classes, with the stage's non-landmark share) call this first, so they
+        see this epoch's stage whatever their order in ``trainer.callbacks``.
+        """
         while self.stage_index + 1 < len(self.stages) and self._stage_over(trainer):
             self._enter_stage(self.stage_index + 1, trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.enter_due_stages(trainer, pl_module)
         stage = self.stages[self.stage_index]
         pl_module.log_dict(
             {

@@ -12,6 +12,12 @@ Only which non-landmarks are drawn changes; the loss decides what to do with the
 loss's push term, ArcFace's ``nonlandmark_max_cosine``, contrastive negatives). The step count,
 the classes and the landmark images of every batch are those of the run without mining.
 
+With a :class:`callbacks.Curriculum`, mining happens after the curriculum has entered the epoch's
+stage, whatever the order of the two callbacks in the configuration: the centres are those of the
+classes active in this epoch (their weights just imprinted), and a stage that starts drawing
+non-landmarks is mined for at once. Before, a configuration listing the mining first mined against
+the previous stage's classes, or not at all in an epoch whose previous stage drew no non-landmarks.
+
 Resumable: the epoch of the last mining round is saved; a fit resumed within that epoch keeps the
 hard set the sampler saved rather than mining again with mid-epoch weights.
 """
@@ -25,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from callbacks.curriculum import Curriculum
 from core.embedding import embed_dataset
 
 log = logging.getLogger(__name__)
@@ -112,6 +119,9 @@ class HardNonlandmarkMining(pl.Callback):
         due = epoch >= self.start_epoch and (epoch - self.start_epoch) % self.every_n_epochs == 0
         if not due or epoch == self.mined_epoch:
             return
+        for callback in trainer.callbacks:
+            if isinstance(callback, Curriculum):
+                callback.enter_due_stages(trainer, pl_module)
         datamodule = trainer.datamodule
         pool = datamodule.eval_dataset("nonlandmark_pool")
         if len(pool) == 0 or datamodule.nonlandmarks_per_batch() == 0:

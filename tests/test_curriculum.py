@@ -572,3 +572,48 @@ def test_one_stage_curriculum_trains_like_the_fit_without_it(loss, tiny_world, o
     plain, staged = np.array(plain), np.array(staged)
     assert staged.mean() >= plain.mean() - 0.05, (staged.mean(axis=1).round(3).tolist(),
                                                   plain.mean(axis=1).round(3).tolist())
+
+
+@pytest.mark.parametrize("mining_first", [True, False], ids=["mining-listed-first", "curriculum-listed-first"])
+def test_mining_sees_the_epochs_stage_whatever_the_callback_order(mining_first, tiny_world, tmp_path, one_torch_thread):
+    """At a stage start, hard non-landmark mining mines against the classes the stage activates.
+
+    Stage 0 draws no non-landmarks; stage 1 (epoch 1) activates every class and draws them. Listed
+    before the curriculum, the mining callback used to run first and see stage 0's share of
+    non-landmarks, so it mined nothing in epoch 1 (and, later, against the previous stage's classes).
+    Now either order gives the pool images nearest to every active class's weight, computed here
+    by hand.
+    """
+    from callbacks.hard_nonlandmarks import HardNonlandmarkMining
+    from core.embedding import embed_dataset
+
+    data = LandmarkDataModule(data_dir=str(tiny_world), image_size=32, classes_per_batch=2, samples_per_class=2,
+                              nonlandmark_share=0.2, num_workers=0, eval_batch_size=16, oracle_clean=True)
+    torch.manual_seed(0)
+    module = LandmarkModule(num_classes=data.num_classes, backbone="resnet18", embedding_size=16,
+                            loss=lambda c, d: ArcFaceLoss(c, d, scale=30.0))
+    curriculum = Curriculum([Stage(epochs=1, class_count=2, nonlandmark_share=0.0), Stage(class_share=1.0)],
+                            difficulty="size", images_per_class=4)
+    mining = HardNonlandmarkMining(hard_fraction=0.25, share=0.5, start_epoch=1, pool_sample=None)
+    seen = {}
+
+    class ByHand(pl.Callback):  # listed last: runs after both, before any step of the epoch
+        def on_train_epoch_start(self, trainer, pl_module):
+            pool = trainer.datamodule.eval_dataset("nonlandmark_pool")
+            embeddings, _ = embed_dataset(pl_module, pool, batch_size=16)
+            weights = pl_module.loss.class_weight_matrix()[pl_module.loss.class_active]
+            cos = (F.normalize(embeddings, dim=1) @ F.normalize(weights, dim=1).t()).max(dim=1).values.numpy()
+            by_hand = sorted(np.argsort(-cos, kind="stable")[: int(round(0.25 * len(pool)))].tolist())
+            hard = trainer.datamodule._train_sampler.hard_nonlandmarks
+            seen[trainer.current_epoch] = (sorted(hard.tolist()), by_hand, int(pl_module.loss.class_active.sum()))
+
+    order = [mining, curriculum] if mining_first else [curriculum, mining]
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[*order, ByHand()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    mined, by_hand, active = seen[1]
+    assert active == data.num_classes and curriculum.stage_index == 1
+    assert mining.mined_epoch == 1 and len(mined) > 0
+    assert mined == by_hand
+    assert [h["epoch"] for h in curriculum.history] == [0, 1]  # each stage entered once
