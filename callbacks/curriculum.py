@@ -470,8 +470,7 @@ class Curriculum(Callback):
             order = order_by_scores(sizes)
         elif self.difficulty == "random":
             # Every rank draws the same permutation from the same seeds (and rank 0's is used).
-            data_seed = int(getattr(datamodule.hparams, "seed", 0))
-            order = np.random.default_rng([self.seed, data_seed]).permutation(num_classes).tolist()
+            order = np.random.default_rng([self.seed, int(datamodule.hparams.seed)]).permutation(num_classes).tolist()
         elif self.difficulty == "file":
             scores = read_difficulty_file(self.difficulty_file, datamodule.class_map.to_list())
             order = order_by_scores(-scores, np.bincount(datamodule.db_labels, minlength=num_classes))
