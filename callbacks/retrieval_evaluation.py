@@ -11,7 +11,9 @@ logs the same numbers from every rank.
 Logged names are ``<stage>/<metric>`` with ``<stage>`` = ``val`` or ``test`` and ``<metric>`` as
 documented in :mod:`retrieval.metrics` (e.g. ``val/recall@fpr=1e-03``), plus
 ``<stage>/unreadable`` (evaluation images skipped because they could not be decoded, over every
-evaluation set, the non-landmark pool included when it is one).
+evaluation set, the non-landmark pool included when it is one). When an FPR's threshold lies among
+near-duplicate scores (:func:`retrieval.metrics.saturation_warning`, e.g. a collapse of dark photos
+onto one point) it also logs a warning; ``<stage>/saturated_distractors`` tracks that share.
 
 Those figures decide over every gallery image (kNN). With ``centroid_index=True`` the callback
 also scores the decision that ships: the centroid index ``landmarks index`` would build from the
@@ -50,7 +52,7 @@ from recognition.artifact import PenaltyParams
 from recognition.calibration import check_calibration_rule
 from recognition.centroids import CentroidParams
 from recognition.evaluation import evaluate_centroid_index
-from retrieval.metrics import evaluate_recognition
+from retrieval.metrics import evaluate_recognition, saturation_warning
 from retrieval.plots import plot_precision_fpr, plot_score_histograms
 
 log = logging.getLogger(__name__)
@@ -243,6 +245,9 @@ class RetrievalEvaluation(Callback):
             alphas=self.alphas, user_prior=self.user_prior, memory_budget_mb=self.memory_budget_mb,
         )
         result = evaluate_recognition(**sets, k=self.top_k, index_kind=self.index)
+        warning = saturation_warning(result.metrics)
+        if warning:
+            log.warning("%s, epoch %d: %s", stage, trainer.current_epoch, warning)
         result.metrics["unreadable"] = float(sum(g[2] for g in gathered.values()))
         if self.centroid_index:
             # The same sets through the decision that ships (centroid index + calibrated threshold).

@@ -620,6 +620,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def format_summary(s: dict) -> str:
+    from retrieval.metrics import saturation_warning
+
     c, r, a, i = s["cleaning"], s["recognizer"], s["albums"], s["index"]
     before, after = s["training"]["untrained"], s["training"]["trained"]
     pad = " " * 12
@@ -641,6 +643,10 @@ def format_summary(s: dict) -> str:
     for key, label in SUMMARY_ROWS:
         if key in after or key in before:
             lines.append(f"{pad}{label:<48}{_fmt(before.get(key)):>9}{_fmt(after.get(key)):>9}")
+    for name, metrics in (("untrained", before), ("trained", after)):
+        warning = saturation_warning(metrics)
+        if warning:
+            lines.append(f"{pad}warning ({name}): {warning}")
     lines.append(f"3 index     {i['vectors']} centroids of {i['landmarks']} landmarks; threshold {_fmt(i['threshold'])} "
                  f"calibrated at FPR {r['target_fpr']:g}"
                  + (f" ({i['calibration'].get('rule', 'empirical')} rule)" if i.get("calibration") else ""))

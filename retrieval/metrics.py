@@ -46,6 +46,10 @@ Metric names returned by :func:`evaluate_recognition`
 ``n_distractors``                       distractor queries (``distractor_emb`` rows plus any
                                         ``query_labels == NONLANDMARK`` rows)
 ``n_queries_no_relevant``               landmark queries without a same-label gallery item
+``saturated_distractors``               distractor queries whose top-1 score is >= 0.99
+                                        (:data:`SATURATED_SCORE`), over all distractor queries;
+                                        NaN without distractors. A guard against collapse, see
+                                        :func:`saturation_warning`
 ======================================  ========================================================
 
 The ``@fpr`` keys exist only for alphas the distractor set can resolve (``n_distractors * alpha
@@ -88,12 +92,21 @@ __all__ = [
     "precision_fpr_curve",
     "recognition_at_fpr",
     "relevant_counts",
+    "saturated_share",
+    "saturation_warning",
     "score_decisions",
     "threshold_at_fpr",
     "top1_predictions",
 ]
 
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+
+#: A top-1 cosine this high is what near-duplicate photos score. A trained network that gives it to
+#: distractors has put them on top of gallery photos: one center-loss run embedded every dark photo,
+#: landmark or not, at one point (cosine 0.996-0.998 between them, a black image 0.98), and its
+#: threshold at FPR 1e-2 rose to 0.994 (EXPERIMENTS.md, "a collapse of night photos"). 30 other
+#: ArcFace and center-loss fits at that budget had none of their 5,000 distractors this close.
+SATURATED_SCORE = 0.99
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,6 +479,37 @@ class RecognitionResult:
         return precision_fpr_curve(*self.as_predictions())
 
 
+def saturated_share(distractor_scores, at: float = SATURATED_SCORE) -> float:
+    """Share of distractors whose top-1 score is ``>= at``; NaN without distractors.
+
+    ``-inf`` (no prediction, :func:`top1_predictions`) is never saturated.
+    """
+    s = float_scores(distractor_scores, "distractor_scores")
+    return float((s >= at).mean()) if s.size else math.nan
+
+
+def saturation_warning(metrics: dict) -> str | None:
+    """One line when a recognition operating point lies among saturated scores, else ``None``.
+
+    ``metrics`` as :func:`evaluate_recognition` names them. It warns when ``saturated_distractors``
+    is above 0 and a ``threshold@fpr=`` is at or above :data:`SATURATED_SCORE`. Then the recall at that
+    FPR is decided among distractors that match a gallery photo as closely as a near-duplicate
+    would, which is the signature of inputs collapsed onto one point. A contrastive fit that packs
+    each landmark into a point of cosine 0.99 shows it too, at FPR 1e-3: there the distractors that
+    pass fall inside a landmark's own cluster.
+    """
+    share, n = metrics.get("saturated_distractors"), int(metrics.get("n_distractors") or 0)
+    if share is None or not share > 0 or not n:
+        return None
+    at = [key.split("=", 1)[1] for key, value in metrics.items()
+          if key.startswith("threshold@fpr=") and value is not None and value >= SATURATED_SCORE]
+    if not at:
+        return None
+    return (f"{round(share * n)} of {n} distractors ({share:.2%}) match a gallery photo at cosine >= {SATURATED_SCORE:g}, "
+            f"so the threshold at FPR {', '.join(at)} lies among near-duplicate scores: the embedding may have "
+            "put some non-landmark photos on top of landmark photos (e.g. every dark photo at one point)")
+
+
 def fpr_metric_names(fpr_metrics: FprMetrics, user_prior: float | None) -> dict[str, float]:
     """The ``@fpr`` entries of the module docstring's table from :func:`recognition_at_fpr` rows."""
     metrics: dict[str, float] = {}
@@ -548,6 +592,7 @@ def evaluate_recognition(
     metrics["n_queries"] = int(is_landmark.sum())
     metrics["n_distractors"] = int((~is_landmark).sum())
     metrics["n_queries_no_relevant"] = int(((ql != NONLANDMARK) & (n_rel == 0)).sum())
+    metrics["saturated_distractors"] = saturated_share(_effective_scores(pred, score)[~is_landmark])
 
     return RecognitionResult(
         metrics=metrics,

@@ -22,6 +22,7 @@ from cli.main import main
 from core.embedding import bf16_is_fast
 from recognition.artifact import LandmarkIndex
 from recognition.centroids import CentroidParams
+from retrieval.metrics import saturation_warning
 
 ROOT = Path(__file__).resolve().parent.parent
 LANDMARKS = str(Path(sys.executable).with_name("landmarks"))
@@ -109,6 +110,19 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert all(Path(p).is_absolute() for p in recorded), recorded
     # ... and the printout shows them as a person in that folder would type them.
     assert "page: chain/albums/index.html" in printed and "stages:     chain/<stage>/, summary.json" in printed
+    # The collapse guard: a line under the kNN table exactly when an evaluation's threshold lies
+    # among near-duplicate scores. The fit's own figures decide whether it shows here ...
+    trained = summary["training"]["trained"]
+    assert "saturated_distractors" in trained
+    assert ("warning (trained):" in printed) == (saturation_warning(trained) is not None)
+    # ... and a summary whose FPR-5e-2 threshold lies among them prints it.
+    collapsed = {**trained, "saturated_distractors": 0.25, "threshold@fpr=5e-02": 0.995}
+    line = next(x for x in cli.demo.format_summary({**summary, "training": {**summary["training"], "trained": collapsed}})
+                .splitlines() if "warning (trained):" in x)
+    n = trained["n_distractors"]
+    assert line.strip() == f"warning (trained): {round(0.25 * n)} of {n} distractors (25.00%) match a gallery photo at " \
+        "cosine >= 0.99, so the threshold at FPR 5e-02 lies among near-duplicate scores: the embedding may have put " \
+        "some non-landmark photos on top of landmark photos (e.g. every dark photo at one point)"
 
     # The same command again: every stage is finished, nothing is recomputed.
     before = _markers(out)

@@ -21,6 +21,8 @@ from retrieval.metrics import (
     precision_fpr_curve,
     recognition_at_fpr,
     relevant_counts,
+    saturated_share,
+    saturation_warning,
     threshold_at_fpr,
     top1_predictions,
 )
@@ -359,7 +361,8 @@ def test_evaluate_recognition_names_and_consistency():
     for a in ("1e-02", "1e-03"):
         expected |= {f"recall@fpr={a}", f"precision@fpr={a}", f"precision@fpr={a},prior=0.01",
                      f"threshold@fpr={a}", f"actual_fpr@fpr={a}"}
-    expected |= {"gap", "p@1", "map@5", "n_gallery", "n_queries", "n_distractors", "n_queries_no_relevant"}
+    expected |= {"gap", "p@1", "map@5", "n_gallery", "n_queries", "n_distractors", "n_queries_no_relevant",
+                 "saturated_distractors"}
     assert set(m) == expected  # 1e-4 needs >= 10000 distractors: omitted
     assert res.unresolved_alphas == (1e-4,)
     assert (m["n_gallery"], m["n_queries"], m["n_distractors"]) == (1500, 400, 2500)
@@ -403,6 +406,79 @@ def test_evaluate_recognition_nonlandmark_queries_count_as_distractors():
     res = evaluate_recognition(gallery, g_labels, query, q_labels, distractors[:950], alphas=(1e-3,))
     assert res.metrics["n_queries"] == 350 and res.metrics["n_distractors"] == 1000
     assert "recall@fpr=1e-03" in res.metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# the collapse guard: distractors at near-duplicate scores
+# ----------------------------------------------------------------------------------------------
+
+
+def test_saturated_share_hand():
+    scores = np.array([0.995, 0.99, 0.9899, -np.inf], np.float32)
+    assert saturated_share(scores) == 0.5  # 0.99 itself counts; "no prediction" never does
+    assert saturated_share(scores, at=0.9) == 0.75
+    assert math.isnan(saturated_share(np.empty(0, np.float32)))
+
+
+def _with_copies(n_copies: int):
+    """_small_eval_data's sets plus ``n_copies`` distractors that are gallery photos (score 1.0)."""
+    gallery, g_labels, query, q_labels, distractors = _small_eval_data()
+    distractors = np.concatenate([distractors[: 1000 - n_copies], gallery[:n_copies]])
+    return evaluate_recognition(gallery, g_labels, query, q_labels, distractors, alphas=(1e-2, 1e-3)).metrics
+
+
+def test_saturation_is_reported_and_warned_where_a_threshold_lies_in_it():
+    # 1000 distractors: FPR 1e-2 admits 10 of them, 1e-3 admits 1 (threshold just above the 2nd highest).
+    healthy = _with_copies(0)
+    assert healthy["saturated_distractors"] == 0 and saturation_warning(healthy) is None
+    assert healthy["threshold@fpr=1e-03"] < 0.99  # random 32-d directions: no distractor near a gallery photo
+
+    # 5 copies: the 2nd highest score is 1.0, so the threshold at 1e-3 lies among them; the 11th
+    # highest is a random direction's, so the one at 1e-2 does not.
+    five = _with_copies(5)
+    assert five["saturated_distractors"] == 5 / 1000
+    assert five["threshold@fpr=1e-03"] > 0.99 > five["threshold@fpr=1e-02"]
+    assert saturation_warning(five) == (
+        "5 of 1000 distractors (0.50%) match a gallery photo at cosine >= 0.99, so the threshold at FPR 1e-03 "
+        "lies among near-duplicate scores: the embedding may have put some non-landmark photos on top of "
+        "landmark photos (e.g. every dark photo at one point)")
+
+    # 20 copies: both thresholds lie among them.
+    twenty = _with_copies(20)
+    assert twenty["saturated_distractors"] == 20 / 1000
+    assert "so the threshold at FPR 1e-02, 1e-03 lies" in saturation_warning(twenty)
+
+
+def test_no_distractors_no_saturation_figure():
+    gallery, g_labels, query, q_labels, _ = _small_eval_data()
+    m = evaluate_recognition(gallery, g_labels, query, q_labels, None).metrics
+    assert math.isnan(m["saturated_distractors"]) and saturation_warning(m) is None
+    assert saturation_warning({}) is None  # an older summary without the figure
+
+
+def test_the_evaluation_callback_logs_the_figure_and_warns(caplog):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    from callbacks.retrieval_evaluation import RetrievalEvaluation
+
+    gallery, g_labels, query, q_labels, distractors = _small_eval_data()
+    distractors = np.concatenate([distractors[:980], gallery[:20]])
+    callback = RetrievalEvaluation(alphas=(1e-2, 1e-3), top_k=3, user_prior=None, plots=False)
+    callback._gather = lambda: {"gallery": (gallery, g_labels, 0), "queries": (query, q_labels, 0),
+                                "distractors": (distractors, np.full(len(distractors), L), 0)}
+    trainer = SimpleNamespace(
+        log_dir=None, default_root_dir=".", state=SimpleNamespace(fn=TrainerFn.FITTING), is_global_zero=True,
+        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), current_epoch=4, global_step=0,
+    )
+    logged = {}
+    module = SimpleNamespace(log_dict=lambda values, **kw: logged.update(values))
+    with caplog.at_level("WARNING", logger="callbacks.retrieval_evaluation"):
+        callback._finish(trainer, module, "val")
+    assert logged["val/saturated_distractors"] == 20 / 1000
+    [record] = [r for r in caplog.records if r.name == "callbacks.retrieval_evaluation"]
+    assert record.getMessage().startswith("val, epoch 4: 20 of 1000 distractors (2.00%) match a gallery photo")
 
 
 def test_format_alpha():
