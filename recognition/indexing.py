@@ -23,6 +23,17 @@ from lightning_modules.embedding_net import check_backbone
 
 log = logging.getLogger("landmarks.recognition")
 
+
+def _warn_if_saturated(scores, calibration, source: str) -> None:
+    """The evaluation's collapse guard (:func:`retrieval.metrics.saturation_warning`) on the calibration."""
+    from retrieval.metrics import format_alpha, saturated_share, saturation_warning
+
+    figures = {"saturated_distractors": saturated_share(scores), "n_distractors": len(scores),
+               f"threshold@fpr={format_alpha(calibration.target_fpr)}": calibration.threshold}
+    warning = saturation_warning(figures, photos="calibration photos", matched="an index vector")
+    if warning:
+        log.warning("%s: %s", source, warning)
+
 DEFAULT_CACHE = "runs/embedding-cache"
 
 
@@ -315,6 +326,7 @@ def build_landmark_index(
                                                     rule=calibration_rule)
         except CalibrationError as err:
             raise CalibrationError(f"{calibration_set.source}: {err} (--allow-unresolved-fpr)") from None
+        _warn_if_saturated(scores, index.calibration, calibration_set.source)
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)

@@ -488,7 +488,7 @@ def saturated_share(distractor_scores, at: float = SATURATED_SCORE) -> float:
     return float((s >= at).mean()) if s.size else math.nan
 
 
-def saturation_warning(metrics: dict) -> str | None:
+def saturation_warning(metrics: dict, photos: str = "distractors", matched: str = "a gallery photo") -> str | None:
     """One line when a recognition operating point lies among saturated scores, else ``None``.
 
     ``metrics`` as :func:`evaluate_recognition` names them. It warns when ``saturated_distractors``
@@ -497,6 +497,9 @@ def saturation_warning(metrics: dict) -> str | None:
     would, which is the signature of inputs collapsed onto one point. A contrastive fit that packs
     each landmark into a point of cosine 0.99 shows it too, at FPR 1e-3: there the distractors that
     pass fall inside a landmark's own cluster.
+
+    ``photos`` and ``matched`` name what the scores are of, e.g. ``landmarks index``'s calibration
+    photos against its index vectors.
     """
     share, n = metrics.get("saturated_distractors"), int(metrics.get("n_distractors") or 0)
     if share is None or not share > 0 or not n:
@@ -505,7 +508,7 @@ def saturation_warning(metrics: dict) -> str | None:
           if key.startswith("threshold@fpr=") and value is not None and value >= SATURATED_SCORE]
     if not at:
         return None
-    return (f"{round(share * n)} of {n} distractors ({share:.2%}) match a gallery photo at cosine >= {SATURATED_SCORE:g}, "
+    return (f"{round(share * n)} of {n} {photos} ({share:.2%}) match {matched} at cosine >= {SATURATED_SCORE:g}, "
             f"so the threshold at FPR {', '.join(at)} lies among near-duplicate scores: the embedding may have "
             "put some non-landmark photos on top of landmark photos (e.g. every dark photo at one point)")
 

@@ -79,6 +79,32 @@ def test_index_calibrates_by_the_conformal_rule_when_asked(built_index, tiny_wor
     assert "calibration photos: at most" not in printed
 
 
+def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_index, tiny_world, tmp_path, capsys, caplog):
+    """The evaluation's collapse guard at `landmarks index`: 3 of 40 calibration "non-landmarks" are
+    DB photos, kept as index vectors (6 photos a landmark: every photo), so they score 1.0. FPR 0.05
+    admits 2 of 40, so the threshold lies among those 3 and the command says so; with the world's
+    own non-landmarks (the fixture) it does not."""
+    nonlandmarks = pd.read_csv(tiny_world / "nonlandmarks.csv", dtype=str, keep_default_na=False)
+    db = pd.read_csv(tiny_world / "db.csv", dtype=str, keep_default_na=False)
+    rows = [str(tiny_world / p) for p in nonlandmarks["path"][:37]] + [str(tiny_world / p) for p in db["path"][:3]]
+    pd.DataFrame({"path": rows}).to_csv(tmp_path / "with_db_photos.csv", index=False)
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="landmarks.recognition"):
+        assert main([
+            "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "index"), "--backbone",
+            "mobilenetv2_100", "--image-size", "64", "--nonlandmarks", str(tmp_path / "with_db_photos.csv"),
+            "--target-fpr", "0.05", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0",
+        ]) == 0
+    cal = LandmarkIndex.load(tmp_path / "index").calibration
+    assert cal.threshold > 0.99  # 2 of the 3 copies pass (float rounding: not exact ties)
+    [warning] = [r.getMessage() for r in caplog.records if "near-duplicate" in r.getMessage()]
+    assert warning == (f"{tmp_path / 'with_db_photos.csv'}: 3 of 40 calibration photos (7.50%) match an index vector "
+                       "at cosine >= 0.99, so the threshold at FPR 5e-02 lies among near-duplicate scores: the "
+                       "embedding may have put some non-landmark photos on top of landmark photos (e.g. every dark "
+                       "photo at one point)")
+    assert LandmarkIndex.load(built_index).calibration.threshold < 0.99  # the fixture: no warning to give
+
+
 def test_recognize_files_and_a_folder_with_a_corrupt_image(built_index, tiny_world, tmp_path, capsys):
     db = pd.read_csv(tiny_world / "db.csv", dtype=str)
     clean = db[db.is_noise == "0"]
