@@ -104,7 +104,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
 #: A top-1 cosine this high is what near-duplicate photos score. A trained network that gives it to
 #: distractors has put them on top of gallery photos: one center-loss run embedded every dark photo,
 #: landmark or not, at one point (cosine 0.996-0.998 between them, a black image 0.98), and its
-#: threshold at FPR 1e-2 rose to 0.994 (EXPERIMENTS.md, "a collapse of night photos"). 30 other
+#: threshold at FPR 1e-2 rose to 0.994 (EXPERIMENTS.md, "a collapse of night photos"). 33 other
 #: ArcFace and center-loss fits at that budget had none of their 5,000 distractors this close.
 SATURATED_SCORE = 0.99
 
