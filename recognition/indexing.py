@@ -23,17 +23,6 @@ from lightning_modules.embedding_net import check_backbone
 
 log = logging.getLogger("landmarks.recognition")
 
-
-def _warn_if_saturated(scores, calibration, source: str) -> None:
-    """The evaluation's collapse guard (:func:`retrieval.metrics.saturation_warning`) on the calibration."""
-    from retrieval.metrics import format_alpha, saturated_share, saturation_warning
-
-    figures = {"saturated_distractors": saturated_share(scores), "n_distractors": len(scores),
-               f"threshold@fpr={format_alpha(calibration.target_fpr)}": calibration.threshold}
-    warning = saturation_warning(figures, photos="calibration photos", matched="an index vector")
-    if warning:
-        log.warning("%s: %s", source, warning)
-
 DEFAULT_CACHE = "runs/embedding-cache"
 
 
@@ -142,6 +131,21 @@ BACKBONE_IMAGE_SIZE = 320
 #: 0.791 over 3 seeds of the world and the fit, higher in each (EXPERIMENTS.md, "the shipped
 #: threshold"). ``--scales 1`` is the single-scale index.
 INDEX_SCALES = (1.0, 1.414)
+
+
+def _warn_if_saturated(scores, calibration, source: str) -> None:
+    """The evaluation's collapse guard (:func:`retrieval.metrics.saturation_warning`) on the calibration.
+
+    ``scores`` must be plain top-1 cosines: a verified score carries an inlier bonus and a penalised
+    one a subtraction, so 0.99 would mean nothing there.
+    """
+    from retrieval.metrics import format_alpha, saturated_share, saturation_warning
+
+    figures = {"saturated_distractors": saturated_share(scores), "n_distractors": len(scores),
+               f"threshold@fpr={format_alpha(calibration.target_fpr)}": calibration.threshold}
+    warning = saturation_warning(figures, photos="calibration photos", matched="an index vector")
+    if warning:
+        log.warning("%s: %s", source, warning)
 
 
 def build_landmark_index(
@@ -326,7 +330,8 @@ def build_landmark_index(
                                                     rule=calibration_rule)
         except CalibrationError as err:
             raise CalibrationError(f"{calibration_set.source}: {err} (--allow-unresolved-fpr)") from None
-        _warn_if_saturated(scores, index.calibration, calibration_set.source)
+        if index.local_features is None and index.penalty is None:  # plain cosines (see _warn_if_saturated)
+            _warn_if_saturated(scores, index.calibration, calibration_set.source)
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)
