@@ -14,7 +14,10 @@ counters every rank shares) it
    the means are those of the embeddings training sees, even before the first step;
 3. tells the data module which classes and what share of non-landmark images the batches hold,
    and the loss which classes take part in its softmax (inactive ones are neither targets nor
-   negatives);
+   negatives). With ``waiting_weight`` > 0 the stages are soft: every class is in the softmax
+   (and imprinted) from the first step, and the classes not active yet are drawn into batches
+   at that rate relative to an active one, so the stages reweight the classes instead of
+   withholding them;
 4. applies the stage's learning-rate rule (keep, or re-warm to a factor of the base rate).
 
 The optimizer is never rebuilt, so it keeps its state (momentum, Adam moments) for every parameter.
@@ -173,6 +176,10 @@ class Curriculum(Callback):
             (a fixed, seeded sample; bounds the cost on classes with thousands of images).
         batch_size: batch size of those embedding passes.
         seed: seed of that sample, and of the ``random`` order.
+        waiting_weight: how often a class that is not active yet is drawn, relative to an active
+            one. 0 (the paper's stages): never, and it takes no part in the loss until it enters.
+            In (0, 1]: a soft curriculum; every class is in the loss and imprinted from the start,
+            and the stages only change how often each class is drawn.
     """
 
     # Most images the BatchNorm statistics of an untrained model are estimated from (all classes).
@@ -187,6 +194,7 @@ class Curriculum(Callback):
         images_per_class: int = 8,
         batch_size: int = 128,
         seed: int = 0,
+        waiting_weight: float = 0.0,
     ):
         if not stages:
             raise ValueError("a curriculum needs at least one stage")
@@ -211,6 +219,9 @@ class Curriculum(Callback):
             raise ValueError(f"difficulty must be size, accuracy, file or random, got {difficulty!r}")
         if (difficulty == "file") != (difficulty_file is not None):
             raise ValueError("difficulty_file is needed with difficulty: file, and only then")
+        if not 0.0 <= waiting_weight <= 1.0:
+            raise ValueError(f"waiting_weight must lie in [0, 1], got {waiting_weight}")
+        self.waiting_weight = float(waiting_weight)
         self.difficulty = difficulty
         self.difficulty_file = difficulty_file
         self.imprint = imprint
@@ -244,6 +255,7 @@ class Curriculum(Callback):
             "base_lrs": None if self.base_lrs is None else list(self.base_lrs),
             "history": list(self.history),
             "stages": [asdict(s) for s in self.stages],
+            "waiting_weight": self.waiting_weight,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -252,6 +264,11 @@ class Curriculum(Callback):
             raise ValueError(
                 "the checkpoint was trained with other curriculum stages; resume with the same curriculum "
                 f"(saved: {state['stages']})"
+            )
+        if float(state.get("waiting_weight", 0.0)) != self.waiting_weight:
+            raise ValueError(
+                f"the checkpoint was trained with waiting_weight {state.get('waiting_weight', 0.0)}, this curriculum "
+                f"has {self.waiting_weight}; resume with the same curriculum"
             )
         self.stage_index = int(state["stage_index"])
         self.stage_start_epoch = int(state["stage_start_epoch"])
@@ -273,7 +290,7 @@ class Curriculum(Callback):
         needed = datamodule.hparams.classes_per_batch * trainer.world_size
         for i, s in enumerate(self.stages):
             count = self._class_count(s, datamodule.num_classes)
-            if count < needed:
+            if count < needed and self.waiting_weight == 0:
                 raise ValueError(
                     f"curriculum stage {i} activates {count} classes, but a global batch needs {needed} distinct "
                     f"classes (classes_per_batch × devices); raise its class_share/class_count"
@@ -372,10 +389,15 @@ class Curriculum(Callback):
             new = sorted(active - set(self.active))
             self.active = sorted(active)
 
-            if self.imprint and new and loss.class_weight_matrix() is not None:
+            # Soft stages put every class in the loss from the first step, so all are imprinted then.
+            if self.waiting_weight > 0:
+                to_imprint = list(range(num_classes)) if index == 0 else []
+            else:
+                to_imprint = new
+            if self.imprint and to_imprint and loss.class_weight_matrix() is not None:
                 if sample is None:
-                    sample = self._embed_sample(trainer, pl_module, classes=new)
-                loss.imprint(torch.tensor(new), self._class_means(trainer, sample, new, loss.embedding_size))
+                    sample = self._embed_sample(trainer, pl_module, classes=to_imprint)
+                loss.imprint(torch.tensor(to_imprint), self._class_means(trainer, sample, to_imprint, loss.embedding_size))
         if stage.lr != "keep" and self.base_lrs is not None and index > 0:
             start = float(stage.lr) / stage.warmup_steps if stage.warmup_steps > 0 else float(stage.lr)
             self._set_lr(trainer, start)
@@ -393,8 +415,9 @@ class Curriculum(Callback):
         log.info("curriculum: %s", record)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        pl_module.loss.set_active_classes(torch.tensor(self.active, dtype=torch.long))
-        trainer.datamodule.set_training_classes(self.active, self._nonlandmark_share(trainer, stage))
+        soft = self.waiting_weight > 0
+        pl_module.loss.set_active_classes(None if soft else torch.tensor(self.active, dtype=torch.long))
+        trainer.datamodule.set_training_classes(self.active, self._nonlandmark_share(trainer, stage), self.waiting_weight)
 
     def _set_lr(self, trainer: pl.Trainer, factor: float) -> None:
         for group, base in zip(trainer.optimizers[0].param_groups, self.base_lrs):

@@ -230,6 +230,7 @@ class LandmarkDataModule(pl.LightningDataModule):
         # the configured non-landmark share); applied to the live sampler and to any new one.
         self._active_classes: list[int] | None = None
         self._nonlandmark_share: float | None = None
+        self._waiting_weight = 0.0
         self._train_sampler: LandmarkBatchSampler | None = None
         self._hard_nonlandmarks: tuple[list[int] | None, float] = (None, 0.0)
 
@@ -338,18 +339,22 @@ class LandmarkDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def set_training_classes(self, active_classes: Sequence[int] | None, nonlandmark_share: float | None = None) -> None:
+    def set_training_classes(
+        self, active_classes: Sequence[int] | None, nonlandmark_share: float | None = None, waiting_weight: float = 0.0
+    ) -> None:
         """Restrict training batches to ``active_classes`` with ``nonlandmark_share`` non-landmarks.
 
         Takes effect at the next epoch's batches (a curriculum switches on epoch boundaries);
-        ``None`` restores all classes / the configured share.
+        ``None`` restores all classes / the configured share. ``waiting_weight`` > 0 draws the
+        other classes too, at that rate relative to an active one (a soft curriculum).
         """
         if nonlandmark_share is not None and not 0.0 <= nonlandmark_share < 1.0:
             raise UserError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
         self._active_classes = None if active_classes is None else sorted(int(c) for c in active_classes)
         self._nonlandmark_share = nonlandmark_share
+        self._waiting_weight = float(waiting_weight)
         if self._train_sampler is not None:
-            self._train_sampler.set_classes(self._active_classes, self.nonlandmarks_per_batch())
+            self._train_sampler.set_classes(self._active_classes, self.nonlandmarks_per_batch(), self._waiting_weight)
 
     def set_hard_nonlandmarks(self, positions: Sequence[int] | None, share: float = 0.0) -> None:
         """Draw ``share`` of each batch's non-landmarks from pool ``positions`` (see the sampler)."""
@@ -388,6 +393,7 @@ class LandmarkDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             active_classes=self._active_classes,
+            waiting_weight=self._waiting_weight,
         )
         sampler.set_hard_nonlandmarks(*self._hard_nonlandmarks)
         self._train_sampler = sampler

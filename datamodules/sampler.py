@@ -14,7 +14,8 @@ non-landmarks per batch) round-trips through :meth:`state_dict`, and an epoch re
 ``skip`` batches yields exactly the batches the uninterrupted epoch would have yielded next.
 A curriculum changes the active classes and the non-landmark count between epochs through
 :meth:`set_classes`; the number of batches per epoch never changes, so a run with and without a
-curriculum takes the same number of optimisation steps.
+curriculum takes the same number of optimisation steps. A soft curriculum also draws the classes
+that are not active yet ("waiting"), at a given rate relative to an active one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         seed: base seed; the epoch is mixed in by :meth:`set_epoch`.
         rank, world_size: this process's place in DDP (the data module reads them from the trainer).
         active_classes: draw only these classes (a curriculum narrows it); default all.
+        waiting_weight: with ``active_classes``, also draw the other classes, each at this rate
+            relative to an active class (0: never; see :meth:`set_classes`).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         active_classes: Sequence[int] | None = None,
+        waiting_weight: float = 0.0,
     ):
         class_of_image = np.asarray(class_of_image, dtype=np.int64)
         if classes_per_batch < 1 or samples_per_class < 1:
@@ -80,7 +84,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.epoch = 0
         self.skip = 0  # batches of the current epoch already delivered before a resume
-        self.set_classes(active_classes, nonlandmarks_per_batch)
+        self.set_classes(active_classes, nonlandmarks_per_batch, waiting_weight)
         self.set_hard_nonlandmarks(None)
         # Lightning calls set_epoch on `batch_sampler.sampler` (not on the batch sampler) at every
         # epoch start, also when resuming; this proxy forwards that call here.
@@ -91,17 +95,31 @@ class LandmarkBatchSampler(Sampler[list[int]]):
             num_batches = max(1, math.ceil(len(class_of_image) / (classes_per_batch * world_size * samples_per_class)))
         self.num_batches = num_batches
 
-    def set_classes(self, active_classes: Sequence[int] | None, nonlandmarks_per_batch: int | None = None) -> None:
-        """Draw only ``active_classes`` (None: all) and ``nonlandmarks_per_batch`` from the next epoch on."""
-        active = np.array(sorted(self._images_of_class) if active_classes is None else sorted(set(map(int, active_classes))))
+    def set_classes(
+        self, active_classes: Sequence[int] | None, nonlandmarks_per_batch: int | None = None, waiting_weight: float = 0.0
+    ) -> None:
+        """Draw ``active_classes`` (None: all) and ``nonlandmarks_per_batch`` from the next epoch on.
+
+        ``waiting_weight`` w in [0, 1] is the rate at which each class outside ``active_classes``
+        is drawn relative to an active one. With w = 0 (the paper's stages) only active classes
+        appear. With w > 0 a step's classes are split between the two sets in proportion to
+        n_active : w × n_waiting, each set cycled through in shuffled passes of its own, so
+        every class of a set appears equally often.
+        """
+        if not 0.0 <= waiting_weight <= 1.0:
+            raise UserError(f"waiting_weight must lie in [0, 1], got {waiting_weight}")
+        everything = np.array(sorted(self._images_of_class))
+        active = everything if active_classes is None else np.array(sorted(set(map(int, active_classes))), dtype=np.int64)
         unknown = set(active.tolist()) - set(self._images_of_class)
         if unknown:
             raise ValueError(f"active classes without images: {sorted(unknown)[:10]}")
+        waiting = np.setdiff1d(everything, active) if waiting_weight > 0 else np.empty(0, dtype=np.int64)
         global_classes = self.classes_per_batch * self.world_size
-        if global_classes > len(active):
+        if global_classes > len(active) + len(waiting):
             raise UserError(
                 f"a global batch needs {global_classes} distinct classes (P={self.classes_per_batch} × "
-                f"{self.world_size} ranks) but only {len(active)} are active"
+                f"{self.world_size} ranks) but only {len(active) + len(waiting)} are drawn"
+                + (f" ({len(active)} active)" if len(waiting) else " (active)")
             )
         if nonlandmarks_per_batch is not None:
             if nonlandmarks_per_batch and self.num_nonlandmarks == 0:
@@ -110,6 +128,23 @@ class LandmarkBatchSampler(Sampler[list[int]]):
                 )
             self.nonlandmarks_per_batch = int(nonlandmarks_per_batch)
         self.active_classes = active
+        self.waiting_classes = waiting
+        self.waiting_weight = float(waiting_weight)
+
+    def waiting_slots(self, steps: int) -> np.ndarray:
+        """Classes drawn from the waiting set at each of ``steps`` steps (all ranks together).
+
+        The waiting set's share of the global batch's G classes is w·n_w / (n_a + w·n_w); the
+        counts are that share's running total rounded, so over an epoch they add up to it within
+        one class, and a step never asks a set for more distinct classes than it has.
+        """
+        g = self.classes_per_batch * self.world_size
+        n_a, n_w, w = len(self.active_classes), len(self.waiting_classes), self.waiting_weight
+        if n_w == 0:
+            return np.zeros(steps, dtype=np.int64)
+        share = w * n_w / (n_a + w * n_w)
+        totals = np.floor(np.arange(steps + 1) * g * share + 0.5).astype(np.int64)
+        return np.clip(np.diff(totals), max(0, g - n_a), min(g, n_w))
 
     def set_hard_nonlandmarks(self, indices: Sequence[int] | None, share: float = 0.0) -> None:
         """From the next epoch on, ``share`` of each step's non-landmarks come from ``indices``.
@@ -134,6 +169,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
             "epoch": self.epoch,
             "skip": self.skip,
             "active_classes": self.active_classes.tolist(),
+            "waiting_weight": self.waiting_weight,
             "nonlandmarks_per_batch": self.nonlandmarks_per_batch,
             "num_batches": self.num_batches,
             "seed": self.seed,
@@ -145,7 +181,7 @@ class LandmarkBatchSampler(Sampler[list[int]]):
                 f"sampler state is for {state['num_batches']} batches per epoch with seed {state['seed']}, "
                 f"this run has {self.num_batches} with seed {self.seed}; resume with the same data settings"
             )
-        self.set_classes(state["active_classes"], state["nonlandmarks_per_batch"])
+        self.set_classes(state["active_classes"], state["nonlandmarks_per_batch"], state.get("waiting_weight", 0.0))
         self.set_hard_nonlandmarks(state.get("hard_nonlandmarks"), state.get("hard_share", 0.0))
         self.epoch, self.skip = int(state["epoch"]), int(state["skip"])
         if self.skip >= self.num_batches:
@@ -162,6 +198,9 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         p, k, n, w = self.classes_per_batch, self.samples_per_class, self.nonlandmarks_per_batch, self.world_size
         class_stream = _Cycle(self.active_classes, rng)
+        # Created only for a soft curriculum, so every other run draws exactly as before.
+        waiting_stream = _Cycle(self.waiting_classes, rng) if len(self.waiting_classes) else None
+        waiting_slots = self.waiting_slots(self.num_batches)
         nonlandmark_stream = _Cycle(np.arange(self.num_nonlandmarks), rng) if n else None
         hard = int(round(n * w * self.hard_share)) if n else 0
         # Created only when mining is on, so a run without it draws exactly as before.
@@ -170,7 +209,12 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         for step in range(self.num_batches):
             # The global plan is drawn in full on every rank (same RNG), then sliced: this keeps
             # the RNG streams of all ranks in lockstep.
-            step_classes = class_stream.take(p * w)
+            if waiting_stream is None:
+                step_classes = class_stream.take(p * w)
+            else:
+                # Mixed by a permutation, so every rank's slice gets its share of waiting classes.
+                m = int(waiting_slots[step])
+                step_classes = rng.permutation(np.concatenate([class_stream.take(p * w - m), waiting_stream.take(m)]))
             picks = []
             for c in step_classes.tolist():
                 images = self._images_of_class[c]
