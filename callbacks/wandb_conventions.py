@@ -12,7 +12,10 @@ the resolved LightningCLI configuration rather than typed by hand in each experi
   last two train differently (EXPERIMENTS.md, "Paper ablation"), so they are different groups.
   A staged callback whose classes come in a random order (``difficulty: random``,
   ``curriculum_random_order.yaml``) is the control of the easy-first order and is
-  ``curriculum-random-order``, never merged with the curriculum it controls;
+  ``curriculum-random-order``, never merged with the curriculum it controls. Soft stages
+  (``waiting_weight`` > 0, ``curriculum_soft.yaml``: classes not yet entered are drawn too, at a
+  lower rate) train differently from the paper's and are ``curriculum-soft`` (and
+  ``curriculum-soft-random-order``);
 * the database: ``oracle-clean`` (``data.oracle_clean``), ``cleaned`` (the DB manifest has a
   ``decision`` column, as written by ``landmarks clean``) or ``raw-db``;
 * ``seed-N``: ``seed_everything`` (and ``data-seed-N`` when the sampler seed differs).
@@ -59,12 +62,13 @@ class RunIdentity:
     extra_tags: tuple[str, ...] = field(default=())
     one_stage: bool = False  # a Curriculum callback with one stage (imprinting, no schedule)
     random_order: bool = False  # the staged callback's classes come in a random order (its control)
+    soft: bool = False  # the staged callback draws classes before they enter (waiting_weight > 0)
 
     @property
     def schedule(self) -> str:
-        """``curriculum``, ``curriculum-random-order``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
+        """``curriculum[-soft][-random-order]``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
         if self.curriculum:
-            return "curriculum-random-order" if self.random_order else "curriculum"
+            return "curriculum" + ("-soft" if self.soft else "") + ("-random-order" if self.random_order else "")
         return "one-stage" if self.one_stage else "no-curriculum"
 
     @property
@@ -152,6 +156,13 @@ def has_random_order_curriculum(config: Any) -> bool:
                for c in _curriculum_callbacks(config))
 
 
+def has_soft_curriculum(config: Any) -> bool:
+    """A staged ``Curriculum`` callback with soft stages (``waiting_weight`` > 0,
+    ``experiments/curriculum_soft.yaml``)."""
+    return any(_stage_count(c) > 1 and float(_get(c, "init_args.waiting_weight", 0.0)) > 0
+               for c in _curriculum_callbacks(config))
+
+
 def has_one_stage_curriculum(config: Any) -> bool:
     """A ``Curriculum`` callback with a single stage and none with more: the schedule's baseline,
     which differs from having no callback by its imprinting of the classifier."""
@@ -182,6 +193,7 @@ def run_identity(config: Any) -> RunIdentity:
         curriculum=has_curriculum(config),
         one_stage=has_one_stage_curriculum(config),
         random_order=has_random_order_curriculum(config),
+        soft=has_soft_curriculum(config),
         database=database_kind(config),
         seed=int(seed) if seed is not None and not isinstance(seed, bool) else None,
         data_seed=int(data_seed) if data_seed is not None else None,

@@ -118,8 +118,8 @@ class LandmarkBatchSampler(Sampler[list[int]]):
         if global_classes > len(active) + len(waiting):
             raise UserError(
                 f"a global batch needs {global_classes} distinct classes (P={self.classes_per_batch} × "
-                f"{self.world_size} ranks) but only {len(active) + len(waiting)} are drawn"
-                + (f" ({len(active)} active)" if len(waiting) else " (active)")
+                f"{self.world_size} ranks) but only {len(active)} are active"
+                + (f" and {len(waiting)} waiting" if len(waiting) else "")
             )
         if nonlandmarks_per_batch is not None:
             if nonlandmarks_per_batch and self.num_nonlandmarks == 0:

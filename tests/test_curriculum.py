@@ -112,6 +112,10 @@ def test_the_random_order_control_differs_from_curriculum_yaml_only_in_the_order
     easy_first, control = init_args("curriculum.yaml"), init_args("curriculum_random_order.yaml")
     assert (easy_first.pop("difficulty"), control.pop("difficulty")) == ("accuracy", "random")
     assert control == easy_first
+    # The soft version differs from the paper's stages only in drawing the waiting classes.
+    soft = init_args("curriculum_soft.yaml")
+    assert soft.pop("waiting_weight") == 0.5 and soft.pop("difficulty") == "accuracy"
+    assert soft == easy_first
 
 
 # ---- losses: inactive classes take no part -------------------------------------------------
@@ -282,6 +286,72 @@ def test_stage_switch_imprints_new_classes_at_their_mean_and_keeps_optimizer_sta
     sizes = np.bincount(data.db_labels)
     assert sorted(sizes[curriculum.order[:3]], reverse=True) == sorted(sizes, reverse=True)[:3]
     assert [h["active_classes"] for h in curriculum.history] == [3, data.num_classes]
+
+
+@pytest.mark.slow
+def test_soft_stages_draw_waiting_classes_and_imprint_every_class_once_at_the_start(tiny_world, tmp_path):
+    """waiting_weight > 0: every class is in the loss and imprinted at the start, as a one-stage
+    curriculum imprints it; stage 0's batches hold classes that have not entered yet; a later
+    stage start imprints nothing (those classes have trained all along)."""
+
+    def fit(curriculum, **limits):
+        pl.seed_everything(0)
+        data = LandmarkDataModule(data_dir=str(tiny_world), image_size=32, classes_per_batch=2, samples_per_class=2,
+                                  eval_batch_size=16, num_workers=0, nonlandmark_share=0.2)
+        model = LandmarkModule(data.num_classes, backbone="resnet18", embedding_size=16,
+                               loss=lambda n, d: CenterSoftmaxLoss(n, d, center_lr=0.5))
+        seen = {"labels": [], "weights": {}, "all_active": []}
+
+        class Probe(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                seen["weights"]["start"] = pl_module.loss.class_weight_matrix().clone()
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                seen["weights"][f"epoch {trainer.current_epoch} start"] = pl_module.loss.class_weight_matrix().clone()
+                seen["all_active"].append(bool(pl_module.loss.class_active.all()))
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                seen["weights"][f"epoch {trainer.current_epoch} end"] = pl_module.loss.class_weight_matrix().clone()
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen["labels"].append((trainer.current_epoch, batch["label"].tolist()))
+
+        trainer = pl.Trainer(**(limits or {"max_epochs": 2}), limit_val_batches=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[curriculum, Probe()], default_root_dir=tmp_path)
+        trainer.fit(model, data)
+        return data, seen
+
+    soft = Curriculum([Stage(epochs=1, class_count=3, nonlandmark_share=0.0), Stage(class_share=1.0)],
+                      difficulty="size", images_per_class=100, waiting_weight=0.5)
+    data, seen = fit(soft)
+    _, reference = fit(Curriculum([Stage()], difficulty="size", images_per_class=100), max_steps=1)
+    # Every class imprinted at the start, exactly as the one-stage curriculum imprints it.
+    assert torch.equal(seen["weights"]["start"], reference["weights"]["start"])
+    # Stage 1's start leaves the weights as training left them.
+    assert torch.equal(seen["weights"]["epoch 1 start"], seen["weights"]["epoch 0 end"])
+    assert seen["all_active"] == [True, True]
+    assert [h["active_classes"] for h in soft.history] == [3, data.num_classes]
+    first = [c for epoch, labels in seen["labels"] if epoch == 0 for c in labels]
+    entered = set(soft.order[:3])
+    waiting = [c for c in first if c not in entered]
+    assert NONLANDMARK not in first and waiting
+    # The waiting classes (n − 3 of them at half weight) take share 0.5 (n − 3) / (3 + 0.5 (n − 3))
+    # of the draws, rounded per step: here within one class draw (2 images) per step of it.
+    n, steps = data.num_classes, sum(1 for epoch, _ in seen["labels"] if epoch == 0)
+    expected = 2 * 2 * steps * 0.5 * (n - 3) / (3 + 0.5 * (n - 3))
+    assert abs(len(waiting) - expected) <= 2, (len(waiting), expected)
+
+
+def test_waiting_weight_is_checked_and_must_match_on_resume():
+    with pytest.raises(ValueError, match="waiting_weight must lie in"):
+        Curriculum([Stage()], waiting_weight=-0.1)
+    saved = Curriculum([Stage()], waiting_weight=0.5).state_dict()
+    with pytest.raises(ValueError, match="waiting_weight 0.5"):
+        Curriculum([Stage()]).load_state_dict(saved)
+    # A checkpoint from before soft stages (no such key) resumes a hard curriculum.
+    del saved["waiting_weight"]
+    Curriculum([Stage()]).load_state_dict(saved)
 
 
 # ---- multi-process: DDP agreement and SIGKILL resume -----------------------------------------

@@ -97,11 +97,68 @@ def test_active_classes_restrict_sampling():
     assert seen == {2, 5, 7, 9}
 
 
+def test_waiting_slots_are_the_rounded_running_total_of_their_share():
+    # G = 2 × 2 = 4 classes a step; 4 active, 6 waiting at weight 0.5: share 3 / (4 + 3) = 3/7,
+    # 12/7 = 1.714 a step; running totals 0, 1.71, 3.43, 5.14, 6.86 round to 0, 2, 3, 5, 7.
+    sampler = _sampler(class_of_image=np.repeat(np.arange(10), 5), num_nonlandmarks=0, nonlandmarks_per_batch=0,
+                       classes_per_batch=2, world_size=2, active_classes=[0, 1, 2, 3], waiting_weight=0.5)
+    assert sorted(sampler.waiting_classes.tolist()) == list(range(4, 10))
+    assert sampler.waiting_slots(4).tolist() == [2, 1, 2, 2]
+    # 12 classes: 8 waiting at 0.5 weigh as much as the 4 active, so half of each step.
+    assert _sampler(classes_per_batch=2, world_size=2, active_classes=[0, 1, 2, 3],
+                    waiting_weight=0.5).waiting_slots(3).tolist() == [2, 2, 2]
+    # A step never asks a set for more than it has: 3 active, P = 6, so ≥ 3 waiting each step.
+    assert _sampler(classes_per_batch=6, active_classes=[1, 2, 3], waiting_weight=0.1).waiting_slots(2).tolist() == [3, 3]
+    # Without a weight, or with every class active, nothing is drawn from a waiting set.
+    assert _sampler(active_classes=[0, 1, 2, 3]).waiting_slots(3).tolist() == [0, 0, 0]
+    assert _sampler(waiting_weight=0.5).waiting_slots(3).tolist() == [0, 0, 0]
+
+
+def test_waiting_classes_are_drawn_at_their_weight_on_disjoint_rank_slices():
+    classes = np.repeat(np.arange(10), 5)
+    ranks = [_sampler(class_of_image=classes, num_nonlandmarks=0, nonlandmarks_per_batch=0, classes_per_batch=2,
+                      samples_per_class=1, num_batches=70, world_size=2, rank=r, active_classes=[0, 1, 2, 3],
+                      waiting_weight=0.5) for r in range(2)]
+    steps = [list(batches) for batches in zip(*ranks)]
+    for step in steps:
+        # Four distinct classes a step over both ranks, each rank two of them.
+        assert len({int(classes[i]) for batch in step for i in batch}) == 4
+    counts = np.bincount(classes[np.concatenate([b for step in steps for b in step])], minlength=10)
+    # 70 steps × 4 classes = 280 draws; 4 active at rate 1 and 6 waiting at 0.5 share them 4 : 3,
+    # so 160 for the active (40 each) and 120 for the waiting (20 each): every class of a set
+    # equally often, since each set is cycled through in passes.
+    assert counts.tolist() == [40] * 4 + [20] * 6
+    # At weight 1 every class is drawn as often (here 28 each).
+    even = _sampler(class_of_image=classes, num_nonlandmarks=0, nonlandmarks_per_batch=0, classes_per_batch=4,
+                    samples_per_class=1, num_batches=70, active_classes=[0, 1, 2, 3], waiting_weight=1.0)
+    assert np.bincount(classes[np.concatenate(list(even))]).tolist() == [28] * 10
+
+
+def test_soft_sampler_state_round_trips():
+    sampler = _sampler(active_classes=[2, 5, 7], waiting_weight=0.25)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    state = {**sampler.state_dict(), "skip": 5}
+    fresh = _sampler()
+    fresh.load_state_dict(state)
+    assert fresh.waiting_weight == 0.25 and fresh.active_classes.tolist() == [2, 5, 7]
+    assert list(fresh) == full[5:]
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="non-landmark pool is empty"):
         _sampler(num_nonlandmarks=0)
     with pytest.raises(ValueError, match="needs 24 distinct classes"):
         _sampler(classes_per_batch=6, world_size=4)
+    with pytest.raises(ValueError, match="waiting_weight must lie in"):
+        _sampler(active_classes=[1, 2, 3], waiting_weight=1.5)
+    # Fewer active classes than a step needs is fine while the waiting ones make up the rest ...
+    _sampler(classes_per_batch=6, active_classes=[1, 2, 3], waiting_weight=0.1)
+    # ... but not without them.
+    with pytest.raises(ValueError, match=r"needs 6 distinct classes .* only 3 are active$"):
+        _sampler(classes_per_batch=6, active_classes=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"needs 13 distinct classes .* only 3 are active and 9 waiting"):
+        _sampler(classes_per_batch=13, active_classes=[1, 2, 3], waiting_weight=0.5)
 
 
 def test_lightning_sets_the_epoch_through_batch_sampler_sampler():

@@ -60,6 +60,14 @@ def test_identity_from_the_config(tmp_path):
     assert control_identity.curriculum and control_identity.random_order
     assert control_identity.group == "center_curriculum-random-order_raw-db"
     assert "curriculum-random-order" in control_identity.tags
+    # Soft stages (classes drawn before they enter) are a group of their own too, as is their control.
+    soft = _config(callbacks=["callbacks.Curriculum"])
+    soft["trainer"]["callbacks"][0]["init_args"]["waiting_weight"] = 0.5
+    assert run_identity(soft).group == "center_curriculum-soft_raw-db"
+    soft["trainer"]["callbacks"][0]["init_args"]["difficulty"] = "random"
+    assert run_identity(soft).group == "center_curriculum-soft-random-order_raw-db"
+    soft["trainer"]["callbacks"][0]["init_args"]["waiting_weight"] = 0.0
+    assert run_identity(soft).group == "center_curriculum-random-order_raw-db"
     one_stage_random = _config(callbacks=["callbacks.Curriculum"])
     one_stage_random["trainer"]["callbacks"][0]["init_args"].update(difficulty="random", stages=[{"class_share": 1.0}])
     assert run_identity(one_stage_random).group == "center_one-stage_raw-db"  # one stage has no order to control
