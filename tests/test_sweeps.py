@@ -407,6 +407,7 @@ def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
 
 # What each curriculum file of a sweep's curriculum axis is (its wandb / `landmarks compare` group part).
 SCHEDULES = {"curriculum": "curriculum", "curriculum_random_order": "curriculum-random-order",
+             "curriculum_soft": "curriculum-soft",
              "no_curriculum": "one-stage", None: "no-curriculum"}
 
 
