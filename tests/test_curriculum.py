@@ -337,7 +337,8 @@ def test_soft_stages_draw_waiting_classes_and_imprint_every_class_once_at_the_st
     waiting = [c for c in first if c not in entered]
     assert NONLANDMARK not in first and waiting
     # The waiting classes (n − 3 of them at half weight) take share 0.5 (n − 3) / (3 + 0.5 (n − 3))
-    # of the draws, rounded per step: here within one class draw (2 images) per step of it.
+    # of the epoch's class draws (2 a step, 2 images each); the sampler rounds the running total,
+    # so the epoch's count is within half a class draw of that share.
     n, steps = data.num_classes, sum(1 for epoch, _ in seen["labels"] if epoch == 0)
     expected = 2 * 2 * steps * 0.5 * (n - 3) / (3 + 0.5 * (n - 3))
     assert abs(len(waiting) - expected) <= 2, (len(waiting), expected)
