@@ -140,6 +140,11 @@ def _curriculum_stages(config: Any) -> list[int]:
     return [_stage_count(c) for c in _curriculum_callbacks(config)]
 
 
+def _staged_curriculum_callbacks(config: Any) -> list[Any]:
+    """The ``Curriculum`` callbacks with more than one stage (a single stage has no order or weights to tell apart)."""
+    return [c for c in _curriculum_callbacks(config) if _stage_count(c) > 1]
+
+
 def has_curriculum(config: Any) -> bool:
     """A ``Curriculum`` callback with more than one stage.
 
@@ -152,15 +157,13 @@ def has_curriculum(config: Any) -> bool:
 def has_random_order_curriculum(config: Any) -> bool:
     """A staged ``Curriculum`` callback whose classes come in a random order: the control of the
     easy-first order (``experiments/curriculum_random_order.yaml``)."""
-    return any(_stage_count(c) > 1 and _get(c, "init_args.difficulty") == "random"
-               for c in _curriculum_callbacks(config))
+    return any(_get(c, "init_args.difficulty") == "random" for c in _staged_curriculum_callbacks(config))
 
 
 def has_soft_curriculum(config: Any) -> bool:
     """A staged ``Curriculum`` callback with soft stages (``waiting_weight`` > 0,
     ``experiments/curriculum_soft.yaml``)."""
-    return any(_stage_count(c) > 1 and float(_get(c, "init_args.waiting_weight", 0.0)) > 0
-               for c in _curriculum_callbacks(config))
+    return any(float(_get(c, "init_args.waiting_weight", 0.0)) > 0 for c in _staged_curriculum_callbacks(config))
 
 
 def has_one_stage_curriculum(config: Any) -> bool:
