@@ -655,8 +655,8 @@ def test_a_stage_start_in_mid_training_leaves_no_trace(tiny_world, one_torch_thr
     sample (with BatchNorm statistics re-estimated, then restored) after training has moved the
     running statistics. Contrastive has no class weights and both stages draw what the fit without
     the callback draws, so every loss and the final weights, running statistics included, must be
-    those of that fit. At the demo's budget this control gave no callback's figures bit for bit
-    (EXPERIMENTS.md, "Soft stages over five seeds").
+    those of that fit. (At the demo's budget, its one-stage version, one ranking pass before the
+    first step, gave no callback's figures bit for bit: EXPERIMENTS.md, "Soft stages over five seeds".)
     """
     plain_state, staged_state = {}, {}
     plain, _ = _short_fit(tiny_world, "contrastive", None, steps=3, every=100, epochs=2, final_state=plain_state)
