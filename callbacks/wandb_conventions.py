@@ -135,11 +135,6 @@ def _stage_count(callback: Any) -> int:
     return len(stages) if isinstance(stages, (list, tuple)) else 2
 
 
-def _curriculum_stages(config: Any) -> list[int]:
-    """The number of stages of each ``Curriculum`` callback."""
-    return [_stage_count(c) for c in _curriculum_callbacks(config)]
-
-
 def _staged_curriculum_callbacks(config: Any) -> list[Any]:
     """The ``Curriculum`` callbacks with more than one stage (a single stage has no order or weights to tell apart)."""
     return [c for c in _curriculum_callbacks(config) if _stage_count(c) > 1]
@@ -151,7 +146,7 @@ def has_curriculum(config: Any) -> bool:
     One stage (``experiments/no_curriculum.yaml``: every class from the first step, kept so that
     both arms imprint and train alike) is the baseline, not a curriculum.
     """
-    return any(n > 1 for n in _curriculum_stages(config))
+    return bool(_staged_curriculum_callbacks(config))
 
 
 def has_random_order_curriculum(config: Any) -> bool:
@@ -169,8 +164,7 @@ def has_soft_curriculum(config: Any) -> bool:
 def has_one_stage_curriculum(config: Any) -> bool:
     """A ``Curriculum`` callback with a single stage and none with more: the schedule's baseline,
     which differs from having no callback by its imprinting of the classifier."""
-    counts = _curriculum_stages(config)
-    return bool(counts) and all(n <= 1 for n in counts)
+    return bool(_curriculum_callbacks(config)) and not _staged_curriculum_callbacks(config)
 
 
 def database_kind(config: Any) -> str:
