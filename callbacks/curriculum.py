@@ -6,7 +6,8 @@ counters every rank shares) it
 
 1. ranks the classes by difficulty (class size, the current model's per-class accuracy, an
    explicit file, or a seeded random order: the control of easy-first) and activates the easiest
-   ones not yet active — the active set only grows;
+   ones not yet active — the active set only grows (under soft stages a ``rest`` stage swaps it
+   with the waiting set instead);
 2. initialises the classifier/proxy weights and center-loss centers of the newly activated classes
    from the mean embedding of their images (weight imprinting, via ``MetricLoss.imprint``) instead
    of leaving them at their random initialisation. The images are embedded with BatchNorm
@@ -59,6 +60,13 @@ class Stage:
             The last stage runs to the end of training; its length may be left out.
         class_share: share of all classes active in this stage (easiest first), in (0, 1].
         class_count: number of active classes; overrides ``class_share``.
+        classes: ``easiest`` (the stage's share, easiest first, added to the classes already
+            active), or ``rest``: soft stages only, not the first stage. The classes that were
+            waiting in the previous stage become the active ones and the others wait, so the
+            classes drawn less so far are drawn more now. After a stage with half the classes
+            active, a ``rest`` stage of the same length gives every class the same expected
+            number of draws over the two: the order of the classes changes, not their exposure
+            (``class_share``/``class_count`` do not apply).
         nonlandmark_share: share of non-landmark images in each batch; ``None`` keeps the data
             module's ``nonlandmark_share``.
         lr: ``"keep"`` the current learning rate, or a factor: re-warm every parameter group to
@@ -72,6 +80,7 @@ class Stage:
     steps: int | None = None
     class_share: float = 1.0
     class_count: int | None = None
+    classes: Literal["easiest", "rest"] = "easiest"
     nonlandmark_share: float | None = None
     lr: Literal["keep"] | float = "keep"
     warmup_steps: int = 0
@@ -215,6 +224,11 @@ class Curriculum(Callback):
                 raise ValueError(f"stage {i}: nonlandmark_share must be in [0, 1)")
             if stage.lr != "keep" and not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
                 raise ValueError(f"stage {i}: lr must be 'keep' or a positive factor, got {stage.lr!r}")
+            if stage.classes not in ("easiest", "rest"):
+                raise ValueError(f"stage {i}: classes must be easiest or rest, got {stage.classes!r}")
+            if stage.classes == "rest" and (i == 0 or waiting_weight == 0):
+                raise ValueError(f"stage {i}: classes: rest needs soft stages (waiting_weight > 0) and a stage "
+                                 "before it, whose waiting classes it activates")
         if difficulty not in ("size", "accuracy", "file", "random"):
             raise ValueError(f"difficulty must be size, accuracy, file or random, got {difficulty!r}")
         if (difficulty == "file") != (difficulty_file is not None):
@@ -378,14 +392,20 @@ class Curriculum(Callback):
             if self.difficulty == "accuracy" or not self.order:
                 self.order = self._rank(trainer, sample, num_classes)
 
-            target = self._class_count(stage, num_classes)
             active = set(self.active)
-            if target < len(active):
-                log.warning("curriculum stage %d asks for %d classes but %d are active already; the set never shrinks", index, target, len(active))
-            for c in self.order:
-                if len(active) >= target:
-                    break
-                active.add(c)
+            if stage.classes == "rest":
+                # Soft stages only (checked at construction): "active" is the set drawn at the
+                # full rate, so it may change places with the waiting one.
+                active = set(range(num_classes)) - active
+            else:
+                target = self._class_count(stage, num_classes)
+                if target < len(active):
+                    log.warning("curriculum stage %d asks for %d classes but %d are active already; the set never "
+                                "shrinks", index, target, len(active))
+                for c in self.order:
+                    if len(active) >= target:
+                        break
+                    active.add(c)
             new = sorted(active - set(self.active))
             self.active = sorted(active)
 

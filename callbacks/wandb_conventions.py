@@ -15,7 +15,8 @@ the resolved LightningCLI configuration rather than typed by hand in each experi
   ``curriculum-random-order``, never merged with the curriculum it controls. Soft stages
   (``waiting_weight`` > 0, ``curriculum_soft.yaml``: classes not yet entered are drawn too, at a
   lower rate) train differently from the paper's and are ``curriculum-soft`` (and
-  ``curriculum-soft-random-order``);
+  ``curriculum-soft-random-order``); soft stages with a ``classes: rest`` stage, whose classes
+  change places instead of entering (``curriculum_balanced.yaml``), are ``curriculum-soft-balanced``;
 * the database: ``oracle-clean`` (``data.oracle_clean``), ``cleaned`` (the DB manifest has a
   ``decision`` column, as written by ``landmarks clean``) or ``raw-db``;
 * ``seed-N``: ``seed_everything`` (and ``data-seed-N`` when the sampler seed differs).
@@ -63,12 +64,14 @@ class RunIdentity:
     one_stage: bool = False  # a Curriculum callback with one stage (imprinting, no schedule)
     random_order: bool = False  # the staged callback's classes come in a random order (its control)
     soft: bool = False  # the staged callback draws classes before they enter (waiting_weight > 0)
+    balanced: bool = False  # ... and has a stage that swaps the drawn sets (classes: rest)
 
     @property
     def schedule(self) -> str:
-        """``curriculum[-soft][-random-order]``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
+        """``curriculum[-soft[-balanced]][-random-order]``, ``one-stage`` or ``no-curriculum`` (see the module docstring)."""
         if self.curriculum:
-            return "curriculum" + ("-soft" if self.soft else "") + ("-random-order" if self.random_order else "")
+            soft = ("-soft" + ("-balanced" if self.balanced else "")) if self.soft else ""
+            return "curriculum" + soft + ("-random-order" if self.random_order else "")
         return "one-stage" if self.one_stage else "no-curriculum"
 
     @property
@@ -161,6 +164,16 @@ def has_soft_curriculum(config: Any) -> bool:
     return any(float(_get(c, "init_args.waiting_weight", 0.0)) > 0 for c in _staged_curriculum_callbacks(config))
 
 
+def has_balanced_curriculum(config: Any) -> bool:
+    """A soft staged ``Curriculum`` callback with a stage that swaps the drawn and the waiting
+    classes (``classes: rest``, ``experiments/curriculum_balanced.yaml``)."""
+    return any(
+        float(_get(c, "init_args.waiting_weight", 0.0)) > 0
+        and any(_get(stage, "classes") == "rest" for stage in _as_list(_get(c, "init_args.stages")))
+        for c in _staged_curriculum_callbacks(config)
+    )
+
+
 def has_one_stage_curriculum(config: Any) -> bool:
     """A ``Curriculum`` callback with a single stage and none with more: the schedule's baseline,
     which differs from having no callback by its imprinting of the classifier."""
@@ -191,6 +204,7 @@ def run_identity(config: Any) -> RunIdentity:
         one_stage=has_one_stage_curriculum(config),
         random_order=has_random_order_curriculum(config),
         soft=has_soft_curriculum(config),
+        balanced=has_balanced_curriculum(config),
         database=database_kind(config),
         seed=int(seed) if seed is not None and not isinstance(seed, bool) else None,
         data_seed=int(data_seed) if data_seed is not None else None,

@@ -116,6 +116,12 @@ def test_the_random_order_control_differs_from_curriculum_yaml_only_in_the_order
     soft = init_args("curriculum_soft.yaml")
     assert soft.pop("waiting_weight") == 0.5 and soft.pop("difficulty") == "accuracy"
     assert soft == easy_first
+    # The exposure-balanced version differs from the soft one only in its stages.
+    balanced = init_args("curriculum_balanced.yaml")
+    assert balanced.pop("waiting_weight") == 0.5 and balanced.pop("difficulty") == "accuracy"
+    assert [s.get("classes", "easiest") for s in balanced.pop("stages")] == ["easiest", "rest", "easiest"]
+    soft.pop("stages")
+    assert balanced == soft
 
 
 # ---- losses: inactive classes take no part -------------------------------------------------
@@ -342,6 +348,78 @@ def test_soft_stages_draw_waiting_classes_and_imprint_every_class_once_at_the_st
     n, steps = data.num_classes, sum(1 for epoch, _ in seen["labels"] if epoch == 0)
     expected = 2 * 2 * steps * 0.5 * (n - 3) / (3 + 0.5 * (n - 3))
     assert abs(len(waiting) - expected) <= 2, (len(waiting), expected)
+
+
+def test_a_rest_stage_needs_soft_stages_and_a_stage_before_it():
+    with pytest.raises(ValueError, match="stage 1: classes: rest needs soft stages"):
+        Curriculum([Stage(epochs=1, class_share=0.5), Stage(classes="rest")])
+    with pytest.raises(ValueError, match="stage 0: classes: rest needs soft stages"):
+        Curriculum([Stage(classes="rest")], waiting_weight=0.5)
+    with pytest.raises(ValueError, match="classes must be easiest or rest"):
+        Curriculum([Stage(classes="hardest")], waiting_weight=0.5)
+    # A checkpoint from before the field existed has stages without it: they load as "easiest".
+    saved = Curriculum([Stage(epochs=1), Stage()]).state_dict()
+    for stage in saved["stages"]:
+        del stage["classes"]
+    Curriculum([Stage(epochs=1), Stage()]).load_state_dict(saved)
+
+
+def test_rest_stage_swaps_the_drawn_sets_and_balances_every_class_s_draws():
+    """Half the classes active, then the rest, each for one epoch at waiting weight 0.5: the
+    sampler draws every class equally often over the two epochs (by hand: an active class
+    2/3 × 16 draws an epoch, a waiting one 1/3 × 16, so 16 each), while the growing soft stages
+    (half, then all) leave the late half a third short."""
+    class_of_image = np.repeat(np.arange(8), 6)
+
+    def draws(stage_sets):
+        sampler = LandmarkBatchSampler(class_of_image, num_nonlandmarks=0, classes_per_batch=4,
+                                       samples_per_class=1, num_batches=24, seed=3)
+        counts = np.zeros(8, dtype=int)
+        for epoch, active in enumerate(stage_sets):
+            sampler.set_classes(active, waiting_weight=0.5)
+            sampler.set_epoch(epoch)
+            for batch in sampler:
+                assert len(set(class_of_image[batch])) == 4  # distinct classes in every step
+                counts += np.bincount(class_of_image[batch], minlength=8)
+        return counts
+
+    easy, rest = [0, 1, 2, 3], [4, 5, 6, 7]
+    # 24 steps × 4 classes = 96 draws an epoch; 4 active at rate 1 and 4 waiting at 0.5:
+    # each active class 96 / 6 = 16, each waiting class 8. Swapped in epoch 1: 24 each.
+    assert draws([easy, rest]).tolist() == [24] * 8
+    grown = draws([easy, None])  # epoch 1 with every class active: 12 each
+    assert grown.tolist() == [28] * 4 + [20] * 4
+
+    # The callback picks the sets: the complement of the previous stage's active classes.
+    curriculum = Curriculum([Stage(epochs=1, class_count=3), Stage(epochs=1, classes="rest"), Stage()],
+                            difficulty="random", imprint=False, waiting_weight=0.5)
+    applied = []
+
+    class FakeData:
+        num_classes = 7
+        hparams = type("H", (), {"seed": 0, "nonlandmark_share": 0.2})()
+
+        def set_training_classes(self, active, share, weight):
+            applied.append((list(active), share, weight))
+
+    class FakeLoss:
+        def class_weight_matrix(self):
+            return None
+
+        def set_active_classes(self, active):
+            assert active is None  # soft stages: every class is in the loss
+
+    trainer = type("T", (), {"datamodule": FakeData(), "optimizers": [], "current_epoch": 0, "global_step": 0,
+                             "strategy": type("S", (), {"broadcast": staticmethod(lambda x, src=0: x)})()})()
+    module = type("M", (), {"loss": FakeLoss(), "modules": lambda self: []})()  # no BatchNorm to re-estimate
+    for index in range(3):
+        curriculum._enter_stage(index, trainer, module)
+    first, second, third = (a for a, _, _ in applied)
+    assert first == sorted(curriculum.order[:3])
+    assert second == sorted(set(range(7)) - set(first))
+    assert third == list(range(7))
+    assert [h["active_classes"] for h in curriculum.history] == [3, 4, 7]
+    assert all(weight == 0.5 for _, _, weight in applied)
 
 
 def test_waiting_weight_is_checked_and_must_match_on_resume():

@@ -51,7 +51,7 @@ def _experiment_args():
     cases = [["demo.yaml"], *[["demo.yaml", f] for f in LOSS_FILES], ["paper.yaml"],
              ["demo.yaml", "curriculum.yaml"], ["demo.yaml", "arcface.yaml", "curriculum.yaml"],
              ["demo.yaml", "no_curriculum.yaml"], ["demo.yaml", "curriculum_random_order.yaml"],
-             ["demo.yaml", "curriculum_soft.yaml"],
+             ["demo.yaml", "curriculum_soft.yaml"], ["demo.yaml", "curriculum_balanced.yaml"],
              ["paper.yaml", "gldv2_paper.yaml"],
              # Every recipe ingredient at once, on the loss it belongs to (mining from epoch 0 is
              # covered in tests/test_recipes.py; fast_dev_run is a single epoch).

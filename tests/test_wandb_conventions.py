@@ -68,6 +68,11 @@ def test_identity_from_the_config(tmp_path):
     assert run_identity(soft).group == "center_curriculum-soft-random-order_raw-db"
     soft["trainer"]["callbacks"][0]["init_args"]["waiting_weight"] = 0.0
     assert run_identity(soft).group == "center_curriculum-random-order_raw-db"
+    # Stages whose classes swap places (curriculum_balanced.yaml) are not the soft stages' group.
+    balanced = _config(callbacks=["callbacks.Curriculum"])
+    balanced["trainer"]["callbacks"][0]["init_args"].update(
+        waiting_weight=0.5, stages=[{"epochs": 1, "class_share": 0.5}, {"epochs": 1, "classes": "rest"}, {}])
+    assert run_identity(balanced).group == "center_curriculum-soft-balanced_raw-db"
     one_stage_random = _config(callbacks=["callbacks.Curriculum"])
     one_stage_random["trainer"]["callbacks"][0]["init_args"].update(difficulty="random", stages=[{"class_share": 1.0}])
     assert run_identity(one_stage_random).group == "center_one-stage_raw-db"  # one stage has no order to control
