@@ -397,12 +397,16 @@ class LandmarkIndex:
         out_lm[rows, rank[rows, cols]] = lm[rows, cols]
         return out_scores - self._penalty(q, memory_budget_mb)[:, None], out_lm
 
-    def top1(self, embeddings: np.ndarray, memory_budget_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
-        """``(score float32 [n], landmark row int64 [n])`` of the best landmark per query."""
+    def top1(self, embeddings: np.ndarray, memory_budget_mb: float = 256,
+             penalised: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(score float32 [n], landmark row int64 [n])`` of the best landmark per query.
+
+        ``penalised=False``: the plain cosine, without the non-landmark penalty (if the index has one).
+        """
         q = self.describe(embeddings, memory_budget_mb)
         scores, ids = search(self.faiss_index, q, 1, memory_budget_mb=memory_budget_mb)
         lm = np.where(ids[:, 0] >= 0, self.vector_landmark[np.maximum(ids[:, 0], 0)], -1)
-        penalty = self._penalty(q, memory_budget_mb)
+        penalty = self._penalty(q, memory_budget_mb) if penalised else 0.0
         return np.where(ids[:, 0] >= 0, scores[:, 0] - penalty, -np.inf).astype(np.float32), lm
 
     # ---- persistence -------------------------------------------------------------------------

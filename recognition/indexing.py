@@ -136,8 +136,9 @@ INDEX_SCALES = (1.0, 1.414)
 def _warn_if_saturated(scores, calibration, source: str) -> None:
     """The evaluation's collapse guard (:func:`retrieval.metrics.saturation_warning`) on the calibration.
 
-    ``scores`` must be plain top-1 cosines: a verified score carries an inlier bonus and a penalised
-    one a subtraction, so 0.99 would mean nothing there.
+    ``scores`` must be plain top-1 cosines, and ``calibration`` set on them: a verified score carries
+    an inlier bonus and a penalised one a subtraction, so 0.99 would mean nothing there. An index
+    with either is checked on its plain cosines and the threshold they would give.
     """
     from retrieval.metrics import format_alpha, saturated_share, saturation_warning
 
@@ -332,6 +333,12 @@ def build_landmark_index(
             raise CalibrationError(f"{calibration_set.source}: {err} (--allow-unresolved-fpr)") from None
         if index.local_features is None and index.penalty is None:  # plain cosines (see _warn_if_saturated)
             _warn_if_saturated(scores, index.calibration, calibration_set.source)
+        elif index.calibration.resolved:  # (an unresolved one has warned already)
+            # A collapse of the embedding shows in the plain cosines whatever is applied on top.
+            plain, _ = index.top1(nl_emb, penalised=False)
+            _warn_if_saturated(plain, calibrate_threshold(plain, target_fpr, rule=calibration_rule),
+                               f"{calibration_set.source} (plain cosines, before verification and the non-landmark "
+                               "penalty)")
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)

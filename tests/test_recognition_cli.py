@@ -104,6 +104,24 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
                        "photo at one point)")
     assert LandmarkIndex.load(built_index).calibration.threshold < 0.99  # the fixture: no warning to give
 
+    # With the non-landmark penalty the threshold is set on penalised scores, where 0.99 means
+    # nothing; the guard then reads the plain cosines and the threshold they would give.
+    pool = tmp_path / "pool.csv"
+    pd.DataFrame({"path": [str(tiny_world / p) for p in nonlandmarks["path"][37:]]}).to_csv(pool, index=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="landmarks.recognition"):
+        assert main([
+            "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "penalised"), "--backbone",
+            "mobilenetv2_100", "--image-size", "64", "--nonlandmarks", str(tmp_path / "with_db_photos.csv"),
+            "--target-fpr", "0.05", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0",
+            "--nonlandmark-pool", str(pool),
+        ]) == 0
+    assert LandmarkIndex.load(tmp_path / "penalised").calibration.threshold < 0.99  # out of the plain rule's reach
+    [warning] = [r.getMessage() for r in caplog.records if "near-duplicate" in r.getMessage()]
+    assert warning.startswith(f"{tmp_path / 'with_db_photos.csv'} (plain cosines, before verification and the "
+                              "non-landmark penalty): 3 of 40 calibration photos (7.50%) match an index vector at "
+                              "cosine >= 0.99, so the threshold at FPR 5e-02 lies among near-duplicate scores")
+
 
 def test_recognize_files_and_a_folder_with_a_corrupt_image(built_index, tiny_world, tmp_path, capsys):
     db = pd.read_csv(tiny_world / "db.csv", dtype=str)
