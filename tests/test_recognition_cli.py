@@ -89,12 +89,16 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
     rows = [str(tiny_world / p) for p in nonlandmarks["path"][:37]] + [str(tiny_world / p) for p in db["path"][:3]]
     pd.DataFrame({"path": rows}).to_csv(tmp_path / "with_db_photos.csv", index=False)
     capsys.readouterr()
-    with caplog.at_level("WARNING", logger="landmarks.recognition"):
-        assert main([
-            "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "index"), "--backbone",
-            "mobilenetv2_100", "--image-size", "64", "--nonlandmarks", str(tmp_path / "with_db_photos.csv"),
-            "--target-fpr", "0.05", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0",
-        ]) == 0
+
+    def index(out: str, *extra: str) -> None:
+        with caplog.at_level("WARNING", logger="landmarks.recognition"):
+            assert main([
+                "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / out), "--backbone",
+                "mobilenetv2_100", "--image-size", "64", "--nonlandmarks", str(tmp_path / "with_db_photos.csv"),
+                "--target-fpr", "0.05", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0", *extra,
+            ]) == 0
+
+    index("index")
     cal = LandmarkIndex.load(tmp_path / "index").calibration
     assert cal.threshold > 0.99  # 2 of the 3 copies pass (float rounding: not exact ties)
     [warning] = [r.getMessage() for r in caplog.records if "near-duplicate" in r.getMessage()]
@@ -109,13 +113,7 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
     pool = tmp_path / "pool.csv"
     pd.DataFrame({"path": [str(tiny_world / p) for p in nonlandmarks["path"][37:]]}).to_csv(pool, index=False)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="landmarks.recognition"):
-        assert main([
-            "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "penalised"), "--backbone",
-            "mobilenetv2_100", "--image-size", "64", "--nonlandmarks", str(tmp_path / "with_db_photos.csv"),
-            "--target-fpr", "0.05", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0",
-            "--nonlandmark-pool", str(pool),
-        ]) == 0
+    index("penalised", "--nonlandmark-pool", str(pool))
     assert LandmarkIndex.load(tmp_path / "penalised").calibration.threshold < 0.99  # out of the plain rule's reach
     [warning] = [r.getMessage() for r in caplog.records if "near-duplicate" in r.getMessage()]
     assert warning.startswith(f"{tmp_path / 'with_db_photos.csv'} (plain cosines, before verification and the "
