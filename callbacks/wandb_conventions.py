@@ -165,13 +165,11 @@ def has_soft_curriculum(config: Any) -> bool:
 
 
 def has_balanced_curriculum(config: Any) -> bool:
-    """A soft staged ``Curriculum`` callback with a stage that swaps the drawn and the waiting
-    classes (``classes: rest``, ``experiments/curriculum_balanced.yaml``)."""
-    return any(
-        float(_get(c, "init_args.waiting_weight", 0.0)) > 0
-        and any(_get(stage, "classes") == "rest" for stage in _as_list(_get(c, "init_args.stages")))
-        for c in _staged_curriculum_callbacks(config)
-    )
+    """A staged ``Curriculum`` callback with a stage that swaps the drawn and the waiting classes
+    (``classes: rest``, ``experiments/curriculum_balanced.yaml``; only soft stages accept one, and
+    :attr:`RunIdentity.schedule` reads it under ``soft`` only)."""
+    return any(_get(stage, "classes") == "rest"
+               for c in _staged_curriculum_callbacks(config) for stage in _as_list(_get(c, "init_args.stages")))
 
 
 def has_one_stage_curriculum(config: Any) -> bool:
