@@ -28,7 +28,10 @@ non-landmarks (``data.evaluate_nonlandmark_pool: true``), and the same index wit
 control, is logged under ``<stage>/centroid/no_penalty/<metric>``. Both paths make their decisions with :func:`retrieval.decision.decide`.
 Plots — the precision–FPR curve and the top-1 score histograms — go to wandb as images when a
 WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files, with the curve's
-points in ``<tag>_epoch<NNN>_precision_fpr.csv`` (threshold, fpr, precision, recall).
+points in ``<tag>_epoch<NNN>_precision_fpr.csv`` (threshold, fpr, precision, recall). The
+distractors with the highest top-1 scores, the few that set the thresholds at low FPR, are listed in
+``<tag>_epoch<NNN>_hardest_distractors.csv`` (rank, score, distractor path, the gallery photo it
+matched and that photo's landmark) and drawn above their matches in ``..._hardest_distractors.png``.
 """
 
 from __future__ import annotations
@@ -48,12 +51,13 @@ from pytorch_lightning.trainer.states import TrainerFn
 from core.accumulator import EmbeddingAccumulator
 from core.atomic import atomic_path
 from core.errors import UserError
+from datamodules.images import UnreadableImage
 from recognition.artifact import PenaltyParams
 from recognition.calibration import check_calibration_rule
 from recognition.centroids import CentroidParams
 from recognition.evaluation import evaluate_centroid_index
-from retrieval.metrics import evaluate_recognition, saturation_warning
-from retrieval.plots import plot_precision_fpr, plot_score_histograms
+from retrieval.metrics import evaluate_recognition, format_alpha, hardest_distractors, saturation_warning
+from retrieval.plots import plot_hardest_distractors, plot_precision_fpr, plot_score_histograms
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,10 @@ class RetrievalEvaluation(Callback):
         calibration_rule: how that index's threshold reads the target FPR, as ``landmarks index
             --calibration-rule``: ``empirical`` (of the calibration photos) or ``conformal`` (of new
             photos, in expectation; :mod:`recognition.calibration`).
+        hardest_distractors: with ``plots``, list and draw this many distractors with the highest
+            top-1 scores, each with the gallery photo it matched (0: none). At FPR 1e-3 of 5,000
+            distractors the threshold lies just above the 6th highest of their scores, so these
+            photos are what a change at that operating point has to move.
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class RetrievalEvaluation(Callback):
         centroid_params: dict | None = None,
         nonlandmark_penalty: dict | None = None,
         calibration_rule: Literal["empirical", "conformal"] = "empirical",
+        hardest_distractors: int = 8,
     ):
         super().__init__()
         self.alphas = tuple(alphas)
@@ -107,6 +116,9 @@ class RetrievalEvaluation(Callback):
         self.centroid_params = CentroidParams(**(centroid_params or {}))  # bad keys fail at construction
         self.nonlandmark_penalty = None if nonlandmark_penalty is None else PenaltyParams(**nonlandmark_penalty)
         self.calibration_rule = check_calibration_rule(calibration_rule)
+        if hardest_distractors < 0:
+            raise UserError(f"RetrievalEvaluation: hardest_distractors must be >= 0, got {hardest_distractors}")
+        self.hardest_distractors = hardest_distractors
         if self.nonlandmark_penalty is not None and not centroid_index:
             raise UserError("RetrievalEvaluation: nonlandmark_penalty applies to the shipped index; "
                             "set centroid_index: true")
@@ -267,6 +279,9 @@ class RetrievalEvaluation(Callback):
     def _plot(self, trainer: pl.Trainer, result, stage: str, plot_dir: Path, tag: str) -> None:
         figures = {"precision_fpr": plot_precision_fpr(result), "score_histograms": plot_score_histograms(result)}
         plot_dir.mkdir(parents=True, exist_ok=True)
+        if self.hardest_distractors and len(result.distractor_scores):
+            figures["hardest_distractors"] = self._hardest_distractors(
+                trainer, result, plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_hardest_distractors.csv")
         for name, figure in figures.items():
             target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_{name}.png"
             with atomic_path(target) as tmp:
@@ -282,6 +297,40 @@ class RetrievalEvaluation(Callback):
             writer.writerow(["threshold", "fpr", "precision", "recall"])
             writer.writerows(zip(*(np.asarray(a).tolist() for a in (curve.thresholds, curve.fpr, curve.precision, curve.recall))))
 
+    def _hardest_distractors(self, trainer: pl.Trainer, result, table: Path):
+        """Write the top-scoring distractors and their matches to ``table`` (CSV); return their figure."""
+        datamodule = trainer.datamodule
+        distractors, gallery = datamodule.eval_dataset("distractors"), datamodule.eval_dataset("gallery")
+        # The metrics saw readable rows only; map them back to dataset rows, hence to files.
+        distractor_rows = np.flatnonzero(self.last_embeddings["distractors"][1])
+        gallery_rows = np.flatnonzero(self.last_embeddings["gallery"][1])
+        if len(distractor_rows) != len(result.distractor_scores):
+            raise RuntimeError(f"{len(result.distractor_scores)} distractor scores for {len(distractor_rows)} readable distractors")
+        class_map = getattr(datamodule, "class_map", None)
+        thresholds = {format_alpha(a): result.metrics.get(f"threshold@fpr={format_alpha(a)}")
+                      for a in result.alphas if a not in result.unresolved_alphas}
+        rows, pairs = [], []
+        for rank, d in enumerate(hardest_distractors(result.distractor_scores, self.hardest_distractors), 1):
+            d_row, g_row = int(distractor_rows[d]), int(gallery_rows[result.distractor_matches[d]])
+            label = int(gallery.labels[g_row])
+            landmark = class_map.landmark_ids[label] if class_map is not None else str(label)
+            score = float(result.distractor_scores[d])
+            rows.append([rank, f"{score:.6f}", distractors.paths[d_row], gallery.paths[g_row], landmark])
+            pairs.append((_thumbnail(distractors, d_row), _thumbnail(gallery, g_row), score, landmark))
+        with atomic_path(table) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["rank", "score", "distractor", "matched_gallery_photo", "matched_landmark"])
+            writer.writerows(rows)
+        return plot_hardest_distractors(pairs, thresholds)
+
     @property
     def last_metrics(self) -> dict | None:
         return self.history[-1] if self.history else None
+
+
+def _thumbnail(dataset, row: int) -> np.ndarray | None:
+    """The photo as the dataset decodes it, or ``None`` if it cannot be read (a blank tile)."""
+    try:
+        return dataset.decode(row)
+    except UnreadableImage:
+        return None

@@ -447,7 +447,9 @@ class RecognitionResult:
 
     ``metrics`` uses the naming scheme of the module docstring. The arrays are per query, for
     plots (:mod:`retrieval.plots`): top-1 scores of landmark queries (``-inf`` = no prediction),
-    whether their top-1 label is correct, and top-1 scores of distractor queries.
+    whether their top-1 label is correct, top-1 scores of distractor queries and, per distractor,
+    the gallery row it matched (``distractor_matches``, -1 = none), to show which photos decide a
+    threshold (:func:`hardest_distractors`).
     """
 
     metrics: dict[str, float]
@@ -458,6 +460,7 @@ class RecognitionResult:
     unresolved_alphas: tuple[float, ...] = ()
     user_prior: float | None = None
     k: int = 10
+    distractor_matches: np.ndarray | None = None
 
     def as_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Synthetic ``(pred_label, score, true_label)`` reproducing every recognition metric.
@@ -575,9 +578,11 @@ def evaluate_recognition(
         # Distractors only need their top-1: k=1 keeps that search cheap.
         d_scores, d_ids = search(index, distractor_emb, 1, memory_budget_mb=memory_budget_mb, progress=progress)
         d_pred, d_top = top1_predictions(gl, d_scores, d_ids)
+        d_match = np.where(np.isneginf(d_top), -1, d_ids[:, 0]).astype(np.int64)
     else:
         d_pred = np.empty(0, np.int64)
         d_top = np.empty(0, np.float32)
+        d_match = np.empty(0, np.int64)
     del index
 
     pred = np.concatenate([q_pred, d_pred])
@@ -606,4 +611,20 @@ def evaluate_recognition(
         unresolved_alphas=fpr_metrics.unresolved,
         user_prior=user_prior,
         k=k,
+        distractor_matches=d_match,
     )
+
+
+def hardest_distractors(distractor_scores, count: int) -> np.ndarray:
+    """Rows of the ``count`` highest distractor top-1 scores, highest first (ties: lower row first).
+
+    At FPR ``alpha`` over ``n`` distractors the threshold lies just above the ``floor(alpha * n) + 1``-th
+    highest score (:func:`retrieval.decision.threshold_at_fpr`), so these few photos decide the
+    operating point; ``-inf`` (no prediction) is never among them.
+    """
+    s = float_scores(distractor_scores, "distractor_scores")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    rows = np.flatnonzero(~np.isneginf(s))
+    order = rows[np.argsort(-s[rows], kind="stable")]
+    return order[:count]

@@ -12,9 +12,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from retrieval.decision import accepts
 from retrieval.metrics import RecognitionResult, format_alpha, threshold_at_fpr
 
-__all__ = ["plot_precision_fpr", "plot_score_histograms"]
+__all__ = ["plot_hardest_distractors", "plot_precision_fpr", "plot_score_histograms"]
 
 
 def _figure(figsize=(6.4, 4.2)) -> Figure:
@@ -99,4 +100,36 @@ def plot_score_histograms(result: RecognitionResult, bins: int = 100) -> Figure:
     ax.set_ylabel("density")
     ax.set_title("Top-1 score distributions")
     ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_hardest_distractors(pairs, thresholds: dict[str, float]) -> Figure:
+    """The distractors that decide the thresholds, each above the gallery photo it matched.
+
+    ``pairs``: ``(distractor_image, matched_image, score, matched_label)`` per distractor, hardest
+    first; images are ``[H, W, 3]`` uint8 arrays, or ``None`` when unreadable (drawn as a blank
+    tile). ``thresholds``: ``{"1e-03": t, ...}``; a distractor's title lists the FPRs whose
+    threshold it reaches, i.e. the operating points it counts as a false positive at.
+    """
+    n = max(1, len(pairs))
+    fig = _figure(figsize=(max(4.0, 1.45 * n), 3.6))
+    if not pairs:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no distractors", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    axes = fig.subplots(2, n, squeeze=False)
+    for column, (distractor, matched, score, label) in enumerate(pairs):
+        reached = [a for a, t in thresholds.items() if t is not None and accepts(score, t)]
+        top, bottom = axes[0, column], axes[1, column]
+        for ax, image in ((top, distractor), (bottom, matched)):
+            ax.imshow(image if image is not None else np.full((8, 8, 3), 255, np.uint8))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        top.set_title(f"#{column + 1}  cos {score:.3f}" + (f"\naccepted at FPR {', '.join(reached)}" if reached else "\n"),
+                      fontsize=7)
+        bottom.set_title(f"landmark {label}", fontsize=7)
+    axes[0, 0].set_ylabel("distractor", fontsize=8)
+    axes[1, 0].set_ylabel("its top-1\ngallery photo", fontsize=8)
+    fig.suptitle("Distractors with the highest top-1 scores (they set the low-FPR thresholds)", fontsize=9)
     return fig
