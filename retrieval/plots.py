@@ -112,7 +112,7 @@ def plot_hardest_distractors(pairs, thresholds: dict[str, float]) -> Figure:
     threshold it reaches, i.e. the operating points it counts as a false positive at.
     """
     n = max(1, len(pairs))
-    fig = _figure(figsize=(max(4.0, 1.45 * n), 3.6))
+    fig = _figure(figsize=(max(4.0, 1.45 * n), 3.9))
     if not pairs:
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no distractors", ha="center", va="center", transform=ax.transAxes)
@@ -126,8 +126,8 @@ def plot_hardest_distractors(pairs, thresholds: dict[str, float]) -> Figure:
             ax.imshow(image if image is not None else np.full((8, 8, 3), 255, np.uint8))
             ax.set_xticks([])
             ax.set_yticks([])
-        top.set_title(f"#{column + 1}  cos {score:.3f}" + (f"\naccepted at FPR {', '.join(reached)}" if reached else "\n"),
-                      fontsize=7)
+        accepted = f"accepted at FPR\n{', '.join(reached)}" if reached else "not accepted at\nany FPR shown"
+        top.set_title(f"#{column + 1}  cos {score:.3f}\n{accepted}", fontsize=7)
         bottom.set_title(f"landmark {label}", fontsize=7)
     axes[0, 0].set_ylabel("distractor", fontsize=8)
     axes[1, 0].set_ylabel("its top-1\ngallery photo", fontsize=8)
