@@ -31,7 +31,7 @@ WandbLogger is configured, and always to ``<run dir>/plots/`` as PNG files, with
 points in ``<tag>_epoch<NNN>_precision_fpr.csv`` (threshold, fpr, precision, recall). The
 distractors with the highest top-1 scores, the few that set the thresholds at low FPR, are listed in
 ``<tag>_epoch<NNN>_hardest_distractors.csv`` (rank, score, distractor path, the gallery photo it
-matched and that photo's landmark) and drawn above their matches in ``..._hardest_distractors.png``.
+matched and that photo's landmark) and drawn above their matches in ``..._hardest_distractors.jpg``.
 """
 
 from __future__ import annotations
@@ -283,9 +283,11 @@ class RetrievalEvaluation(Callback):
             figures["hardest_distractors"] = self._hardest_distractors(
                 trainer, result, plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_hardest_distractors.csv")
         for name, figure in figures.items():
-            target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_{name}.png"
+            # A sheet of photos is a quarter of the size as JPEG (about 95 KB against 430 KB as PNG).
+            photos = name == "hardest_distractors"
+            target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_{name}.{'jpg' if photos else 'png'}"
             with atomic_path(target) as tmp:
-                figure.savefig(tmp, dpi=100)
+                figure.savefig(tmp, dpi=100, **({"pil_kwargs": {"quality": 85}} if photos else {}))
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{stage}/{name}", images=[str(target)], step=trainer.global_step)

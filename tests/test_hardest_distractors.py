@@ -88,8 +88,8 @@ def test_the_callback_lists_and_draws_the_hardest_distractors_with_their_files(t
     assert [r["matched_gallery_photo"] for r in rows] == [gallery_paths[0], gallery_paths[3], gallery_paths[2]]
     assert [r["matched_landmark"] for r in rows] == ["arch", "castle", "bridge"]
     np.testing.assert_allclose([float(r["score"]) for r in rows], np.cos(np.radians([10, 20, 30])), atol=1e-5)
-    figure = plots / "val_epoch002_hardest_distractors.png"
-    assert figure.stat().st_size > 5000
+    figure = plots / "val_epoch002_hardest_distractors.jpg"
+    assert figure.stat().st_size > 5000 and figure.read_bytes()[:2] == b"\xff\xd8"  # a JPEG
     assert not [p for p in plots.iterdir() if p.name.startswith(".")]  # atomic writes left no temporaries
 
     # 0 turns it off; a negative count is a user's mistake.
