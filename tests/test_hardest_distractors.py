@@ -99,3 +99,17 @@ def test_the_callback_lists_and_draws_the_hardest_distractors_with_their_files(t
     assert not figure.exists()
     with pytest.raises(ValueError, match="hardest_distractors"):
         RetrievalEvaluation(hardest_distractors=-1)
+
+
+def test_the_sheet_says_at_which_fprs_each_distractor_is_accepted():
+    from retrieval.plots import plot_hardest_distractors
+
+    photo = np.zeros((4, 4, 3), np.uint8)
+    pairs = [(photo, None, 0.9, "arch"), (None, photo, 0.8, "bridge"), (photo, photo, 0.7, "castle")]
+    figure = plot_hardest_distractors(pairs, {"1e-02": 0.8, "1e-03": 0.85})
+    titles = [ax.get_title() for ax in figure.axes]  # the distractor row, then the matched row
+    # A score equal to a threshold is accepted there (the one acceptance rule: score >= threshold).
+    assert titles[:3] == ["#1  cos 0.900\naccepted at FPR\n1e-02, 1e-03", "#2  cos 0.800\naccepted at FPR\n1e-02",
+                          "#3  cos 0.700\nnot accepted at\nany FPR shown"]
+    assert titles[3:] == ["landmark arch", "landmark bridge", "landmark castle"]
+    assert plot_hardest_distractors([], {}).axes[0].texts[0].get_text() == "no distractors"
