@@ -277,24 +277,23 @@ class RetrievalEvaluation(Callback):
         return result.metrics
 
     def _plot(self, trainer: pl.Trainer, result, stage: str, plot_dir: Path, tag: str) -> None:
-        figures = {"precision_fpr": plot_precision_fpr(result), "score_histograms": plot_score_histograms(result)}
         plot_dir.mkdir(parents=True, exist_ok=True)
+        stem = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}"
+        figures = {"precision_fpr.png": plot_precision_fpr(result), "score_histograms.png": plot_score_histograms(result)}
         if self.hardest_distractors and len(result.distractor_scores):
-            figures["hardest_distractors"] = self._hardest_distractors(
-                trainer, result, plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_hardest_distractors.csv")
-        for name, figure in figures.items():
-            # A sheet of photos is a quarter of the size as JPEG (about 95 KB against 430 KB as PNG).
-            photos = name == "hardest_distractors"
-            target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_{name}.{'jpg' if photos else 'png'}"
+            # A sheet of photos: JPEG, a quarter of the size (about 95 KB against 430 KB as PNG).
+            figures["hardest_distractors.jpg"] = self._hardest_distractors(
+                trainer, result, Path(f"{stem}_hardest_distractors.csv"))
+        for filename, figure in figures.items():
+            target = Path(f"{stem}_{filename}")
             with atomic_path(target) as tmp:
-                figure.savefig(tmp, dpi=100, **({"pil_kwargs": {"quality": 85}} if photos else {}))
+                figure.savefig(tmp, dpi=100, **({"pil_kwargs": {"quality": 85}} if target.suffix == ".jpg" else {}))
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"{stage}/{name}", images=[str(target)], step=trainer.global_step)
+                    logger.log_image(key=f"{stage}/{Path(filename).stem}", images=[str(target)], step=trainer.global_step)
         # The curve as numbers too, so `landmarks compare` can overlay runs without wandb.
         curve = result.curve()
-        target = plot_dir / f"{tag}_epoch{trainer.current_epoch:03d}_precision_fpr.csv"
-        with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(Path(f"{stem}_precision_fpr.csv")) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["threshold", "fpr", "precision", "recall"])
             writer.writerows(zip(*(np.asarray(a).tolist() for a in (curve.thresholds, curve.fpr, curve.precision, curve.recall))))
