@@ -11,12 +11,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
 from core.labels import NONLANDMARK
-from losses.base import MetricLoss, is_landmark
+from losses.base import MetricLoss, check_max_cosine, is_landmark, nonlandmark_push
 
 
 class _MaskedCosine:
@@ -115,8 +114,7 @@ class ArcFaceLoss(MetricLoss):
             raise ValueError(f"margin_warmup_steps must be >= 0, got {margin_warmup_steps}")
         if dynamic_margins and not 0 <= margin_min <= margin:
             raise ValueError(f"margin_min must lie in [0, margin={margin}], got {margin_min}")
-        if nonlandmark_max_cosine is not None and not -1.0 <= nonlandmark_max_cosine <= 1.0:
-            raise ValueError(f"nonlandmark_max_cosine must lie in [-1, 1], got {nonlandmark_max_cosine}")
+        check_max_cosine("nonlandmark_max_cosine", nonlandmark_max_cosine)
         self.margin = float(margin)
         self.margin_warmup_steps = margin_warmup_steps
         self.dynamic_margins = dynamic_margins
@@ -210,8 +208,7 @@ class ArcFaceLoss(MetricLoss):
     def nonlandmark_push(self, nonlandmark_embeddings: Tensor) -> Tensor:
         """``mean relu(max_c cos(x, w_c) - τ)²`` over non-landmark rows, active classes' weights only."""
         weights = self._class_view(self.arcface.W)[self.class_active].reshape(-1, self.embedding_size)
-        cosine = F.normalize(nonlandmark_embeddings, dim=1) @ F.normalize(weights, dim=1).t()
-        return F.relu(cosine.max(dim=1).values - self.nonlandmark_max_cosine).pow(2).mean()
+        return nonlandmark_push(nonlandmark_embeddings, weights, self.nonlandmark_max_cosine)
 
     def _class_view(self, weight: Tensor) -> Tensor:
         """``[num_classes, k, d]`` view of W's landmark columns (non-landmark class dropped)."""

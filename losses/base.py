@@ -131,3 +131,21 @@ class MetricLoss(torch.nn.Module, ABC):
 def is_landmark(labels: Tensor) -> Tensor:
     """Boolean mask of the landmark samples of a batch."""
     return labels != NONLANDMARK
+
+
+def check_max_cosine(name: str, value: float | None) -> None:
+    """A push target must be a cosine: ``None`` (no push) or a value in ``[-1, 1]``."""
+    if value is not None and not -1.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [-1, 1], got {value}")
+
+
+def nonlandmark_push(nonlandmarks: Tensor, references: Tensor, max_cosine: float) -> Tensor:
+    """``mean relu(max_j cos(x, r_j) - τ)²`` over the rows ``x`` of ``nonlandmarks``.
+
+    Each non-landmark pays for how far its nearest reference -- a class weight, a landmark photo --
+    lies above cosine ``τ = max_cosine``. Only the nearest counts: at a low false-positive rate a
+    distractor is accepted through its single best match. Gradients reach both sides. Neither input
+    needs unit norm.
+    """
+    cosine = torch.nn.functional.normalize(nonlandmarks, dim=1) @ torch.nn.functional.normalize(references, dim=1).t()
+    return torch.nn.functional.relu(cosine.max(dim=1).values - max_cosine).pow(2).mean()

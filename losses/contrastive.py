@@ -8,7 +8,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import LpDistance
 from torch import Tensor
 
-from losses.base import MetricLoss, is_landmark
+from losses.base import MetricLoss, check_max_cosine, is_landmark, nonlandmark_push
 
 
 class ContrastiveLoss(MetricLoss):
@@ -52,6 +52,15 @@ class ContrastiveLoss(MetricLoss):
             the last ``memory_size`` embeddings; each batch's anchors are paired with the whole
             memory (mined by ``miner``), not only with the batch. The memory is not checkpointed:
             a resumed fit refills it within ``memory_size / batch`` steps.
+        nonlandmark_max_cosine: when set, non-landmark images also pay
+            ``nonlandmark_push_weight · mean relu(max_j cos(x, y_j) - τ)²`` with ``τ`` this value,
+            over the batch's landmark photos ``y_j`` (:func:`losses.base.nonlandmark_push`, ArcFace's
+            push with photos in place of class weights, which contrastive has none of). The pairs
+            above already push every non-landmark below ``neg_margin`` from every photo, averaged
+            over all of them; a distractor is accepted through its single nearest photo, and this
+            term pays for that one. The same
+            argument names as ArcFace's, so ``recipes/nonlandmark_push.yaml`` applies to both.
+        nonlandmark_push_weight: weight of that term.
     """
 
     def __init__(
@@ -65,8 +74,13 @@ class ContrastiveLoss(MetricLoss):
         miner_neg_margin: float = 0.8,
         multi_similarity_epsilon: float = 0.1,
         memory_size: int = 0,
+        nonlandmark_max_cosine: float | None = None,
+        nonlandmark_push_weight: float = 1.0,
     ) -> None:
         super().__init__(num_classes, embedding_size)
+        check_max_cosine("nonlandmark_max_cosine", nonlandmark_max_cosine)
+        self.nonlandmark_max_cosine = nonlandmark_max_cosine
+        self.nonlandmark_push_weight = nonlandmark_push_weight
         self.contrastive = pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin)
         if miner == "none":
             self.miner = None
@@ -100,6 +114,14 @@ class ContrastiveLoss(MetricLoss):
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         if labels.numel() < 2:
             return self._connected_zero(embeddings)
+        landmark = is_landmark(labels)
+        loss = self._pair_loss(embeddings, labels)
+        if self.nonlandmark_max_cosine is not None and landmark.any() and not landmark.all():
+            push = nonlandmark_push(embeddings[~landmark], embeddings[landmark], self.nonlandmark_max_cosine)
+            loss = loss + self.nonlandmark_push_weight * push
+        return loss
+
+    def _pair_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         nonlandmarks = int((~is_landmark(labels)).sum())
         labels = self.pair_labels(labels)
         if self.memory is not None:

@@ -58,7 +58,8 @@ def _experiment_args():
              ["demo.yaml", "arcface.yaml", *(f"recipes/{r}.yaml" for r in ARCFACE_RECIPES), "bf16_inference.yaml"],
              ["demo.yaml", "center.yaml", "recipes/param_groups.yaml", "recipes/lr_warmup.yaml",
               "recipes/hard_nonlandmarks.yaml", "recipes/l2sp.yaml"],
-             ["demo.yaml", "contrastive.yaml", "recipes/xbm.yaml", "recipes/hard_nonlandmarks.yaml"]]
+             ["demo.yaml", "contrastive.yaml", "recipes/xbm.yaml", "recipes/hard_nonlandmarks.yaml",
+              "recipes/nonlandmark_push.yaml"]]
     # The demo file alone stays in the fast tier; the compositions run in the full suite (CI).
     return [pytest.param(c, id="+".join(c), marks=() if c == ["demo.yaml"] else pytest.mark.slow) for c in cases]
 

@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from pytorch_metric_learning import losses as pml_losses
 
 from callbacks.hard_nonlandmarks import HardNonlandmarkMining, hardest_nonlandmarks
@@ -314,6 +315,39 @@ def test_nonlandmark_push_by_hand_and_its_gradient():
     # Inactive classes (a curriculum's) are not pushed from.
     loss.set_active_classes(torch.tensor([1]))
     assert loss.nonlandmark_push(x.detach()).item() == pytest.approx(0.0)
+
+
+def test_contrastive_nonlandmark_push_by_hand_and_its_gradient():
+    """Contrastive has no class weights: a non-landmark is pushed from its nearest landmark *photo*."""
+    kwargs = dict(neg_margin=1.2, nonlandmark_max_cosine=0.5, nonlandmark_push_weight=3.0)
+    loss, plain = ContrastiveLoss(2, 2, **kwargs), ContrastiveLoss(2, 2, neg_margin=1.2)
+    angle = math.radians(30.0)
+    # Non-landmark 0 at 30° from class 0's photo (x axis, unnormalised), non-landmark 1 opposite it;
+    # class 1's photo on the y axis is at 60° and 90° from them.
+    x = torch.tensor([[math.cos(angle), math.sin(angle)], [-1.0, 0.0], [2.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([NONLANDMARK, NONLANDMARK, 0, 1])
+    # Row 0's nearest photo is at cos 30° = 0.866 → (0.866 - 0.5)²; row 1's nearest at cos 0 → 0.
+    expected_push = (math.cos(angle) - 0.5) ** 2 / 2
+    total = loss(x, labels)
+    assert total.item() == pytest.approx(plain(x.detach(), labels).item() + 3.0 * expected_push, abs=1e-6)
+    # The push alone moves the pushed non-landmark and the photo it is nearest, not the others.
+    push = total - plain(x, labels)
+    push.backward()
+    assert x.grad[0].abs().sum() > 0 and x.grad[2].abs().sum() > 0
+    assert x.grad[1].abs().sum() == 0 and x.grad[3].abs().sum() == 0
+    # Nothing to push from without a landmark photo, nothing to push without a non-landmark.
+    only_nonlandmarks, only_photos = x.detach()[:2], x.detach()[2:]
+    for rows, row_labels in ((only_nonlandmarks, labels[:2]), (only_photos, labels[2:])):
+        assert loss(rows, row_labels).item() == pytest.approx(plain(rows, row_labels).item(), abs=1e-7)
+    with pytest.raises(ValueError, match="nonlandmark_max_cosine"):
+        ContrastiveLoss(2, 2, nonlandmark_max_cosine=-1.5)
+
+
+def test_the_push_recipe_file_sets_the_same_arguments_on_arcface_and_contrastive():
+    recipe = yaml.safe_load((RECIPES / "nonlandmark_push.yaml").read_text())["model"]["loss"]["init_args"]
+    for loss_class in (ArcFaceLoss, ContrastiveLoss):
+        built = loss_class(3, 4, **recipe)
+        assert (built.nonlandmark_max_cosine, built.nonlandmark_push_weight) == (0.2, 4.0)
 
 
 # ---- hard non-landmark mining ----------------------------------------------------------------
