@@ -25,7 +25,7 @@ LOSSES: dict[str, Callable[[int, int], MetricLoss]] = {
     "arcface_ignore": lambda c, d: ArcFaceLoss(c, d, nonlandmarks="ignore"),
     "subcenter_arcface": lambda c, d: ArcFaceLoss(c, d, sub_centers=3),
     "contrastive_all_pairs": ContrastiveLoss,  # the defaults: all pairs, margin 1.2
-    "contrastive_pair_margin": lambda c, d: ContrastiveLoss(c, d, neg_margin=0.5, miner="pair_margin"),
+    "contrastive_pair_margin": lambda c, d: ContrastiveLoss(c, d, pos_margin=0.0, neg_margin=0.5, miner="pair_margin"),
     "contrastive_batch_hard": lambda c, d: ContrastiveLoss(c, d, miner="batch_hard"),
     "center": CenterSoftmaxLoss,
     "center_push": lambda c, d: CenterSoftmaxLoss(c, d, nonlandmark_margin=1.2),
@@ -244,7 +244,7 @@ def test_pair_labels_make_each_nonlandmark_unique():
 
 def test_default_contrastive_margin_pushes_negatives_until_nearly_orthogonal():
     """By hand: unit vectors at angle t are sqrt(2 - 2 cos t) apart. With the defaults (all pairs,
-    pos_margin 0, neg_margin 1.2) a negative pair at cosine 0.5 (distance 1) pays 1.2 - 1 = 0.2,
+    pos_margin 0.5, neg_margin 1.2) a negative pair at cosine 0.5 (distance 1) pays 1.2 - 1 = 0.2,
     and one at cosine 0 (distance sqrt 2 > 1.2) pays nothing. The old margin 0.5 left both unpaid,
     which let classes collapse into each other (EXPERIMENTS.md, "Paper ablation")."""
     loss_fn = ContrastiveLoss(NUM_CLASSES, 2)
@@ -257,8 +257,13 @@ def test_default_contrastive_margin_pushes_negatives_until_nearly_orthogonal():
     assert loss_fn(orthogonal, torch.tensor([0, 1])).item() == pytest.approx(0.0, abs=1e-7)
     old = ContrastiveLoss(NUM_CLASSES, 2, neg_margin=0.5, miner="none")
     assert old(x, torch.tensor([0, 1])).item() == pytest.approx(0.0, abs=1e-7)
-    # A positive pair at cosine 0.5 pays its whole distance (pos_margin 0): 1.0.
-    assert loss_fn(x, torch.tensor([2, 2])).item() == pytest.approx(1.0, abs=1e-5)
+    # A positive pair at cosine 0.5 pays its distance beyond pos_margin: 1 - 0.5; one at cosine 0.9
+    # (distance sqrt 0.2 = 0.447 < 0.5) pays nothing, and with pos_margin 0 its whole distance.
+    assert loss_fn(x, torch.tensor([2, 2])).item() == pytest.approx(0.5, abs=1e-5)
+    near = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.9, math.sqrt(1 - 0.81)])])
+    assert loss_fn(near, torch.tensor([2, 2])).item() == pytest.approx(0.0, abs=1e-7)
+    pulled_together = ContrastiveLoss(NUM_CLASSES, 2, pos_margin=0.0)
+    assert pulled_together(near, torch.tensor([2, 2])).item() == pytest.approx(math.sqrt(0.2), abs=1e-5)
 
 
 @pytest.mark.parametrize("miner", ["none", "pair_margin", "batch_hard"])
