@@ -62,11 +62,11 @@ class ContrastiveLoss(MetricLoss):
             push with photos in place of class weights, which contrastive has none of). The pairs
             above already push every non-landmark below ``neg_margin`` from every photo, averaged
             over all of them; a distractor is accepted through its single nearest photo, and this
-            term pays for that one. The same
-            argument names as ArcFace's, so ``recipes/nonlandmark_push.yaml`` applies to both.
-            Off by default, and not in ``contrastive.yaml``: at the demo's budget every setting tried
-            lowered recall at FPR 1e-3, from 0.431 to 0.175-0.357, with the photos held still too
-            (EXPERIMENTS.md, "The non-landmark push on contrastive and the center loss").
+            term pays for that one. The argument names are ArcFace's, so
+            ``recipes/nonlandmark_push.yaml`` applies to both. Off by default, and not in
+            ``contrastive.yaml``: at the demo's budget every setting tried lowered recall at FPR
+            1e-3, from 0.431 to 0.175-0.357, with the photos held still too (EXPERIMENTS.md, "The
+            non-landmark push on contrastive and the center loss").
         nonlandmark_push_weight: weight of that term.
     """
 

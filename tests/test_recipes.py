@@ -432,13 +432,13 @@ def test_mining_callback_sends_the_hand_computed_nearest_pool_images(tiny_world,
 
 def test_contrastive_memory_gives_nonlandmarks_labels_unique_across_batches():
     torch.manual_seed(0)
-    loss = ContrastiveLoss(3, 8, miner="none", neg_margin=1.5, memory_size=16)
+    loss = ContrastiveLoss(3, 8, pos_margin=0.0, miner="none", neg_margin=1.5, memory_size=16)
     labels = torch.tensor([0, 0, 1, NONLANDMARK, NONLANDMARK])
     assert loss.pair_labels(labels).tolist() == [0, 0, 1, 3, 4]
     first = F.normalize(torch.randn(5, 8), dim=1).requires_grad_()
     value = loss(first, labels)
     # First batch: the memory holds only this batch, so the loss is PML's over the batch's pairs.
-    plain = pml_losses.ContrastiveLoss(pos_margin=0.5, neg_margin=1.5)(first, torch.tensor([0, 0, 1, 3, 4]))
+    plain = pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.5)(first, torch.tensor([0, 0, 1, 3, 4]))
     assert torch.allclose(value, plain)
     value.backward()
     assert first.grad.abs().sum() > 0
@@ -447,7 +447,7 @@ def test_contrastive_memory_gives_nonlandmarks_labels_unique_across_batches():
     # Second batch: its anchors also meet the first batch's embeddings in the memory.
     second = F.normalize(torch.randn(5, 8), dim=1)
     with_memory = loss(second, labels)
-    alone = pml_losses.ContrastiveLoss(pos_margin=0.5, neg_margin=1.5)(second, torch.tensor([0, 0, 1, 5, 6]))
+    alone = pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.5)(second, torch.tensor([0, 0, 1, 5, 6]))
     assert loss.memory.queue_idx == 10 and not torch.allclose(with_memory, alone)
 
 
@@ -458,8 +458,9 @@ def test_multi_similarity_miner_without_memory_matches_pml():
     torch.manual_seed(1)
     embeddings = F.normalize(torch.randn(8, 4), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, NONLANDMARK, NONLANDMARK])
-    ours = ContrastiveLoss(3, 4, neg_margin=0.5, miner="multi_similarity", multi_similarity_epsilon=0.2)
+    ours = ContrastiveLoss(3, 4, pos_margin=0.0, neg_margin=0.5, miner="multi_similarity",
+                           multi_similarity_epsilon=0.2)
     pair_labels = ours.pair_labels(labels)
     pairs = MultiSimilarityMiner(epsilon=0.2, distance=LpDistance())(embeddings, pair_labels)
-    expected = pml_losses.ContrastiveLoss(pos_margin=0.5, neg_margin=0.5)(embeddings, pair_labels, pairs)
+    expected = pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5)(embeddings, pair_labels, pairs)
     assert torch.allclose(ours(embeddings, labels), expected)
