@@ -15,7 +15,7 @@ from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
 from core.labels import NONLANDMARK
-from losses.base import MetricLoss, check_max_cosine, is_landmark, nonlandmark_push
+from losses.base import MetricLoss, check_max_cosine, is_landmark, push_from_nearest
 
 
 class _MaskedCosine:
@@ -208,7 +208,7 @@ class ArcFaceLoss(MetricLoss):
     def nonlandmark_push(self, nonlandmark_embeddings: Tensor) -> Tensor:
         """``mean relu(max_c cos(x, w_c) - τ)²`` over non-landmark rows, active classes' weights only."""
         weights = self._class_view(self.arcface.W)[self.class_active].reshape(-1, self.embedding_size)
-        return nonlandmark_push(nonlandmark_embeddings, weights, self.nonlandmark_max_cosine)
+        return push_from_nearest(nonlandmark_embeddings, weights, self.nonlandmark_max_cosine)
 
     def _class_view(self, weight: Tensor) -> Tensor:
         """``[num_classes, k, d]`` view of W's landmark columns (non-landmark class dropped)."""

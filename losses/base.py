@@ -9,6 +9,7 @@ positional parameters first, followed by keyword parameters with defaults and ty
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from core.labels import NONLANDMARK
@@ -139,7 +140,7 @@ def check_max_cosine(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must lie in [-1, 1], got {value}")
 
 
-def nonlandmark_push(nonlandmarks: Tensor, references: Tensor, max_cosine: float) -> Tensor:
+def push_from_nearest(nonlandmarks: Tensor, references: Tensor, max_cosine: float) -> Tensor:
     """``mean relu(max_j cos(x, r_j) - τ)²`` over the rows ``x`` of ``nonlandmarks``.
 
     Each non-landmark pays for how far its nearest reference -- a class weight, a landmark photo --
@@ -147,5 +148,5 @@ def nonlandmark_push(nonlandmarks: Tensor, references: Tensor, max_cosine: float
     distractor is accepted through its single best match. Gradients reach both sides. Neither input
     needs unit norm.
     """
-    cosine = torch.nn.functional.normalize(nonlandmarks, dim=1) @ torch.nn.functional.normalize(references, dim=1).t()
-    return torch.nn.functional.relu(cosine.max(dim=1).values - max_cosine).pow(2).mean()
+    cosine = F.normalize(nonlandmarks, dim=1) @ F.normalize(references, dim=1).t()
+    return F.relu(cosine.max(dim=1).values - max_cosine).pow(2).mean()

@@ -8,7 +8,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import LpDistance
 from torch import Tensor
 
-from losses.base import MetricLoss, check_max_cosine, is_landmark, nonlandmark_push
+from losses.base import MetricLoss, check_max_cosine, is_landmark, push_from_nearest
 
 
 class ContrastiveLoss(MetricLoss):
@@ -58,7 +58,7 @@ class ContrastiveLoss(MetricLoss):
             a resumed fit refills it within ``memory_size / batch`` steps.
         nonlandmark_max_cosine: when set, non-landmark images also pay
             ``nonlandmark_push_weight · mean relu(max_j cos(x, y_j) - τ)²`` with ``τ`` this value,
-            over the batch's landmark photos ``y_j`` (:func:`losses.base.nonlandmark_push`, ArcFace's
+            over the batch's landmark photos ``y_j`` (:func:`losses.base.push_from_nearest`, ArcFace's
             push with photos in place of class weights, which contrastive has none of). The pairs
             above already push every non-landmark below ``neg_margin`` from every photo, averaged
             over all of them; a distractor is accepted through its single nearest photo, and this
@@ -124,7 +124,7 @@ class ContrastiveLoss(MetricLoss):
         landmark = is_landmark(labels)
         loss = self._pair_loss(embeddings, labels)
         if self.nonlandmark_max_cosine is not None and landmark.any() and not landmark.all():
-            push = nonlandmark_push(embeddings[~landmark], embeddings[landmark], self.nonlandmark_max_cosine)
+            push = push_from_nearest(embeddings[~landmark], embeddings[landmark], self.nonlandmark_max_cosine)
             loss = loss + self.nonlandmark_push_weight * push
         return loss
 
