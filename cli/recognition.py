@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -222,6 +223,19 @@ def run_index_command(args: argparse.Namespace) -> int:
               f"{'' if cal.resolved else '  [UNRESOLVED]'}")
         for line in cal.new_photo_lines():
             print(f"            {line}")
+        hardest = build.get("hardest_calibration_photos") or []
+        # The accepted photos and the first one rejected: the threshold lies between the last two.
+        shown = hardest[:max(3, sum(h["accepted"] for h in hardest) + 1)]
+        if shown:
+            print(f"hardest:    the {len(shown)} highest-scoring calibration photos "
+                  f"(index.json lists {len(hardest)}: build.hardest_calibration_photos)")
+            names = {lm["landmark_id"]: lm.get("name") for lm in index.landmarks}
+            for h in shown:
+                photo = os.path.relpath(h["photo"])
+                photo = h["photo"] if photo.startswith("..") else photo
+                name = names.get(h["landmark_id"])
+                matched = "no landmark" if h["landmark_id"] is None else h["landmark_id"] + (f" ({name})" if name else "")
+                print(f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  {photo}  -> {matched}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

@@ -42,6 +42,7 @@ none of the calibration photos and the record says it is unresolved.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,8 +59,9 @@ from retrieval.decision import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_RULES", "Calibration", "CalibrationError", "calibrate_threshold", "calibration_photos_needed",
-           "check_calibration_rule", "new_photo_fpr", "new_photo_fpr_above"]
+__all__ = ["CALIBRATION_RULES", "HARDEST_CALIBRATION_PHOTOS", "Calibration", "CalibrationError", "calibrate_threshold",
+           "calibration_photos_needed", "check_calibration_rule", "hardest_calibration_photos", "new_photo_fpr",
+           "new_photo_fpr_above"]
 
 #: How a target FPR is read (module docstring): on the calibration photos, or on new photos in expectation.
 CALIBRATION_RULES = ("empirical", "conformal")
@@ -206,6 +208,32 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
         log.warning("!" * 72)
     n_fp = int(accepts(s, threshold).sum())
     return Calibration(threshold, target_fpr, n_fp / n, n, n_fp, resolved, rule)
+
+
+#: How many of the highest-scoring calibration photos an index records (``index.json``, ``build``).
+HARDEST_CALIBRATION_PHOTOS = 8
+
+
+def hardest_calibration_photos(scores, landmark_rows, paths, landmark_ids, threshold: float,
+                               count: int = HARDEST_CALIBRATION_PHOTOS) -> list[dict]:
+    """The ``count`` calibration photos with the highest top-1 scores, highest first: the few that
+    decide a threshold at a low FPR (at 1e-3 of 3,500 photos, the 4th highest sets it), as the
+    evaluation lists its hardest distractors (:func:`retrieval.metrics.hardest_distractors`, the
+    same order and tie rule). Each entry: ``rank`` (from 1), ``score``, ``photo`` (its absolute
+    path), the ``landmark_id`` it matched (``landmark_rows`` index ``landmark_ids``; -1: none) and
+    whether ``threshold`` ``accepted`` it."""
+    from retrieval.metrics import hardest_distractors
+
+    s = np.asarray(scores, dtype=np.float32).ravel()
+    rows = np.asarray(landmark_rows).ravel()
+    if not len(s) == len(rows) == len(paths):
+        raise ValueError(f"{len(s)} scores, {len(rows)} landmark rows and {len(paths)} paths: one of each per photo")
+    return [
+        {"rank": rank, "score": float(s[i]), "photo": os.path.abspath(paths[i]),
+         "landmark_id": None if rows[i] < 0 else str(landmark_ids[rows[i]]),
+         "accepted": bool(accepts(s[i:i + 1], threshold)[0])}
+        for rank, i in enumerate(hardest_distractors(s, count), 1)
+    ]
 
 
 def _check_counts(n_calibration: int, n_admitted: int) -> None:

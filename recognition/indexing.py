@@ -209,7 +209,7 @@ def build_landmark_index(
 
     from datamodules.manifest import load_manifest
     from recognition.artifact import LandmarkIndex, PenaltyParams
-    from recognition.calibration import Calibration, CalibrationError, calibrate_threshold
+    from recognition.calibration import Calibration, CalibrationError, calibrate_threshold, hardest_calibration_photos
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
     from retrieval.embedding_model import load_embedding_model, scale_factors
@@ -323,9 +323,10 @@ def build_landmark_index(
         if index.local_features is not None:
             # The threshold must be set on the scores the recogniser will compare with it.
             candidates, rows = index.search(nl_emb, index.local_features.params.candidates)
-            scores = index.local_features.verified_top1(nl_paths, candidates, rows, progress=progress, net=model.net)
+            scores, matched = index.local_features.verified_top1(nl_paths, candidates, rows, progress=progress,
+                                                                 net=model.net)
         else:
-            scores, _ = index.top1(nl_emb)
+            scores, matched = index.top1(nl_emb)
         try:
             index.calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved_fpr,
                                                     rule=calibration_rule)
@@ -340,6 +341,10 @@ def build_landmark_index(
                                f"{calibration_set.source} (plain cosines, before verification and the non-landmark "
                                "penalty)")
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
+        # The photos that set the threshold, on the scores it was set on: where to look before
+        # tuning for the low-FPR end (`landmarks index` prints the first of them).
+        index.build["hardest_calibration_photos"] = hardest_calibration_photos(
+            scores, matched, nl_paths, index.landmark_ids, index.calibration.threshold)
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)
     return index, index.save(out)

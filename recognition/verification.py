@@ -351,20 +351,24 @@ class LocalFeatures:
         return np.asarray(scores, dtype=np.float32) + inlier_bonus(self.candidate_inliers(query, rows), self.params)
 
     def verified_top1(self, paths: Sequence[str], scores: np.ndarray, rows: np.ndarray,
-                      progress: bool = False, net=None) -> np.ndarray:
-        """The decision score of each photo after verification (its best rescored candidate), as
-        the recogniser computes it; used to calibrate the threshold. An unreadable photo keeps its
-        global score. ``net``: the index's network (CNN features)."""
+                      progress: bool = False, net=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(score float32 [n], landmark row int64 [n])``: each photo's decision score after
+        verification (its best rescored candidate), as the recogniser computes it, and that
+        candidate's landmark; used to calibrate the threshold. An unreadable photo keeps its global
+        score. ``net``: the index's network (CNN features)."""
         extractor = make_extractor(self.params, net)
         out = np.empty(len(paths), dtype=np.float32)
+        best = np.empty(len(paths), dtype=np.int64)
         iterator = range(len(paths))
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc="verify calibration", unit="img")
         for i in iterator:
-            out[i] = self.rescore(query_features(paths[i], self.params, extractor), scores[i], rows[i]).max()
-        return out
+            rescored = self.rescore(query_features(paths[i], self.params, extractor), scores[i], rows[i])
+            j = int(np.argmax(rescored))
+            out[i], best[i] = rescored[j], rows[i][j]
+        return out, best
 
     # ---- persistence ---------------------------------------------------------------------------
 

@@ -113,3 +113,21 @@ def test_the_sheet_says_at_which_fprs_each_distractor_is_accepted():
                           "#3  cos 0.700\nnot accepted at\nany FPR shown"]
     assert titles[3:] == ["landmark arch", "landmark bridge", "landmark castle"]
     assert plot_hardest_distractors([], {}).axes[0].texts[0].get_text() == "no distractors"
+
+
+def test_an_index_records_its_hardest_calibration_photos_by_hand():
+    """`landmarks index`'s list (recognition.calibration): the same order and tie rule as the
+    evaluation's, each photo with the landmark it matched and whether the threshold accepts it."""
+    from recognition.calibration import hardest_calibration_photos
+
+    scores = [0.5, 0.9, -np.inf, 0.7, 0.9]
+    rows = [1, 0, -1, 2, 1]
+    paths = ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg", "/p/d.jpg", "/p/e.jpg"]
+    listed = hardest_calibration_photos(scores, rows, paths, ["L0", "L1", "L2"], threshold=0.8, count=4)
+    assert [(h["rank"], h["photo"], h["landmark_id"], h["accepted"]) for h in listed] == [
+        (1, "/p/b.jpg", "L0", True), (2, "/p/e.jpg", "L1", True), (3, "/p/d.jpg", "L2", False), (4, "/p/a.jpg", "L1", False)]
+    assert [h["score"] for h in listed] == pytest.approx([0.9, 0.9, 0.7, 0.5])
+    # The rule is score >= threshold: a photo exactly at it is accepted.
+    assert [h["accepted"] for h in hardest_calibration_photos([0.75, 0.5], [0, 0], ["x", "y"], ["L0"], 0.75)] == [True, False]
+    with pytest.raises(ValueError, match="one of each per photo"):
+        hardest_calibration_photos(scores, rows[:4], paths, ["L0", "L1", "L2"], threshold=0.8)

@@ -98,9 +98,25 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
                 "--target-fpr", "0.05", "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0", *extra,
             ]) == 0
 
-    index("index")
+    index("index", "--landmarks", str(tiny_world / "landmarks.csv"))  # the names, for the printed list
     cal = LandmarkIndex.load(tmp_path / "index").calibration
     assert cal.threshold > 0.99  # 2 of the 3 copies pass (float rounding: not exact ties)
+    # The index records the photos that set its threshold: the 3 copies first, each matched to its
+    # own landmark, 2 of them accepted; then the world's own non-landmarks, lower and rejected.
+    hardest = LandmarkIndex.load(tmp_path / "index").build["hardest_calibration_photos"]
+    landmark_of = {str(tiny_world / p): lid for p, lid in zip(db["path"], db["landmark_id"])}
+    assert [h["rank"] for h in hardest] == list(range(1, 9))
+    assert sorted(h["photo"] for h in hardest[:3]) == sorted(rows[37:])
+    assert all(h["landmark_id"] == landmark_of[h["photo"]] and h["score"] > 0.99 for h in hardest[:3])
+    assert [h["accepted"] for h in hardest] == [True, True] + [False] * 6
+    assert all(h["score"] < cal.threshold and h["photo"] in rows[:37] for h in hardest[3:])
+    assert [h["score"] for h in hardest] == sorted((h["score"] for h in hardest), reverse=True)
+    printed = capsys.readouterr().out
+    assert "hardest:    the 3 highest-scoring calibration photos (index.json lists 8: build.hardest_calibration_photos)" in printed
+    names = pd.read_csv(tiny_world / "landmarks.csv", dtype=str).set_index("landmark_id")["name"]
+    for h in hardest[:3]:  # the path as given (outside the working folder), the landmark with its name
+        assert (f"  {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  {h['photo']}  -> "
+                f"{h['landmark_id']} ({names[h['landmark_id']]})") in printed
     [warning] = [r.getMessage() for r in caplog.records if "near-duplicate" in r.getMessage()]
     assert warning == (f"{tmp_path / 'with_db_photos.csv'}: 3 of 40 calibration photos (7.50%) match an index vector "
                        "at cosine >= 0.99, so the threshold at FPR 5e-02 lies among near-duplicate scores: the "

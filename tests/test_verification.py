@@ -202,12 +202,19 @@ def test_index_verify_calibrates_on_verified_scores_and_the_recognizer_applies_t
     global_recognizer = Recognizer(plain, threshold=0.0)
     emb = np.concatenate([global_recognizer.embed_tensors(global_recognizer._load(p)[0][None]) for p in paths])
     scores, cand = index.search(emb, index.local_features.params.candidates)
-    verified = index.local_features.verified_top1(paths, scores, cand)
+    verified, matched = index.local_features.verified_top1(paths, scores, cand)
     # Up to float noise: the index embedded the photos in one batch, this test one at a time, and
     # the threshold is the next float above a calibration score (a 1-ulp difference moves it).
     assert index.calibration.threshold == pytest.approx(calibrate_threshold(verified, 0.1).threshold, abs=1e-6)
     # Other scenes reach a few chance inliers, below min_inliers (25): they gain nothing.
-    assert np.array_equal(verified, scores.max(axis=1))
+    assert np.array_equal(verified, scores.max(axis=1)) and np.array_equal(matched, cand[:, 0])
+    # The hardest calibration photos the index records carry those verified scores and landmarks.
+    hardest = index.build["hardest_calibration_photos"]
+    assert len(hardest) == 8 and sum(h["accepted"] for h in hardest) == index.calibration.n_false_positives
+    for h in hardest:
+        i = paths.index(h["photo"])
+        assert h["score"] == pytest.approx(float(verified[i]), abs=1e-5)
+        assert h["landmark_id"] == index.landmark_ids[matched[i]]
 
     # Each query's decision score is its global score plus the capped inlier bonus of its landmark.
     recognizer = Recognizer(out)
@@ -322,7 +329,7 @@ def test_index_verify_with_cnn_features_round_trip_and_recognizer(photos, tmp_pa
     global_recognizer = Recognizer(plain, threshold=0.0)
     emb = np.concatenate([global_recognizer.embed_tensors(global_recognizer._load(p)[0][None]) for p in paths])
     scores, cand = index.search(emb, lf.params.candidates)
-    verified = lf.verified_top1(paths, scores, cand, net=global_recognizer.net)
+    verified, _ = lf.verified_top1(paths, scores, cand, net=global_recognizer.net)
     assert index.calibration.threshold == pytest.approx(calibrate_threshold(verified, 0.1).threshold, abs=1e-6)
     assert np.array_equal(verified, scores.max(axis=1))  # other scenes stay under 20 inliers
     recognizer = Recognizer(out, threshold=-1.0)
