@@ -225,12 +225,19 @@ def run_index_command(args: argparse.Namespace) -> int:
             print(f"            {line}")
         hardest = build.get("hardest_calibration_photos") or []
         # The accepted photos and the first one rejected: the threshold lies between the last two.
-        shown = hardest[:max(3, sum(h["accepted"] for h in hardest) + 1)]
+        # Many accepted (a high target FPR): the first 5, then the last accepted and the first rejected.
+        accepted = sum(h["accepted"] for h in hardest)
+        shown = hardest[:max(3, accepted + 1)]
+        if len(shown) > 8:
+            shown = shown[:5] + [None] + shown[accepted - 1:accepted + 1]
         if shown:
-            print(f"hardest:    the {len(shown)} highest-scoring calibration photos "
+            print(f"hardest:    the highest-scoring calibration photos, {accepted} accepted "
                   f"(index.json lists {len(hardest)}: build.hardest_calibration_photos)")
             names = {lm["landmark_id"]: lm.get("name") for lm in index.landmarks}
             for h in shown:
+                if h is None:
+                    print(f"            ... {accepted - 6} more accepted")
+                    continue
                 photo = os.path.relpath(h["photo"])
                 photo = h["photo"] if photo.startswith("..") else photo
                 name = names.get(h["landmark_id"])

@@ -3,7 +3,8 @@
 Layout of an index directory (format version :data:`FORMAT_VERSION`)::
 
     index.json            header: format + version, model identity and how to reload the model,
-                          calibrated threshold, build parameters, counts, file list
+                          calibrated threshold, build parameters (with the absolute paths of the
+                          manifest, the calibration set and its hardest photos), counts, file list
     vectors.faiss         the FAISS index over the vectors (faiss.write_index)
     vectors.npy           float32 [m, d] the indexed vectors themselves (exact; allow_pickle=False),
                           so an approximate index can be rebuilt and a round trip checked

@@ -216,20 +216,22 @@ HARDEST_CALIBRATION_PHOTOS = 8
 
 def hardest_calibration_photos(scores, landmark_rows, paths, landmark_ids, threshold: float,
                                count: int = HARDEST_CALIBRATION_PHOTOS) -> list[dict]:
-    """The ``count`` calibration photos with the highest top-1 scores, highest first: the few that
-    decide a threshold at a low FPR (at 1e-3 of 3,500 photos, the 4th highest sets it), as the
-    evaluation lists its hardest distractors (:func:`retrieval.metrics.hardest_distractors`, the
-    same order and tie rule). Each entry: ``rank`` (from 1), ``score``, ``photo`` (its absolute
-    path), the ``landmark_id`` it matched (``landmark_rows`` index ``landmark_ids``; -1: none) and
-    whether ``threshold`` ``accepted`` it."""
+    """The calibration photos with the highest top-1 scores, highest first: the few that decide a
+    threshold at a low FPR (at 1e-3 of 3,500 photos, the 4th highest sets it), as the evaluation
+    lists its hardest distractors (:func:`retrieval.metrics.hardest_distractors`, the same order
+    and tie rule). ``count`` of them, or more where ``threshold`` accepts ``count`` or more: then
+    every accepted photo and the first one rejected. Each entry: ``rank`` (from 1), ``score``,
+    ``photo`` (its absolute path, symlinks resolved), the ``landmark_id`` it matched
+    (``landmark_rows`` index ``landmark_ids``; -1: none) and whether ``threshold`` ``accepted`` it."""
     from retrieval.metrics import hardest_distractors
 
     s = np.asarray(scores, dtype=np.float32).ravel()
     rows = np.asarray(landmark_rows).ravel()
     if not len(s) == len(rows) == len(paths):
         raise ValueError(f"{len(s)} scores, {len(rows)} landmark rows and {len(paths)} paths: one of each per photo")
+    count = max(count, int(accepts(s, threshold).sum()) + 1)
     return [
-        {"rank": rank, "score": float(s[i]), "photo": os.path.abspath(paths[i]),
+        {"rank": rank, "score": float(s[i]), "photo": os.path.realpath(paths[i]),
          "landmark_id": None if rows[i] < 0 else str(landmark_ids[rows[i]]),
          "accepted": bool(accepts(s[i:i + 1], threshold)[0])}
         for rank, i in enumerate(hardest_distractors(s, count), 1)

@@ -120,14 +120,20 @@ def test_an_index_records_its_hardest_calibration_photos_by_hand():
     evaluation's, each photo with the landmark it matched and whether the threshold accepts it."""
     from recognition.calibration import hardest_calibration_photos
 
-    scores = [0.5, 0.9, -np.inf, 0.7, 0.9]
-    rows = [1, 0, -1, 2, 1]
-    paths = ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg", "/p/d.jpg", "/p/e.jpg"]
-    listed = hardest_calibration_photos(scores, rows, paths, ["L0", "L1", "L2"], threshold=0.8, count=4)
+    scores = [0.5, 0.9, -np.inf, 0.7, 0.9, 0.2]
+    rows = np.array([1, 0, -1, 2, 1, -1])  # the last: a score but no landmark row
+    paths = ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg", "/p/d.jpg", "/p/e.jpg", "/p/f.jpg"]
+    listed = hardest_calibration_photos(scores, rows, paths, ["L0", "L1", "L2"], threshold=0.8, count=6)
+    # Ties keep the lower row first; the -inf photo (no prediction) is never listed.
     assert [(h["rank"], h["photo"], h["landmark_id"], h["accepted"]) for h in listed] == [
-        (1, "/p/b.jpg", "L0", True), (2, "/p/e.jpg", "L1", True), (3, "/p/d.jpg", "L2", False), (4, "/p/a.jpg", "L1", False)]
-    assert [h["score"] for h in listed] == pytest.approx([0.9, 0.9, 0.7, 0.5])
+        (1, "/p/b.jpg", "L0", True), (2, "/p/e.jpg", "L1", True), (3, "/p/d.jpg", "L2", False),
+        (4, "/p/a.jpg", "L1", False), (5, "/p/f.jpg", None, False)]
+    assert [h["score"] for h in listed] == pytest.approx([0.9, 0.9, 0.7, 0.5, 0.2])
     # The rule is score >= threshold: a photo exactly at it is accepted.
     assert [h["accepted"] for h in hardest_calibration_photos([0.75, 0.5], [0, 0], ["x", "y"], ["L0"], 0.75)] == [True, False]
+    # More accepted photos than `count`: the list grows to the first one rejected, which sets the threshold.
+    many = hardest_calibration_photos(np.linspace(1.0, 0.1, 10), np.zeros(10, int), [f"/p/{i}" for i in range(10)],
+                                      ["L0"], threshold=0.25, count=3)
+    assert [h["accepted"] for h in many] == [True] * 8 + [False]
     with pytest.raises(ValueError, match="one of each per photo"):
         hardest_calibration_photos(scores, rows[:4], paths, ["L0", "L1", "L2"], threshold=0.8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -79,6 +80,30 @@ def test_index_calibrates_by_the_conformal_rule_when_asked(built_index, tiny_wor
     assert "calibration photos: at most" not in printed
 
 
+def test_index_lists_every_accepted_calibration_photo_and_prints_the_first_and_the_last(built_index, tiny_world, capsys):
+    """At FPR 0.25 of 40 photos, 10 pass: index.json lists all 10 and the first rejected (more than
+    the usual 8); the command prints the first 5, the count left out, then the last accepted and the
+    first rejected, between which the threshold lies. Same embeddings (the cache)."""
+    out = built_index.parent / "fpr25"
+    capsys.readouterr()
+    assert main([
+        "index", "--manifest", str(tiny_world / "db.csv"), "--out", str(out), "--backbone", "mobilenetv2_100",
+        "--image-size", "64", "--nonlandmarks", str(tiny_world / "nonlandmarks.csv"), "--target-fpr", "0.25",
+        "--cache-dir", str(built_index.parent / "cache"), "--num-workers", "0",
+    ]) == 0
+    index = LandmarkIndex.load(out)
+    hardest = index.build["hardest_calibration_photos"]
+    assert index.calibration.n_false_positives == 10
+    assert [h["accepted"] for h in hardest] == [True] * 10 + [False]
+    assert hardest[9]["score"] >= index.calibration.threshold > hardest[10]["score"]
+    lines = capsys.readouterr().out.split("hardest:")[1].splitlines()
+    assert lines[0] == "    the highest-scoring calibration photos, 10 accepted (index.json lists 11: build.hardest_calibration_photos)"
+    assert [line.split()[1] for line in lines[1:6]] == ["accepted"] * 5
+    assert lines[6] == "            ... 4 more accepted"
+    assert [line.split()[:2] for line in lines[7:9]] == [[f"{hardest[9]['score']:.4f}", "accepted"],
+                                                        [f"{hardest[10]['score']:.4f}", "rejected"]]
+
+
 def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_index, tiny_world, tmp_path, capsys, caplog):
     """The evaluation's collapse guard at `landmarks index`: 3 of 40 calibration "non-landmarks" are
     DB photos, kept as index vectors (6 photos a landmark: every photo), so they score 1.0. FPR 0.05
@@ -112,11 +137,15 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
     assert all(h["score"] < cal.threshold and h["photo"] in rows[:37] for h in hardest[3:])
     assert [h["score"] for h in hardest] == sorted((h["score"] for h in hardest), reverse=True)
     printed = capsys.readouterr().out
-    assert "hardest:    the 3 highest-scoring calibration photos (index.json lists 8: build.hardest_calibration_photos)" in printed
+    assert ("hardest:    the highest-scoring calibration photos, 2 accepted (index.json lists 8: "
+            "build.hardest_calibration_photos)") in printed
     names = pd.read_csv(tiny_world / "landmarks.csv", dtype=str).set_index("landmark_id")["name"]
-    for h in hardest[:3]:  # the path as given (outside the working folder), the landmark with its name
-        assert (f"  {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  {h['photo']}  -> "
-                f"{h['landmark_id']} ({names[h['landmark_id']]})") in printed
+    lines = printed.split("hardest:")[1].splitlines()[1:4]
+    for h, line in zip(hardest[:3], lines):  # the accepted 2, the first rejected; each landmark with its name
+        shown = os.path.relpath(h["photo"])  # relative inside the working folder, else absolute
+        shown = h["photo"] if shown.startswith("..") else shown
+        assert line == (f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  {shown}  -> "
+                        f"{h['landmark_id']} ({names[h['landmark_id']]})")
     [warning] = [r.getMessage() for r in caplog.records if "near-duplicate" in r.getMessage()]
     assert warning == (f"{tmp_path / 'with_db_photos.csv'}: 3 of 40 calibration photos (7.50%) match an index vector "
                        "at cosine >= 0.99, so the threshold at FPR 5e-02 lies among near-duplicate scores: the "

@@ -124,6 +124,21 @@ def test_choose_photos_takes_the_nearest_to_each_vector_then_the_next_nearest():
     assert choose_photos(emb, landmark, vectors, vector_landmark, 3).tolist() == [0, 2, 1, 5, 4]
 
 
+def test_verified_top1_names_the_candidate_that_wins_after_verification(photos):
+    """The calibration's (score, landmark) per photo: the best *rescored* candidate. The scene's
+    global top-1 is row 1, but it matches row 0's view with > 50 inliers (the cap: +0.1), so row 0
+    wins with 0.45 + 0.1."""
+    p = VerificationParams(candidates=2, weight=0.002, inlier_cap=50, min_inliers=8)
+    features = LocalFeatures.extract([photos["view"][0], photos["view"][1]], np.array([0, 1]), p)
+    query = extract(photos["scene"][0], p)
+    other = count_inliers(query, features.photo(1), p)
+    bonus_of_row_1 = 0.002 * min(other, 50) if other >= 8 else 0.0
+    assert 0.5 + bonus_of_row_1 < 0.55  # a few chance inliers with the other scene, as above
+    scores, rows = np.array([[0.5, 0.45, 0.4]], np.float32), np.array([[1, 0, 2]])
+    verified, matched = features.verified_top1([photos["scene"][0]], scores, rows)
+    assert matched.tolist() == [0] and verified[0] == pytest.approx(0.55, abs=1e-6)
+
+
 def _index_with_features(photos, p: VerificationParams | None = None):
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(4, 8)).astype(np.float32)
