@@ -223,18 +223,18 @@ def hardest_calibration_photos(scores, landmark_rows, paths, landmark_ids, thres
     every accepted photo and the first one rejected. Each entry: ``rank`` (from 1), ``score``,
     ``photo`` (its absolute path, symlinks resolved), the ``landmark_id`` it matched
     (``landmark_rows`` index ``landmark_ids``; -1: none) and whether ``threshold`` ``accepted`` it."""
+    # Imported here, not above: retrieval.metrics loads FAISS, which the CLI's argument parser need not.
     from retrieval.metrics import hardest_distractors
 
     s = np.asarray(scores, dtype=np.float32).ravel()
     rows = np.asarray(landmark_rows).ravel()
     if not len(s) == len(rows) == len(paths):
         raise ValueError(f"{len(s)} scores, {len(rows)} landmark rows and {len(paths)} paths: one of each per photo")
-    count = max(count, int(accepts(s, threshold).sum()) + 1)
+    accepted = accepts(s, threshold)
     return [
         {"rank": rank, "score": float(s[i]), "photo": os.path.realpath(paths[i]),
-         "landmark_id": None if rows[i] < 0 else str(landmark_ids[rows[i]]),
-         "accepted": bool(accepts(s[i:i + 1], threshold)[0])}
-        for rank, i in enumerate(hardest_distractors(s, count), 1)
+         "landmark_id": None if rows[i] < 0 else str(landmark_ids[rows[i]]), "accepted": bool(accepted[i])}
+        for rank, i in enumerate(hardest_distractors(s, max(count, int(accepted.sum()) + 1)), 1)
     ]
 
 
