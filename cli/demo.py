@@ -87,7 +87,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", action="append", default=None,
         help="LightningCLI config file(s) of the fit; default experiments/demo.yaml + experiments/arcface.yaml + "
-        "experiments/recipes/{lr_warmup,nonlandmark_push,hard_nonlandmarks,mild_augmentation}.yaml (measured best). Repeat to compose, "
+        "experiments/recipes/{lr_warmup,nonlandmark_push,hard_nonlandmarks,mild_augmentation,longer_fit}.yaml + "
+        "experiments/bf16_inference.yaml (measured best). Repeat to compose, "
         "e.g. --config experiments/demo.yaml --config experiments/center.yaml",
     )
     parser.add_argument("--out", default=None, help="folder of the chain's stages (default runs/demo/chain-seed<N>)")

@@ -19,14 +19,25 @@ from losses.base import MetricLoss, check_max_cosine, is_landmark, push_from_nea
 
 
 class _MaskedCosine:
-    """Mixin for PML's ArcFace losses: curriculum-inactive classes' cosines are masked out of the softmax."""
+    """Mixin for PML's ArcFace losses: curriculum-inactive classes' cosines are masked out of the softmax.
+
+    ``pooled_columns > 1``: the last that many columns of W are one class's centres (the
+    non-landmark class's, see ``ArcFaceLoss.nonlandmark_centers``), and its cosine is their max,
+    as sub-center ArcFace takes a class's cosine as the max over its sub-centres.
+    """
+
+    pooled_columns = 1
 
     def __init__(self, *args, mask_fn, **kwargs):
         super().__init__(*args, **kwargs)
         self._mask_fn = mask_fn
 
     def get_cosine(self, embeddings):
-        return self._mask_fn(super().get_cosine(embeddings))
+        cosine = super().get_cosine(embeddings)
+        pooled = self.pooled_columns
+        if pooled > 1:
+            cosine = torch.cat([cosine[:, :-pooled], cosine[:, -pooled:].amax(dim=1, keepdim=True)], dim=1)
+        return self._mask_fn(cosine)
 
 
 class _RowMargins:
@@ -75,8 +86,12 @@ class ArcFaceLoss(MetricLoss):
         sub_centers: Sub-centers per class; the class cosine is the max over its sub-centers.
             1 gives plain ArcFace.
         nonlandmarks: ``"class"``: non-landmark images form one extra class (index
-            ``num_classes``), so the classifier learns to reject them. ``"ignore"``: they are
-            dropped from the softmax.
+            ``num_classes``), a background class that is scored in the softmax but never indexed,
+            so the classifier learns to reject them. ``"ignore"``: they are dropped from the softmax.
+        nonlandmark_centers: with ``nonlandmarks="class"`` and ``sub_centers=1``: the background
+            class's weight columns (the last ones of W); its cosine is the max over them, so the
+            non-landmarks, unlike one landmark, need not gather at one point. ``None``: as many as
+            a landmark class has (``sub_centers``).
         margin_warmup_steps: the margin grows linearly from 0 to its full value over the first N
             training batches (``margin × min(1, t / N)`` at batch ``t``, counted from 0 by the
             persistent buffer ``step``, so a resumed fit continues the ramp). 0: full margin from
@@ -108,6 +123,7 @@ class ArcFaceLoss(MetricLoss):
         margin_power: float = 0.25,
         nonlandmark_max_cosine: float | None = None,
         nonlandmark_push_weight: float = 1.0,
+        nonlandmark_centers: int | None = None,
     ) -> None:
         super().__init__(num_classes, embedding_size)
         if margin_warmup_steps < 0:
@@ -130,13 +146,29 @@ class ArcFaceLoss(MetricLoss):
             raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
         if nonlandmarks not in ("ignore", "class"):
             raise ValueError(f"nonlandmarks must be 'ignore' or 'class', got {nonlandmarks!r}")
+        if nonlandmark_centers is not None and (nonlandmarks != "class" or nonlandmark_centers < 1):
+            raise ValueError(
+                f"nonlandmark_centers needs nonlandmarks='class' and a value >= 1, got {nonlandmark_centers}"
+            )
+        if nonlandmark_centers not in (None, sub_centers) and sub_centers != 1:
+            raise ValueError(f"nonlandmark_centers={nonlandmark_centers} needs sub_centers=1, got {sub_centers}")
         self.sub_centers = sub_centers
         self.nonlandmarks = nonlandmarks
         self.num_outputs = num_classes + (nonlandmarks == "class")
+        self.nonlandmark_centers = (nonlandmark_centers or sub_centers) if nonlandmarks == "class" else 0
         if sub_centers == 1:
+            pooled = max(1, self.nonlandmark_centers)
             self.arcface = _MaskedArcFace(
-                self.num_outputs, embedding_size, margin=margin, scale=scale, mask_fn=self._mask_inactive
+                num_classes + self.nonlandmark_centers,
+                embedding_size,
+                margin=margin,
+                scale=scale,
+                mask_fn=self._mask_inactive,
             )
+            # PML sizes W by num_classes when it is built, and the target mask by num_classes when
+            # called: W gets every column, the mask one per class once the background's are pooled.
+            self.arcface.pooled_columns = pooled
+            self.arcface.num_classes = self.num_outputs
         else:
             # SubCenterArcFaceLoss reads num_classes/embedding_size from kwargs only.
             self.arcface = _MaskedSubCenterArcFace(
@@ -211,8 +243,9 @@ class ArcFaceLoss(MetricLoss):
         return push_from_nearest(nonlandmark_embeddings, weights, self.nonlandmark_max_cosine)
 
     def _class_view(self, weight: Tensor) -> Tensor:
-        """``[num_classes, k, d]`` view of W's landmark columns (non-landmark class dropped)."""
-        return weight.t().view(self.num_outputs, self.sub_centers, self.embedding_size)[: self.num_classes]
+        """``[num_classes, k, d]`` view of W's landmark columns (the non-landmark class's dropped)."""
+        landmark_columns = weight.t()[: self.num_classes * self.sub_centers]
+        return landmark_columns.view(self.num_classes, self.sub_centers, self.embedding_size)
 
     def class_weight_matrix(self) -> Tensor:
         """``[num_classes, d]``, or ``[num_classes, k, d]`` with ``k = sub_centers > 1``."""

@@ -56,6 +56,8 @@ def _experiment_args():
              # Every recipe ingredient at once, on the loss it belongs to (mining from epoch 0 is
              # covered in tests/test_recipes.py; fast_dev_run is a single epoch).
              ["demo.yaml", "arcface.yaml", *(f"recipes/{r}.yaml" for r in ARCFACE_RECIPES), "bf16_inference.yaml"],
+             # sub-centres for the landmarks and extra background centres exclude each other
+             ["demo.yaml", "arcface.yaml", "recipes/background_class.yaml", "recipes/nonlandmark_push.yaml"],
              ["demo.yaml", "center.yaml", "recipes/param_groups.yaml", "recipes/lr_warmup.yaml",
               "recipes/hard_nonlandmarks.yaml", "recipes/l2sp.yaml"],
              ["demo.yaml", "contrastive.yaml", "recipes/xbm.yaml", "recipes/hard_nonlandmarks.yaml",

@@ -24,6 +24,7 @@ LOSSES: dict[str, Callable[[int, int], MetricLoss]] = {
     "arcface": ArcFaceLoss,
     "arcface_ignore": lambda c, d: ArcFaceLoss(c, d, nonlandmarks="ignore"),
     "subcenter_arcface": lambda c, d: ArcFaceLoss(c, d, sub_centers=3),
+    "arcface_background_centres": lambda c, d: ArcFaceLoss(c, d, nonlandmarks="class", nonlandmark_centers=3),
     "contrastive_all_pairs": ContrastiveLoss,  # the defaults: all pairs, margin 1.2
     "contrastive_pair_margin": lambda c, d: ContrastiveLoss(c, d, pos_margin=0.0, neg_margin=0.5, miner="pair_margin"),
     "contrastive_batch_hard": lambda c, d: ContrastiveLoss(c, d, miner="batch_hard"),
@@ -315,7 +316,9 @@ def all_class_rows(loss_fn: MetricLoss) -> torch.Tensor:
     return (loss_fn.arcface.W.t() if isinstance(loss_fn, ArcFaceLoss) else loss_fn.weight).detach().clone()
 
 
-@pytest.mark.parametrize("name", ["arcface", "arcface_ignore", "subcenter_arcface", "center"])
+@pytest.mark.parametrize(
+    "name", ["arcface", "arcface_ignore", "subcenter_arcface", "arcface_background_centres", "center"]
+)
 def test_imprint_sets_weights_of_given_classes(name):
     _, loss_fn = make(name)
     before = loss_fn.class_weight_matrix().clone()
@@ -336,6 +339,47 @@ def test_imprint_sets_weights_of_given_classes(name):
     if centers_before is not None:
         torch.testing.assert_close(loss_fn.centers[[3, 1]], F.normalize(vectors, dim=1))
         assert torch.equal(loss_fn.centers[[0, 2]], centers_before[[0, 2]])
+
+
+def test_background_class_with_several_centres_scores_its_nearest_centre_by_hand():
+    torch.manual_seed(0)
+    n, d, centres, scale, margin = 3, 8, 4, 30.0, 28.6
+    loss = ArcFaceLoss(n, d, margin=margin, scale=scale, nonlandmarks="class", nonlandmark_centers=centres)
+    w = loss.arcface.W.detach()
+    assert w.shape == (d, n + centres)  # the landmark classes' columns, then the background's
+    x = torch.randn(6, d)
+    labels = torch.tensor([0, NONLANDMARK, 2, NONLANDMARK, NONLANDMARK, 1])
+    cos = F.normalize(x, dim=1) @ F.normalize(w, dim=0)
+    nearest_centre = cos[:, n:].max(dim=1)
+    assert len(set(nearest_centre.indices.tolist())) > 1  # the case is not one centre doing all the work
+    cos = torch.cat([cos[:, :n], nearest_centre.values[:, None]], dim=1)
+    targets = torch.tensor([0, n, 2, n, n, 1])
+    m = math.radians(margin)
+    theta = torch.acos(cos.gather(1, targets[:, None]).clamp(-1, 1))
+    target = torch.where(theta <= math.pi - m, torch.cos(theta + m), torch.cos(theta) - m * math.sin(m))
+    logits = scale * cos.scatter(1, targets[:, None], target)
+    torch.testing.assert_close(loss(x, labels), F.cross_entropy(logits, targets), atol=1e-4, rtol=1e-5)
+    # The background's columns are no class weights: not indexed, imprinted or pushed from.
+    assert torch.equal(loss.class_weight_matrix(), w[:, :n].t())
+    push = ArcFaceLoss(n, d, nonlandmarks="class", nonlandmark_centers=centres, nonlandmark_max_cosine=0.0)
+    rows = torch.randn(5, d)
+    by_hand = (
+        F.relu((F.normalize(rows, dim=1) @ F.normalize(push.arcface.W[:, :n], dim=0)).max(dim=1).values).pow(2).mean()
+    )
+    torch.testing.assert_close(push.nonlandmark_push(rows), by_hand)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"nonlandmark_centers": 2},  # non-landmarks ignored: there is no background class
+        {"nonlandmarks": "class", "nonlandmark_centers": 0},
+        {"nonlandmarks": "class", "sub_centers": 3, "nonlandmark_centers": 2},
+    ],
+)
+def test_background_centres_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="nonlandmark_centers"):
+        ArcFaceLoss(3, 8, **{"nonlandmarks": "ignore", **kwargs})
 
 
 def test_imprint_per_subcenter_vectors_and_bad_arguments():
@@ -403,6 +447,7 @@ def test_jsonargparse_rejects_unknown_init_arg():
 
 # --- DDP -------------------------------------------------------------------------------------
 
+
 # Per step: (embeddings, labels, rows given to rank 0; rank 1 gets the rest). The second step is
 # split unevenly and leaves rank 0 with only non-landmarks, so it has no landmark rows to share.
 def ddp_steps() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -423,7 +468,6 @@ def _ddp_center_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
         torch.save(loss_fn.centers, os.path.join(out_dir, f"centers{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
 
 
 @pytest.mark.slow
