@@ -174,6 +174,42 @@ def _index_params(args) -> dict:
     return params
 
 
+def _shown(path) -> str:
+    """``path`` relative to the working folder when it lies inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+#: The sheet of the calibration photos that set an index's threshold, written into the index folder.
+HARDEST_SHEET = "hardest_calibration_photos.jpg"
+
+
+def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
+    """Draw the index's hardest calibration photos above their landmark's nearest DB photo into
+    ``out / HARDEST_SHEET`` (JPEG, the fit's sheet of hardest distractors in the index's terms)."""
+    from core.atomic import atomic_path
+    from datamodules.images import UnreadableImage, load_rgb
+    from retrieval.plots import plot_hardest_distractors
+
+    def thumbnail(path):
+        try:
+            return None if path is None else load_rgb(path, max_side=192)
+        except UnreadableImage:
+            return None
+
+    cal = index.calibration
+    pairs = [(thumbnail(h["photo"]), thumbnail(h.get("nearest_db_photo")), h["score"], h["landmark_id"] or "none")
+             for h in index.build["hardest_calibration_photos"]]
+    figure = plot_hardest_distractors(
+        pairs, {f"{cal.target_fpr:g}": cal.threshold}, rows=("calibration\nphoto", "nearest DB photo\nof its landmark"),
+        title=f"Calibration photos with the highest scores (they set the threshold {cal.threshold:.4f})",
+        score_name="score")
+    target = out / HARDEST_SHEET
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, dpi=100, pil_kwargs={"quality": 85})
+    return target
+
+
 def run_index_command(args: argparse.Namespace) -> int:
     from recognition.artifact import PenaltyParams
     from recognition.centroids import CentroidParams
@@ -238,11 +274,11 @@ def run_index_command(args: argparse.Namespace) -> int:
                 if h is None:
                     print(f"            ... {accepted - 6} more accepted")
                     continue
-                photo = os.path.relpath(h["photo"])
-                photo = h["photo"] if photo.startswith("..") else photo
                 name = names.get(h["landmark_id"])
                 matched = "no landmark" if h["landmark_id"] is None else h["landmark_id"] + (f" ({name})" if name else "")
-                print(f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  {photo}  -> {matched}")
+                print(f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  "
+                      f"{_shown(h['photo'])}  -> {matched}")
+            print(f"            each beside its landmark's nearest DB photo: {_shown(_write_hardest_sheet(index, out))}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

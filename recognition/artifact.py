@@ -4,7 +4,8 @@ Layout of an index directory (format version :data:`FORMAT_VERSION`)::
 
     index.json            header: format + version, model identity and how to reload the model,
                           calibrated threshold, build parameters (with the absolute paths of the
-                          manifest, the calibration set and its hardest photos), counts, file list
+                          manifest, the calibration set, its hardest photos and their landmarks' nearest DB
+                          photos), counts, file list
     vectors.faiss         the FAISS index over the vectors (faiss.write_index)
     vectors.npy           float32 [m, d] the indexed vectors themselves (exact; allow_pickle=False),
                           so an approximate index can be rebuilt and a round trip checked
@@ -16,6 +17,9 @@ Layout of an index directory (format version :data:`FORMAT_VERSION`)::
     penalty_pool.npy      only with ``--nonlandmark-pool``: float32 [p, d] unit embeddings of known
                           non-landmark photos; every score is lowered by ``weight`` × the query's
                           mean cosine to its ``k`` nearest of them (``index.json``: ``nonlandmark_penalty``)
+    hardest_calibration_photos.jpg  written by ``landmarks index`` beside the artifact, not read
+                          back: the calibration photos listed in ``index.json``, each above its
+                          landmark's nearest DB photo
     whitening_mean.npy,   only with ``--whiten``: float32 [d] and [d, d], the PCA-whitening applied to
     whitening_projection.npy  every embedding before it meets the index (``index.json``: ``descriptors``,
                           with the DBA and query-expansion settings; :mod:`recognition.descriptors`)

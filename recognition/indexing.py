@@ -149,6 +149,23 @@ def _warn_if_saturated(scores, calibration, source: str) -> None:
         log.warning("%s: %s", source, warning)
 
 
+def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_vectors: np.ndarray, db_paths, db_vectors: np.ndarray,
+                            db_ids) -> list[dict]:
+    """``hardest`` (:func:`recognition.calibration.hardest_calibration_photos`), each entry with
+    ``nearest_db_photo``: the absolute path of the DB photo of the landmark it matched that lies
+    nearest to it in the index's space (``None`` where it matched none). The matched vector may be
+    a centroid; this is the photo a person compares it with (``landmarks index``'s sheet)."""
+    row_of = {os.path.realpath(p): i for i, p in enumerate(photo_paths)}
+    db_ids = np.asarray([str(i) for i in db_ids])
+    for entry in hardest:
+        entry["nearest_db_photo"] = None
+        if entry["landmark_id"] is not None:
+            members = np.flatnonzero(db_ids == entry["landmark_id"])
+            nearest = members[int(np.argmax(db_vectors[members] @ photo_vectors[row_of[entry["photo"]]]))]
+            entry["nearest_db_photo"] = os.path.realpath(db_paths[nearest])
+    return hardest
+
+
 def build_landmark_index(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -343,8 +360,10 @@ def build_landmark_index(
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
         # The photos that set the threshold, on the scores it was set on: where to look before
         # tuning for the low-FPR end (`landmarks index` prints the first of them).
-        index.build["hardest_calibration_photos"] = hardest_calibration_photos(
-            scores, matched, nl_paths, index.landmark_ids, index.calibration.threshold)
+        hardest = hardest_calibration_photos(scores, matched, nl_paths, index.landmark_ids, index.calibration.threshold)
+        db_paths = [p for p, ok in zip(data.paths, valid) if ok]
+        index.build["hardest_calibration_photos"] = _with_nearest_db_photos(
+            hardest, nl_paths, index.whiten(nl_emb), db_paths, index.whiten(emb[valid]), ids)
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)
     return index, index.save(out)

@@ -103,13 +103,21 @@ def plot_score_histograms(result: RecognitionResult, bins: int = 100) -> Figure:
     return fig
 
 
-def plot_hardest_distractors(pairs, thresholds: dict[str, float]) -> Figure:
+def plot_hardest_distractors(
+    pairs,
+    thresholds: dict[str, float],
+    rows: tuple[str, str] = ("distractor", "its top-1\ngallery photo"),
+    title: str = "Distractors with the highest top-1 scores (they set the low-FPR thresholds)",
+    score_name: str = "cos",
+) -> Figure:
     """The distractors that decide the thresholds, each above the gallery photo it matched.
 
     ``pairs``: ``(distractor_image, matched_image, score, matched_label)`` per distractor, hardest
-    first; images are ``[H, W, 3]`` uint8 arrays, or ``None`` when unreadable (drawn as a blank
-    tile). ``thresholds``: ``{"1e-03": t, ...}``; a distractor's title lists the FPRs whose
-    threshold it reaches, i.e. the operating points it counts as a false positive at.
+    first; images are ``[H, W, 3]`` uint8 arrays, or ``None`` when unreadable or absent (drawn as a
+    blank tile). ``thresholds``: ``{"1e-03": t, ...}``; a distractor's title lists the FPRs whose
+    threshold it reaches, i.e. the operating points it counts as a false positive at. ``rows``:
+    the two rows' names; ``title``: the sheet's; ``score_name``: what a score is called (``landmarks
+    index`` shows its calibration photos, whose scores are cosines only without penalty or verification).
     """
     n = max(1, len(pairs))
     fig = _figure(figsize=(max(4.0, 1.45 * n), 3.9))
@@ -127,9 +135,9 @@ def plot_hardest_distractors(pairs, thresholds: dict[str, float]) -> Figure:
             ax.set_xticks([])
             ax.set_yticks([])
         accepted = f"accepted at FPR\n{', '.join(reached)}" if reached else "not accepted at\nany FPR shown"
-        top.set_title(f"#{column + 1}  cos {score:.3f}\n{accepted}", fontsize=7)
+        top.set_title(f"#{column + 1}  {score_name} {score:.3f}\n{accepted}", fontsize=7)
         bottom.set_title(f"landmark {label}", fontsize=7)
-    axes[0, 0].set_ylabel("distractor", fontsize=8)
-    axes[1, 0].set_ylabel("its top-1\ngallery photo", fontsize=8)
-    fig.suptitle("Distractors with the highest top-1 scores (they set the low-FPR thresholds)", fontsize=9)
+    axes[0, 0].set_ylabel(rows[0], fontsize=8)
+    axes[1, 0].set_ylabel(rows[1], fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return fig

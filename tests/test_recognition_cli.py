@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from ddp_runs import run_ranks
+from PIL import Image
 
 from cli.main import main
 from recognition.artifact import LandmarkIndex, ModelMismatchError
@@ -136,7 +137,17 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
     assert [h["accepted"] for h in hardest] == [True, True] + [False] * 6
     assert all(h["score"] < cal.threshold and h["photo"] in rows[:37] for h in hardest[3:])
     assert [h["score"] for h in hardest] == sorted((h["score"] for h in hardest), reverse=True)
+    # Beside each, the DB photo of the landmark it matched nearest to it: for the copies, the photo itself.
+    assert [h["nearest_db_photo"] for h in hardest[:3]] == [h["photo"] for h in hardest[:3]]
+    db_photo_landmark = {os.path.realpath(p): lid for p, lid in landmark_of.items()}
+    assert all(db_photo_landmark[h["nearest_db_photo"]] == h["landmark_id"] for h in hardest)
+    # ... and the sheet that shows them: one column of 2 photos per listed photo.
+    sheet = tmp_path / "index" / "hardest_calibration_photos.jpg"
+    with Image.open(sheet) as image:
+        assert image.format == "JPEG" and image.size == (int(1.45 * 8 * 100), 390)
     printed = capsys.readouterr().out
+    shown = os.path.relpath(sheet)  # relative inside the working folder, else absolute
+    assert f"            each beside its landmark's nearest DB photo: {sheet if shown.startswith('..') else shown}\n" in printed
     assert ("hardest:    the highest-scoring calibration photos, 2 accepted (index.json lists 8: "
             "build.hardest_calibration_photos)") in printed
     names = pd.read_csv(tiny_world / "landmarks.csv", dtype=str).set_index("landmark_id")["name"]
