@@ -185,7 +185,7 @@ HARDEST_SHEET = "hardest_calibration_photos.jpg"
 
 
 def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
-    """Draw the index's hardest calibration photos above their landmark's nearest DB photo into
+    """Draw the index's 8 hardest calibration photos above their landmark's nearest DB photo into
     ``out / HARDEST_SHEET`` (JPEG, the fit's sheet of hardest distractors in the index's terms)."""
     from core.atomic import atomic_path
     from datamodules.images import UnreadableImage, load_rgb
@@ -197,9 +197,12 @@ def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
         except UnreadableImage:
             return None
 
+    from recognition.calibration import HARDEST_CALIBRATION_PHOTOS
+
     cal = index.calibration
-    pairs = [(thumbnail(h["photo"]), thumbnail(h.get("nearest_db_photo")), h["score"], h["landmark_id"] or "none")
-             for h in index.build["hardest_calibration_photos"]]
+    # The 8 highest (ranks 1-8), however many pass: a column each, and thousands would not fit a JPEG.
+    pairs = [(thumbnail(h["photo"]), thumbnail(h["nearest_db_photo"]), h["score"], h["landmark_id"] or "none")
+             for h in index.build["hardest_calibration_photos"][:HARDEST_CALIBRATION_PHOTOS]]
     figure = plot_hardest_distractors(
         pairs, {f"{cal.target_fpr:g}": cal.threshold}, rows=("calibration\nphoto", "nearest DB photo\nof its landmark"),
         title=f"Calibration photos with the highest scores (they set the threshold {cal.threshold:.4f})",
@@ -278,7 +281,8 @@ def run_index_command(args: argparse.Namespace) -> int:
                 matched = "no landmark" if h["landmark_id"] is None else h["landmark_id"] + (f" ({name})" if name else "")
                 print(f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  "
                       f"{_shown(h['photo'])}  -> {matched}")
-            print(f"            each beside its landmark's nearest DB photo: {_shown(_write_hardest_sheet(index, out))}")
+            print(f"            the first 8, each above its landmark's nearest DB photo: "
+                  f"{_shown(_write_hardest_sheet(index, out))}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

@@ -74,7 +74,8 @@ class ArcFaceLoss(MetricLoss):
 
     Wraps PML's ``ArcFaceLoss`` / ``SubCenterArcFaceLoss``. PML keeps the class weights as one
     parameter ``W`` of shape ``[d, num_outputs * sub_centers]`` (class ``c``'s sub-centers are
-    columns ``c*k .. c*k+k-1``); the PML module is a registered submodule, so ``W`` is trained by
+    columns ``c*k .. c*k+k-1``; with ``nonlandmark_centers=K``, ``[d, num_classes + K]``, the
+    background's K columns last); the PML module is a registered submodule, so ``W`` is trained by
     the LightningModule's optimizer, saved in ``state_dict`` (key ``arcface.W``) and synced by DDP.
 
     Args:

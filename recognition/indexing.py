@@ -149,19 +149,29 @@ def _warn_if_saturated(scores, calibration, source: str) -> None:
         log.warning("%s: %s", source, warning)
 
 
-def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_vectors: np.ndarray, db_paths, db_vectors: np.ndarray,
-                            db_ids) -> list[dict]:
+def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: np.ndarray, db_paths,
+                            db_embeddings: np.ndarray, db_rows: np.ndarray, db_ids, whiten) -> list[dict]:
     """``hardest`` (:func:`recognition.calibration.hardest_calibration_photos`), each entry with
     ``nearest_db_photo``: the absolute path of the DB photo of the landmark it matched that lies
-    nearest to it in the index's space (``None`` where it matched none). The matched vector may be
-    a centroid; this is the photo a person compares it with (``landmarks index``'s sheet)."""
+    nearest to it (``None`` where it matched none), by the cosine of their embeddings after
+    ``whiten`` (the index's whitening; without DBA or query expansion). The matched vector may be a
+    centroid; this is the photo a person compares it with (``landmarks index``'s sheet). It may be a
+    photo the index left out (a cluster too small to keep): the sheet shows the look-alike, not the
+    centroid. The DB photo with id ``db_ids[i]`` is ``db_paths`` / ``db_embeddings`` row
+    ``db_rows[i]`` (the readable ones); only the listed photos and their landmarks' photos are
+    whitened, as a DB may be large."""
     row_of = {os.path.realpath(p): i for i, p in enumerate(photo_paths)}
-    db_ids = np.asarray([str(i) for i in db_ids])
+    wanted = {entry["landmark_id"] for entry in hardest} - {None}
+    members: dict[str, list[int]] = {}
+    for row, landmark_id in zip(db_rows, db_ids):
+        if str(landmark_id) in wanted:
+            members.setdefault(str(landmark_id), []).append(row)
     for entry in hardest:
         entry["nearest_db_photo"] = None
         if entry["landmark_id"] is not None:
-            members = np.flatnonzero(db_ids == entry["landmark_id"])
-            nearest = members[int(np.argmax(db_vectors[members] @ photo_vectors[row_of[entry["photo"]]]))]
+            rows = np.asarray(members[entry["landmark_id"]])
+            query = whiten(photo_embeddings[[row_of[entry["photo"]]]])[0]
+            nearest = rows[int(np.argmax(whiten(db_embeddings[rows]) @ query))]
             entry["nearest_db_photo"] = os.path.realpath(db_paths[nearest])
     return hardest
 
@@ -361,9 +371,8 @@ def build_landmark_index(
         # The photos that set the threshold, on the scores it was set on: where to look before
         # tuning for the low-FPR end (`landmarks index` prints the first of them).
         hardest = hardest_calibration_photos(scores, matched, nl_paths, index.landmark_ids, index.calibration.threshold)
-        db_paths = [p for p, ok in zip(data.paths, valid) if ok]
         index.build["hardest_calibration_photos"] = _with_nearest_db_photos(
-            hardest, nl_paths, index.whiten(nl_emb), db_paths, index.whiten(emb[valid]), ids)
+            hardest, nl_paths, nl_emb, data.paths, emb, np.flatnonzero(valid), ids, index.whiten)
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)
     return index, index.save(out)

@@ -12,7 +12,9 @@ import pytest
 from ddp_runs import run_ranks
 from PIL import Image
 
+import retrieval.plots
 from cli.main import main
+from datamodules.images import load_rgb
 from recognition.artifact import LandmarkIndex, ModelMismatchError
 from recognition.recognizer import Recognizer
 
@@ -105,7 +107,8 @@ def test_index_lists_every_accepted_calibration_photo_and_prints_the_first_and_t
                                                         [f"{hardest[10]['score']:.4f}", "rejected"]]
 
 
-def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_index, tiny_world, tmp_path, capsys, caplog):
+def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_index, tiny_world, tmp_path, capsys, caplog,
+                                                                          monkeypatch):
     """The evaluation's collapse guard at `landmarks index`: 3 of 40 calibration "non-landmarks" are
     DB photos, kept as index vectors (6 photos a landmark: every photo), so they score 1.0. FPR 0.05
     admits 2 of 40, so the threshold lies among those 3 and the command says so; with the world's
@@ -115,6 +118,8 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
     rows = [str(tiny_world / p) for p in nonlandmarks["path"][:37]] + [str(tiny_world / p) for p in db["path"][:3]]
     pd.DataFrame({"path": rows}).to_csv(tmp_path / "with_db_photos.csv", index=False)
     capsys.readouterr()
+    drawn, draw = [], retrieval.plots.plot_hardest_distractors
+    monkeypatch.setattr(retrieval.plots, "plot_hardest_distractors", lambda pairs, *a, **k: drawn.append(pairs) or draw(pairs, *a, **k))
 
     def index(out: str, *extra: str) -> None:
         with caplog.at_level("WARNING", logger="landmarks.recognition"):
@@ -141,13 +146,19 @@ def test_index_warns_when_its_threshold_lies_among_near_duplicate_scores(built_i
     assert [h["nearest_db_photo"] for h in hardest[:3]] == [h["photo"] for h in hardest[:3]]
     db_photo_landmark = {os.path.realpath(p): lid for p, lid in landmark_of.items()}
     assert all(db_photo_landmark[h["nearest_db_photo"]] == h["landmark_id"] for h in hardest)
-    # ... and the sheet that shows them: one column of 2 photos per listed photo.
+    # ... and the sheet that shows them: a column for each of the 8, the photo above that DB photo.
     sheet = tmp_path / "index" / "hardest_calibration_photos.jpg"
     with Image.open(sheet) as image:
         assert image.format == "JPEG" and image.size == (int(1.45 * 8 * 100), 390)
+    pairs = drawn[-1]  # what the sheet of the last build (this index) was drawn from
+    assert [(score, label) for _, _, score, label in pairs] == [(h["score"], h["landmark_id"]) for h in hardest]
+    for (photo, db_photo, _, _), h in zip(pairs, hardest):
+        assert np.array_equal(photo, load_rgb(h["photo"], max_side=192))
+        assert np.array_equal(db_photo, load_rgb(h["nearest_db_photo"], max_side=192))
     printed = capsys.readouterr().out
     shown = os.path.relpath(sheet)  # relative inside the working folder, else absolute
-    assert f"            each beside its landmark's nearest DB photo: {sheet if shown.startswith('..') else shown}\n" in printed
+    assert (f"            the first 8, each above its landmark's nearest DB photo: "
+            f"{sheet if shown.startswith('..') else shown}\n") in printed
     assert ("hardest:    the highest-scoring calibration photos, 2 accepted (index.json lists 8: "
             "build.hardest_calibration_photos)") in printed
     names = pd.read_csv(tiny_world / "landmarks.csv", dtype=str).set_index("landmark_id")["name"]
