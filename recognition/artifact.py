@@ -162,6 +162,9 @@ class LandmarkIndex:
             :meth:`search` and :meth:`top1` take the model's raw embeddings and whiten and expand
             them (:meth:`describe`) themselves.
         whitening: the fitted PCA-whitening, present exactly when ``descriptor_params.whiten > 0``.
+        represented: bool ``[n]`` over the photos the index was built from (:meth:`from_centroids`,
+            :meth:`from_embeddings`): False for those in clusters dropped as too small. A fact of the
+            build, not of the artifact: not saved, None after :meth:`load`.
     """
 
     vectors: np.ndarray
@@ -176,6 +179,7 @@ class LandmarkIndex:
     penalty: dict | None = field(default=None, repr=False)
     descriptor_params: DescriptorParams = field(default_factory=DescriptorParams)
     whitening: Whitening | None = field(default=None, repr=False)
+    represented: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.vectors = validate_embeddings(self.vectors, "index vectors")
@@ -294,7 +298,7 @@ class LandmarkIndex:
         info.update(index_kind=index_kind, index_params=dict(index_params or {}),
                     dropped_images=int(centroids.dropped_images))
         return cls(centroids.vectors, centroids.landmark, centroids.sizes, landmarks, model, None, info,
-                   descriptor_params=descriptor_params, whitening=whitening)
+                   descriptor_params=descriptor_params, whitening=whitening, represented=centroids.represented)
 
     @classmethod
     def from_embeddings(

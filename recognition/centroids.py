@@ -96,6 +96,8 @@ class CentroidSet:
         landmark_ids: the landmarks, in first-appearance order of the input.
         images_per_landmark: int64 ``[len(landmark_ids)]`` gallery images of each landmark.
         dropped_images: images in clusters that were dropped as too small (not represented).
+        represented: bool ``[n]`` over the input embeddings, in their order: False for those
+            dropped images, True for every other (from :func:`build_representation`).
     """
 
     vectors: np.ndarray
@@ -104,6 +106,7 @@ class CentroidSet:
     landmark_ids: list[str]
     images_per_landmark: np.ndarray
     dropped_images: int = 0
+    represented: np.ndarray | None = None
 
     @property
     def centroids_per_landmark(self) -> np.ndarray:
@@ -118,6 +121,12 @@ def landmark_centroids(
     Returns ``(centroids float32 [c, d], sizes int64 [c], dropped_images)`` with clusters ordered
     by decreasing size, ``1 <= c <= params.max_centroids``.
     """
+    centroids, sizes, kept = _kept_clusters(embeddings, params)
+    return centroids, sizes, int((~kept).sum())
+
+
+def _kept_clusters(embeddings: np.ndarray, params: CentroidParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`landmark_centroids`, with a bool mask of the rows in kept clusters instead of the count of the others."""
     x = unit_rows(embeddings)
     if len(x) == 0:
         raise ValueError("a landmark without embeddings has no centroid")
@@ -127,7 +136,7 @@ def landmark_centroids(
     kept_labels = np.where(np.isin(labels, keep), labels, -1)
     # keep is a prefix 0..c-1 of the size order, so the surviving labels are already contiguous.
     centroids = cluster_centroids(x, kept_labels)
-    return centroids, sizes[keep].astype(np.int64), int((kept_labels < 0).sum())
+    return centroids, sizes[keep].astype(np.int64), kept_labels >= 0
 
 
 def build_representation(
@@ -162,11 +171,13 @@ def build_representation(
     unique_ids = list(position)
     counts = np.bincount(per_row, minlength=len(unique_ids)).astype(np.int64)
 
+    represented = np.ones(len(x), dtype=bool)
     if kind == "all":
-        return CentroidSet(x, per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts)
+        return CentroidSet(x, per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts,
+                           represented=represented)
     if kind == "mean":
         return CentroidSet(cluster_centroids(x, per_row), np.arange(len(unique_ids), dtype=np.int64), counts.copy(),
-                           unique_ids, counts)
+                           unique_ids, counts, represented=represented)
 
     members = np.argsort(per_row, kind="stable")
     bounds = np.r_[0, np.cumsum(counts)]
@@ -184,9 +195,12 @@ def build_representation(
                 c = np.concatenate([c, cluster_centroids(x[rows], np.zeros(len(rows), np.int64))])
                 s = np.r_[s, len(rows)]
         else:
-            c, s, d = landmark_centroids(x[rows], params)
+            c, s, kept = _kept_clusters(x[rows], params)
+            represented[rows] = kept
+            d = int((~kept).sum())
         vectors.append(c)
         owners.append(np.full(len(c), g, np.int64))
         sizes.append(s)
         dropped += d
-    return CentroidSet(np.concatenate(vectors), np.concatenate(owners), np.concatenate(sizes), unique_ids, counts, dropped)
+    return CentroidSet(np.concatenate(vectors), np.concatenate(owners), np.concatenate(sizes), unique_ids, counts, dropped,
+                       represented)

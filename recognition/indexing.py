@@ -150,21 +150,22 @@ def _warn_if_saturated(scores, calibration, source: str) -> None:
 
 
 def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: np.ndarray, db_paths,
-                            db_embeddings: np.ndarray, db_rows: np.ndarray, db_ids, whiten) -> list[dict]:
+                            db_embeddings: np.ndarray, db_rows: np.ndarray, db_ids, represented: np.ndarray,
+                            whiten) -> list[dict]:
     """``hardest`` (:func:`recognition.calibration.hardest_calibration_photos`), each entry with
     ``nearest_db_photo``: the absolute path of the DB photo of the landmark it matched that lies
     nearest to it (``None`` where it matched none), by the cosine of their embeddings after
     ``whiten`` (the index's whitening; without DBA or query expansion). The matched vector may be a
-    centroid; this is the photo a person compares it with (``landmarks index``'s sheet). It may be a
-    photo the index left out (a cluster too small to keep): the sheet shows the look-alike, not the
-    centroid. The DB photo with id ``db_ids[i]`` is ``db_paths`` / ``db_embeddings`` row
-    ``db_rows[i]`` (the readable ones); only the listed photos and their landmarks' photos are
-    whitened, as a DB may be large."""
+    centroid; this is the photo a person compares it with (``landmarks index``'s sheet), among the
+    photos the index represents: a photo in a cluster dropped as too small played no part in the
+    score. The DB photo with id ``db_ids[i]`` is ``db_paths`` / ``db_embeddings`` row ``db_rows[i]``
+    (the readable ones, whose ``represented[i]`` says whether a vector stands for it); only the
+    listed photos and their landmarks' photos are whitened, as a DB may be large."""
     row_of = {os.path.realpath(p): i for i, p in enumerate(photo_paths)}
     wanted = {entry["landmark_id"] for entry in hardest} - {None}
     members: dict[str, list[int]] = {}
-    for row, landmark_id in zip(db_rows, db_ids):
-        if str(landmark_id) in wanted:
+    for row, landmark_id, kept in zip(db_rows, db_ids, represented):
+        if kept and str(landmark_id) in wanted:
             members.setdefault(str(landmark_id), []).append(row)
     for entry in hardest:
         entry["nearest_db_photo"] = None
@@ -372,7 +373,7 @@ def build_landmark_index(
         # tuning for the low-FPR end (`landmarks index` prints the first of them).
         hardest = hardest_calibration_photos(scores, matched, nl_paths, index.landmark_ids, index.calibration.threshold)
         index.build["hardest_calibration_photos"] = _with_nearest_db_photos(
-            hardest, nl_paths, nl_emb, data.paths, emb, np.flatnonzero(valid), ids, index.whiten)
+            hardest, nl_paths, nl_emb, data.paths, emb, np.flatnonzero(valid), ids, index.represented, index.whiten)
     elif threshold is not None:
         index.calibration = Calibration.fixed(threshold)
     return index, index.save(out)

@@ -85,11 +85,17 @@ def test_representations(gallery):
     assert cent.landmark_ids == ["A", "B", "C"]
     assert cent.landmark.tolist() == [0, 0, 1, 2] and cent.sizes.tolist() == [6, 4, 5, 1]
     assert cent.images_per_landmark.tolist() == [11, 5, 1] and cent.dropped_images == 1
+    assert cent.represented.tolist() == [True] * 10 + [False] + [True] * 6  # A's stray photo has no vector
+    # ... in the input's order, whatever order the landmarks' rows come in
+    order = np.random.default_rng(1).permutation(len(ids))
+    shuffled = build_representation(emb[order], [ids[i] for i in order], "centroids", params)
+    assert np.flatnonzero(~shuffled.represented).tolist() == [int(np.flatnonzero(order == 10)[0])]
     mean = build_representation(emb, ids, "mean")
     assert mean.landmark.tolist() == [0, 1, 2] and mean.sizes.tolist() == [11, 5, 1]
     np.testing.assert_allclose(mean.vectors[0], unit(emb[:11].astype(np.float64).sum(0)), atol=1e-6)
     full = build_representation(emb, ids, "all")
     assert len(full.vectors) == 17 and full.landmark.tolist() == [0] * 11 + [1] * 5 + [2]
+    assert mean.represented.all() and full.represented.all()
     with pytest.raises(ValueError, match="embeddings but"):
         build_representation(emb, ids[:-1])
     with pytest.raises(ValueError, match="unknown representation"):
@@ -102,6 +108,7 @@ def test_a_landmark_with_few_photos_keeps_them_and_optionally_their_mean(gallery
     # A (11 ≥ 6) is clustered as before; B keeps its 5 photos (no mean by default); C its one photo.
     assert few.landmark.tolist() == [0, 0] + [1] * 5 + [2]
     assert few.sizes.tolist() == [6, 4, 1, 1, 1, 1, 1, 1] and few.dropped_images == 1  # A's stray photo
+    assert np.flatnonzero(~few.represented).tolist() == [10]
     np.testing.assert_allclose(few.vectors[2:7], unit(emb[11:16]), atol=1e-6)
     np.testing.assert_allclose(few.vectors[7], unit(emb[16]), atol=1e-6)
     # few_photos_mean adds B's normalised mean after its photos; C (one photo) gets no copy of it.
@@ -395,3 +402,28 @@ def test_albums_group_and_write(tmp_path):
     assert page.count("<figure>") == 3 and "Bridge &lt;b&gt;" in page and "Bridge <b>" not in page
     assert all(f'src="{t}"' in page for t in thumbs) and "bad.jpg: not an image" in page
     assert written["html"] == str(out / "index.html")
+
+
+def test_nearest_db_photo_of_a_hardest_calibration_photo_is_one_the_index_represents(gallery, tmp_path):
+    """The sheet's DB photo: the matched landmark's photo nearest to the calibration photo, by cosine
+    after the index's whitening, among the photos a vector stands for. A's stray photo (axis 7, in
+    a cluster dropped as too small) is nearest to a photo on axis 7 but played no part in its score."""
+    from recognition.indexing import _with_nearest_db_photos
+
+    emb, ids = gallery
+    index = LandmarkIndex.from_embeddings(emb, ids, params=CentroidParams(distance_threshold=0.3, few_photos=0))
+    db_paths = [str(tmp_path / f"db{i}.jpg") for i in range(len(ids))]
+    photos = [str(tmp_path / "near_stray.jpg"), str(tmp_path / "near_b.jpg"), str(tmp_path / "none.jpg")]
+    queries = unit(np.stack([axis(7) + 0.6 * axis(1), axis(2) + 0.01 * axis(5), axis(4)])).astype(np.float32)
+    hardest = [{"photo": photos[0], "landmark_id": "A"}, {"photo": photos[1], "landmark_id": "B"},
+               {"photo": photos[2], "landmark_id": None}]
+    rows = np.arange(len(ids))
+    nearest_b = 11 + int(np.argmax(emb[11:16] @ queries[1]))
+    nearest_a_kept = int(np.argmax(emb[:10] @ queries[0]))
+    assert nearest_a_kept in range(6, 10) and int(np.argmax(emb[:11] @ queries[0])) == 10  # the stray is nearer
+    out = _with_nearest_db_photos(hardest, photos, queries, db_paths, emb, rows, ids, index.represented, index.whiten)
+    assert [h["nearest_db_photo"] for h in out] == [db_paths[nearest_a_kept], db_paths[nearest_b], None]
+    # The DB rows may skip unreadable photos: row i of the embeddings / paths is the i-th id's.
+    out = _with_nearest_db_photos([dict(hardest[1])], photos, queries, ["x.jpg"] + db_paths, np.r_[emb[:1], emb],
+                                  rows + 1, ids, index.represented, index.whiten)
+    assert out[0]["nearest_db_photo"] == db_paths[nearest_b]
