@@ -189,6 +189,7 @@ def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
     ``out / HARDEST_SHEET`` (JPEG, the fit's sheet of hardest distractors in the index's terms)."""
     from core.atomic import atomic_path
     from datamodules.images import UnreadableImage, load_rgb
+    from recognition.calibration import HARDEST_CALIBRATION_PHOTOS
     from retrieval.plots import plot_hardest_distractors
 
     def thumbnail(path):
@@ -196,8 +197,6 @@ def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
             return None if path is None else load_rgb(path, max_side=192)
         except UnreadableImage:
             return None
-
-    from recognition.calibration import HARDEST_CALIBRATION_PHOTOS
 
     cal = index.calibration
     # The 8 highest (ranks 1-8), however many pass: a column each, and thousands would not fit a JPEG.
@@ -215,6 +214,7 @@ def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
 
 def run_index_command(args: argparse.Namespace) -> int:
     from recognition.artifact import PenaltyParams
+    from recognition.calibration import HARDEST_CALIBRATION_PHOTOS
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
     from recognition.indexing import build_landmark_index
@@ -281,8 +281,8 @@ def run_index_command(args: argparse.Namespace) -> int:
                 matched = "no landmark" if h["landmark_id"] is None else h["landmark_id"] + (f" ({name})" if name else "")
                 print(f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  "
                       f"{_shown(h['photo'])}  -> {matched}")
-            print(f"            the first 8, each above its landmark's nearest DB photo: "
-                  f"{_shown(_write_hardest_sheet(index, out))}")
+            print(f"            the first {min(len(hardest), HARDEST_CALIBRATION_PHOTOS)}, each above its landmark's "
+                  f"nearest DB photo: {_shown(_write_hardest_sheet(index, out))}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

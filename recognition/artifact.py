@@ -18,8 +18,8 @@ Layout of an index directory (format version :data:`FORMAT_VERSION`)::
                           non-landmark photos; every score is lowered by ``weight`` × the query's
                           mean cosine to its ``k`` nearest of them (``index.json``: ``nonlandmark_penalty``)
     hardest_calibration_photos.jpg  written by ``landmarks index`` beside the artifact, not read
-                          back: the calibration photos listed in ``index.json``, each above its
-                          landmark's nearest DB photo
+                          back: the first 8 calibration photos listed in ``index.json``, each above
+                          its landmark's nearest DB photo
     whitening_mean.npy,   only with ``--whiten``: float32 [d] and [d, d], the PCA-whitening applied to
     whitening_projection.npy  every embedding before it meets the index (``index.json``: ``descriptors``,
                           with the DBA and query-expansion settings; :mod:`recognition.descriptors`)
