@@ -372,6 +372,7 @@ def _cache_evaluation_embeddings(chain: Chain, datamodule, evaluation, checkpoin
 
 def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str, target_fpr: float,
                  penalty: PenaltyParams | None, scales: list[float], calibration_rule: str) -> dict:
+    from cli.recognition import write_hardest_sheet
     from recognition.indexing import build_landmark_index
 
     _announce("index", f"landmarks index of the cleaned DB, threshold calibrated at FPR {target_fpr:g}")
@@ -387,7 +388,9 @@ def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str
         "weight": index.penalty["weight"], "k": index.penalty["k"], "pool": len(index.penalty["pool"])}
     cal = index.calibration
     expected, under = cal.new_photo_fpr()
-    return chain.finish("index", {"path": str(path), "scales": scales, "vectors": len(index),
+    # The calibration photos that set the threshold, each above its landmark's nearest DB photo.
+    sheet = write_hardest_sheet(index, path)
+    return chain.finish("index", {"path": str(path), "hardest_sheet": str(sheet), "scales": scales, "vectors": len(index),
                                   "landmarks": len(index.landmark_ids),
                                   "threshold": index.threshold, "calibration": cal.to_json(),
                                   # what the threshold promises about new photos (the draw of calibration.csv)

@@ -184,7 +184,7 @@ def _shown(path) -> str:
 HARDEST_SHEET = "hardest_calibration_photos.jpg"
 
 
-def _write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
+def write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
     """Draw the index's 8 hardest calibration photos above their landmark's nearest DB photo into
     ``out / HARDEST_SHEET`` (JPEG, the fit's sheet of hardest distractors in the index's terms)."""
     from core.atomic import atomic_path
@@ -282,7 +282,7 @@ def run_index_command(args: argparse.Namespace) -> int:
                 print(f"            {h['score']:.4f}  {'accepted' if h['accepted'] else 'rejected'}  "
                       f"{_shown(h['photo'])}  -> {matched}")
             print(f"            the first {min(len(hardest), HARDEST_CALIBRATION_PHOTOS)}, each above its landmark's "
-                  f"nearest DB photo: {_shown(_write_hardest_sheet(index, out))}")
+                  f"nearest DB photo: {_shown(write_hardest_sheet(index, out))}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
     if index.penalty is not None:

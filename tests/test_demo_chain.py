@@ -106,7 +106,10 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert Path(summary["checkpoint"]).is_file() and Path(summary["index"]["path"]).is_dir()
     # Every path it records is absolute, so the summary names its files from any folder.
     recorded = [summary[k] for k in ("world", "out", "run_dir", "checkpoint")] + [
-        summary["index"]["path"], summary["albums"]["page"], summary["cleaning"]["manifest"]]
+        summary["index"]["path"], summary["index"]["hardest_sheet"], summary["albums"]["page"],
+        summary["cleaning"]["manifest"]]
+    assert Path(summary["index"]["hardest_sheet"]) == Path(summary["index"]["path"]) / "hardest_calibration_photos.jpg"
+    assert Path(summary["index"]["hardest_sheet"]).is_file()
     assert all(Path(p).is_absolute() for p in recorded), recorded
     # ... and the printout shows them as a person in that folder would type them.
     assert "page: chain/albums/index.html" in printed and "stages:     chain/<stage>/, summary.json" in printed
