@@ -23,7 +23,7 @@ class _MaskedCosine:
 
     ``pooled_columns > 1``: the last that many columns of W are one class's centres (the
     non-landmark class's, see ``ArcFaceLoss.nonlandmark_centers``), and its cosine is their max,
-    as sub-center ArcFace takes a class's cosine as the max over its sub-centres.
+    as sub-center ArcFace takes a class's cosine as the max over its sub-centres; 0 or 1 pools none.
     """
 
     pooled_columns = 1
@@ -158,7 +158,6 @@ class ArcFaceLoss(MetricLoss):
         self.num_outputs = num_classes + (nonlandmarks == "class")
         self.nonlandmark_centers = (nonlandmark_centers or sub_centers) if nonlandmarks == "class" else 0
         if sub_centers == 1:
-            pooled = max(1, self.nonlandmark_centers)
             self.arcface = _MaskedArcFace(
                 num_classes + self.nonlandmark_centers,
                 embedding_size,
@@ -168,7 +167,7 @@ class ArcFaceLoss(MetricLoss):
             )
             # PML sizes W by num_classes when it is built, and the target mask by num_classes when
             # called: W gets every column, the mask one per class once the background's are pooled.
-            self.arcface.pooled_columns = pooled
+            self.arcface.pooled_columns = self.nonlandmark_centers
             self.arcface.num_classes = self.num_outputs
         else:
             # SubCenterArcFaceLoss reads num_classes/embedding_size from kwargs only.

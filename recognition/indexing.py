@@ -167,12 +167,15 @@ def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: 
     for row, landmark_id, kept in zip(db_rows, db_ids, represented):
         if kept and str(landmark_id) in wanted:
             members.setdefault(str(landmark_id), []).append(row)
-    for entry in hardest:
+    # Each landmark's photos and every listed photo whitened once, however many entries share them.
+    members = {landmark_id: np.asarray(rows) for landmark_id, rows in members.items()}
+    vectors = {landmark_id: whiten(db_embeddings[rows]) for landmark_id, rows in members.items()}
+    queries = whiten(photo_embeddings[[row_of[entry["photo"]] for entry in hardest]]) if hardest else None
+    for entry, query in zip(hardest, [] if queries is None else queries):
         entry["nearest_db_photo"] = None
         if entry["landmark_id"] is not None:
-            rows = np.asarray(members[entry["landmark_id"]])
-            query = whiten(photo_embeddings[[row_of[entry["photo"]]]])[0]
-            nearest = rows[int(np.argmax(whiten(db_embeddings[rows]) @ query))]
+            rows = members[entry["landmark_id"]]
+            nearest = rows[int(np.argmax(vectors[entry["landmark_id"]] @ query))]
             entry["nearest_db_photo"] = os.path.realpath(db_paths[nearest])
     return hardest
 
