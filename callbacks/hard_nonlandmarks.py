@@ -33,13 +33,9 @@ import torch.nn.functional as F
 
 from callbacks.curriculum import Curriculum
 from core.embedding import embed_dataset
+from losses.base import nearest_cosine
 
 log = logging.getLogger(__name__)
-
-
-def max_cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """``[n]``: each row's highest cosine to any of ``centres`` (neither needs unit norm)."""
-    return (F.normalize(embeddings.float(), dim=1) @ F.normalize(centres.float(), dim=1).t()).max(dim=1).values
 
 
 def hardest_nonlandmarks(nonlandmark_embeddings: torch.Tensor, centres: torch.Tensor, count: int) -> np.ndarray:
@@ -54,7 +50,7 @@ def hardest_nonlandmarks(nonlandmark_embeddings: torch.Tensor, centres: torch.Te
         raise ValueError(
             f"need [n, d] embeddings and [c, d] centres, got {tuple(nonlandmark_embeddings.shape)} and {tuple(centres.shape)}"
         )
-    scores = max_cosine(nonlandmark_embeddings, centres)
+    scores = nearest_cosine(nonlandmark_embeddings.float(), centres.float())
     order = torch.sort(-scores, stable=True).indices
     return order[: max(0, min(count, len(order)))].numpy()
 
@@ -139,7 +135,7 @@ class HardNonlandmarkMining(pl.Callback):
         hard = trainer.strategy.broadcast([int(p) for p in positions[chosen]], src=0)
         datamodule.set_hard_nonlandmarks(hard, self.share)
         self.mined_epoch = epoch
-        top = max_cosine(embeddings[chosen], centres)
+        top = nearest_cosine(embeddings[chosen].float(), centres.float())
         self.last_scores = {"hard_min_cosine": float(top.min()), "hard_max_cosine": float(top.max())}
         pl_module.log_dict({f"mining/{k}": v for k, v in self.last_scores.items()}, on_step=False, on_epoch=True)
         log.info("hard non-landmarks: %d of %d sampled (cosine %.3f-%.3f)", len(hard), len(positions),

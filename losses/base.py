@@ -140,6 +140,11 @@ def check_max_cosine(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must lie in [-1, 1], got {value}")
 
 
+def nearest_cosine(rows: Tensor, references: Tensor) -> Tensor:
+    """``[n]``: each row's highest cosine to any of ``references`` (neither needs unit norm)."""
+    return (F.normalize(rows, dim=1) @ F.normalize(references, dim=1).t()).max(dim=1).values
+
+
 def push_from_nearest(nonlandmarks: Tensor, references: Tensor, max_cosine: float) -> Tensor:
     """``mean relu(max_j cos(x, r_j) - τ)²`` over the rows ``x`` of ``nonlandmarks``.
 
@@ -148,5 +153,4 @@ def push_from_nearest(nonlandmarks: Tensor, references: Tensor, max_cosine: floa
     distractor is accepted through its single best match. Gradients reach both sides. Neither input
     needs unit norm.
     """
-    cosine = F.normalize(nonlandmarks, dim=1) @ F.normalize(references, dim=1).t()
-    return F.relu(cosine.max(dim=1).values - max_cosine).pow(2).mean()
+    return F.relu(nearest_cosine(nonlandmarks, references) - max_cosine).pow(2).mean()
