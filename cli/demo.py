@@ -259,7 +259,8 @@ def _evaluate_embeddings(embedded: dict[str, np.ndarray], labels: dict[str, np.n
     sets = dict(gallery_emb=embedded["gallery"], gallery_labels=labels["gallery"], query_emb=embedded["queries"],
                 query_labels=labels["queries"], distractor_emb=embedded.get("distractors", np.zeros((0, d), np.float32)),
                 alphas=evaluation.alphas, user_prior=evaluation.user_prior)
-    metrics = dict(evaluate_recognition(**sets, k=evaluation.top_k).metrics)
+    metrics = dict(evaluate_recognition(**sets, k=evaluation.top_k,
+                                        interval_resamples=evaluation.recall_interval_resamples).metrics)
     penalty = {} if evaluation.nonlandmark_penalty is None else dict(
         penalty_pool_emb=embedded["nonlandmark_pool"], penalty=evaluation.nonlandmark_penalty)
     shipped = evaluate_centroid_index(**sets, calibration_emb=embedded.get("calibration"),
@@ -647,6 +648,13 @@ def format_summary(s: dict) -> str:
     for key, label in SUMMARY_ROWS:
         if key in after or key in before:
             lines.append(f"{pad}{label:<48}{_fmt(before.get(key)):>9}{_fmt(after.get(key)):>9}")
+    # How far the trained recall would move with another draw of the same-sized query and distractor
+    # sets: at 1e-3 a few distractors set the threshold (docs/metrics.md).
+    alphas = [k.removeprefix("recall_low@fpr=") for k in after if k.startswith("recall_low@fpr=")]
+    intervals = [f"{_fmt(after[f'recall_low@fpr={a}'])}–{_fmt(after[f'recall_high@fpr={a}'])} @ FPR {a.replace('e-0', 'e-')}"
+                 for a in alphas]
+    if intervals:
+        lines.append(f"{pad}trained recall, 95 % bootstrap interval: {', '.join(intervals)}")
     for name, metrics in (("untrained", before), ("trained", after)):
         warning = saturation_warning(metrics)
         if warning:

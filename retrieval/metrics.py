@@ -36,6 +36,9 @@ Metric names returned by :func:`evaluate_recognition`
                                         + distractor acceptances) on the evaluation set itself
 ``precision@fpr={alpha},prior={pi}``    precision re-weighted to a collection where a fraction
                                         ``pi`` of photos are landmarks (see below)
+``recall_low@fpr={alpha}``,             with ``interval_resamples``: the 95 % bootstrap interval of
+``recall_high@fpr={alpha}``             the recall over the evaluation set's own sampling
+                                        (:func:`recall_interval_at_fpr`)
 ``threshold@fpr={alpha}``               the score threshold (accept iff score >= threshold)
 ``actual_fpr@fpr={alpha}``              distractor acceptance rate at that threshold (<= alpha)
 ``gap``                                 Global Average Precision (GLDv2 definition)
@@ -90,6 +93,7 @@ __all__ = [
     "map_at_k",
     "precision_at_1",
     "precision_fpr_curve",
+    "recall_interval_at_fpr",
     "recognition_at_fpr",
     "relevant_counts",
     "saturated_share",
@@ -216,6 +220,59 @@ def recognition_at_fpr(
         decision = decide(candidates, labels, t)
         out[alpha] = score_decisions(decision.label, decision.accepted, true, t, user_prior)
     return FprMetrics(out, unresolved=tuple(unresolved))
+
+
+def recall_interval_at_fpr(
+    pred_label,
+    score,
+    true_label,
+    alphas=DEFAULT_ALPHAS,
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[float, tuple[float, float]]:
+    """How far recall@FPR could move with another draw of the evaluation set: a bootstrap interval.
+
+    At FPR 1e-3 of 5,000 distractors the threshold is set by the 6th highest distractor score, so a
+    handful of photos decide the figure. This resamples the landmark queries and the distractors
+    separately, with replacement (their counts, hence the ``floor(alpha * n)`` distractors each
+    threshold admits, stay those of the set), recomputes :func:`recognition_at_fpr` on each
+    resample and returns the percentile interval. It measures the evaluation set's sampling only:
+    refitting with another seed moves the figure too, and that is not in the interval.
+
+    Args:
+        pred_label, score, true_label: as in :func:`recognition_at_fpr`.
+        alphas: target FPRs.
+        level: coverage of the two-sided interval, in (0, 1).
+        resamples: bootstrap resamples (>= 1).
+        seed: seed of the resampling (the same inputs give the same interval).
+
+    Returns:
+        ``{alpha: (low, high)}`` for the alphas :func:`recognition_at_fpr` resolves on the set;
+        ``(nan, nan)`` when there are no landmark queries.
+    """
+    pred, s, true = _predictions(pred_label, score, true_label)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    alphas = tuple(_check_alpha(a) for a in alphas)
+    resolved = tuple(recognition_at_fpr(pred, s, true, alphas=alphas, user_prior=None))
+    landmarks = np.flatnonzero(true != NONLANDMARK)
+    distractors = np.flatnonzero(true == NONLANDMARK)
+    if not resolved:
+        return {}
+    if not len(landmarks):
+        return {alpha: (math.nan, math.nan) for alpha in resolved}
+    rng = np.random.default_rng(seed)
+    recalls = np.empty((resamples, len(resolved)))
+    for b in range(resamples):
+        rows = np.concatenate([rng.choice(landmarks, len(landmarks)), rng.choice(distractors, len(distractors))])
+        rows_metrics = recognition_at_fpr(pred[rows], s[rows], true[rows], alphas=resolved, user_prior=None)
+        recalls[b] = [rows_metrics[alpha]["recall"] for alpha in resolved]
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(recalls, [tail, 100.0 - tail], axis=0)
+    return {alpha: (float(lo), float(hi)) for alpha, lo, hi in zip(resolved, low, high)}
 
 
 def _check_prior(user_prior: float | None) -> None:
@@ -542,6 +599,7 @@ def evaluate_recognition(
     index_kind: str = "flat",
     memory_budget_mb: float = 256,
     progress: bool = False,
+    interval_resamples: int = 0,
     **index_kwargs,
 ) -> RecognitionResult:
     """Build an index over the gallery, search queries and distractors, compute every metric.
@@ -557,6 +615,8 @@ def evaluate_recognition(
         user_prior: landmark fraction for ``precision@fpr=...,prior=...`` (None: skip).
         index_kind, index_kwargs: forwarded to :func:`retrieval.index.build_index`.
         memory_budget_mb, progress: forwarded to :func:`retrieval.index.search`.
+        interval_resamples: > 0 adds ``recall_low@fpr`` / ``recall_high@fpr``, the 95 % interval
+            of :func:`recall_interval_at_fpr` with this many resamples (seed 0).
 
     Returns:
         :class:`RecognitionResult`; names in ``metrics`` follow the module docstring.
@@ -593,6 +653,11 @@ def evaluate_recognition(
     n_rel = relevant_counts(gl, ql)
     fpr_metrics = recognition_at_fpr(pred, score, true, alphas=alphas, user_prior=user_prior)
     metrics: dict[str, float] = fpr_metric_names(fpr_metrics, user_prior)
+    if interval_resamples > 0:
+        intervals = recall_interval_at_fpr(pred, score, true, alphas=tuple(fpr_metrics), resamples=interval_resamples)
+        for alpha, (low, high) in intervals.items():
+            metrics[f"recall_low@fpr={format_alpha(alpha)}"] = low
+            metrics[f"recall_high@fpr={format_alpha(alpha)}"] = high
     metrics["gap"] = gap(pred, score, true)
     metrics["p@1"] = precision_at_1(gl, q_ids, ql)
     metrics[f"map@{k}"] = map_at_k(gl, q_ids, ql, k)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import cli.demo
-from cli.demo import DEMO_CALIBRATION_RULE, DEMO_SCALES
+from cli.demo import DEMO_CALIBRATION_RULE, DEMO_SCALES, _fmt
 from cli.main import main
 from core.embedding import bf16_is_fast
 from recognition.artifact import LandmarkIndex
@@ -66,6 +66,13 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     # The shipped index carries the non-landmark penalty (the training pool), and the fit's evaluation
     # scored that very decision, with the index without it as the control.
     trained = summary["training"]["trained"]
+    # Each resolved kNN recall comes with its bootstrap interval, before and after the fit.
+    for metrics in (summary["training"]["untrained"], trained):
+        recalls = [k.removeprefix("recall@") for k in metrics if k.startswith("recall@fpr=")]
+        assert recalls and all(metrics[f"recall_low@{a}"] <= metrics[f"recall@{a}"] <= metrics[f"recall_high@{a}"]
+                               for a in recalls)
+    low, high = _fmt(trained["recall_low@fpr=5e-02"]), _fmt(trained["recall_high@fpr=5e-02"])
+    assert f"trained recall, 95 % bootstrap interval: {low}–{high} @ FPR 5e-2\n" in printed
     pool = len(pd.read_csv(world / "nonlandmarks.csv"))
     assert summary["index"]["nonlandmark_penalty"] == {"weight": 0.25, "k": 1, "pool": pool}
     assert recognizer["recall"] == pytest.approx(trained["centroid/recall@fpr=5e-02"])

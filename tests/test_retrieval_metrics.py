@@ -19,6 +19,7 @@ from retrieval.metrics import (
     map_at_k,
     precision_at_1,
     precision_fpr_curve,
+    recall_interval_at_fpr,
     recognition_at_fpr,
     relevant_counts,
     saturated_share,
@@ -413,6 +414,68 @@ def test_evaluate_recognition_nonlandmark_queries_count_as_distractors():
 # ----------------------------------------------------------------------------------------------
 
 
+def _normal_scores(rng, n_landmarks=300, n_distractors=2000):
+    """Every landmark query right, top-1 score ~ N(2.5, 1); distractor scores ~ N(0, 1)."""
+    score = np.concatenate([rng.normal(2.5, 1.0, n_landmarks), rng.normal(0.0, 1.0, n_distractors)]).astype(np.float32)
+    return np.zeros(len(score), np.int64), score, np.r_[np.zeros(n_landmarks, np.int64), np.full(n_distractors, L)]
+
+
+def test_recall_interval_is_the_binomial_one_when_the_threshold_cannot_move():
+    # 1,000 distractors tied at 0: whatever the resample, the threshold admits none of them, so the
+    # recall is a proportion of 400 queries with 200 above it: 0.5 ± 1.96 √(0.25 / 400) = [0.451, 0.549].
+    score = np.r_[np.full(200, 0.9), np.full(200, -0.5), np.zeros(1000)].astype(np.float32)
+    true = np.r_[np.zeros(400, np.int64), np.full(1000, L)]
+    pred = np.zeros(1400, np.int64)
+    assert recognition_at_fpr(pred, score, true, alphas=(1e-2,))[1e-2]["recall"] == 0.5
+    low, high = recall_interval_at_fpr(pred, score, true, alphas=(1e-2,), resamples=2000)[1e-2]
+    assert low == pytest.approx(0.451, abs=0.012) and high == pytest.approx(0.549, abs=0.012)
+
+
+def test_recall_interval_matches_the_spread_of_fresh_evaluation_sets():
+    # Recall at FPR 5e-3 of 2,000 distractors (the threshold above their 11th highest score) moves
+    # by SD ~0.050 from one fresh evaluation set to the next, ~0.031 of it from the queries alone.
+    # From a single set, the bootstrap's 95 % width / 3.92 must estimate the whole of it (averaged
+    # over 20 sets: one set's estimate itself moves by ~20 %). Resampling only the queries, or
+    # neither, fails this.
+    rng = np.random.default_rng(0)
+    fresh = [recognition_at_fpr(*_normal_scores(rng), alphas=(5e-3,), user_prior=None)[5e-3]["recall"]
+             for _ in range(400)]
+    widths = []
+    for seed in range(20):
+        low, high = recall_interval_at_fpr(*_normal_scores(rng), alphas=(5e-3,), resamples=300, seed=seed)[5e-3]
+        widths.append((high - low) / 3.92)
+    assert np.mean(widths) == pytest.approx(np.std(fresh), rel=0.2)
+
+
+def test_recall_interval_contains_the_figure_is_seeded_and_checks_its_arguments():
+    pred, score, true = _normal_scores(np.random.default_rng(1), n_landmarks=100, n_distractors=500)
+    point = recognition_at_fpr(pred, score, true, alphas=(1e-2, 1e-3), user_prior=None)
+    intervals = recall_interval_at_fpr(pred, score, true, alphas=(1e-2, 1e-3), resamples=200)
+    assert list(intervals) == [1e-2]  # 1e-3 of 500 distractors is unresolved: omitted, as recognition_at_fpr does
+    low, high = intervals[1e-2]
+    assert low < point[1e-2]["recall"] < high
+    assert recall_interval_at_fpr(pred, score, true, alphas=(1e-2,), resamples=200) == intervals
+    assert recall_interval_at_fpr(pred, score, true, alphas=(1e-2,), resamples=200, seed=1) != intervals
+    distractors_only = true == L
+    assert all(map(math.isnan, recall_interval_at_fpr(pred[distractors_only], score[distractors_only],
+                                                      true[distractors_only], alphas=(1e-2,))[1e-2]))
+    assert recall_interval_at_fpr(pred[:100], score[:100], true[:100], alphas=(1e-2,)) == {}
+    for bad in ({"level": 1.0}, {"level": 0.0}, {"resamples": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            recall_interval_at_fpr(pred, score, true, **bad)
+
+
+def test_evaluate_recognition_adds_the_interval_when_asked():
+    gallery, g_labels, query, q_labels, distractors = _small_eval_data()
+    res = evaluate_recognition(gallery, g_labels, query, q_labels, distractors, alphas=(1e-2, 1e-3, 1e-4),
+                               interval_resamples=200)
+    intervals = recall_interval_at_fpr(*res.as_predictions(), alphas=(1e-2, 1e-3), resamples=200)
+    for alpha, name in ((1e-2, "1e-02"), (1e-3, "1e-03")):
+        assert (res.metrics[f"recall_low@fpr={name}"], res.metrics[f"recall_high@fpr={name}"]) == intervals[alpha]
+        assert res.metrics[f"recall_low@fpr={name}"] <= res.metrics[f"recall@fpr={name}"] <= res.metrics[f"recall_high@fpr={name}"]
+    assert "recall_low@fpr=1e-04" not in res.metrics  # unresolved, as its recall
+
+
 def test_saturated_share_hand():
     scores = np.array([0.995, 0.99, 0.9899, -np.inf], np.float32)
     assert saturated_share(scores) == 0.5  # 0.99 itself counts; "no prediction" never does
@@ -477,6 +540,8 @@ def test_the_evaluation_callback_logs_the_figure_and_warns(caplog):
     with caplog.at_level("WARNING", logger="callbacks.retrieval_evaluation"):
         callback._finish(trainer, module, "val")
     assert logged["val/saturated_distractors"] == 20 / 1000
+    for alpha in ("1e-02", "1e-03"):  # the default 1,000 resamples
+        assert logged[f"val/recall_low@fpr={alpha}"] <= logged[f"val/recall@fpr={alpha}"] <= logged[f"val/recall_high@fpr={alpha}"]
     [record] = [r for r in caplog.records if r.name == "callbacks.retrieval_evaluation"]
     assert record.getMessage().startswith("val, epoch 4: 20 of 1000 distractors (2.00%) match a gallery photo")
 
