@@ -72,6 +72,21 @@ def test_other_seed_other_images(world, tmp_path):
     assert not images(out) & images(other)
 
 
+def test_more_distractors_extend_the_same_world(world, tmp_path):
+    # Generated with more distractors, the world is the same world plus distractors: every file of
+    # the smaller one but the distractor manifest and world.json is byte-identical in it, and so
+    # are the first distractors. A checkpoint fitted on one can be evaluated against the larger
+    # set (docs/metrics.md, "How much one run's figure says").
+    out, _ = world
+    assert CONFIG.distractors > 0
+    larger = tmp_path / "larger"
+    generate_world(larger, replace(CONFIG, distractors=3 * CONFIG.distractors), workers=2, progress=False)
+    small, big = _hashes(out), _hashes(larger)
+    assert {p for p in small if big.get(p) != small[p]} == {"distractors.csv", "world.json"}
+    assert _read_csv(larger / "distractors.csv")[1][: CONFIG.distractors] == _read_csv(out / "distractors.csv")[1]
+    assert len(big) - len(small) == 2 * CONFIG.distractors  # only new distractor photos
+
+
 def test_manifests_round_trip(world):
     out, meta = world
     config = CONFIG
