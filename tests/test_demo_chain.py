@@ -66,11 +66,11 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     # The shipped index carries the non-landmark penalty (the training pool), and the fit's evaluation
     # scored that very decision, with the index without it as the control.
     trained = summary["training"]["trained"]
-    # Each resolved kNN recall comes with its bootstrap interval, before and after the fit.
+    # Each resolved kNN recall comes with its bootstrap interval, before and after the fit. (A
+    # percentile interval need not hold the figure itself, so only its order is checked here.)
     for metrics in (summary["training"]["untrained"], trained):
         recalls = [k.removeprefix("recall@") for k in metrics if k.startswith("recall@fpr=")]
-        assert recalls and all(metrics[f"recall_low@{a}"] <= metrics[f"recall@{a}"] <= metrics[f"recall_high@{a}"]
-                               for a in recalls)
+        assert recalls and all(0 <= metrics[f"recall_low@{a}"] <= metrics[f"recall_high@{a}"] <= 1 for a in recalls)
     low, high = _fmt(trained["recall_low@fpr=5e-02"]), _fmt(trained["recall_high@fpr=5e-02"])
     assert f"trained recall, 95 % bootstrap interval: {low}–{high} @ FPR 5e-2\n" in printed
     pool = len(pd.read_csv(world / "nonlandmarks.csv"))

@@ -472,7 +472,7 @@ def test_evaluate_recognition_adds_the_interval_when_asked():
     intervals = recall_interval_at_fpr(*res.as_predictions(), alphas=(1e-2, 1e-3), resamples=200)
     for alpha, name in ((1e-2, "1e-02"), (1e-3, "1e-03")):
         assert (res.metrics[f"recall_low@fpr={name}"], res.metrics[f"recall_high@fpr={name}"]) == intervals[alpha]
-        assert res.metrics[f"recall_low@fpr={name}"] <= res.metrics[f"recall@fpr={name}"] <= res.metrics[f"recall_high@fpr={name}"]
+        assert res.metrics[f"recall_low@fpr={name}"] < res.metrics[f"recall_high@fpr={name}"]
     assert "recall_low@fpr=1e-04" not in res.metrics  # unresolved, as its recall
 
 
@@ -540,10 +540,34 @@ def test_the_evaluation_callback_logs_the_figure_and_warns(caplog):
     with caplog.at_level("WARNING", logger="callbacks.retrieval_evaluation"):
         callback._finish(trainer, module, "val")
     assert logged["val/saturated_distractors"] == 20 / 1000
-    for alpha in ("1e-02", "1e-03"):  # the default 1,000 resamples
-        assert logged[f"val/recall_low@fpr={alpha}"] <= logged[f"val/recall@fpr={alpha}"] <= logged[f"val/recall_high@fpr={alpha}"]
+    for alpha in ("1e-02", "1e-03"):  # recall 0 among the near-duplicate scores: a point interval
+        assert logged[f"val/recall_low@fpr={alpha}"] == logged[f"val/recall_high@fpr={alpha}"] == logged[f"val/recall@fpr={alpha}"] == 0
     [record] = [r for r in caplog.records if r.name == "callbacks.retrieval_evaluation"]
     assert record.getMessage().startswith("val, epoch 4: 20 of 1000 distractors (2.00%) match a gallery photo")
+
+
+def test_the_evaluation_callback_logs_the_interval_of_1000_resamples():
+    from types import SimpleNamespace
+
+    from callbacks.retrieval_evaluation import RetrievalEvaluation
+    from core.errors import UserError
+
+    gallery, g_labels, query, q_labels, distractors = _small_eval_data()
+    callback = RetrievalEvaluation(alphas=(1e-2, 1e-3), top_k=3, user_prior=None, plots=False)
+    sets = {"gallery": (gallery, g_labels, 0), "queries": (query, q_labels, 0),
+            "distractors": (distractors, np.full(len(distractors), L), 0)}
+    trainer = SimpleNamespace(current_epoch=0)
+    logged = callback._compute(trainer, sets, "val", None, "val")
+    expected = evaluate_recognition(gallery, g_labels, query, q_labels, distractors, alphas=(1e-2, 1e-3), k=3,
+                                    user_prior=None, interval_resamples=1000).metrics
+    fewer = evaluate_recognition(gallery, g_labels, query, q_labels, distractors, alphas=(1e-2, 1e-3), k=3,
+                                 user_prior=None, interval_resamples=200).metrics
+    names = ("recall_low@fpr=1e-02", "recall_high@fpr=1e-02", "recall_low@fpr=1e-03", "recall_high@fpr=1e-03")
+    assert [logged[n] for n in names] == [expected[n] for n in names] != [fewer[n] for n in names]
+    off = RetrievalEvaluation(alphas=(1e-2,), top_k=3, user_prior=None, plots=False, recall_interval_resamples=0)
+    assert not any(k.startswith("recall_low") for k in off._compute(trainer, sets, "val", None, "val"))
+    with pytest.raises(UserError, match="recall_interval_resamples must be >= 0"):
+        RetrievalEvaluation(recall_interval_resamples=-1)
 
 
 def test_format_alpha():
