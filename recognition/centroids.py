@@ -95,9 +95,8 @@ class CentroidSet:
         sizes: int64 ``[m]``, gallery images summarised by each vector.
         landmark_ids: the landmarks, in first-appearance order of the input.
         images_per_landmark: int64 ``[len(landmark_ids)]`` gallery images of each landmark.
-        dropped_images: images in clusters that were dropped as too small (not represented).
-        represented: bool ``[n]`` over the input embeddings, in their order: False for those
-            dropped images, True for every other (from :func:`build_representation`).
+        represented: bool ``[n]`` over the input embeddings, in their order: False for the images
+            in clusters that were dropped as too small, True for every other.
     """
 
     vectors: np.ndarray
@@ -105,8 +104,12 @@ class CentroidSet:
     sizes: np.ndarray
     landmark_ids: list[str]
     images_per_landmark: np.ndarray
-    dropped_images: int = 0
-    represented: np.ndarray | None = None
+    represented: np.ndarray
+
+    @property
+    def dropped_images(self) -> int:
+        """Images in clusters that were dropped as too small (not represented)."""
+        return int((~self.represented).sum())
 
     @property
     def centroids_per_landmark(self) -> np.ndarray:
@@ -173,11 +176,10 @@ def build_representation(
 
     represented = np.ones(len(x), dtype=bool)
     if kind == "all":
-        return CentroidSet(x, per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts,
-                           represented=represented)
+        return CentroidSet(x, per_row.astype(np.int64), np.ones(len(x), np.int64), unique_ids, counts, represented)
     if kind == "mean":
         return CentroidSet(cluster_centroids(x, per_row), np.arange(len(unique_ids), dtype=np.int64), counts.copy(),
-                           unique_ids, counts, represented=represented)
+                           unique_ids, counts, represented)
 
     members = np.argsort(per_row, kind="stable")
     bounds = np.r_[0, np.cumsum(counts)]
@@ -186,21 +188,19 @@ def build_representation(
         from tqdm.auto import tqdm
 
         groups = tqdm(groups, desc="shooting-angle clusters", unit="landmark")
-    vectors, owners, sizes, dropped = [], [], [], 0
+    vectors, owners, sizes = [], [], []
     for g in groups:
         rows = members[bounds[g]:bounds[g + 1]]
         if len(rows) < params.few_photos:
-            c, s, d = x[rows].astype(np.float32), np.ones(len(rows), np.int64), 0
+            c, s = x[rows].astype(np.float32), np.ones(len(rows), np.int64)
             if len(rows) > 1 and params.few_photos_mean:
                 c = np.concatenate([c, cluster_centroids(x[rows], np.zeros(len(rows), np.int64))])
                 s = np.r_[s, len(rows)]
         else:
             c, s, kept = _kept_clusters(x[rows], params)
             represented[rows] = kept
-            d = int((~kept).sum())
         vectors.append(c)
         owners.append(np.full(len(c), g, np.int64))
         sizes.append(s)
-        dropped += d
-    return CentroidSet(np.concatenate(vectors), np.concatenate(owners), np.concatenate(sizes), unique_ids, counts, dropped,
+    return CentroidSet(np.concatenate(vectors), np.concatenate(owners), np.concatenate(sizes), unique_ids, counts,
                        represented)

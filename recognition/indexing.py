@@ -161,6 +161,8 @@ def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: 
     score. The DB photo with id ``db_ids[i]`` is ``db_paths`` / ``db_embeddings`` row ``db_rows[i]``
     (the readable ones, whose ``represented[i]`` says whether a vector stands for it); only the
     listed photos and their landmarks' photos are whitened, as a DB may be large."""
+    if not hardest:
+        return hardest
     row_of = {os.path.realpath(p): i for i, p in enumerate(photo_paths)}
     wanted = {entry["landmark_id"] for entry in hardest} - {None}
     members: dict[str, list[int]] = {}
@@ -170,8 +172,8 @@ def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: 
     # Each landmark's photos and every listed photo whitened once, however many entries share them.
     members = {landmark_id: np.asarray(rows) for landmark_id, rows in members.items()}
     vectors = {landmark_id: whiten(db_embeddings[rows]) for landmark_id, rows in members.items()}
-    queries = whiten(photo_embeddings[[row_of[entry["photo"]] for entry in hardest]]) if hardest else None
-    for entry, query in zip(hardest, [] if queries is None else queries):
+    queries = whiten(photo_embeddings[[row_of[entry["photo"]] for entry in hardest]])
+    for entry, query in zip(hardest, queries):
         entry["nearest_db_photo"] = None
         if entry["landmark_id"] is not None:
             rows = members[entry["landmark_id"]]
