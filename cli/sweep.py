@@ -1,7 +1,7 @@
 """``landmarks sweep`` and ``landmarks compare``: the command line of :mod:`sweeps`.
 
 The work is :class:`sweeps.runner.SweepRunner` (one process per run, resumable) and
-:func:`sweeps.compare.compare` (mean ± 95 % CI over seeds). A bad sweep file or run folder is a
+:func:`sweeps.compare.compare` (mean ± 95 % CI over seeds; with ``--control``, differences paired by seed). A bad sweep file or run folder is a
 ``SweepError`` / ``CompareError``, reported by :mod:`cli.main` in one line.
 """
 
@@ -53,14 +53,21 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"metric to tabulate, repeatable (default: those of {', '.join(DEFAULT_METRICS)} logged)")
     parser.add_argument("--plot-metric", default=None, help="metric of the plot (default: the first metric)")
     parser.add_argument("--stage", default="val", choices=("val", "test"), help="which evaluation (default val)")
+    parser.add_argument("--control", default=None, metavar="LABEL",
+                        help="a configuration (its label in the table, or a unique part of it): every other one "
+                             "gets its mean difference to it, paired by seed, with a 95 %% CI")
+    parser.add_argument("--group-by", action="append", default=[], metavar="KEY",
+                        help="a dotted config.yaml key (e.g. data.data_dir) that splits runs into configurations, "
+                             "repeatable")
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
     from sweeps.compare import compare
 
-    compare(args.run_dirs, sweep=args.sweep, out=args.out, metrics=args.metric, stage=args.stage,
-            plot_metric=args.plot_metric)
+    comparison = compare(args.run_dirs, sweep=args.sweep, out=args.out, metrics=args.metric, stage=args.stage,
+                         plot_metric=args.plot_metric, control=args.control, group_by=args.group_by)
     out = Path(args.out or args.sweep)
     print((out / "summary.md").read_text())
-    print(f"written: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'runs.csv'}, {out / 'summary.png'}")
+    written = ["summary.md", "summary.csv", "runs.csv"] + (["paired.csv"] if comparison.control else []) + ["summary.png"]
+    print("written: " + ", ".join(str(out / name) for name in written))
     return 0

@@ -6,13 +6,26 @@ by their parameters minus the seed parameters (``seed_everything`` and any ``*.s
 ``landmarks sweep`` run the parameters come from its ``run.json``, for any other LightningCLI run
 folder from its ``config.yaml`` (grouped by the wandb group of :mod:`callbacks.wandb_conventions`).
 
+A run folder's other settings may differ within its group (a data folder, a callback's argument):
+those differences are listed in ``summary.md`` and logged, never averaged over in silence, and
+``group_by`` (``--group-by KEY``, a dotted key of ``config.yaml``) splits the runs by that key.
+
 Per configuration and metric: the mean over its runs and the half-width of the two-sided 95 %
 Student-t interval, ``t(0.975, n-1) · s / √n`` with ``s`` the sample standard deviation; one
-run gives the mean and no interval. Written to the output folder:
+run gives the mean and no interval.
+
+Against a control configuration (``control``, ``--control LABEL``): each run is paired with the
+control's run of the same seeds, and per configuration and metric the mean of the paired
+differences gets the same Student-t interval over the pairs, with the count of pairs above and
+below the control. Pairing removes what the seeds share (their data order, the evaluation set);
+an interval that excludes 0 says the difference is larger than the seeds' spread. Runs without a
+partner are listed. Written to the output folder:
 
 * ``summary.md`` — the table, the runs, what was excluded and why;
 * ``summary.csv`` — one row per configuration (``<metric> mean``, ``<metric> ci95``, ``<metric> std``);
 * ``runs.csv`` — one row per run;
+* ``paired.csv`` — with a control: one row per configuration and metric (mean difference, ci95,
+  pairs, higher, lower);
 * ``summary.png`` — the chosen metric per configuration (mean, 95 % CI, each run), and, where
   the evaluation callback saved the curve (``plots/*_precision_fpr.csv``), recall and precision
   against the distractor FPR, averaged over each configuration's runs.
@@ -67,6 +80,9 @@ class RunRecord:
     epoch: int | None
     curve_file: Path | None = None
     status: str | None = None
+    # The run's config.yaml as dotted leaves, less what only names or displays the run (see
+    # ``_RUN_ONLY``); empty when the run folder has none.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed_parameters(self) -> dict[str, Any]:
@@ -86,6 +102,19 @@ class Configuration:
     label: str
     parameters: dict[str, Any]
     runs: list[RunRecord] = field(default_factory=list)
+    # settings of config.yaml that differ between this configuration's runs: {key: distinct values}
+    differences: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class PairedDifference:
+    """One configuration against the control on one metric, over the seeds both ran."""
+
+    mean: float
+    half_width: float | None
+    pairs: int
+    higher: int
+    lower: int
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -137,6 +166,37 @@ def read_final_metrics(metrics_file: Path, stage: str = "val") -> tuple[dict[str
     return final, epoch
 
 
+# Settings that name, place or display a run rather than configure it: they differ between any two
+# runs, so they are neither differences within a configuration nor a key to group by.
+_RUN_ONLY = re.compile(r"^(trainer\.default_root_dir|trainer\.enable_progress_bar|ckpt_path|trainer\.logger([.\[].*)?)$")
+_ABSENT = "(absent)"
+
+
+def flatten_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted.key: leaf}``; list items are ``key[i]``, an empty dict or list a leaf."""
+    if isinstance(config, dict) and config:
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(flatten_settings(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(config, list) and config:
+        out = {}
+        for i, value in enumerate(config):
+            out.update(flatten_settings(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: config}
+
+
+def _read_settings(config_file: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise CompareError(f"{config_file}: cannot read it as YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise CompareError(f"{config_file}: not a LightningCLI config (a mapping at the top)")
+    return {k: v for k, v in flatten_settings(config).items() if not (_RUN_ONLY.match(k) or is_seed_key(k))}
+
+
 def _parameters_from_config(config_file: Path) -> dict[str, Any]:
     from callbacks.wandb_conventions import run_identity
 
@@ -174,9 +234,55 @@ def load_run(run_dir: str | Path, stage: str = "val") -> RunRecord:
     metrics, epoch = read_final_metrics(metrics_file, stage)
     if not metrics:
         raise CompareError(f"{metrics_file}: no '{stage}/' metrics logged (did the run reach an evaluation?)")
+    config_file = metrics_file.parent / "config.yaml"
+    settings = _read_settings(config_file) if config_file.is_file() else {}
     return RunRecord(name=run_dir.name, path=run_dir, parameters=parameters, metrics=metrics,
                      metrics_file=metrics_file, epoch=epoch, curve_file=find_curve_file(metrics_file.parent, stage),
-                     status=(record or {}).get("status"))
+                     status=(record or {}).get("status"), settings=settings)
+
+
+def add_group_keys(runs: list[RunRecord], keys: Sequence[str]) -> None:
+    """Make each ``config.yaml`` key of ``keys`` a parameter of every run, so that it splits configurations."""
+    for key in keys:
+        if is_seed_key(key) or _RUN_ONLY.match(key):
+            raise CompareError(f"--group-by {key}: a seed or a run's own name/folder cannot define a configuration")
+        without = [r for r in runs if not r.settings]
+        if without:
+            raise CompareError(f"--group-by {key}: {without[0].metrics_file.parent} has no config.yaml to read it from")
+        if not any(key in r.settings for r in runs):
+            example = sorted(runs[0].settings)[:8]
+            raise CompareError(f"--group-by {key}: no run's config.yaml has this key (keys look like: {', '.join(example)})")
+        for run in runs:
+            run.parameters[key] = run.settings.get(key, _ABSENT)
+
+
+def _differences(runs: list[RunRecord], ignore: set[str]) -> dict[str, list[Any]]:
+    keys = sorted({k for r in runs for k in r.settings} - ignore)
+    differing = {key for key in keys
+                 if len({json.dumps(r.settings.get(key, _ABSENT), sort_keys=True) for r in runs}) > 1}
+    # A section set in some runs only (``data.synthetic: null`` beside its fields) is one difference,
+    # reported at the section with each run's whole value there.
+    differing |= {parent for key in differing for parent in _parents(key) if any(parent in r.settings for r in runs)}
+    found = {}
+    for key in sorted(differing):
+        if not any(parent in differing for parent in _parents(key)):
+            values = dict.fromkeys(json.dumps(_value_at(r.settings, key), sort_keys=True) for r in runs)
+            found[key] = [json.loads(v) for v in values]
+    return found
+
+
+def _value_at(settings: dict[str, Any], key: str) -> Any:
+    """A run's value at ``key``: the leaf, or the leaves below it keyed by the rest of their path."""
+    if key in settings:
+        return settings[key]
+    below = {k[len(key):].lstrip("."): v for k, v in settings.items() if k.startswith((key + ".", key + "["))}
+    return below or _ABSENT
+
+
+def _parents(key: str) -> list[str]:
+    """``a.b[2].c`` -> ``a``, ``a.b``, ``a.b[2]``."""
+    cuts = [m.start() for m in re.finditer(r"[.\[]", key)]
+    return [key[:i] for i in cuts]
 
 
 def sweep_run_dirs(sweep_dir: Path) -> tuple[list[Path], list[str]]:
@@ -228,6 +334,9 @@ def group_runs(runs: list[RunRecord]) -> tuple[list[Configuration], list[str], d
     if len(set(labels)) != len(labels):  # short forms collided: fall back to the full values
         for c in configs.values():
             c.label = ", ".join(f"{k}={json.dumps(c.parameters.get(k))}" for k in varying)
+    for c in configs.values():
+        if all(r.settings for r in c.runs):  # without every run's config.yaml a difference cannot be told
+            c.differences = _differences(c.runs, ignore=set(c.parameters))
     return list(configs.values()), varying, common
 
 
@@ -302,6 +411,10 @@ class Comparison:
     common: dict[str, Any]
     excluded: list[tuple[str, str]]
     stage: str
+    control: Configuration | None = None
+    # (configuration label, metric) -> the paired difference against the control; None: no pair
+    paired: dict[tuple[str, str], PairedDifference | None] = field(default_factory=dict)
+    unpaired: list[str] = field(default_factory=list)  # runs with no control run of the same seeds
 
     def values(self, config: Configuration, metric: str) -> list[float]:
         """The metric's values over the configuration's runs, leaving out runs where it is undefined (NaN)."""
@@ -310,6 +423,99 @@ class Comparison:
     def stats(self, config: Configuration, metric: str) -> tuple[float, float | None, float | None]:
         values = self.values(config, metric)
         return mean_ci(values) if values else (float("nan"), None, None)
+
+
+# ---- against a control, paired by seed ----------------------------------------------------------
+
+
+def find_control(configurations: list[Configuration], wanted: str) -> Configuration:
+    """The configuration whose label is ``wanted``, or the only one whose label contains it."""
+    exact = [c for c in configurations if c.label == wanted]
+    if exact:
+        return exact[0]
+    partial = [c for c in configurations if wanted in c.label]
+    if len(partial) == 1:
+        return partial[0]
+    listed = "; ".join(repr(c.label) for c in (partial or configurations))
+    if not partial:
+        raise CompareError(f"--control {wanted!r} names no configuration (they are: {listed})")
+    raise CompareError(f"--control {wanted!r} matches {len(partial)} configurations ({listed}); give more of the label")
+
+
+def _seed_key(run: RunRecord) -> str:
+    return json.dumps(run.seed_parameters, sort_keys=True)
+
+
+def _by_seeds(config: Configuration) -> dict[str, RunRecord]:
+    found: dict[str, RunRecord] = {}
+    for run in config.runs:
+        key = _seed_key(run)
+        if key in found:
+            raise CompareError(f"runs {found[key].path} and {run.path} of {config.label!r} have the same seeds "
+                               f"({_seed_text(run)}): which one pairs with the control is ambiguous; compare one of them")
+        found[key] = run
+    return found
+
+
+def paired_difference(values: Sequence[float], control_values: Sequence[float]) -> PairedDifference | None:
+    """Mean of ``values[i] - control_values[i]`` with its 95 % Student-t half-width over the pairs;
+    pairs where either value is NaN (undefined) are left out; None when no pair is left."""
+    x, c = np.asarray(values, dtype=np.float64), np.asarray(control_values, dtype=np.float64)
+    if x.shape != c.shape:
+        raise ValueError(f"need one control value per value, got {x.shape} and {c.shape}")
+    d = (x - c)[np.isfinite(x) & np.isfinite(c)]
+    if d.size == 0:
+        return None
+    mean, half, _ = mean_ci(d)
+    return PairedDifference(mean, half, int(d.size), int((d > 0).sum()), int((d < 0).sum()))
+
+
+def pair_with_control(comparison: Comparison, control: Configuration) -> None:
+    """Fill ``comparison.paired`` and ``comparison.unpaired`` against ``control``."""
+    comparison.control = control
+    control_runs = _by_seeds(control)
+    for config in comparison.configurations:
+        if config is control:
+            continue
+        runs = _by_seeds(config)
+        matched = [key for key in runs if key in control_runs]
+        comparison.unpaired += [f"{runs[key].name} ({config.label}; {_seed_text(runs[key])})"
+                                for key in runs if key not in control_runs]
+        for metric in comparison.metrics:
+            comparison.paired[(config.label, metric)] = paired_difference(
+                [runs[k].metrics[metric] for k in matched], [control_runs[k].metrics[metric] for k in matched])
+    paired_seeds = {key for config in comparison.configurations if config is not control for key in _by_seeds(config)}
+    comparison.unpaired += [f"{run.name} (control; {_seed_text(run)})" for key, run in control_runs.items()
+                            if key not in paired_seeds]
+    if comparison.unpaired:
+        log.warning("compare: %d run(s) have no partner of the same seeds and are left out of the paired "
+                    "differences: %s", len(comparison.unpaired), ", ".join(comparison.unpaired))
+
+
+def _fmt_paired(d: PairedDifference | None) -> str:
+    if d is None:
+        return "no pair"
+    counts = f"{d.higher} higher, {d.lower} lower"
+    if d.half_width is None:
+        return f"{d.mean:+.3f} (1 pair, no CI; {counts})"
+    text = f"{d.mean:+.3f} ± {d.half_width:.3f}"
+    decisive = abs(d.mean) > d.half_width
+    return (f"**{text}**" if decisive else text) + f" ({counts})"
+
+
+def paired_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["configuration", "control", "metric", "pairs", "mean_difference", "ci95", "higher", "lower"])
+    for config in comparison.configurations:
+        if config is comparison.control:
+            continue
+        for metric in comparison.metrics:
+            d = comparison.paired[(config.label, metric)]
+            writer.writerow([config.label, comparison.control.label, metric, 0 if d is None else d.pairs,
+                             "" if d is None else repr(d.mean), "" if d is None or d.half_width is None else repr(d.half_width),
+                             "" if d is None else d.higher, "" if d is None else d.lower])
+    return buffer.getvalue()
 
 
 def summary_csv(comparison: Comparison) -> str:
@@ -341,6 +547,11 @@ def runs_csv(comparison: Comparison) -> str:
     return buffer.getvalue()
 
 
+def _difference_text(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else _short(value) if not isinstance(value, dict) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def summary_markdown(comparison: Comparison, source: str, plot_name: str | None) -> str:
     n_runs = sum(len(c.runs) for c in comparison.configurations)
     lines = [f"# Comparison of {source}", ""]
@@ -361,6 +572,34 @@ def summary_markdown(comparison: Comparison, source: str, plot_name: str | None)
                  for m in comparison.metrics]
         lines.append(f"| {config.label} | {len(config.runs)} | " + " | ".join(cells) + " |")
     lines.append("")
+    if comparison.control is not None:
+        lines += [f"## Against the control: {comparison.control.label}", "",
+                  "Paired by seed: each cell is the mean over the seeds both ran of (the run − the control's run "
+                  "of the same seeds) ± the half-width of its two-sided 95 % Student-t interval over those pairs, "
+                  "then how many pairs are above and below the control. **Bold**: the interval excludes 0, so "
+                  "the difference is larger than the seeds' spread.", "",
+                  "| configuration | pairs | " + " | ".join(comparison.metrics) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in comparison.metrics) + " |"]
+        for config in comparison.configurations:
+            if config is comparison.control:
+                continue
+            cells = [comparison.paired[(config.label, m)] for m in comparison.metrics]
+            pairs = max((d.pairs for d in cells if d is not None), default=0)
+            lines.append(f"| {config.label} | {pairs} | " + " | ".join(_fmt_paired(d) for d in cells) + " |")
+        lines.append("")
+        if comparison.unpaired:
+            lines += [f"Without a partner of the same seeds, left out of the differences ({len(comparison.unpaired)}): "
+                      + "; ".join(comparison.unpaired) + ".", ""]
+    differing = [c for c in comparison.configurations if c.differences]
+    if differing:
+        lines += ["## Runs averaged together that differ in other settings", "",
+                  "These runs share a configuration above but their `config.yaml` differs; their mean mixes "
+                  "the settings below. If a setting matters, split the runs with `--group-by KEY`.", ""]
+        for config in differing:
+            listed = "; ".join(f"`{k}`: {', '.join(_difference_text(v) for v in values)}"
+                               for k, values in config.differences.items())
+            lines.append(f"- {config.label}: {listed}")
+        lines.append("")
     if plot_name:
         lines += [f"![{plot_name}]({plot_name})", ""]
     lines += ["## Runs", "", "| run | configuration | seeds | epoch | " + " | ".join(comparison.metrics) + " |",
@@ -467,7 +706,7 @@ def plot_comparison(comparison: Comparison, metric: str, target: Path):
 
 def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None, out: str | Path | None = None,
             metrics: Sequence[str] | None = None, stage: str = "val", plot_metric: str | None = None,
-            plot: bool = True) -> Comparison:
+            plot: bool = True, control: str | None = None, group_by: Sequence[str] = ()) -> Comparison:
     """Read, group, summarise and write; returns the comparison (see the module docstring)."""
     excluded: list[tuple[str, str]] = []
     dirs = [Path(d) for d in run_dirs]
@@ -501,8 +740,15 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
         raise CompareError(f"no finished run to compare ({len(excluded)} left out: "
                            + "; ".join(f"{n}: {w}" for n, w in excluded) + ")")
     chosen = choose_metrics(runs, metrics)
+    add_group_keys(runs, group_by)
     configurations, varying, common = group_runs(runs)
     comparison = Comparison(configurations, chosen, varying, common, excluded, stage)
+    for config in configurations:
+        if config.differences:
+            log.warning("compare: the runs of %r differ in %s; their mean mixes these settings (--group-by KEY splits them)",
+                        config.label, ", ".join(config.differences))
+    if control is not None:
+        pair_with_control(comparison, find_control(configurations, control))
 
     out.mkdir(parents=True, exist_ok=True)
     plot_name = None
@@ -516,5 +762,7 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
     source = str(sweep) if sweep is not None else f"{len(dirs)} run folders"
     write_text_atomic(out / "summary.csv", summary_csv(comparison))
     write_text_atomic(out / "runs.csv", runs_csv(comparison))
+    if comparison.control is not None:
+        write_text_atomic(out / "paired.csv", paired_csv(comparison))
     write_text_atomic(out / "summary.md", summary_markdown(comparison, source, plot_name))
     return comparison

@@ -369,6 +369,102 @@ def test_compare_errors_name_the_folder(tmp_path):
         compare(sweep=only_failed)
 
 
+def test_paired_differences_against_a_control_match_hand_values(tmp_path, caplog):
+    import logging
+
+    center = {"config.loss": "experiments/center.yaml"}
+    arc = {"config.loss": "experiments/arcface.yaml"}
+    con = {"config.loss": "experiments/contrastive.yaml"}
+    recall = {"center": [0.70, 0.80, 0.74], "arcface": [0.79, 0.79, 0.75], "contrastive": [0.80, 0.91, 0.85]}
+    runs = [_hand_run(tmp_path, f"{name}{seed}", {**params, "seed_everything": seed}, recall[name][seed])
+            for name, params in (("center", center), ("arcface", arc), ("contrastive", con)) for seed in range(3)]
+    runs.append(_hand_run(tmp_path, "arcface3", {**arc, "seed_everything": 3}, 0.99))  # no control run of seed 3
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        comparison = compare(runs, out=out, control="loss=center")
+    assert "1 run(s) have no partner of the same seeds" in caplog.text and "arcface3" in caplog.text
+    # arcface − center per seed: +0.09, −0.01, +0.01 → mean 0.03, s = √(0.0028 / 2) = 0.0529150,
+    # half-width t(0.975, 2) · s / √3 = 4.302653 · 0.0529150 / 1.7320508 = 0.131448; seed 3 unpaired.
+    d = comparison.paired[("loss=arcface", "recall@fpr=1e-03")]
+    assert (d.pairs, d.higher, d.lower) == (3, 2, 1)
+    assert d.mean == pytest.approx(0.03) and d.half_width == pytest.approx(0.131448, abs=1e-6)
+    # contrastive − center: +0.10, +0.11, +0.11 → mean 0.106667, s = 0.0057735, half-width 0.014342
+    d = comparison.paired[("loss=contrastive", "recall@fpr=1e-03")]
+    assert d.mean == pytest.approx(0.106667, abs=1e-6) and d.half_width == pytest.approx(0.014342, abs=1e-6)
+    with open(out / "paired.csv", newline="") as f:
+        rows = {(r["configuration"], r["metric"]): r for r in csv.DictReader(f)}
+    row = rows[("loss=arcface", "recall@fpr=1e-03")]
+    assert row["control"] == "loss=center" and row["pairs"] == "3" and (row["higher"], row["lower"]) == ("2", "1")
+    assert float(row["mean_difference"]) == pytest.approx(0.03) and float(row["ci95"]) == pytest.approx(0.131448, abs=1e-6)
+    md = (out / "summary.md").read_text()
+    assert "## Against the control: loss=center" in md
+    # the interval holds 0 for arcface (not bold); it excludes 0 for contrastive (bold)
+    assert "| loss=arcface | 3 | +0.030 ± 0.131 (2 higher, 1 lower) |" in md
+    assert "| loss=contrastive | 3 | **+0.107 ± 0.014** (3 higher, 0 lower) |" in md
+    assert "arcface3 (loss=arcface; seed_everything=3)" in md
+    # A unique part of a label names the control too; the control itself gets no row.
+    again = compare(runs, out=tmp_path / "again", control="center", metrics=["recall@fpr=1e-03"])
+    assert again.control.label == "loss=center" and ("loss=center", "recall@fpr=1e-03") not in again.paired
+
+
+def test_control_errors_name_the_labels_and_the_runs(tmp_path):
+    runs = [_hand_run(tmp_path, f"{loss}{seed}", {"config.loss": f"experiments/{loss}.yaml", "seed_everything": seed}, 0.5)
+            for loss in ("center", "center_plain") for seed in (0, 1)]
+    with pytest.raises(CompareError, match=r"--control 'arcface' names no configuration \(they are: 'loss=center'; 'loss=center_plain'\)"):
+        compare(runs, out=tmp_path / "o", control="arcface")
+    with pytest.raises(CompareError, match=r"--control 'cent' matches 2 configurations"):
+        compare(runs, out=tmp_path / "o", control="cent")
+    # the exact label wins over a longer label that contains it
+    assert compare(runs, out=tmp_path / "o", control="loss=center").control.label == "loss=center"
+    twice = _hand_run(tmp_path, "center0-again", {"config.loss": "experiments/center.yaml", "seed_everything": 0}, 0.6)
+    with pytest.raises(CompareError, match=r"center0-again of 'loss=center' have the same seeds .*ambiguous"):
+        compare(runs + [twice], out=tmp_path / "o", control="loss=center_plain")
+
+
+def _with_config(run: Path, config: dict) -> Path:
+    (run / "csv" / "version_0" / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_runs_grouped_together_that_differ_in_their_config_are_listed_and_group_by_splits_them(tmp_path, caplog):
+    import logging
+
+    def config(seed, data_dir, synthetic):
+        return {"seed_everything": seed,
+                "trainer": {"max_epochs": 8, "default_root_dir": f"runs/r{seed}{data_dir}",  # the run's own folder
+                            "logger": [{"init_args": {"save_dir": f"runs/r{seed}{data_dir}"}}]},
+                "data": {"data_dir": data_dir, "seed": seed, "synthetic": synthetic}}
+
+    world = {"seed": 0, "nonlandmark_pool": 1500}
+    runs = [_with_config(_hand_run(tmp_path, f"r{seed}{d}", {"seed_everything": seed}, 0.5 + 0.1 * seed + (0.05 if d == "big" else 0)),
+                         config(seed, d, world if d == "small" else None))
+            for d in ("small", "big") for seed in range(3)]
+    with caplog.at_level(logging.WARNING):
+        mixed = compare(runs, out=tmp_path / "mixed")
+    # The seeds, the run folders and the loggers differ in every run: not reported. data.synthetic is
+    # one difference, a section against null (its seed left out, as every seed is).
+    assert mixed.configurations[0].differences == {"data.data_dir": ["small", "big"],
+                                                   "data.synthetic": [{"nonlandmark_pool": 1500}, None]}
+    assert "the runs of 'all runs' differ in data.data_dir, data.synthetic" in caplog.text
+    md = (tmp_path / "mixed" / "summary.md").read_text()
+    assert "## Runs averaged together that differ in other settings" in md and "`data.data_dir`: small, big" in md
+    split = compare(runs, out=tmp_path / "split", group_by=["data.data_dir"], control="data_dir=small")
+    assert [c.label for c in split.configurations] == ["data_dir=small", "data_dir=big"]
+    assert [len(c.runs) for c in split.configurations] == [3, 3]
+    # data.synthetic follows data.data_dir here, so within each group nothing differs any more
+    assert all(not c.differences for c in split.configurations)
+    d = split.paired[("data_dir=big", "recall@fpr=1e-03")]
+    assert d.mean == pytest.approx(0.05) and d.half_width == pytest.approx(0.0) and (d.higher, d.lower) == (3, 0)
+    assert "Runs averaged together" not in (tmp_path / "split" / "summary.md").read_text()
+    with pytest.raises(CompareError, match=r"--group-by data.folder: no run's config.yaml has this key"):
+        compare(runs, out=tmp_path / "o", group_by=["data.folder"])
+    with pytest.raises(CompareError, match=r"--group-by data.seed: a seed"):
+        compare(runs, out=tmp_path / "o", group_by=["data.seed"])
+    bare = _hand_run(tmp_path, "bare", {"seed_everything": 5}, 0.5)
+    with pytest.raises(CompareError, match=r"--group-by data.data_dir: .*bare/csv/version_0 has no config.yaml"):
+        compare(runs + [bare], out=tmp_path / "o", group_by=["data.data_dir"])
+
+
 # ---- one real run: `landmarks fit` through the runner ---------------------------------------------
 
 
