@@ -470,11 +470,11 @@ def test_runs_grouped_together_that_differ_in_their_config_are_listed_and_group_
 
 @pytest.mark.slow
 def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
-    """experiments/sweeps/smoke.yaml, cut to one run on the tiny world: config slot, run folder, compare."""
+    """experiments/sweeps/smoke.yaml, cut to one loss and two seeds on the tiny world: config slot, run folder, compare."""
     raw = yaml.safe_load((ROOT / "experiments" / "sweeps" / "smoke.yaml").read_text())
     raw["parameters"]["data.data_dir"] = {"value": str(tiny_world)}
     raw["parameters"]["config.loss"] = {"values": ["experiments/contrastive.yaml"]}
-    raw["parameters"]["seed_everything"] = {"values": [3]}
+    raw["parameters"]["seed_everything"] = {"values": [3, 4]}
     path = tmp_path / "one.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -490,7 +490,13 @@ def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
     assert wandb_logger["save_dir"] == str(run_dir.resolve())
     assert wandb_logger["group"] == "contrastive_no-curriculum_oracle-clean" and "sweep-smoke" in wandb_logger["tags"]
     assert (run_dir / "contrastive" / "version_0" / "metrics.csv").is_file()
+    assert [o.status for o in outcomes] == ["ok", "ok"]
     comparison = compare(sweep=out)
+    # Two seeds of one configuration: their config.yaml files differ only in the seeds and in the
+    # run's own folders, which are not differences of the configuration.
+    assert [len(c.runs) for c in comparison.configurations] == [2]
+    assert comparison.configurations[0].differences == {}
+    assert "differ in other settings" not in (out / "summary.md").read_text()
     record = comparison.configurations[0].runs[0]
     assert record.curve_file.name == "val_epoch000_precision_fpr.csv"
     with open(record.curve_file, newline="") as f:
@@ -498,7 +504,7 @@ def test_smoke_sweep_file_runs_a_real_fit(tiny_world, tmp_path, monkeypatch):
     # Accepting every query (the lowest threshold): recall = share of correct top-1 = P@1.
     assert float(curve[-1]["recall"]) == pytest.approx(record.metrics["p@1"], abs=1e-6)
     assert [float(r["fpr"]) for r in curve] == sorted(float(r["fpr"]) for r in curve)
-    assert "(n=1, no CI)" in (out / "summary.md").read_text()
+    assert "| 2 | " in (out / "summary.md").read_text()
 
 
 # What each curriculum file of a sweep's curriculum axis is (its wandb / `landmarks compare` group part).
