@@ -6,20 +6,22 @@ by their parameters minus the seed parameters (``seed_everything`` and any ``*.s
 ``landmarks sweep`` run the parameters come from its ``run.json``, for any other LightningCLI run
 folder from its ``config.yaml`` (grouped by the wandb group of :mod:`callbacks.wandb_conventions`).
 
-A run folder's other settings may differ within its group (a data folder, a callback's argument):
+A run's other settings may differ within its configuration (a data folder, a callback's argument):
 those differences are listed in ``summary.md`` and logged, never averaged over in silence, and
-``group_by`` (``--group-by KEY``, a dotted key of ``config.yaml``) splits the runs by that key.
+``group_by`` (``--group-by KEY``, a dotted key or section of ``config.yaml``) splits the runs by it.
 
 Per configuration and metric: the mean over its runs and the half-width of the two-sided 95 %
 Student-t interval, ``t(0.975, n-1) · s / √n`` with ``s`` the sample standard deviation; one
 run gives the mean and no interval.
 
 Against a control configuration (``control``, ``--control LABEL``): each run is paired with the
-control's run of the same seeds, and per configuration and metric the mean of the paired
-differences gets the same Student-t interval over the pairs, with the count of pairs above and
-below the control. Pairing removes what the seeds share (their data order, the evaluation set);
-an interval that excludes 0 says the difference is larger than the seeds' spread. Runs without a
-partner are listed. Written to the output folder:
+control's run of the same seeds (every seed parameter equal), and per configuration and metric
+the mean of the paired differences gets the same Student-t interval over the pairs, with the count
+of pairs above and below the control. Pairing takes out what runs of one seed share (the draws of
+the data order and the augmentations); an interval that excludes 0 says the difference is larger
+than the seeds' spread. Pairs where either run's metric is undefined (NaN) are left out; runs
+without a partner are listed. Runs of one configuration with the same seeds are reruns: listed, and
+an error under a control. Written to the output folder:
 
 * ``summary.md`` — the table, the runs, what was excluded and why;
 * ``summary.csv`` — one row per configuration (``<metric> mean``, ``<metric> ci95``, ``<metric> std``);
@@ -80,9 +82,9 @@ class RunRecord:
     epoch: int | None
     curve_file: Path | None = None
     status: str | None = None
-    # The run's config.yaml as dotted leaves, less what only names or displays the run (see
-    # ``_RUN_ONLY``); empty when the run folder has none.
-    settings: dict[str, Any] = field(default_factory=dict)
+    # The run's config.yaml as dotted leaves, less its seeds and what only names or displays the
+    # run (see ``_RUN_ONLY``); None when the run folder has no config.yaml.
+    settings: dict[str, Any] | None = None
 
     @property
     def seed_parameters(self) -> dict[str, Any]:
@@ -104,6 +106,13 @@ class Configuration:
     runs: list[RunRecord] = field(default_factory=list)
     # settings of config.yaml that differ between this configuration's runs: {key: distinct values}
     differences: dict[str, list[Any]] = field(default_factory=dict)
+
+    def repeated_seeds(self) -> list[list[RunRecord]]:
+        """Runs of this configuration that share their seeds: reruns, which are not independent replicates."""
+        by_seeds: dict[str, list[RunRecord]] = {}
+        for run in self.runs:
+            by_seeds.setdefault(_seed_key(run), []).append(run)
+        return [same for same in by_seeds.values() if len(same) > 1]
 
 
 @dataclass
@@ -202,7 +211,10 @@ def _parameters_from_config(config_file: Path) -> dict[str, Any]:
 
     config = yaml.safe_load(config_file.read_text())
     identity = run_identity(config)
-    return {"group": identity.group, "seed_everything": identity.seed}
+    parameters = {"group": identity.group, "seed_everything": identity.seed}
+    if identity.data_seed is not None:  # the sampler's seed: runs pair only when both seeds match
+        parameters["data.seed"] = identity.data_seed
+    return parameters
 
 
 def find_curve_file(log_dir: Path, stage: str) -> Path | None:
@@ -235,7 +247,7 @@ def load_run(run_dir: str | Path, stage: str = "val") -> RunRecord:
     if not metrics:
         raise CompareError(f"{metrics_file}: no '{stage}/' metrics logged (did the run reach an evaluation?)")
     config_file = metrics_file.parent / "config.yaml"
-    settings = _read_settings(config_file) if config_file.is_file() else {}
+    settings = _read_settings(config_file) if config_file.is_file() else None
     return RunRecord(name=run_dir.name, path=run_dir, parameters=parameters, metrics=metrics,
                      metrics_file=metrics_file, epoch=epoch, curve_file=find_curve_file(metrics_file.parent, stage),
                      status=(record or {}).get("status"), settings=settings)
@@ -246,14 +258,16 @@ def add_group_keys(runs: list[RunRecord], keys: Sequence[str]) -> None:
     for key in keys:
         if is_seed_key(key) or _RUN_ONLY.match(key):
             raise CompareError(f"--group-by {key}: a seed or a run's own name/folder cannot define a configuration")
-        without = [r for r in runs if not r.settings]
+        without = [r for r in runs if r.settings is None]
         if without:
             raise CompareError(f"--group-by {key}: {without[0].metrics_file.parent} has no config.yaml to read it from")
-        if not any(key in r.settings for r in runs):
+        values = [_value_at(r.settings, key) for r in runs]
+        if all(v == _ABSENT for v in values):
             example = sorted(runs[0].settings)[:8]
             raise CompareError(f"--group-by {key}: no run's config.yaml has this key (keys look like: {', '.join(example)})")
-        for run in runs:
-            run.parameters[key] = run.settings.get(key, _ABSENT)
+        for run, value in zip(runs, values):
+            # a section's value is its leaves, keyed by the rest of their path
+            run.parameters[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
 
 
 def _differences(runs: list[RunRecord], ignore: set[str]) -> dict[str, list[Any]]:
@@ -335,7 +349,7 @@ def group_runs(runs: list[RunRecord]) -> tuple[list[Configuration], list[str], d
         for c in configs.values():
             c.label = ", ".join(f"{k}={json.dumps(c.parameters.get(k))}" for k in varying)
     for c in configs.values():
-        if all(r.settings for r in c.runs):  # without every run's config.yaml a difference cannot be told
+        if all(r.settings is not None for r in c.runs):  # without every run's config.yaml a difference cannot be told
             c.differences = _differences(c.runs, ignore=set(c.parameters))
     return list(configs.values()), varying, common
 
@@ -431,11 +445,14 @@ class Comparison:
 def find_control(configurations: list[Configuration], wanted: str) -> Configuration:
     """The configuration whose label is ``wanted``, or the only one whose label contains it."""
     exact = [c for c in configurations if c.label == wanted]
-    if exact:
+    if exact and len(configurations) > 1:
         return exact[0]
     partial = [c for c in configurations if wanted in c.label]
     if len(partial) == 1:
         return partial[0]
+    if len(configurations) < 2:
+        raise CompareError(f"--control {wanted!r}: these runs form one configuration ({configurations[0].label!r}), "
+                           "so there is nothing to compare with it")
     listed = "; ".join(repr(c.label) for c in (partial or configurations))
     if not partial:
         raise CompareError(f"--control {wanted!r} names no configuration (they are: {listed})")
@@ -447,14 +464,10 @@ def _seed_key(run: RunRecord) -> str:
 
 
 def _by_seeds(config: Configuration) -> dict[str, RunRecord]:
-    found: dict[str, RunRecord] = {}
-    for run in config.runs:
-        key = _seed_key(run)
-        if key in found:
-            raise CompareError(f"runs {found[key].path} and {run.path} of {config.label!r} have the same seeds "
-                               f"({_seed_text(run)}): which one pairs with the control is ambiguous; compare one of them")
-        found[key] = run
-    return found
+    for first, second, *_ in config.repeated_seeds():
+        raise CompareError(f"runs {first.path} and {second.path} of {config.label!r} have the same seeds "
+                           f"({_seed_text(first)}): which one pairs with the control is ambiguous; compare one of them")
+    return {_seed_key(run): run for run in config.runs}
 
 
 def paired_difference(values: Sequence[float], control_values: Sequence[float]) -> PairedDifference | None:
@@ -474,17 +487,18 @@ def pair_with_control(comparison: Comparison, control: Configuration) -> None:
     """Fill ``comparison.paired`` and ``comparison.unpaired`` against ``control``."""
     comparison.control = control
     control_runs = _by_seeds(control)
+    paired_seeds: set[str] = set()
     for config in comparison.configurations:
         if config is control:
             continue
         runs = _by_seeds(config)
+        paired_seeds |= runs.keys()
         matched = [key for key in runs if key in control_runs]
         comparison.unpaired += [f"{runs[key].name} ({config.label}; {_seed_text(runs[key])})"
                                 for key in runs if key not in control_runs]
         for metric in comparison.metrics:
             comparison.paired[(config.label, metric)] = paired_difference(
                 [runs[k].metrics[metric] for k in matched], [control_runs[k].metrics[metric] for k in matched])
-    paired_seeds = {key for config in comparison.configurations if config is not control for key in _by_seeds(config)}
     comparison.unpaired += [f"{run.name} (control; {_seed_text(run)})" for key, run in control_runs.items()
                             if key not in paired_seeds]
     if comparison.unpaired:
@@ -492,10 +506,12 @@ def pair_with_control(comparison: Comparison, control: Configuration) -> None:
                     "differences: %s", len(comparison.unpaired), ", ".join(comparison.unpaired))
 
 
-def _fmt_paired(d: PairedDifference | None) -> str:
+def _fmt_paired(d: PairedDifference | None, row_pairs: int) -> str:
     if d is None:
         return "no pair"
     counts = f"{d.higher} higher, {d.lower} lower"
+    if d.pairs < row_pairs:  # pairs where the metric is undefined (NaN) in a run were left out
+        counts = f"{d.pairs} pairs, {counts}"
     if d.half_width is None:
         return f"{d.mean:+.3f} (1 pair, no CI; {counts})"
     text = f"{d.mean:+.3f} ± {d.half_width:.3f}"
@@ -548,7 +564,13 @@ def runs_csv(comparison: Comparison) -> str:
 
 
 def _difference_text(value: Any, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else _short(value) if not isinstance(value, dict) else json.dumps(value)
+    """A setting's value as listed under the table: strings and sections as they are, cut at ``limit``."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (dict, list)) or value is None:
+        text = json.dumps(value)
+    else:
+        text = _short(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -585,11 +607,18 @@ def summary_markdown(comparison: Comparison, source: str, plot_name: str | None)
                 continue
             cells = [comparison.paired[(config.label, m)] for m in comparison.metrics]
             pairs = max((d.pairs for d in cells if d is not None), default=0)
-            lines.append(f"| {config.label} | {pairs} | " + " | ".join(_fmt_paired(d) for d in cells) + " |")
+            lines.append(f"| {config.label} | {pairs} | " + " | ".join(_fmt_paired(d, pairs) for d in cells) + " |")
         lines.append("")
         if comparison.unpaired:
             lines += [f"Without a partner of the same seeds, left out of the differences ({len(comparison.unpaired)}): "
                       + "; ".join(comparison.unpaired) + ".", ""]
+    repeated = [(c, same) for c in comparison.configurations for same in c.repeated_seeds()]
+    if repeated:
+        lines += ["## Runs with the same seeds", "",
+                  "These runs repeat one another's seeds: reruns, not independent replicates. The interval "
+                  "above counts them as replicates, so it is narrower than the seeds' spread would give.", ""]
+        lines += [f"- {c.label}: {', '.join(r.name for r in same)} ({_seed_text(same[0])})" for c, same in repeated]
+        lines.append("")
     differing = [c for c in comparison.configurations if c.differences]
     if differing:
         lines += ["## Runs averaged together that differ in other settings", "",
@@ -747,8 +776,7 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
         if config.differences:
             log.warning("compare: the runs of %r differ in %s; their mean mixes these settings (--group-by KEY splits them)",
                         config.label, ", ".join(config.differences))
-    if control is not None:
-        pair_with_control(comparison, find_control(configurations, control))
+    control_config = find_control(configurations, control) if control is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
     plot_name = None
@@ -759,6 +787,12 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
             comparison.metrics = chosen + [plot_metric]
         plot_name = "summary.png"
         plot_comparison(comparison, plot_metric, out / plot_name)
+    for config in configurations:
+        for same in config.repeated_seeds():
+            log.warning("compare: runs %s of %r have the same seeds (%s): reruns, counted as replicates",
+                        ", ".join(r.name for r in same), config.label, _seed_text(same[0]))
+    if control_config is not None:  # after the plot metric joined the metrics: every metric gets its pairs
+        pair_with_control(comparison, control_config)
     source = str(sweep) if sweep is not None else f"{len(dirs)} run folders"
     write_text_atomic(out / "summary.csv", summary_csv(comparison))
     write_text_atomic(out / "runs.csv", runs_csv(comparison))

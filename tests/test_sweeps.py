@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cli.lightning_cli import expand_config_arguments
-from sweeps.compare import CompareError, compare, mean_ci, plot_comparison
+from sweeps.compare import CompareError, compare, mean_ci, paired_difference, plot_comparison
 from sweeps.runner import SweepRunner, available_cores
 from sweeps.spec import SweepError, load_sweep, parse_sweep
 
@@ -383,7 +383,7 @@ def test_paired_differences_against_a_control_match_hand_values(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         comparison = compare(runs, out=out, control="loss=center")
     assert "1 run(s) have no partner of the same seeds" in caplog.text and "arcface3" in caplog.text
-    # arcface − center per seed: +0.09, −0.01, +0.01 → mean 0.03, s = √(0.0028 / 2) = 0.0529150,
+    # arcface − center per seed: +0.09, −0.01, +0.01 → mean 0.03, s = √(0.0056 / 2) = 0.0529150,
     # half-width t(0.975, 2) · s / √3 = 4.302653 · 0.0529150 / 1.7320508 = 0.131448; seed 3 unpaired.
     d = comparison.paired[("loss=arcface", "recall@fpr=1e-03")]
     assert (d.pairs, d.higher, d.lower) == (3, 2, 1)
@@ -421,6 +421,68 @@ def test_control_errors_name_the_labels_and_the_runs(tmp_path):
         compare(runs + [twice], out=tmp_path / "o", control="loss=center_plain")
 
 
+def test_paired_differences_leave_out_undefined_pairs_and_cover_the_plotted_metric(tmp_path):
+    def run(name, loss, seed, recall, precision):
+        folder = tmp_path / name
+        log_dir = folder / "csv" / "version_0"
+        log_dir.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"name": name, "status": "ok", "exit_code": 0,
+                                                     "parameters": {"loss": loss, "seed_everything": seed}}))
+        header, values = ["epoch", "step", "val/recall@fpr=1e-03", "val/p@1"], [4, 50, recall, 0.9]
+        if precision is not None:  # nothing accepted: precision undefined, not logged
+            header, values = header + ["val/precision@fpr=1e-03"], values + [precision]
+        (log_dir / "metrics.csv").write_text(",".join(header) + "\n" + ",".join(map(str, values)) + "\n")
+        return folder
+
+    runs = [run("a0", "a", 0, 0.5, 0.8), run("a1", "a", 1, 0.6, 0.9), run("a2", "a", 2, 0.7, 0.7),
+            run("b0", "b", 0, 0.6, 0.9), run("b1", "b", 1, 0.7, None), run("b2", "b", 2, 0.8, 0.8)]
+    # The plotted metric joins the metrics after they are chosen: it is paired too.
+    comparison = compare(runs, out=tmp_path / "out", control="loss=a", metrics=["recall@fpr=1e-03"],
+                         plot_metric="precision@fpr=1e-03")
+    assert comparison.paired[("loss=b", "recall@fpr=1e-03")].pairs == 3
+    d = comparison.paired[("loss=b", "precision@fpr=1e-03")]  # seed 1 undefined in b: 2 pairs, +0.1 each
+    assert (d.pairs, d.higher, d.lower) == (2, 2, 0) and d.mean == pytest.approx(0.1)
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| loss=b | 3 | **+0.100 ± 0.000** (3 higher, 0 lower) | **+0.100 ± 0.000** (2 pairs, 2 higher, 0 lower) |" in md
+    with pytest.raises(CompareError, match=r"--control 'loss=a': these runs form one configuration"):
+        compare(runs[:3], out=tmp_path / "o", control="loss=a")
+    with pytest.raises(ValueError, match="one control value per value"):
+        paired_difference([0.1, 0.2], [0.1])
+
+
+def test_runs_with_the_same_seeds_are_reported_as_reruns(tmp_path, caplog):
+    import logging
+
+    runs = [_hand_run(tmp_path, name, {"seed_everything": 0}, recall) for name, recall in (("r0", 0.7), ("r0-again", 0.7))]
+    with caplog.at_level(logging.WARNING):
+        compare(runs, out=tmp_path / "out")
+    assert "runs r0, r0-again of 'all runs' have the same seeds (seed_everything=0)" in caplog.text
+    assert "## Runs with the same seeds" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def _lightning_run(root: Path, name: str, config: dict, recall: float) -> Path:
+    """A LightningCLI run folder (config.yaml beside metrics.csv, no run.json)."""
+    run = _hand_run(root, name, {}, recall)
+    (run / "run.json").unlink()
+    return _with_config(run, config)
+
+
+def test_lightning_run_folders_pair_only_when_every_seed_matches(tmp_path):
+    def config(loss, seed, data_seed):
+        return {"seed_everything": seed, "model": {"loss": {"class_path": f"losses.{loss}"}}, "data": {"seed": data_seed}}
+
+    runs = [_lightning_run(tmp_path, "c0", config("CenterSoftmaxLoss", 0, 0), 0.5),
+            _lightning_run(tmp_path, "c1", config("CenterSoftmaxLoss", 1, 1), 0.6),
+            _lightning_run(tmp_path, "a0", config("ArcFaceLoss", 0, 0), 0.7),
+            _lightning_run(tmp_path, "a1", config("ArcFaceLoss", 1, 7), 0.9)]  # another sampler seed: no partner
+    comparison = compare(runs, out=tmp_path / "out", control="center")
+    d = comparison.paired[("group=arcface_no-curriculum_raw-db", "recall@fpr=1e-03")]
+    assert d.pairs == 1 and d.mean == pytest.approx(0.2)
+    assert any(u.startswith("a1 (") for u in comparison.unpaired) and any(u.startswith("c1 (") for u in comparison.unpaired)
+    # Runs whose data.seed alone differs are two replicates, not a rerun.
+    assert not comparison.configurations[0].repeated_seeds()
+
+
 def _with_config(run: Path, config: dict) -> Path:
     (run / "csv" / "version_0" / "config.yaml").write_text(yaml.safe_dump(config))
     return run
@@ -456,6 +518,10 @@ def test_runs_grouped_together_that_differ_in_their_config_are_listed_and_group_
     d = split.paired[("data_dir=big", "recall@fpr=1e-03")]
     assert d.mean == pytest.approx(0.05) and d.half_width == pytest.approx(0.0) and (d.higher, d.lower) == (3, 0)
     assert "Runs averaged together" not in (tmp_path / "split" / "summary.md").read_text()
+    # The section the listing names can be the key to group by: a mapping against null.
+    by_section = compare(runs, out=tmp_path / "section", group_by=["data.synthetic"])
+    assert [len(c.runs) for c in by_section.configurations] == [3, 3]
+    assert [c.parameters["data.synthetic"] for c in by_section.configurations] == ['{"nonlandmark_pool": 1500}', None]
     with pytest.raises(CompareError, match=r"--group-by data.folder: no run's config.yaml has this key"):
         compare(runs, out=tmp_path / "o", group_by=["data.folder"])
     with pytest.raises(CompareError, match=r"--group-by data.seed: a seed"):
