@@ -512,9 +512,10 @@ def _fmt_paired(d: PairedDifference | None, row_pairs: int) -> str:
     counts = f"{d.higher} higher, {d.lower} lower"
     if d.pairs < row_pairs:  # pairs where the metric is undefined (NaN) in a run were left out
         counts = f"{d.pairs} pairs, {counts}"
+    mean = d.mean if round(d.mean, 3) != 0 else 0.0  # no "-0.000" for a difference that rounds to nothing
     if d.half_width is None:
-        return f"{d.mean:+.3f} (1 pair, no CI; {counts})"
-    text = f"{d.mean:+.3f} ± {d.half_width:.3f}"
+        return f"{mean:+.3f} (1 pair, no CI; {counts})"
+    text = f"{mean:+.3f} ± {d.half_width:.3f}"
     decisive = abs(d.mean) > d.half_width
     return (f"**{text}**" if decisive else text) + f" ({counts})"
 
