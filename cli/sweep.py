@@ -1,8 +1,9 @@
 """``landmarks sweep`` and ``landmarks compare``: the command line of :mod:`sweeps`.
 
 The work is :class:`sweeps.runner.SweepRunner` (one process per run, resumable) and
-:func:`sweeps.compare.compare` (mean ± 95 % CI over seeds; with ``--control``, differences paired by seed). A bad sweep file or run folder is a
-``SweepError`` / ``CompareError``, reported by :mod:`cli.main` in one line.
+:func:`sweeps.compare.compare` (mean ± 95 % CI over seeds; with ``--control``, differences paired
+by seed). A bad sweep file or run folder is a ``SweepError`` / ``CompareError``, reported by
+:mod:`cli.main` in one line.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a configuration (its label in the table, or a unique part of it): every other one "
                              "gets its mean difference to it, paired by seed, with a 95 %% CI")
     parser.add_argument("--group-by", action="append", default=[], metavar="KEY",
-                        help="a dotted config.yaml key (e.g. data.data_dir) that splits runs into configurations, "
-                             "repeatable")
+                        help="a dotted config.yaml key or section (e.g. data.data_dir) that splits runs into "
+                             "configurations, repeatable")
 
 
 def run_compare_command(args: argparse.Namespace) -> int:

@@ -444,15 +444,15 @@ class Comparison:
 
 def find_control(configurations: list[Configuration], wanted: str) -> Configuration:
     """The configuration whose label is ``wanted``, or the only one whose label contains it."""
+    if len(configurations) < 2:
+        raise CompareError(f"--control {wanted!r}: these runs form one configuration ({configurations[0].label!r}), "
+                           "so there is nothing to compare with it")
     exact = [c for c in configurations if c.label == wanted]
-    if exact and len(configurations) > 1:
+    if exact:
         return exact[0]
     partial = [c for c in configurations if wanted in c.label]
     if len(partial) == 1:
         return partial[0]
-    if len(configurations) < 2:
-        raise CompareError(f"--control {wanted!r}: these runs form one configuration ({configurations[0].label!r}), "
-                           "so there is nothing to compare with it")
     listed = "; ".join(repr(c.label) for c in (partial or configurations))
     if not partial:
         raise CompareError(f"--control {wanted!r} names no configuration (they are: {listed})")
@@ -617,7 +617,7 @@ def summary_markdown(comparison: Comparison, source: str, plot_name: str | None)
     if repeated:
         lines += ["## Runs with the same seeds", "",
                   "These runs repeat one another's seeds: reruns, not independent replicates. The interval "
-                  "above counts them as replicates, so it is narrower than the seeds' spread would give.", ""]
+                  "above counts them as replicates, so it is narrower than independent seeds would give.", ""]
         lines += [f"- {c.label}: {', '.join(r.name for r in same)} ({_seed_text(same[0])})" for c, same in repeated]
         lines.append("")
     differing = [c for c in comparison.configurations if c.differences]

@@ -446,6 +446,8 @@ def test_paired_differences_leave_out_undefined_pairs_and_cover_the_plotted_metr
     assert "| loss=b | 3 | **+0.100 ± 0.000** (3 higher, 0 lower) | **+0.100 ± 0.000** (2 pairs, 2 higher, 0 lower) |" in md
     with pytest.raises(CompareError, match=r"--control 'loss=a': these runs form one configuration"):
         compare(runs[:3], out=tmp_path / "o", control="loss=a")
+    with pytest.raises(CompareError, match=r"--control 'all runs': these runs form one configuration \('all runs'\)"):
+        compare(runs[:3], out=tmp_path / "o", control="all runs")  # its own label: still nothing to compare
     with pytest.raises(ValueError, match="one control value per value"):
         paired_difference([0.1, 0.2], [0.1])
 
