@@ -17,8 +17,8 @@ run gives the mean and no interval.
 Against a control configuration (``control``, ``--control LABEL``): each run is paired with the
 control's run of the same seeds (every seed parameter equal), and per configuration and metric
 the mean of the paired differences gets the same Student-t interval over the pairs, with the count
-of pairs above and below the control. Pairing takes out what runs of one seed share (the draws of
-the data order and the augmentations); an interval that excludes 0 says the difference is larger
+of pairs above and below the control. Pairing takes out what runs of one seed share (their random
+draws: initial weights, data order, augmentations); an interval that excludes 0 says the difference is larger
 than the seeds' spread. Pairs where either run's metric is undefined (NaN) are left out; runs
 without a partner are listed. Runs of one configuration with the same seeds are reruns: listed, and
 an error under a control. Written to the output folder:
