@@ -515,7 +515,9 @@ def _fmt_paired(d: PairedDifference | None, row_pairs: int) -> str:
     mean = d.mean if round(d.mean, 3) != 0 else 0.0  # no "-0.000" for a difference that rounds to nothing
     if d.half_width is None:
         return f"{mean:+.3f} (1 pair, no CI; {counts})"
-    text = f"{mean:+.3f} ± {d.half_width:.3f}"
+    # Where the mean and the half-width round alike, a fourth digit shows which side of 0 the interval is.
+    digits = 4 if f"{abs(mean):.3f}" == f"{d.half_width:.3f}" else 3
+    text = f"{mean:+.{digits}f} ± {d.half_width:.{digits}f}"
     decisive = abs(d.mean) > d.half_width
     return (f"**{text}**" if decisive else text) + f" ({counts})"
 

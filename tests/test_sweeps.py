@@ -13,7 +13,15 @@ import pytest
 import yaml
 
 from cli.lightning_cli import expand_config_arguments
-from sweeps.compare import CompareError, compare, mean_ci, paired_difference, plot_comparison
+from sweeps.compare import (
+    CompareError,
+    PairedDifference,
+    _fmt_paired,
+    compare,
+    mean_ci,
+    paired_difference,
+    plot_comparison,
+)
 from sweeps.runner import SweepRunner, available_cores
 from sweeps.spec import SweepError, load_sweep, parse_sweep
 
@@ -450,6 +458,9 @@ def test_paired_differences_leave_out_undefined_pairs_and_cover_the_plotted_metr
         compare(runs[:3], out=tmp_path / "o", control="all runs")  # its own label: still nothing to compare
     with pytest.raises(ValueError, match="one control value per value"):
         paired_difference([0.1, 0.2], [0.1])
+    # A mean and a half-width that round alike get a fourth digit, so the bold can be checked by eye.
+    assert _fmt_paired(PairedDifference(-0.07147, 0.070662, 3, 0, 3), 3) == "**-0.0715 ± 0.0707** (0 higher, 3 lower)"
+    assert _fmt_paired(PairedDifference(0.0701, 0.0704, 3, 2, 1), 3) == "+0.0701 ± 0.0704 (2 higher, 1 lower)"
 
 
 def test_runs_with_the_same_seeds_are_reported_as_reruns(tmp_path, caplog):
