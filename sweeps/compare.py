@@ -196,20 +196,23 @@ def flatten_settings(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: config}
 
 
-def _read_settings(config_file: Path) -> dict[str, Any]:
+def _read_config(config_file: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise CompareError(f"{config_file}: cannot read it as YAML ({err})") from None
     if not isinstance(config, dict):
         raise CompareError(f"{config_file}: not a LightningCLI config (a mapping at the top)")
+    return config
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten_settings(config).items() if not (_RUN_ONLY.match(k) or is_seed_key(k))}
 
 
-def _parameters_from_config(config_file: Path) -> dict[str, Any]:
+def _parameters_from_config(config: dict[str, Any]) -> dict[str, Any]:
     from callbacks.wandb_conventions import run_identity
 
-    config = yaml.safe_load(config_file.read_text())
     identity = run_identity(config)
     parameters = {"group": identity.group, "seed_everything": identity.seed}
     if identity.data_seed is not None:  # the sampler's seed: runs pair only when both seeds match
@@ -236,18 +239,19 @@ def load_run(run_dir: str | Path, stage: str = "val") -> RunRecord:
         raise CompareError(f"{run_dir}: not a folder")
     record = read_run_json(run_dir)
     metrics_file = find_metrics_file(run_dir)
+    config_file = metrics_file.parent / "config.yaml"
+    config = _read_config(config_file) if config_file.is_file() else None
     if record is not None:
         parameters = dict(record.get("parameters") or {})
-    elif (metrics_file.parent / "config.yaml").is_file():
-        parameters = _parameters_from_config(metrics_file.parent / "config.yaml")
+    elif config is not None:
+        parameters = _parameters_from_config(config)
     else:
         raise CompareError(f"{run_dir}: no run.json (from landmarks sweep) and no config.yaml next to "
                            f"{metrics_file.name}: the run's parameters are unknown")
     metrics, epoch = read_final_metrics(metrics_file, stage)
     if not metrics:
         raise CompareError(f"{metrics_file}: no '{stage}/' metrics logged (did the run reach an evaluation?)")
-    config_file = metrics_file.parent / "config.yaml"
-    settings = _read_settings(config_file) if config_file.is_file() else None
+    settings = _settings(config) if config is not None else None
     return RunRecord(name=run_dir.name, path=run_dir, parameters=parameters, metrics=metrics,
                      metrics_file=metrics_file, epoch=epoch, curve_file=find_curve_file(metrics_file.parent, stage),
                      status=(record or {}).get("status"), settings=settings)
@@ -779,6 +783,9 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
         if config.differences:
             log.warning("compare: the runs of %r differ in %s; their mean mixes these settings (--group-by KEY splits them)",
                         config.label, ", ".join(config.differences))
+        for same in config.repeated_seeds():
+            log.warning("compare: runs %s of %r have the same seeds (%s): reruns, counted as replicates",
+                        ", ".join(r.name for r in same), config.label, _seed_text(same[0]))
     control_config = find_control(configurations, control) if control is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
@@ -790,10 +797,6 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
             comparison.metrics = chosen + [plot_metric]
         plot_name = "summary.png"
         plot_comparison(comparison, plot_metric, out / plot_name)
-    for config in configurations:
-        for same in config.repeated_seeds():
-            log.warning("compare: runs %s of %r have the same seeds (%s): reruns, counted as replicates",
-                        ", ".join(r.name for r in same), config.label, _seed_text(same[0]))
     if control_config is not None:  # after the plot metric joined the metrics: every metric gets its pairs
         pair_with_control(comparison, control_config)
     source = str(sweep) if sweep is not None else f"{len(dirs)} run folders"
