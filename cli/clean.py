@@ -15,6 +15,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from cli.argtypes import fraction, nonnegative_int, positive_int
 from cli.logs import quieter
 from core.errors import UserError
 
@@ -49,9 +50,9 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
                         help="unknown manifest columns: error (default) or keep them unread")
 
     embed = parser.add_argument_group("embedding (with --checkpoint / --backbone)")
-    embed.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (224 for a backbone)")
-    embed.add_argument("--batch-size", type=int, default=64)
-    embed.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    embed.add_argument("--image-size", type=positive_int, default=None, help="default: the checkpoint's (224 for a backbone)")
+    embed.add_argument("--batch-size", type=positive_int, default=64)
+    embed.add_argument("--num-workers", type=nonnegative_int, default=0, help="data loader workers")
     embed.add_argument("--accelerator", default="auto")
     embed.add_argument("--devices", default="1", help="e.g. 4 (with --strategy ddp) or auto")
     embed.add_argument("--strategy", default="auto")
@@ -67,12 +68,12 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"{PARAM_HELP.get(f.name, f.name.replace('_', ' '))} (default {default})")
     algo.add_argument("--force", action="store_true",
                       help="apply the decisions even when the model is too weak to clean with (--min-separability)")
-    algo.add_argument("--jobs", type=int, default=None,
+    algo.add_argument("--jobs", type=positive_int, default=None,
                       help="processes for the per-landmark clustering (default: CPUs for >= 20k rows, else 1)")
 
     out = parser.add_argument_group("report")
     out.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
-    out.add_argument("--report-landmarks", type=int, default=300, help="landmarks shown in the report (default 300)")
+    out.add_argument("--report-landmarks", type=nonnegative_int, default=300, help="landmarks shown in the report (default 300)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -136,13 +137,13 @@ def add_clean_tune_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--embeddings", help=".npy rows in manifest order")
     parser.add_argument("--nonlandmarks", help="non-landmark pool CSV")
     parser.add_argument("--nonlandmark-embeddings", help=".npy rows in --nonlandmarks order")
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=positive_int, default=None)
     parser.add_argument("--cache-dir", default="runs/cleaning/cache")
     parser.add_argument("--grid", default=None, help="JSON {param: [values]} (default: cleaning.tune.DEFAULT_GRID)")
-    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--folds", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-precision", type=float, default=0.95)
-    parser.add_argument("--target-recall", type=float, default=0.90)
+    parser.add_argument("--target-precision", type=fraction, default=0.95)
+    parser.add_argument("--target-recall", type=fraction, default=0.90)
     parser.add_argument("--out", default=None, help="JSON file for every combination's scores")
 
 
@@ -188,7 +189,7 @@ def add_clean_separability_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat; NAME without '=')")
     parser.add_argument("--decisions", action="append", default=[],
                         help="NAME=clean.csv of a `landmarks clean` run on --manifest: its operating point is plotted")
-    parser.add_argument("--recall", type=float, default=0.90, help="required recall for the reported precision")
+    parser.add_argument("--recall", type=fraction, default=0.90, help="required recall for the reported precision")
     parser.add_argument("--cache-dir", default="runs/cleaning/cache")
     parser.add_argument("--out", required=True, help="folder for separability.json and separability.png")
 

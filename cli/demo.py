@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from callbacks import RetrievalEvaluation
+from cli.argtypes import positive_float, positive_int, rate
 from core.atomic import write_json_atomic
 from core.errors import UserError
 from core.labels import NONLANDMARK
@@ -96,13 +97,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", default=None,
                         help="world folder (default data/synthetic, data/synthetic-seed<N> for other seeds)")
     parser.add_argument("--tiny", action="store_true", help="a miniature world and fit (a smoke test, ~1 min)")
-    parser.add_argument("--target-fpr", type=float, default=1e-3, help="false-positive rate the threshold is "
+    parser.add_argument("--target-fpr", type=rate, default=1e-3, help="false-positive rate the threshold is "
                         "calibrated for (default 1e-3)")
     parser.add_argument("--calibration-rule", choices=CALIBRATION_RULES, default=DEMO_CALIBRATION_RULE,
                         help="how the threshold reads --target-fpr: empirical (default), at most that share of "
                              "calibration.csv; conformal, at most that rate of new photos in expectation, for less "
                              "recall (`landmarks index --calibration-rule`; EXPERIMENTS.md)")
-    parser.add_argument("--warmup-epochs", type=int, default=3,
+    parser.add_argument("--warmup-epochs", type=positive_int, default=3,
                         help="epochs on the noisy DB before cleaning, counted in trainer.max_epochs (default 3)")
     parser.add_argument("--no-imprint", dest="imprint", action="store_false",
                         help="start the main fit's class weights at random, not at the cleaned DB's class means under "
@@ -112,7 +113,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-penalty", dest="penalty", action="store_false",
                         help="index without the non-landmark penalty (the control; it is on by default: "
                              "EXPERIMENTS.md, 'non-landmark penalty')")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=None, metavar="S",
                         help="scales (multiples of the 96 px input) the fit's evaluation and the shipped index embed "
                              "at; default 1.25, measured best on this chain (EXPERIMENTS.md); "
                              "`--scales 1`: the input size, `--scales 1 1.414`: landmarks index's default")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli.argtypes import nonnegative_int, positive_int
 from core.atomic import write_json_atomic
 from core.errors import UserError
 
@@ -32,10 +33,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a LandmarkModule checkpoint (loaded with weights_only=True)")
     model.add_argument("--backbone", help="a timm backbone with offline ImageNet weights, e.g. mobilenetv2_100")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="network input side (default: the checkpoint's training size; 224 for a backbone)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--workers", type=nonnegative_int, default=2, help="data loader worker processes")
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
 
 
@@ -58,9 +59,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     gldv2.add_argument("--cache-dir", default=None, help="embedding cache (retrieval.embed), reused across runs")
     gldv2.add_argument("--checkpoint", default=None, help="with --gallery: a LandmarkModule checkpoint")
     gldv2.add_argument("--backbone", default=None, help="with --gallery: a backbone with offline ImageNet weights")
-    gldv2.add_argument("--image-size", type=int, default=None, help="network input side (default: the model's)")
-    gldv2.add_argument("--batch-size", type=int, default=64)
-    gldv2.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    gldv2.add_argument("--image-size", type=positive_int, default=None, help="network input side (default: the model's)")
+    gldv2.add_argument("--batch-size", type=positive_int, default=64)
+    gldv2.add_argument("--workers", type=nonnegative_int, default=2, help="data loader worker processes")
     gldv2.add_argument("--out", default=None, help="write the metrics as JSON here")
 
 

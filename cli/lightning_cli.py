@@ -38,6 +38,7 @@ from core.errors import UserError
 from datamodules import LandmarkDataModule
 from lightning_modules import LandmarkModule
 from lightning_modules.embedding_net import check_backbone
+from lightning_modules.landmark_module import read_checkpoint
 
 log = logging.getLogger(__name__)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -172,6 +173,9 @@ class LandmarkCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not os.path.isfile(ckpt_path):
             return
+        # Lightning reads the file unguarded here: a truncated or foreign file would end in a
+        # traceback (an unpickling error, a KeyError), so it is checked first.
+        read_checkpoint(ckpt_path)
         given = self.parser.parse_args(self._given_args, defaults=False)
         super()._parse_ckpt_path()
         for key, value in given.items(branches=False):

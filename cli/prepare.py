@@ -18,6 +18,8 @@ import argparse
 import json
 import logging
 
+from cli.argtypes import jpeg_quality, positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -55,13 +57,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("--out", required=True, help="output folder (run again to resume an interrupted run)")
     shards.add_argument("--kind", choices=("auto", "landmark", "nonlandmark"), default="auto",
                         help="manifest kind (default: landmark when it has a landmark_id column)")
-    shards.add_argument("--max-side", type=int, default=256,
+    shards.add_argument("--max-side", type=positive_int, default=256,
                         help="longer side of the stored images in pixels (default 256: training at up to 128 px "
                              "decodes at 2x; use 512 for 224-256 px training)")
-    shards.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    shards.add_argument("--samples-per-shard", type=int, default=1000,
+    shards.add_argument("--quality", type=jpeg_quality, default=90, help="JPEG quality of re-encoded images (default 90)")
+    shards.add_argument("--samples-per-shard", type=positive_int, default=1000,
                         help="images per tar file (default 1000: ~10-100 MB shards at 256-512 px)")
-    shards.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    shards.add_argument("--workers", type=positive_int, default=1, help="processes writing shards in parallel")
     shards.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
                         help="unreadable source images: skip with a logged count (default) or fail naming the row")
     shards.add_argument("--extra-columns", choices=("error", "ignore"), default="error",

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cli.argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from cli.logs import quieter
 from core.atomic import write_json_atomic
 from core.errors import UserError
@@ -270,23 +271,23 @@ def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="the realphotos folder (with MANIFEST.csv)")
     parser.add_argument("--out", default="runs/realphotos", help="run folder (manifests, checkpoints, results.json)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-landmarks", type=int, default=8)
-    parser.add_argument("--train-nonlandmarks", type=int, default=60,
+    parser.add_argument("--train-landmarks", type=positive_int, default=8)
+    parser.add_argument("--train-nonlandmarks", type=nonnegative_int, default=60,
                         help="the rest (104 of 164) are distractors: enough to resolve FPR 1e-2")
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backbone-lr-scale", type=float, default=1.0,
+    parser.add_argument("--image-size", type=positive_int, default=160)
+    parser.add_argument("--epochs", type=positive_int, default=5)
+    parser.add_argument("--lr", type=positive_float, default=3e-4)
+    parser.add_argument("--workers", type=nonnegative_int, default=2)
+    parser.add_argument("--backbone-lr-scale", type=nonnegative_float, default=1.0,
                         help="the backbone's learning rate as a multiple of --lr (head and loss: --lr)")
-    parser.add_argument("--l2sp", type=float, default=0.0,
+    parser.add_argument("--l2sp", type=nonnegative_float, default=0.0,
                         help="L2-SP weight: pull the backbone towards its ImageNet start (0: off)")
     parser.add_argument("--freeze-bn", action="store_true",
                         help="keep the backbone's BatchNorm statistics at their ImageNet values")
-    parser.add_argument("--wise-ft", type=float, nargs="*", default=[], metavar="ALPHA",
+    parser.add_argument("--wise-ft", type=fraction, nargs="*", default=[], metavar="ALPHA",
                         help="also score the fine-tuned backbone's weights interpolated towards ImageNet "
                              "(WiSE-FT): (1 - ALPHA) x ImageNet + ALPHA x fine-tuned, one row per ALPHA")
-    parser.add_argument("--ensemble", type=float, nargs="*", default=[], metavar="ALPHA",
+    parser.add_argument("--ensemble", type=fraction, nargs="*", default=[], metavar="ALPHA",
                         help="also score the fine-tuned backbone together with the ImageNet start (two passes; a "
                              "cosine is (1 - ALPHA) x ImageNet's + ALPHA x the fine-tune's), one row per ALPHA")
     parser.add_argument("--curve", action="store_true",

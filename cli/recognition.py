@@ -13,6 +13,15 @@ import os
 import pathlib
 import sys
 
+from cli.argtypes import (
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    rate,
+    torch_device,
+)
 from core.errors import UserError
 
 _DEFAULT_CACHE = "runs/embedding-cache"
@@ -63,35 +72,35 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                         "rows with decision=remove are left out")
     parser.add_argument("--out", required=True, help="index directory to write (replaced atomically if it is an index)")
     _add_model_arguments(parser, required=True)
-    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (320 for a backbone: measured on real photos)")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="default: the checkpoint's (320 for a backbone: measured on real photos)")
     _add_precision_argument(parser)
-    parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=None, metavar="S",
                         help="multi-scale embedding: each photo (and every query) is embedded at these multiples "
                              "of --image-size and the unit embeddings summed (default: 1 1.414, measured on real photos "
                              "and on the demo's checkpoints, at 3x the forward time; `--scales 1`: one scale)")
     cal = parser.add_argument_group("threshold")
     cal.add_argument("--nonlandmarks", help="non-landmark calibration photos: CSV (path) or folder")
-    cal.add_argument("--target-fpr", type=float, default=1e-3, help="calibrated false-positive rate (default 1e-3)")
+    cal.add_argument("--target-fpr", type=rate, default=1e-3, help="calibrated false-positive rate (default 1e-3)")
     cal.add_argument("--calibration-rule", choices=CALIBRATION_RULES, default="empirical",
                      help="empirical (default): at most --target-fpr of these photos pass; conformal: at most "
                           "--target-fpr of new photos, in expectation (one photo fewer passes at 2,000 and 1e-3, "
                           "for less recall; docs/inference.md)")
     cal.add_argument("--allow-unresolved-fpr", action="store_true",
                      help="calibrate even with fewer than 1/FPR non-landmark photos (loud warning)")
-    cal.add_argument("--threshold", type=float, help="a fixed threshold instead of calibration")
+    cal.add_argument("--threshold", type=finite_float, help="a fixed threshold instead of calibration")
     rep = parser.add_argument_group("representation")
     rep.add_argument("--representation", choices=("centroids", "mean", "all"), default="centroids",
                      help="per-landmark shooting-angle centroids (default), one mean, or every photo")
     defaults = CentroidParams()
-    rep.add_argument("--distance-threshold", type=float, default=defaults.distance_threshold,
+    rep.add_argument("--distance-threshold", type=nonnegative_float, default=defaults.distance_threshold,
                      help=f"cosine distance at which a landmark's dendrogram is cut into angle clusters "
                           f"(default {defaults.distance_threshold:g}, measured on the trained demo models)")
     rep.add_argument("--linkage", default=defaults.linkage, help="agglomerative linkage (average, complete, ward, ...)")
-    rep.add_argument("--max-centroids", type=int, default=defaults.max_centroids, help="most centroids per landmark")
-    rep.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size,
+    rep.add_argument("--max-centroids", type=positive_int, default=defaults.max_centroids, help="most centroids per landmark")
+    rep.add_argument("--min-cluster-size", type=positive_int, default=defaults.min_cluster_size,
                      help=f"smaller clusters are dropped as noise (default {defaults.min_cluster_size}; "
                           f"a landmark keeps at least its largest)")
-    rep.add_argument("--few-photos", type=int, default=defaults.few_photos,
+    rep.add_argument("--few-photos", type=nonnegative_int, default=defaults.few_photos,
                      help=f"a landmark with fewer photos keeps every photo instead of clusters "
                           f"(default {defaults.few_photos}; 0 clusters every landmark)")
     rep.add_argument("--few-photos-mean", action="store_true",
@@ -99,32 +108,32 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     idx = parser.add_argument_group("FAISS index")
     idx.add_argument("--index-kind", choices=("flat", "ivf", "ivfpq", "hnsw"), default="flat",
                      help="flat = exact (default); ivf / ivfpq / hnsw for millions of centroids")
-    idx.add_argument("--nlist", type=int, help="IVF lists")
-    idx.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query")
-    idx.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (must divide the embedding size)")
-    idx.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
-    idx.add_argument("--ef-search", type=int, default=128, help="HNSW search width")
+    idx.add_argument("--nlist", type=positive_int, help="IVF lists")
+    idx.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists scanned per query")
+    idx.add_argument("--pq-m", type=positive_int, help="IVF-PQ sub-quantisers (must divide the embedding size)")
+    idx.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW graph degree")
+    idx.add_argument("--ef-search", type=positive_int, default=128, help="HNSW search width")
     pen = parser.add_argument_group("non-landmark penalty (off unless --nonlandmark-pool)")
     pen.add_argument("--nonlandmark-pool", help="known non-landmark photos (CSV with path, or folder; not the "
                      "--nonlandmarks calibration photos): every score is lowered by --penalty-weight × the photo's "
                      "mean cosine to its --penalty-k nearest of them")
     pdefaults = PenaltyParams()
-    pen.add_argument("--penalty-weight", type=float, default=pdefaults.weight,
+    pen.add_argument("--penalty-weight", type=nonnegative_float, default=pdefaults.weight,
                      help=f"default {pdefaults.weight} (measured best of 0.1-1)")
-    pen.add_argument("--penalty-k", type=int, default=pdefaults.k,
+    pen.add_argument("--penalty-k", type=positive_int, default=pdefaults.k,
                      help=f"nearest pool photos averaged (default {pdefaults.k}; 5 measured lower)")
     des = parser.add_argument_group(
         "global descriptor post-processing (off by default: none beat the index without it on real photos; "
         "EXPERIMENTS.md, 'whitening, query expansion and database-side augmentation')")
-    des.add_argument("--whiten", type=float, default=0.0, metavar="POWER",
+    des.add_argument("--whiten", type=nonnegative_float, default=0.0, metavar="POWER",
                      help="PCA-whitening fitted on the DB photos (and the --nonlandmark-pool), components scaled by "
                           "(variance + shrink x mean variance)^-POWER: 0.5 full, 0.25 partial (0: off)")
     des.add_argument("--whiten-shrink", type=float, default=1.0, help="whitening shrinkage (default 1)")
-    des.add_argument("--dba", type=int, default=0, metavar="N",
+    des.add_argument("--dba", type=nonnegative_int, default=0, metavar="N",
                      help="database-side augmentation: each DB photo plus its N nearest DB photos (0: off)")
-    des.add_argument("--query-expansion", type=int, default=0, metavar="N",
+    des.add_argument("--query-expansion", type=nonnegative_int, default=0, metavar="N",
                      help="alpha-query expansion: each query plus its N nearest index vectors (0: off)")
-    des.add_argument("--expansion-alpha", type=float, default=3.0,
+    des.add_argument("--expansion-alpha", type=nonnegative_float, default=3.0,
                      help="DBA and query expansion weigh a neighbour by max(cosine, 0)^ALPHA (default 3)")
     ver = parser.add_argument_group("spatial verification (off by default: EXPERIMENTS.md, 'spatial verification')")
     ver.add_argument("--verify", action="store_true",
@@ -134,15 +143,15 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     ver.add_argument("--verify-local", choices=LOCAL_KINDS, default="sift",
                      help="local features: OpenCV SIFT, or DELF-style cells of the model's own stride-16 feature map "
                           "(cnn); the options below default to each kind's measured values")
-    ver.add_argument("--verify-candidates", type=int, help=f"landmarks verified per query ({sift.candidates})")
-    ver.add_argument("--verify-photos", type=int,
+    ver.add_argument("--verify-candidates", type=positive_int, help=f"landmarks verified per query ({sift.candidates})")
+    ver.add_argument("--verify-photos", type=positive_int,
                      help=f"gallery photos stored and matched per landmark ({sift.images_per_landmark})")
-    ver.add_argument("--verify-weight", type=float,
+    ver.add_argument("--verify-weight", type=nonnegative_float,
                      help=f"score added per inlier (SIFT {sift.weight:g}, cnn {cnn.weight:g})")
-    ver.add_argument("--verify-min-inliers", type=int,
+    ver.add_argument("--verify-min-inliers", type=positive_int,
                      help=f"fewer homography inliers add nothing (SIFT {sift.min_inliers}, cnn {cnn.min_inliers})")
-    ver.add_argument("--verify-max-side", type=int, help=f"photo size for local features in pixels ({sift.max_side})")
-    ver.add_argument("--verify-features", type=int,
+    ver.add_argument("--verify-max-side", type=positive_int, help=f"photo size for local features in pixels ({sift.max_side})")
+    ver.add_argument("--verify-features", type=positive_int,
                      help=f"SIFT keypoints / CNN cells kept per photo ({sift.n_features})")
     data = parser.add_argument_group("data")
     data.add_argument("--landmarks", help="per-landmark metadata CSV: landmark_id[,name,city,lat,lon]")
@@ -153,8 +162,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep only calibration rows with this value")
     data.add_argument("--extra-columns", choices=("error", "ignore"), default="error", help="unknown CSV columns")
     run = parser.add_argument_group("embedding")
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--num-workers", type=int, default=2)
+    run.add_argument("--batch-size", type=positive_int, default=64)
+    run.add_argument("--num-workers", type=nonnegative_int, default=2)
     run.add_argument("--accelerator", default="auto")
     run.add_argument("--devices", default="1", help="e.g. 4 with --strategy ddp")
     run.add_argument("--strategy", default="auto")
@@ -213,13 +222,14 @@ def write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
 
 
 def run_index_command(args: argparse.Namespace) -> int:
-    from recognition.artifact import PenaltyParams
+    from recognition.artifact import PenaltyParams, check_index_target
     from recognition.calibration import HARDEST_CALIBRATION_PHOTOS
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
     from recognition.indexing import build_landmark_index
     from recognition.verification import VerificationParams
 
+    check_index_target(args.out)  # before the embedding, not after it
     try:
         descriptors = DescriptorParams(args.whiten, args.whiten_shrink, args.dba, args.query_expansion,
                                        args.expansion_alpha)
@@ -315,14 +325,14 @@ def run_index_command(args: argparse.Namespace) -> int:
 def _add_recognizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index directory from `landmarks index`")
     _add_model_arguments(parser, required=False)
-    parser.add_argument("--threshold", type=float, help="override the index's calibrated threshold")
-    parser.add_argument("--top-k", type=int, default=5, help="candidates per photo")
-    parser.add_argument("--gps-radius-km", type=float, help="reject landmarks farther than this from the photo's GPS")
+    parser.add_argument("--threshold", type=finite_float, help="override the index's calibrated threshold")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="candidates per photo")
+    parser.add_argument("--gps-radius-km", type=positive_float, help="reject landmarks farther than this from the photo's GPS")
     parser.add_argument("--gps-csv", help="CSV with path,lat,lon for photos (else their EXIF GPS is used)")
     parser.add_argument("--no-exif-gps", action="store_true", help="do not read GPS from EXIF")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--cache-dir", default=None,
                         help="embedding cache (e.g. the index's, runs/embedding-cache): photos embedded there "
                              "before are not embedded again (default: none)")
@@ -387,7 +397,7 @@ def run_recognize_command(args: argparse.Namespace) -> int:
 def add_albums_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("photos", nargs="+", help="folder(s) of photos (or files / list files)")
     parser.add_argument("--out", required=True, help="output folder: albums.json, index.html, thumbs/")
-    parser.add_argument("--thumb-size", type=int, default=320)
+    parser.add_argument("--thumb-size", type=positive_int, default=320)
     parser.add_argument("--title", default="Landmark albums")
     _add_recognizer_arguments(parser)
 
@@ -395,6 +405,8 @@ def add_albums_arguments(parser: argparse.ArgumentParser) -> None:
 def run_albums_command(args: argparse.Namespace) -> int:
     from recognition.albums import group_albums, write_albums
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the photos are recognised
+        raise UserError(f"--out {args.out}: exists and is not a folder")
     paths = _photos(args.photos)
     recognizer = _recognizer(args)
     albums = group_albums(recognizer.iter_recognize(paths, progress=True))
@@ -420,7 +432,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--index", help="export the model an index was built with")
     parser.add_argument("--out", required=True, help="output folder: model.pt, model.onnx, export.json")
     parser.add_argument("--format", nargs="+", choices=("torchscript", "onnx"), default=["torchscript", "onnx"])
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=positive_int, default=None)
     _add_precision_argument(parser)
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the eager model")
 

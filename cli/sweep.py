@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.argtypes import positive_int
+
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", help="a wandb sweep file (method grid|random, parameters, command)")
     parser.add_argument("--out", required=True, help="sweep folder: one subfolder per run; rerunning resumes")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--parallel", type=positive_int, default=1, help="runs at a time (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads per run (OMP_NUM_THREADS etc.); default cores // parallel")
-    parser.add_argument("--count", type=int, default=None,
+    parser.add_argument("--count", type=positive_int, default=None,
                         help="random: runs to draw (overrides 'count' in the file); grid: cap on the runs")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the random search's draws (default 0)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; run nothing")

@@ -6,6 +6,7 @@ import argparse
 import time
 from dataclasses import fields
 
+from cli.argtypes import positive_int
 from core.errors import UserError
 from datamodules.synth import CONFIG_HELP, HARD_NEGATIVE_KIND, SynthConfig, generate_world
 
@@ -18,7 +19,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field.name)
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(default), default=default,
                             help=f"{CONFIG_HELP[field.name]} (default {default})")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: number of CPUs)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: number of CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

@@ -25,6 +25,23 @@ CHECKPOINT_FORMAT = "landmark-module/1"
 PARAM_PARTS = ("backbone", "head", "loss")
 
 
+def read_checkpoint(path) -> dict:
+    """A LandmarkModule checkpoint, loaded with ``weights_only=True`` (no code runs from the file).
+
+    A file that is not one (truncated, another program's, a plain state dict) is the user's
+    mistake: :class:`~core.errors.UserError` naming the file, not a traceback from the unpickler.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise UserError(f"{path}: not a checkpoint loadable with weights_only=True ({type(err).__name__}: {err})") from err
+    info = checkpoint.get("landmark_recognition") if isinstance(checkpoint, dict) else None
+    if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT or "state_dict" not in checkpoint:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise UserError(f"{path}: not a LandmarkModule checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r})")
+    return checkpoint
+
+
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
@@ -330,3 +347,19 @@ class LandmarkModule(pl.LightningModule):
         info = checkpoint.get("landmark_recognition")
         if info is not None and info.get("landmark_ids") is not None:
             self.landmark_ids = list(info["landmark_ids"])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Lightning loads a --ckpt_path's weights strictly, through here. A checkpoint of another
+        # configuration (another loss, another world's class count) fails with a RuntimeError
+        # listing tensors; that is the user's mistake, said in one line with what to do.
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            details = " ".join(str(err).split("\n", 1)[-1].split())
+            details = details if len(details) <= 300 else details[:300] + " …"
+            raise UserError(
+                f"the checkpoint does not fit the model this configuration builds ({details}); pass the "
+                "configuration it was trained with (--config RUN/config.yaml, beside its checkpoints/)"
+            ) from err

@@ -138,6 +138,22 @@ def _json_number(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def check_index_target(directory: str | os.PathLike, overwrite: bool = True) -> pathlib.Path:
+    """The absolute path an index may be written to; FileExistsError if something else is there.
+
+    An existing folder is replaced only if it is itself an index (has ``index.json``), so a
+    mistyped ``--out`` never wipes someone's photo folder. ``landmarks index`` asks before it
+    embeds anything, :meth:`LandmarkIndex.save` again before it writes.
+    """
+    target = pathlib.Path(directory).absolute()
+    if target.exists():
+        if not (target / HEADER).is_file():
+            raise FileExistsError(f"{target} exists and is not a landmark index; choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"{target} exists")
+    return target
+
+
 @dataclass
 class LandmarkIndex:
     """Landmark vectors with their FAISS index, metadata, model identity and threshold.
@@ -446,12 +462,7 @@ class LandmarkIndex:
         An existing directory is replaced only if it is itself an index (has ``index.json``), so
         a mistyped ``--out`` never wipes someone's photo folder.
         """
-        target = pathlib.Path(directory).absolute()
-        if target.exists():
-            if not (target / HEADER).is_file():
-                raise FileExistsError(f"{target} exists and is not a landmark index; choose another --out")
-            if not overwrite:
-                raise FileExistsError(f"{target} exists")
+        target = check_index_target(directory, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
@@ -500,14 +511,20 @@ class LandmarkIndex:
         missing = [name for name in _FILES if not (root / name).is_file()]
         if missing:
             raise IndexFormatError(f"{root}: missing file(s) {missing}")
-        try:
-            vectors = np.load(root / "vectors.npy", allow_pickle=False)
-            vector_landmark = np.load(root / "vector_landmark.npy", allow_pickle=False)
-            vector_size = np.load(root / "vector_size.npy", allow_pickle=False)
-            landmarks = json.loads((root / "landmarks.json").read_text())
-            index = faiss.read_index(str(root / "vectors.faiss"))
-        except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as err:
-            raise IndexFormatError(f"{root}: a file is unreadable or corrupt ({err})") from err
+        readers = {
+            "vectors.npy": lambda path: np.load(path, allow_pickle=False),
+            "vector_landmark.npy": lambda path: np.load(path, allow_pickle=False),
+            "vector_size.npy": lambda path: np.load(path, allow_pickle=False),
+            "landmarks.json": lambda path: json.loads(path.read_text()),
+            "vectors.faiss": lambda path: faiss.read_index(str(path)),
+        }
+        loaded = {}
+        for name, read in readers.items():  # one at a time, so the message names the bad file
+            try:
+                loaded[name] = read(root / name)
+            except (ValueError, OSError, RuntimeError, UnicodeDecodeError) as err:
+                raise IndexFormatError(f"{root / name}: unreadable or corrupt ({err})") from err
+        vectors, vector_landmark, vector_size, landmarks, index = loaded.values()
         d = head.get("embedding_size")
         if vectors.ndim != 2 or vectors.shape != (head.get("n_vectors"), d) or index.d != d:
             raise IndexFormatError(

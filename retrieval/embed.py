@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from typing import Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from torch.utils.data import DataLoader
 
 from core.atomic import save_npy_atomic, write_json_atomic
@@ -287,6 +290,14 @@ class _PredictEmbeddings(pl.LightningModule):
         self.trainer.strategy.barrier("embedding-chunks-written")
 
 
+class _StderrPredictionBar(TQDMProgressBar):
+    """Lightning's bar, on stderr: the commands that embed (index, clean …) keep stdout for results."""
+
+    def init_predict_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.predict_description, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+
 def embed_paths(
     model: EmbeddingModel,
     paths: Sequence[str],
@@ -342,7 +353,7 @@ def embed_paths(
             trainer = pl.Trainer(
                 accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                 enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                precision="32-true",
+                callbacks=[_StderrPredictionBar()] if progress else None, precision="32-true",
             )
             module = _PredictEmbeddings(model, abs_paths, stamps, todo, folder, batch_size, num_workers, chunk_rows)
             parameter = next(iter(model.net.parameters()), None)

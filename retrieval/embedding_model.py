@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from core.embedding import check_inference_precision, inference_precision, multiscale_forward, scale_factors
+from core.errors import UserError
 from lightning_modules.embedding_net import EmbeddingNet
-from lightning_modules.landmark_module import CHECKPOINT_FORMAT
+from lightning_modules.landmark_module import read_checkpoint
 
 __all__ = ["EmbeddingModel", "MultiScaleNet", "file_sha256", "load_embedding_model", "scale_factors"]
 
@@ -118,7 +119,7 @@ def load_embedding_model(
         check_inference_precision(inference_precision)
     if backbone is not None:
         if pretrained is False:
-            raise ValueError(f"backbone {backbone!r} without pretrained weights embeds noise; use a checkpoint")
+            raise UserError(f"backbone {backbone!r} without pretrained weights embeds noise; use a checkpoint")
         net = EmbeddingNet(backbone, pretrained=pretrained, pooling=pooling, gem_p=gem_p, embedding_size=None,
                            inference_precision=inference_precision or "32")
         weights = None
@@ -137,14 +138,7 @@ def load_embedding_model(
     path = pathlib.Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path}: not a checkpoint loadable with weights_only=True ({err})") from err
-    info = ckpt.get("landmark_recognition") if isinstance(ckpt, dict) else None
-    if not info or info.get("format") != CHECKPOINT_FORMAT:
-        found = info.get("format") if info else None
-        raise ValueError(f"{path}: not a LandmarkModule checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r})")
+    ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters", {})
     data_hparams = ckpt.get("datamodule_hyper_parameters") or {}
     net = EmbeddingNet(
@@ -156,11 +150,11 @@ def load_embedding_model(
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: network weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise UserError(f"{path}: network weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
     size = int(image_size or data_hparams.get("image_size") or 224)
     identity = {
         "source": "checkpoint", "checkpoint_sha256": file_sha256(path), "backbone": hparams["backbone"],
         "embedding_size": int(hparams["embedding_size"]), "image_size": size,
     }
     net, identity = _for_inference(net, identity, scales)
-    return EmbeddingModel(net.eval(), size, identity, landmark_ids=info.get("landmark_ids"))
+    return EmbeddingModel(net.eval(), size, identity, landmark_ids=ckpt["landmark_recognition"].get("landmark_ids"))

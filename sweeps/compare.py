@@ -770,6 +770,12 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
             excluded.append((d.name, f"status {record.get('status')!r}, exit code {record.get('exit_code')}"))
             continue
         runs.append(load_run(d, stage))
+    seen: dict[Path, RunRecord] = {}
+    for run in runs:  # one folder given twice, or a run and its own version folder: n would count it twice
+        first = seen.setdefault(run.metrics_file.resolve(), run)
+        if first is not run:
+            raise CompareError(f"{first.path} and {run.path} are the same run (both read {run.metrics_file}); "
+                               "give each run once")
     if excluded:
         log.warning("compare: %d run(s) left out (not finished ok): %s", len(excluded), ", ".join(n for n, _ in excluded))
     if not runs:

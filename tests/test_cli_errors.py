@@ -186,6 +186,8 @@ def test_console_run_has_no_library_chatter_and_verbose_brings_it_back(tiny_worl
     done = _landmarks(*argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "index:" in done.stdout and "threshold:  0.500000 (fixed" in done.stdout  # the results
+    # The embedding's progress bar goes to stderr with the progress lines, not into the results.
+    assert "Predicting" not in done.stdout and "Predicting" in done.stderr
     assert "INFO landmarks.recognition: embedding 48 database images" in done.stderr  # the project's progress
     for noise in CHATTER:
         assert noise not in done.stdout + done.stderr, (noise, done.stderr)
@@ -208,3 +210,98 @@ def test_bad_scales_are_one_line(command, extra, named, tiny_world, tmp_path, mo
     out, err = capsys.readouterr()
     _assert_one_line(command, code, out, err, named)
     assert not list(tmp_path.iterdir())
+
+
+# ---- numbers out of range, and files that are not checkpoints ----------------------------------
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["index", "--manifest", "db.csv", "--out", "idx", "--backbone", "b", "--target-fpr", "1.5"],
+     "argument --target-fpr: must lie in (0, 1), got '1.5'"),
+    (["index", "--manifest", "db.csv", "--out", "idx", "--backbone", "b", "--batch-size", "0"],
+     "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["index", "--manifest", "db.csv", "--out", "idx", "--backbone", "b", "--distance-threshold", "-1"],
+     "argument --distance-threshold: must be >= 0, got '-1'"),
+    (["index", "--manifest", "db.csv", "--out", "idx", "--backbone", "b", "--index-kind", "ivf", "--nlist", "0"],
+     "argument --nlist: must be an integer >= 1"),
+    (["recognize", "--index", "idx", "x.jpg", "--threshold", "nan"], "argument --threshold: expected a finite number"),
+    (["recognize", "--index", "idx", "x.jpg", "--device", "bogus"], "argument --device: expected cpu, cuda, cuda:N or auto"),
+    (["recognize", "--index", "idx", "x.jpg", "--workers", "-1"], "argument --workers: must be an integer >= 1"),
+    (["albums", "--index", "idx", "photos", "--out", "a", "--thumb-size", "-10"], "argument --thumb-size"),
+    (["export", "--checkpoint", "c.ckpt", "--out", "e", "--image-size", "0"], "argument --image-size"),
+    (["clean", "--manifest", "db.csv", "--out", "c", "--report-landmarks", "-5"],
+     "argument --report-landmarks: must be an integer >= 0"),
+    (["synth", "--out", "w", "--workers", "0"], "argument --workers: must be an integer >= 1"),
+    (["sweep", "s.yaml", "--out", "s", "--parallel", "0"], "argument --parallel"),
+    (["prepare", "shards", "--manifest", "m.csv", "--out", "s", "--quality", "101"],
+     "argument --quality: must be an integer in [1, 100]"),
+    (["demo", "--target-fpr", "0"], "argument --target-fpr: must lie in (0, 1)"),
+    (["realphotos", "--wise-ft", "1.5"], "argument --wise-ft: must lie in [0, 1]"),
+])
+def test_a_number_out_of_range_is_refused_when_the_line_is_parsed(argv, named, tmp_path, monkeypatch, capsys):
+    """Before this check, index embedded every photo and then raised a traceback for --target-fpr 1.5;
+    --nlist 0 and export's --image-size 0 were quietly replaced by defaults."""
+    monkeypatch.delenv("LANDMARKS_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)  # relative paths that do not exist: the number must fail first
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    _assert_one_line(argv[0], code, out, err, named)
+    assert not list(tmp_path.iterdir())
+
+
+def _not_checkpoints(folder: Path, real: Path | None = None) -> dict[str, Path]:
+    import torch
+
+    files = {"text": folder / "text.ckpt", "plain-dict": folder / "dict.ckpt"}
+    files["text"].write_text("hello\n")
+    torch.save({"weights": torch.zeros(2)}, files["plain-dict"])
+    if real is not None:  # a checkpoint cut short, as by a full disk or an interrupted copy
+        files["truncated"] = folder / "truncated.ckpt"
+        files["truncated"].write_bytes(real.read_bytes()[:4096])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["text", "plain-dict", "truncated"])
+@pytest.mark.parametrize("command", ["index", "export", "validate"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(command, kind, tiny_world, tmp_path, monkeypatch, capsys):
+    import torch
+
+    real = tmp_path / "real.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(4096)}}, real)
+    bad = str(_not_checkpoints(tmp_path, real)[kind])
+    argv = {
+        "index": ["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(tmp_path / "idx"), "--checkpoint",
+                  bad, "--threshold", "0.5", "--cache-dir", ""],
+        "export": ["export", "--checkpoint", bad, "--out", str(tmp_path / "exp")],
+        "validate": ["validate", "--config", DEMO, f"--data.data_dir={tiny_world}", "--data.synthetic=null",
+                     "--data.num_workers=0", "--trainer.logger=false", f"--ckpt_path={bad}"],
+    }[command]
+    monkeypatch.delenv("LANDMARKS_DEBUG", raising=False)
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    expected = ("not a LandmarkModule checkpoint of format 'landmark-module/1'" if kind == "plain-dict"
+                else "not a checkpoint loadable with weights_only=True")
+    _assert_one_line(command, code, out, err, f"{bad}: {expected}")
+
+
+def test_an_index_out_folder_that_is_not_an_index_is_refused_before_embedding(tiny_world, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.txt").write_text("someone's folder\n")
+    capsys.readouterr()
+    code = main(["index", "--manifest", str(tiny_world / "db.csv"), "--out", str(photos), "--backbone",
+                 "mobilenetv2_100", "--threshold", "0.5", "--cache-dir", str(tmp_path / "cache")])
+    out, err = capsys.readouterr()
+    _assert_one_line("index", code, out, err, "exists and is not a landmark index; choose another --out")
+    assert not (tmp_path / "cache").exists()  # nothing was embedded
+    assert [p.name for p in photos.iterdir()] == ["keep.txt"]
+
+
+def test_an_albums_out_that_is_a_file_is_refused_before_recognising(tmp_path, capsys):
+    (tmp_path / "albums.txt").write_text("not a folder\n")
+    capsys.readouterr()
+    code = main(["albums", "--index", str(tmp_path / "no-index"), str(tmp_path), "--out", str(tmp_path / "albums.txt")])
+    out, err = capsys.readouterr()
+    _assert_one_line("albums", code, out, err, "albums.txt: exists and is not a folder")  # not the missing index

@@ -6,6 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from core.errors import UserError
 from core.labels import NONLANDMARK
 from datamodules import LandmarkDataModule
 from lightning_modules import LandmarkModule
@@ -134,3 +135,23 @@ def test_offline_weights_give_the_backbone_imagenet_statistics():
     torch.testing.assert_close(module.net.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     lite = LandmarkModule(num_classes=3, backbone="tf_efficientnet_lite0", pretrained="offline", embedding_size=16)
     torch.testing.assert_close(lite.net.std.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+
+
+def test_a_checkpoint_of_another_configuration_is_a_user_error_naming_the_tensors():
+    """Lightning loads --ckpt_path's weights strictly through load_state_dict; a mismatch was a
+    RuntimeError traceback listing tensors, and is now one line saying which config to pass."""
+    def module(loss, classes=4):
+        torch.manual_seed(0)
+        return LandmarkModule(num_classes=classes, backbone="resnet10t", embedding_size=32, loss=LOSSES[loss])
+
+    arcface = module("arcface").state_dict()
+    with pytest.raises(UserError, match=r'does not fit the model.*Missing key\(s\).*"loss.weight".*'
+                                        r"--config RUN/config.yaml"):
+        module("center").load_state_dict(arcface)
+    with pytest.raises(UserError, match=r"size mismatch for loss.arcface.W"):
+        module("arcface", classes=6).load_state_dict(arcface)
+    # What a loss fills in itself still loads: ArcFace checkpoints from before the margin schedule.
+    old = {k: v for k, v in arcface.items() if k not in ("loss.step", "loss.class_margins")}
+    restored = module("arcface")
+    restored.load_state_dict(old)
+    torch.testing.assert_close(restored.loss.arcface.W, arcface["loss.arcface.W"], rtol=0, atol=0)

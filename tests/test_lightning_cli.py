@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cli.lightning_cli import LandmarkCLI
+from lightning_modules.landmark_module import CHECKPOINT_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,8 @@ def _checkpoint(path: Path, **hparams) -> Path:
     """A checkpoint as LightningCLI reads it for ``--ckpt_path``: only its hyperparameters matter here."""
     base = {"backbone": "resnet18", "pretrained": False, "pooling": "gem", "embedding_size": 32,
             "eval_scales": [1.25], "warmup_steps": 7, "num_classes": 4, "_instantiator": "pytorch_lightning.cli.instantiate_module"}
-    torch.save({"hyper_parameters": {**base, **hparams}}, path)
+    torch.save({"hyper_parameters": {**base, **hparams}, "state_dict": {},
+                "landmark_recognition": {"format": CHECKPOINT_FORMAT}}, path)
     return path
 
 

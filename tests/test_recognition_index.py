@@ -229,6 +229,11 @@ def test_artifact_version_and_corruption_errors(tmp_path, gallery):
         LandmarkIndex.load(out)
     header["embedding_size"] = D
     (out / "index.json").write_text(json.dumps(header))
+    landmarks_json = (out / "landmarks.json").read_text()
+    (out / "landmarks.json").write_text("{bad")
+    with pytest.raises(IndexFormatError, match=r"landmarks.json: unreadable or corrupt"):  # names the file
+        LandmarkIndex.load(out)
+    (out / "landmarks.json").write_text(landmarks_json)
     (out / "vector_size.npy").unlink()
     with pytest.raises(IndexFormatError, match="missing file"):
         LandmarkIndex.load(out)

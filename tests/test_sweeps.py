@@ -473,6 +473,15 @@ def test_runs_with_the_same_seeds_are_reported_as_reruns(tmp_path, caplog):
     assert "## Runs with the same seeds" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_one_run_given_twice_is_refused(tmp_path):
+    run = _hand_run(tmp_path, "r0", {"seed_everything": 0}, 0.7)
+    cli_run = _lightning_run(tmp_path, "l0", {"seed_everything": 0}, 0.7)
+    # Before: "0.700 ± 0.000, n=2" from one run, given twice, or as itself and its own version folder.
+    for twice in ([run, run], [cli_run, next(cli_run.rglob("metrics.csv")).parent]):
+        with pytest.raises(CompareError, match=r"are the same run \(both read .*metrics.csv\); give each run once"):
+            compare(twice, out=tmp_path / "out")
+
+
 def _lightning_run(root: Path, name: str, config: dict, recall: float) -> Path:
     """A LightningCLI run folder (config.yaml beside metrics.csv, no run.json)."""
     run = _hand_run(root, name, {}, recall)

@@ -45,8 +45,11 @@ def generate_world(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig
         FileExistsError: ``out_dir`` exists and is not empty, and ``overwrite`` is false.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another folder")
     if _is_nonempty(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass overwrite=True "
+                              "(`landmarks synth --overwrite`)")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -174,5 +177,5 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
                 shutil.rmtree(tmp)
                 return
             raise FileExistsError(f"{out} appeared while generating and is not empty; "
-                                  "pass overwrite=True to replace it")
+                                  "pass overwrite=True (`landmarks synth --overwrite`) to replace it")
     replace_dir(tmp, out)
