@@ -75,6 +75,23 @@ def _metadata_rows(table: pd.DataFrame, source: str, lines) -> list[dict]:
     return rows
 
 
+def drop_repeated_rows(manifest):
+    """The manifest without rows that repeat an earlier row's photo and landmark, count logged.
+
+    A repeated row would weigh its photo twice in its landmark's centroids and count twice in the
+    summary's image count. The same photo under two landmarks is kept: a photo may show both.
+    """
+    seen: set[tuple[str, str]] = set()
+    keep = np.array([not ((p, i) in seen or seen.add((p, i))) for p, i in zip(manifest.paths, manifest.landmark_ids)],
+                    dtype=bool)
+    if not keep.all():
+        first = int(manifest.lines[~keep][0])
+        log.warning("%s: %d row(s) repeat an earlier row's path and landmark_id (first at line %d); each photo is "
+                    "indexed once", manifest.source, int((~keep).sum()), first)
+        manifest = manifest.subset(keep)
+    return manifest
+
+
 def landmark_metadata_of(manifest, landmarks_csv: str | os.PathLike | None, known_ids: set[str]) -> dict[str, dict]:
     """Per-landmark name/city/lat/lon from ``landmarks_csv`` (its values win) and the manifest's columns."""
     from recognition.artifact import landmark_metadata
@@ -268,6 +285,7 @@ def build_landmark_index(
         keep = data.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
         log.info("%s: using %d of %d rows (decision != remove)", data.source, int(keep.sum()), len(keep))
         data = data.subset(keep)
+    data = drop_repeated_rows(data)
     if len(data) == 0:
         raise UserError(f"{data.source}: no landmark rows to index")
     # Metadata is read (and validated) before the long embedding pass, so a typo fails fast.

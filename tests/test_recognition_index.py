@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -432,3 +433,19 @@ def test_nearest_db_photo_of_a_hardest_calibration_photo_is_one_the_index_repres
     out = _with_nearest_db_photos([dict(hardest[1])], photos, queries, ["x.jpg"] + db_paths, np.r_[emb[:1], emb],
                                   rows + 1, ids, index.represented, index.whiten)
     assert out[0]["nearest_db_photo"] == db_paths[nearest_b]
+
+
+def test_repeated_db_rows_are_indexed_once_and_counted(tmp_path, caplog):
+    import logging
+
+    from datamodules.manifest import load_manifest
+    from recognition.indexing import drop_repeated_rows
+
+    (tmp_path / "db.csv").write_text("path,landmark_id\na.jpg,1\nb.jpg,1\na.jpg,1\na.jpg,2\nb.jpg,1\n")
+    with caplog.at_level(logging.WARNING):
+        kept = drop_repeated_rows(load_manifest(tmp_path / "db.csv", "landmark"))
+    # a.jpg under landmark 2 stays: one photo may show two landmarks
+    assert [(pathlib.Path(p).name, i) for p, i in zip(kept.paths, kept.landmark_ids)] == [
+        ("a.jpg", "1"), ("b.jpg", "1"), ("a.jpg", "2")]
+    assert list(kept.lines) == [2, 3, 5]
+    assert "2 row(s) repeat an earlier row's path and landmark_id (first at line 4)" in caplog.text
