@@ -68,8 +68,9 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"{PARAM_HELP.get(f.name, f.name.replace('_', ' '))} (default {default})")
     algo.add_argument("--force", action="store_true",
                       help="apply the decisions even when the model is too weak to clean with (--min-separability)")
-    algo.add_argument("--jobs", type=positive_int, default=None,
-                      help="processes for the per-landmark clustering (default: CPUs for >= 20k rows, else 1)")
+    algo.add_argument("--jobs", type=nonnegative_int, default=None,
+                      help="processes for the per-landmark clustering (default: CPUs for >= 20k rows, else 1; "
+                           "0 or 1: in this process)")
 
     out = parser.add_argument_group("report")
     out.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")

@@ -272,7 +272,7 @@ def add_realphotos_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/realphotos", help="run folder (manifests, checkpoints, results.json)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-landmarks", type=positive_int, default=8)
-    parser.add_argument("--train-nonlandmarks", type=nonnegative_int, default=60,
+    parser.add_argument("--train-nonlandmarks", type=positive_int, default=60,
                         help="the rest (104 of 164) are distractors: enough to resolve FPR 1e-2")
     parser.add_argument("--image-size", type=positive_int, default=160)
     parser.add_argument("--epochs", type=positive_int, default=5)

@@ -128,7 +128,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     des.add_argument("--whiten", type=nonnegative_float, default=0.0, metavar="POWER",
                      help="PCA-whitening fitted on the DB photos (and the --nonlandmark-pool), components scaled by "
                           "(variance + shrink x mean variance)^-POWER: 0.5 full, 0.25 partial (0: off)")
-    des.add_argument("--whiten-shrink", type=float, default=1.0, help="whitening shrinkage (default 1)")
+    des.add_argument("--whiten-shrink", type=nonnegative_float, default=1.0, help="whitening shrinkage (default 1)")
     des.add_argument("--dba", type=nonnegative_int, default=0, metavar="N",
                      help="database-side augmentation: each DB photo plus its N nearest DB photos (0: off)")
     des.add_argument("--query-expansion", type=nonnegative_int, default=0, metavar="N",
@@ -331,7 +331,7 @@ def _add_recognizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gps-csv", help="CSV with path,lat,lon for photos (else their EXIF GPS is used)")
     parser.add_argument("--no-exif-gps", action="store_true", help="do not read GPS from EXIF")
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
+    parser.add_argument("--workers", type=nonnegative_int, default=2, help="image decoding threads (0 counts as 1)")
     parser.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--cache-dir", default=None,
                         help="embedding cache (e.g. the index's, runs/embedding-cache): photos embedded there "

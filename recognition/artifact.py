@@ -522,7 +522,7 @@ class LandmarkIndex:
         for name, read in readers.items():  # one at a time, so the message names the bad file
             try:
                 loaded[name] = read(root / name)
-            except (ValueError, OSError, RuntimeError, UnicodeDecodeError) as err:
+            except (ValueError, OSError, RuntimeError, UnicodeDecodeError, EOFError) as err:  # EOFError: an empty file
                 raise IndexFormatError(f"{root / name}: unreadable or corrupt ({err})") from err
         vectors, vector_landmark, vector_size, landmarks, index = loaded.values()
         d = head.get("embedding_size")

@@ -285,11 +285,12 @@ def build_landmark_index(
         keep = data.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
         log.info("%s: using %d of %d rows (decision != remove)", data.source, int(keep.sum()), len(keep))
         data = data.subset(keep)
-    data = drop_repeated_rows(data)
     if len(data) == 0:
         raise UserError(f"{data.source}: no landmark rows to index")
-    # Metadata is read (and validated) before the long embedding pass, so a typo fails fast.
+    # Metadata is read (and validated) before the long embedding pass, so a typo fails fast; and
+    # before repeated rows are dropped, so a value only a repeat carries is not lost.
     metadata = landmark_metadata_of(data, landmarks_csv, set(data.landmark_ids))
+    data = drop_repeated_rows(data)
     calibration_set = None
     if nonlandmarks:
         calibration_set = _image_files(load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,

@@ -334,8 +334,9 @@ class Recognizer:
         from retrieval.embed import embed_paths
 
         device = "gpu" if self.device.type == "cuda" else "cpu"
+        devices = [self.device.index] if self.device.index is not None else 1  # cuda:N embeds on GPU N
         result = embed_paths(self.model, paths, batch_size=self.batch_size, num_workers=0, accelerator=device,
-                             cache_dir=self.cache_dir, progress=False)
+                             devices=devices, cache_dir=self.cache_dir, progress=False)
         for s in range(0, len(paths), self.batch_size):
             batch = range(s, min(len(paths), s + self.batch_size))
             ok = [i for i in batch if result.valid[i]]

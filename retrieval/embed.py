@@ -305,7 +305,7 @@ def embed_paths(
     batch_size: int = 64,
     num_workers: int = 0,
     accelerator: str = "auto",
-    devices: int | str = 1,
+    devices: int | str | list[int] = 1,
     strategy: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,

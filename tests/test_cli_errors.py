@@ -226,7 +226,7 @@ def test_bad_scales_are_one_line(command, extra, named, tiny_world, tmp_path, mo
      "argument --nlist: must be an integer >= 1"),
     (["recognize", "--index", "idx", "x.jpg", "--threshold", "nan"], "argument --threshold: expected a finite number"),
     (["recognize", "--index", "idx", "x.jpg", "--device", "bogus"], "argument --device: expected cpu, cuda, cuda:N or auto"),
-    (["recognize", "--index", "idx", "x.jpg", "--workers", "-1"], "argument --workers: must be an integer >= 1"),
+    (["recognize", "--index", "idx", "x.jpg", "--workers", "-1"], "argument --workers: must be an integer >= 0"),
     (["albums", "--index", "idx", "photos", "--out", "a", "--thumb-size", "-10"], "argument --thumb-size"),
     (["export", "--checkpoint", "c.ckpt", "--out", "e", "--image-size", "0"], "argument --image-size"),
     (["clean", "--manifest", "db.csv", "--out", "c", "--report-landmarks", "-5"],

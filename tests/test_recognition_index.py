@@ -235,6 +235,11 @@ def test_artifact_version_and_corruption_errors(tmp_path, gallery):
     with pytest.raises(IndexFormatError, match=r"landmarks.json: unreadable or corrupt"):  # names the file
         LandmarkIndex.load(out)
     (out / "landmarks.json").write_text(landmarks_json)
+    sizes = (out / "vector_size.npy").read_bytes()
+    (out / "vector_size.npy").write_bytes(b"")  # cut to nothing by a full disk: EOFError, named too
+    with pytest.raises(IndexFormatError, match=r"vector_size.npy: unreadable or corrupt"):
+        LandmarkIndex.load(out)
+    (out / "vector_size.npy").write_bytes(sizes)
     (out / "vector_size.npy").unlink()
     with pytest.raises(IndexFormatError, match="missing file"):
         LandmarkIndex.load(out)
