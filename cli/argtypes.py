@@ -22,65 +22,33 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (sizes, counts, batch sizes)."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _checked(kind: type, ok, requirement: str, name: str):
+    """An argparse type: ``text`` read as ``kind``, refused unless ``ok(value)``."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (worker counts where 0 means "in this process", optional counts)."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """Any finite number (a threshold on a cosine score)."""
-    return _number(text, float)
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (scales, learning rates, radii)."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (weights and distances, where 0 switches a term off)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def rate(text: str) -> float:
-    """A rate strictly between 0 and 1 (a target false-positive rate)."""
-    value = _number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in [0, 1] (a precision or recall target, an interpolation weight)."""
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
-    return value
-
-
-def jpeg_quality(text: str) -> int:
-    """A JPEG quality, 1-100."""
-    value = _number(text, int)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be an integer in [1, 100], got {text!r}")
-    return value
+# Sizes, counts, batch sizes.
+positive_int = _checked(int, lambda v: v >= 1, "be an integer >= 1", "positive_int")
+# Worker counts where 0 means "in this process", optional counts.
+nonnegative_int = _checked(int, lambda v: v >= 0, "be an integer >= 0", "nonnegative_int")
+# Any finite number (a threshold on a cosine score).
+finite_float = _checked(float, lambda v: True, "be finite", "finite_float")
+# Scales, learning rates, radii.
+positive_float = _checked(float, lambda v: v > 0, "be > 0", "positive_float")
+# Weights and distances, where 0 switches a term off.
+nonnegative_float = _checked(float, lambda v: v >= 0, "be >= 0", "nonnegative_float")
+# A target false-positive rate.
+rate = _checked(float, lambda v: 0 < v < 1, "lie in (0, 1)", "rate")
+# A precision or recall target, an interpolation weight.
+fraction = _checked(float, lambda v: 0 <= v <= 1, "lie in [0, 1]", "fraction")
+jpeg_quality = _checked(int, lambda v: 1 <= v <= 100, "be an integer in [1, 100]", "jpeg_quality")
 
 
 def torch_device(text: str) -> str:
