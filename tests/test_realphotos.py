@@ -226,5 +226,5 @@ def test_a_bad_alpha_is_refused_before_any_fine_tuning(tmp_path, capsys):
 
     for option in ("--ensemble", "--wise-ft"):
         assert main(["realphotos", option, "0.25", "1.5", "--out", str(tmp_path / "run")]) == 2
-        assert f"landmarks realphotos: error: {option}: alpha must lie in [0, 1], got 1.5" in capsys.readouterr().err
+        assert f"landmarks realphotos: error: argument {option}: must lie in [0, 1], got '1.5'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
