@@ -43,6 +43,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from core.embedding import embed_dataset
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -146,24 +147,24 @@ def read_difficulty_file(path: str | Path, landmark_ids: list[str]) -> np.ndarra
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing_cols = {"landmark_id", "difficulty"} - set(table.columns)
     if missing_cols:
-        raise ValueError(f"{path}: needs columns landmark_id,difficulty; missing {sorted(missing_cols)}")
+        raise UserError(f"{path}: needs columns landmark_id,difficulty; missing {sorted(missing_cols)}")
     position = {lid: i for i, lid in enumerate(landmark_ids)}
     scores = np.full(len(landmark_ids), np.nan)
     for row, (lid, value) in enumerate(zip(table["landmark_id"].str.strip(), table["difficulty"]), start=2):
         if lid not in position:
-            raise ValueError(f"{path}, line {row}: landmark_id {lid!r} is not a class of the training data")
+            raise UserError(f"{path}, line {row}: landmark_id {lid!r} is not a class of the training data")
         try:
             score = float(value)
         except ValueError:
-            raise ValueError(f"{path}, line {row}: difficulty {value!r} is not a number") from None
+            raise UserError(f"{path}, line {row}: difficulty {value!r} is not a number") from None
         if not math.isfinite(score):
-            raise ValueError(f"{path}, line {row}: difficulty {value!r} is not finite")
+            raise UserError(f"{path}, line {row}: difficulty {value!r} is not finite")
         if not np.isnan(scores[position[lid]]):
-            raise ValueError(f"{path}, line {row}: landmark_id {lid!r} is listed twice")
+            raise UserError(f"{path}, line {row}: landmark_id {lid!r} is listed twice")
         scores[position[lid]] = score
     unlisted = [landmark_ids[i] for i in np.flatnonzero(np.isnan(scores))]
     if unlisted:
-        raise ValueError(f"{path}: {len(unlisted)} classes have no difficulty, e.g. {unlisted[:5]}")
+        raise UserError(f"{path}: {len(unlisted)} classes have no difficulty, e.g. {unlisted[:5]}")
     return scores
 
 
@@ -206,35 +207,35 @@ class Curriculum(Callback):
         waiting_weight: float = 0.0,
     ):
         if not stages:
-            raise ValueError("a curriculum needs at least one stage")
+            raise UserError("a curriculum needs at least one stage")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
             if stage.epochs is not None and stage.steps is not None:
-                raise ValueError(f"stage {i}: give epochs or steps, not both")
+                raise UserError(f"Curriculum stage {i}: give epochs or steps, not both")
             if not last and stage.epochs is None and stage.steps is None:
-                raise ValueError(f"stage {i}: only the last stage may leave its length open")
+                raise UserError(f"Curriculum stage {i}: only the last stage may leave its length open")
             if (stage.epochs is not None and stage.epochs < 1) or (stage.steps is not None and stage.steps < 1):
-                raise ValueError(f"stage {i}: length must be ≥ 1")
+                raise UserError(f"Curriculum stage {i}: length must be ≥ 1")
             if stage.class_count is None and not 0.0 < stage.class_share <= 1.0:
-                raise ValueError(f"stage {i}: class_share must be in (0, 1], got {stage.class_share}")
+                raise UserError(f"Curriculum stage {i}: class_share must be in (0, 1], got {stage.class_share}")
             if stage.class_count is not None and stage.class_count < 1:
-                raise ValueError(f"stage {i}: class_count must be ≥ 1")
+                raise UserError(f"Curriculum stage {i}: class_count must be ≥ 1")
             if stage.nonlandmark_share is not None and not 0.0 <= stage.nonlandmark_share < 1.0:
-                raise ValueError(f"stage {i}: nonlandmark_share must be in [0, 1)")
+                raise UserError(f"Curriculum stage {i}: nonlandmark_share must be in [0, 1)")
             if stage.lr != "keep" and not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
-                raise ValueError(f"stage {i}: lr must be 'keep' or a positive factor, got {stage.lr!r}")
+                raise UserError(f"Curriculum stage {i}: lr must be 'keep' or a positive factor, got {stage.lr!r}")
             if stage.classes not in ("easiest", "rest"):
-                raise ValueError(f"stage {i}: classes must be easiest or rest, got {stage.classes!r}")
+                raise UserError(f"Curriculum stage {i}: classes must be easiest or rest, got {stage.classes!r}")
             if stage.classes == "rest" and (i == 0 or waiting_weight == 0):
-                raise ValueError(f"stage {i}: classes: rest needs soft stages (waiting_weight > 0) and a stage "
+                raise UserError(f"Curriculum stage {i}: classes: rest needs soft stages (waiting_weight > 0) and a stage "
                                  "before it, whose waiting classes it activates")
         if difficulty not in ("size", "accuracy", "file", "random"):
-            raise ValueError(f"difficulty must be size, accuracy, file or random, got {difficulty!r}")
+            raise UserError(f"difficulty must be size, accuracy, file or random, got {difficulty!r}")
         if (difficulty == "file") != (difficulty_file is not None):
-            raise ValueError("difficulty_file is needed with difficulty: file, and only then")
+            raise UserError("difficulty_file is needed with difficulty: file, and only then")
         if not 0.0 <= waiting_weight <= 1.0:
-            raise ValueError(f"waiting_weight must lie in [0, 1], got {waiting_weight}")
+            raise UserError(f"waiting_weight must lie in [0, 1], got {waiting_weight}")
         self.waiting_weight = float(waiting_weight)
         self.difficulty = difficulty
         self.difficulty_file = difficulty_file
@@ -275,12 +276,12 @@ class Curriculum(Callback):
     def load_state_dict(self, state: dict) -> None:
         saved = [Stage(**s) for s in state["stages"]]
         if saved != self.stages:
-            raise ValueError(
+            raise UserError(
                 "the checkpoint was trained with other curriculum stages; resume with the same curriculum "
                 f"(saved: {state['stages']})"
             )
         if float(state.get("waiting_weight", 0.0)) != self.waiting_weight:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint was trained with waiting_weight {state.get('waiting_weight', 0.0)}, this curriculum "
                 f"has {self.waiting_weight}; resume with the same curriculum"
             )
@@ -305,7 +306,7 @@ class Curriculum(Callback):
         for i, s in enumerate(self.stages):
             count = self._class_count(s, datamodule.num_classes)
             if count < needed and self.waiting_weight == 0:
-                raise ValueError(
+                raise UserError(
                     f"curriculum stage {i} activates {count} classes, but a global batch needs {needed} distinct "
                     f"classes (classes_per_batch × devices); raise its class_share/class_count"
                 )

@@ -62,6 +62,22 @@ from retrieval.plots import plot_hardest_distractors, plot_precision_fpr, plot_s
 log = logging.getLogger(__name__)
 
 
+def _required_sets(datamodule) -> list[str]:
+    """The data module's evaluation sets; UserError unless the gallery and the queries are non-empty.
+
+    Empty sets are the data's fault (a header-only ``queries.csv``, every query photo unreadable,
+    ``data.query_manifest: null``), so one line names them, not a traceback.
+    """
+    names = datamodule.eval_set_names
+    missing = [name for name in ("gallery", "queries") if name not in names]
+    if missing:
+        manifests = {"gallery": "data.db_manifest", "queries": "data.query_manifest"}
+        raise UserError(f"RetrievalEvaluation needs non-empty evaluation sets, and {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} empty: check "
+                        f"{', '.join(manifests[m] for m in missing)} (no rows, or every photo unreadable)")
+    return names
+
+
 class RetrievalEvaluation(Callback):
     """Recall and precision at fixed FPRs, GAP, P@1 and mAP@k, from a FAISS index.
 
@@ -139,7 +155,10 @@ class RetrievalEvaluation(Callback):
         self.last_embeddings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Fail now, not after an epoch, if a callback monitors an FPR the distractors cannot resolve."""
+        """Fail now, not after an epoch, if an evaluation set is empty or a callback monitors an FPR
+        the distractors cannot resolve."""
+        if trainer.limit_val_batches != 0:  # the fit will evaluate: the sets it needs must be there
+            _required_sets(trainer.datamodule)
         if trainer.fast_dev_run:  # a smoke run: nothing is checkpointed or stopped on metrics
             return
         names = trainer.datamodule.eval_set_names
@@ -161,12 +180,9 @@ class RetrievalEvaluation(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_set_names"):
             raise RuntimeError("RetrievalEvaluation needs a data module with eval_set_names (LandmarkDataModule)")
-        self._names = datamodule.eval_set_names
         # Checked here, on every rank: failing later on rank 0 alone would leave the others
         # waiting in a collective.
-        missing = [name for name in ("gallery", "queries") if name not in self._names]
-        if missing:
-            raise RuntimeError(f"RetrievalEvaluation needs non-empty evaluation sets {missing} (data module manifests)")
+        self._names = _required_sets(datamodule)
         if self.nonlandmark_penalty is not None and "nonlandmark_pool" not in self._names:
             raise UserError("RetrievalEvaluation: nonlandmark_penalty needs the training non-landmark pool as an "
                             "evaluation set: set data.evaluate_nonlandmark_pool: true")

@@ -133,6 +133,17 @@ def _logger_entries(logger_config) -> list:
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
+def _user_error_in(err: BaseException) -> UserError | None:
+    """The first UserError in ``err``'s chain of causes and contexts, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class LandmarkCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("model_class", LandmarkModule)
@@ -196,6 +207,14 @@ class LandmarkCLI(LightningCLI):
             except UserError as err:
                 raise UserError(f"model.backbone: {err}") from None
         trainer = config.trainer
+        # Lightning's own messages for these are tracebacks (a ZeroDivisionError for
+        # check_val_every_n_epoch 0), or nothing at all: max_epochs 0 trains nothing, exit 0.
+        max_epochs, every = getattr(trainer, "max_epochs", None), getattr(trainer, "check_val_every_n_epoch", None)
+        if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+            raise UserError(f"trainer.max_epochs must be >= 1 (or -1: no limit), got {max_epochs}; "
+                            "`landmarks validate --ckpt_path CKPT` evaluates without training")
+        if every is not None and every < 1:
+            raise UserError(f"trainer.check_val_every_n_epoch must be >= 1 (or null), got {every}")
         run_dir = run_dir_from_env()
         if run_dir is not None:
             # One folder per sweep run: every logger and the default root go there.
@@ -215,6 +234,18 @@ class LandmarkCLI(LightningCLI):
             self._wandb_identity = run_identity(config)
             for entry in wandb_entries:
                 apply_wandb_conventions(entry, self._wandb_identity, sweep=os.environ.get("LANDMARKS_SWEEP"))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse reports a class whose __init__ refused its arguments (a UserError, e.g. a
+            # curriculum stage's class_share of 0) inside a union error listing every subtype it
+            # tried, printed as a traceback; the user's mistake is the refusal, so it is what is said.
+            cause = _user_error_in(err)
+            if cause is None or cause is err:
+                raise
+            raise UserError(str(cause)) from err
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -180,6 +180,15 @@ class LandmarkDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0.0 <= nonlandmark_share < 1.0:
             raise UserError(f"nonlandmark_share must be in [0, 1), got {nonlandmark_share}")
+        # Settings out of range fail here, in one line, not as a traceback from the sampler, the
+        # loader or albumentations' validation once the fit has started.
+        for name, value, low in (("image_size", image_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("num_workers", num_workers, 0), ("eval_num_workers", eval_num_workers, 0),
+                                 ("batches_per_epoch", batches_per_epoch, 1)):
+            if value is not None and value < low:
+                raise UserError(f"data.{name} must be >= {low}, got {value}")
+        if not 0.0 <= augment_strength <= 1.0:
+            raise UserError(f"data.augment_strength must lie in [0, 1] (1: the default augmentations), got {augment_strength}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         if not self.data_dir.exists() and synthetic is None:

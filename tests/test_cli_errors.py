@@ -112,6 +112,14 @@ def test_a_bad_input_is_one_line_and_exit_status_2(command, cases, capsys, monke
     (["--data.nonlandmark_share=1.5"], "nonlandmark_share"),
     (["--model.pooling=max"], "model.pooling"),
     (["--model.loss=losses.NoSuchLoss"], "NoSuchLoss"),
+    # Before: a pydantic traceback, a ZeroDivisionError, a run that trained nothing with exit 0.
+    (["--data.image_size=0"], "data.image_size must be >= 1, got 0"),
+    (["--data.augment_strength=-1"], "data.augment_strength must lie in [0, 1]"),
+    (["--data.batches_per_epoch=0"], "data.batches_per_epoch must be >= 1, got 0"),
+    (["--trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch must be >= 1"),
+    (["--trainer.max_epochs=0"], "trainer.max_epochs must be >= 1 (or -1: no limit), got 0"),
+    # Before: a RuntimeError traceback at the first evaluation, after an epoch of training.
+    (["--data.query_manifest=null"], "RetrievalEvaluation needs non-empty evaluation sets, and queries is empty"),
 ])
 def test_lightning_config_errors_are_one_line(extra, named, tiny_world, capsys):
     argv = ["fit", "--config", DEMO, f"--data.data_dir={tiny_world}", "--data.synthetic=null", *extra]
@@ -305,3 +313,20 @@ def test_an_albums_out_that_is_a_file_is_refused_before_recognising(tmp_path, ca
     code = main(["albums", "--index", str(tmp_path / "no-index"), str(tmp_path), "--out", str(tmp_path / "albums.txt")])
     out, err = capsys.readouterr()
     _assert_one_line("albums", code, out, err, "albums.txt: exists and is not a folder")  # not the missing index
+
+
+@pytest.mark.parametrize("stage, named", [
+    ("{epochs: 1, class_share: 0.0}", "Curriculum stage 0: class_share must be in (0, 1], got 0.0"),
+    ("{epochs: 1, class_share: 0.1}", "curriculum stage 0 activates 1 classes, but a global batch needs 16"),
+])
+def test_curriculum_mistakes_are_one_line(stage, named, tiny_world, tmp_path, capsys):
+    """The first was a jsonargparse union error around the refusal, the second a ValueError traceback."""
+    curriculum = tmp_path / "curriculum.yaml"
+    curriculum.write_text("trainer:\n  callbacks+:\n    - class_path: callbacks.Curriculum\n      init_args:\n"
+                          f"        stages:\n          - {stage}\n          - {{}}\n")
+    argv = ["fit", "--config", DEMO, f"--data.data_dir={tiny_world}", "--data.synthetic=null", "--data.num_workers=0",
+            "--trainer.logger=false", "--config", str(curriculum)]
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    _assert_one_line("fit", code, out, err, named)
