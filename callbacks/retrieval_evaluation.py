@@ -157,11 +157,10 @@ class RetrievalEvaluation(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         """Fail now, not after an epoch, if an evaluation set is empty or a callback monitors an FPR
         the distractors cannot resolve."""
-        if trainer.limit_val_batches != 0:  # the fit will evaluate: the sets it needs must be there
-            _required_sets(trainer.datamodule)
+        # The fit will evaluate unless told not to: the sets it needs must be there.
+        names = _required_sets(trainer.datamodule) if trainer.limit_val_batches != 0 else trainer.datamodule.eval_set_names
         if trainer.fast_dev_run:  # a smoke run: nothing is checkpointed or stopped on metrics
             return
-        names = trainer.datamodule.eval_set_names
         n_distractors = len(trainer.datamodule.eval_dataset("distractors")) if "distractors" in names else 0
         for callback in trainer.callbacks:
             monitor = getattr(callback, "monitor", None) or ""

@@ -296,10 +296,11 @@ def _warm_start(chain: Chain, model, datamodule, checkpoint: str, imprint: bool)
     embeddings the cleaning computed (the cache), not from a new pass."""
     import torch
 
+    from lightning_modules.landmark_module import read_checkpoint
     from retrieval.embed import embed_paths
     from retrieval.embedding_model import load_embedding_model
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(checkpoint)["state_dict"]
     net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     model.net.load_state_dict(net, strict=True)
     if not imprint:

@@ -222,14 +222,13 @@ def write_hardest_sheet(index, out: pathlib.Path) -> pathlib.Path:
 
 
 def run_index_command(args: argparse.Namespace) -> int:
-    from recognition.artifact import PenaltyParams, check_index_target
+    from recognition.artifact import PenaltyParams
     from recognition.calibration import HARDEST_CALIBRATION_PHOTOS
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
     from recognition.indexing import build_landmark_index
     from recognition.verification import VerificationParams
 
-    check_index_target(args.out)  # before the embedding, not after it
     try:
         descriptors = DescriptorParams(args.whiten, args.whiten_shrink, args.dba, args.query_expansion,
                                        args.expansion_alpha)

@@ -81,9 +81,7 @@ def drop_repeated_rows(manifest):
     A repeated row would weigh its photo twice in its landmark's centroids and count twice in the
     summary's image count. The same photo under two landmarks is kept: a photo may show both.
     """
-    seen: set[tuple[str, str]] = set()
-    keep = np.array([not ((p, i) in seen or seen.add((p, i))) for p, i in zip(manifest.paths, manifest.landmark_ids)],
-                    dtype=bool)
+    keep = ~pd.DataFrame({"path": manifest.paths, "landmark_id": manifest.landmark_ids}).duplicated().to_numpy()
     if not keep.all():
         first = int(manifest.lines[~keep][0])
         log.warning("%s: %d row(s) repeat an earlier row's path and landmark_id (first at line %d); each photo is "
@@ -258,12 +256,13 @@ def build_landmark_index(
     from pytorch_lightning.utilities import rank_zero_only
 
     from datamodules.manifest import load_manifest
-    from recognition.artifact import LandmarkIndex, PenaltyParams
+    from recognition.artifact import LandmarkIndex, PenaltyParams, check_index_target
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold, hardest_calibration_photos
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
     from retrieval.embedding_model import load_embedding_model, scale_factors
 
+    check_index_target(out)  # before the embedding, not after it
     if threshold is not None and nonlandmarks:
         raise UserError("give --nonlandmarks (calibration) or --threshold, not both")
     if (checkpoint is None) == (backbone is None):
