@@ -302,6 +302,7 @@ class Curriculum(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "set_training_classes"):
             raise TypeError("Curriculum needs a data module with set_training_classes (LandmarkDataModule)")
+        self._warn_of_stages_after_the_fit(trainer)
         needed = datamodule.hparams.classes_per_batch * trainer.world_size
         for i, s in enumerate(self.stages):
             count = self._class_count(s, datamodule.num_classes)
@@ -310,6 +311,24 @@ class Curriculum(Callback):
                     f"curriculum stage {i} activates {count} classes, but a global batch needs {needed} distinct "
                     f"classes (classes_per_batch × devices); raise its class_share/class_count"
                 )
+
+    def _warn_of_stages_after_the_fit(self, trainer: pl.Trainer) -> None:
+        """A stage that starts at or after ``max_epochs`` never runs: the fit measures another
+        curriculum than the file describes. A warning, not an error, since a shortened fit (a quick
+        check) is a reason to leave a curriculum file as it is. Stages measured in steps end at an
+        epoch boundary only known once the loader is built, so the count stops at the first one."""
+        if trainer.fast_dev_run or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return
+        start = 0
+        for i, stage in enumerate(self.stages):
+            if start >= trainer.max_epochs:
+                log.warning("curriculum: stage %d starts at epoch %d, and trainer.max_epochs is %d: stages %d-%d "
+                            "never run (the fit ends in stage %d)", i, start, trainer.max_epochs, i,
+                            len(self.stages) - 1, i - 1)
+                return
+            if stage.epochs is None:
+                return
+            start += stage.epochs
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored:

@@ -78,6 +78,21 @@ def _required_sets(datamodule) -> list[str]:
     return names
 
 
+def _check_readable(gathered: dict[str, tuple[np.ndarray, np.ndarray, int]], datamodule) -> None:
+    """UserError when the gallery or the queries have no photo that could be decoded.
+
+    Unreadable photos are skipped and counted (``<stage>/unreadable``); a set with none left would
+    fail deep in the index ("empty gallery") or score nothing, so one line names the manifest.
+    """
+    manifests = {"gallery": "db_manifest", "queries": "query_manifest"}
+    for name, key in manifests.items():
+        embeddings, _, unreadable = gathered[name]
+        if len(embeddings) == 0:
+            source = datamodule.hparams[key] if hasattr(datamodule, "hparams") else key
+            raise UserError(f"RetrievalEvaluation: none of the {unreadable} {name} photos (data.{key}: {source}) "
+                            "could be decoded; check the image files")
+
+
 class RetrievalEvaluation(Callback):
     """Recall and precision at fixed FPRs, GAP, P@1 and mAP@k, from a FAISS index.
 
@@ -253,6 +268,8 @@ class RetrievalEvaluation(Callback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         gathered = self._gather()
         self._accumulators = {}
+        # Every rank holds the gathered sets, so every rank refuses together (no rank left waiting).
+        _check_readable(gathered, trainer.datamodule)
         # trainer.log_dir is a collective under DDP (Lightning broadcasts it): every rank asks.
         plot_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
         # Standalone `validate` (e.g. the demo's untrained evaluation) must not overwrite the plots

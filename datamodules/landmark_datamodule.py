@@ -21,7 +21,9 @@ Skip policy for bad images (``on_bad_image``):
       the data module is built, with one warning giving the count and the first paths; files that
       exist but cannot be decoded (truncated, corrupt, not an image) are replaced at load time by
       a placeholder flagged ``valid=False`` that the loss and the metrics exclude; the evaluation
-      callback logs their count as ``<stage>/unreadable``.
+      callback logs their count as ``<stage>/unreadable`` (and stops, naming the manifest, when
+      no gallery or query photo is left). A landmark whose every DB photo is missing is still a
+      landmark of the DB: its queries stay, as queries no gallery photo can answer.
     * ``"error"``: any missing or empty file is an error naming it (checked when
       ``check_files`` is on; files that exist but fail to decode are always placeholders).
 Labels are never guessed: a malformed manifest is always an error (:mod:`datamodules.manifest`).
@@ -41,7 +43,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from core.errors import UserError
 from core.labels import NONLANDMARK
 from datamodules.datasets import ImageDataset, manifest_dataset, seed_worker_transforms
-from datamodules.manifest import ClassMap, Manifest, ManifestError, load_manifest, merged_id_aliases
+from datamodules.manifest import ClassMap, Manifest, ManifestError, drop_repeated_rows, load_manifest, merged_id_aliases
 from datamodules.sampler import LandmarkBatchSampler, ResumableLoader
 from datamodules.shards import ShardError, damaged_shards
 from datamodules.synth import SynthConfig
@@ -204,13 +206,16 @@ class LandmarkDataModule(pl.LightningDataModule):
             ensure_world(self.data_dir, synthetic)
         # The DB is read here, not in setup(): the class count must be known when LightningCLI
         # links it into the model (link_arguments apply_on="instantiate").
-        self.db = self._load("db_manifest", "landmark")
+        self.db = self._load("db_manifest", "landmark", drop_missing=False)
         # Ids that `landmarks clean --duplicates merge` renamed: queries naming them are relabelled.
         self.id_aliases = merged_id_aliases(self.db)
         if self.id_aliases:
             log.info("%s: %d merged-away landmark id(s); queries naming them are relabelled to their group's id",
                      self.db.source, len(self.id_aliases))
-        listed_ids = set(self.db.landmark_ids)  # before cleaning decisions and oracle_clean drop rows
+        # Before missing photos, cleaning decisions and oracle_clean drop rows: a landmark the DB
+        # lists is a real landmark whatever happened to its photos.
+        listed_ids = set(self.db.landmark_ids)
+        self.db = self._drop_missing(self.db)
         if "decision" in self.db.table.columns:
             keep = self.db.table["decision"].str.strip().str.lower().ne("remove").to_numpy()
             log.info("%s: using %d of %d rows (decision != remove)", self.db.source, int(keep.sum()), len(keep))
@@ -225,8 +230,8 @@ class LandmarkDataModule(pl.LightningDataModule):
             raise ManifestError(f"{self.db.source}: no usable landmark images")
         self.class_map = ClassMap.from_ids(self.db.landmark_ids)
         self.db_labels = self.class_map.encode(self.db.landmark_ids, self.db.source, self.db.lines)
-        # Landmarks the DB lists but whose every photo was dropped (a cleaning's decision=remove,
-        # or oracle_clean): their queries are still the user's photos of real landmarks.
+        # Landmarks the DB lists but whose every photo was dropped (missing files, a cleaning's
+        # decision=remove, or oracle_clean): their queries are still the user's photos of real landmarks.
         self.removed_landmarks = frozenset(listed_ids - set(self.class_map.landmark_ids))
         counts = np.bincount(self.db_labels, minlength=len(self.class_map))
         if (counts == 1).any():
@@ -270,11 +275,14 @@ class LandmarkDataModule(pl.LightningDataModule):
 
     # ---- loading ---------------------------------------------------------------------------
 
-    def _load(self, name: str, kind: str) -> Manifest | None:
+    def _load(self, name: str, kind: str, drop_missing: bool = True) -> Manifest | None:
         location = self.hparams[name]
         if location is None:
             return None
         manifest = load_manifest(self.data_dir / location, kind, extra_columns=self.hparams.extra_columns)
+        return self._drop_missing(manifest) if drop_missing else manifest
+
+    def _drop_missing(self, manifest: Manifest) -> Manifest:
         if self.hparams.check_files or manifest.shard_dir is not None:
             manifest = _drop_missing_files(manifest, self.hparams.on_bad_image)
         return manifest
@@ -299,7 +307,11 @@ class LandmarkDataModule(pl.LightningDataModule):
                 "add non-landmark images or set data.nonlandmark_share: 0"
             )
         self._datasets["train_landmarks"] = manifest_dataset(self.db, self.db_labels, train_tf, size)
-        self._datasets["gallery"] = manifest_dataset(self.db, self.db_labels, eval_tf, size)
+        # Training may repeat a row on purpose (oversampling); the gallery holds each photo once,
+        # or the repeat would count twice in P@1 and mAP@k.
+        gallery = drop_repeated_rows(self.db, "in the evaluation gallery")
+        self._datasets["gallery"] = manifest_dataset(
+            gallery, self.class_map.encode(gallery.landmark_ids, gallery.source, gallery.lines), eval_tf, size)
         if pool is not None:
             self._datasets["train_nonlandmarks"] = manifest_dataset(pool, np.full(len(pool), NONLANDMARK), train_tf, size)
             # The training pool as the model sees it at evaluation (hard non-landmark mining embeds it).
@@ -315,8 +327,8 @@ class LandmarkDataModule(pl.LightningDataModule):
             query_labels[kept] = self.class_map.encode([query_ids[i] for i in kept], queries.source,
                                                        [queries.lines[i] for i in kept])
             if lost.any():
-                log.warning("%s: %d queries name %d landmark(s) whose every DB photo was removed; kept as "
-                            "queries no gallery photo can answer (misses for recall, left out of P@1)",
+                log.warning("%s: %d queries name %d landmark(s) whose every DB photo was removed or is missing; "
+                            "kept as queries no gallery photo can answer (misses for recall, left out of P@1)",
                             queries.source, int(lost.sum()), len({query_ids[i] for i in np.flatnonzero(lost)}))
             self.query_landmark_ids = query_ids
             self._datasets["queries"] = manifest_dataset(queries, query_labels, eval_tf, size)

@@ -98,6 +98,22 @@ class Manifest:
         )
 
 
+def drop_repeated_rows(manifest: Manifest, counted: str) -> Manifest:
+    """The manifest without rows that repeat an earlier row's photo and landmark, count logged.
+
+    A repeated row would weigh its photo twice wherever photos are counted: in its landmark's
+    centroids and the index's image count (``landmarks index``), or as two gallery entries in the
+    evaluation (P@1, mAP@k). The same photo under two landmarks is kept: a photo may show both.
+    ``counted`` ends the log line ("each photo is <counted> once").
+    """
+    keep = ~pd.DataFrame({"path": manifest.paths, "landmark_id": manifest.landmark_ids}).duplicated().to_numpy()
+    if keep.all():
+        return manifest
+    log.warning("%s: %d row(s) repeat an earlier row's path and landmark_id (first at line %d); each photo is "
+                "%s once", manifest.source, int((~keep).sum()), int(manifest.lines[~keep][0]), counted)
+    return manifest.subset(keep)
+
+
 def read_manifest(
     csv_path: str | os.PathLike,
     kind: ManifestKind = "landmark",

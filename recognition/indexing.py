@@ -75,21 +75,6 @@ def _metadata_rows(table: pd.DataFrame, source: str, lines) -> list[dict]:
     return rows
 
 
-def drop_repeated_rows(manifest):
-    """The manifest without rows that repeat an earlier row's photo and landmark, count logged.
-
-    A repeated row would weigh its photo twice in its landmark's centroids and count twice in the
-    summary's image count. The same photo under two landmarks is kept: a photo may show both.
-    """
-    keep = ~pd.DataFrame({"path": manifest.paths, "landmark_id": manifest.landmark_ids}).duplicated().to_numpy()
-    if not keep.all():
-        first = int(manifest.lines[~keep][0])
-        log.warning("%s: %d row(s) repeat an earlier row's path and landmark_id (first at line %d); each photo is "
-                    "indexed once", manifest.source, int((~keep).sum()), first)
-        manifest = manifest.subset(keep)
-    return manifest
-
-
 def landmark_metadata_of(manifest, landmarks_csv: str | os.PathLike | None, known_ids: set[str]) -> dict[str, dict]:
     """Per-landmark name/city/lat/lon from ``landmarks_csv`` (its values win) and the manifest's columns."""
     from recognition.artifact import landmark_metadata
@@ -255,7 +240,7 @@ def build_landmark_index(
     """
     from pytorch_lightning.utilities import rank_zero_only
 
-    from datamodules.manifest import load_manifest
+    from datamodules.manifest import drop_repeated_rows, load_manifest
     from recognition.artifact import LandmarkIndex, PenaltyParams, check_index_target
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold, hardest_calibration_photos
     from recognition.centroids import CentroidParams
@@ -289,7 +274,7 @@ def build_landmark_index(
     # Metadata is read (and validated) before the long embedding pass, so a typo fails fast; and
     # before repeated rows are dropped, so a value only a repeat carries is not lost.
     metadata = landmark_metadata_of(data, landmarks_csv, set(data.landmark_ids))
-    data = drop_repeated_rows(data)
+    data = drop_repeated_rows(data, "indexed")
     calibration_set = None
     if nonlandmarks:
         calibration_set = _image_files(load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,

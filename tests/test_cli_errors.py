@@ -330,3 +330,28 @@ def test_curriculum_mistakes_are_one_line(stage, named, tiny_world, tmp_path, ca
     code = main(argv)
     out, err = capsys.readouterr()
     _assert_one_line("fit", code, out, err, named)
+
+
+def test_a_db_whose_every_photo_is_undecodable_is_one_line_at_the_evaluation(tiny_world, tmp_path, capsys):
+    """Undecodable photos are skipped and counted; with none left the evaluation gave a RuntimeError
+    traceback ("cannot build an index over an empty gallery") instead of naming the manifest."""
+    import shutil
+
+    import pandas as pd
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    (world / "world.json").unlink()  # hand-edited: not a synthetic world any more
+    db = pd.read_csv(world / "db.csv", dtype=str)
+    for path in db["path"]:
+        (world / path).write_bytes(b"not a JPEG")  # present and non-empty, so only decoding fails
+    argv = ["fit", "--config", DEMO, f"--data.data_dir={world}", "--data.synthetic=null", "--data.num_workers=0",
+            "--data.classes_per_batch=4", "--data.batches_per_epoch=1", "--trainer.max_epochs=1",
+            "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'runs'}"]
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    err = "\n".join(line for line in err.splitlines() if "skipping unreadable image" not in line)
+    _assert_one_line("fit", code, out, err,
+                     f"RetrievalEvaluation: none of the {len(db)} gallery photos (data.db_manifest: db.csv) could be "
+                     "decoded")

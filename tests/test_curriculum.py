@@ -77,6 +77,28 @@ def test_stage_validation():
         Curriculum([Stage(lr=-1.0)])
 
 
+@pytest.mark.parametrize("max_epochs, stages, warned", [
+    (8, [Stage(epochs=2), Stage(epochs=3), Stage()], None),  # the last stage starts at epoch 5 of 8
+    (5, [Stage(epochs=2), Stage(epochs=3), Stage()], "stage 2 starts at epoch 5, and trainer.max_epochs is 5: "
+                                                     "stages 2-2 never run (the fit ends in stage 1)"),
+    (2, [Stage(epochs=2), Stage(epochs=3), Stage()], "stage 1 starts at epoch 2, and trainer.max_epochs is 2: "
+                                                     "stages 1-2 never run (the fit ends in stage 0)"),
+    (2, [Stage(steps=500), Stage(epochs=3), Stage()], None),  # where a step stage ends is not known yet
+    (-1, [Stage(epochs=2), Stage()], None),  # no epoch limit
+])
+def test_stages_the_fit_never_reaches_are_a_warning(max_epochs, stages, warned, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(fast_dev_run=False, max_epochs=max_epochs)
+    with caplog.at_level(logging.WARNING, logger="callbacks.curriculum"):
+        Curriculum(stages)._warn_of_stages_after_the_fit(trainer)
+    if warned is None:
+        assert not caplog.records
+    else:
+        assert [r.getMessage() for r in caplog.records] == [f"curriculum: {warned}"]
+
+
 def test_random_order_is_a_seeded_permutation_that_each_data_seed_draws_anew():
     from types import SimpleNamespace
 

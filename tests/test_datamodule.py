@@ -157,6 +157,40 @@ def test_queries_of_a_merged_away_id_are_relabelled(tmp_path):
         _dm(root, db_manifest="clean.csv").setup()
 
 
+def test_a_landmark_whose_every_db_photo_is_missing_keeps_its_queries_as_unanswerable(tmp_path, caplog):
+    # Before: the missing photos were dropped before the DB's landmarks were listed, so the queries
+    # of 103 (its one photo deleted) stopped the fit with "landmark_id '103' is not among the 3
+    # landmarks of the training database", though db.csv lists it.
+    root = _world(tmp_path)
+    (root / "db" / "3_0.jpg").unlink()
+    (root / "queries.csv").write_text("path,landmark_id\ndb/2_0.jpg,103\ndb/2_1.jpg,102\n")
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(root)
+        dm.setup()
+    assert "skipping 1 of 10 rows whose image is missing or empty" in caplog.text
+    assert "1 queries name 1 landmark(s) whose every DB photo was removed or is missing" in caplog.text
+    assert dm.removed_landmarks == {"103"} and dm.class_map.to_list() == ["100", "101", "102"]
+    assert dm._datasets["queries"].labels.tolist() == [dm.unanswerable_label, 2]
+    # on_bad_image='error' still refuses the missing photo, naming it
+    with pytest.raises(ManifestError, match=r"db\.csv: line 11: image missing or empty: .*3_0\.jpg"):
+        _dm(root, on_bad_image="error")
+
+
+def test_the_gallery_holds_a_repeated_db_row_once_and_training_keeps_it(tmp_path, caplog):
+    root = _world(tmp_path)
+    with (root / "db.csv").open("a") as f:
+        f.write("db/0_0.jpg,100\ndb/0_0.jpg,100\ndb/0_1.jpg,101\n")  # two repeats, and one photo under a 2nd id
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(root)
+        dm.setup()
+    assert "2 row(s) repeat an earlier row's path and landmark_id (first at line 12); each photo is in the " \
+           "evaluation gallery once" in caplog.text
+    gallery = dm.eval_dataset("gallery")
+    names = [(Path(p).name, int(label)) for p, label in zip(gallery.paths, gallery.labels)]
+    assert len(names) == 11 and len(set(names)) == 11 and ("0_1.jpg", 1) in names  # 10 photos + 0_1 under 101
+    assert len(dm._datasets["train_landmarks"]) == 13  # training may oversample on purpose
+
+
 def test_an_id_renamed_two_ways_is_a_clear_error(tmp_path):
     root = _world(tmp_path)
     (root / "clean.csv").write_text(

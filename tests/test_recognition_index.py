@@ -443,14 +443,14 @@ def test_nearest_db_photo_of_a_hardest_calibration_photo_is_one_the_index_repres
 def test_repeated_db_rows_are_indexed_once_and_counted(tmp_path, caplog):
     import logging
 
-    from datamodules.manifest import load_manifest
-    from recognition.indexing import drop_repeated_rows
+    from datamodules.manifest import drop_repeated_rows, load_manifest
 
     (tmp_path / "db.csv").write_text("path,landmark_id\na.jpg,1\nb.jpg,1\na.jpg,1\na.jpg,2\nb.jpg,1\n")
     with caplog.at_level(logging.WARNING):
-        kept = drop_repeated_rows(load_manifest(tmp_path / "db.csv", "landmark"))
+        kept = drop_repeated_rows(load_manifest(tmp_path / "db.csv", "landmark"), "indexed")
     # a.jpg under landmark 2 stays: one photo may show two landmarks
     assert [(pathlib.Path(p).name, i) for p, i in zip(kept.paths, kept.landmark_ids)] == [
         ("a.jpg", "1"), ("b.jpg", "1"), ("a.jpg", "2")]
     assert list(kept.lines) == [2, 3, 5]
-    assert "2 row(s) repeat an earlier row's path and landmark_id (first at line 4)" in caplog.text
+    assert "2 row(s) repeat an earlier row's path and landmark_id (first at line 4); each photo is indexed once" \
+        in caplog.text
