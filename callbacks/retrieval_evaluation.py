@@ -62,19 +62,22 @@ from retrieval.plots import plot_hardest_distractors, plot_precision_fpr, plot_s
 log = logging.getLogger(__name__)
 
 
+# The sets an evaluation cannot do without, and the data module's setting that lists each.
+_REQUIRED_SETS = {"gallery": "db_manifest", "queries": "query_manifest"}
+
+
 def _required_sets(datamodule) -> list[str]:
     """The data module's evaluation sets; UserError unless the gallery and the queries are non-empty.
 
-    Empty sets are the data's fault (a header-only ``queries.csv``, every query photo unreadable,
+    Empty sets are the data's fault (a header-only ``queries.csv``, every query photo missing,
     ``data.query_manifest: null``), so one line names them, not a traceback.
     """
     names = datamodule.eval_set_names
-    missing = [name for name in ("gallery", "queries") if name not in names]
+    missing = [name for name in _REQUIRED_SETS if name not in names]
     if missing:
-        manifests = {"gallery": "data.db_manifest", "queries": "data.query_manifest"}
         raise UserError(f"RetrievalEvaluation needs non-empty evaluation sets, and {', '.join(missing)} "
                         f"{'is' if len(missing) == 1 else 'are'} empty: check "
-                        f"{', '.join(manifests[m] for m in missing)} (no rows, or every photo unreadable)")
+                        f"{', '.join('data.' + _REQUIRED_SETS[m] for m in missing)} (no rows, or every photo missing)")
     return names
 
 
@@ -84,12 +87,11 @@ def _check_readable(gathered: dict[str, tuple[np.ndarray, np.ndarray, int]], dat
     Unreadable photos are skipped and counted (``<stage>/unreadable``); a set with none left would
     fail deep in the index ("empty gallery") or score nothing, so one line names the manifest.
     """
-    manifests = {"gallery": "db_manifest", "queries": "query_manifest"}
-    for name, key in manifests.items():
+    for name, key in _REQUIRED_SETS.items():
         embeddings, _, unreadable = gathered[name]
         if len(embeddings) == 0:
-            source = datamodule.hparams[key] if hasattr(datamodule, "hparams") else key
-            raise UserError(f"RetrievalEvaluation: none of the {unreadable} {name} photos (data.{key}: {source}) "
+            raise UserError(f"RetrievalEvaluation: none of the {unreadable} {name} photos "
+                            f"(data.{key}: {datamodule.hparams.get(key)}) "
                             "could be decoded; check the image files")
 
 
