@@ -136,15 +136,26 @@ def _predict_gldv2(args, solution) -> dict[str, tuple[int, float]]:
     gallery = read_manifest(args.gallery, "landmark", extra_columns="ignore")
     if "decision" in gallery.table.columns:  # a cleaned DB: index what the data module trains on
         gallery = gallery.subset(gallery.table["decision"].str.strip().str.lower().ne("remove").to_numpy())
-    non_integer = [lid for lid in gallery.landmark_ids if not lid.isdigit()]
+    non_integer = [row for row, lid in enumerate(gallery.landmark_ids) if not lid.isdigit()]
     if non_integer:
-        raise UserError(f"{args.gallery}: landmark_id {non_integer[0]!r} is not a GLDv2 (integer) landmark id")
+        row = non_integer[0]
+        raise UserError(f"{args.gallery}: line {gallery.lines[row]}: landmark_id {gallery.landmark_ids[row]!r} is not "
+                        "a GLDv2 (integer) landmark id")
+    if len(gallery) == 0:
+        raise UserError(f"{args.gallery}: no gallery rows to predict from")
     test_dir = Path(args.test_dir) if args.test_dir else Path(args.solution).parent / "test"
     ids = sorted(solution.landmarks)
     test_paths = [gldv2_image_path(test_dir, key) for key in ids]
     common = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir)
     g = embed_paths(model, gallery.paths, **common)
     q = embed_paths(model, test_paths, **common)
+    # A few unreadable images are a documented skip; none readable is a wrong folder, whose GAP of
+    # 0.00 would read as a result.
+    if not g.valid.any():
+        raise UserError(f"{args.gallery}: none of its {len(g.valid)} images could be read (first: {gallery.paths[0]})")
+    if not q.valid.any():
+        raise UserError(f"{test_dir}: none of the {len(q.valid)} scored test images could be read (first: "
+                        f"{test_paths[0]}); check --test-dir")
     if (~g.valid).any():
         log.warning("gallery: %d of %d images unreadable and left out of the index", int((~g.valid).sum()), len(g.valid))
     if (~q.valid).any():
@@ -166,7 +177,18 @@ def run_gldv2(args) -> dict:
 
     if bool(args.predictions) == bool(args.gallery):
         raise UserError("give exactly one of --predictions or --gallery")
+    if args.predictions:
+        # They would be ignored: a predictions file is scored as it is.
+        unused = [flag for flag, value in (("--write-predictions", args.write_predictions),
+                                           ("--checkpoint", args.checkpoint), ("--backbone", args.backbone),
+                                           ("--test-dir", args.test_dir), ("--cache-dir", args.cache_dir))
+                  if value]
+        if unused:
+            raise UserError(f"{', '.join(unused)} only apply with --gallery (predicting); --predictions is scored "
+                            "as it is")
     solution = read_recognition_solution(args.solution, ("Public", "Private"))
+    if not solution.landmarks:
+        raise UserError(f"{args.solution}: no Public or Private row: nothing to score")
     if args.predictions:
         predictions = read_recognition_predictions(args.predictions, solution)
     else:
@@ -177,6 +199,10 @@ def run_gldv2(args) -> dict:
     for subset, usages in (("public", ("Public",)), ("private", ("Private",)), ("all", ("Public", "Private"))):
         scored = {k: v for k, v in solution.landmarks.items() if solution.usage[k] in usages}
         subset_predictions = {k: v for k, v in predictions.items() if k in scored}
+        if not scored:  # a solution of one usage only: no figure rather than a NaN
+            results[subset] = {"n_images": 0}
+            print(f">> GLDv2 {subset:<7}: no test images of this usage")
+            continue
         results[subset] = {
             "gap": gldv2_gap(subset_predictions, scored),
             "gap_without_nonlandmarks": gldv2_gap(subset_predictions, scored, ignore_nonlandmark_queries=True),

@@ -19,6 +19,7 @@ import json
 import logging
 
 from cli.argtypes import jpeg_quality, positive_int
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         exclude = None
         if args.exclude is not None:
             exclude = () if args.exclude.strip().lower() == "none" else [s for s in args.exclude.split(",") if s.strip()]
+            if exclude == []:  # an empty list would silently keep every landmark-prone category
+                raise UserError("--exclude names no category; give names, or 'none' to keep every category")
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         summary = prepare_places365(args.root, args.out, exclude=exclude, splits=splits,
                                     check_files=not args.no_check_files)

@@ -286,6 +286,10 @@ def read_recognition_predictions(path: str | os.PathLike, solution: RecognitionS
             if len(tokens) != 2:
                 raise ValueError(f"{len(tokens)} fields")
             landmark, score = int(tokens[0]), float(tokens[1])
+            if landmark < 0:
+                raise ValueError("a negative landmark id")
+            if not np.isfinite(score):
+                raise ValueError("a score that is not a finite number")
         except ValueError as err:
             raise ManifestError(f"{path}: line {line}: prediction {cell!r} is not '<landmark_id> <score>' ({err})") from None
         out[key] = (landmark, score)
@@ -366,23 +370,41 @@ def prepare_gldv2(
     """
     root, out = Path(root), Path(out)
     meta = Path(metadata_dir) if metadata_dir is not None else root
-    out.mkdir(parents=True, exist_ok=True)
+    solution_csv = meta / SOLUTION_CSV
+    test_names = ("queries.csv", "distractors.csv")
+    if not solution_csv.is_file():
+        # A db.csv written beside another run's queries would be evaluated against them.
+        stale = [name for name in test_names if (out / name).exists()]
+        if stale:
+            raise ManifestError(f"{out} holds {' and '.join(stale)} from an earlier run, and this run writes none "
+                                f"({solution_csv} not found): choose another --out or delete them")
+    # Every input is read and checked before anything is written: a failed run leaves --out as it was.
     db, skipped_train = read_gldv2_train(root, clean, meta, check_files=check_files, on_missing=on_missing,
                                          progress=progress)
-    write_manifest(_relative(db.table, out), out / "db.csv")
     summary = {
         "db": {"rows": len(db), "landmarks": len(set(db.landmark_ids)), "source": db.source, "skipped": skipped_train},
     }
-    solution_csv = meta / SOLUTION_CSV
+    tables = {"db.csv": db.table}
     if solution_csv.is_file():
         solution = read_recognition_solution(solution_csv, usages)
         queries, distractors, skipped = gldv2_test_manifests(
             solution, root / "test", set(db.landmark_ids), check_files, on_missing, progress
         )
-        write_manifest(_relative(queries.table, out), out / "queries.csv")
-        write_manifest(_relative(distractors.table, out), out / "distractors.csv")
+        if len(queries) == 0:
+            # The data module cannot evaluate without queries: an empty queries.csv would only fail later.
+            reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in skipped.items() if count)
+            raise ManifestError(f"{solution_csv}: no test image of usage {'/'.join(usages)} can be a query "
+                                f"(one landmark, in the DB, file present under {root / 'test'})"
+                                + (f"; left out: {reasons}" if reasons else ""))
+        if len(distractors) == 0:
+            log.warning("%s: no non-landmark test image of usage %s: distractors.csv is empty", solution_csv,
+                        "/".join(usages))
+        tables.update({"queries.csv": queries.table, "distractors.csv": distractors.table})
         summary["queries"] = {"rows": len(queries), "source": str(solution_csv), "usages": list(usages), "skipped": skipped}
         summary["distractors"] = {"rows": len(distractors)}
     else:
         log.warning("%s not found: no query/distractor manifests written", solution_csv)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        write_manifest(_relative(table, out), out / name)
     return summary

@@ -75,7 +75,11 @@ def _read_lines(path: Path, pattern: str, what: str) -> pd.DataFrame:
     """Every line of ``path`` must match ``pattern``; returns the groups as text columns."""
     if not path.is_file():
         raise ManifestError(f"Places365 file not found: {path}")
-    lines = pd.Series(path.read_text(encoding="utf-8").splitlines(), dtype=object)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {err.start}); is it the Places365 list?") from None
+    lines = pd.Series(text.splitlines(), dtype=object)
     lines = lines[lines.str.strip().ne("")]  # a trailing blank line is harmless
     parts = lines.str.extract(f"^{pattern}$")
     bad = np.flatnonzero(parts[0].isna().to_numpy())
@@ -174,6 +178,12 @@ def read_places365(
     else:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     lines = parts.index.to_numpy()
+    # A repeated line would put one photo twice in the pool (and, for val, in a metric's count).
+    repeated = np.flatnonzero(relative.duplicated().to_numpy())
+    if len(repeated):
+        first = int(np.flatnonzero((relative == relative.iloc[repeated[0]]).to_numpy())[0])
+        raise ManifestError(f"{source}: line {lines[repeated[0]]}: image {relative.iloc[repeated[0]].lstrip('/')!r} "
+                            f"is listed again (first on line {lines[first]})")
     undefined = np.flatnonzero(~labels.isin(list(categories)).to_numpy())
     if len(undefined):
         raise ManifestError(f"{source}: line {lines[undefined[0]]}: category index {labels.iloc[undefined[0]]} is not in {CATEGORIES_TXT}")
@@ -216,19 +226,26 @@ def prepare_places365(
     check_files: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Write ``nonlandmarks.csv`` (train) and ``places365_val.csv`` (val) into ``out``; returns counts."""
+    """Write ``nonlandmarks.csv`` (train) and ``places365_val.csv`` (val) into ``out``; returns counts.
+
+    Every split is read and checked before anything is written: a failed run leaves ``out`` as it was.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     targets = {"train": "nonlandmarks.csv", "val": "places365_val.csv"}
-    summary = {}
+    splits = list(splits)
+    unknown = [split for split in splits if split not in targets]
+    if unknown or not splits:
+        raise ManifestError(f"splits must be train, val or both, got {splits}")
+    manifests, summary = {}, {}
     for split in splits:
-        if split not in targets:
-            raise ValueError(f"unknown split {split!r}; one of {sorted(targets)}")
         manifest, counts = read_places365(root, split, exclude, check_files=check_files, progress=progress)
         if len(manifest) == 0:
             raise ManifestError(f"{manifest.source}: no images left (all missing or excluded)")
+        manifests[split] = manifest
+        summary[split] = {"file": targets[split], "rows": len(manifest), "source": manifest.source, "skipped": counts}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, manifest in manifests.items():
         table = manifest.table.copy()
         table["path"] = [os.path.relpath(p, out) for p in table["path"]]
         write_manifest(table, out / targets[split])
-        summary[split] = {"file": targets[split], "rows": len(manifest), "source": manifest.source, "skipped": counts}
     return summary

@@ -206,6 +206,68 @@ def test_malformed_predictions_are_errors(gldv2, tmp_path):
         read_recognition_predictions(bad, solution)
 
 
+def test_predictions_with_a_nan_score_or_a_negative_landmark_name_their_line(gldv2, tmp_path):
+    """Both were ValueError tracebacks from the scorer, without the file or the line."""
+    solution = read_recognition_solution(gldv2 / "recognition_solution_v2.1.csv")
+    for cell, reason in (("17 nan", "a score that is not a finite number"), ("17 inf", "a score that is not a finite"),
+                         ("-5 0.5", "a negative landmark id")):
+        with pytest.raises(ManifestError, match=rf"a.csv: line 2: prediction '{cell}' is not '<landmark_id> <score>' "
+                                                rf"\({reason}"):
+            read_recognition_predictions(_write_predictions(tmp_path / "a.csv", {100: cell}), solution)
+
+
+def test_evaluate_refuses_flags_a_predictions_file_ignores_and_a_solution_with_nothing_scored(gldv2, tmp_path, capsys):
+    predictions = _write_predictions(tmp_path / "submission.csv", {100: "17 0.9"})
+    base = ["evaluate", "gldv2", "--solution", str(gldv2 / "recognition_solution_v2.1.csv"),
+            "--predictions", str(predictions)]
+    written = tmp_path / "written.csv"
+    assert main([*base, "--write-predictions", str(written), "--backbone", "mobilenetv2_100"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "landmarks evaluate: error: --write-predictions, --backbone only apply with --gallery (predicting); "
+        "--predictions is scored as it is"]
+    assert not written.exists()
+    ignored = tmp_path / "ignored.csv"
+    rows = (gldv2 / "recognition_solution_v2.1.csv").read_text().splitlines()
+    ignored.write_text("\n".join([rows[0]] + [",".join(r.split(",")[:2] + ["Ignored"]) for r in rows[1:]]) + "\n")
+    assert main(["evaluate", "gldv2", "--solution", str(ignored), "--predictions", str(predictions)]) == 2
+    assert "ignored.csv: no Public or Private row: nothing to score" in capsys.readouterr().err
+
+
+def test_prepare_checks_everything_before_writing_and_refuses_an_empty_query_set(gldv2, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    # No test image on disk: every query's file is missing. Before: 0-row queries.csv, exit 0.
+    shutil.rmtree(gldv2 / "test")
+    assert main(["prepare", "gldv2", "--root", str(gldv2), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the file check's progress bars
+    assert err.startswith("landmarks prepare: error: ") and "recognition_solution_v2.1.csv: no test image of usage " \
+        "Public/Private can be a query" in err and "left out: 1 multi landmark, 1 landmark not in db, 4 missing files" \
+        in err, err
+    assert not out.exists()  # before: db.csv was written, then the error
+    # A rerun without the solution file next to another run's test manifests would pair them with a new db.csv.
+    out.mkdir()
+    (out / "queries.csv").write_text("path,landmark_id\n")
+    (gldv2 / "recognition_solution_v2.1.csv").unlink()
+    assert main(["prepare", "gldv2", "--root", str(gldv2), "--out", str(out)]) == 2
+    assert "holds queries.csv from an earlier run, and this run writes none" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["queries.csv"]
+
+
+def test_evaluate_refuses_a_test_dir_with_no_readable_image(gldv2, tmp_path, capsys):
+    """Before: warnings, then GAP 0.00 for every subset and exit 0."""
+    prepare_gldv2(gldv2, tmp_path / "m", progress=False)
+    (tmp_path / "empty-test").mkdir()
+    argv = ["evaluate", "gldv2", "--solution", str(gldv2 / "recognition_solution_v2.1.csv"), "--gallery",
+            str(tmp_path / "m" / "db.csv"), "--backbone", "mobilenetv2_100", "--image-size", "32", "--workers", "0",
+            "--test-dir", str(tmp_path / "empty-test"), "--out", str(tmp_path / "gap.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"landmarks evaluate: error: {tmp_path / 'empty-test'}: none of the 6 scored test "
+                              "images could be read"), err
+    assert not (tmp_path / "gap.json").exists()
+
+
 QUADRANTS = {"top_left": (slice(0, 16), slice(0, 16)), "top_right": (slice(0, 16), slice(16, 32)),
              "bottom_left": (slice(16, 32), slice(0, 16)), "bottom_right": (slice(16, 32), slice(16, 32))}
 

@@ -100,3 +100,41 @@ def test_prepare_command_writes_manifests_the_data_module_reads(places, tmp_path
     assert {p: p.read_bytes() for p in places.glob("*.txt")} == listing  # inputs untouched
     summary = prepare_places365(places, tmp_path / "again", splits=["val"])
     assert set(summary) == {"val"} and not (tmp_path / "again" / "nonlandmarks.csv").exists()
+
+
+def test_a_repeated_list_line_and_non_utf8_bytes_are_errors_naming_the_file(places):
+    """Before: the repeat put one photo twice in the pool (exit 0); the bytes a UnicodeDecodeError traceback."""
+    train = places / "places365_train_standard.txt"
+    first = train.read_text().splitlines()[0]
+    train.write_text(train.read_text() + first + "\n")
+    count = len(train.read_text().splitlines())
+    with pytest.raises(ManifestError, match=rf"places365_train_standard.txt: line {count}: image "
+                                            rf"'{first.split()[0].lstrip('/')}' is listed again \(first on line 1\)"):
+        read_places365(places, "train", exclude=())
+    (places / "categories_places365.txt").write_bytes(b"\xff\xfe/a/airfield 0\n")
+    with pytest.raises(ManifestError, match=r"categories_places365.txt: not UTF-8 text \(byte 0\)"):
+        read_places365(places, "val")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--exclude", ","], "--exclude names no category; give names, or 'none' to keep every category"),
+    (["--exclude", ""], "--exclude names no category; give names, or 'none' to keep every category"),
+    (["--splits", "train,foo"], "splits must be train, val or both, got ['train', 'foo']"),
+    (["--splits", ","], "splits must be train, val or both, got []"),
+])
+def test_prepare_refuses_empty_or_unknown_choices_before_writing(argv, named, places, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prepare", "places365", "--root", str(places), "--out", str(out), *argv]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"landmarks prepare: error: {named}"
+    assert not out.exists()
+
+
+def test_prepare_writes_nothing_when_a_later_split_fails(places, tmp_path, capsys):
+    """Before: nonlandmarks.csv was written, then the missing val folder stopped the run."""
+    import shutil
+
+    shutil.rmtree(places / "val_256")
+    out = tmp_path / "out"
+    assert main(["prepare", "places365", "--root", str(places), "--out", str(out)]) == 2
+    assert "no Places365 validation image folder" in capsys.readouterr().err
+    assert not out.exists()
