@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
 from core.embedding import embed_dataset
 from core.errors import UserError
+from core.tables import read_text_csv
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,7 @@ def read_difficulty_file(path: str | Path, landmark_ids: list[str]) -> np.ndarra
     would otherwise silently leave its class unranked.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"curriculum difficulty file not found: {path}")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_text_csv(path, "curriculum difficulty file")
     missing_cols = {"landmark_id", "difficulty"} - set(table.columns)
     if missing_cols:
         raise UserError(f"{path}: needs columns landmark_id,difficulty; missing {sorted(missing_cols)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -28,10 +29,20 @@ def read_text_csv(path: str | os.PathLike, what: str = "CSV file",
     ``error`` lets a reader raise its own subclass (e.g. ``ManifestError``) for the same cases.
     """
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} is a folder, not a file: {path}")
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():
+            # A first data row longer than the header (a trailing comma on every line, an unquoted
+            # comma in a value) makes pandas take the first column as the index by default, which
+            # shifts every column silently; index_col=False turns it into this warning, raised here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.ParserWarning:
+        raise error(f"{path}: line 2 has more fields than the header's columns (a trailing comma, or an unquoted "
+                    "comma in a value?)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise error(f"{path}: not a readable CSV ({err})") from err
 

@@ -14,10 +14,10 @@ import os
 import pathlib
 
 import numpy as np
-import pandas as pd
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from core.errors import UserError
+from core.tables import read_text_csv
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def read_gps_csv(csv_path: str | os.PathLike, lat_column: str = "lat", lon_colum
     the line.
     """
     csv_path = pathlib.Path(csv_path)
-    if not csv_path.is_file():
-        raise GpsError(f"GPS CSV not found: {csv_path}")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table = read_text_csv(csv_path, "GPS CSV", GpsError)
     missing = [c for c in ("path", lat_column, lon_column) if c not in table.columns]
     if missing:
         raise GpsError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}")

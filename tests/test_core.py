@@ -87,3 +87,24 @@ def test_ratio_is_nan_when_nothing_was_counted_and_null_in_json():
     assert json_number(ratio(0, 0)) is None
     assert json_number(ratio(1, 3), 4) == 0.3333
     assert json.dumps({"p": json_number(math.nan)}) == '{"p": null}'
+
+
+def test_read_text_csv_refuses_a_shifted_first_row_and_a_folder(tmp_path):
+    """Before: a first data row longer than the header (a trailing comma on every line, say) made
+    pandas take the first column as the index, so every column held its neighbour's values."""
+    from core.errors import UserError
+    from core.tables import read_text_csv
+
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("path,landmark_id\na.jpg,1,\nb.jpg,2,\n")
+    with pytest.raises(UserError, match=r"trailing.csv: line 2 has more fields than the header's columns"):
+        read_text_csv(trailing)
+    later = tmp_path / "later.csv"
+    later.write_text("path,landmark_id\na.jpg,1\nb.jpg,2,x\n")
+    with pytest.raises(UserError, match=r"later.csv: not a readable CSV .*Expected 2 fields in line 3, saw 3"):
+        read_text_csv(later)
+    with pytest.raises(UserError, match=r"manifest is a folder, not a file: "):
+        read_text_csv(tmp_path, "manifest")
+    fine = tmp_path / "fine.csv"
+    fine.write_text("path,landmark_id\n0123.jpg,0123\nb.jpg,\n")
+    assert read_text_csv(fine).values.tolist() == [["0123.jpg", "0123"], ["b.jpg", ""]]
