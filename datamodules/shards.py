@@ -32,8 +32,10 @@ Bad input: a shard whose size differs from what ``prepare`` recorded (truncated,
 error naming it, or with ``on_bad_image="skip"`` its samples are dropped with a logged count; a
 member whose tar header does not carry the expected name, or whose bytes do not decode, is an
 unreadable image naming the shard and byte offset (the data module's counted skip). A shard set
-of another format version is refused with both versions named. ``prepare`` writes each shard to
-a temporary file and renames it, then its offsets file; run again, it skips finished shards.
+of another format version, or of another kind than the one read, is refused with both named; a
+malformed ``shardset.json`` or ``samples.csv`` row is an error naming the key or line.
+``prepare`` writes each shard to a temporary file and renames it, then its offsets file; run
+again, it skips finished shards. A manifest with no image to pack is an error, and no set is written.
 """
 
 from __future__ import annotations
@@ -147,6 +149,19 @@ def _shard_done(out: Path, name: str) -> dict | None:
     return record if record.get("filesize") == tar_path.stat().st_size else None
 
 
+def _holds_finished_shard(out: Path) -> bool:
+    return any(_shard_done(out, p.stem) is not None for p in out.glob("shard-*.json"))
+
+
+def _discard_empty_set(out: Path, jobs: list[dict], marker: Path) -> None:
+    """Remove the shards (all empty) and the marker of a run that packed no image, so that a
+    rerun with a fixed manifest starts afresh instead of being refused or resuming empty shards."""
+    for job in jobs:
+        for suffix in (".tar", ".json"):
+            (out / f"{job['name']}{suffix}").unlink(missing_ok=True)
+    marker.unlink(missing_ok=True)
+
+
 def _fingerprint(manifest: Manifest, settings: dict) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     source = Path(manifest.source)
@@ -189,6 +204,8 @@ def prepare_shards(
         kind = "landmark" if source.is_dir() or "landmark_id" in read_text_csv(source, "manifest", ManifestError).columns \
             else "nonlandmark"
     table = load_manifest(source, kind, extra_columns=extra_columns)
+    if len(table) == 0:
+        raise ShardError(f"{table.source}: no images to pack (the manifest has no rows)")
     out = Path(out_dir)
     settings = {"kind": kind, "max_side": max_side, "quality": quality, "samples_per_shard": samples_per_shard,
                 "on_bad_image": on_bad_image}
@@ -201,7 +218,10 @@ def prepare_shards(
             return done
         raise ShardError(f"{out} holds shards of another manifest or other settings; choose another --out")
     marker = out / ".prepare.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+    # A marker with no finished shard beside it (a run that failed or was killed before its first
+    # shard was complete) guards nothing: another manifest or other settings may take the folder.
+    if (marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint
+            and _holds_finished_shard(out)):
         raise ShardError(f"{out} holds unfinished shards of another manifest or other settings; "
                          "choose another --out or delete it")
     write_json_atomic(marker, {"fingerprint": fingerprint, "source": str(source), **settings})
@@ -251,6 +271,11 @@ def prepare_shards(
         for key, offset, size in record["samples"]:
             rows.append(int(key))
             locations.append((key, record["shard"], offset, size))
+    if not rows:
+        _discard_empty_set(out, jobs, marker)
+        first = next(s for j in jobs for s in records[j["name"]]["skipped"])
+        raise ShardError(f"{table.source}: no images to pack: all {skipped} rows' images are missing or "
+                         f"unreadable, e.g. line {first[0]}: {first[1]}")
     samples = table.table.iloc[rows].reset_index(drop=True).copy()
     samples["path"] = [os.path.abspath(table.paths[r]) for r in rows]  # where each image came from
     for name, values in zip(LOCATION_COLUMNS, zip(*locations) if locations else [[]] * 4):
@@ -279,29 +304,72 @@ def read_shard_header(location: str | os.PathLike) -> dict:
     path = Path(location) / SHARDSET
     try:
         header = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON, or bytes that are not UTF-8
         raise ShardError(f"{path}: not a readable shard set header ({err})") from err
+    if not isinstance(header, dict):
+        raise ShardError(f"{path}: not a shard set header (a JSON {type(header).__name__}, not an object)")
     if header.get("format") != FORMAT:
         raise ShardError(f"{path}: format {header.get('format')!r} is not {FORMAT!r}")
     if header.get("version") != VERSION:
         raise ShardError(f"{path}: shards written in format version {header.get('version')} of {FORMAT}; this "
                          f"version of the project reads version {VERSION}: run `landmarks prepare shards` again")
+    _check_header_keys(path, header)
     return header
+
+
+def _check_header_keys(path: Path, header: dict) -> None:
+    """The keys a reader relies on (``kind``, ``shards``), checked once here so that a hand-edited
+    or damaged header is one error naming the key, not a KeyError wherever it is used."""
+    if header.get("kind") not in ("landmark", "nonlandmark"):
+        raise ShardError(f"{path}: key 'kind' is {header.get('kind')!r}, not 'landmark' or 'nonlandmark'")
+    shards = header.get("shards")
+    if not isinstance(shards, list):
+        raise ShardError(f"{path}: key 'shards' is {'missing' if shards is None else 'not a list'}; "
+                         "run `landmarks prepare shards` again")
+    for i, shard in enumerate(shards):
+        if not (isinstance(shard, dict) and isinstance(shard.get("url"), str)
+                and isinstance(shard.get("filesize"), int) and not isinstance(shard.get("filesize"), bool)):
+            raise ShardError(f"{path}: key 'shards', entry {i}: {shard!r} is not "
+                             '{"url": <file name>, "filesize": <bytes>, ...}')
 
 
 def read_shard_set(location: str | os.PathLike, kind: ManifestKind = "landmark") -> Manifest:
     """A shard set as a :class:`Manifest` whose table carries each sample's shard location."""
     location = Path(location)
-    read_shard_header(location)
+    header = read_shard_header(location)
+    if header["kind"] != kind:  # else landmark photos would train as non-landmarks, or the reverse
+        raise ShardError(f"{location / SHARDSET}: a {header['kind']} shard set, given where a {kind} manifest "
+                         "is read; prepare the manifest again with the right --kind or give another set")
     table = read_text_csv(location / SAMPLES, "shard set sample list", ShardError)
     missing = [c for c in LOCATION_COLUMNS if c not in table.columns]
     if missing:
         raise ShardError(f"{location / SAMPLES}: missing column(s) {missing}")
+    _check_locations(location / SAMPLES, table, {s["url"] for s in header["shards"]})
     manifest = manifest_from_table(table.drop(columns=list(LOCATION_COLUMNS)), location / SAMPLES, kind)
     for column in LOCATION_COLUMNS:
         manifest.table[column] = table[column].to_numpy()
     manifest.shard_dir = str(location)
     return manifest
+
+
+def _check_locations(path: Path, table, shards: set[str]) -> None:
+    """Each sample's shard is one the header lists and its offset and size are integers a tar
+    member can have: a member's data follows its 512-byte header, so its offset is at least 512
+    (a smaller one would seek before the file's start in :meth:`ShardReader.read`). Vectorised:
+    a set holds millions of samples."""
+    unknown = ~table["shard"].isin(shards).to_numpy()
+    if unknown.any():
+        i = int(np.flatnonzero(unknown)[0])
+        raise ShardError(f"{path}: line {i + 2}: shard {table['shard'].iat[i]!r} is not one of the shards "
+                         f"listed in {SHARDSET}")
+    for column, minimum in (("offset", _TAR_BLOCK), ("size", 0)):
+        values = table[column]
+        digits = values.str.fullmatch(r"[0-9]{1,18}").to_numpy(dtype=bool)  # 18: fits an int64
+        bad = ~digits
+        bad[digits] = values[digits].astype(np.int64).to_numpy() < minimum
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ShardError(f"{path}: line {i + 2}: {column} {values.iat[i]!r} is not an integer ≥ {minimum}")
 
 
 def damaged_shards(manifest: Manifest) -> dict[str, str]:
@@ -311,8 +379,10 @@ def damaged_shards(manifest: Manifest) -> dict[str, str]:
     damaged = {}
     for shard in sorted(set(manifest.table["shard"])):
         path = Path(manifest.shard_dir) / shard
-        if not path.is_file():
+        if not path.exists():
             damaged[shard] = f"{path}: shard missing"
+        elif not path.is_file():
+            damaged[shard] = f"{path}: shard is not a file"
         elif path.stat().st_size != recorded.get(shard):
             damaged[shard] = (f"{path}: {path.stat().st_size} bytes, but {recorded.get(shard)} were written by "
                               "`landmarks prepare shards` (truncated or rewritten): prepare it again")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -294,3 +295,125 @@ def test_index_refuses_a_shard_set_naming_what_to_give_instead(sharded, tmp_path
                  "--backbone", "mobilenetv2_100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reads image files, not tar shards" in err[0] and str(sharded / "db") in err[0]
+
+
+# ---- bad input, on small sets built here --------------------------------------------------------
+
+
+def _small_manifest(folder: Path, rows: int = 3, landmark: bool = True, missing: bool = False) -> Path:
+    """A manifest of ``rows`` tiny photos (or of paths to no file, with ``missing``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(rows):
+        path = folder / f"p{i}.jpg"
+        if not missing:
+            Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(path)
+        paths.append(path.name)
+    columns = {"path": paths, **({"landmark_id": ["1", "1", "2"][:rows]} if landmark else {})}
+    pd.DataFrame(columns).to_csv(folder / "m.csv", index=False)
+    return folder / "m.csv"
+
+
+@pytest.fixture
+def small_set(tmp_path) -> Path:
+    """A landmark shard set of 3 photos in 2 shards (member data at offsets 512, 2048, ...)."""
+    prepare_shards(_small_manifest(tmp_path / "src"), tmp_path / "set", samples_per_shard=2, progress=False)
+    return tmp_path / "set"
+
+
+def test_a_manifest_with_no_image_to_pack_is_one_line_and_writes_no_set(tmp_path, capsys):
+    """Was exit 0 with a 0-sample set (a warning only when every row's image was missing)."""
+    from cli.main import main
+
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("path,landmark_id\n")
+    all_missing = _small_manifest(tmp_path / "gone", missing=True)
+    for manifest, why in ((header_only, "the manifest has no rows"),
+                          (all_missing, "all 3 rows' images are missing or unreadable, e.g. line 2: ")):
+        out = tmp_path / f"out-{manifest.stem}-{manifest.parent.name}"
+        capsys.readouterr()
+        assert main(["prepare", "shards", "--manifest", str(manifest), "--out", str(out)]) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "prepare shards:" not in line]
+        assert len(err) == 1 and err[0].startswith("landmarks prepare: error:"), err  # (the progress bar aside)
+        assert f"{manifest}: no images to pack" in err[0] and why in err[0]
+        assert not out.exists() or not list(out.iterdir())  # no set, no empty shards, no marker
+
+
+@pytest.mark.parametrize("written, asked", [("landmark", "nonlandmark"), ("nonlandmark", "landmark")])
+def test_a_shard_set_of_the_other_kind_is_refused_naming_both(written, asked, tmp_path):
+    """Was accepted: a landmark set given as the non-landmark pool trained its photos as non-landmarks."""
+    manifest = _small_manifest(tmp_path / "src", landmark=True)
+    prepare_shards(manifest, tmp_path / "set", kind=written, progress=False)
+    with pytest.raises(ShardError, match=rf"shardset\.json: a {written} shard set, given where a {asked} manifest is read"):
+        load_manifest(tmp_path / "set", asked)
+    assert len(load_manifest(tmp_path / "set", written)) == 3
+
+
+def _edit_samples(shard_set: Path, column: str, value: str, row: int = 0) -> None:
+    samples = pd.read_csv(shard_set / "samples.csv", dtype=str, keep_default_na=False)
+    samples.loc[row, column] = value
+    samples.to_csv(shard_set / "samples.csv", index=False)
+
+
+@pytest.mark.parametrize("column, value, named", [
+    ("offset", "abc", "offset 'abc' is not an integer ≥ 512"),
+    ("offset", "", "offset '' is not an integer ≥ 512"),
+    ("offset", "0", "offset '0' is not an integer ≥ 512"),  # was OSError [Errno 22] at seek, killing the fit
+    ("offset", "-512", "offset '-512' is not an integer ≥ 512"),
+    ("size", "1.5e3", "size '1.5e3' is not an integer ≥ 0"),  # was ValueError: invalid literal for int()
+    ("size", "-5", "size '-5' is not an integer ≥ 0"),
+    ("shard", "../ok/shard-000000.tar", "shard '../ok/shard-000000.tar' is not one of the shards listed in shardset.json"),
+])
+def test_a_bad_sample_location_is_an_error_naming_samples_csv_and_its_line(small_set, column, value, named):
+    _edit_samples(small_set, column, value, row=1)
+    with pytest.raises(ShardError) as caught:
+        load_manifest(small_set)
+    assert str(caught.value) == f"{small_set / 'samples.csv'}: line 3: {named}"
+
+
+@pytest.mark.parametrize("content, named", [
+    (lambda h: {k: v for k, v in h.items() if k != "shards"}, "key 'shards' is missing"),  # was KeyError
+    (lambda h: {**h, "shards": {"url": "shard-000000.tar"}}, "key 'shards' is not a list"),
+    (lambda h: {**h, "shards": [{"url": "shard-000000.tar"}]}, "key 'shards', entry 0: "),
+    (lambda h: {k: v for k, v in h.items() if k != "kind"}, "key 'kind' is None, not 'landmark' or 'nonlandmark'"),
+    (lambda h: [1, 2], "not a shard set header (a JSON list, not an object)"),  # was AttributeError
+    (lambda h: json.dumps(h)[:40], "not a readable shard set header"),  # truncated
+], ids=["no-shards", "shards-not-list", "shard-entry", "no-kind", "a-list", "truncated"])
+def test_a_malformed_shardset_json_is_an_error_naming_it_and_the_key(small_set, content, named):
+    path = small_set / "shardset.json"
+    edited = content(json.loads(path.read_text()))
+    path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(ShardError, match=re.escape(f"{path}: {named}")):
+        load_manifest(small_set)
+
+
+def test_a_shard_that_is_a_directory_is_not_a_file_not_missing(small_set):
+    from datamodules.shards import damaged_shards
+
+    (small_set / "shard-000001.tar").unlink()
+    (small_set / "shard-000001.tar").mkdir()
+    (small_set / "shard-000000.tar").unlink()
+    assert damaged_shards(load_manifest(small_set)) == {
+        "shard-000000.tar": f"{small_set / 'shard-000000.tar'}: shard missing",
+        "shard-000001.tar": f"{small_set / 'shard-000001.tar'}: shard is not a file",
+    }
+
+
+def test_a_run_that_failed_before_its_first_shard_does_not_block_a_rerun_with_other_settings(tmp_path):
+    """Was refused: the failed run's marker claimed the folder though it held no finished shard."""
+    manifest = _small_manifest(tmp_path / "src")
+    (tmp_path / "src" / "p0.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    with pytest.raises(ShardError, match=r"m\.csv: line 2: "):
+        prepare_shards(manifest, out, samples_per_shard=2, on_bad_image="error", progress=False)
+    header = prepare_shards(manifest, out, samples_per_shard=2, on_bad_image="skip", progress=False)
+    assert header["num_samples"] == 2 and header["skipped"] == 1
+    # A finished shard still guards the folder against other settings (resume semantics unchanged).
+    (tmp_path / "src" / "p0.jpg").unlink()
+    _small_manifest(tmp_path / "src")
+    (tmp_path / "src" / "p2.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # in the second shard
+    with pytest.raises(ShardError, match=r"m\.csv: line 4: "):
+        prepare_shards(manifest, tmp_path / "half", samples_per_shard=2, on_bad_image="error", progress=False)
+    assert (tmp_path / "half" / "shard-000000.tar").is_file()
+    with pytest.raises(ShardError, match="holds unfinished shards of another manifest or other settings"):
+        prepare_shards(manifest, tmp_path / "half", samples_per_shard=2, on_bad_image="skip", progress=False)
