@@ -28,6 +28,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from core.embedding import embed_dataset
+from datamodules.manifest import ManifestError
 from datamodules.revisited import RevisitedData, RevisitedImages, load_revisited
 from datamodules.transforms import eval_transform
 from retrieval.revisited import DEFAULT_KAPPAS, rank_database, revisited_metrics
@@ -56,10 +57,12 @@ def embed_revisited(
             embed, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
             forward_context=forward_context, progress=progress, desc=f"{data.name} {split}",
         )
-        bad = int((extras["valid"] == 0).sum())
-        if bad:
-            raise RuntimeError(
-                f"{data.name}: {bad} {split} image(s) could not be decoded; the protocol needs every image (see log)"
+        bad = np.flatnonzero(np.asarray(extras["valid"]) == 0)
+        if bad.size:
+            # Found only here: telling a bad JPEG before embedding would take a second decoding pass.
+            raise ManifestError(
+                f"{data.name}: {bad.size} {split} image(s) could not be decoded, first {dataset.paths[bad[0]]}; "
+                f"the protocol needs every image (source {data.source})"
             )
         out.append(embeddings.float().numpy())
     return out[0], out[1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.argtypes import nonnegative_int, positive_int
+from cli.argtypes import nonnegative_int, positive_int, torch_device
 from core.atomic import write_json_atomic
 from core.errors import UserError
 
@@ -47,7 +47,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                            help="folder with <dataset>/gnd_<dataset>.pkl + jpg/ (or the JSON of `landmarks prepare revisited`)")
     revisited.add_argument("--dataset", action="append", choices=("roxford5k", "rparis6k"), default=None,
                            help="repeat for both (default: each one found under --root)")
-    revisited.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    revisited.add_argument("--device", type=torch_device, default="auto",
+                           help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     _model_arguments(revisited)
 
     gldv2 = sub.add_parser("gldv2", help="GLDv2 recognition GAP (non-landmark test images included)")
@@ -96,14 +97,17 @@ def run_revisited(args) -> dict:
     import torch
 
     from callbacks.revisited_evaluation import embed_revisited, score_revisited
+    from core.tables import json_number
     from datamodules.manifest import ManifestError
     from datamodules.revisited import REVISITED_DATASETS, find_ground_truth, load_revisited
 
     model = _load_model(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     net = model.net.to(device).eval()
     names = args.dataset
-    if not names:
+    if not names and Path(args.root).is_file():
+        names = [None]  # one ground-truth file: its own name (or JSON 'dataset' field) says which dataset
+    elif not names:
         names = []
         for name in REVISITED_DATASETS:
             try:
@@ -119,8 +123,13 @@ def run_revisited(args) -> dict:
         queries, database = embed_revisited(net, data, model.image_size, device, args.batch_size, args.workers,
                                             progress=True)
         metrics = score_revisited(queries, database, data)
-        results[name] = metrics
-        print(format_revisited(name, metrics))
+        empty = [setup.capitalize() for setup in SETUP_LABELS if not metrics[f"n_evaluated_{setup}"]]
+        if empty:
+            log.warning("%s: no query has positives in the %s setup(s): their mAP and mP@k are undefined "
+                        "(nan here, null in --out)", data.name, ", ".join(empty))
+        # JSON has no NaN: an undefined mean is written as null.
+        results[data.name] = {k: json_number(v) if isinstance(v, float) else v for k, v in metrics.items()}
+        print(format_revisited(data.name, metrics))
     return results
 
 

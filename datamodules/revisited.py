@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,10 @@ _NUMPY_GLOBALS = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A name the unpickler will not resolve (told apart from a file that is no pickle at all)."""
+
+
 class _GroundTruthUnpickler(pickle.Unpickler):
     """Resolves no importable name except numpy's array reconstruction (no code runs from the file).
 
@@ -77,7 +82,7 @@ class _GroundTruthUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _NUMPY_GLOBALS:
             return getattr(__import__(module, fromlist=[name]), name)
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f"refusing to load {module}.{name}: a Revisited ground-truth file holds only lists, dicts, "
             "numbers and strings"
         )
@@ -157,6 +162,11 @@ def _validate(raw, source: str) -> tuple[list[str], list[str], list[dict]]:
                 raise ManifestError(f"{where}: {key} must be a list of database indices")
             if values and (min(values) < 0 or max(values) >= n_db):
                 raise ManifestError(f"{where}: {key} indexes outside the {n_db} database images")
+            # A repeat would count one image as two positives (or junk twice) and change the mAP.
+            repeated = sorted(v for v, n in Counter(values).items() if n > 1)
+            if repeated:
+                raise ManifestError(f"{where}: {key} lists database index {repeated[0]} more than once "
+                                    f"(repeated: {repeated[:10]})")
             out[key] = [int(v) for v in values]
         sets = [set(out[k]) for k in ("easy", "hard", "junk")]
         overlaps += len(sets[0] & sets[1]) + len(sets[0] & sets[2]) + len(sets[1] & sets[2])
@@ -175,20 +185,32 @@ def read_ground_truth_pickle(path: str | os.PathLike) -> tuple[list[str], list[s
     data = path.read_bytes()
     try:
         raw = _GroundTruthUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as err:
+    except _RefusedGlobal as err:
         raise ManifestError(f"{path}: {err}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        # E.g. a text file saved under the .pkl name: pickle's own message ("Memo value not found")
+        # would not say what is wrong with the file.
         raise ManifestError(f"{path}: not a readable ground-truth pickle ({type(err).__name__}: {err})") from None
     return _validate(raw, str(path))
 
 
+def _name_in_file_name(path: Path) -> str | None:
+    """``roxford5k`` for ``gnd_roxford5k.pkl`` / ``.json``; None for a file named otherwise."""
+    return path.stem[4:] if path.stem.startswith("gnd_") and len(path.stem) > 4 else None
+
+
 def find_ground_truth(root: str | os.PathLike, dataset: str | None = None) -> tuple[str, Path]:
-    """(dataset name, ground-truth file) from a folder, a ``gnd_*.pkl`` or our JSON; error if none."""
+    """(dataset name, ground-truth file) from a folder, a ``gnd_*.pkl`` or our JSON; error if none.
+
+    A file named ``gnd_<name>.*`` is the ground truth of ``<name>``: asking for another dataset
+    is an error (it would score, or save, one dataset's data under the other's name).
+    """
     root = Path(root)
     if root.is_file():
-        stem = root.stem
-        name = stem[4:] if stem.startswith("gnd_") else stem
-        return dataset or name, root
+        named = _name_in_file_name(root)
+        if dataset and named and dataset != named:
+            raise ManifestError(f"{root}: the file name says dataset {named!r}, but {dataset!r} was asked for")
+        return dataset or named or root.stem, root
     candidates = [dataset] if dataset else list(REVISITED_DATASETS)
     for name in candidates:
         for folder in (root, root / name):
@@ -201,6 +223,26 @@ def find_ground_truth(root: str | os.PathLike, dataset: str | None = None) -> tu
     )
 
 
+def _read_json(path: Path) -> dict:
+    """The payload of a :func:`prepare_revisited` JSON, or an error naming the file and the fault."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text, so not a {JSON_FORMAT} file") from None
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err}; empty or truncated?); "
+                            "run `landmarks prepare revisited` again") from None
+    if not isinstance(payload, dict):
+        raise ManifestError(f"{path}: expected a JSON object with format, imlist, qimlist, gnd; "
+                            f"found {type(payload).__name__}")
+    if payload.get("format") != JSON_FORMAT:
+        raise ManifestError(f"{path}: not a {JSON_FORMAT} file (format {payload.get('format')!r})")
+    image_dir = payload.get("image_dir", "jpg")
+    if not isinstance(image_dir, str) or not image_dir:
+        raise ManifestError(f"{path}: image_dir must be a folder path (a string), found {image_dir!r}")
+    return payload
+
+
 def load_revisited(
     root: str | os.PathLike, dataset: str | None = None, image_dir: str | os.PathLike | None = None,
     check_files: bool = True,
@@ -209,14 +251,23 @@ def load_revisited(
 
     ``root`` may be the dataset folder (with ``gnd_<dataset>.pkl`` and ``jpg/``), its parent, the
     ``.pkl`` itself, or the JSON written by :func:`prepare_revisited`. Images default to the
-    ``jpg/`` folder next to the ground truth (or the one recorded in the JSON). With
+    ``jpg/`` folder next to the ground truth (or the one recorded in the JSON). The dataset is named
+    by the JSON's ``dataset`` field, else by the file name ``gnd_<dataset>.*``; ``dataset``, if
+    given, must agree with both. With
     ``check_files`` a missing image is an error: the protocol is defined on the full database.
     """
     name, gt_file = find_ground_truth(root, dataset)
     if gt_file.suffix == ".json":
-        payload = json.loads(gt_file.read_text())
-        if payload.get("format") != JSON_FORMAT:
-            raise ManifestError(f"{gt_file}: not a {JSON_FORMAT} file (format {payload.get('format')!r})")
+        payload = _read_json(gt_file)
+        recorded = payload.get("dataset")
+        if recorded is not None:
+            # The JSON says which dataset it holds; its file name and the caller must agree with it.
+            if not isinstance(recorded, str) or not recorded:
+                raise ManifestError(f"{gt_file}: 'dataset' must be a dataset name, found {recorded!r}")
+            for claim, what in ((dataset, "was asked for"), (_name_in_file_name(gt_file), "is in the file name")):
+                if claim and claim != recorded:
+                    raise ManifestError(f"{gt_file}: holds dataset {recorded!r} (its 'dataset' field), but {claim!r} {what}")
+            name = recorded
         imlist, qimlist, gnd = _validate(payload, str(gt_file))
         default_dir = Path(os.path.normpath(gt_file.parent / payload.get("image_dir", "jpg")))
     else:
@@ -241,8 +292,12 @@ def prepare_revisited(root: str | os.PathLike, out: str | os.PathLike, dataset: 
     """
     data = load_revisited(root, dataset)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / f"gnd_{data.name}.json"
+    source = Path(data.source)
+    # Inputs are never modified: re-preparing a JSON into its own folder would rewrite it in place.
+    if target.resolve() == source.resolve() or (target.exists() and os.path.samefile(target, source)):
+        raise ManifestError(f"{target}: is the input ground truth; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": JSON_FORMAT, "dataset": data.name, "source": data.source,
         "image_dir": os.path.relpath(data.image_dir, out),

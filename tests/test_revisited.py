@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -252,6 +253,10 @@ def test_numeric_numpy_arrays_are_accepted_object_arrays_refused(roxford):
         (lambda g: g["gnd"][1].update(easy=[6]), r"gnd\[1\] \(ashmolean_000058\): easy indexes outside the 6"),
         (lambda g: g["gnd"][0].update(bbx=[5, 5, 5, 9]), "empty bounding box"),
         (lambda g: g["gnd"][0].pop("junk"), r"missing \['junk'\]"),
+        # Before: accepted, and the repeat counted as a second positive (mAP changed, exit 0).
+        (lambda g: g["gnd"][0].update(easy=[0, 3, 3, 3]),
+         r"gnd\[0\] \(all_souls_000013\): easy lists database index 3 more than once"),
+        (lambda g: g["gnd"][1].update(junk=[2, 2]), r"gnd\[1\] \(ashmolean_000058\): junk lists database index 2"),
     ],
 )
 def test_malformed_ground_truth_is_an_error_naming_the_entry(roxford, change, message):
@@ -427,3 +432,179 @@ def test_callback_on_two_ddp_processes_logs_the_single_process_numbers(roxford, 
     for rank in (0, 1):
         logged = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert logged == pytest.approx({f"test/roxford5k/{k}": v for k, v in EXPECTED_COLOUR_METRICS.items()}, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs to the commands: one line naming the fault, exit status 2, inputs untouched
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line_error(argv, capsys, command: str) -> str:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    # Progress and INFO lines may come first (the error can follow the embedding); the error is one line, the last.
+    assert "Traceback" not in out + err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    assert errors[0].startswith(f"landmarks {command}: error: "), err
+    return errors[0]
+
+
+def _rewrite_pickle(folder, change) -> None:
+    raw = pickle.loads((folder / "gnd_roxford5k.pkl").read_bytes())
+    change(raw)
+    (folder / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(raw))
+
+
+def _prepared_json(roxford, tmp_path):
+    root, _, _ = roxford
+    assert main(["prepare", "revisited", "--root", str(root), "--out", str(tmp_path / "out")]) == 0
+    return tmp_path / "out" / "gnd_roxford5k.json"
+
+
+def test_prepare_refuses_a_repeated_index(roxford, tmp_path, capsys):
+    root, folder, _ = roxford
+    _rewrite_pickle(folder, lambda g: g["gnd"][0].update(easy=[0, 3, 3]))
+    err = _one_line_error(["prepare", "revisited", "--root", str(root), "--out", str(tmp_path / "o")], capsys, "prepare")
+    assert "gnd[0] (all_souls_000013): easy lists database index 3 more than once" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_refuses_a_dataset_that_the_file_name_contradicts(roxford, tmp_path, capsys):
+    _, folder, _ = roxford
+    pkl = folder / "gnd_roxford5k.pkl"
+    # Before: Oxford's ground truth written as gnd_rparis6k.json with "dataset": "rparis6k", exit 0.
+    err = _one_line_error(["prepare", "revisited", "--root", str(pkl), "--dataset", "rparis6k",
+                           "--out", str(tmp_path / "o")], capsys, "prepare")
+    assert f"{pkl}: the file name says dataset 'roxford5k', but 'rparis6k' was asked for" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepared_json_is_named_by_its_dataset_field(roxford, tmp_path, capsys):
+    written = _prepared_json(roxford, tmp_path)
+    renamed = written.parent / "foo.json"  # beside it: image_dir is relative
+    renamed.write_bytes(written.read_bytes())
+    # Before: the dataset was called "foo" (after the file), not the roxford5k its JSON records.
+    assert load_revisited(renamed).name == "roxford5k"
+    assert main(["prepare", "revisited", "--root", str(renamed), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "gnd_roxford5k.json").read_text())["dataset"] == "roxford5k"
+    err = _one_line_error(["prepare", "revisited", "--root", str(renamed), "--dataset", "rparis6k",
+                           "--out", str(tmp_path / "o")], capsys, "prepare")
+    assert f"{renamed}: holds dataset 'roxford5k' (its 'dataset' field), but 'rparis6k' was asked for" in err
+    misnamed = written.parent / "gnd_rparis6k.json"
+    misnamed.write_bytes(written.read_bytes())
+    with pytest.raises(ManifestError, match="holds dataset 'roxford5k' .* but 'rparis6k' is in the file name"):
+        load_revisited(misnamed)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"not valid JSON \(Expecting value: line 1 column 1 \(char 0\); empty or truncated\?\)"),
+    (None, r"not valid JSON \(.*; empty or truncated\?\)"),  # the prepared file cut in half
+    (b"[1, 2]", "expected a JSON object with format, imlist, qimlist, gnd; found list"),
+    (b"\xff\xfe", "not UTF-8 text, so not a revisited-ground-truth/1 file"),
+    ("image_dir", r"image_dir must be a folder path \(a string\), found 123"),
+])
+def test_malformed_json_ground_truth_is_an_error_naming_the_file(roxford, tmp_path, capsys, content, message):
+    written = _prepared_json(roxford, tmp_path)
+    good = written.read_bytes()
+    if content is None:
+        content = good[: len(good) // 2]
+    elif content == "image_dir":
+        content = json.dumps({**json.loads(good), "image_dir": 123}).encode()
+    written.write_bytes(content)
+    # Before: JSONDecodeError, AttributeError, UnicodeDecodeError, TypeError tracebacks.
+    with pytest.raises(ManifestError, match=f"^{re.escape(str(written))}: {message}"):
+        load_revisited(written)
+    err = _one_line_error(["prepare", "revisited", "--root", str(written), "--out", str(tmp_path / "o")],
+                          capsys, "prepare")
+    assert str(written) in err
+
+
+def test_a_text_file_named_pkl_is_not_a_readable_pickle(roxford, tmp_path, capsys):
+    root, folder, _ = roxford
+    pkl = folder / "gnd_roxford5k.pkl"
+    pkl.write_text("imlist, qimlist, gnd\n" * 20)
+    # Before: "...: Memo value not found at index 101" (pickle's words, not what is wrong).
+    err = _one_line_error(["prepare", "revisited", "--root", str(root), "--out", str(tmp_path / "o")],
+                          capsys, "prepare")
+    assert f"{pkl}: not a readable ground-truth pickle" in err
+
+
+def test_prepare_refuses_to_overwrite_its_input(roxford, tmp_path, capsys):
+    written = _prepared_json(roxford, tmp_path)
+    before = written.read_bytes()
+    err = _one_line_error(["prepare", "revisited", "--root", str(written), "--out", str(written.parent)],
+                          capsys, "prepare")
+    assert f"{written}: is the input ground truth; choose another --out" in err
+    assert written.read_bytes() == before
+
+
+@pytest.fixture
+def colour_evaluate(roxford, tmp_path, monkeypatch):
+    """``landmarks evaluate revisited`` argv on the colour world, with the stub embedding."""
+    from retrieval import embedding_model
+
+    root, folder, _ = roxford
+    _paint_colour_world(folder)
+    monkeypatch.setattr(embedding_model, "load_embedding_model",
+                        lambda **kw: embedding_model.EmbeddingModel(_ColourNet(), 64, {"source": "stub"}))
+    return ["evaluate", "revisited", "--root", str(root), "--backbone", "mobilenetv2_100", "--workers", "0",
+            "--device", "cpu"], folder
+
+
+def test_evaluate_refuses_a_repeated_index(colour_evaluate, capsys):
+    argv, folder = colour_evaluate
+    _rewrite_pickle(folder, lambda g: g["gnd"][0].update(easy=[0, 3, 3, 3]))
+    err = _one_line_error(argv, capsys, "evaluate")
+    assert "gnd[0] (all_souls_000013): easy lists database index 3 more than once" in err
+
+
+def test_evaluate_refuses_a_dataset_that_the_file_name_contradicts(colour_evaluate, capsys):
+    argv, folder = colour_evaluate
+    argv = [*argv, "--root", str(folder / "gnd_roxford5k.pkl"), "--dataset", "rparis6k"]
+    assert "the file name says dataset 'roxford5k', but 'rparis6k'" in _one_line_error(argv, capsys, "evaluate")
+
+
+def test_evaluate_given_one_file_scores_only_its_dataset(colour_evaluate, tmp_path, capsys):
+    argv, folder = colour_evaluate
+    out = tmp_path / "r.json"
+    # Before: with no --dataset, a file --root was scored twice, as roxford5k and as rparis6k.
+    assert main([*argv, "--root", str(folder / "gnd_roxford5k.pkl"), "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())) == {"model", "image_size", "roxford5k"}
+
+
+def test_evaluate_names_the_first_undecodable_image(colour_evaluate, capsys):
+    argv, folder = colour_evaluate
+    bad = folder / "jpg" / "all_souls_000004.jpg"
+    bad.write_text("x")
+    # Before: RuntimeError "roxford5k: 1 database image(s) could not be decoded" (a traceback, no path).
+    err = _one_line_error(argv, capsys, "evaluate")
+    assert f"roxford5k: 1 database image(s) could not be decoded, first {bad}" in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "argument --device: expected cpu, cuda, cuda:N or auto, got 'tpu'"),
+    ("cuda:abc", "argument --device: expected cpu, cuda, cuda:N or auto, got 'cuda:abc'"),
+    ("cuda", "argument --device: 'cuda': this machine has 0 CUDA device(s)"),
+])
+def test_evaluate_refuses_a_device_it_cannot_use(colour_evaluate, capsys, monkeypatch, device, message):
+    argv, _ = colour_evaluate
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    # Before: a RuntimeError traceback from torch.device (or from the first .to(device)).
+    assert message in _one_line_error([*argv, "--device", device], capsys, "evaluate")
+
+
+def test_evaluate_writes_null_and_warns_when_no_query_has_positives(colour_evaluate, tmp_path, capsys):
+    argv, folder = colour_evaluate
+    _rewrite_pickle(folder, lambda g: [q.update(easy=[], hard=[]) for q in g["gnd"]])
+    out = tmp_path / "r.json"
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING cli.evaluate: roxford5k: no query has positives in the Easy, Medium, Hard setup(s): their mAP and " \
+           "mP@k are undefined (nan here, null in --out)" in err
+    # Before: a bare NaN, which is not JSON.
+    metrics = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["roxford5k"]
+    assert metrics["map_medium"] is None and metrics["mp@5_hard"] is None and metrics["n_evaluated_easy"] == 0
