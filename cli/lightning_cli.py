@@ -182,7 +182,8 @@ class LandmarkCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not os.path.isfile(ckpt_path):
+        # Lightning's own names ("last", "best", ...) and a missing file are Lightning's to resolve or name.
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not os.path.exists(ckpt_path):
             return
         # Lightning reads the file unguarded here: a truncated or foreign file would end in a
         # traceback (an unpickling error, a KeyError), so it is checked first.

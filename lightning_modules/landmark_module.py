@@ -10,6 +10,7 @@ the same optimizer and synced by DDP, and its buffers (center-loss centers) are 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Literal
 
 import pytorch_lightning as pl
@@ -25,12 +26,24 @@ CHECKPOINT_FORMAT = "landmark-module/1"
 PARAM_PARTS = ("backbone", "head", "loss")
 
 
+def checkpoint_file(path) -> Path:
+    """``path`` as a checkpoint file that exists: a missing one is FileNotFoundError, a folder (a
+    run folder, say) a UserError saying where its checkpoints are, both naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file (a run's are in RUN/checkpoints/, e.g. last.ckpt)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
 def read_checkpoint(path) -> dict:
     """A LandmarkModule checkpoint, loaded with ``weights_only=True`` (no code runs from the file).
 
     A file that is not one (truncated, another program's, a plain state dict) is the user's
     mistake: :class:`~core.errors.UserError` naming the file, not a traceback from the unpickler.
     """
+    path = checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types

@@ -20,6 +20,7 @@ import pandas as pd
 from core.errors import UserError
 from core.tables import read_text_csv
 from lightning_modules.embedding_net import check_backbone
+from lightning_modules.landmark_module import checkpoint_file
 
 log = logging.getLogger("landmarks.recognition")
 
@@ -255,8 +256,8 @@ def build_landmark_index(
     # A misspelt model fails before anything is read or logged.
     if backbone is not None:
         check_backbone(backbone)
-    elif not pathlib.Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    else:
+        checkpoint_file(checkpoint)
     try:
         scale_factors(scales)
     except ValueError as err:

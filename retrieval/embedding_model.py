@@ -136,8 +136,6 @@ def load_embedding_model(
         return EmbeddingModel(net.eval(), int(image_size or 224), identity)
 
     path = pathlib.Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters", {})
     data_hparams = ckpt.get("datamodule_hyper_parameters") or {}

@@ -267,10 +267,12 @@ def _not_checkpoints(folder: Path, real: Path | None = None) -> dict[str, Path]:
     if real is not None:  # a checkpoint cut short, as by a full disk or an interrupted copy
         files["truncated"] = folder / "truncated.ckpt"
         files["truncated"].write_bytes(real.read_bytes()[:4096])
+    files["folder"] = folder / "run-folder"  # a run folder given for its checkpoint: was "checkpoint not found"
+    files["folder"].mkdir()
     return files
 
 
-@pytest.mark.parametrize("kind", ["text", "plain-dict", "truncated"])
+@pytest.mark.parametrize("kind", ["text", "plain-dict", "truncated", "folder"])
 @pytest.mark.parametrize("command", ["index", "export", "validate"])
 def test_a_file_that_is_not_a_checkpoint_is_one_line(command, kind, tiny_world, tmp_path, monkeypatch, capsys):
     import torch
@@ -289,8 +291,8 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(command, kind, tiny_world, 
     capsys.readouterr()
     code = main(argv)
     out, err = capsys.readouterr()
-    expected = ("not a LandmarkModule checkpoint of format 'landmark-module/1'" if kind == "plain-dict"
-                else "not a checkpoint loadable with weights_only=True")
+    expected = {"plain-dict": "not a LandmarkModule checkpoint of format 'landmark-module/1'",
+                "folder": "a folder, not a checkpoint file"}.get(kind, "not a checkpoint loadable with weights_only=True")
     _assert_one_line(command, code, out, err, f"{bad}: {expected}")
 
 
