@@ -81,7 +81,7 @@ def _required_sets(datamodule) -> list[str]:
     return names
 
 
-def _check_readable(gathered: dict[str, tuple[np.ndarray, np.ndarray, int]], datamodule) -> None:
+def _check_readable(gathered: dict[str, tuple[np.ndarray, np.ndarray, int]], datamodule=None) -> None:
     """UserError when the gallery or the queries have no photo that could be decoded.
 
     Unreadable photos are skipped and counted (``<stage>/unreadable``); a set with none left would
@@ -90,9 +90,9 @@ def _check_readable(gathered: dict[str, tuple[np.ndarray, np.ndarray, int]], dat
     for name, key in _REQUIRED_SETS.items():
         embeddings, _, unreadable = gathered[name]
         if len(embeddings) == 0:
-            raise UserError(f"RetrievalEvaluation: none of the {unreadable} {name} photos "
-                            f"(data.{key}: {datamodule.hparams.get(key)}) "
-                            "could be decoded; check the image files")
+            where = f"data.{key}" + (f": {datamodule.hparams.get(key)}" if datamodule is not None else "")
+            raise UserError(f"RetrievalEvaluation: none of the {unreadable} {name} photos ({where}) could be decoded; "
+                            "check the image files")
 
 
 class RetrievalEvaluation(Callback):
@@ -271,7 +271,7 @@ class RetrievalEvaluation(Callback):
         gathered = self._gather()
         self._accumulators = {}
         # Every rank holds the gathered sets, so every rank refuses together (no rank left waiting).
-        _check_readable(gathered, trainer.datamodule)
+        _check_readable(gathered, getattr(trainer, "datamodule", None))
         # trainer.log_dir is a collective under DDP (Lightning broadcasts it): every rank asks.
         plot_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
         # Standalone `validate` (e.g. the demo's untrained evaluation) must not overwrite the plots
