@@ -313,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"landmarks{' ' + name if name else ''}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader went away (`landmarks recognize ... | head`): not an error to report. Python
+            # would print a second traceback when it flushes stdout at exit, so stdout goes to devnull.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
 
 
 if __name__ == "__main__":

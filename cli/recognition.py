@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import sys
 
 from cli.argtypes import (
@@ -352,10 +353,22 @@ def _recognizer(args):
 def _photos(items: list[str]) -> list[str]:
     from recognition.recognizer import expand_paths
 
+    # A path typed on the command line that does not exist is a typo, refused before any work; a
+    # missing path inside a list file stays an error entry (lists are often generated).
+    missing = [item for item in items if not os.path.lexists(item)]
+    if missing:
+        raise UserError(f"{missing[0]}: no such file or folder" + (f" ({len(missing)} such paths)" if len(missing) > 1 else ""))
     paths = expand_paths(items)
     if not paths:
         raise UserError("no images found in " + " ".join(items))
     return paths
+
+
+def _table_cell(path: str) -> str:
+    """A path as one table cell: control characters (a newline in a file name) escaped, and bytes
+    that are not UTF-8 (kept by Python as lone surrogates, which stdout cannot encode) as \\xNN."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 def add_recognize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,11 +379,11 @@ def add_recognize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _table_row(r) -> str:
     if r.error is not None:
-        return f"{'ERROR':<8} {'':<14} {'':>7}  {r.path}  ({r.error})"
+        return f"{'ERROR':<8} {'':<14} {'':>7}  {_table_cell(r.path)}  ({_table_cell(r.error)})"
     label = r.landmark_id or "-"
     score = "" if r.score is None else f"{r.score:.4f}"
     name = f"  [{r.name}]" if r.name and r.accepted else ""
-    return f"{'yes' if r.accepted else 'no':<8} {label:<14} {score:>7}  {r.path}{name}"
+    return f"{'yes' if r.accepted else 'no':<8} {label:<14} {score:>7}  {_table_cell(r.path)}{name}"
 
 
 def run_recognize_command(args: argparse.Namespace) -> int:

@@ -48,12 +48,20 @@ def within_radius(lat: float, lon: float, cand_lat, cand_lon, radius_km: float) 
     return ~known | (dist <= radius_km)
 
 
-def _degrees(dms, ref) -> float:
+def _degrees(dms, ref, refs: tuple[str, str]) -> float:
+    """Signed degrees from EXIF degrees/minutes/seconds and a hemisphere reference; ValueError for a
+    reference other than ``refs`` (e.g. N/S) or minutes or seconds outside [0, 60] (60 itself
+    comes from writers that round 59.99996), which no real fix has."""
     d, m, s = (float(v) for v in dms)
-    value = d + m / 60.0 + s / 3600.0
+    if not (0 <= m <= 60 and 0 <= s <= 60 and d >= 0):
+        raise ValueError(f"degrees/minutes/seconds {d}, {m}, {s}")
     if isinstance(ref, bytes):
         ref = ref.decode("ascii", "replace")
-    return -value if str(ref).strip().upper() in ("S", "W") else value
+    ref = str(ref).strip().upper()
+    if ref not in refs:
+        raise ValueError(f"reference {ref!r} is not {refs[0]} or {refs[1]}")
+    value = d + m / 60.0 + s / 3600.0
+    return -value if ref == refs[1] else value
 
 
 def read_exif_gps(path: str | os.PathLike) -> tuple[float, float] | None:
@@ -64,13 +72,23 @@ def read_exif_gps(path: str | os.PathLike) -> tuple[float, float] | None:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return None  # unreadable files are reported by the recogniser itself
     tags = ExifTags.GPS
-    try:
-        lat = _degrees(gps[tags.GPSLatitude], gps.get(tags.GPSLatitudeRef, "N"))
-        lon = _degrees(gps[tags.GPSLongitude], gps.get(tags.GPSLongitudeRef, "E"))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+    if tags.GPSLatitude not in gps or tags.GPSLongitude not in gps:
         return None
-    if not (math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180):
+    try:
+        lat = _degrees(gps[tags.GPSLatitude], gps.get(tags.GPSLatitudeRef, "N"), ("N", "S"))
+        lon = _degrees(gps[tags.GPSLongitude], gps.get(tags.GPSLongitudeRef, "E"), ("E", "W"))
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        log.warning("%s: EXIF GPS block is malformed (%s); ignored", path, err)
+        return None
+    if not (math.isfinite(lat) and math.isfinite(lon)):
+        log.warning("%s: EXIF GPS (%s, %s) is not a number (a zero denominator); ignored", path, lat, lon)
+        return None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
         log.warning("%s: EXIF GPS (%s, %s) is out of range; ignored", path, lat, lon)
+        return None
+    if lat == 0 and lon == 0:
+        # Cameras without a fix write 0/0/0, 0/0/0; the real (0, 0) is open sea, where no landmark is.
+        log.warning("%s: EXIF GPS is (0, 0), what cameras write without a fix; ignored", path)
         return None
     return lat, lon
 

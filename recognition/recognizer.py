@@ -67,19 +67,49 @@ class Recognition:
         return asdict(self)
 
 
-def expand_paths(items: Iterable[str | os.PathLike]) -> list[str]:
-    """Files, folders (images below them, sorted) and list files (``.txt``/``.lst``: one path per line).
+# Photo formats a folder scan reports as unreadable entries instead of passing over them like
+# other files: a phone's HEIC photo left out without a word would look like a photo with no landmark.
+UNSUPPORTED_PHOTO_SUFFIXES = (".heic", ".heif", ".avif", ".dng", ".cr2", ".nef", ".arw")
 
-    A list file's relative paths are resolved against its folder. A path that does not exist is
-    kept, so that it is reported as an error entry rather than silently skipped.
+
+def _photos_below(folder: pathlib.Path) -> list[str]:
+    """Photos under ``folder``, sorted: folder links followed (each real folder once, so a link loop
+    ends), hidden files and folders (``.thumbnails``, macOS ``._x.jpg``) left out, and a link
+    whose target is gone kept, so that it is reported as an error entry."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            suffix = os.path.splitext(name)[1].lower()
+            if not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in UNSUPPORTED_PHOTO_SUFFIXES):
+                found.append(os.path.join(top, name))
+    return sorted(found)
+
+
+def expand_paths(items: Iterable[str | os.PathLike]) -> list[str]:
+    """Files, folders (photos below them, sorted; see :func:`_photos_below`) and list files
+    (``.txt``/``.lst``: one path per line, ``#`` comments and blank lines ignored).
+
+    A list file's relative paths are resolved against the list file's folder. A listed path that
+    does not exist is kept, so that it is reported as an error entry rather than silently skipped.
     """
     out: list[str] = []
     for item in items:
         p = pathlib.Path(item)
         if p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out.extend(_photos_below(p))
         elif p.suffix.lower() in (".txt", ".lst") and p.is_file():
-            for line in p.read_text().splitlines():
+            try:
+                text = p.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of a path
+            except UnicodeDecodeError as err:
+                raise UserError(f"{p}: not UTF-8 text (byte {err.start}); save the list as UTF-8") from None
+            for line in text.splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     out.append(line if os.path.isabs(line) else str(p.parent / line))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -366,3 +367,70 @@ def test_index_on_two_ddp_processes_writes_the_same_artifact_as_one(tiny_world, 
     # Each rank embedded its own half (the cache holds every image once, in two ranks' chunks).
     chunks = list((tmp_path / "c-two").rglob("chunk-*.json"))
     assert sum(json.loads(p.read_text())["rows"] for p in chunks) >= len(pd.read_csv(tiny_world / "db.csv"))
+
+
+def test_a_folder_scan_follows_folder_links_once_and_reports_what_it_cannot_read(tmp_path):
+    """Before: photos behind a folder link and HEIC photos were left out without a word, and
+    macOS's ._x.jpg files each gave an ERROR row."""
+    from recognition.recognizer import expand_paths
+
+    photos, trip = tmp_path / "photos", tmp_path / "trip"
+    for folder in (photos, trip, photos / ".thumbnails"):
+        folder.mkdir()
+    for path in (photos / "a.jpg", photos / "IMG_1.HEIC", photos / "._a.jpg", photos / "notes.txt",
+                 photos / ".thumbnails" / "t.jpg", trip / "b.jpg"):
+        path.write_bytes(b"x")
+    (photos / "trip").symlink_to(trip)
+    (trip / "loop").symlink_to(photos)  # a link loop ends: every real folder is walked once
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # kept: an error entry says the file is gone
+    found = [os.path.relpath(p, photos) for p in expand_paths([photos])]
+    assert found == ["IMG_1.HEIC", "a.jpg", "gone.jpg", "trip/b.jpg"]
+
+
+def test_list_files_drop_a_bom_and_refuse_text_that_is_not_utf8(tmp_path, capsys):
+    from recognition.recognizer import expand_paths
+
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"\xef\xbb\xbfsub/a.jpg\r\n# a comment\r\n\r\n/abs/b.jpg\r\n")
+    assert expand_paths([listed]) == [str(tmp_path / "sub" / "a.jpg"), "/abs/b.jpg"]  # was '\ufeffsub/a.jpg'
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a.jpg\n".encode("utf-16"))
+    assert main(["recognize", "--index", str(tmp_path), str(utf16)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"landmarks recognize: error: {utf16}: not UTF-8 text (byte 0); save the list as UTF-8")
+
+
+def test_a_path_typed_on_the_command_line_that_does_not_exist_is_one_line(tmp_path, capsys):
+    """Before: an ERROR row, '1 photos: 0 accepted, 1 unreadable', exit 0."""
+    real = tmp_path / "a.jpg"
+    real.write_bytes(b"x")
+    assert main(["recognize", "--index", str(tmp_path), str(real), str(tmp_path / "typo"), "missing2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"landmarks recognize: error: {tmp_path / 'typo'}: no such file or folder (2 such paths)"]
+
+
+def test_the_table_shows_a_path_on_one_line_whatever_its_bytes():
+    from cli.recognition import _table_row
+    from recognition.recognizer import Recognition
+
+    odd = "photos/new\nline\tx" + b"\xff".decode("utf-8", "surrogateescape") + "é.jpg"
+    row = _table_row(Recognition(path=odd, landmark_id="7", score=0.5, accepted=True, name="Tower"))
+    assert row.splitlines() == [row] and row.endswith("photos/new\\nline\\tx\\xffé.jpg  [Tower]")
+    row.encode("utf-8")  # printable on a UTF-8 stdout (a lone surrogate was not)
+    error = _table_row(Recognition(path=odd, error=f"{odd}: cannot decode"))
+    assert error.splitlines() == [error] and "\\n" in error
+
+
+@pytest.mark.slow  # a real subprocess: the pipe must be a real one
+def test_a_reader_that_stops_early_is_not_a_traceback(built_index, tiny_world):
+    """Before: `landmarks recognize ... | head -2` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    command = (f"{sys.executable} -m cli.main recognize --index {built_index} --batch-size 2 --workers 0 "
+               f"{tiny_world / 'images' / 'queries'} | head -2")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert len(done.stdout.splitlines()) == 2
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

@@ -330,6 +330,29 @@ def test_exif_gps_round_trip(tmp_path):
     assert read_exif_gps(tmp_path / "c.jpg") is None
 
 
+@pytest.mark.parametrize("block, logged", [
+    # Each was read as a real position before, and the GPS filter then rejected the right landmark.
+    ({ExifTags.GPS.GPSLatitudeRef: "Q"}, "reference 'Q' is not N or S"),
+    ({ExifTags.GPS.GPSLatitude: (3.0, 120.0, 0.0)}, "degrees/minutes/seconds 3.0, 120.0, 0.0"),
+    ({ExifTags.GPS.GPSLatitude: (0.0, 0.0, 0.0), ExifTags.GPS.GPSLongitude: (0.0, 0.0, 0.0)},
+     "is (0, 0), what cameras write without a fix"),
+])
+def test_a_malformed_exif_gps_block_is_no_position(block, logged, tmp_path, caplog):
+    import logging
+
+    exif = Image.Exif()
+    gps = {ExifTags.GPS.GPSLatitudeRef: "S", ExifTags.GPS.GPSLatitude: _dms(3.8),
+           ExifTags.GPS.GPSLongitudeRef: "E", ExifTags.GPS.GPSLongitude: _dms(18.25)}
+    exif[ExifTags.IFD.GPSInfo] = {**gps, **block}
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(tmp_path / "a.jpg", exif=exif)
+    with caplog.at_level(logging.WARNING):
+        assert read_exif_gps(tmp_path / "a.jpg") is None
+    assert logged in caplog.text
+    exif[ExifTags.IFD.GPSInfo] = {**gps, ExifTags.GPS.GPSLatitudeRef: "s"}  # lower case is still a hemisphere
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.jpg", exif=exif)
+    assert read_exif_gps(tmp_path / "b.jpg") == pytest.approx((-3.8, 18.25), abs=1e-4)
+
+
 def test_gps_csv(tmp_path):
     (tmp_path / "gps.csv").write_text("path,lat,lon\nphotos/a.jpg,10.5,-20\n/abs/b.jpg,,\n")
     gps = read_gps_csv(tmp_path / "gps.csv")
