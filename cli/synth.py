@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import fields
 
@@ -27,8 +28,11 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
 def run_synth_command(args: argparse.Namespace) -> int:
     try:
         config = SynthConfig(**{field.name: getattr(args, field.name) for field in fields(SynthConfig)})
-    except ValueError as err:  # a bad combination of options (SynthConfig names the fields)
-        raise UserError(str(err)) from err
+    except ValueError as err:  # a bad combination of options: SynthConfig names its fields, the user typed flags
+        names = sorted((field.name for field in fields(SynthConfig)), key=len, reverse=True)
+        message = re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                         str(err).removeprefix("invalid SynthConfig: "))
+        raise UserError(message) from err
     start = time.perf_counter()
     # A non-empty --out without --overwrite is a FileExistsError: cli.main reports it in one line.
     world = generate_world(args.out, config, workers=args.workers, overwrite=args.overwrite,

@@ -284,4 +284,7 @@ def test_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("landmarks synth: error: ") and "not empty" in err and len(err.splitlines()) == 1
     assert main(["synth", "--out", str(tmp_path / "x"), "--num-landmarks", "4", "--duplicate-landmarks", "3"]) == 2
-    assert "duplicate_landmarks" in capsys.readouterr().err
+    # The options the user typed, not SynthConfig's field names (was "invalid SynthConfig: duplicate_landmarks ...").
+    assert capsys.readouterr().err == (
+        "landmarks synth: error: --duplicate-landmarks needs two landmarks each (a duplicate and its original); need "
+        "at least 2 distinct structures (--num-landmarks - --duplicate-landmarks >= 2)\n")
