@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import re
@@ -26,6 +27,7 @@ from cli.argtypes import (
 from core.errors import UserError
 
 _DEFAULT_CACHE = "runs/embedding-cache"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,12 +416,32 @@ def add_albums_arguments(parser: argparse.ArgumentParser) -> None:
     _add_recognizer_arguments(parser)
 
 
-def run_albums_command(args: argparse.Namespace) -> int:
-    from recognition.albums import group_albums, write_albums
+def _album_photos(items: list[str], out: str) -> list[str]:
+    """The photos of ``items`` less the files under ``out`` (a rerun would take its own thumbnails
+    for photos) and less repeats of one file (it would be counted twice), both by resolved path."""
+    out_real = os.path.realpath(out)
+    kept, seen, repeated = [], set(), 0
+    for path in _photos(items):
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, out_real]) == out_real:
+            continue
+        if real in seen:
+            repeated += 1
+            continue
+        seen.add(real)
+        kept.append(path)
+    if repeated:
+        log.warning("%d repeated photo(s) left out: each photo is recognised once", repeated)
+    if not kept:
+        raise UserError(f"no images found in {' '.join(items)} outside --out {out}")
+    return kept
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the photos are recognised
-        raise UserError(f"--out {args.out}: exists and is not a folder")
-    paths = _photos(args.photos)
+
+def run_albums_command(args: argparse.Namespace) -> int:
+    from recognition.albums import check_out_folder, group_albums, write_albums
+
+    check_out_folder(args.out)  # before the photos are recognised
+    paths = _album_photos(args.photos, args.out)
     recognizer = _recognizer(args)
     albums = group_albums(recognizer.iter_recognize(paths, progress=True))
     written = write_albums(albums, args.out, thumb_size=args.thumb_size, title=args.title)

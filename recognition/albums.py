@@ -3,7 +3,8 @@
 :func:`group_albums` is pure (recognition results in, album structure out); :func:`write_albums`
 adds thumbnails and a static, self-contained HTML page (relative links only, no scripts) that
 opens from disk in any browser. Input photos are only read; every output file is written to a
-temporary name and renamed.
+temporary name and renamed. :func:`check_out_folder` refuses a folder whose ``index.html`` or
+``albums.json`` another program wrote.
 """
 
 from __future__ import annotations
@@ -13,17 +14,28 @@ import html
 import json
 import os
 import pathlib
+import re
+import urllib.parse
 from typing import Iterable
 
 from PIL import Image
 
 from core.atomic import atomic_path, write_text_atomic
+from core.errors import UserError
 from datamodules.images import UnreadableImage, load_rgb
 from recognition.recognizer import Recognition
 
-__all__ = ["group_albums", "write_albums"]
+__all__ = ["check_out_folder", "group_albums", "write_albums"]
 
 NO_CITY = "Other places"
+# Marks the files this module writes, so that a rerun into the same folder replaces them but a
+# folder holding someone else's index.html / albums.json is refused rather than overwritten.
+GENERATOR = "landmarks albums"
+_HTML_MARK = f'<meta name="generator" content="{GENERATOR}">'
+# albums.json as written before it carried GENERATOR: still ours, so still replaced.
+_LEGACY_KEYS = {"albums", "cities", "unrecognised", "errors", "counts"}
+# Only files with this name are removed from thumbs/ as unused: anything else there is not ours.
+_THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
 
 
 def group_albums(results: Iterable[Recognition]) -> dict:
@@ -68,9 +80,37 @@ def group_albums(results: Iterable[Recognition]) -> dict:
     }
 
 
+def _shown(text: str) -> str:
+    """``text`` as it can be written in UTF-8: a file name's undecodable bytes (held as surrogates)
+    become U+FFFD, since a page or JSON file cannot hold the raw bytes."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _shown_json(obj):
+    if isinstance(obj, str):
+        return _shown(obj)
+    if isinstance(obj, list):
+        return [_shown_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_shown(k): _shown_json(v) for k, v in obj.items()}
+    return obj
+
+
 def _thumbnail(photo: str, out_dir: pathlib.Path, size: int) -> str | None:
-    """Write a JPEG thumbnail of ``photo`` under ``out_dir``; its path relative to the album root."""
-    name = hashlib.sha1(os.path.abspath(photo).encode()).hexdigest()[:20] + ".jpg"
+    """Write a JPEG thumbnail of ``photo`` under ``out_dir``; its path relative to the album root.
+
+    The name hashes the path with the file's size and mtime and the thumbnail size, so a photo
+    replaced at the same path, or a new ``size``, gets a new thumbnail instead of the old one.
+    """
+    try:
+        st = os.stat(photo)
+    except OSError:
+        return None
+    key = b"\0".join([os.fsencode(os.path.abspath(photo)), b"%d" % st.st_size, b"%d" % st.st_mtime_ns, b"%d" % size])
+    name = hashlib.sha1(key).hexdigest()[:20] + ".jpg"
     target = out_dir / name
     if not target.exists():
         try:
@@ -100,11 +140,14 @@ def _count(n: int, noun: str) -> str:
 
 
 def _html_page(albums: dict, title: str) -> str:
-    esc = html.escape
+    def esc(text: str, quote: bool = True) -> str:
+        # Every text shown (names, paths in errors, the title) may hold a non-UTF-8 file name's bytes.
+        return html.escape(_shown(text), quote=quote)
+
     by_id = {a["landmark_id"]: a for a in albums["albums"]}
     c = albums["counts"]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>", f'<html lang="en"><head><meta charset="utf-8">{_HTML_MARK}',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
         f'<p class="summary">{_count(c["photos"], "photo")}: {c["recognised"]} recognised in '
@@ -124,7 +167,8 @@ def _html_page(albums: dict, title: str) -> str:
                 thumb = photo.get("thumbnail")
                 img = (f'<img src="{esc(thumb, quote=True)}" alt="{esc(name, quote=True)}" loading="lazy">'
                        if thumb else "<div>(no thumbnail)</div>")
-                href = pathlib.Path(os.path.abspath(photo["path"])).as_uri()
+                # The link percent-encodes the name's raw bytes, so it opens even a non-UTF-8 name.
+                href = "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(photo["path"])))
                 parts.append(f'<figure><a href="{esc(href, quote=True)}">{img}</a><figcaption>{esc(name)}<br>'
                              f'<span class="score">score {photo["score"]:.3f}</span></figcaption></figure>')
             parts.append("</div></div>")
@@ -137,10 +181,38 @@ def _html_page(albums: dict, title: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _ours(path: pathlib.Path) -> bool:
+    """Whether ``path`` (an ``albums.json`` or ``index.html``) is one this module wrote."""
+    try:
+        if path.name == "albums.json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and (data.get("generator") == GENERATOR or set(data) == _LEGACY_KEYS)
+        with open(path, "rb") as f:
+            return _HTML_MARK.encode() in f.read(4096)
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not ours
+        return False
+
+
+def check_out_folder(out: str | os.PathLike) -> None:
+    """Refuse (:class:`UserError`) an ``out`` whose ``albums.json`` or ``index.html`` this module
+    did not write; a folder holding an earlier run's output is fine (it is rewritten)."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    ours_json = _ours(out / "albums.json")
+    for name in ("albums.json", "index.html"):
+        path = out / name
+        # An index.html beside our albums.json is ours too: pages written before they were marked.
+        if path.exists() and not (_ours(path) or (name == "index.html" and ours_json)):
+            raise UserError(f"--out {out}: holds an {name} that `landmarks albums` did not write; "
+                            "choose another folder (it is not overwritten)")
+
+
 def write_albums(albums: dict, out: str | os.PathLike, thumb_size: int = 320, title: str = "Landmark albums") -> dict:
     """Write ``albums.json``, ``index.html`` and ``thumbs/`` into ``out``; returns the paths written.
 
     ``albums`` is the output of :func:`group_albums`; thumbnail paths are added to its photos.
+    Thumbnails in ``thumbs/`` that the new page does not use are removed.
     """
     out = pathlib.Path(out)
     thumbs = out / "thumbs"
@@ -148,6 +220,16 @@ def write_albums(albums: dict, out: str | os.PathLike, thumb_size: int = 320, ti
     for album in albums["albums"]:
         for photo in album["photos"]:
             photo["thumbnail"] = _thumbnail(photo["path"], thumbs, thumb_size)
-    write_text_atomic(out / "albums.json", json.dumps(albums, indent=2, allow_nan=False) + "\n")
-    write_text_atomic(out / "index.html", _html_page(albums, title))
+    # Both texts are built before either is written, so a failure leaves the previous pair.
+    doc = _shown_json({"generator": GENERATOR, **albums})
+    json_text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    page = _html_page(albums, title)
+    write_text_atomic(out / "albums.json", json_text)
+    write_text_atomic(out / "index.html", page)
+    used = {photo["thumbnail"].rpartition("/")[2] for album in albums["albums"] for photo in album["photos"]
+            if photo["thumbnail"]}
+    for old in thumbs.iterdir():
+        # Thumbnails of earlier runs (other photos, replaced photos, another --thumb-size).
+        if _THUMB_NAME.fullmatch(old.name) and old.name not in used:
+            old.unlink(missing_ok=True)
     return {"json": str(out / "albums.json"), "html": str(out / "index.html"), "thumbs": str(thumbs)}

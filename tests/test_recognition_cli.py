@@ -17,7 +17,7 @@ import retrieval.plots
 from cli.main import main
 from datamodules.images import load_rgb
 from recognition.artifact import LandmarkIndex, ModelMismatchError
-from recognition.recognizer import Recognizer
+from recognition.recognizer import Recognition, Recognizer
 
 FIELDS = {"path", "landmark_id", "name", "score", "accepted", "city", "candidates", "gps", "gps_rejected", "error",
           "verification"}
@@ -434,3 +434,75 @@ def test_a_reader_that_stops_early_is_not_a_traceback(built_index, tiny_world):
                           timeout=600)
     assert len(done.stdout.splitlines()) == 2
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+class _StubRecognizer:
+    """Albums CLI tests that are about which photos go in, not about recognition: every readable
+    photo is 'Tower'; the paths asked for are recorded."""
+
+    def __init__(self):
+        self.asked: list[list[str]] = []
+
+    def iter_recognize(self, paths, progress=False):
+        self.asked.append(list(paths))
+        for p in paths:
+            yield (Recognition(p, "7", "Tower", 0.9, True, "Paris") if os.path.getsize(p)
+                   else Recognition(p, error=f"{p}: empty"))
+
+
+@pytest.fixture
+def stub_recognizer(monkeypatch):
+    import cli.recognition
+
+    stub = _StubRecognizer()
+    monkeypatch.setattr(cli.recognition, "_recognizer", lambda args: stub)
+    return stub
+
+
+def _photo_folder(folder, n=3):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(folder / f"p{i}.jpg")
+    return folder
+
+
+def test_albums_leave_out_their_own_output_folder(stub_recognizer, tmp_path, capsys):
+    """An --out inside the photo folder: a rerun does not take the first run's thumbnails for photos."""
+    folder = _photo_folder(tmp_path / "pf")
+    out = folder / "albums"
+    for _ in range(2):
+        assert main(["albums", "--index", "idx", str(folder), "--out", str(out), "--thumb-size", "16"]) == 0
+        assert json.loads((out / "albums.json").read_text())["counts"]["photos"] == 3
+    assert stub_recognizer.asked == [[str(folder / f"p{i}.jpg") for i in range(3)]] * 2
+    assert len(list((out / "thumbs").iterdir())) == 3
+    # Photos only under --out (its thumbnails): nothing is left to recognise
+    capsys.readouterr()
+    assert main(["albums", "--index", "idx", str(out / "thumbs"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("landmarks albums: error: no images found in ")
+
+
+@pytest.mark.parametrize("name", ["index.html", "albums.json"])
+def test_albums_refuse_an_out_folder_holding_files_they_did_not_write(stub_recognizer, tmp_path, capsys, name):
+    folder = _photo_folder(tmp_path / "pf")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text('{"mine": 1}\n')
+    capsys.readouterr()
+    assert main(["albums", "--index", "idx", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"landmarks albums: error: --out {out}: holds an {name} that `landmarks albums` did not write; "
+                   "choose another folder (it is not overwritten)"]
+    assert (out / name).read_text() == '{"mine": 1}\n' and stub_recognizer.asked == []  # refused before any work
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_albums_recognise_a_repeated_photo_once(stub_recognizer, tmp_path, caplog):
+    folder = _photo_folder(tmp_path / "pf")
+    again = str(folder / "p1.jpg")
+    out = tmp_path / "albums"
+    with caplog.at_level("WARNING"):
+        assert main(["albums", "--index", "idx", str(folder), again, again, "--out", str(out)]) == 0
+    assert stub_recognizer.asked == [[str(folder / f"p{i}.jpg") for i in range(3)]]
+    assert json.loads((out / "albums.json").read_text())["counts"]["photos"] == 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "2 repeated photo(s) left out: each photo is recognised once"]

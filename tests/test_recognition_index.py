@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -437,6 +439,58 @@ def test_albums_group_and_write(tmp_path):
     assert all(f'src="{t}"' in page for t in thumbs) and "bad.jpg: not an image" in page
     assert written["html"] == str(out / "index.html")
 
+
+
+def test_albums_thumbnails_follow_the_photo_and_the_size(tmp_path):
+    """A photo replaced at its path, or another thumbnail size, gets a new thumbnail; thumbnails the
+    page no longer uses are removed (only ours: other files in thumbs/ stay)."""
+    photo = tmp_path / "p.jpg"
+    Image.new("RGB", (64, 48), (200, 0, 0)).save(photo)
+    out = tmp_path / "out"
+
+    def write(size):
+        albums = group_albums([Recognition(str(photo), "7", "Tower", 0.9, True, "Paris")])
+        write_albums(albums, out, thumb_size=size)
+        [thumb] = [p["thumbnail"] for a in albums["albums"] for p in a["photos"]]
+        return out / thumb
+
+    first = write(32)
+    (out / "thumbs" / "notes.txt").write_text("mine")
+    assert write(32) == first  # unchanged photo, same size: the same thumbnail
+    resized = write(24)
+    assert max(Image.open(resized).size) == 24 and not first.exists()
+    Image.new("RGB", (64, 48), (0, 0, 200)).save(photo)
+    os.utime(photo, ns=(1, 1))  # a new mtime even where the clock's resolution is coarse
+    replaced = write(24)
+    assert replaced != resized and not resized.exists()
+    assert Image.open(replaced).convert("RGB").getpixel((5, 5))[2] > 150  # the new photo's colour
+    assert sorted(p.name for p in (out / "thumbs").iterdir()) == sorted([replaced.name, "notes.txt"])
+
+
+def test_albums_of_a_photo_whose_name_is_not_utf8(tmp_path, monkeypatch):
+    import recognition.albums
+
+    name = os.fsdecode(b"bad\xff\xfe.jpg")
+    try:
+        Image.new("RGB", (64, 48), (200, 0, 0)).save(tmp_path / name)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take non-UTF-8 names")
+    results = [Recognition(str(tmp_path / name), "7", "Tower", 0.9, True, "Paris"),
+               Recognition(str(tmp_path / ("x" + name)), error=f"{tmp_path / ('x' + name)}: not an image")]
+    out = tmp_path / "out"
+    write_albums(group_albums(results), out, thumb_size=32)
+    data = json.loads((out / "albums.json").read_text(encoding="utf-8"))
+    [photo] = data["albums"][0]["photos"]
+    assert photo["path"] == str(tmp_path / "bad\ufffd\ufffd.jpg") and (out / photo["thumbnail"]).is_file()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    href = "file://" + urllib.parse.quote(os.fsencode(tmp_path)) + "/bad%FF%FE.jpg"
+    assert f'href="{href}"' in page and ">bad\ufffd\ufffd.jpg<br>" in page and "xbad\ufffd\ufffd.jpg: not an image" in page
+    assert urllib.parse.unquote_to_bytes(href.removeprefix("file://")) == os.fsencode(tmp_path / name)  # the raw bytes
+    # Both files are built before either is written: a page that cannot be built leaves neither.
+    monkeypatch.setattr(recognition.albums, "_html_page", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_albums(group_albums(results), tmp_path / "out2", thumb_size=32)
+    assert not (tmp_path / "out2" / "albums.json").exists()
 
 def test_nearest_db_photo_of_a_hardest_calibration_photo_is_one_the_index_represents(gallery, tmp_path):
     """The sheet's DB photo: the matched landmark's photo nearest to the calibration photo, by cosine
