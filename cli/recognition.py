@@ -472,20 +472,34 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export_command(args: argparse.Namespace) -> int:
+    from cli.logs import quieter
     from recognition.export import export_model
     from retrieval.embedding_model import load_embedding_model
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the model is loaded
+        raise UserError(f"--out {args.out}: exists and is not a folder")
     if args.index:
         from recognition.artifact import LandmarkIndex
         from recognition.recognizer import load_index_model
 
         if args.inference_precision is not None:
             raise UserError("--inference-precision: an index's model keeps the precision it was built with")
-        model = load_index_model(LandmarkIndex.load(args.index))
+        if args.image_size is not None:
+            raise UserError("--image-size: an index's model keeps the image size it was built with")
+        index = LandmarkIndex.load(args.index)
+        source = index.model.get("source", {})
+        # load_index_model's advice (pass the checkpoint) is for recognize; export takes no
+        # --checkpoint beside --index.
+        if "checkpoint" in source and not pathlib.Path(source["checkpoint"]).is_file():
+            raise UserError(f"the index was built with checkpoint {source['checkpoint']}, which is gone; export "
+                            "the checkpoint with --checkpoint PATH instead of --index, or rebuild the index")
+        model = load_index_model(index)
     else:
         model = load_embedding_model(checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
                                      inference_precision=args.inference_precision)
-    meta = export_model(model, args.out, formats=args.format, check=not args.no_check)
+    # Its "exported ..." lines repeat the table printed below.
+    with quieter("recognition.export", verbose=getattr(args, "verbose", 0)):
+        meta = export_model(model, args.out, formats=args.format, check=not args.no_check)
     for fmt, entry in meta["files"].items():
         check = f"max |export - eager| = {entry['max_abs_diff']:.2e}" if entry["checked"] else "not checked"
         print(f"{fmt:<12} {pathlib.Path(args.out) / entry['file']}  ({check})")

@@ -490,6 +490,8 @@ class LandmarkIndex:
     def load(cls, directory: str | os.PathLike) -> "LandmarkIndex":
         """Read an index directory, checking format, version and internal consistency."""
         root = pathlib.Path(directory)
+        if root.exists() and not root.is_dir():
+            raise IndexFormatError(f"{root} is a file, not an index folder (build one with `landmarks index`)")
         if not root.is_dir():
             raise IndexFormatError(f"index directory not found: {root}")
         head_path = root / HEADER
@@ -531,6 +533,8 @@ class LandmarkIndex:
                 f"{root}: header says {head.get('n_vectors')} x {d} vectors, vectors.npy has {vectors.shape}, "
                 f"vectors.faiss is {index.ntotal} x {index.d}"
             )
+        _check_landmarks(root / "landmarks.json", landmarks)
+        _check_model(head_path, head.get("model"))
         if len(landmarks) != head.get("n_landmarks"):
             raise IndexFormatError(f"{root}: header says {head.get('n_landmarks')} landmarks, landmarks.json has {len(landmarks)}")
         calibration = head.get("calibration")
@@ -565,6 +569,54 @@ class LandmarkIndex:
                        local_features, penalty, params, whitening)
         except (KeyError, ValueError, TypeError) as err:
             raise IndexFormatError(f"{root}: inconsistent index ({err})") from err
+
+
+def _check_landmarks(path: pathlib.Path, landmarks: Any) -> None:
+    """Refuse a (hand-edited) landmarks.json whose entries the recognizer and albums would
+    trip over later, mid-output, or silently merge (two landmarks with one id)."""
+    if not isinstance(landmarks, list):
+        raise IndexFormatError(f"{path}: expected a list of landmarks, got {type(landmarks).__name__}")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(landmarks):
+        if not isinstance(entry, dict):
+            raise IndexFormatError(f"{path}: landmark {i}: expected an object, got {type(entry).__name__}")
+        landmark_id = entry.get("landmark_id")
+        if not isinstance(landmark_id, str) or not landmark_id:
+            raise IndexFormatError(f"{path}: landmark {i}: 'landmark_id' must be a non-empty string, "
+                                   f"got {landmark_id!r}")
+        where = f"{path}: landmark {i} ({landmark_id!r})"
+        if landmark_id in seen:
+            raise IndexFormatError(f"{where}: 'landmark_id' repeats landmark {seen[landmark_id]}; "
+                                   "each landmark needs its own id")
+        seen[landmark_id] = i
+        # save() writes every key, null for unknown, so a missing key is an edit, not an old index.
+        for key in ("name", "city"):
+            if key not in entry:
+                raise IndexFormatError(f"{where}: no '{key}' (a string, or null when unknown)")
+            if entry[key] is not None and not isinstance(entry[key], str):
+                raise IndexFormatError(f"{where}: '{key}' must be a string or null, got {entry[key]!r}")
+        for key, limit in (("lat", 90), ("lon", 180)):
+            if key not in entry:
+                raise IndexFormatError(f"{where}: no '{key}' (a number, or null when unknown)")
+            value = entry[key]
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not -limit <= value <= limit):
+                raise IndexFormatError(f"{where}: '{key}' must be a number in [-{limit}, {limit}] or null, "
+                                       f"got {value!r}")
+
+
+def _check_model(path: pathlib.Path, model: Any) -> None:
+    """Refuse a model record whose sizes the recognizer and the export would fail to read."""
+    if not isinstance(model, dict) or not isinstance(model.get("identity", {}), dict):
+        raise IndexFormatError(f"{path}: 'model' must be an object with an 'identity' object")
+    identity = model.get("identity", {})
+    # Absent is allowed: indexes of toy models have no image size (the recognizer then uses 224).
+    for key in ("image_size", "embedding_size"):
+        value = identity.get(key)
+        if key in identity and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise IndexFormatError(f"{path}: model.identity.{key} must be a positive integer, got {value!r}")
 
 
 def _describe(identity: dict) -> str:

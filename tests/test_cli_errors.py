@@ -357,3 +357,42 @@ def test_a_db_whose_every_photo_is_undecodable_is_one_line_at_the_evaluation(tin
     _assert_one_line("fit", code, out, err,
                      f"RetrievalEvaluation: none of the {len(db)} gallery photos (data.db_manifest: db.csv) could be "
                      "decoded")
+
+
+def _checkpoint_index(folder: Path) -> Path:
+    """A saved index whose model is a checkpoint that no longer exists."""
+    from recognition.artifact import LandmarkIndex
+
+    emb = np.eye(4, 8, dtype=np.float32)
+    model = {"identity": {"source": "checkpoint", "backbone": "toy", "embedding_size": 8, "image_size": 32},
+             "key": "k", "source": {"checkpoint": str(folder / "gone.ckpt")}}
+    return LandmarkIndex.from_embeddings(emb, ["a", "a", "b", "b"], model, representation="mean").save(folder / "idx")
+
+
+@pytest.mark.parametrize("extra, named", [
+    # Before: exit 0 and an export.json at the index's 64 px (the option was ignored).
+    (["--image-size", "32"], "--image-size: an index's model keeps the image size it was built with"),
+    # Before: "<out>: File exists".
+    (["--out", "{tmp}/afile"], "--out {tmp}/afile: exists and is not a folder"),
+    # Before: "index directory not found: <file>".
+    (["--index", "{tmp}/afile"], "{tmp}/afile is a file, not an index folder"),
+    # Before: "pass the checkpoint explicitly", which --index does not allow.
+    ([], "gone.ckpt, which is gone; export the checkpoint with --checkpoint PATH instead of --index, "
+         "or rebuild the index"),
+])
+def test_export_from_an_index_mistakes_are_one_line(extra, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LANDMARKS_DEBUG", raising=False)
+    (tmp_path / "afile").write_text("not a folder\n")
+    argv = ["export", "--index", str(_checkpoint_index(tmp_path)), "--out", str(tmp_path / "exp"),
+            "--format", "torchscript"]
+    for i in range(0, len(extra), 2):  # the case's option replaces the default one
+        value = extra[i + 1].format(tmp=tmp_path)
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = value
+        else:
+            argv += [extra[i], value]
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    _assert_one_line("export", code, out, err, named.format(tmp=tmp_path))
+    assert not (tmp_path / "exp").exists()

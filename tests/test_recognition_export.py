@@ -78,3 +78,19 @@ def test_a_wrong_export_is_caught_and_removed(small_model, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="differs from the eager model"):
         export_model(small_model, tmp_path, formats=["torchscript"])
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_the_export_command_logs_its_files_only_with_verbose(small_model, tmp_path, monkeypatch, capsys):
+    """Without -v, stderr repeated stdout's table as ``INFO recognition.export: exported torchscript: ...``."""
+    import retrieval.embedding_model
+    from cli.main import main
+
+    monkeypatch.setattr(retrieval.embedding_model, "load_embedding_model", lambda **kwargs: small_model)
+    argv = ["export", "--backbone", "test_efficientnet", "--format", "torchscript", "--out"]
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "quiet")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("torchscript ") and "quiet/model.pt" in out
+    assert err == ""
+    assert main(["-v", *argv, str(tmp_path / "loud")]) == 0
+    assert "INFO recognition.export: exported torchscript: " in capsys.readouterr().err

@@ -249,6 +249,48 @@ def test_artifact_version_and_corruption_errors(tmp_path, gallery):
         LandmarkIndex.load(tmp_path)
 
 
+def _drop(entry, *keys):
+    for key in keys:
+        del entry[key]
+
+
+@pytest.mark.parametrize("edit, named", [
+    # Before: a KeyError traceback in the recognizer's decision, after the table header was printed.
+    (lambda lms, head: _drop(lms[1], "name", "city"), r"landmarks.json: landmark 1 \('B'\): no 'name'"),
+    (lambda lms, head: lms[0].update(city=7), r"landmark 0 \('A'\): 'city' must be a string or null, got 7"),
+    # Before: ValueError: could not convert string to float, in the recognizer.
+    (lambda lms, head: lms[2].update(lat="abc"), r"landmark 2 \('C'\): 'lat' must be a number in \[-90, 90\] "
+                                                 r"or null, got 'abc'"),
+    (lambda lms, head: lms[0].update(lon=200.0), r"'lon' must be a number in \[-180, 180\] or null, got 200.0"),
+    (lambda lms, head: lms[1].update(landmark_id=""), r"landmark 1: 'landmark_id' must be a non-empty string"),
+    (lambda lms, head: lms[1].update(landmark_id=5), r"landmark 1: 'landmark_id' must be a non-empty string, got 5"),
+    # Before: loaded silently, and albums merged the landmarks that share an id.
+    (lambda lms, head: [lm.update(landmark_id="A") for lm in lms],
+     r"landmark 1 \('A'\): 'landmark_id' repeats landmark 0; each landmark needs its own id"),
+    # Before: ValueError: invalid literal for int(), when the recognizer or export loaded the model.
+    (lambda lms, head: head["model"]["identity"].update(image_size="abc"),
+     r"index.json: model.identity.image_size must be a positive integer, got 'abc'"),
+    (lambda lms, head: head["model"]["identity"].update(image_size=0), r"image_size must be a positive integer"),
+])
+def test_a_hand_edited_index_is_refused_at_load_naming_the_entry_and_key(tmp_path, gallery, edit, named):
+    emb, ids = gallery
+    meta = {"A": {"name": "Alpha", "city": "X", "lat": 1.5, "lon": 2.5}}
+    out = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL, meta).save(tmp_path / "idx")
+    landmarks = json.loads((out / "landmarks.json").read_text())
+    header = json.loads((out / "index.json").read_text())
+    edit(landmarks, header)
+    (out / "landmarks.json").write_text(json.dumps(landmarks))
+    (out / "index.json").write_text(json.dumps(header))
+    with pytest.raises(IndexFormatError, match=named):
+        LandmarkIndex.load(out)
+
+
+def test_a_file_given_as_an_index_is_named_as_a_file(tmp_path):
+    (tmp_path / "idx.txt").write_text("not an index\n")
+    with pytest.raises(IndexFormatError, match=r"idx.txt is a file, not an index folder"):
+        LandmarkIndex.load(tmp_path / "idx.txt")
+
+
 def test_model_mismatch_is_refused(gallery):
     emb, ids = gallery
     index = LandmarkIndex.from_centroids(build_representation(emb, ids, "mean"), MODEL)
