@@ -92,6 +92,16 @@ def _photos_below(folder: pathlib.Path) -> list[str]:
     return sorted(found)
 
 
+def _why_unreadable(path: str) -> str:
+    """The decoder's reason a photo is unreadable ("empty file", "file not found", "cannot decode
+    ..."), read again for the few photos the embedding cache only marks as unreadable."""
+    try:
+        load_rgb(path, max_side=64)
+    except UnreadableImage as err:
+        return str(err)
+    return f"{path}: unreadable image"
+
+
 def expand_paths(items: Iterable[str | os.PathLike]) -> list[str]:
     """Files, folders (photos below them, sorted; see :func:`_photos_below`) and list files
     (``.txt``/``.lst``: one path per line, ``#`` comments and blank lines ignored).
@@ -378,8 +388,9 @@ class Recognizer:
                 if i in decided:
                     yield decided[i]
                 else:
-                    log.warning("unreadable image: %s", paths[i])
-                    yield Recognition(path=paths[i], error=f"{paths[i]}: unreadable image")
+                    reason = _why_unreadable(paths[i])
+                    log.warning("unreadable image: %s", reason)
+                    yield Recognition(path=paths[i], error=reason)
             if bar is not None:
                 bar.update(len(batch))
 

@@ -506,3 +506,13 @@ def test_albums_recognise_a_repeated_photo_once(stub_recognizer, tmp_path, caplo
     assert json.loads((out / "albums.json").read_text())["counts"]["photos"] == 3
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "2 repeated photo(s) left out: each photo is recognised once"]
+
+
+def test_with_a_cache_an_unreadable_photo_still_says_why(built_index, tmp_path, capsys):
+    """Before: with --cache-dir every unreadable photo read only '<path>: unreadable image'."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not a photo\n")
+    rows = _recognize_json(capsys, built_index, tmp_path / "empty.jpg", tmp_path / "text.jpg",
+                           "--cache-dir", tmp_path / "cache", "--workers", "0")
+    assert rows[0]["error"] == f"{tmp_path / 'empty.jpg'}: empty file (0 bytes)"
+    assert rows[1]["error"] == f"{tmp_path / 'text.jpg'}: not an image Pillow can identify"
