@@ -33,6 +33,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     runner = SweepRunner(load_sweep(args.sweep_file), args.out, parallel=args.parallel,
                          sample_seed=args.sample_seed, count=args.count, threads=args.threads)
     if args.dry_run:
+        runner.preflight()  # the plan is shown only if it could be launched
         print(runner.describe())
         return 0
     outcomes = runner.run()

@@ -34,7 +34,9 @@ an error under a control. Written to the output folder:
 
 Skip policy: runs whose ``run.json`` status is not ``ok`` (failed, interrupted, not run yet) are
 left out, counted in the log and listed in ``summary.md``. A run folder without a metrics file,
-or without a requested metric, is an error naming the folder.
+or without a requested metric, is an error naming the folder; a metrics file that is not UTF-8,
+whose last line is incomplete (a run still writing, or killed mid-write) or whose final evaluation
+has an infinite value is an error naming the file.
 """
 
 from __future__ import annotations
@@ -149,29 +151,55 @@ def read_final_metrics(metrics_file: Path, stage: str = "val") -> tuple[dict[str
     accepted) must not be filled in from an earlier evaluation."""
     prefix = f"{stage}/"
     final: dict[str, float] = {}
+    where: dict[str, tuple[int, str]] = {}  # metric -> (line, column) of its final value
     epoch = None
     final_step = None
-    with open(metrics_file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c for c in (reader.fieldnames or []) if c.startswith(prefix)]
-        for line, row in enumerate(reader, start=2):
-            values = {}
-            for column in columns:
-                text = (row.get(column) or "").strip()
-                if not text:
-                    continue
-                try:
-                    values[column[len(prefix):]] = float(text)
-                except ValueError:
-                    raise CompareError(f"{metrics_file}: line {line}, column {column}: {text!r} is not a number") from None
-            if not values:
+    # Read here rather than with core.tables.read_text_csv: the checks below need the raw text (its
+    # last newline) and the line of every value, which a DataFrame does not keep.
+    try:
+        text = metrics_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CompareError(f"{metrics_file}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset "
+                           f"{err.start}); is it a Lightning metrics.csv?") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    while rows and not rows[-1]:  # blank lines at the end
+        rows.pop()
+    header = rows[0] if rows else []
+    # Lightning writes whole lines; a last one without its newline or short of fields was cut off
+    # mid-write, and its half-written number (0.9 → "0.") would be read as a real value.
+    if rows and (not text.endswith(("\n", "\r")) or len(rows[-1]) < len(header)):
+        raise CompareError(f"{metrics_file}: the last line is incomplete (no newline at its end, or fewer fields "
+                           "than the header): the run may still be running, or was killed while writing it")
+    columns = [(i, c) for i, c in enumerate(header) if c.startswith(prefix)]
+    step_at = header.index("step") if "step" in header else None
+    epoch_at = header.index("epoch") if "epoch" in header else None
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) > len(header):  # a value under no column: the file is not what Lightning writes
+            raise CompareError(f"{metrics_file}: line {line} has {len(row)} fields, the header {len(header)} "
+                               "(an unquoted comma, or lines of two files mixed?)")
+        values = {}
+        for i, column in columns:
+            cell = (row[i] if i < len(row) else "").strip()
+            if not cell:
                 continue
-            step = (row.get("step") or "").strip()
-            if step != final_step:  # a later evaluation replaces the earlier one's values
-                final, final_step = {}, step
-            final.update(values)
-            if (row.get("epoch") or "").strip():
-                epoch = int(float(row["epoch"]))
+            try:
+                values[column[len(prefix):]] = float(cell)
+            except ValueError:
+                raise CompareError(f"{metrics_file}: line {line}, column {column}: {cell!r} is not a number") from None
+        if not values:
+            continue
+        step = row[step_at].strip() if step_at is not None and step_at < len(row) else ""
+        if step != final_step:  # a later evaluation replaces the earlier one's values
+            final, where, final_step = {}, {}, step
+        final.update(values)
+        where.update({name: (line, prefix + name) for name in values})
+        if epoch_at is not None and epoch_at < len(row) and row[epoch_at].strip():
+            epoch = int(float(row[epoch_at]))
+    # NaN is a metric left undefined (reported as such); an infinite value has no mean to take.
+    for name, value in final.items():
+        if math.isinf(value):
+            line, column = where[name]
+            raise CompareError(f"{metrics_file}: line {line}, column {column}: {value} is not a finite number")
     return final, epoch
 
 
@@ -199,7 +227,7 @@ def flatten_settings(config: Any, prefix: str = "") -> dict[str, Any]:
 def _read_config(config_file: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise CompareError(f"{config_file}: cannot read it as YAML ({err})") from None
     if not isinstance(config, dict):
         raise CompareError(f"{config_file}: not a LightningCLI config (a mapping at the top)")
@@ -760,6 +788,8 @@ def compare(run_dirs: Sequence[str | Path] = (), sweep: str | Path | None = None
             raise CompareError("give --out DIR when comparing run folders (with --sweep the summary goes into the sweep)")
         out = sweep
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before any reading: the summary could not be written
+        raise CompareError(f"--out {out}: exists and is not a folder")
 
     runs: list[RunRecord] = []
     for d in dirs:

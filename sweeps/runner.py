@@ -38,6 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 
 from core.atomic import write_json_atomic
@@ -118,10 +119,73 @@ class SweepRunner:
             lines.append(f"        {shlex.join(self.command(run))}")
         return "\n".join(lines)
 
-    def _preflight(self) -> None:
+    def preflight(self) -> None:
+        """What would make runs fail or mislead, refused before any starts (``--dry-run`` too, as
+        it shows what would be launched): an ``--out`` that is a file, a missing program, and for a
+        ``landmarks`` command parameter values it cannot take and configuration files that are missing."""
+        if self.out.exists() and not self.out.is_dir():
+            raise SweepError(f"--out {self.out}: exists and is not a folder")
         program = self.spec.program
         if program and self.spec.uses_macro("program") and not (self.cwd / program).exists() and not shutil.which(program):
             raise SweepError(f"{self.spec.path}: program {program!r} does not exist (relative to {self.cwd})")
+        if self.spec.runs_landmarks():  # another program's parameters are its own business, as for the agent
+            self._check_landmarks_parameters()
+            self._check_command_config_files()
+
+    def _check_landmarks_parameters(self) -> None:
+        for name, parameter in self.spec.parameters.items():
+            if not parameter.discrete:  # distributions draw numbers
+                continue
+            where = f"{self.spec.path}: parameters.{name}"
+            for value in parameter.grid_values():
+                if name == "config" or name.startswith("config."):  # files (a slot's null: none)
+                    if value is None and name == "config":
+                        raise SweepError(f"{where}: value null would be passed as the text 'None'; give a config "
+                                         "file (null means no file only for a config.<slot> parameter)")
+                    files = value if isinstance(value, list) else [] if value is None else [value]
+                    if not all(isinstance(f, str) and f for f in files):
+                        raise SweepError(f"{where}: value {value!r} is not a config file path, a list of them, or null")
+                    for f in files:
+                        self._check_config_file(f, where)
+                elif value is None:
+                    # The agent prints null as the text None, which landmarks reads as a string.
+                    raise SweepError(f"{where}: value null would be passed as the text 'None'; give a value "
+                                     "(null is meaningful only for a config.<slot> parameter: no file)")
+                elif isinstance(value, (dict, list)):
+                    # Printed with Python's str ({'a': 1}), which is not what the option takes.
+                    raise SweepError(f"{where}: value {value!r} is not a single value (number, string, boolean); "
+                                     "put structured settings in a config file and select it with a config.<slot> "
+                                     "parameter")
+
+    def _check_command_config_files(self) -> None:
+        command = self.spec.command
+        for i, element in enumerate(command):
+            value = None
+            if element in ("--config", "-c") and i + 1 < len(command):
+                value = command[i + 1]
+            elif element.startswith("--config") and "=" in element:
+                option, value = element.split("=", 1)
+                if not (option == "--config" or option.startswith("--config.")):
+                    value = None
+            if value is None or "${" in value:  # an interpolation or a macro: not a path yet
+                continue
+            text = value.strip()
+            if text in ("", "None", "null", "~"):  # a slot with no file
+                continue
+            try:
+                files = yaml.safe_load(text) if text.startswith("[") else [text]
+            except yaml.YAMLError:
+                files = None
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                raise SweepError(f"{self.spec.path}: command: {element}: not a config file path or a list of them")
+            for f in files:
+                self._check_config_file(f, f"{self.spec.path}: command: {element}")
+
+    def _check_config_file(self, file: str, where: str) -> None:
+        path = self.cwd / file  # runs start in cwd, so their relative paths are relative to it
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise SweepError(f"{where}: config file {file!r} {what} (relative to {self.cwd})")
 
     # ---- running -----------------------------------------------------------------------------
 
@@ -211,7 +275,7 @@ class SweepRunner:
                     os.killpg(proc.pid, signal.SIGKILL)
 
     def run(self) -> list[RunOutcome]:
-        self._preflight()
+        self.preflight()
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / ".sweep.lock", "w") as lock:
             try:

@@ -22,6 +22,8 @@ online. What the local runner understands:
   ``${args_append_hydra}``, ``${args_override_hydra}``. Values are printed with Python's
   ``str`` like the agent does. An element that merely contains ``${...}`` (an OmegaConf
   interpolation such as ``--data.seed=${seed_everything}``) is passed on unchanged, as by the agent.
+  The command must use one of the ``${args...}`` macros: they are the only way the local runner
+  passes the parameters.
 * ``count`` (local; the agent's ``--count``) or ``run_cap`` (wandb's cap on a sweep's runs):
   how many runs ``random`` draws, or a cap on a grid.
 * ``name``, ``description``, ``metric``, ``project``, ``entity`` are accepted (for wandb) and
@@ -330,6 +332,17 @@ class SweepSpec:
     def uses_macro(self, macro: str) -> bool:
         return "${" + macro + "}" in self.command
 
+    def runs_landmarks(self) -> bool:
+        """Whether the command starts ``landmarks`` (by name, or ``python -m cli.main``): only then
+        do its parameters mean LightningCLI keys and ``config.<slot>`` configuration files."""
+        head = []
+        for element in self.command:  # the program part: what comes before the first option or ${args}
+            if element.startswith("--") or (element.startswith("${") and element[2:-1] in ARGS_MACROS):
+                break
+            head.append(self.program if element == "${program}" and self.program else element)
+        return (any(Path(e).name == "landmarks" for e in head)
+                or any(a == "-m" and b == "cli.main" for a, b in zip(head, head[1:])))
+
 
 def _macro_values(params: dict[str, Any]) -> dict[str, list[str]]:
     """The agent's argument formats (wandb.sdk.launch.sweeps.utils.create_sweep_command_args)."""
@@ -391,6 +404,13 @@ def parse_sweep(raw: Any, path: str | Path = "<sweep>") -> SweepSpec:
             raise SweepError(f"{path}: '{key}' must be a positive integer, got {value!r}")
     if count is not None and run_cap is not None and count != run_cap:
         raise SweepError(f"{path}: count ({count}) and run_cap ({run_cap}) disagree; give one")
+    if not any(f"${{{m}}}" in command for m in ARGS_MACROS):
+        # The local runner hands parameters to a run only through these macros (it has no wandb
+        # server for wandb.config), so without one every run would be the same command under
+        # different labels, and compare would report them as different configurations.
+        raise SweepError(f"{path}: command passes no parameters: it uses none of "
+                         f"{', '.join('${' + m + '}' for m in ARGS_MACROS)} (wandb's default command ends with "
+                         "${args}), so every run would run the same command")
     return SweepSpec(path=path, method=method, parameters=parameters, command=command, program=program,
                      count=count if count is not None else run_cap, name=raw.get("name"), raw=raw)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -261,6 +262,71 @@ def test_sweep_command_line_dry_run_runs_nothing(tmp_path, monkeypatch, capsys):
     assert "nope.yaml: cannot read the sweep file" in capsys.readouterr().err
 
 
+def _smoke_variant(tmp_path: Path, old: str, new: str) -> Path:
+    """experiments/sweeps/smoke.yaml with one piece of text replaced (which must be there)."""
+    text = (ROOT / "experiments" / "sweeps" / "smoke.yaml").read_text()
+    assert old in text
+    path = tmp_path / "variant.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_sweep_command_without_the_parameters_is_refused(tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.chdir(ROOT)
+    path = _smoke_variant(tmp_path, "  - ${args}\n", "")
+    # Four runs of one identical command, labelled as four configurations: refused.
+    assert main(["sweep", str(path), "--out", str(tmp_path / "d"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"landmarks sweep: error: {path}: command passes no parameters: "
+                                                    "it uses none of ${args}, ${args_no_hyphens}")
+    # parse_sweep refuses it too (also a command with only a constant parameter).
+    with pytest.raises(SweepError, match=r"command passes no parameters"):
+        parse_sweep({"method": "grid", "command": ["prog", "--x=1"], "parameters": {"a": {"value": 1}}})
+    assert parse_sweep({"method": "grid", "command": ["prog", "${args_json_file}"], "parameters": {"a": {"value": 1}}})
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("experiments/contrastive.yaml", "experiments/nope.yaml",
+     r"parameters.config.loss: config file 'experiments/nope.yaml' does not exist \(relative to "),
+    ("experiments/contrastive.yaml", "[experiments/contrastive.yaml, experiments]",
+     r"parameters.config.loss: config file 'experiments' is not a file"),
+    ("--config=experiments/demo.yaml", "--config=experiments/demoo.yaml",
+     r"command: --config=experiments/demoo.yaml: config file 'experiments/demoo.yaml' does not exist"),
+    ("values: [0, 1]", "values: [0, {a: 1}, [2, 3]]",
+     r"parameters.seed_everything: value \{'a': 1\} is not a single value \(number, string, boolean\)"),
+    ("values: [0, 1]", "values: [0, [2, 3]]", r"parameters.seed_everything: value \[2, 3\] is not a single value"),
+    ("values: [0, 1]", "values: [0, null]",
+     r"parameters.seed_everything: value null would be passed as the text 'None'"),
+])
+def test_sweep_dry_run_refuses_what_landmarks_could_not_run(old, new, message, tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.chdir(ROOT)  # the sweep's paths are relative to where it starts
+    path = _smoke_variant(tmp_path, old, new)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "d"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"landmarks sweep: error: {path}: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "d").exists()
+
+
+def test_sweep_out_that_is_a_file_is_refused_and_null_config_slots_are_no_file(tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "file").write_text("x")
+    for dry_run in (["--dry-run"], []):
+        assert main(["sweep", "experiments/sweeps/smoke.yaml", "--out", str(tmp_path / "file"), *dry_run]) == 2
+        assert capsys.readouterr().err == f"landmarks sweep: error: --out {tmp_path / 'file'}: exists and is not a folder\n"
+    # A config slot's null (no file) and lists of existing files are what they should be.
+    path = _smoke_variant(tmp_path, "[experiments/center.yaml, experiments/contrastive.yaml]",
+                          "[experiments/center.yaml, null, [experiments/contrastive.yaml, experiments/curriculum.yaml]]")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "d"), "--dry-run"]) == 0
+    assert "6 runs" in capsys.readouterr().out
+
+
 # ---- compare, from hand-written CSV logs -------------------------------------------------------
 
 
@@ -375,6 +441,56 @@ def test_compare_errors_name_the_folder(tmp_path):
     _hand_run(only_failed, "f", {"seed_everything": 0}, None, status="failed")
     with pytest.raises(CompareError, match=r"no finished run to compare \(1 left out: f: status 'failed'"):
         compare(sweep=only_failed)
+
+
+def _compare_error(args: list[str], capsys) -> str:
+    from cli.main import main
+
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("landmarks compare: error: "), err
+    return err[len("landmarks compare: error: "):].rstrip("\n")
+
+
+def test_compare_refuses_an_infinite_value_naming_file_line_and_column(tmp_path, capsys):
+    good = _hand_run(tmp_path, "r0", {"seed_everything": 0}, 0.3)
+    bad = _hand_run(tmp_path, "r1", {"seed_everything": 1}, float("inf"))
+    assert _compare_error([str(good), str(bad), "--out", str(tmp_path / "o")], capsys) == (
+        f"{bad}/csv/version_0/metrics.csv: line 4, column val/recall@fpr=1e-03: inf is not a finite number")
+    assert not (tmp_path / "o").exists()
+    # An infinite value in an earlier evaluation is not the run's result: not an error.
+    early = _hand_run(tmp_path, "r2", {"seed_everything": 2}, 0.4, extra_rows=[[1, 20, "", "-inf", "", ""]])
+    compare([good, early], out=tmp_path / "o")
+
+
+def test_compare_refuses_a_metrics_file_cut_short(tmp_path, capsys):
+    good = _hand_run(tmp_path, "r0", {"seed_everything": 0}, 0.3)
+    for name, cut in (("nonewline", "1,19,,0.9,0.45,0."), ("short", "1,19,,0.9\n")):
+        run = _hand_run(tmp_path, name, {"seed_everything": 1}, 0.3)
+        metrics = run / "csv" / "version_0" / "metrics.csv"
+        metrics.write_text(metrics.read_text() + cut)  # a run killed while Lightning wrote this line
+        assert _compare_error([str(good), str(run), "--out", str(tmp_path / "o")], capsys) == (
+            f"{metrics}: the last line is incomplete (no newline at its end, or fewer fields than the header): "
+            "the run may still be running, or was killed while writing it")
+    extra = _hand_run(tmp_path, "extra", {"seed_everything": 1}, 0.3, extra_rows=[[1, 20, "", 0.2, 0.1, 0.3, "EXTRA"]])
+    assert _compare_error([str(good), str(extra), "--out", str(tmp_path / "o")], capsys) == (
+        f"{extra}/csv/version_0/metrics.csv: line 4 has 7 fields, the header 6 (an unquoted comma, or lines of two "
+        "files mixed?)")
+
+
+def test_compare_names_a_metrics_file_that_is_not_text(tmp_path, capsys):
+    run = _hand_run(tmp_path, "bin0", {"seed_everything": 0}, 0.3)
+    metrics = run / "csv" / "version_0" / "metrics.csv"
+    metrics.write_bytes(b"epoch,step\n\xff\xfe\x00garbage\x9c\n")
+    assert _compare_error([str(run), "--out", str(tmp_path / "o")], capsys) == (
+        f"{metrics}: not a UTF-8 text file (byte 0xff at offset 11); is it a Lightning metrics.csv?")
+
+
+def test_compare_out_that_is_a_file_is_refused_before_reading(tmp_path, capsys):
+    (tmp_path / "outfile").write_text("x")
+    unreadable = tmp_path / "no_such_run"  # not read: --out is checked first
+    assert _compare_error([str(unreadable), "--out", str(tmp_path / "outfile")], capsys) == (
+        f"--out {tmp_path / 'outfile'}: exists and is not a folder")
 
 
 def test_paired_differences_against_a_control_match_hand_values(tmp_path, caplog):
