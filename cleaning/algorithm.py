@@ -59,7 +59,7 @@ __all__ = ["REASONS", "CleaningParams", "CleaningResult", "LandmarkClusters", "c
            "embedding_scale", "label_agreement"]
 
 #: Reason codes, in order of precedence (the first that applies is reported).
-REASONS = ("unreadable", "landmark_dropped", "small_cluster", "other_landmark", "near_nonlandmark", "neighbour_evidence")
+REASONS = ("repeated_row", "unreadable", "landmark_dropped", "small_cluster", "other_landmark", "near_nonlandmark", "neighbour_evidence")
 
 # Parameters in the embedding's units under ``units="relative"``: cosine distances, and margins
 # between cosine similarities (see CleaningParams.resolved).
@@ -77,6 +77,8 @@ _AGREEMENT_MIN_QUERIES = 2000
 
 # Rows whose norm is below this are "no embedding" (embed_paths writes all-zero rows for them).
 _ZERO_NORM = 1e-12
+# Rows are normalised in float32 (FAISS), squares summed: a squared norm above this overflows.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Landmarks are handed to worker processes in batches of at least this many rows (fewer IPC
 # round trips for the long tail of tiny classes).
 _TASK_ROWS = 4096
@@ -741,6 +743,12 @@ def _check_inputs(embeddings: np.ndarray, landmark_ids: Sequence[str], valid: np
             rows = s + np.flatnonzero(bad)
             raise ValueError(f"{what}: row {rows[0]} has NaN or inf values ({len(rows)} such rows from row {s} on); "
                              "unreadable images must have valid=False (or an all-zero row), never NaN")
+        # Normalised in float32, such a row's squared norm becomes inf and the row all zeros.
+        huge = (sq > _FLOAT32_MAX) & valid[s:s + len(block)]
+        if huge.any():
+            rows = s + np.flatnonzero(huge)
+            raise ValueError(f"{what}: row {rows[0]} has a norm of {math.sqrt(sq[rows[0] - s]):.3g}, too large to "
+                             f"normalise in float32 ({len(rows)} such rows from row {s} on); scale the embeddings down")
         valid[s:s + len(block)] &= sq > _ZERO_NORM
     return ids, valid
 
@@ -758,6 +766,7 @@ def clean_embeddings(
     *,
     valid: np.ndarray | None = None,
     nonlandmark_embeddings: np.ndarray | None = None,
+    repeated: np.ndarray | None = None,
     n_jobs: int = 1,
     progress: bool = False,
     force: bool = False,
@@ -773,6 +782,11 @@ def clean_embeddings(
             invalid too. Invalid rows are removed with reason ``unreadable``.
         nonlandmark_embeddings: ``[m, d]`` embeddings of a non-landmark pool (all-zero rows are
             skipped) for step 4.
+        repeated: True for rows that repeat an earlier row's photo under the same landmark
+            (:func:`datamodules.manifest.repeated_rows`). They are removed (``repeated_row``) and
+            left out of everything measured or clustered, whatever the model: a thousand copies
+            of one photo would otherwise agree with each other and pass a weak model as a
+            strong one.
         n_jobs: worker processes for the per-landmark clustering (1 = in this process).
         progress: tqdm bars.
         force: apply the decisions even when the model is too weak to clean with (its
@@ -785,14 +799,23 @@ def clean_embeddings(
     """
     asked = params or CleaningParams()
     ids, valid = _check_inputs(embeddings, landmark_ids, valid)
+    if repeated is not None:
+        repeated = np.asarray(repeated, dtype=bool)
+        if repeated.shape != valid.shape:
+            raise ValueError(f"repeated has shape {repeated.shape}, expected {valid.shape}")
+        valid &= ~repeated  # out of the scale, the agreement and every step, like an unreadable row
+    if not valid.any():
+        # Removing every row as unreadable would empty the DB; the embeddings are at fault.
+        raise ValueError("embeddings: no readable rows: every row is all-zero (no embedding) or unreadable; "
+                         "nothing to clean with")
     by = _group_by_landmark(ids, valid)
-    state = _RowState.start(valid)
+    state = _RowState.start(valid, repeated)
     log.info("cleaning %d rows of %d landmarks (%d unreadable)", len(ids), len(by.uniques), int((~valid).sum()))
     scale = embedding_scale(embeddings, by.codes, valid)
     agreement = label_agreement(embeddings, by.codes, valid, asked)
     if asked.units == "relative" and not math.isfinite(scale):
-        raise ValueError("units='relative' needs readable images of two landmarks to measure the embedding's "
-                         "scale; give absolute parameters (units='absolute')")
+        raise ValueError("relative units (the default) need the embedding's scale, measured on readable images of "
+                         "two landmarks; give absolute parameters (units='absolute')")
     params = asked.resolved(scale)
     log.info("embedding scale (median cosine distance between landmarks) %.4f; nearest-neighbour label agreement %.3f",
              scale, agreement)
@@ -817,19 +840,21 @@ def clean_embeddings(
         log.info("evidence rule (image neighbours): %.1f s", time.perf_counter() - tick)
     result = _result(params, ids, by, group, state, landmarks, duplicate_groups, duplicate_pairs, per_landmark)
     result.asked_params, result.scale = asked, scale
+    # An undefined agreement (no landmark has two readable photos) is no evidence that the model
+    # separates anything: weak, so a DB of one photo per landmark is not emptied unchecked.
     result.separability = {"label_agreement": None if math.isnan(agreement) else round(agreement, 4),
                            "floor": asked.min_separability,
-                           "weak": bool(math.isfinite(agreement) and agreement < asked.min_separability)}
+                           "weak": bool(not math.isfinite(agreement) or agreement < asked.min_separability)}
     if result.separability["weak"] and not force:
         return _withheld(result, valid)
     return result
 
 
 def _withheld(proposed: CleaningResult, valid: np.ndarray) -> CleaningResult:
-    """What a too-weak model's cleaning applies: nothing but the unreadable rows' removal (the
-    decisions it would have made stay in ``proposed``)."""
+    """What a too-weak model's cleaning applies: nothing but the removal of unreadable and repeated
+    rows (the decisions it would have made stay in ``proposed``)."""
     n = len(valid)
-    reason_code = np.where(valid, "", "unreadable").astype(object)
+    reason_code = np.where(valid, "", proposed.reason_code).astype(object)
     reason = np.where(valid, "", proposed.reason).astype(object)
     landmarks = {lid: {**info, "kept": info["readable"], "dropped": False, "duplicate_of": ""}
                  for lid, info in proposed.landmarks.items()}
@@ -860,8 +885,9 @@ class _RowState:
     nl_sim: np.ndarray
 
     @classmethod
-    def start(cls, valid: np.ndarray) -> "_RowState":
-        """Readable rows kept, unreadable ones removed (``unreadable``), no evidence yet."""
+    def start(cls, valid: np.ndarray, repeated: np.ndarray | None = None) -> "_RowState":
+        """Readable rows kept, unreadable (``unreadable``) and repeated (``repeated_row``) ones
+        removed, no evidence yet."""
         n = len(valid)
         state = cls(
             keep=valid.copy(), reason_code=np.full(n, "", dtype=object), reason=np.full(n, "", dtype=object),
@@ -872,6 +898,9 @@ class _RowState:
         )
         state.reason_code[~valid] = "unreadable"
         state.reason[~valid] = "unreadable: the image could not be decoded (no embedding)"
+        if repeated is not None:
+            state.reason_code[repeated] = "repeated_row"
+            state.reason[repeated] = "repeated_row: repeats an earlier row's path and landmark_id"
         return state
 
 

@@ -8,7 +8,7 @@ multi-GPU), or from a precomputed ``.npy``. The decisions are :mod:`cleaning.alg
 relative to the output folder so the file works from there) plus:
 
 * ``decision`` — ``keep`` or ``remove`` (``LandmarkDataModule`` drops ``remove`` rows);
-* ``reason`` — empty for kept rows, else ``<code>: <details>`` (codes: unreadable,
+* ``reason`` — empty for kept rows, else ``<code>: <details>`` (codes: repeated_row, unreadable,
   landmark_dropped, small_cluster, other_landmark, near_nonlandmark, neighbour_evidence);
 * ``cluster`` — the row's kept cluster within its landmark (0 = largest), -1 if none;
 * ``duplicate_of`` — for landmarks found to be duplicates, the id of their group (else empty);
@@ -23,8 +23,10 @@ The input manifest is never modified; outputs are written atomically.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -32,9 +34,11 @@ from typing import Literal
 import numpy as np
 
 from cleaning.algorithm import CleaningParams, CleaningResult, clean_embeddings
-from cleaning.truth import score_against_truth
+from cleaning.truth import check_truth, score_against_truth
 from core.atomic import write_json_atomic
-from datamodules.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from datamodules.manifest import Manifest, ManifestError, read_manifest, repeated_rows, write_manifest
+
+log = logging.getLogger(__name__)
 
 __all__ = ["OUTPUT_COLUMNS", "PARAM_HELP", "clean_manifest"]
 
@@ -84,10 +88,18 @@ def _sha256(path: str | os.PathLike) -> str:
 
 def _load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot be read ({err.strerror or err})") from err
+    if magic != b"\x93NUMPY":
+        # np.load takes anything else for a pickle and says so, which misleads about a CSV or text file.
+        raise ValueError(f"{what} {path}: not a .npy array file (save one with numpy.save)")
+    try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{what} {path}: not a readable .npy array without pickle ({err})") from err
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+    if array.ndim != 2 or array.shape[1] == 0 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{what} {path}: expected a 2-D float array [rows, dim], got {array.dtype} {array.shape}")
     return array
 
@@ -151,10 +163,10 @@ def _read_input_manifest(manifest_path: Path, out_dir: Path, extra_columns: Lite
 def _precomputed_embeddings(data: Manifest, pool: Manifest | None, embeddings: str, embedding_paths: str | None,
                             nonlandmark_embeddings: str | None) -> tuple[np.ndarray, None, np.ndarray | None, dict]:
     """``(embeddings, valid, pool embeddings, model info)`` from ``.npy`` files, in manifest order."""
-    emb = _align_embeddings(data, _load_npy(embeddings, "embeddings"), str(embeddings), embedding_paths)
+    emb = _align_embeddings(data, _load_npy(embeddings, "--embeddings"), str(embeddings), embedding_paths)
     pool_emb = None
     if pool is not None:
-        pool_emb = _load_npy(nonlandmark_embeddings, "non-landmark embeddings")
+        pool_emb = _load_npy(nonlandmark_embeddings, "--nonlandmark-embeddings")
         if len(pool_emb) != len(pool):
             raise ValueError(f"{nonlandmark_embeddings} has {len(pool_emb)} rows but {pool.source} has {len(pool)}")
     return emb, None, pool_emb, {"source": "embeddings", "path": str(embeddings), "sha256": _sha256(embeddings)}
@@ -187,18 +199,27 @@ def _model_embeddings(data: Manifest, pool: Manifest | None, out_dir: Path, *, c
 
 
 def _run_algorithm(data: Manifest, emb: np.ndarray, valid: np.ndarray | None, pool_emb: np.ndarray | None,
-                   params: CleaningParams, jobs: int | None, progress: bool, force: bool) -> CleaningResult:
-    """:func:`clean_embeddings`, its errors naming the manifest's line and file instead of a row."""
+                   params: CleaningParams, jobs: int | None, progress: bool, force: bool,
+                   source: str | None = None) -> CleaningResult:
+    """:func:`clean_embeddings`, its errors naming the manifest's line and file instead of a row
+    (and ``source``, the ``--embeddings`` file, instead of "embeddings")."""
     if jobs is None:
         jobs = (os.cpu_count() or 1) if len(data) >= 20000 else 1
+    repeated = repeated_rows(data)
+    if repeated.any():
+        log.warning("%s: %d row(s) repeat an earlier row's path and landmark_id (first at line %d); they are "
+                    "removed (repeated_row) and left out of the measures and the clustering", data.source,
+                    int(repeated.sum()), int(data.lines[repeated][0]))
     try:
         return clean_embeddings(emb, data.landmark_ids, params, valid=valid, nonlandmark_embeddings=pool_emb,
-                                n_jobs=jobs, progress=progress, force=force)
+                                repeated=repeated, n_jobs=jobs, progress=progress, force=force)
     except ValueError as err:
         # The algorithm names rows; users need the manifest's lines and files.
         message = str(err)
-        if message.startswith("embeddings: row "):
-            row = int(message.split()[2])
+        row = int(message.split()[2]) if message.startswith("embeddings: row ") else None
+        if message.startswith("embeddings: ") and source is not None:
+            message = f"--embeddings {source}: {message.removeprefix('embeddings: ')}"
+        if row is not None:
             message = f"{data.source}: line {data.lines[row]} ({data.paths[row]}): {message}"
         raise ValueError(message) from err
 
@@ -273,6 +294,18 @@ def _write_report_page(out_dir: Path, manifest_path: Path, data: Manifest, pool:
                  max_landmarks=report_landmarks, progress=progress)
 
 
+def _remove_previous_report(out_dir: Path) -> None:
+    """Without a report, an earlier run's ``report.html`` and ``thumbs/`` in ``out_dir`` would
+    contradict this run's ``clean.csv`` and ``summary.json``: remove them (those names only)."""
+    page, thumbs = out_dir / "report.html", out_dir / "thumbs"
+    if page.is_file() or page.is_symlink():
+        page.unlink()
+    if thumbs.is_symlink():
+        thumbs.unlink()
+    elif thumbs.is_dir():
+        shutil.rmtree(thumbs)
+
+
 def clean_manifest(
     manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -316,6 +349,7 @@ def clean_manifest(
     manifest_path = Path(manifest)
     out_dir = Path(out_dir)
     data = _read_input_manifest(manifest_path, out_dir, extra_columns)
+    check_truth(data)  # a bad ground truth is refused before any embedding, not after the cleaning
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
     input_sha = _sha256(manifest_path)
 
@@ -332,7 +366,8 @@ def clean_manifest(
             return None  # another DDP rank: rank 0 writes the outputs
         emb, valid, pool_emb, model_info = embedded
 
-    result = _run_algorithm(data, emb, valid, pool_emb, params, jobs, progress, force)
+    result = _run_algorithm(data, emb, valid, pool_emb, params, jobs, progress, force,
+                            None if embeddings is None else str(embeddings))
     _write_clean_csv(data, result, manifest_path, out_dir)
     if _sha256(manifest_path) != input_sha:
         raise RuntimeError(f"{manifest_path} changed while it was being cleaned")
@@ -340,4 +375,6 @@ def clean_manifest(
     write_json_atomic(out_dir / "summary.json", summary, newline=False, allow_nan=False)
     if report:
         _write_report_page(out_dir, manifest_path, data, pool, result, summary, report_landmarks, progress)
+    else:
+        _remove_previous_report(out_dir)
     return result

@@ -30,6 +30,7 @@ import numpy as np
 from cleaning.algorithm import _mean_top
 from core.atomic import atomic_path, write_json_atomic
 from core.errors import UserError
+from core.tables import json_number
 
 __all__ = ["evidence_scores", "precision_at_recall", "precision_recall_curve", "separability_analysis"]
 
@@ -118,15 +119,20 @@ def separability_analysis(
     operating points. Writes ``out/separability.json`` and ``out/separability.png``; returns the
     JSON's content.
     """
-    from cleaning.truth import noise_flags
+    from cleaning.truth import check_truth
     from datamodules.manifest import read_manifest
 
     if not models:
         raise UserError("give at least one model (NAME=CHECKPOINT)")
     data = read_manifest(manifest)
-    if "is_noise" not in data.table.columns:
+    is_noise = check_truth(data)
+    if is_noise is None:
         raise UserError(f"{manifest}: no is_noise column; this analysis needs the ground truth")
-    is_noise = noise_flags(data.table["is_noise"])
+    # Precision and recall of removal need noisy rows, and a ceiling on separating them clean ones:
+    # refused here, before any model is loaded.
+    if is_noise.all() or not is_noise.any():
+        raise UserError(f"{manifest}: every row has is_noise {int(is_noise[0])}: no "
+                        f"{'clean' if is_noise.all() else 'noisy'} rows; this analysis needs both")
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore")
     results, curves = {}, {}
     for name, checkpoint in models.items():
@@ -138,8 +144,8 @@ def separability_analysis(
             "model": checkpoint,
             f"precision_at_recall_{recall:g}": round(precision_at_recall(scores["evidence"], is_noise, recall), 4),
             "best_f1": round(float(f1.max()), 4),
-            "median_own_similarity": {"clean": round(float(np.median(scores["own"][~is_noise])), 4),
-                                      "noise": round(float(np.median(scores["own"][is_noise])), 4)},
+            "median_own_similarity": {"clean": json_number(float(np.median(scores["own"][~is_noise])), 4),
+                                      "noise": json_number(float(np.median(scores["own"][is_noise])), 4)},
         }
         curves[name] = (achieved, precision)
     points, decided_scores = {}, {}
@@ -156,7 +162,7 @@ def separability_analysis(
     out.mkdir(parents=True, exist_ok=True)
     payload = {"manifest": str(manifest), "noise_rows": int(is_noise.sum()), "rows": len(is_noise),
                "score": "max(other3, pool1) - own3", "models": results, "decisions": decided_scores}
-    write_json_atomic(out / "separability.json", payload, indent=1, newline=False)
+    write_json_atomic(out / "separability.json", payload, indent=1, newline=False, allow_nan=False)
 
     import matplotlib
 

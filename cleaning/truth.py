@@ -13,15 +13,20 @@ The scores are written to JSON: a ratio with an empty denominator is undefined (
 
 from __future__ import annotations
 
+import re
 from itertools import combinations
 
 import numpy as np
 import pandas as pd
 
 from cleaning.algorithm import CleaningResult
+from core.errors import UserError
 from core.tables import json_number, ratio
+from datamodules.manifest import Manifest
 
-__all__ = ["noise_flags", "score_against_truth", "true_duplicate_pairs"]
+__all__ = ["check_truth", "noise_flags", "score_against_truth", "true_duplicate_pairs"]
+
+_FLOAT_FORM = re.compile(r"(-?\d+)\.0*")
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -34,6 +39,36 @@ def noise_flags(column: pd.Series) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise ValueError(f"is_noise must be 0/1, got {column.iloc[row]!r} in row {row}")
+    return text.isin(["1", "true"]).to_numpy()
+
+
+def check_truth(manifest: Manifest) -> np.ndarray | None:
+    """The manifest's ``is_noise`` flags (None without the column), its ground truth checked
+    where it is read, so a bad value is one error naming the file, line and column.
+
+    A ``true_landmark_id`` that names no landmark_id while its integer form does ('1010.0' for
+    '1010') is refused: the file went through a float column (pandas writes an integer column with
+    empty cells back as floats), and ids are text, so every duplicate pair would be scored as
+    wrong. It is not normalised silently: '1010.0' may be a real id elsewhere.
+    """
+    table = manifest.table
+    if "is_noise" not in table.columns:
+        return None
+    text = table["is_noise"].astype(str).str.strip().str.lower()
+    bad = np.flatnonzero(~text.isin(["0", "1", "true", "false"]).to_numpy())
+    if len(bad):
+        row = int(bad[0])
+        raise UserError(f"{manifest.source}: line {manifest.lines[row]}: column is_noise: "
+                        f"{table['is_noise'].iloc[row]!r} is not 0/1 (or true/false)")
+    if "true_landmark_id" in table.columns:
+        known = {str(i).strip() for i in manifest.landmark_ids or []}
+        for row, value in enumerate(table["true_landmark_id"].astype(str).str.strip()):
+            whole = _FLOAT_FORM.fullmatch(value)
+            if value and value not in known and whole and whole.group(1) in known:
+                raise UserError(
+                    f"{manifest.source}: line {manifest.lines[row]}: column true_landmark_id: {value!r} names no "
+                    f"landmark_id but {whole.group(1)!r} does; the file looks re-saved through a float column "
+                    "(e.g. by pandas): write the ids back as text")
     return text.isin(["1", "true"]).to_numpy()
 
 

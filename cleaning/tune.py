@@ -27,7 +27,7 @@ from dataclasses import fields, replace
 import numpy as np
 
 from cleaning.algorithm import CleaningParams, clean_embeddings
-from cleaning.truth import noise_flags, score_against_truth
+from cleaning.truth import check_truth, noise_flags, score_against_truth
 from core.atomic import write_json_atomic
 from core.errors import UserError
 from core.tables import json_number, ratio
@@ -53,9 +53,23 @@ def _pr(tp: int, fp: int, fn: int) -> tuple[float, float]:
     return ratio(tp, tp + fp), ratio(tp, tp + fn)
 
 
+def _value_fits(value, default) -> bool:
+    """Whether a grid value has the type of the parameter whose default is ``default``."""
+    if isinstance(value, bool):
+        return isinstance(default, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, int) and not isinstance(default, bool):
+        return isinstance(value, int)
+    return isinstance(value, (int, float))  # a float parameter (int accepted)
+
+
 def _checked_grid(grid: dict[str, list] | None) -> dict[str, list]:
-    """The grid to search (default :data:`DEFAULT_GRID`), every key a cleaning parameter."""
-    grid = dict(grid) if grid else dict(DEFAULT_GRID)
+    """The grid to search (default :data:`DEFAULT_GRID`), every key a cleaning parameter and every
+    value one it accepts (checked here: a bad one would otherwise fail mid-search, or at the end)."""
+    if grid is not None and not grid:
+        raise UserError("--grid: empty; give {param: [values]} (leave --grid out for the default grid)")
+    grid = dict(grid) if grid is not None else dict(DEFAULT_GRID)
     known = {f.name for f in fields(CleaningParams)}
     unknown = [key for key in grid if key not in known]
     if unknown:
@@ -63,6 +77,17 @@ def _checked_grid(grid: dict[str, list] | None) -> dict[str, list]:
     bad = [key for key, values in grid.items() if not isinstance(values, list) or not values]
     if bad:
         raise UserError(f"--grid: {bad[0]!r} needs a non-empty list of values")
+    base = CleaningParams()
+    optional = {f.name for f in fields(CleaningParams) if "None" in str(f.type)}
+    for key, values in grid.items():
+        for value in values:
+            if not (value is None and key in optional) and not _value_fits(value, getattr(base, key)):
+                raise UserError(f"--grid: {key}: {value!r} is not a {type(getattr(base, key)).__name__}"
+                                + (" or null" if key in optional else ""))
+            try:
+                CleaningParams(**{key: value})
+            except ValueError as err:
+                raise UserError(f"--grid: {key}: {value!r}: {err}") from None
     return grid
 
 
@@ -135,9 +160,15 @@ def tune_cleaning(
     if folds < 2:
         raise UserError(f"--folds must be >= 2, got {folds}")
     grid = _checked_grid(grid)
+    if out is not None and os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; give the JSON file to write")
     data = read_manifest(manifest)
-    if "is_noise" not in data.table.columns:
+    noise = check_truth(data)
+    if noise is None:
         raise UserError(f"{manifest}: no is_noise column; tuning needs the ground truth")
+    if noise.all() or not noise.any():
+        raise UserError(f"{manifest}: every row has is_noise {int(noise[0])}: no {'clean' if noise.all() else 'noisy'} "
+                        "rows to score the cleaning on (tuning needs both)")
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
     emb, pool_emb = _tuning_embeddings(data, pool, checkpoint, backbone, embeddings, nonlandmark_embeddings,
                                        image_size, cache_dir)

@@ -28,6 +28,16 @@ def _devices(value: str) -> int | str:
     return int(value) if str(value).isdigit() else value
 
 
+def _user_error(err: ValueError, units: str = "--units {}") -> UserError:
+    """A ValueError of the cleaning code as the user's one-line error. Those messages name the
+    units as the Python API spells them (``units='absolute'``); here the user typed a command,
+    whose way to give them is ``units`` (a format of the value)."""
+    if isinstance(err, UserError):
+        return err
+    message = str(err)
+    return UserError(message.replace("units='absolute'", units.format("absolute")))
+
+
 # ---- landmarks clean ----------------------------------------------------------------------------
 
 
@@ -96,9 +106,7 @@ def run_clean_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         # clean_manifest and CleaningParams report bad inputs (files, rows, parameter values) as
         # ValueErrors that name them: for this command they are the user's.
-        if isinstance(err, UserError):
-            raise
-        raise UserError(str(err)) from err
+        raise _user_error(err) from err
     if result is None:
         return 0
     counts = result.counts()
@@ -106,8 +114,11 @@ def run_clean_command(args: argparse.Namespace) -> int:
     agreement = result.separability.get("label_agreement")
     if not result.applied:
         would = result.proposed.counts()
-        print(f"landmarks clean: warning: the model is too weak to clean with: only {agreement:.2f} of the images "
-              f"have a nearest neighbour with their own label (floor {params.min_separability}); nothing was "
+        why = (f"only {agreement:.2f} of the images have a nearest neighbour with their own label (floor "
+               f"{params.min_separability})" if agreement is not None else
+               "its label agreement cannot be measured: no landmark has two readable photos to compare, so nothing "
+               "shows that it tells the landmarks apart")
+        print(f"landmarks clean: warning: the model is too weak to clean with: {why}; nothing was "
               f"removed (it would have removed {would['removed']} rows and merged {would['duplicate_groups']} "
               "duplicate group(s)). Clean with a trained model, or pass --force.")
     line = (f"landmarks clean: {counts['kept']} of {counts['rows']} rows kept, {counts['removed']} removed "
@@ -165,12 +176,17 @@ def run_clean_tune_command(args: argparse.Namespace) -> int:
 
     # The algorithm runs once per combination: its INFO lines would bury the counter and the table.
     with quieter("cleaning.algorithm", "retrieval.embed", verbose=getattr(args, "verbose", 0)):
-        result = tune_cleaning(
-            args.manifest, checkpoint=args.checkpoint, backbone=args.backbone, embeddings=args.embeddings,
-            nonlandmarks=args.nonlandmarks, nonlandmark_embeddings=args.nonlandmark_embeddings,
-            image_size=args.image_size, cache_dir=args.cache_dir, grid=_grid(args.grid), folds=args.folds,
-            seed=args.seed, target_precision=args.target_precision, target_recall=args.target_recall, out=args.out,
-        )
+        try:
+            result = tune_cleaning(
+                args.manifest, checkpoint=args.checkpoint, backbone=args.backbone, embeddings=args.embeddings,
+                nonlandmarks=args.nonlandmarks, nonlandmark_embeddings=args.nonlandmark_embeddings,
+                image_size=args.image_size, cache_dir=args.cache_dir, grid=_grid(args.grid), folds=args.folds,
+                seed=args.seed, target_precision=args.target_precision, target_recall=args.target_recall,
+                out=args.out,
+            )
+        except ValueError as err:
+            # As for clean: the cleaning code's ValueErrors name a bad input of this command.
+            raise _user_error(err, units='--grid \'{{"units": ["{}"], ...}}\'') from err
     truth = result["whole_database"]
     print(result["table"])
     print(f"\nchosen on all landmarks: {json.dumps(result['chosen'])}")

@@ -98,6 +98,11 @@ class Manifest:
         )
 
 
+def repeated_rows(manifest: Manifest) -> np.ndarray:
+    """True for each row that repeats an earlier row's path and landmark_id (see drop_repeated_rows)."""
+    return pd.DataFrame({"path": manifest.paths, "landmark_id": manifest.landmark_ids}).duplicated().to_numpy()
+
+
 def drop_repeated_rows(manifest: Manifest, counted: str) -> Manifest:
     """The manifest without rows that repeat an earlier row's photo and landmark, count logged.
 
@@ -106,7 +111,7 @@ def drop_repeated_rows(manifest: Manifest, counted: str) -> Manifest:
     evaluation (P@1, mAP@k). The same photo under two landmarks is kept: a photo may show both.
     ``counted`` ends the log line ("each photo is <counted> once").
     """
-    keep = ~pd.DataFrame({"path": manifest.paths, "landmark_id": manifest.landmark_ids}).duplicated().to_numpy()
+    keep = ~repeated_rows(manifest)
     if keep.all():
         return manifest
     log.warning("%s: %d row(s) repeat an earlier row's path and landmark_id (first at line %d); each photo is "

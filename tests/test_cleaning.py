@@ -633,3 +633,191 @@ def test_label_agreement_by_hand_and_its_sample_past_the_exact_budget(monkeypatc
     sampled = algorithm.label_agreement(emb, codes, valid, CleaningParams(), seed=1)
     assert sampled * 3 == pytest.approx(round(sampled * 3))  # a share of 3 queries
     assert sampled == algorithm.label_agreement(emb, codes, valid, CleaningParams(), seed=1)
+
+
+# ---- inputs that must not pass for something else (review of the cleaning commands) --------------
+
+
+def _small_db(tmp_path: Path, ids: list[str], name: str = "db.csv", **columns) -> Path:
+    """A manifest of ``ids`` with made-up paths (precomputed embeddings need no images)."""
+    path = tmp_path / name
+    paths = columns.pop("paths", [f"{i}.jpg" for i in range(len(ids))])
+    write_manifest(pd.DataFrame({"path": paths, "landmark_id": ids, **columns}), path)
+    return path
+
+
+def test_repeated_rows_are_removed_and_do_not_pass_a_weak_model(tmp_path, capsys):
+    """300 copies of one row agree with each other: counted, they lifted random embeddings past the
+    weak-model floor and the run removed most real rows. They are removed as repeated_row, and the
+    guard sees what it sees on the rows without them."""
+    from cli.main import main
+
+    rng = np.random.default_rng(21)
+    ids = [f"L{i % 6}" for i in range(48)]
+    emb = rng.standard_normal((48, D)).astype(np.float32)  # a weak model: no landmark structure
+    _small_db(tmp_path, ids, "plain.csv")
+    np.save(tmp_path / "plain.npy", emb)
+    _small_db(tmp_path, ids + [ids[0]] * 300, "repeated.csv",
+              paths=[f"{i}.jpg" for i in range(48)] + ["0.jpg"] * 300)
+    np.save(tmp_path / "repeated.npy", np.concatenate([emb, np.repeat(emb[:1], 300, axis=0)]))
+    for name in ("plain", "repeated"):
+        assert main(["clean", "--manifest", str(tmp_path / f"{name}.csv"), "--embeddings",
+                     str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / f"out_{name}"), "--no-report",
+                     "--no-progress"]) == 0
+    assert "too weak to clean with" in capsys.readouterr().out
+    plain_summary = json.loads((tmp_path / "out_plain" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out_repeated" / "summary.json").read_text())
+    assert summary["separability"] == plain_summary["separability"] and summary["applied"] is False
+    table = pd.read_csv(tmp_path / "out_repeated" / "clean.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 348  # one row per input row
+    assert table["decision"].iloc[:48].eq("keep").all()
+    assert table["decision"].iloc[48:].eq("remove").all()
+    assert table["reason"].iloc[48:].str.startswith("repeated_row: ").all()
+    assert summary["counts"]["removed_by_reason"] == {"repeated_row": 300}
+
+
+def test_a_db_of_one_photo_per_landmark_is_not_emptied(tmp_path, capsys):
+    """No landmark has two photos: the label agreement is undefined, which is no evidence of a
+    model that separates landmarks (every row used to be removed, exit 0)."""
+    from cli.main import main
+
+    db = _small_db(tmp_path, [f"L{i}" for i in range(8)])
+    np.save(tmp_path / "emb.npy", np.eye(D, dtype=np.float32)[:8])
+    assert main(["clean", "--manifest", str(db), "--embeddings", str(tmp_path / "emb.npy"), "--out",
+                 str(tmp_path / "out"), "--no-report", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "too weak to clean with: its label agreement cannot be measured: no landmark has two readable photos" in out
+    assert "8 of 8 rows kept" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["applied"] is False and summary["separability"]["label_agreement"] is None
+
+
+def _truth_db(tmp_path: Path, truth: list[str] | None = None, noise: list[str] | None = None,
+              ids: list[str] | None = None) -> tuple[Path, Path]:
+    """6 landmarks of 8 images on their own axis + 1 stray each (the noise), and their embeddings."""
+    rng = np.random.default_rng(12)
+    blocks, default_ids, default_noise = [], [], []
+    for k in range(6):
+        blocks += [_blob(_axis(k), 8, rng), _blob(_axis(8 + k), 1, rng)]
+        default_ids += [f"{1010 + k}"] * 9
+        default_noise += ["0"] * 8 + ["1"]
+    ids = ids or default_ids
+    noise = noise or default_noise
+    truth = truth or ["" if n == "1" else i for n, i in zip(noise, ids)]
+    np.save(tmp_path / "emb.npy", np.concatenate(blocks).astype(np.float32))
+    return _small_db(tmp_path, ids, is_noise=noise, true_landmark_id=truth), tmp_path / "emb.npy"
+
+
+def test_a_ground_truth_resaved_through_a_float_column_is_refused(tmp_path, capsys):
+    """pandas writes a true_landmark_id column with empty cells back as floats ('1010.0'): scored as
+    text, every true duplicate pair looked missed. Refused where the truth is read, naming the line."""
+    from cli.main import main
+
+    db, emb = _truth_db(tmp_path)
+    pd.read_csv(db).to_csv(tmp_path / "resaved.csv", index=False)
+    expected = (f"{tmp_path / 'resaved.csv'}: line 2: column true_landmark_id: '1010.0' names no landmark_id but "
+                "'1010' does; the file looks re-saved through a float column")
+    assert main(["clean", "--manifest", str(tmp_path / "resaved.csv"), "--embeddings", str(emb), "--out",
+                 str(tmp_path / "out"), "--no-report", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"landmarks clean: error: {expected}")
+    assert main(["clean-tune", "--manifest", str(tmp_path / "resaved.csv"), "--embeddings", str(emb)]) == 2
+    assert capsys.readouterr().err.startswith(f"landmarks clean-tune: error: {expected}")
+    # The file as written (ids as text) is scored.
+    assert main(["clean", "--manifest", str(db), "--embeddings", str(emb), "--out", str(tmp_path / "out"),
+                 "--no-report", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("one_landmark", "relative units (the default) need the embedding's scale, measured on readable images of two "
+                     "landmarks; give absolute parameters (--grid '{\"units\": [\"absolute\"], ...}')"),
+    ("is_noise_yes", "db.csv: line 2: column is_noise: 'yes' is not 0/1 (or true/false)"),
+    ("no_noise", "db.csv: every row has is_noise 0: no noisy rows to score the cleaning on"),
+    ("all_noise", "db.csv: every row has is_noise 1: no clean rows to score the cleaning on"),
+    ('{"distance_threshold": [-1]}', "--grid: distance_threshold: -1: invalid cleaning parameters: "
+                                     "distance_threshold must be in [0, inf], got -1"),
+    ('{"linkage": ["nope"]}', "--grid: linkage: 'nope': invalid cleaning parameters: unknown linkage 'nope'"),
+    ('{"distance_threshold": ["x"]}', "--grid: distance_threshold: 'x' is not a float"),
+    ('{"attach_distance": [true]}', "--grid: attach_distance: True is not a float or null"),
+    ("{}", "--grid: empty; give {param: [values]}"),
+    ("out_folder", "is a folder; give the JSON file to write"),
+])
+def test_clean_tune_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeypatch, case, expected):
+    from cleaning import tune
+    from cli.main import main
+
+    db, emb = _truth_db(tmp_path, ids=["1010"] * 54 if case == "one_landmark" else None,
+                        noise={"is_noise_yes": ["yes"] + ["0"] * 53, "no_noise": ["0"] * 54,
+                               "all_noise": ["1"] * 54}.get(case))
+    args = ["clean-tune", "--manifest", str(db), "--embeddings", str(emb)]
+    if case.startswith("{"):
+        args += ["--grid", case]
+        # Refused before any combination runs.
+        monkeypatch.setattr(tune, "_fold_scores", lambda *a, **k: pytest.fail("tuned with a bad grid"))
+    elif case == "out_folder":
+        args += ["--out", str(tmp_path), "--grid", '{"min_cluster_size": [3]}']
+        monkeypatch.setattr(tune, "_fold_scores", lambda *a, **k: pytest.fail("tuned before checking --out"))
+    else:
+        args += ["--grid", '{"min_cluster_size": [3]}']
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landmarks clean-tune: error: ") and expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("noise, expected", [
+    (["0"] * 8, "every row has is_noise 0: no noisy rows; this analysis needs both"),
+    (["1"] * 8, "every row has is_noise 1: no clean rows; this analysis needs both"),
+    (["yes"] + ["0"] * 7, "line 2: column is_noise: 'yes' is not 0/1 (or true/false)"),
+])
+def test_clean_separability_refuses_a_ground_truth_it_cannot_score_before_embedding(tmp_path, capsys, monkeypatch,
+                                                                                   noise, expected):
+    from cleaning import separability
+    from cli.main import main
+
+    db = _small_db(tmp_path, [f"L{i % 2}" for i in range(8)], is_noise=noise)
+    write_manifest(pd.DataFrame({"path": ["p0.jpg"]}), tmp_path / "pool.csv")
+    monkeypatch.setattr(separability, "_embed", lambda *a: pytest.fail("embedded before checking the truth"))
+    assert main(["clean-separability", "--manifest", str(db), "--nonlandmarks", str(tmp_path / "pool.csv"),
+                 "--model", "m=m.ckpt", "--out", str(tmp_path / "sep")]) == 2
+    assert capsys.readouterr().err == f"landmarks clean-separability: error: {db}: {expected}\n"
+
+
+def test_a_rerun_without_report_removes_the_previous_report(tmp_path):
+    """A report.html and thumbs/ left from an earlier run would contradict this run's clean.csv."""
+    from cleaning.command import clean_manifest
+
+    db, emb = _truth_db(tmp_path)
+    out = tmp_path / "out"
+    (out / "thumbs").mkdir(parents=True)
+    (out / "thumbs" / "0.jpg").write_bytes(b"old")
+    (out / "report.html").write_text("old run")
+    (out / "notes.txt").write_text("the user's")
+    clean_manifest(db, out, embeddings=str(emb), report=False, progress=False)
+    assert not (out / "report.html").exists() and not (out / "thumbs").exists()
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert json.loads((out / "summary.json").read_text())["outputs"]["report"] is None
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("huge", "0.jpg): --embeddings {npy}: row 0 has a norm of 1e+30, too large to normalise in float32"),
+    ("zero", "--embeddings {npy}: no readable rows: every row is all-zero (no embedding) or unreadable"),
+    ("no_columns", "--embeddings {npy}: expected a 2-D float array [rows, dim], got float32 (54, 0)"),
+    ("text", "--embeddings {npy}: not a .npy array file (save one with numpy.save)"),
+])
+def test_clean_names_the_embeddings_file_in_what_is_wrong_with_it(tmp_path, capsys, case, expected):
+    from cli.main import main
+
+    db, emb = _truth_db(tmp_path)
+    npy = tmp_path / f"{case}.npy"
+    if case == "huge":  # float32 squares overflow: the rows used to normalise to zero ("gallery ... norm 0")
+        np.save(npy, np.load(emb) * np.float32(1e30))
+    elif case == "zero":
+        np.save(npy, np.zeros((54, D), dtype=np.float32))
+    elif case == "no_columns":
+        np.save(npy, np.zeros((54, 0), dtype=np.float32))
+    else:
+        npy.write_text("path,x\n0.jpg,1\n")
+    assert main(["clean", "--manifest", str(db), "--embeddings", str(npy), "--out", str(tmp_path / "out"),
+                 "--no-report", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landmarks clean: error: ") and expected.format(npy=npy) in err and err.count("\n") == 1
+    assert "gallery" not in err and "pickle" not in err
