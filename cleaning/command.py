@@ -26,7 +26,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -295,15 +294,25 @@ def _write_report_page(out_dir: Path, manifest_path: Path, data: Manifest, pool:
 
 
 def _remove_previous_report(out_dir: Path) -> None:
-    """Without a report, an earlier run's ``report.html`` and ``thumbs/`` in ``out_dir`` would
-    contradict this run's ``clean.csv`` and ``summary.json``: remove them (those names only)."""
+    """Without a report, an earlier run's ``report.html`` and thumbnails in ``out_dir`` would
+    contradict this run's ``clean.csv`` and ``summary.json``: remove them, but only a page this
+    command wrote (its generator mark) and only thumbnails named as it names them."""
+    from cleaning.report import REPORT_MARK, THUMB_NAME
+
     page, thumbs = out_dir / "report.html", out_dir / "thumbs"
-    if page.is_file() or page.is_symlink():
-        page.unlink()
-    if thumbs.is_symlink():
-        thumbs.unlink()
-    elif thumbs.is_dir():
-        shutil.rmtree(thumbs)
+    try:
+        ours = page.is_file() and REPORT_MARK.encode() in page.read_bytes()[:4096]
+    except OSError:
+        ours = False
+    if not ours:
+        return
+    page.unlink()
+    if thumbs.is_dir() and not thumbs.is_symlink():
+        for old in thumbs.iterdir():
+            if THUMB_NAME.fullmatch(old.name):
+                old.unlink(missing_ok=True)
+        if not any(thumbs.iterdir()):
+            thumbs.rmdir()
 
 
 def clean_manifest(

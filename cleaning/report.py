@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +36,13 @@ figure img, .missing { width: 104px; height: 104px; object-fit: contain; backgro
 .missing { display: flex; align-items: center; justify-content: center; color: #666; }
 .note { color: #666; font-size: 0.9em; } .dup { background: #fff4d6; padding: 0.3em 0.6em; }
 """
+
+
+# Marks the page this module writes, so that `landmarks clean --no-report` removes an earlier
+# report of its own but never a page of the user's (or of `landmarks albums`) in the same folder.
+REPORT_MARK = '<meta name="generator" content="landmarks clean"/>'
+# The names _thumb gives; only these are removed with an earlier report.
+THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
 
 
 def _thumb(source: str, thumbs: Path, size: int) -> str | None:
@@ -149,7 +157,7 @@ def _rows_by_input_id(result: CleaningResult) -> dict[str, np.ndarray]:
 
 def _add_head(page: _Page, title: str, summary_rows: Sequence[tuple[str, str]]) -> None:
     page.add('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE html>\n<html xmlns="http://www.w3.org/1999/xhtml" lang="en">'
-             f'<head><meta charset="utf-8"/><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>')
+             f'<head><meta charset="utf-8"/>{REPORT_MARK}<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>')
     page.add(f"<h1>{html.escape(title)}</h1><table>")
     for label, value in summary_rows:
         page.add(f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>")

@@ -157,11 +157,11 @@ def _predict_gldv2(args, solution) -> dict[str, tuple[int, float]]:
     test_paths = [gldv2_image_path(test_dir, key) for key in ids]
     common = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir)
     g = embed_paths(model, gallery.paths, **common)
-    q = embed_paths(model, test_paths, **common)
     # A few unreadable images are a documented skip; none readable is a wrong folder, whose GAP of
     # 0.00 would read as a result.
     if not g.valid.any():
         raise UserError(f"{args.gallery}: none of its {len(g.valid)} images could be read (first: {gallery.paths[0]})")
+    q = embed_paths(model, test_paths, **common)
     if not q.valid.any():
         raise UserError(f"{test_dir}: none of the {len(q.valid)} scored test images could be read (first: "
                         f"{test_paths[0]}); check --test-dir")

@@ -417,9 +417,10 @@ def add_albums_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _album_photos(items: list[str], out: str) -> list[str]:
-    """The photos of ``items`` less the files under ``out`` (a rerun would take its own thumbnails
-    for photos) and less repeats of one file (it would be counted twice), both by resolved path."""
-    out_real = os.path.realpath(out)
+    """The photos of ``items`` less the thumbnails the command writes in ``out/thumbs`` (a rerun
+    would take them for photos; the user's photos elsewhere under ``out`` stay) and less repeats
+    of one file (it would be counted twice), both by resolved path."""
+    out_real = os.path.realpath(os.path.join(out, "thumbs"))
     kept, seen, repeated = [], set(), 0
     for path in _photos(items):
         real = os.path.realpath(path)
@@ -433,7 +434,7 @@ def _album_photos(items: list[str], out: str) -> list[str]:
     if repeated:
         log.warning("%d repeated photo(s) left out: each photo is recognised once", repeated)
     if not kept:
-        raise UserError(f"no images found in {' '.join(items)} outside --out {out}")
+        raise UserError(f"no images found in {' '.join(items)} outside {os.path.join(out, 'thumbs')}")
     return kept
 
 

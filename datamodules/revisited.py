@@ -162,11 +162,12 @@ def _validate(raw, source: str) -> tuple[list[str], list[str], list[dict]]:
                 raise ManifestError(f"{where}: {key} must be a list of database indices")
             if values and (min(values) < 0 or max(values) >= n_db):
                 raise ManifestError(f"{where}: {key} indexes outside the {n_db} database images")
-            # A repeat would count one image as two positives (or junk twice) and change the mAP.
+            # A repeat counts one image as two positives (or junk twice), as the official scorer
+            # would count it too: warned, not refused, so an official file is never turned away.
             repeated = sorted(v for v, n in Counter(values).items() if n > 1)
             if repeated:
-                raise ManifestError(f"{where}: {key} lists database index {repeated[0]} more than once "
-                                    f"(repeated: {repeated[:10]})")
+                log.warning("%s: %s lists database index %d more than once (repeated: %s); scored as given, as the "
+                            "official code would", where, key, repeated[0], repeated[:10])
             out[key] = [int(v) for v in values]
         sets = [set(out[k]) for k in ("easy", "hard", "junk")]
         overlaps += len(sets[0] & sets[1]) + len(sets[0] & sets[2]) + len(sets[1] & sets[2])

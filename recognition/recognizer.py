@@ -92,14 +92,21 @@ def _photos_below(folder: pathlib.Path) -> list[str]:
     return sorted(found)
 
 
-def _why_unreadable(path: str) -> str:
-    """The decoder's reason a photo is unreadable ("empty file", "file not found", "cannot decode
-    ..."), read again for the few photos the embedding cache only marks as unreadable."""
+def _read_photo(path: str, max_side: int) -> tuple[np.ndarray | None, str | None]:
+    """``(pixels, None)``, or ``(None, why)`` for a photo that cannot be read: the decoder's reason
+    ("empty file", "file not found", "cannot decode ..."), or the OS's (a folder or device given as
+    a photo, no permission, a NUL in a list file's line)."""
     try:
-        load_rgb(path, max_side=64)
+        return load_rgb(path, max_side=max_side), None
     except UnreadableImage as err:
-        return str(err)
-    return f"{path}: unreadable image"
+        return None, str(err)
+    except (OSError, ValueError) as err:
+        return None, f"{path}: {err}"
+
+
+def _why_unreadable(path: str) -> str:
+    """The reason, read again, for the few photos the embedding cache only marks as unreadable."""
+    return _read_photo(path, 64)[1] or f"{path}: unreadable image"
 
 
 def expand_paths(items: Iterable[str | os.PathLike]) -> list[str]:
@@ -248,14 +255,9 @@ class Recognizer:
     # ---- pieces --------------------------------------------------------------------------------
 
     def _load(self, path: str) -> tuple[torch.Tensor | None, str | None]:
-        try:
-            # Same decode hint and transform as the gallery's embedding (ImageDataset).
-            image = load_rgb(path, max_side=2 * self.model.image_size)
-            return self.transform(image=image)["image"], None
-        except UnreadableImage as err:
-            return None, str(err)
-        except (OSError, ValueError) as err:  # e.g. a directory or a device file given as a photo
-            return None, f"{path}: {err}"
+        # Same decode hint and transform as the gallery's embedding (ImageDataset).
+        image, why = _read_photo(path, 2 * self.model.image_size)
+        return (None, why) if image is None else (self.transform(image=image)["image"], None)
 
     def _decoded_batches(self, paths: Sequence[str]) -> Iterator[tuple[list[str], list]]:
         """Batches of decoded images, decoded by threads up to two batches ahead of the network."""

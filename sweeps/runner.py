@@ -69,6 +69,15 @@ def _now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def _holds_null(value) -> bool:
+    """Whether a parameter value is null or holds one in a list or mapping."""
+    if isinstance(value, dict):
+        return any(_holds_null(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_null(v) for v in value)
+    return value is None
+
+
 @dataclass
 class RunOutcome:
     run: RunSpec
@@ -147,15 +156,13 @@ class SweepRunner:
                         raise SweepError(f"{where}: value {value!r} is not a config file path, a list of them, or null")
                     for f in files:
                         self._check_config_file(f, where)
-                elif value is None:
-                    # The agent prints null as the text None, which landmarks reads as a string.
-                    raise SweepError(f"{where}: value null would be passed as the text 'None'; give a value "
-                                     "(null is meaningful only for a config.<slot> parameter: no file)")
-                elif isinstance(value, (dict, list)):
-                    # Printed with Python's str ({'a': 1}), which is not what the option takes.
-                    raise SweepError(f"{where}: value {value!r} is not a single value (number, string, boolean); "
-                                     "put structured settings in a config file and select it with a config.<slot> "
-                                     "parameter")
+                elif _holds_null(value):
+                    # The agent prints null as the text None, which landmarks reads as a string. A list
+                    # or mapping is fine otherwise: printed as [1.25] or {'a': 1}, which the option
+                    # parser reads as YAML (e.g. --model.eval_scales=[1.25]).
+                    raise SweepError(f"{where}: value {value!r} holds null, which would be passed as the text "
+                                     "'None'; give a value (null is meaningful only for a config.<slot> parameter: "
+                                     "no file)")
 
     def _check_command_config_files(self) -> None:
         command = self.spec.command

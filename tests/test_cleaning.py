@@ -782,19 +782,28 @@ def test_clean_separability_refuses_a_ground_truth_it_cannot_score_before_embedd
 
 
 def test_a_rerun_without_report_removes_the_previous_report(tmp_path):
-    """A report.html and thumbs/ left from an earlier run would contradict this run's clean.csv."""
+    """A report.html and thumbs/ left from an earlier run would contradict this run's clean.csv;
+    a page and pictures that clean did not write stay."""
     from cleaning.command import clean_manifest
+    from cleaning.report import REPORT_MARK
 
     db, emb = _truth_db(tmp_path)
     out = tmp_path / "out"
     (out / "thumbs").mkdir(parents=True)
-    (out / "thumbs" / "0.jpg").write_bytes(b"old")
-    (out / "report.html").write_text("old run")
+    (out / "thumbs" / "0123456789abcdef0123.jpg").write_bytes(b"old")
+    (out / "report.html").write_text(f"<head>{REPORT_MARK}</head> old run")
     (out / "notes.txt").write_text("the user's")
     clean_manifest(db, out, embeddings=str(emb), report=False, progress=False)
     assert not (out / "report.html").exists() and not (out / "thumbs").exists()
     assert (out / "notes.txt").read_text() == "the user's"
     assert json.loads((out / "summary.json").read_text())["outputs"]["report"] is None
+    # Someone else's page and pictures (an albums page, say) are never removed.
+    (out / "thumbs").mkdir()
+    (out / "thumbs" / "holiday.jpg").write_bytes(b"mine")
+    (out / "report.html").write_text("<html>the user's page</html>")
+    clean_manifest(db, out, embeddings=str(emb), report=False, progress=False)
+    assert (out / "report.html").read_text() == "<html>the user's page</html>"
+    assert (out / "thumbs" / "holiday.jpg").read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("case, expected", [
