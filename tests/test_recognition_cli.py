@@ -480,8 +480,9 @@ def test_albums_leave_out_their_own_output_folder(stub_recognizer, tmp_path, cap
     assert main(["albums", "--index", "idx", str(out / "thumbs"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("landmarks albums: error: no images found in ")
     # An --out above the photos (`albums ~/Pictures/Trip --out ~/Pictures`): only its thumbs/ is left out.
-    assert main(["albums", "--index", "idx", str(folder), "--out", str(tmp_path)]) == 0
-    assert stub_recognizer.asked[-1] == [str(folder / f"p{i}.jpg") for i in range(3)]
+    trip = _photo_folder(tmp_path / "pictures" / "trip")
+    assert main(["albums", "--index", "idx", str(trip), "--out", str(tmp_path / "pictures")]) == 0
+    assert stub_recognizer.asked[-1] == [str(trip / f"p{i}.jpg") for i in range(3)]
 
 
 @pytest.mark.parametrize("name", ["index.html", "albums.json"])
