@@ -119,20 +119,15 @@ def separability_analysis(
     operating points. Writes ``out/separability.json`` and ``out/separability.png``; returns the
     JSON's content.
     """
-    from cleaning.truth import check_truth
+    from cleaning.truth import noise_of_both_kinds
     from datamodules.manifest import read_manifest
 
     if not models:
         raise UserError("give at least one model (NAME=CHECKPOINT)")
     data = read_manifest(manifest)
-    is_noise = check_truth(data)
-    if is_noise is None:
-        raise UserError(f"{manifest}: no is_noise column; this analysis needs the ground truth")
     # Precision and recall of removal need noisy rows, and a ceiling on separating them clean ones:
     # refused here, before any model is loaded.
-    if is_noise.all() or not is_noise.any():
-        raise UserError(f"{manifest}: every row has is_noise {int(is_noise[0])}: no "
-                        f"{'clean' if is_noise.all() else 'noisy'} rows; this analysis needs both")
+    is_noise = noise_of_both_kinds(data, "this analysis")
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore")
     results, curves = {}, {}
     for name, checkpoint in models.items():

@@ -72,6 +72,19 @@ def check_truth(manifest: Manifest) -> np.ndarray | None:
     return text.isin(["1", "true"]).to_numpy()
 
 
+def noise_of_both_kinds(manifest: Manifest, purpose: str) -> np.ndarray:
+    """:func:`check_truth`'s flags, refused (UserError naming the file) when there are none, or when
+    every row is noisy or every row clean: precision and recall of removal need both kinds."""
+    noise = check_truth(manifest)
+    if noise is None:
+        raise UserError(f"{manifest.source}: no is_noise column; {purpose} needs the ground truth")
+    if len(noise) == 0:
+        raise UserError(f"{manifest.source}: no rows; {purpose} needs noisy and clean rows")
+    if noise.all() or not noise.any():
+        raise UserError(f"{manifest.source}: every row has is_noise {int(noise[0])}: no "
+                        f"{'clean' if noise.all() else 'noisy'} rows; {purpose} needs both")
+    return noise
+
 def true_duplicate_pairs(table: pd.DataFrame) -> set[frozenset[str]]:
     """Pairs {duplicate id, original id} from ``landmark_id``, ``is_noise``, ``true_landmark_id``."""
     clean = table.loc[~noise_flags(table["is_noise"]), ["landmark_id", "true_landmark_id"]].astype(str)

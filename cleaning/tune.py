@@ -27,11 +27,11 @@ from dataclasses import fields, replace
 import numpy as np
 
 from cleaning.algorithm import CleaningParams, clean_embeddings
-from cleaning.truth import check_truth, noise_flags, score_against_truth
+from cleaning.truth import noise_flags, noise_of_both_kinds, score_against_truth
 from core.atomic import write_json_atomic
 from core.errors import UserError
 from core.tables import json_number, ratio
-from datamodules.manifest import read_manifest
+from datamodules.manifest import read_manifest, repeated_rows
 
 DEFAULT_GRID = {
     "distance_threshold": [0.4, 0.5, 0.6, 0.7],
@@ -111,13 +111,14 @@ def _fold_scores(data, emb, pool_emb, combos: list[dict], fold: np.ndarray, fold
                  progress: bool) -> list[list[tuple[int, int, int]]]:
     """Per combination, per fold: removal (tp, fp, fn) against the ground truth."""
     ids = list(data.landmark_ids)
+    repeated = repeated_rows(data)  # as `landmarks clean` cleans: repeats removed, out of every measure
     scores = []
     for n, combo in enumerate(combos):
         params = replace(CleaningParams(), **combo)
         # The decisions use no ground truth, so each combination runs once on the whole database
         # (each image keeps the cross-landmark evidence it has in real use); the ground truth is
         # split by landmark, so a combination is chosen on some landmarks' rows and scored on others'.
-        result = clean_embeddings(emb, ids, params, nonlandmark_embeddings=pool_emb)
+        result = clean_embeddings(emb, ids, params, nonlandmark_embeddings=pool_emb, repeated=repeated)
         scores.append([_fold_counts(data.table, result, fold == f) for f in range(folds)])
         if progress:
             print(f"\r{n + 1}/{len(combos)} combinations", end="", file=sys.stderr, flush=True)
@@ -163,12 +164,7 @@ def tune_cleaning(
     if out is not None and os.path.isdir(out):
         raise UserError(f"--out {out} is a folder; give the JSON file to write")
     data = read_manifest(manifest)
-    noise = check_truth(data)
-    if noise is None:
-        raise UserError(f"{manifest}: no is_noise column; tuning needs the ground truth")
-    if noise.all() or not noise.any():
-        raise UserError(f"{manifest}: every row has is_noise {int(noise[0])}: no {'clean' if noise.all() else 'noisy'} "
-                        "rows to score the cleaning on (tuning needs both)")
+    noise_of_both_kinds(data, "tuning")
     pool = read_manifest(nonlandmarks, kind="nonlandmark", extra_columns="ignore") if nonlandmarks else None
     emb, pool_emb = _tuning_embeddings(data, pool, checkpoint, backbone, embeddings, nonlandmark_embeddings,
                                        image_size, cache_dir)
@@ -199,7 +195,7 @@ def tune_cleaning(
 
     best = max(range(len(combos)), key=lambda c: objective(scores[c]))
     params = replace(base, **combos[best])
-    full = clean_embeddings(emb, ids.tolist(), params, nonlandmark_embeddings=pool_emb)
+    full = clean_embeddings(emb, ids.tolist(), params, nonlandmark_embeddings=pool_emb, repeated=repeated_rows(data))
     truth = score_against_truth(data.table, full)
     results = {
         "grid": grid, "folds": folds, "seed": seed, "held_out": held_out,

@@ -731,8 +731,9 @@ def test_a_ground_truth_resaved_through_a_float_column_is_refused(tmp_path, caps
     ("one_landmark", "relative units (the default) need the embedding's scale, measured on readable images of two "
                      "landmarks; give absolute parameters (--grid '{\"units\": [\"absolute\"], ...}')"),
     ("is_noise_yes", "db.csv: line 2: column is_noise: 'yes' is not 0/1 (or true/false)"),
-    ("no_noise", "db.csv: every row has is_noise 0: no noisy rows to score the cleaning on"),
-    ("all_noise", "db.csv: every row has is_noise 1: no clean rows to score the cleaning on"),
+    ("no_noise", "db.csv: every row has is_noise 0: no noisy rows; tuning needs both"),
+    ("all_noise", "db.csv: every row has is_noise 1: no clean rows; tuning needs both"),
+    ("header_only", "db.csv: no rows; tuning needs noisy and clean rows"),  # was an IndexError traceback
     ('{"distance_threshold": [-1]}', "--grid: distance_threshold: -1: invalid cleaning parameters: "
                                      "distance_threshold must be in [0, inf], got -1"),
     ('{"linkage": ["nope"]}', "--grid: linkage: 'nope': invalid cleaning parameters: unknown linkage 'nope'"),
@@ -758,6 +759,8 @@ def test_clean_tune_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeypatch
         monkeypatch.setattr(tune, "_fold_scores", lambda *a, **k: pytest.fail("tuned before checking --out"))
     else:
         args += ["--grid", '{"min_cluster_size": [3]}']
+    if case == "header_only":
+        db.write_text(db.read_text().splitlines()[0] + "\n")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("landmarks clean-tune: error: ") and expected in err and err.count("\n") == 1
@@ -830,3 +833,26 @@ def test_clean_names_the_embeddings_file_in_what_is_wrong_with_it(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("landmarks clean: error: ") and expected.format(npy=npy) in err and err.count("\n") == 1
     assert "gallery" not in err and "pickle" not in err
+
+
+def test_clean_tune_cleans_what_clean_cleans_repeated_rows_left_out(tmp_path, monkeypatch):
+    """clean-tune called the cleaning without the repeated-row mask, so it tuned on another input
+    than `landmarks clean` cleans (the repeats counted in the agreement)."""
+    from cleaning import tune
+
+    db, emb = _truth_db(tmp_path)
+    lines = db.read_text().splitlines()
+    db.write_text("\n".join(lines + [lines[1], lines[1]]) + "\n")  # the first photo listed twice more
+    vectors = np.load(emb)
+    np.save(emb, np.concatenate([vectors, vectors[:1], vectors[:1]]))
+    seen = []
+    real = tune.clean_embeddings
+
+    def spy(*args, repeated=None, **kwargs):
+        seen.append(None if repeated is None else np.flatnonzero(repeated).tolist())
+        return real(*args, repeated=repeated, **kwargs)
+
+    monkeypatch.setattr(tune, "clean_embeddings", spy)
+    tune.tune_cleaning(db, embeddings=emb, grid={"min_cluster_size": [3]}, cache_dir=None, progress=False)
+    n = len(vectors)
+    assert seen and all(rows == [n, n + 1] for rows in seen)  # every combination and the final run
