@@ -33,13 +33,17 @@ def _ratio(num: int, den: int) -> float | None:
     return json_number(ratio(num, den), 4)
 
 
+def _first_bad_flag(column: pd.Series) -> int | None:
+    """Row of the first ``is_noise`` value that is not 0/1 (or true/false), else None."""
+    bad = np.flatnonzero(~column.astype(str).str.strip().str.lower().isin(["0", "1", "true", "false"]).to_numpy())
+    return int(bad[0]) if len(bad) else None
+
+
 def noise_flags(column: pd.Series) -> np.ndarray:
-    text = column.astype(str).str.strip().str.lower()
-    bad = ~text.isin(["0", "1", "true", "false"])
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+    row = _first_bad_flag(column)
+    if row is not None:
         raise ValueError(f"is_noise must be 0/1, got {column.iloc[row]!r} in row {row}")
-    return text.isin(["1", "true"]).to_numpy()
+    return column.astype(str).str.strip().str.lower().isin(["1", "true"]).to_numpy()
 
 
 def check_truth(manifest: Manifest) -> np.ndarray | None:
@@ -54,10 +58,8 @@ def check_truth(manifest: Manifest) -> np.ndarray | None:
     table = manifest.table
     if "is_noise" not in table.columns:
         return None
-    text = table["is_noise"].astype(str).str.strip().str.lower()
-    bad = np.flatnonzero(~text.isin(["0", "1", "true", "false"]).to_numpy())
-    if len(bad):
-        row = int(bad[0])
+    row = _first_bad_flag(table["is_noise"])
+    if row is not None:
         raise UserError(f"{manifest.source}: line {manifest.lines[row]}: column is_noise: "
                         f"{table['is_noise'].iloc[row]!r} is not 0/1 (or true/false)")
     if "true_landmark_id" in table.columns:
@@ -69,7 +71,7 @@ def check_truth(manifest: Manifest) -> np.ndarray | None:
                     f"{manifest.source}: line {manifest.lines[row]}: column true_landmark_id: {value!r} names no "
                     f"landmark_id but {whole.group(1)!r} does; the file looks re-saved through a float column "
                     "(e.g. by pandas): write the ids back as text")
-    return text.isin(["1", "true"]).to_numpy()
+    return noise_flags(table["is_noise"])
 
 
 def noise_of_both_kinds(manifest: Manifest, purpose: str) -> np.ndarray:
