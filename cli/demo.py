@@ -27,9 +27,11 @@
 6. ``index``     — ``landmarks index`` of the cleaned DB with centroids and the non-landmark
                    penalty (``--nonlandmark-pool nonlandmarks.csv``, the non-landmarks the model
                    trained on), the threshold calibrated at ``--target-fpr`` on ``calibration.csv``
-                   (non-landmarks never trained on and disjoint from the distractors);
+                   (non-landmarks never trained on and disjoint from the distractors), and a second
+                   one for photos with a position (``--gps-radius-km``, on its ``lat,lon``);
 7. ``recognize`` — ``landmarks recognize`` over the held-out queries and the distractors: the
-                   figures of the recogniser that ships;
+                   figures of the recogniser that ships; then again with each photo's position
+                   (``--gps-radius-km``; the index's threshold calibrated with the GPS filter);
 8. ``albums``    — ``landmarks albums`` over the world's user collection (a landmark photo in
                    ~67, GPS in the EXIF of 60 %), an HTML page.
 
@@ -67,8 +69,9 @@ log = logging.getLogger(__name__)
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 STAGES = ("warmup", "clean", "untrained", "fit", "index", "recognize", "albums")
 CHAIN_FORMAT = "landmark-demo-chain/1"
-#: Radius of the albums' GPS filter: the world's cities are far apart, its landmarks within ~5 km.
-ALBUM_GPS_RADIUS_KM = 50.0
+#: Radius of the GPS filter (the index's GPS threshold, the recognize stage's GPS arm, the albums):
+#: the world's cities are far apart, its landmarks within ~5 km of their centre.
+GPS_RADIUS_KM = 50.0
 
 # Rows of the printed kNN table: (metric key, label); FPR rows appear only if resolvable.
 SUMMARY_ROWS = [
@@ -386,6 +389,8 @@ def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str
         nonlandmarks=world / "calibration.csv", target_fpr=target_fpr, calibration_rule=calibration_rule,
         landmarks_csv=world / "landmarks.csv",
         num_workers=0, accelerator="cpu", cache_dir=chain.out / "cache", **pool,
+        # a second threshold for photos with a position (calibration.csv says where each was taken)
+        gps_radius_km=GPS_RADIUS_KM, use_exif_gps=False,
     )
     described = None if index.penalty is None else {
         "weight": index.penalty["weight"], "k": index.penalty["k"], "pool": len(index.penalty["pool"])}
@@ -399,11 +404,13 @@ def _stage_index(chain: Chain, world: Path, clean_manifest: str, checkpoint: str
                                   # what the threshold promises about new photos (the draw of calibration.csv)
                                   "new_photo_fpr": {"expected": expected, "under_95": under,
                                                     "chance_above_2x_target": cal.chance_above(2 * target_fpr)},
-                                  "nonlandmark_penalty": described}, started)
+                                  "nonlandmark_penalty": described,
+                                  "gps_calibration": index.gps_calibration.to_json()}, started)
 
 
 def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, target_fpr: float,
                      user_prior: float) -> dict:
+    from recognition.gps import read_gps_csv
     from recognition.recognizer import Recognizer
     from retrieval.metrics import score_decisions
 
@@ -413,23 +420,39 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     query_ids = list(datamodule.query_landmark_ids)  # also those whose landmark the cleaning removed
     paths = list(queries.paths) + list(distractors.paths)
     truth = query_ids + [None] * len(distractors)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def scored(recognizer, results) -> dict:
+        code = {lid: i for i, lid in enumerate(sorted({r.landmark_id for r in results if r.landmark_id} | set(query_ids)))}
+        pred = np.array([code.get(r.landmark_id, NONLANDMARK) for r in results], dtype=np.int64)
+        true = np.array([NONLANDMARK if t is None else code[t] for t in truth], dtype=np.int64)
+        accepted = np.array([r.accepted for r in results], dtype=bool)
+        row = score_decisions(pred, accepted, true, recognizer.threshold, user_prior)
+        is_query = true != NONLANDMARK
+        return {
+            "target_fpr": target_fpr, "achieved_fpr": row["fpr"], "recall": row["recall"], "precision": row["precision"],
+            f"precision_prior_{user_prior:g}": row.get("precision_at_prior"),
+            "p_at_1": float((pred[is_query] == true[is_query]).mean()) if is_query.any() else float("nan"),
+            "threshold": recognizer.threshold, "queries": int(is_query.sum()), "distractors": int((~is_query).sum()),
+            "false_positives": int((accepted & ~is_query).sum()),
+        }
+
     recognizer = Recognizer(index_path, use_exif_gps=False, cache_dir=chain.out / "cache")
     results = recognizer.recognize(paths, progress=True)
-    code = {lid: i for i, lid in enumerate(sorted({r.landmark_id for r in results if r.landmark_id} | set(query_ids)))}
-    pred = np.array([code.get(r.landmark_id, NONLANDMARK) for r in results], dtype=np.int64)
-    true = np.array([NONLANDMARK if t is None else code[t] for t in truth], dtype=np.int64)
-    accepted = np.array([r.accepted for r in results], dtype=bool)
-    row = score_decisions(pred, accepted, true, recognizer.threshold, user_prior)
-    is_query = true != NONLANDMARK
-    out.mkdir(parents=True, exist_ok=True)
     _write_results(out / "results.csv", results, truth)
-    return chain.finish("recognize", {
-        "target_fpr": target_fpr, "achieved_fpr": row["fpr"], "recall": row["recall"], "precision": row["precision"],
-        f"precision_prior_{user_prior:g}": row.get("precision_at_prior"),
-        "p_at_1": float((pred[is_query] == true[is_query]).mean()) if is_query.any() else float("nan"),
-        "threshold": recognizer.threshold, "queries": int(is_query.sum()), "distractors": int((~is_query).sum()),
-        "false_positives": int((accepted & ~is_query).sum()), "results": str(out / "results.csv"),
-    }, started)
+    figures = {**scored(recognizer, results), "results": str(out / "results.csv")}
+    # The same photos where each one's position is known (the queries at their landmark, the
+    # distractors in a city of the world): the GPS filter and the index's GPS threshold.
+    where = {**read_gps_csv(world / "queries.csv"), **read_gps_csv(world / "distractors.csv")}
+    placed = Recognizer(index_path, gps_radius_km=GPS_RADIUS_KM, gps=where, use_exif_gps=False,
+                        cache_dir=chain.out / "cache")
+    results = placed.recognize(paths, progress=True)
+    _write_results(out / "results_gps.csv", results, truth)
+    gps = placed.gps_calibration
+    figures["with_gps"] = {**scored(placed, results), "results": str(out / "results_gps.csv"),
+                           "radius_km": GPS_RADIUS_KM, "with_position": sum(os.path.abspath(p) in where for p in paths),
+                           "threshold": None if gps is None else gps.calibration.threshold}
+    return chain.finish("recognize", figures, started)
 
 
 def _write_results(path: Path, results, truth) -> None:
@@ -456,7 +479,7 @@ def _stage_albums(chain: Chain, world: Path, index_path: str) -> dict:
     collection = pd.read_csv(world / "collection.csv", dtype=str, keep_default_na=False)
     paths = [str(world / p) for p in collection["path"]]
     truth = dict(zip((os.path.abspath(p) for p in paths), collection["landmark_id"]))
-    recognizer = Recognizer(index_path, gps_radius_km=ALBUM_GPS_RADIUS_KM, use_exif_gps=True,
+    recognizer = Recognizer(index_path, gps_radius_km=GPS_RADIUS_KM, use_exif_gps=True,
                             cache_dir=chain.out / "cache")
     results = recognizer.recognize(paths, progress=True)
     albums = group_albums(results)
@@ -537,7 +560,7 @@ def run_demo(config_files: list[str], overrides: list[str] = (), *, seed: int = 
                 "warmup_epochs": warmup_epochs, "imprint": imprint, "oracle_clean": oracle_clean, "penalty": penalty,
                 "scales": scales, "calibration_rule": calibration_rule, "synthetic": config.__dict__,
                 # the index's and the evaluation's centroid settings (their defaults): a change redoes the chain
-                "centroids": dataclasses.asdict(CentroidParams())}
+                "centroids": dataclasses.asdict(CentroidParams()), "gps_radius_km": GPS_RADIUS_KM}
     chain = Chain(out_dir, _fingerprint(config_files, overrides, settings), fresh)
 
     # The shipped index's non-landmark penalty, the same in the evaluation and in `landmarks index`.
@@ -682,6 +705,12 @@ def format_summary(s: dict) -> str:
                      f"at achieved FPR {_fmt(control['achieved_fpr'], 4)}")
     lines.append(f"{pad}({r['queries']} queries, {r['distractors']} unseen distractors; precision at 1 landmark "
                  f"photo in 100: {_fmt(r.get('precision_prior_0.01'))})")
+    gps = r.get("with_gps")
+    if gps:
+        lines.append(f"{pad}with each photo's position: recall {_fmt(gps['recall'])} at achieved FPR "
+                     f"{_fmt(gps['achieved_fpr'], 4)}, P@1 {_fmt(gps['p_at_1'])}")
+        lines.append(f"{pad}(GPS filter {gps['radius_km']:g} km; threshold {_fmt(gps['threshold'])}, calibrated with "
+                     "the filter on calibration.csv's positions)")
     lines.append(f"5 albums    {a['photos']} photos ({a['landmark_photos']} of landmarks, {a['with_gps']} with GPS): "
                  f"{a['in_albums']} in {a['albums']} album(s)")
     lines.append(f"{pad}{a['correct']} correct, {a['wrong_landmark']} wrong landmark, {a['non_landmarks_in_albums']} "

@@ -91,6 +91,12 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--allow-unresolved-fpr", action="store_true",
                      help="calibrate even with fewer than 1/FPR non-landmark photos (loud warning)")
     cal.add_argument("--threshold", type=finite_float, help="a fixed threshold instead of calibration")
+    cal.add_argument("--gps-radius-km", type=positive_float,
+                     help="also calibrate a threshold for photos with a position: on the --nonlandmarks photos "
+                          "that have one (lat,lon columns, else EXIF GPS), with the GPS filter of this radius; "
+                          "`landmarks recognize --gps-radius-km` with the same radius uses it")
+    cal.add_argument("--no-exif-gps", action="store_true",
+                     help="with --gps-radius-km: take positions from the lat,lon columns only, not from EXIF")
     rep = parser.add_argument_group("representation")
     rep.add_argument("--representation", choices=("centroids", "mean", "all"), default="centroids",
                      help="per-landmark shooting-angle centroids (default), one mean, or every photo")
@@ -256,7 +262,7 @@ def run_index_command(args: argparse.Namespace) -> int:
             candidates=args.verify_candidates, images_per_landmark=args.verify_photos, weight=args.verify_weight,
             min_inliers=args.verify_min_inliers,
         ) if args.verify else None,
-        descriptors=descriptors,
+        descriptors=descriptors, gps_radius_km=args.gps_radius_km, use_exif_gps=not args.no_exif_gps,
     )
     if built is None:
         return 0  # a DDP rank other than 0
@@ -297,6 +303,13 @@ def run_index_command(args: argparse.Namespace) -> int:
                   f"nearest DB photo: {_shown(write_hardest_sheet(index, out))}")
     else:
         print(f"threshold:  {cal.threshold:.6f} (fixed, not calibrated)")
+    if index.gps_calibration is not None:
+        gps = index.gps_calibration
+        g = gps.calibration
+        print(f"with GPS:   {g.threshold:.6f} for photos with a position (filter {gps.radius_km:g} km over the first "
+              f"{gps.candidates} landmarks): {g.n_false_positives}/{g.n_calibration} calibration images accepted "
+              f"(FPR {g.achieved_fpr:.2e}; {gps.n_without_position} without a position left out)"
+              f"{'' if g.resolved else '  [UNRESOLVED]'}")
     if index.penalty is not None:
         pen = index.penalty
         print(f"penalty:    score − {pen['weight']:g} × mean cosine to the {pen['k']} nearest of "
@@ -400,7 +413,10 @@ def run_recognize_command(args: argparse.Namespace) -> int:
         counts["unreadable"] += int(r.error is not None)
         print(json.dumps(r.to_json()) if args.json else _table_row(r), flush=True)
     print(f"{counts['photos']} photos: {counts['accepted']} accepted, {counts['unreadable']} unreadable "
-          f"(threshold {recognizer.threshold:.4f})", file=sys.stderr)
+          f"(threshold {recognizer.threshold:.4f}"
+          + ("" if recognizer.gps_calibration is None else
+             f"; {recognizer.gps_calibration.calibration.threshold:.4f} for photos with a position")
+          + ")", file=sys.stderr)
     return 0
 
 

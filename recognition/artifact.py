@@ -3,7 +3,8 @@
 Layout of an index directory (format version :data:`FORMAT_VERSION`)::
 
     index.json            header: format + version, model identity and how to reload the model,
-                          calibrated threshold, build parameters (with the absolute paths of the
+                          calibrated threshold (and, with ``--gps-radius-km``, the threshold for
+                          photos with a position, ``gps_calibration``), build parameters (with the absolute paths of the
                           manifest, the calibration set, its hardest photos and their landmarks' nearest DB
                           photos), counts, file list
     vectors.faiss         the FAISS index over the vectors (faiss.write_index)
@@ -50,6 +51,7 @@ from core.errors import UserError
 from recognition.calibration import Calibration
 from recognition.centroids import CentroidParams, CentroidSet, Representation, build_representation
 from recognition.descriptors import DescriptorParams, Whitening, augment_database, weighted_neighbours
+from recognition.gps import GpsCalibration
 from recognition.verification import LocalFeatures
 from retrieval.index import build_index, search, validate_embeddings
 
@@ -178,6 +180,8 @@ class LandmarkIndex:
             :meth:`search` and :meth:`top1` take the model's raw embeddings and whiten and expand
             them (:meth:`describe`) themselves.
         whitening: the fitted PCA-whitening, present exactly when ``descriptor_params.whiten > 0``.
+        gps_calibration: the threshold for photos with a position, calibrated with the GPS filter
+            (:func:`recognition.gps.calibrate_with_gps`), or None.
         represented: bool ``[n]`` over the photos the index was built from (:meth:`from_centroids`,
             :meth:`from_embeddings`): False for those in clusters dropped as too small. A fact of the
             build, not of the artifact: not saved, None after :meth:`load`.
@@ -196,6 +200,7 @@ class LandmarkIndex:
     descriptor_params: DescriptorParams = field(default_factory=DescriptorParams)
     whitening: Whitening | None = field(default=None, repr=False)
     represented: np.ndarray | None = field(default=None, repr=False, compare=False)
+    gps_calibration: GpsCalibration | None = None
 
     def __post_init__(self):
         self.vectors = validate_embeddings(self.vectors, "index vectors")
@@ -451,6 +456,7 @@ class LandmarkIndex:
             "nonlandmark_penalty": None if self.penalty is None else {
                 **{k: v for k, v in self.penalty.items() if k != "pool"}, "n_pool": len(self.penalty["pool"]),
                 "file": "penalty_pool.npy"},
+            "gps_calibration": None if self.gps_calibration is None else self.gps_calibration.to_json(),
             "descriptors": None if not self.descriptor_params.active else {
                 **self.descriptor_params.to_json(),
                 "files": list(_WHITENING_FILES) if self.whitening is not None else []},
@@ -563,10 +569,16 @@ class LandmarkIndex:
                     whitening = Whitening(*(np.load(root / name, allow_pickle=False) for name in _WHITENING_FILES))
             except (TypeError, ValueError, OSError) as err:
                 raise IndexFormatError(f"{root}: descriptor post-processing: {err}") from err
+        gps_calibration = head.get("gps_calibration")
+        if gps_calibration is not None:
+            try:
+                gps_calibration = GpsCalibration.from_json(gps_calibration)
+            except (KeyError, ValueError, TypeError) as err:
+                raise IndexFormatError(f"{head_path}: gps_calibration: malformed ({err!r})") from err
         try:
             return cls(vectors, vector_landmark, vector_size, landmarks, head["model"],
                        None if calibration is None else Calibration.from_json(calibration), head.get("build", {}), index,
-                       local_features, penalty, params, whitening)
+                       local_features, penalty, params, whitening, gps_calibration=gps_calibration)
         except (KeyError, ValueError, TypeError) as err:
             raise IndexFormatError(f"{root}: inconsistent index ({err})") from err
 

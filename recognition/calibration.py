@@ -185,8 +185,9 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
     s = np.asarray(scores, dtype=np.float32).ravel()
-    if not np.isfinite(s).all():
-        raise ValueError("calibration scores contain NaN or inf")
+    # -inf is a photo with no candidate at all (e.g. none within a GPS radius): never accepted.
+    if np.isnan(s).any() or np.isposinf(s).any():
+        raise ValueError("calibration scores contain NaN or +inf")
     n = int(s.size)
     if n == 0:
         raise CalibrationError("no readable calibration images: cannot calibrate a threshold")

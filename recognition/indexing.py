@@ -76,6 +76,30 @@ def _metadata_rows(table: pd.DataFrame, source: str, lines) -> list[dict]:
     return rows
 
 
+def photo_positions(manifest, use_exif_gps: bool = True) -> np.ndarray:
+    """float64 ``[n, 2]``: each photo's (lat, lon) from the manifest's ``lat``/``lon`` columns, else
+    (``use_exif_gps``) from its EXIF, as ``landmarks recognize`` takes a photo's position; NaN
+    where neither has one. A half-filled, non-numeric or out-of-range cell is an error naming the line."""
+    from recognition.gps import read_exif_gps
+
+    table = manifest.table
+    has_columns = "lat" in table.columns and "lon" in table.columns
+    out = np.full((len(manifest), 2), np.nan)
+    for i, (path, line) in enumerate(zip(manifest.paths, manifest.lines)):
+        where = None
+        if has_columns:
+            lat = _float_or_none(table["lat"].iat[i], manifest.source, int(line), "lat")
+            lon = _float_or_none(table["lon"].iat[i], manifest.source, int(line), "lon")
+            if (lat is None) != (lon is None):
+                raise UserError(f"{manifest.source}: line {int(line)}: lat and lon must both be given or both be empty")
+            where = None if lat is None else (lat, lon)
+        if where is None and use_exif_gps:
+            where = read_exif_gps(path)
+        if where is not None:
+            out[i] = where
+    return out
+
+
 def landmark_metadata_of(manifest, landmarks_csv: str | os.PathLike | None, known_ids: set[str]) -> dict[str, dict]:
     """Per-landmark name/city/lat/lon from ``landmarks_csv`` (its values win) and the manifest's columns."""
     from recognition.artifact import landmark_metadata
@@ -183,6 +207,29 @@ def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: 
     return hardest
 
 
+def _gps_calibration(index, embeddings, positions, radius_km, target_fpr, candidates, rule, allow_unresolved,
+                     source: str):
+    """:func:`recognition.gps.calibrate_with_gps`, refused where it cannot mean anything."""
+    from recognition.calibration import CalibrationError
+    from recognition.gps import calibrate_with_gps
+
+    if not any(lm.get("lat") is not None for lm in index.landmarks):
+        raise UserError("--gps-radius-km: no landmark of the index has coordinates (give --landmarks with lat,lon "
+                        "or lat,lon columns in the DB), so the filter would remove nothing")
+    placed = int(np.isfinite(positions).all(axis=1).sum())
+    if not placed:
+        raise UserError(f"--gps-radius-km: none of the {len(positions)} readable calibration photos of {source} has a "
+                        "position (lat,lon columns or EXIF GPS)")
+    try:
+        gps = calibrate_with_gps(index, embeddings, positions, radius_km, target_fpr, candidates=candidates,
+                                 rule=rule, allow_unresolved=allow_unresolved)
+    except CalibrationError as err:
+        raise CalibrationError(f"{source}: the {placed} photos with a position: {err} (--allow-unresolved-fpr)") from None
+    log.info("GPS threshold %.6f for FPR %g within %g km, on %d calibration photos with a position (%d without)",
+             gps.calibration.threshold, target_fpr, radius_km, placed, gps.n_without_position)
+    return gps
+
+
 def build_landmark_index(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -217,6 +264,9 @@ def build_landmark_index(
     nonlandmark_pool: str | os.PathLike | None = None,
     penalty=None,
     descriptors=None,
+    gps_radius_km: float | None = None,
+    gps_candidates: int | None = None,
+    use_exif_gps: bool = True,
 ):
     """Build and save an index of ``manifest`` at ``out``; returns ``(index, saved path)``.
 
@@ -236,7 +286,11 @@ def build_landmark_index(
     calibration (``penalty``: a :class:`recognition.artifact.PenaltyParams`, its defaults when None).
     ``descriptors`` (a :class:`recognition.descriptors.DescriptorParams`, all off when None) whitens
     (fitted on the DB and the pool), augments the DB (DBA) and expands queries; the threshold is
-    calibrated on the post-processed scores. Under DDP every rank embeds its share and rank 0 alone builds and
+    calibrated on the post-processed scores. ``gps_radius_km`` calibrates a second threshold, at
+    the same target, on the calibration photos that have a position (their ``lat``/``lon`` columns,
+    else their EXIF unless ``use_exif_gps`` is False) with the GPS filter of that radius over their
+    first ``gps_candidates`` landmarks (:func:`recognition.gps.calibrate_with_gps`); the recogniser
+    uses it for photos with a position when given the same radius. Under DDP every rank embeds its share and rank 0 alone builds and
     writes the index (other ranks return None).
     """
     from pytorch_lightning.utilities import rank_zero_only
@@ -246,11 +300,24 @@ def build_landmark_index(
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold, hardest_calibration_photos
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
+    from recognition.gps import GPS_CANDIDATES
     from retrieval.embedding_model import load_embedding_model, scale_factors
 
     check_index_target(out)  # before the embedding, not after it
     if threshold is not None and nonlandmarks:
         raise UserError("give --nonlandmarks (calibration) or --threshold, not both")
+    if gps_radius_km is not None:
+        if not nonlandmarks:
+            raise UserError("--gps-radius-km calibrates a threshold on the --nonlandmarks photos that have a "
+                            "position; give --nonlandmarks")
+        if not gps_radius_km > 0:
+            raise UserError(f"--gps-radius-km must be > 0, got {gps_radius_km}")
+        if verification is not None:
+            raise UserError("--gps-radius-km with --verify is not supported: the GPS threshold is calibrated on "
+                            "global scores")
+    gps_candidates = GPS_CANDIDATES if gps_candidates is None else int(gps_candidates)
+    if gps_candidates < 1:
+        raise UserError(f"gps_candidates must be >= 1, got {gps_candidates}")
     if (checkpoint is None) == (backbone is None):
         raise UserError("give exactly one of --checkpoint or --backbone")
     # A misspelt model fails before anything is read or logged.
@@ -281,6 +348,8 @@ def build_landmark_index(
         calibration_set = _image_files(load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,
                                                      column_map=column_map or None))
         calibration_set = filter_rows(calibration_set, nonlandmarks_where)
+        # Read before the embedding, so a bad cell fails fast.
+        positions = photo_positions(calibration_set, use_exif_gps) if gps_radius_km is not None else None
     elif threshold is None:
         log.warning("no --nonlandmarks: the index gets no calibrated threshold; `landmarks recognize` will then "
                     "need --threshold")
@@ -309,6 +378,8 @@ def build_landmark_index(
         nl_emb, nl_valid = embed_images(model, calibration_set.paths, "calibration", **embedding)
         nl_emb = nl_emb[nl_valid]
         nl_paths = [p for p, ok in zip(calibration_set.paths, nl_valid) if ok]
+        if positions is not None:
+            positions = positions[nl_valid]
     pool_emb = None
     if pool_set is not None:
         pool_emb, pool_valid = embed_images(model, pool_set.paths, "non-landmark pool", **embedding)
@@ -378,6 +449,10 @@ def build_landmark_index(
                                f"{calibration_set.source} (plain cosines, before verification and the non-landmark "
                                "penalty)")
         index.build["calibration_set"] = str(pathlib.Path(calibration_set.source).resolve())
+        if gps_radius_km is not None:
+            index.gps_calibration = _gps_calibration(index, nl_emb, positions, gps_radius_km, target_fpr,
+                                                     gps_candidates, calibration_rule, allow_unresolved_fpr,
+                                                     calibration_set.source)
         # The photos that set the threshold, on the scores it was set on: where to look before
         # tuning for the low-FPR end (`landmarks index` prints the first of them).
         hardest = hardest_calibration_photos(scores, matched, nl_paths, index.landmark_ids, index.calibration.threshold)

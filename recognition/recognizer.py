@@ -28,7 +28,7 @@ from datamodules.images import UnreadableImage, load_rgb
 from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
 from recognition.artifact import LandmarkIndex, ModelMismatchError
-from recognition.gps import read_exif_gps, within_radius
+from recognition.gps import near_candidates, read_exif_gps
 from recognition.verification import make_extractor, query_features
 from retrieval.decision import decide
 from retrieval.embedding_model import EmbeddingModel, load_embedding_model
@@ -185,10 +185,14 @@ class Recognizer:
         index: a :class:`LandmarkIndex` or its directory.
         model: an :class:`EmbeddingModel` (checked against the index); else ``checkpoint`` /
             ``backbone`` (loaded and checked); else the index's own model.
-        threshold: overrides the index's calibrated threshold (needed if it has none).
+        threshold: overrides the index's calibrated threshold (needed if it has none), for every
+            photo (the index's GPS threshold too).
         top_k: candidates reported per photo (and searched by the GPS filter; an index with
             verification is searched at least ``candidates`` deep, as its calibration was).
-        gps_radius_km: enable the GPS filter with this radius.
+        gps_radius_km: enable the GPS filter with this radius. If the index has a threshold
+            calibrated with the filter at this radius (``landmarks index --gps-radius-km``), a
+            photo with a position is decided by it, over the first landmarks it was calibrated
+            with; a photo without a position by the plain threshold.
         gps: ``{absolute path: (lat, lon)}`` (e.g. :func:`recognition.gps.read_gps_csv`); photos
             not in it fall back to their EXIF GPS when ``use_exif_gps``.
         batch_size: images per forward pass.
@@ -251,6 +255,24 @@ class Recognizer:
         # search is at least that deep and top_k only bounds what is reported.
         self._search_k = self.top_k if self.index.local_features is None else max(
             self.top_k, self.index.local_features.params.candidates)
+        self.gps_calibration = self._usable_gps_calibration(threshold)
+        if self.gps_calibration is not None:
+            self._search_k = max(self._search_k, self.gps_calibration.candidates)
+
+    def _usable_gps_calibration(self, threshold: float | None):
+        """The index's GPS threshold where it applies: the filter on, at the radius it was calibrated
+        for, and no threshold given by hand."""
+        gps = self.index.gps_calibration
+        if gps is None or self.gps_radius_km is None:
+            return None
+        if threshold is not None:
+            log.info("the given threshold %.4f decides every photo; the index's GPS threshold is not used", threshold)
+            return None
+        if not math.isclose(gps.radius_km, self.gps_radius_km, rel_tol=1e-9):
+            log.warning("the index's GPS threshold was calibrated for a radius of %g km, not %g km: photos with a "
+                        "position are decided by the plain threshold", gps.radius_km, self.gps_radius_km)
+            return None
+        return gps
 
     # ---- pieces --------------------------------------------------------------------------------
 
@@ -318,16 +340,21 @@ class Recognizer:
             for j in shown
         ]
         allowed = valid.copy()
+        threshold = self.threshold
         if self.gps_radius_km is not None:
             where = self._photo_gps(path)
             if where is not None:
                 result.gps = [float(where[0]), float(where[1])]
-                near = within_radius(where[0], where[1], self._lat[np.maximum(rows, 0)], self._lon[np.maximum(rows, 0)],
-                                     self.gps_radius_km)
+                near = near_candidates(self._lat, self._lon, rows[None, :], [where], self.gps_radius_km)[0]
                 allowed &= near
                 result.gps_rejected = [lms[r]["landmark_id"] for r in rows[valid & ~near]]
+                if self.gps_calibration is not None:
+                    # As calibrated: the first `candidates` landmarks, by the global score
+                    # (no verification: such an index has no GPS threshold), and its threshold.
+                    allowed[self.gps_calibration.candidates:] = False
+                    threshold = self.gps_calibration.calibration.threshold
         # The one acceptance rule (retrieval.decision), which the evaluation metrics apply too.
-        decision = decide(scores[None, :], rows[None, :], self.threshold, allowed[None, :])
+        decision = decide(scores[None, :], rows[None, :], threshold, allowed[None, :])
         best = int(decision.position[0])
         if best >= 0:
             r = int(rows[best])

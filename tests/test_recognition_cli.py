@@ -17,6 +17,7 @@ import retrieval.plots
 from cli.main import main
 from datamodules.images import load_rgb
 from recognition.artifact import LandmarkIndex, ModelMismatchError
+from recognition.calibration import calibrate_threshold
 from recognition.recognizer import Recognition, Recognizer
 
 FIELDS = {"path", "landmark_id", "name", "score", "accepted", "city", "candidates", "gps", "gps_rejected", "error",
@@ -520,3 +521,59 @@ def test_with_a_cache_an_unreadable_photo_still_says_why(built_index, tmp_path, 
                            "--cache-dir", tmp_path / "cache", "--workers", "0")
     assert rows[0]["error"] == f"{tmp_path / 'empty.jpg'}: empty file (0 bytes)"
     assert rows[1]["error"] == f"{tmp_path / 'text.jpg'}: not an image Pillow can identify"
+
+
+def test_index_calibrates_a_gps_threshold_that_recognize_uses_at_its_radius(built_index, tiny_world, tmp_path, capsys):
+    """`index --gps-radius-km`: a second threshold on the calibration photos that have a position, with the
+    filter applied; `recognize` at the same radius decides photos with a position by it."""
+    from datamodules.synth.plan import everyday_position
+
+    cache = built_index.parent / "cache"  # the fixture's embeddings: nothing is computed again
+    cities = json.loads((tiny_world / "world.json").read_text())["cities"]
+    rng = np.random.default_rng(0)
+    cal = pd.read_csv(tiny_world / "nonlandmarks.csv", dtype=str)
+    where = [everyday_position(rng, cities) for _ in range(len(cal))]
+    placed = cal.assign(path=[str(tiny_world / p) for p in cal["path"]], lat=[f"{w[0]:.6f}" for w in where],
+                        lon=[f"{w[1]:.6f}" for w in where])
+    placed.loc[:4, ["lat", "lon"]] = ""  # 5 photos without a position
+    placed.to_csv(tmp_path / "cal.csv", index=False)
+    base = ["index", "--manifest", str(tiny_world / "db.csv"), "--backbone", "mobilenetv2_100", "--image-size", "64",
+            "--cache-dir", str(cache), "--num-workers", "0", "--landmarks", str(tiny_world / "landmarks.csv"),
+            "--target-fpr", "0.1", "--no-exif-gps"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "gps"), "--nonlandmarks", str(tmp_path / "cal.csv"),
+                 "--gps-radius-km", "50"]) == 0
+    out = capsys.readouterr().out
+    index = LandmarkIndex.load(tmp_path / "gps")
+    gps = index.gps_calibration
+    assert (gps.radius_km, gps.candidates, gps.n_without_position, gps.calibration.n_calibration) == (50.0, 5, 5, 35)
+    assert f"with GPS:   {gps.calibration.threshold:.6f} for photos with a position" in out
+    # The same threshold by hand: each placed photo's first landmark within 50 km among its best 5.
+    from recognition.gps import near_candidates
+    from retrieval.decision import select
+    from retrieval.embed import embed_paths
+    from retrieval.embedding_model import load_embedding_model
+
+    emb = embed_paths(load_embedding_model(backbone="mobilenetv2_100", image_size=64, scales=index.model["identity"]["scales"]),
+                      list(placed["path"][5:]), cache_dir=cache, progress=False).embeddings
+    scores, rows = index.search(emb, 5)
+    lat = [lm["lat"] for lm in index.landmarks]
+    lon = [lm["lon"] for lm in index.landmarks]
+    filtered = select(scores, rows, near_candidates(lat, lon, rows, np.array(where[5:]), 50)).score
+    assert gps.calibration.threshold == calibrate_threshold(filtered, 0.1).threshold
+    assert (filtered <= index.top1(emb)[0]).all()  # the filter only removes candidates
+    # recognize: a photo with a position is decided by the GPS threshold, one without by the plain one
+    photo = tiny_world / "images" / "queries" / sorted(os.listdir(tiny_world / "images" / "queries"))[0]
+    photo = sorted(photo.iterdir())[0] if photo.is_dir() else photo
+    q = pd.read_csv(tiny_world / "queries.csv", dtype=str)
+    row = q[q["path"].map(lambda p: (tiny_world / p).resolve() == photo.resolve())].iloc[0]
+    (tmp_path / "where.csv").write_text(f"path,lat,lon\n{photo},{row['lat']},{row['lon']}\n")
+    capsys.readouterr()
+    assert main(["recognize", "--index", str(tmp_path / "gps"), "--gps-radius-km", "50", "--gps-csv",
+                 str(tmp_path / "where.csv"), "--no-exif-gps", str(photo)]) == 0
+    assert f"{gps.calibration.threshold:.4f} for photos with a position" in capsys.readouterr().err
+    # without --nonlandmarks there is nothing to calibrate on: one line, exit 2
+    assert main([*base, "--out", str(tmp_path / "none"), "--gps-radius-km", "50"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("landmarks index: error: --gps-radius-km calibrates a threshold on the "
+                                    "--nonlandmarks photos that have a position; give --nonlandmarks")

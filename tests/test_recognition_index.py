@@ -13,11 +13,21 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
+from core.errors import UserError
 from recognition.albums import group_albums, write_albums
 from recognition.artifact import FORMAT_VERSION, IndexFormatError, LandmarkIndex, ModelMismatchError
 from recognition.calibration import CalibrationError, calibrate_threshold
 from recognition.centroids import CentroidParams, build_representation, landmark_centroids
-from recognition.gps import GpsError, haversine_km, read_exif_gps, read_gps_csv, within_radius
+from recognition.gps import (
+    GpsCalibration,
+    GpsError,
+    calibrate_with_gps,
+    haversine_km,
+    near_candidates,
+    read_exif_gps,
+    read_gps_csv,
+    within_radius,
+)
 from recognition.recognizer import Recognition, Recognizer, expand_paths
 
 D = 8
@@ -414,6 +424,7 @@ def _decider(index, **kw):
     r = Recognizer.__new__(Recognizer)
     r.index, r.threshold, r.gps_radius_km, r.use_exif_gps = index, kw.get("threshold", 0.5), kw.get("radius"), True
     r.gps, r.top_k = kw.get("gps", {}), kw.get("top_k", 5)
+    r.gps_calibration = kw.get("gps_calibration")
     r._lat = np.array([np.nan if lm["lat"] is None else lm["lat"] for lm in index.landmarks])
     r._lon = np.array([np.nan if lm["lon"] is None else lm["lon"] for lm in index.landmarks])
     return r
@@ -438,6 +449,106 @@ def test_gps_filter_rejects_far_landmarks_and_falls_back_to_a_near_one(tmp_path,
     # nothing left within the radius: no landmark at all
     nowhere = _decider(index, radius=50).decide(photo, scores[:2], rows[:2])
     assert nowhere.landmark_id is None and not nowhere.accepted and nowhere.score is None
+
+
+PARIS, LONDON, SYDNEY = (48.8584, 2.2945), (51.5007, -0.1246), (-33.86, 151.21)
+
+
+def _three_landmark_index():
+    """A (Paris), B (London), C (no coordinates), each one vector: the axes 0, 1, 2."""
+    emb = np.stack([axis(0), axis(1), axis(2)]).astype(np.float32)
+    meta = {"A": {"lat": PARIS[0], "lon": PARIS[1]}, "B": {"lat": LONDON[0], "lon": LONDON[1]}}
+    return LandmarkIndex.from_centroids(build_representation(emb, ["A", "B", "C"], "mean"), MODEL, meta)
+
+
+def test_near_candidates_by_hand():
+    lat, lon = np.array([PARIS[0], LONDON[0], np.nan]), np.array([PARIS[1], LONDON[1], np.nan])
+    rows = np.array([[0, 1, 2], [0, 1, -1], [1, 0, 2]])
+    positions = np.array([LONDON, [np.nan, np.nan], SYDNEY])
+    # London (Paris is 340 km away); no position: all pass but the empty slot; Sydney: only C (no coordinates)
+    assert near_candidates(lat, lon, rows, positions, 50).tolist() == [
+        [False, True, True], [True, True, False], [False, False, True]]
+    assert near_candidates(lat, lon, rows[:1], [LONDON], 400).tolist() == [[True, True, True]]
+
+
+def test_a_gps_threshold_is_calibrated_on_filtered_scores_by_hand():
+    index = _three_landmark_index()
+    # cosines to A, B, C (the rows are unit vectors; the index's scores are these cosines)
+    cos = np.array([[0.9, 0.3, 0.1], [0.8, 0.5, 0.2], [0.7, 0.2, 0.6], [0.95, 0.1, 0.1], [0.6, 0.55, 0.3]])
+    emb = np.hstack([cos, np.sqrt(1 - (cos ** 2).sum(1, keepdims=True)), np.zeros((5, D - 4))]).astype(np.float32)
+    positions = np.array([LONDON, LONDON, SYDNEY, PARIS, [np.nan, np.nan]])
+    gps = calibrate_with_gps(index, emb, positions, 50, 0.25)
+    # filtered top-1 scores: London → B 0.3 and 0.5; Sydney → C 0.6; Paris → A 0.95; no position: left out.
+    # 4 photos at FPR 0.25 admit 1: the threshold lies just above the 2nd highest, 0.6.
+    assert gps.n_without_position == 1 and gps.calibration.n_calibration == 4
+    assert gps.calibration.n_false_positives == 1
+    assert np.float32(0.6) < gps.calibration.threshold <= np.nextafter(np.float32(0.6), np.float32(1)) + 1e-7
+    # Without the filter the same photos' top-1 (0.9, 0.8, 0.7, 0.95) give a threshold above 0.9.
+    plain = calibrate_threshold(index.top1(emb[:4])[0], 0.25)
+    assert plain.threshold > 0.9
+    # One candidate deep: a London photo whose best landmark is A has none near: -inf, never accepted.
+    one = calibrate_with_gps(index, emb, positions, 50, 0.25, candidates=1)
+    assert one.candidates == 1 and one.calibration.n_calibration == 4
+    # Sydney's best is A too: the scores are -inf, -inf, -inf, 0.95, and 1 of 4 may pass: any with a candidate.
+    assert one.calibration.n_false_positives == 1 and one.calibration.threshold < -1e38
+    # every photo filtered out: the threshold admits none, and is still a finite number in the header
+    nowhere = calibrate_with_gps(index, emb[:2], [SYDNEY, SYDNEY], 50, 0.5, candidates=2)
+    assert nowhere.calibration.n_false_positives == 0 and math.isfinite(nowhere.calibration.threshold)
+
+
+def test_the_recogniser_decides_a_photo_with_a_position_by_the_gps_threshold(tmp_path, caplog):
+    index = _three_landmark_index()
+    gps = GpsCalibration(50.0, 2, calibrate_threshold(np.array([0.1, 0.2, 0.3, 0.4]), 0.25), 0)  # threshold ~0.3
+    index.gps_calibration = gps
+    placed, unplaced = str(tmp_path / "london.jpg"), str(tmp_path / "unknown.jpg")
+    r = _decider(index, threshold=0.7, radius=50, gps={placed: LONDON}, gps_calibration=gps)
+    scores, rows = np.array([0.9, 0.5, 0.45], np.float32), np.array([0, 1, 2])
+    # London: A rejected, B at 0.5 passes the GPS threshold (not the plain 0.7)
+    london = r.decide(placed, scores, rows)
+    assert (london.landmark_id, london.accepted, london.gps_rejected) == ("B", True, ["A"])
+    # no position: the plain threshold, no filter
+    assert (r.decide(unplaced, scores, rows).landmark_id, r.decide(unplaced, scores, rows).accepted) == ("A", True)
+    assert not r.decide(unplaced, np.array([0.5, 0.4, 0.3], np.float32), rows).accepted
+    # only the first 2 candidates count, as calibrated: with A and B far, C (3rd) is not taken
+    r.gps = {placed: SYDNEY}
+    sydney = r.decide(placed, scores, rows)
+    assert sydney.landmark_id is None and not sydney.accepted
+    # The GPS threshold applies at its own radius, and not under a threshold given by hand.
+    r.gps_radius_km = 50.0
+    assert r._usable_gps_calibration(None) is gps
+    assert r._usable_gps_calibration(0.8) is None
+    r.gps_radius_km = 10.0
+    with caplog.at_level(logging.WARNING):
+        assert r._usable_gps_calibration(None) is None
+    assert "calibrated for a radius of 50 km, not 10 km" in caplog.text
+
+
+def test_a_gps_threshold_survives_a_round_trip_and_a_bad_one_is_refused(tmp_path):
+    index = _three_landmark_index()
+    index.gps_calibration = GpsCalibration(25.0, 5, calibrate_threshold(np.array([0.1, 0.2, 0.3, -np.inf]), 0.25), 3)
+    index.save(tmp_path / "i")
+    assert LandmarkIndex.load(tmp_path / "i").gps_calibration == index.gps_calibration
+    head = json.loads((tmp_path / "i" / "index.json").read_text())
+    head["gps_calibration"]["radius_km"] = -1
+    (tmp_path / "i" / "index.json").write_text(json.dumps(head))
+    with pytest.raises(IndexFormatError, match=r"index.json: gps_calibration: malformed .*radius_km > 0"):
+        LandmarkIndex.load(tmp_path / "i")
+
+
+def test_calibration_positions_come_from_the_columns_then_exif(tmp_path):
+    from datamodules.manifest import load_manifest
+    from recognition.indexing import photo_positions
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
+    _jpeg_with_gps(tmp_path / "c.jpg", *SYDNEY)
+    (tmp_path / "cal.csv").write_text(f"path,lat,lon\na.jpg,{LONDON[0]},{LONDON[1]}\nb.jpg,,\nc.jpg,,\n")
+    got = photo_positions(load_manifest(tmp_path / "cal.csv", "nonlandmark"))
+    assert got[0].tolist() == list(LONDON) and np.isnan(got[1]).all() and got[2] == pytest.approx(SYDNEY, abs=1e-4)
+    assert np.isnan(photo_positions(load_manifest(tmp_path / "cal.csv", "nonlandmark"), use_exif_gps=False)[2]).all()
+    (tmp_path / "half.csv").write_text("path,lat,lon\na.jpg,10,\n")
+    with pytest.raises(UserError, match=r"half.csv: line 2: lat and lon must both be given"):
+        photo_positions(load_manifest(tmp_path / "half.csv", "nonlandmark"))
 
 
 # ---- inputs and albums ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from datamodules.synth import (
 DB_COLUMNS = ["path", "landmark_id", "lat", "lon", "view", "is_noise", "true_landmark_id"]
 QUERY_COLUMNS = ["path", "landmark_id", "lat", "lon", "view"]
 NONLANDMARK_COLUMNS = ["path", "kind"]
+PLACED_COLUMNS = ["path", "kind", "lat", "lon"]  # distractors and calibration photos: where each was taken
 LANDMARK_COLUMNS = ["landmark_id", "name", "lat", "lon", "num_views", "duplicate_of", "city"]
 
 
@@ -95,7 +96,8 @@ def test_manifests_round_trip(world):
     for name in ("db", "queries", "nonlandmarks", "distractors", "landmarks"):
         columns[name], tables[name] = _read_csv(out / f"{name}.csv")
     assert columns == {"db": DB_COLUMNS, "queries": QUERY_COLUMNS, "nonlandmarks": NONLANDMARK_COLUMNS,
-                       "distractors": NONLANDMARK_COLUMNS, "landmarks": LANDMARK_COLUMNS}
+                       "distractors": PLACED_COLUMNS, "landmarks": LANDMARK_COLUMNS}
+    assert _read_csv(out / "calibration.csv")[0] == PLACED_COLUMNS
     on_disk = json.loads((out / "world.json").read_text())
     assert on_disk == meta
     assert meta["format"] == FORMAT and meta["seed"] == config.seed
@@ -169,6 +171,14 @@ def test_manifests_round_trip(world):
 
     for name in ("nonlandmarks", "distractors"):
         assert meta["kinds"][name] == dict(sorted(Counter(row["kind"] for row in tables[name]).items()))
+    # Every distractor and calibration photo was taken in one of the world's cities (within ~0.3°,
+    # six standard deviations), and they are spread over more than one city.
+    cities = np.array([(float(c["lat"]), float(c["lon"])) for c in meta["cities"]])
+    for rows in (tables["distractors"], _read_csv(out / "calibration.csv")[1]):
+        where = np.array([(float(r["lat"]), float(r["lon"])) for r in rows])
+        nearest = np.abs(where[:, None, :] - cities[None]).max(axis=2).argmin(axis=1)
+        assert (np.abs(where - cities[nearest]).max(axis=1) < 0.3).all()
+        assert len(set(nearest)) > 1
     hard = sum(meta["kinds"][name].get(HARD_NEGATIVE_KIND, 0) for name in ("nonlandmarks", "distractors"))
     assert 0 < hard < config.nonlandmark_pool + config.distractors
 

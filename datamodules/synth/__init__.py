@@ -28,9 +28,9 @@ Layout written by :func:`generate_world` (paths in CSVs are relative to ``<out>`
     <out>/db.csv           path,landmark_id,lat,lon,view,is_noise,true_landmark_id
     <out>/queries.csv      path,landmark_id,lat,lon,view
     <out>/nonlandmarks.csv path,kind
-    <out>/distractors.csv  path,kind
+    <out>/distractors.csv  path,kind,lat,lon   (where each was taken: a city of the world; CSV only)
     <out>/landmarks.csv    landmark_id,name,lat,lon,num_views,duplicate_of,city
-    <out>/calibration.csv  path,kind
+    <out>/calibration.csv  path,kind,lat,lon   (the same)
     <out>/collection.csv   path,landmark_id,kind,lat,lon   (truth; lat/lon empty = no GPS in the EXIF)
     <out>/world.json       format, config, seed, counts, noise counts, duplicate pairs, cities
 

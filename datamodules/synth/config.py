@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # 2: adds the calibration split and the user collection (format-1 files are unchanged).
-FORMAT = "synthetic-landmark-world/2"
+FORMAT = "synthetic-landmark-world/3"
 
 # The shooting angles a landmark can be photographed from (a config's max_views is at most this many).
 FRAMINGS = ("front", "side", "interior", "detail", "distant")

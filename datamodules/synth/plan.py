@@ -25,6 +25,7 @@ from datamodules.synth.streams import (
     STREAM_NONLANDMARKS,
     STREAM_PLAN,
     STREAM_PLAN_2,
+    STREAM_POSITIONS,
     STREAM_QUERIES,
     STREAM_VIEW_MIX,
     stream_rng,
@@ -124,6 +125,10 @@ def build_plan(config: SynthConfig) -> Plan:
     rng_2 = stream_rng(config.seed, STREAM_PLAN_2)
     calibration_rows, calibration_tasks = _plan_calibration(config, rng_2)
     collection_rows, collection_tasks = _plan_collection(config, rng_2, landmarks)
+    # Format 3: positions for the distractors and calibration photos, each split from a stream of
+    # its own (a world with more distractors keeps the first ones' positions and the calibration's).
+    for k, rows in enumerate((split_rows["distractors"], calibration_rows)):
+        _place_everyday_photos(stream_rng(config.seed, STREAM_POSITIONS, k), landmarks.cities, rows)
 
     by_id = lambda row: int(row["landmark_id"])  # noqa: E731 - stable sort keeps image order within an id
     landmark_rows = sorted(landmarks.rows, key=by_id)
@@ -291,6 +296,23 @@ def _plan_calibration(config: SynthConfig, rng: np.random.Generator) -> tuple[li
     return rows, tasks
 
 
+def everyday_position(rng: np.random.Generator, cities: list[dict]) -> tuple[float, float]:
+    """Where an everyday (non-landmark) photo is taken: somewhere in one of the world's ``cities``
+    (``{"lat", "lon"}`` in degrees), a few km from its centre, where the landmarks stand too."""
+    city = cities[int(rng.integers(len(cities)))]
+    return float(city["lat"]) + float(rng.normal(0, 0.05)), float(city["lon"]) + float(rng.normal(0, 0.05))
+
+
+def _place_everyday_photos(rng: np.random.Generator, cities: list[dict], rows: list[dict]) -> None:
+    """``lat``/``lon`` for every row (in place), by :func:`everyday_position`: the distractors and
+    calibration photos stand for a user's everyday photos, so that a GPS filter and a threshold
+    calibrated with it (``landmarks index --gps-radius-km``) can be measured. Only the CSVs carry
+    them; the images (and their EXIF) are those of a world without positions."""
+    for row in rows:
+        lat, lon = everyday_position(rng, cities)
+        row["lat"], row["lon"] = _fmt(lat), _fmt(lon)
+
+
 def _plan_collection(config: SynthConfig, rng: np.random.Generator,
                      landmarks: _Landmarks) -> tuple[list[dict], list[Task]]:
     """A user's photo collection: mostly everyday photos, a few of landmarks (original ids only,
@@ -312,8 +334,7 @@ def _plan_collection(config: SynthConfig, rng: np.random.Generator,
             lat, lon = lat + float(rng.normal(0, 1e-3)), lon + float(rng.normal(0, 1e-3))
             task_args, truth, kind = (k, view, ""), landmarks.ids[k], ""
         else:
-            city = landmarks.cities[int(rng.integers(len(landmarks.cities)))]
-            lat, lon = city["lat"] + float(rng.normal(0, 0.05)), city["lon"] + float(rng.normal(0, 0.05))
+            lat, lon = everyday_position(rng, landmarks.cities)
             kind = _nonlandmark_kind(rng, config.hard_negative_share)
             task_args, truth = (-1, -1, kind), ""
         gps = (round(lat, 6), round(lon, 6)) if rng.random() < config.collection_gps_share else None

@@ -14,6 +14,8 @@ STREAM_CALIBRATION, STREAM_COLLECTION = 5, 6
 STREAM_BLUEPRINT, STREAM_PLAN, STREAM_VIEW_MIX = 10, 11, 12
 # Plans of the splits added in format 2 draw from their own stream: format-1 worlds keep their bytes.
 STREAM_PLAN_2 = 13
+# Format 3: where the calibration photos and distractors were taken, after every format-2 draw.
+STREAM_POSITIONS = 14
 
 
 def stream_rng(seed: int, stream: int, *index: int) -> np.random.Generator:

@@ -27,9 +27,9 @@ _COLUMNS = {
     "db.csv": ("path", "landmark_id", "lat", "lon", "view", "is_noise", "true_landmark_id"),
     "queries.csv": ("path", "landmark_id", "lat", "lon", "view"),
     "nonlandmarks.csv": ("path", "kind"),
-    "distractors.csv": ("path", "kind"),
+    "distractors.csv": ("path", "kind", "lat", "lon"),
     "landmarks.csv": ("landmark_id", "name", "lat", "lon", "num_views", "duplicate_of", "city"),
-    "calibration.csv": ("path", "kind"),
+    "calibration.csv": ("path", "kind", "lat", "lon"),
     "collection.csv": ("path", "landmark_id", "kind", "lat", "lon"),
 }
 
