@@ -33,7 +33,8 @@
                    figures of the recogniser that ships; then again with each photo's position
                    (``--gps-radius-km``; the index's threshold calibrated with the GPS filter);
 8. ``albums``    — ``landmarks albums`` over the world's user collection (a landmark photo in
-                   ~67, GPS in the EXIF of 60 %), an HTML page.
+                   ~67, GPS in the EXIF of 60 %: those photos decided with the GPS filter and the
+                   index's GPS threshold), an HTML page.
 
 Every stage writes its outputs atomically and, last, ``<out>/<stage>/stage.json``. Run again, the
 same command skips the finished stages (an interrupted fit resumes from its last epoch's

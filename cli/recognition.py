@@ -238,6 +238,8 @@ def run_index_command(args: argparse.Namespace) -> int:
     from recognition.indexing import build_landmark_index
     from recognition.verification import VerificationParams
 
+    if args.no_exif_gps and args.gps_radius_km is None:
+        raise UserError("--no-exif-gps says where the calibration photos' positions come from; it needs --gps-radius-km")
     try:
         descriptors = DescriptorParams(args.whiten, args.whiten_shrink, args.dba, args.query_expansion,
                                        args.expansion_alpha)

@@ -171,7 +171,9 @@ def calibrate_threshold(scores, target_fpr: float = 1e-3, allow_unresolved: bool
     """Threshold at which at most ``target_fpr`` of the non-landmark ``scores`` are accepted.
 
     Args:
-        scores: top-1 scores of the calibration (non-landmark) photos against the index.
+        scores: top-1 scores of the calibration (non-landmark) photos against the index; ``-inf``
+            for a photo with no candidate at all (e.g. none within a GPS radius), never accepted
+            but counted.
         target_fpr: in (0, 1).
         rule: ``empirical`` (at most ``target_fpr`` of these photos) or ``conformal`` (at most
             ``target_fpr`` of new photos, in expectation); see the module docstring.

@@ -34,13 +34,15 @@ from retrieval.decision import select
 log = logging.getLogger(__name__)
 
 __all__ = ["EARTH_RADIUS_KM", "GPS_CANDIDATES", "GpsCalibration", "GpsError", "calibrate_with_gps", "haversine_km",
-           "near_candidates", "read_exif_gps", "read_gps_csv", "within_radius"]
+           "landmark_coordinates", "near_candidates", "parse_position", "photo_positions", "read_exif_gps",
+           "read_gps_csv", "within_radius"]
 
 #: Mean Earth radius (IUGG), km.
 EARTH_RADIUS_KM = 6371.0088
 #: How many of a photo's best landmarks the filter looks through for one within the radius, when a
-#: threshold is calibrated with it: the recogniser's default ``top_k``. A deeper search finds a
-#: nearby landmark for more non-landmark photos, so the depth is part of the calibration.
+#: threshold is calibrated with it (as many as ``landmarks recognize`` reports by default). A deeper
+#: search finds a nearby landmark for more non-landmark photos, so the depth is part of the
+#: calibration, and the recogniser decides such photos over exactly these candidates.
 GPS_CANDIDATES = 5
 
 
@@ -63,6 +65,51 @@ def within_radius(lat: float, lon: float, cand_lat, cand_lon, radius_km: float) 
     known = np.isfinite(cand_lat) & np.isfinite(cand_lon)
     dist = np.where(known, haversine_km(lat, lon, np.where(known, cand_lat, 0.0), np.where(known, cand_lon, 0.0)), 0.0)
     return ~known | (dist <= radius_km)
+
+
+def landmark_coordinates(landmarks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(lat, lon)`` of an index's landmarks (``landmarks.json`` entries), NaN where unknown."""
+    lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in landmarks], dtype=np.float64)
+    lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in landmarks], dtype=np.float64)
+    return lat, lon
+
+
+def parse_position(lat: str, lon: str, source, line: int, lat_column: str = "lat",
+                   lon_column: str = "lon") -> tuple[float, float] | None:
+    """``(lat, lon)`` from a CSV row's two cells, or None when both are empty; a half-filled,
+    non-numeric or out-of-range pair is a :class:`GpsError` naming ``source`` and ``line``. The one
+    reader of a photo's position cells (``--gps-csv``, a calibration manifest's columns)."""
+    lat, lon = str(lat).strip(), str(lon).strip()
+    if not lat and not lon:
+        return None
+    if not lat or not lon:
+        raise GpsError(f"{source}: line {line}: {lat_column} and {lon_column} must both be given or both be empty")
+    try:
+        value = (float(lat), float(lon))
+    except ValueError:
+        raise GpsError(f"{source}: line {line}: {lat_column}={lat!r}, {lon_column}={lon!r} are not both numbers") from None
+    if not (-90 <= value[0] <= 90 and -180 <= value[1] <= 180):
+        raise GpsError(f"{source}: line {line}: coordinates {value} out of range")
+    return value
+
+
+def photo_positions(manifest, use_exif_gps: bool = True) -> np.ndarray:
+    """float64 ``[n, 2]``: each photo's (lat, lon) from the manifest's ``lat``/``lon`` columns, else
+    (``use_exif_gps``) from its EXIF, as ``landmarks recognize`` takes a photo's position; NaN where
+    neither has one."""
+    table = manifest.table
+    present = [c for c in ("lat", "lon") if c in table.columns]
+    if len(present) == 1:
+        missing = "lon" if present == ["lat"] else "lat"
+        raise GpsError(f"{manifest.source}: has a {present[0]} column but no {missing} column")
+    out = np.full((len(manifest), 2), np.nan)
+    for i, (path, line) in enumerate(zip(manifest.paths, manifest.lines)):
+        where = parse_position(table["lat"].iat[i], table["lon"].iat[i], manifest.source, int(line)) if present else None
+        if where is None and use_exif_gps:
+            where = read_exif_gps(path)
+        if where is not None:
+            out[i] = where
+    return out
 
 
 def near_candidates(landmark_lat, landmark_lon, rows, positions, radius_km: float) -> np.ndarray:
@@ -102,11 +149,17 @@ class GpsCalibration:
     @classmethod
     def from_json(cls, data: dict) -> "GpsCalibration":
         """Raises ValueError, KeyError or TypeError for a malformed record (the index loader names the file)."""
-        radius, candidates = float(data["radius_km"]), data["candidates"]
-        if not (math.isfinite(radius) and radius > 0) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"GPS calibration needs radius_km > 0 and candidates >= 1, got {data['radius_km']!r} "
-                             f"and {candidates!r}")
-        return cls(radius, candidates, Calibration.from_json(data["calibration"]), int(data["n_without_position"]))
+        radius, candidates, unplaced = data["radius_km"], data["candidates"], data["n_without_position"]
+        number = isinstance(radius, (int, float)) and not isinstance(radius, bool)
+        if not (number and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"radius_km must be a number > 0, got {radius!r}")
+        for key, value, least in (("candidates", candidates, 1), ("n_without_position", unplaced, 0)):
+            if type(value) is not int or value < least:
+                raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
+        calibration = Calibration.from_json(data["calibration"])
+        if not math.isfinite(calibration.threshold):
+            raise ValueError(f"the threshold must be a finite number, got {calibration.threshold}")
+        return cls(float(radius), candidates, calibration, unplaced)
 
 
 def calibrate_with_gps(index, embeddings: np.ndarray, positions: np.ndarray, radius_km: float, target_fpr: float,
@@ -123,13 +176,20 @@ def calibrate_with_gps(index, embeddings: np.ndarray, positions: np.ndarray, rad
     """
     positions = np.asarray(positions, dtype=np.float64).reshape(len(embeddings), 2)
     placed = np.isfinite(positions).all(axis=1)
-    lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in index.landmarks], dtype=np.float64)
-    lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in index.landmarks], dtype=np.float64)
+    lat, lon = landmark_coordinates(index.landmarks)
     scores = np.zeros(0, dtype=np.float32)
     if placed.any():
         found, rows = index.search(np.asarray(embeddings)[placed], candidates)
         scores = select(found, rows, near_candidates(lat, lon, rows, positions[placed], radius_km)).score
     calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved, rule=rule)
+    near = int(np.isfinite(scores).sum())
+    if calibration.threshold <= -np.finfo(np.float32).max:
+        # The rule may admit more photos than have any landmark near them: the "threshold" would
+        # then accept every nearby match whatever its score, from a handful of photos.
+        raise UserError(
+            f"only {near} of the {len(scores)} calibration photos with a position have a landmark within "
+            f"{radius_km:g} km among their best {candidates}, too few to set a threshold at FPR {target_fpr:g}: "
+            "give a larger radius or more calibration photos taken where the landmarks are")
     return GpsCalibration(float(radius_km), int(candidates), calibration, int((~placed).sum()))
 
 
@@ -192,15 +252,9 @@ def read_gps_csv(csv_path: str | os.PathLike, lat_column: str = "lat", lon_colum
         raise GpsError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}")
     out: dict[str, tuple[float, float]] = {}
     for line, (path, lat, lon) in enumerate(zip(table["path"], table[lat_column], table[lon_column]), start=2):
-        lat, lon = lat.strip(), lon.strip()
-        if not lat and not lon:
+        value = parse_position(lat, lon, csv_path, line, lat_column, lon_column)
+        if value is None:
             continue
-        try:
-            value = (float(lat), float(lon))
-        except ValueError:
-            raise GpsError(f"{csv_path}: line {line}: {lat_column}={lat!r}, {lon_column}={lon!r} are not both numbers") from None
-        if not (-90 <= value[0] <= 90 and -180 <= value[1] <= 180):
-            raise GpsError(f"{csv_path}: line {line}: coordinates {value} out of range")
         full = path if os.path.isabs(path) else str(csv_path.parent / path)
         out[os.path.abspath(full)] = value
     return out

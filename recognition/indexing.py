@@ -76,30 +76,6 @@ def _metadata_rows(table: pd.DataFrame, source: str, lines) -> list[dict]:
     return rows
 
 
-def photo_positions(manifest, use_exif_gps: bool = True) -> np.ndarray:
-    """float64 ``[n, 2]``: each photo's (lat, lon) from the manifest's ``lat``/``lon`` columns, else
-    (``use_exif_gps``) from its EXIF, as ``landmarks recognize`` takes a photo's position; NaN
-    where neither has one. A half-filled, non-numeric or out-of-range cell is an error naming the line."""
-    from recognition.gps import read_exif_gps
-
-    table = manifest.table
-    has_columns = "lat" in table.columns and "lon" in table.columns
-    out = np.full((len(manifest), 2), np.nan)
-    for i, (path, line) in enumerate(zip(manifest.paths, manifest.lines)):
-        where = None
-        if has_columns:
-            lat = _float_or_none(table["lat"].iat[i], manifest.source, int(line), "lat")
-            lon = _float_or_none(table["lon"].iat[i], manifest.source, int(line), "lon")
-            if (lat is None) != (lon is None):
-                raise UserError(f"{manifest.source}: line {int(line)}: lat and lon must both be given or both be empty")
-            where = None if lat is None else (lat, lon)
-        if where is None and use_exif_gps:
-            where = read_exif_gps(path)
-        if where is not None:
-            out[i] = where
-    return out
-
-
 def landmark_metadata_of(manifest, landmarks_csv: str | os.PathLike | None, known_ids: set[str]) -> dict[str, dict]:
     """Per-landmark name/city/lat/lon from ``landmarks_csv`` (its values win) and the manifest's columns."""
     from recognition.artifact import landmark_metadata
@@ -207,19 +183,25 @@ def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: 
     return hardest
 
 
+def _check_gps_inputs(positions: np.ndarray, metadata: dict[str, dict], source: str, readable: str = "") -> None:
+    """Refuse a GPS calibration that cannot mean anything: no landmark with coordinates (the
+    filter would remove nothing), or no calibration photo with a position."""
+    if not any(m.get("lat") is not None for m in metadata.values()):
+        raise UserError("--gps-radius-km: no landmark of the index has coordinates (give --landmarks with lat,lon "
+                        "or lat,lon columns in the DB), so the filter would remove nothing")
+    if not np.isfinite(positions).all(axis=1).any():
+        raise UserError(f"--gps-radius-km: none of the {len(positions)} {readable}calibration photos of {source} has "
+                        "a position (lat,lon columns or EXIF GPS)")
+
+
 def _gps_calibration(index, embeddings, positions, radius_km, target_fpr, candidates, rule, allow_unresolved,
                      source: str):
     """:func:`recognition.gps.calibrate_with_gps`, refused where it cannot mean anything."""
     from recognition.calibration import CalibrationError
     from recognition.gps import calibrate_with_gps
 
-    if not any(lm.get("lat") is not None for lm in index.landmarks):
-        raise UserError("--gps-radius-km: no landmark of the index has coordinates (give --landmarks with lat,lon "
-                        "or lat,lon columns in the DB), so the filter would remove nothing")
+    _check_gps_inputs(positions, {lm["landmark_id"]: lm for lm in index.landmarks}, source, "readable ")
     placed = int(np.isfinite(positions).all(axis=1).sum())
-    if not placed:
-        raise UserError(f"--gps-radius-km: none of the {len(positions)} readable calibration photos of {source} has a "
-                        "position (lat,lon columns or EXIF GPS)")
     try:
         gps = calibrate_with_gps(index, embeddings, positions, radius_km, target_fpr, candidates=candidates,
                                  rule=rule, allow_unresolved=allow_unresolved)
@@ -300,13 +282,16 @@ def build_landmark_index(
     from recognition.calibration import Calibration, CalibrationError, calibrate_threshold, hardest_calibration_photos
     from recognition.centroids import CentroidParams
     from recognition.descriptors import DescriptorParams
-    from recognition.gps import GPS_CANDIDATES
+    from recognition.gps import GPS_CANDIDATES, photo_positions
     from retrieval.embedding_model import load_embedding_model, scale_factors
 
     check_index_target(out)  # before the embedding, not after it
     if threshold is not None and nonlandmarks:
         raise UserError("give --nonlandmarks (calibration) or --threshold, not both")
     if gps_radius_km is not None:
+        if threshold is not None:
+            raise UserError("--gps-radius-km calibrates a second threshold on the --nonlandmarks photos that have a "
+                            "position; it cannot go with a fixed --threshold")
         if not nonlandmarks:
             raise UserError("--gps-radius-km calibrates a threshold on the --nonlandmarks photos that have a "
                             "position; give --nonlandmarks")
@@ -348,8 +333,11 @@ def build_landmark_index(
         calibration_set = _image_files(load_manifest(nonlandmarks, "nonlandmark", extra_columns=extra_columns,
                                                      column_map=column_map or None))
         calibration_set = filter_rows(calibration_set, nonlandmarks_where)
-        # Read before the embedding, so a bad cell fails fast.
-        positions = photo_positions(calibration_set, use_exif_gps) if gps_radius_km is not None else None
+        # Read before the embedding, so a bad cell (or nothing to calibrate on) fails fast.
+        positions = None
+        if gps_radius_km is not None:
+            positions = photo_positions(calibration_set, use_exif_gps)
+            _check_gps_inputs(positions, metadata, calibration_set.source)
     elif threshold is None:
         log.warning("no --nonlandmarks: the index gets no calibrated threshold; `landmarks recognize` will then "
                     "need --threshold")

@@ -28,7 +28,7 @@ from datamodules.images import UnreadableImage, load_rgb
 from datamodules.manifest import IMAGE_SUFFIXES
 from datamodules.transforms import eval_transform
 from recognition.artifact import LandmarkIndex, ModelMismatchError
-from recognition.gps import near_candidates, read_exif_gps
+from recognition.gps import landmark_coordinates, near_candidates, read_exif_gps
 from recognition.verification import make_extractor, query_features
 from retrieval.decision import decide
 from retrieval.embedding_model import EmbeddingModel, load_embedding_model
@@ -246,8 +246,7 @@ class Recognizer:
         self.net = model.net.to(self.device).eval()
         self.transform = eval_transform(model.image_size)
         lms = self.index.landmarks
-        self._lat = np.array([np.nan if lm.get("lat") is None else lm["lat"] for lm in lms], dtype=np.float64)
-        self._lon = np.array([np.nan if lm.get("lon") is None else lm["lon"] for lm in lms], dtype=np.float64)
+        self._lat, self._lon = landmark_coordinates(lms)
         self._extractor = None if self.index.local_features is None else make_extractor(
             self.index.local_features.params, self.net)
         # Verification re-scores the index's `candidates` best landmarks, as calibration did: a

@@ -572,8 +572,29 @@ def test_index_calibrates_a_gps_threshold_that_recognize_uses_at_its_radius(buil
     assert main(["recognize", "--index", str(tmp_path / "gps"), "--gps-radius-km", "50", "--gps-csv",
                  str(tmp_path / "where.csv"), "--no-exif-gps", str(photo)]) == 0
     assert f"{gps.calibration.threshold:.4f} for photos with a position" in capsys.readouterr().err
-    # without --nonlandmarks there is nothing to calibrate on: one line, exit 2
+    # The recogniser decides the calibration photos as calibration scored them, however deep it reports
+    # (--top-k 1) and with a non-landmark penalty: as many accepted as the calibration admitted. Each
+    # photo stands at its second-best landmark, so that its first candidate within the radius is not its
+    # first candidate (unless both are in one city): a recogniser searching less deep would accept fewer.
+    second = np.array([[lat[r], lon[r]] for r in rows[:, 1]])
+    moved = placed.iloc[5:].assign(lat=[f"{w[0]:.6f}" for w in second], lon=[f"{w[1]:.6f}" for w in second])
+    moved.to_csv(tmp_path / "moved.csv", index=False)
+    assert main([*base, "--out", str(tmp_path / "pool"), "--nonlandmarks", str(tmp_path / "moved.csv"),
+                 "--gps-radius-km", "50", "--nonlandmark-pool", str(tiny_world / "distractors.csv")]) == 0
+    pooled = LandmarkIndex.load(tmp_path / "pool").gps_calibration.calibration
+    (tmp_path / "placed.txt").write_text("\n".join(moved["path"]) + "\n")
+    for top_k in ("1", "5", "8"):
+        decided = _recognize_json(capsys, tmp_path / "pool", "--gps-radius-km", "50", "--gps-csv",
+                                  tmp_path / "moved.csv", "--no-exif-gps", "--top-k", top_k, tmp_path / "placed.txt")
+        assert len(decided) == 35 and sum(d["accepted"] for d in decided) == pooled.n_false_positives > 0
+    # without --nonlandmarks there is nothing to calibrate on; a fixed threshold leaves nothing to calibrate
     assert main([*base, "--out", str(tmp_path / "none"), "--gps-radius-km", "50"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == ("landmarks index: error: --gps-radius-km calibrates a threshold on the "
                                     "--nonlandmarks photos that have a position; give --nonlandmarks")
+    assert main([*base, "--out", str(tmp_path / "none"), "--gps-radius-km", "50", "--threshold", "0.5"]) == 2
+    assert "it cannot go with a fixed --threshold" in capsys.readouterr().err.splitlines()[-1]
+    assert main([*base[:-1], "--out", str(tmp_path / "none"), "--nonlandmarks", str(tmp_path / "cal.csv"),
+                 "--no-exif-gps"]) == 2
+    assert "--no-exif-gps says where the calibration photos' positions come from" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -487,13 +487,14 @@ def test_a_gps_threshold_is_calibrated_on_filtered_scores_by_hand():
     plain = calibrate_threshold(index.top1(emb[:4])[0], 0.25)
     assert plain.threshold > 0.9
     # One candidate deep: a London photo whose best landmark is A has none near: -inf, never accepted.
-    one = calibrate_with_gps(index, emb, positions, 50, 0.25, candidates=1)
-    assert one.candidates == 1 and one.calibration.n_calibration == 4
-    # Sydney's best is A too: the scores are -inf, -inf, -inf, 0.95, and 1 of 4 may pass: any with a candidate.
-    assert one.calibration.n_false_positives == 1 and one.calibration.threshold < -1e38
-    # every photo filtered out: the threshold admits none, and is still a finite number in the header
-    nowhere = calibrate_with_gps(index, emb[:2], [SYDNEY, SYDNEY], 50, 0.5, candidates=2)
-    assert nowhere.calibration.n_false_positives == 0 and math.isfinite(nowhere.calibration.threshold)
+    # Sydney's best is A too: the scores are -inf, -inf, -inf, 0.95. The rule admits 1 of 4, and only one photo
+    # has a candidate: the "threshold" would accept every nearby match whatever its score. Refused.
+    with pytest.raises(UserError, match=r"only 1 of the 4 calibration photos with a position have a landmark "
+                                        r"within 50 km among their best 1, too few"):
+        calibrate_with_gps(index, emb, positions, 50, 0.25, candidates=1)
+    # two with a candidate: a threshold again, set by the filtered scores
+    two = calibrate_with_gps(index, emb[:4], [LONDON, PARIS, SYDNEY, PARIS], 50, 0.25, candidates=1)
+    assert two.calibration.n_false_positives == 1 and np.float32(0.8) < two.calibration.threshold <= 0.95
 
 
 def test_the_recogniser_decides_a_photo_with_a_position_by_the_gps_threshold(tmp_path, caplog):
@@ -529,15 +530,27 @@ def test_a_gps_threshold_survives_a_round_trip_and_a_bad_one_is_refused(tmp_path
     index.save(tmp_path / "i")
     assert LandmarkIndex.load(tmp_path / "i").gps_calibration == index.gps_calibration
     head = json.loads((tmp_path / "i" / "index.json").read_text())
-    head["gps_calibration"]["radius_km"] = -1
+    good = json.loads(json.dumps(head["gps_calibration"]))
+    for key, value, named in (("radius_km", -1, "radius_km must be a number > 0"),
+                              ("radius_km", "50", "radius_km must be a number > 0"),
+                              ("candidates", True, "candidates must be an integer >= 1"),
+                              ("candidates", 0, "candidates must be an integer >= 1"),
+                              ("n_without_position", -2, "n_without_position must be an integer >= 0"),
+                              ("calibration", {**good["calibration"], "threshold": float("nan")},
+                               "the threshold must be a finite number")):
+        head["gps_calibration"] = {**good, key: value}
+        (tmp_path / "i" / "index.json").write_text(json.dumps(head))
+        with pytest.raises(IndexFormatError, match=rf"index.json: gps_calibration: malformed .*{named}"):
+            LandmarkIndex.load(tmp_path / "i")
+    head["gps_calibration"] = {k: v for k, v in good.items() if k != "candidates"}
     (tmp_path / "i" / "index.json").write_text(json.dumps(head))
-    with pytest.raises(IndexFormatError, match=r"index.json: gps_calibration: malformed .*radius_km > 0"):
+    with pytest.raises(IndexFormatError, match=r"gps_calibration: malformed \(KeyError\('candidates'\)\)"):
         LandmarkIndex.load(tmp_path / "i")
 
 
 def test_calibration_positions_come_from_the_columns_then_exif(tmp_path):
     from datamodules.manifest import load_manifest
-    from recognition.indexing import photo_positions
+    from recognition.gps import photo_positions
 
     for name in ("a", "b", "c"):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
@@ -547,8 +560,14 @@ def test_calibration_positions_come_from_the_columns_then_exif(tmp_path):
     assert got[0].tolist() == list(LONDON) and np.isnan(got[1]).all() and got[2] == pytest.approx(SYDNEY, abs=1e-4)
     assert np.isnan(photo_positions(load_manifest(tmp_path / "cal.csv", "nonlandmark"), use_exif_gps=False)[2]).all()
     (tmp_path / "half.csv").write_text("path,lat,lon\na.jpg,10,\n")
-    with pytest.raises(UserError, match=r"half.csv: line 2: lat and lon must both be given"):
+    with pytest.raises(GpsError, match=r"half.csv: line 2: lat and lon must both be given"):
         photo_positions(load_manifest(tmp_path / "half.csv", "nonlandmark"))
+    (tmp_path / "nan.csv").write_text("path,lat,lon\na.jpg,nan,1\n")
+    with pytest.raises(GpsError, match=r"nan.csv: line 2: coordinates \(nan, 1.0\) out of range"):
+        photo_positions(load_manifest(tmp_path / "nan.csv", "nonlandmark"))
+    (tmp_path / "lat.csv").write_text("path,lat\na.jpg,10\n")
+    with pytest.raises(GpsError, match=r"lat.csv: has a lat column but no lon column"):
+        photo_positions(load_manifest(tmp_path / "lat.csv", "nonlandmark"))
 
 
 # ---- inputs and albums ---------------------------------------------------------------------

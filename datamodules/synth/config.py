@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # 2: adds the calibration split and the user collection (format-1 files are unchanged).
+# 3: adds lat,lon columns to distractors.csv and calibration.csv (every image is unchanged).
 FORMAT = "synthetic-landmark-world/3"
 
 # The shooting angles a landmark can be photographed from (a config's max_views is at most this many).
