@@ -57,8 +57,8 @@ def decision_scores(recognitions) -> np.ndarray:
     return np.array([-np.inf if r.score is None else r.score for r in recognitions])
 
 
-def figures(recognitions, truth: list[str | None], calibration_scores: np.ndarray, threshold: float, splits: int,
-            target: float, rng: np.random.Generator) -> dict:
+def figures(recognitions, truth: list[str | None], calibration_scores: np.ndarray, threshold: float,
+            orders: list[np.ndarray], target: float) -> dict:
     landmark = np.array([t is not None for t in truth])
     accepted = np.array([r.accepted for r in recognitions])
     right = np.array([r.landmark_id == t for r, t in zip(recognitions, truth)])[landmark]
@@ -71,8 +71,7 @@ def figures(recognitions, truth: list[str | None], calibration_scores: np.ndarra
     # Re-splits of all unseen non-landmarks: calibrate on n_cal of them, count on the rest.
     pool, n_cal = np.concatenate([calibration_scores, distractors]), len(calibration_scores)
     recalls, fprs = [], []
-    for _ in range(splits):
-        order = rng.permutation(len(pool))
+    for order in orders:  # the same re-splits for every arm: paired
         t = calibrate_threshold(pool[order[:n_cal]], target).threshold
         recalls.append(float((right & accepts(queries, t)).mean()))
         fprs.append(float(accepts(pool[order[n_cal:]], t).mean()))
@@ -104,6 +103,7 @@ def main() -> None:
     where = {**read_gps_csv(world / "queries.csv"), **read_gps_csv(world / "distractors.csv"),
              **read_gps_csv(world / "calibration.csv")}
     rng = np.random.default_rng(0)
+    orders = [rng.permutation(len(calibration) + len(distractors)) for _ in range(args.splits)]
     results = []
     for i, checkpoint in enumerate(args.checkpoints):
         index, _ = build_landmark_index(
@@ -127,8 +127,8 @@ def main() -> None:
                 # index's threshold back (the plain one without the filter, the GPS one with it).
                 again = calibrate_threshold(calibration_scores, args.target_fpr).threshold
                 assert np.isclose(again, threshold, rtol=0, atol=1e-6), (name, again, threshold)
-            row[name] = figures(recognizer.recognize(photos), truth, calibration_scores, threshold, args.splits,
-                                args.target_fpr, rng)
+            row[name] = figures(recognizer.recognize(photos), truth, calibration_scores, threshold, orders,
+                                args.target_fpr)
         results.append(row)
         print(json.dumps(row), flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))

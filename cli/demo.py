@@ -423,25 +423,25 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     truth = query_ids + [None] * len(distractors)
     out.mkdir(parents=True, exist_ok=True)
 
-    def scored(recognizer, results) -> dict:
+    def scored(recognizer, results, threshold: float) -> dict:
         code = {lid: i for i, lid in enumerate(sorted({r.landmark_id for r in results if r.landmark_id} | set(query_ids)))}
         pred = np.array([code.get(r.landmark_id, NONLANDMARK) for r in results], dtype=np.int64)
         true = np.array([NONLANDMARK if t is None else code[t] for t in truth], dtype=np.int64)
         accepted = np.array([r.accepted for r in results], dtype=bool)
-        row = score_decisions(pred, accepted, true, recognizer.threshold, user_prior)
+        row = score_decisions(pred, accepted, true, threshold, user_prior)
         is_query = true != NONLANDMARK
         return {
             "target_fpr": target_fpr, "achieved_fpr": row["fpr"], "recall": row["recall"], "precision": row["precision"],
             f"precision_prior_{user_prior:g}": row.get("precision_at_prior"),
             "p_at_1": float((pred[is_query] == true[is_query]).mean()) if is_query.any() else float("nan"),
-            "threshold": recognizer.threshold, "queries": int(is_query.sum()), "distractors": int((~is_query).sum()),
+            "threshold": threshold, "queries": int(is_query.sum()), "distractors": int((~is_query).sum()),
             "false_positives": int((accepted & ~is_query).sum()),
         }
 
     recognizer = Recognizer(index_path, use_exif_gps=False, cache_dir=chain.out / "cache")
     results = recognizer.recognize(paths, progress=True)
     _write_results(out / "results.csv", results, truth)
-    figures = {**scored(recognizer, results), "results": str(out / "results.csv")}
+    figures = {**scored(recognizer, results, recognizer.threshold), "results": str(out / "results.csv")}
     # The same photos where each one's position is known (the queries at their landmark, the
     # distractors in a city of the world): the GPS filter and the index's GPS threshold.
     where = {**read_gps_csv(world / "queries.csv"), **read_gps_csv(world / "distractors.csv")}
@@ -450,9 +450,9 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     results = placed.recognize(paths, progress=True)
     _write_results(out / "results_gps.csv", results, truth)
     gps = placed.gps_calibration
-    figures["with_gps"] = {**scored(placed, results), "results": str(out / "results_gps.csv"),
-                           "radius_km": GPS_RADIUS_KM, "with_position": sum(os.path.abspath(p) in where for p in paths),
-                           "threshold": None if gps is None else gps.calibration.threshold}
+    threshold = placed.threshold if gps is None else gps.calibration.threshold
+    figures["with_gps"] = {**scored(placed, results, threshold), "results": str(out / "results_gps.csv"),
+                           "radius_km": GPS_RADIUS_KM, "with_position": sum(os.path.abspath(p) in where for p in paths)}
     return chain.finish("recognize", figures, started)
 
 

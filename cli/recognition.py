@@ -344,7 +344,9 @@ def _add_recognizer_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser, required=False)
     parser.add_argument("--threshold", type=finite_float, help="override the index's calibrated threshold")
     parser.add_argument("--top-k", type=positive_int, default=5, help="candidates per photo")
-    parser.add_argument("--gps-radius-km", type=positive_float, help="reject landmarks farther than this from the photo's GPS")
+    parser.add_argument("--gps-radius-km", type=positive_float,
+                        help="reject landmarks farther than this from the photo's GPS; with an index built with "
+                             "the same --gps-radius-km, a photo with a position is decided by its GPS threshold")
     parser.add_argument("--gps-csv", help="CSV with path,lat,lon for photos (else their EXIF GPS is used)")
     parser.add_argument("--no-exif-gps", action="store_true", help="do not read GPS from EXIF")
     parser.add_argument("--batch-size", type=positive_int, default=32)

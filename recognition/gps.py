@@ -3,8 +3,9 @@ threshold calibrated for photos that pass through it.
 
 A phone photo taken in Berlin does not show the Eiffel Tower; if both the photo and a candidate
 landmark have coordinates and they are farther apart than a radius, the candidate is rejected
-and the next candidate within the radius (if any) takes its place. The filter can only remove
-acceptances, never add one, so it never raises the calibrated false-positive rate.
+and the next candidate within the radius (if any) takes its place. At the plain threshold the
+filter can only remove acceptances, never add one, so it never raises the calibrated
+false-positive rate.
 
 It also lowers that rate below the target: a non-landmark photo is a false positive only if it
 matches a landmark near where it was taken. :func:`calibrate_with_gps` therefore sets a second
@@ -112,13 +113,16 @@ def photo_positions(manifest, use_exif_gps: bool = True) -> np.ndarray:
     return out
 
 
-def near_candidates(landmark_lat, landmark_lon, rows, positions, radius_km: float) -> np.ndarray:
+def near_candidates(landmark_lat, landmark_lon, rows, positions, radius_km: float,
+                    candidates: int | None = None) -> np.ndarray:
     """bool ``[n, k]``: which candidates the GPS filter lets through.
 
     ``rows`` are ``[n, k]`` landmark rows (``-1``: an empty slot, never let through) into
     ``landmark_lat`` / ``landmark_lon`` (NaN: no coordinates, always let through); ``positions``
     ``[n, 2]`` are the photos' (lat, lon), a row of NaN for a photo without a position, whose
-    candidates all pass. The one filter rule, for the recogniser and for calibration.
+    candidates all pass. ``candidates``: only the first that many columns may pass (a GPS
+    threshold's depth, :class:`GpsCalibration`). The one filter rule, for the recogniser and for
+    calibration.
     """
     rows = np.asarray(rows, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.float64).reshape(len(rows), 2)
@@ -128,6 +132,8 @@ def near_candidates(landmark_lat, landmark_lon, rows, positions, radius_km: floa
     near = np.ones(rows.shape, dtype=bool)
     for i in np.flatnonzero(placed):
         near[i] = within_radius(positions[i, 0], positions[i, 1], lat[i], lon[i], radius_km)
+    if candidates is not None:
+        near[:, candidates:] = False
     return near & (rows >= 0)
 
 
@@ -180,7 +186,7 @@ def calibrate_with_gps(index, embeddings: np.ndarray, positions: np.ndarray, rad
     scores = np.zeros(0, dtype=np.float32)
     if placed.any():
         found, rows = index.search(np.asarray(embeddings)[placed], candidates)
-        scores = select(found, rows, near_candidates(lat, lon, rows, positions[placed], radius_km)).score
+        scores = select(found, rows, near_candidates(lat, lon, rows, positions[placed], radius_km, candidates)).score
     calibration = calibrate_threshold(scores, target_fpr, allow_unresolved=allow_unresolved, rule=rule)
     near = int(np.isfinite(scores).sum())
     if calibration.threshold <= -np.finfo(np.float32).max:

@@ -183,14 +183,14 @@ def _with_nearest_db_photos(hardest: list[dict], photo_paths, photo_embeddings: 
     return hardest
 
 
-def _check_gps_inputs(positions: np.ndarray, metadata: dict[str, dict], source: str, readable: str = "") -> None:
+def _check_gps_inputs(positions: np.ndarray, metadata: dict[str, dict], source: str) -> None:
     """Refuse a GPS calibration that cannot mean anything: no landmark with coordinates (the
     filter would remove nothing), or no calibration photo with a position."""
     if not any(m.get("lat") is not None for m in metadata.values()):
         raise UserError("--gps-radius-km: no landmark of the index has coordinates (give --landmarks with lat,lon "
                         "or lat,lon columns in the DB), so the filter would remove nothing")
     if not np.isfinite(positions).all(axis=1).any():
-        raise UserError(f"--gps-radius-km: none of the {len(positions)} {readable}calibration photos of {source} has "
+        raise UserError(f"--gps-radius-km: none of the {len(positions)} calibration photos of {source} has "
                         "a position (lat,lon columns or EXIF GPS)")
 
 
@@ -200,8 +200,10 @@ def _gps_calibration(index, embeddings, positions, radius_km, target_fpr, candid
     from recognition.calibration import CalibrationError
     from recognition.gps import calibrate_with_gps
 
-    _check_gps_inputs(positions, {lm["landmark_id"]: lm for lm in index.landmarks}, source, "readable ")
     placed = int(np.isfinite(positions).all(axis=1).sum())
+    if not placed:  # (every photo with a position was unreadable; the rest was checked before embedding)
+        raise UserError(f"--gps-radius-km: none of the {len(positions)} readable calibration photos of {source} "
+                        "has a position (lat,lon columns or EXIF GPS)")
     try:
         gps = calibrate_with_gps(index, embeddings, positions, radius_km, target_fpr, candidates=candidates,
                                  rule=rule, allow_unresolved=allow_unresolved)

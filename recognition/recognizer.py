@@ -188,7 +188,9 @@ class Recognizer:
         threshold: overrides the index's calibrated threshold (needed if it has none), for every
             photo (the index's GPS threshold too).
         top_k: candidates reported per photo (and searched by the GPS filter; an index with
-            verification is searched at least ``candidates`` deep, as its calibration was).
+            verification is searched at least ``candidates`` deep, as its calibration was, and a
+            photo decided by the index's GPS threshold over exactly the landmarks it was calibrated
+            with).
         gps_radius_km: enable the GPS filter with this radius. If the index has a threshold
             calibrated with the filter at this radius (``landmarks index --gps-radius-km``), a
             photo with a position is decided by it, over the first landmarks it was calibrated
@@ -345,13 +347,14 @@ class Recognizer:
             if where is not None:
                 result.gps = [float(where[0]), float(where[1])]
                 near = near_candidates(self._lat, self._lon, rows[None, :], [where], self.gps_radius_km)[0]
-                allowed &= near
                 result.gps_rejected = [lms[r]["landmark_id"] for r in rows[valid & ~near]]
                 if self.gps_calibration is not None:
                     # As calibrated: the first `candidates` landmarks, by the global score
                     # (no verification: such an index has no GPS threshold), and its threshold.
-                    allowed[self.gps_calibration.candidates:] = False
+                    near = near_candidates(self._lat, self._lon, rows[None, :], [where], self.gps_radius_km,
+                                           self.gps_calibration.candidates)[0]
                     threshold = self.gps_calibration.calibration.threshold
+                allowed &= near
         # The one acceptance rule (retrieval.decision), which the evaluation metrics apply too.
         decision = decide(scores[None, :], rows[None, :], threshold, allowed[None, :])
         best = int(decision.position[0])

@@ -63,6 +63,19 @@ def test_demo_runs_the_whole_chain_and_resumes_finished_stages(tmp_path, monkeyp
     assert recognizer["achieved_fpr"] == pytest.approx((accepted & ~is_query).sum() / (~is_query).sum())
     correct = accepted & is_query & (results["landmark_id"] == results["true_landmark_id"])
     assert recognizer["recall"] == pytest.approx(correct.sum() / is_query.sum())
+    # The same photos with each one's position: decided by the index's GPS threshold, figures from its results.
+    gps = recognizer["with_gps"]
+    placed = pd.read_csv(gps["results"], dtype=str, keep_default_na=False)
+    assert list(placed["path"]) == list(results["path"]) and gps["with_position"] == len(placed)
+    index = LandmarkIndex.load(summary["index"]["path"])
+    assert gps["threshold"] == index.gps_calibration.calibration.threshold == summary["index"]["gps_calibration"][
+        "calibration"]["threshold"] and index.gps_calibration.radius_km == gps["radius_km"] == 50
+    accepted = placed["accepted"] == "1"
+    assert gps["achieved_fpr"] == pytest.approx((accepted & ~is_query).sum() / (~is_query).sum())
+    correct = accepted & is_query & (placed["landmark_id"] == placed["true_landmark_id"])
+    assert gps["recall"] == pytest.approx(correct.sum() / is_query.sum())
+    assert (placed["score"][accepted].astype(float) >= gps["threshold"] - 1e-6).all()
+    assert "with each photo's position: recall" in printed
     # The shipped index carries the non-landmark penalty (the training pool), and the fit's evaluation
     # scored that very decision, with the index without it as the control.
     trained = summary["training"]["trained"]
