@@ -231,6 +231,8 @@ class Recognizer:
         self.threshold = float(threshold) if threshold is not None else self.index.threshold
         if self.threshold is None or math.isnan(self.threshold):
             raise UserError("the index has no calibrated threshold (built without --nonlandmarks); pass a threshold")
+        if threshold is not None:
+            self._warn_if_outside_the_scores(float(threshold))
         if top_k < 1 or batch_size < 1:
             raise UserError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
         if gps_radius_km is not None and not gps_radius_km > 0:
@@ -259,6 +261,20 @@ class Recognizer:
         self.gps_calibration = self._usable_gps_calibration(threshold)
         if self.gps_calibration is not None:
             self._search_k = max(self._search_k, self.gps_calibration.candidates)
+
+    def _warn_if_outside_the_scores(self, threshold: float) -> None:
+        """A threshold given by hand that no score can reach (or every score reaches) decides
+        nothing: say so. Scores are cosines in [-1, 1], moved by at most the non-landmark penalty's
+        weight either way and raised by at most the verification bonus."""
+        weight = 0.0 if self.index.penalty is None else self.index.penalty["weight"]
+        bonus = 0.0 if self.index.local_features is None else self.index.local_features.params.max_bonus
+        low, high = -1.0 - weight, 1.0 + weight + bonus
+        if threshold > high:
+            log.warning("threshold %g is above every possible score (at most %g): no photo will be accepted",
+                        threshold, high)
+        elif threshold <= low:
+            log.warning("threshold %g is at or below every possible score (at least %g): every photo with a "
+                        "candidate will be accepted", threshold, low)
 
     def _usable_gps_calibration(self, threshold: float | None):
         """The index's GPS threshold where it applies: the filter on, at the radius it was calibrated

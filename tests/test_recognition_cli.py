@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -599,3 +600,19 @@ def test_index_calibrates_a_gps_threshold_that_recognize_uses_at_its_radius(buil
                  "--no-exif-gps"]) == 2
     assert "--no-exif-gps says where the calibration photos' positions come from" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_threshold_no_score_can_reach_is_a_warning(built_index, tiny_world, caplog, capsys):
+    """Scores are cosines in [-1, 1] (this index has no penalty or verification): a hand-given
+    threshold outside them accepts nothing, or everything, and the user is told."""
+    photo = str(tiny_world / pd.read_csv(tiny_world / "queries.csv", dtype=str).path[0])
+    with caplog.at_level(logging.WARNING, logger="recognition.recognizer"):
+        Recognizer(built_index, threshold=0.5)
+        assert "possible score" not in caplog.text
+        Recognizer(built_index, threshold=1.5)
+        assert "threshold 1.5 is above every possible score (at most 1): no photo will be accepted" in caplog.text
+        Recognizer(built_index, threshold=-1)
+        assert "threshold -1 is at or below every possible score (at least -1)" in caplog.text
+    capsys.readouterr()
+    assert main(["recognize", "--index", str(built_index), "--threshold", "5", photo]) == 0
+    assert "threshold 5 is above every possible score" in capsys.readouterr().err
