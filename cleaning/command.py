@@ -85,7 +85,8 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
+def load_embedding_file(path: str | os.PathLike, what: str) -> np.ndarray:
+    """A 2-D float ``.npy`` array (memory-mapped, no pickle), or a ValueError naming ``what`` and the file."""
     try:
         with open(path, "rb") as handle:
             magic = handle.read(6)
@@ -162,10 +163,10 @@ def _read_input_manifest(manifest_path: Path, out_dir: Path, extra_columns: Lite
 def _precomputed_embeddings(data: Manifest, pool: Manifest | None, embeddings: str, embedding_paths: str | None,
                             nonlandmark_embeddings: str | None) -> tuple[np.ndarray, None, np.ndarray | None, dict]:
     """``(embeddings, valid, pool embeddings, model info)`` from ``.npy`` files, in manifest order."""
-    emb = _align_embeddings(data, _load_npy(embeddings, "--embeddings"), str(embeddings), embedding_paths)
+    emb = _align_embeddings(data, load_embedding_file(embeddings, "--embeddings"), str(embeddings), embedding_paths)
     pool_emb = None
     if pool is not None:
-        pool_emb = _load_npy(nonlandmark_embeddings, "--nonlandmark-embeddings")
+        pool_emb = load_embedding_file(nonlandmark_embeddings, "--nonlandmark-embeddings")
         if len(pool_emb) != len(pool):
             raise ValueError(f"{nonlandmark_embeddings} has {len(pool_emb)} rows but {pool.source} has {len(pool)}")
     return emb, None, pool_emb, {"source": "embeddings", "path": str(embeddings), "sha256": _sha256(embeddings)}

@@ -95,10 +95,16 @@ def _tuning_embeddings(data, pool, checkpoint, backbone, embeddings, nonlandmark
                        cache_dir) -> tuple[np.ndarray, np.ndarray | None]:
     """(DB rows, pool rows or None): read from ``.npy`` files, or embedded with the model (cached)."""
     if embeddings is not None:
-        emb = np.load(embeddings, allow_pickle=False)
+        from cleaning.command import load_embedding_file  # the one reader of an embeddings file
+
+        try:
+            emb = load_embedding_file(embeddings, "--embeddings")
+            pool_emb = load_embedding_file(nonlandmark_embeddings, "--nonlandmark-embeddings") if pool is not None else None
+        except ValueError as err:
+            raise UserError(str(err)) from None
         if len(emb) != len(data):
             raise UserError(f"{embeddings} has {len(emb)} rows but {data.source} has {len(data)}")
-        return emb, np.load(nonlandmark_embeddings, allow_pickle=False) if pool is not None else None
+        return emb, pool_emb
     from retrieval.embed import embed_paths
     from retrieval.embedding_model import load_embedding_model
 

@@ -220,7 +220,9 @@ def write_albums(albums: dict, out: str | os.PathLike, thumb_size: int = 320, ti
     for album in albums["albums"]:
         for photo in album["photos"]:
             photo["thumbnail"] = _thumbnail(photo["path"], thumbs, thumb_size)
-    # Both texts are built before either is written, so a failure leaves the previous pair.
+    # Both texts are built before either is written, so a failure while building them leaves the
+    # previous pair. Each file is replaced atomically, but not the two together: a crash between the
+    # two writes leaves the new albums.json beside the previous index.html.
     doc = _shown_json({"generator": GENERATOR, **albums})
     json_text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
     page = _html_page(albums, title)

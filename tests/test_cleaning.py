@@ -741,6 +741,8 @@ def test_a_ground_truth_resaved_through_a_float_column_is_refused(tmp_path, caps
     ('{"attach_distance": [true]}', "--grid: attach_distance: True is not a float or null"),
     ("{}", "--grid: empty; give {param: [values]}"),
     ("out_folder", "is a folder; give the JSON file to write"),
+    ("text_embeddings", "emb.npy: not a .npy array file (save one with numpy.save)"),  # was a pickle traceback
+    ("flat_embeddings", "emb.npy: expected a 2-D float array [rows, dim], got float64 (54,)"),
 ])
 def test_clean_tune_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeypatch, case, expected):
     from cleaning import tune
@@ -759,6 +761,10 @@ def test_clean_tune_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeypatch
         monkeypatch.setattr(tune, "_fold_scores", lambda *a, **k: pytest.fail("tuned before checking --out"))
     else:
         args += ["--grid", '{"min_cluster_size": [3]}']
+    if case == "text_embeddings":
+        emb.write_text("0.1,0.2\n")
+    elif case == "flat_embeddings":
+        np.save(emb, np.zeros(54))
     if case == "header_only":
         db.write_text(db.read_text().splitlines()[0] + "\n")
     assert main(args) == 2
