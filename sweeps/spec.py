@@ -384,6 +384,16 @@ def parse_sweep(raw: Any, path: str | Path = "<sweep>") -> SweepSpec:
             raise SweepError(f"{path}: grid search needs 'values' or 'value' for every parameter; "
                              f"{', '.join(f'parameters.{n} ({parameters[n].distribution})' for n in continuous)} "
                              "is a distribution (use method: random)")
+        for name, parameter in parameters.items():
+            # A grid runs each value once; a repeated one would run the same configuration twice
+            # (under a second name). In a random search a repeat weights the draw, which is allowed.
+            seen: set[str] = set()
+            for value in parameter.grid_values():
+                key = json.dumps(value, sort_keys=True)
+                if key in seen:
+                    raise SweepError(f"{path}: parameters.{name}: the value {value!r} is listed twice; a grid runs "
+                                     "each value once")
+                seen.add(key)
     command = raw.get("command", list(WANDB_DEFAULT_COMMAND))
     if not isinstance(command, list) or not command or not all(isinstance(c, (str, int, float)) for c in command):
         raise SweepError(f"{path}: 'command' must be a non-empty list of strings, got {command!r}")

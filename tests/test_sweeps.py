@@ -84,6 +84,10 @@ def test_random_search_is_deterministic_for_a_seed_and_respects_the_distribution
     ({"method": "grid", "command": ["x"], "count": 2, "run_cap": 3, "parameters": {"a": {"value": 1}}}, r"count \(2\) and run_cap \(3\) disagree"),
     ({"method": "grid", "command": ["x"], "parameters": {"a b": {"value": 1}}}, r"parameter name 'a b' must be an option name"),
     (["method", "grid"], r"a sweep file is a YAML mapping"),
+    ({"method": "grid", "command": ["x"], "parameters": {"a": {"values": [1, 2, 1]}}},
+     r"parameters.a: the value 1 is listed twice; a grid runs each value once"),
+    ({"method": "grid", "command": ["x"], "parameters": {"a": {"values": [[1.25], [1.25]]}}},
+     r"parameters.a: the value \[1.25\] is listed twice"),
 ])
 def test_bad_sweep_files_get_clear_errors(raw, message, tmp_path):
     path = tmp_path / "bad.yaml"
