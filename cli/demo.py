@@ -423,7 +423,7 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     truth = query_ids + [None] * len(distractors)
     out.mkdir(parents=True, exist_ok=True)
 
-    def scored(recognizer, results, threshold: float) -> dict:
+    def scored(results, threshold: float) -> dict:
         code = {lid: i for i, lid in enumerate(sorted({r.landmark_id for r in results if r.landmark_id} | set(query_ids)))}
         pred = np.array([code.get(r.landmark_id, NONLANDMARK) for r in results], dtype=np.int64)
         true = np.array([NONLANDMARK if t is None else code[t] for t in truth], dtype=np.int64)
@@ -441,7 +441,7 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     recognizer = Recognizer(index_path, use_exif_gps=False, cache_dir=chain.out / "cache")
     results = recognizer.recognize(paths, progress=True)
     _write_results(out / "results.csv", results, truth)
-    figures = {**scored(recognizer, results, recognizer.threshold), "results": str(out / "results.csv")}
+    figures = {**scored(results, recognizer.threshold), "results": str(out / "results.csv")}
     # The same photos where each one's position is known (the queries at their landmark, the
     # distractors in a city of the world): the GPS filter and the index's GPS threshold.
     where = {**read_gps_csv(world / "queries.csv"), **read_gps_csv(world / "distractors.csv")}
@@ -451,7 +451,7 @@ def _stage_recognize(chain: Chain, world: Path, datamodule, index_path: str, tar
     _write_results(out / "results_gps.csv", results, truth)
     gps = placed.gps_calibration
     threshold = placed.threshold if gps is None else gps.calibration.threshold
-    figures["with_gps"] = {**scored(placed, results, threshold), "results": str(out / "results_gps.csv"),
+    figures["with_gps"] = {**scored(results, threshold), "results": str(out / "results_gps.csv"),
                            "radius_km": GPS_RADIUS_KM, "with_position": sum(os.path.abspath(p) in where for p in paths)}
     return chain.finish("recognize", figures, started)
 
